@@ -1,0 +1,923 @@
+//! Configuration: serde structs with their defaults, loading, environment
+//! overrides and validation.
+//!
+//! Loading happens in three steps so that a user sees every problem at once:
+//!
+//! 1. The YAML file is parsed into a tree and `PUSHGATE_*` overrides are laid
+//!    over it (see [`load`]).
+//! 2. The tree is walked against the tree of defaults: a key the defaults do not
+//!    have is unknown, and every value is type-checked on its own, so one bad
+//!    value does not hide the next.
+//! 3. The typed [`Config`] is validated as a whole ([`Config::validate`]).
+//!
+//! Every key that exists is documented in `config.example.yaml` at the root of
+//! the repository; a key is accepted only once the feature behind it exists.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_yaml::{Mapping, Value};
+
+/// Public listener address when none is configured.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The app pushgate sits in front of, when none is configured.
+pub const DEFAULT_UPSTREAM_URL: &str = "http://127.0.0.1:3000";
+/// How long to wait for the app's response headers (connecting included).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an unused keep-alive connection to the app stays pooled.
+pub const DEFAULT_UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle keep-alive connections kept to the app.
+pub const DEFAULT_UPSTREAM_POOL_MAX_IDLE: usize = 256;
+/// How long in-flight work may run on after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers) a client may send.
+pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize(32 * 1024);
+/// Most header fields in one request.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Time a new connection has to complete its TLS handshake and its first
+/// request head; later request heads on a keep-alive connection get the same.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `0` sizes the connection limit from the process's open-file limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 0;
+/// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// hyper refuses a read buffer smaller than this, so it is the floor of
+/// `limits.max_header_bytes`.
+pub const MIN_HEADER_BYTES: u64 = 8 * 1024;
+/// Ceiling of `limits.max_header_bytes`: more only helps an attacker.
+pub const MAX_HEADER_BYTES: u64 = 1024 * 1024;
+/// Environment variables starting with this override config keys.
+pub const ENV_PREFIX: &str = "PUSHGATE_";
+
+/// The whole configuration. Every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The public listener: browsers and the app's ordinary HTTP traffic.
+    pub listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub tls: TlsConfig,
+    pub shutdown: ShutdownConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            upstream: UpstreamConfig::default(),
+            tls: TlsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// The app pushgate forwards ordinary HTTP to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port` of the app; no path.
+    pub url: String,
+    /// Wait for the app's response headers, connecting included. A streamed
+    /// body may take as long as it likes once the headers are in.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    #[serde(with = "duration")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+    /// Peers whose `X-Forwarded-*` headers are believed and extended; from
+    /// anyone else they are replaced, so a client cannot forge its address.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: DEFAULT_UPSTREAM_URL.to_owned(),
+            timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            pool_idle_timeout: DEFAULT_UPSTREAM_POOL_IDLE_TIMEOUT,
+            pool_max_idle: DEFAULT_UPSTREAM_POOL_MAX_IDLE,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// TLS on the public listener; off unless both files are given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(with = "duration")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent client connections; `0` derives it from the open-file limit
+    /// (each proxied connection holds two descriptors).
+    pub max_connections: usize,
+    pub max_header_bytes: ByteSize,
+    pub max_headers: usize,
+    /// Deadline for the TLS handshake and the request head.
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `pushgate=debug,hyper=info`, …
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one readable line per event.
+    #[default]
+    Text,
+    /// For machines: one JSON object per line.
+    Json,
+}
+
+/// A size in bytes, written as a number or with a unit: `32KiB`, `4MiB`, `1GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+
+    fn parse(text: &str) -> Option<ByteSize> {
+        let text = text.trim();
+        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits);
+        let number: u64 = number.parse().ok()?;
+        let multiplier: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        number.checked_mul(multiplier).map(ByteSize)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        for (size, unit) in UNITS {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        const EXPECTED: &str = "a size such as `32KiB`, `4MiB` or a number of bytes";
+        match Raw::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom(format!("expected {EXPECTED}")))?
+        {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`"))
+            }),
+        }
+    }
+}
+
+/// Durations are written the human way: `500ms`, `10s`, `5m`, `1h 30m`.
+mod duration {
+    use super::*;
+
+    const EXPECTED: &str = "a duration with a unit, such as `500ms`, `10s` or `5m`";
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        let text = match &value {
+            Value::String(text) => text,
+            Value::Number(n) => {
+                return Err(serde::de::Error::custom(format!(
+                    "expected {EXPECTED}, found the bare number `{n}`"
+                )))
+            }
+            _ => return Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
+        };
+        humantime::parse_duration(text).map_err(|_| {
+            serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`"))
+        })
+    }
+}
+
+/// One thing wrong with the configuration, and how to put it right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the bad value came from: the file, or the environment variable.
+    pub origin: String,
+    /// Dotted key path, e.g. `limits.header_timeout`.
+    pub key: String,
+    pub why: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: `{}`: {}; fix: {}", self.origin, self.key, self.why, self.fix)
+    }
+}
+
+/// Everything wrong with a configuration, reported together.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        writeln!(
+            f,
+            "invalid configuration ({count} problem{}):",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn single(origin: &str, key: &str, why: impl Into<String>, fix: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                origin: origin.to_owned(),
+                key: key.to_owned(),
+                why: why.into(),
+                fix: fix.into(),
+            }],
+        }
+    }
+}
+
+/// Reads `path`, lays the `PUSHGATE_*` variables of `env` over it, and
+/// validates the result. `env` is injected (the binary passes
+/// `std::env::vars()`) so tests never touch the process environment.
+pub fn load<I, K, V>(path: &Path, env: I) -> Result<Config, ConfigError>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigError::single(
+            &origin,
+            "(file)",
+            format!("cannot read the file: {err}"),
+            "pass the path of a readable YAML file to --config",
+        )
+    })?;
+    from_yaml(&text, &origin, env)
+}
+
+/// Like [`load`], from YAML text; `origin` names it in problems.
+pub fn from_yaml<I, K, V>(text: &str, origin: &str, env: I) -> Result<Config, ConfigError>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    let mut tree: Value = serde_yaml::from_str(text).map_err(|err| {
+        ConfigError::single(
+            origin,
+            "(file)",
+            format!("not valid YAML: {err}"),
+            "fix the YAML syntax; config.example.yaml shows every key",
+        )
+    })?;
+    if tree.is_null() {
+        // An empty file means "all defaults".
+        tree = Value::Mapping(Mapping::new());
+    }
+    if !tree.is_mapping() {
+        return Err(ConfigError::single(
+            origin,
+            "(file)",
+            "the top level must be a mapping of keys",
+            "start from config.example.yaml",
+        ));
+    }
+
+    let defaults = serde_yaml::to_value(Config::default()).expect("defaults serialize");
+    let mut problems = Vec::new();
+    let mut origins = BTreeMap::new();
+    apply_env(&mut tree, &defaults, env, &mut origins, &mut problems);
+    let mut bad_paths = Vec::new();
+    check_tree(
+        &tree,
+        &defaults,
+        &defaults,
+        &mut Vec::new(),
+        origin,
+        &origins,
+        &mut problems,
+        &mut bad_paths,
+    );
+    // Put defaults where the values were bad, so the checks that need the
+    // whole config still run and their problems join this report.
+    for path in &bad_paths {
+        match lookup(&defaults, path) {
+            Some(default) => set(&mut tree, path, default.clone()),
+            None => remove(&mut tree, path),
+        }
+    }
+    let config = match Config::deserialize(tree) {
+        Ok(config) => config,
+        // Only a key we could not repair (a non-string key) gets here, and it
+        // is already among the problems.
+        Err(_) if !problems.is_empty() => return Err(ConfigError { problems }),
+        Err(err) => {
+            return Err(ConfigError::single(
+                origin,
+                "(file)",
+                clean_serde_message(&err.to_string()),
+                "see config.example.yaml",
+            ))
+        }
+    };
+    let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+    problems.extend(
+        config
+            .validate_at(origin)
+            .into_iter()
+            .filter(|problem| !reported.contains(&problem.key))
+            .map(|mut problem| {
+                if let Some(env) = origins.get(&problem.key) {
+                    problem.origin = env.clone();
+                }
+                problem
+            }),
+    );
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn remove(tree: &mut Value, path: &[String]) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let parent = parents
+        .iter()
+        .try_fold(tree, |node, key| node.as_mapping_mut()?.get_mut(key.as_str()));
+    if let Some(map) = parent.and_then(Value::as_mapping_mut) {
+        map.remove(last.as_str());
+    }
+}
+
+/// Lays `PUSHGATE_A__B=value` over the tree at `a.b`. The shape of the
+/// defaults decides how the text is read: a list is split on commas, anything
+/// else is read as a YAML scalar (so numbers stay numbers).
+fn apply_env<I, K, V>(
+    tree: &mut Value,
+    defaults: &Value,
+    env: I,
+    origins: &mut BTreeMap<String, String>,
+    problems: &mut Vec<Problem>,
+) where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, text) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|part| part.to_ascii_lowercase())
+            .collect();
+        let key = path.join(".");
+        let Some(shape) = lookup(defaults, &path) else {
+            problems.push(Problem {
+                origin: format!("environment {name}"),
+                key,
+                why: "no such configuration key".into(),
+                fix: "remove the variable, or name a key from config.example.yaml \
+                      (upper case, `__` between levels)"
+                    .into(),
+            });
+            continue;
+        };
+        let value = if shape.is_sequence() {
+            Value::Sequence(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(scalar)
+                    .collect(),
+            )
+        } else if shape.is_string() || shape.is_null() {
+            // Keep strings as written, even when they look like a number.
+            if shape.is_null() && text.is_empty() {
+                Value::Null
+            } else {
+                Value::String(text)
+            }
+        } else {
+            scalar(&text)
+        };
+        set(tree, &path, value);
+        origins.insert(key, format!("environment {name}"));
+    }
+}
+
+fn scalar(text: &str) -> Value {
+    serde_yaml::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+fn lookup<'a>(tree: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(tree, |node, key| node.as_mapping()?.get(key.as_str()))
+}
+
+fn set(tree: &mut Value, path: &[String], value: Value) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut node = tree;
+    for key in parents {
+        let map = node.as_mapping_mut().expect("tree nodes are mappings");
+        let child = map
+            .entry(Value::String(key.clone()))
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if !child.is_mapping() {
+            *child = Value::Mapping(Mapping::new());
+        }
+        node = child;
+    }
+    node.as_mapping_mut()
+        .expect("tree nodes are mappings")
+        .insert(Value::String(last.clone()), value);
+}
+
+/// Walks the user's tree beside the defaults: unknown keys are reported, and
+/// each value is type-checked alone by placing it into the defaults. The paths
+/// of bad values and unknown keys are collected in `bad_paths`.
+#[allow(clippy::too_many_arguments)]
+fn check_tree(
+    node: &Value,
+    shape: &Value,
+    defaults: &Value,
+    path: &mut Vec<String>,
+    file: &str,
+    origins: &BTreeMap<String, String>,
+    problems: &mut Vec<Problem>,
+    bad_paths: &mut Vec<Vec<String>>,
+) {
+    let origin_of = |key: &str| origins.get(key).cloned().unwrap_or_else(|| file.to_owned());
+    match (node, shape) {
+        (Value::Mapping(map), Value::Mapping(shape_map)) => {
+            for (key, value) in map {
+                let Some(name) = key.as_str() else {
+                    problems.push(Problem {
+                        origin: file.to_owned(),
+                        key: format!("{}{:?}", prefix(path), key),
+                        why: "keys must be strings".into(),
+                        fix: "quote the key or remove it".into(),
+                    });
+                    continue;
+                };
+                path.push(name.to_owned());
+                match shape_map.get(name) {
+                    Some(child_shape) => check_tree(
+                        value,
+                        child_shape,
+                        defaults,
+                        path,
+                        file,
+                        origins,
+                        problems,
+                        bad_paths,
+                    ),
+                    None => {
+                        let key = path.join(".");
+                        let known: Vec<&str> =
+                            shape_map.keys().filter_map(Value::as_str).collect();
+                        problems.push(Problem {
+                            origin: origin_of(&key),
+                            key,
+                            why: "unknown key".into(),
+                            fix: format!(
+                                "remove it or use one of: {} (see config.example.yaml)",
+                                known.join(", ")
+                            ),
+                        });
+                        bad_paths.push(path.clone());
+                    }
+                }
+                path.pop();
+            }
+        }
+        // An empty section (`tls:` with nothing under it) means its defaults.
+        (Value::Null, Value::Mapping(_)) => {}
+        _ => {
+            let mut probe = defaults.clone();
+            set(&mut probe, path, node.clone());
+            if let Err(err) = Config::deserialize(probe) {
+                let key = path.join(".");
+                let fix = match shape {
+                    Value::Mapping(_) => "write a section of keys here".to_owned(),
+                    Value::Null => "see config.example.yaml for the expected form".to_owned(),
+                    _ => format!(
+                        "write a value of the same form as the default, `{}`",
+                        describe(shape)
+                    ),
+                };
+                problems.push(Problem {
+                    origin: origin_of(&key),
+                    key,
+                    why: clean_serde_message(&err.to_string()),
+                    fix,
+                });
+                bad_paths.push(path.clone());
+            }
+        }
+    }
+}
+
+fn prefix(path: &[String]) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{}.", path.join("."))
+    }
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Sequence(items) if items.is_empty() => "[]".to_owned(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+    }
+}
+
+/// serde's messages are good, but name Rust types; say it in config terms.
+fn clean_serde_message(message: &str) -> String {
+    message
+        .replace("unit value", "nothing")
+        .replace("struct ", "section ")
+        .replace("usize", "a whole number")
+        .replace("invalid type: ", "wrong type: ")
+}
+
+impl Config {
+    /// Checks that needs the whole config: each problem names the key and the
+    /// fix. An empty list means the config is good.
+    pub fn validate(&self) -> Vec<Problem> {
+        self.validate_at("config")
+    }
+
+    fn validate_at(&self, origin: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, why: String, fix: &str| {
+            problems.push(Problem {
+                origin: origin.to_owned(),
+                key: key.to_owned(),
+                why,
+                fix: fix.to_owned(),
+            })
+        };
+
+        if let Err(why) = crate::proxy::Upstream::parse(&self.upstream.url) {
+            problem(
+                "upstream.url",
+                why,
+                "write the app's address as http://host:port, e.g. http://127.0.0.1:3000",
+            );
+        }
+        if self.upstream.timeout.is_zero() {
+            problem(
+                "upstream.timeout",
+                "must be longer than zero".into(),
+                "use e.g. `30s`",
+            );
+        }
+        for (index, entry) in self.upstream.trusted_proxies.iter().enumerate() {
+            if parse_network(entry).is_none() {
+                problem(
+                    &format!("upstream.trusted_proxies[{index}]"),
+                    format!("`{entry}` is not an IP address or CIDR network"),
+                    "write an address such as 10.0.0.1 or a network such as 10.0.0.0/8",
+                );
+            }
+        }
+
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => problem(
+                "tls.key",
+                "tls.cert is set but tls.key is not".into(),
+                "give both the certificate and its private key, or neither",
+            ),
+            (None, Some(_)) => problem(
+                "tls.cert",
+                "tls.key is set but tls.cert is not".into(),
+                "give both the certificate and its private key, or neither",
+            ),
+            (Some(cert), Some(key)) => {
+                if let Err(err) = crate::server::tls::server_config(cert, key) {
+                    problem(err.key(), err.to_string(), err.fix());
+                }
+            }
+            (None, None) => {}
+        }
+
+        let header_bytes = self.limits.max_header_bytes.bytes();
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&header_bytes) {
+            problem(
+                "limits.max_header_bytes",
+                format!(
+                    "{} is outside {}..={}",
+                    self.limits.max_header_bytes,
+                    ByteSize(MIN_HEADER_BYTES),
+                    ByteSize(MAX_HEADER_BYTES)
+                ),
+                "use a size between 8KiB and 1MiB, e.g. 32KiB",
+            );
+        }
+        if self.limits.max_headers == 0 {
+            problem(
+                "limits.max_headers",
+                "must be at least 1".into(),
+                "use e.g. 100",
+            );
+        }
+        if self.limits.header_timeout.is_zero() {
+            problem(
+                "limits.header_timeout",
+                "must be longer than zero".into(),
+                "use e.g. `10s`",
+            );
+        }
+        if self.limits.max_connections > 0 {
+            let allowed = crate::server::connection_capacity();
+            if self.limits.max_connections > allowed {
+                problem(
+                    "limits.max_connections",
+                    format!(
+                        "{} connections need {} open files, but this process may open {}",
+                        self.limits.max_connections,
+                        self.limits.max_connections * 2 + crate::server::RESERVED_FILES,
+                        crate::server::open_file_limit()
+                    ),
+                    &format!(
+                        "lower it to at most {allowed}, use 0 to size it automatically, \
+                         or raise the open-file limit (ulimit -n)"
+                    ),
+                );
+            }
+        }
+
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problem(
+                "log.level",
+                format!("`{}` is not a log filter: {err}", self.log.level),
+                "use error, warn, info, debug or trace, or directives like pushgate=debug,hyper=info",
+            );
+        }
+        problems
+    }
+
+    /// The trusted proxy networks, parsed. Call after validation.
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.upstream
+            .trusted_proxies
+            .iter()
+            .filter_map(|entry| parse_network(entry))
+            .collect()
+    }
+}
+
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    fn keys(err: &ConfigError) -> Vec<&str> {
+        err.problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = from_yaml("", "test.yaml", NO_ENV).unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.upstream.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(config.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn durations_and_sizes_read_the_human_way() {
+        let config = from_yaml(
+            "upstream: {timeout: 2s}\nshutdown: {grace: 1m 30s}\nlimits: {max_header_bytes: 64KiB, header_timeout: 500ms}\n",
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(config.upstream.timeout, Duration::from_secs(2));
+        assert_eq!(config.shutdown.grace, Duration::from_secs(90));
+        assert_eq!(config.limits.max_header_bytes, ByteSize(64 * 1024));
+        assert_eq!(config.limits.header_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = from_yaml(
+            "listen: nowhere\nbogus: 1\nupstream: {timeout: 10, colour: red, url: 'https://app'}\nlimits: {max_header_bytes: huge}\nlog: {format: xml}\n",
+            "bad.yaml",
+            NO_ENV,
+        )
+        .unwrap_err();
+        let mut found = keys(&err);
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "bogus",
+                "limits.max_header_bytes",
+                "listen",
+                "log.format",
+                "upstream.colour",
+                "upstream.timeout",
+                "upstream.url"
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.contains("bad.yaml: `bogus`: unknown key"), "{text}");
+        assert!(text.contains("bare number `10`"), "{text}");
+        assert!(text.contains("fix:"), "{text}");
+    }
+
+    #[test]
+    fn semantic_problems_name_key_and_fix() {
+        let err = from_yaml(
+            "upstream: {url: 'ftp://app', timeout: 0s, trusted_proxies: [10.0.0.0/8, nope]}\ntls: {cert: /nonexistent/cert.pem}\nlimits: {max_header_bytes: 1KiB}\nlog: {level: 'a=b=c'}\n",
+            "bad.yaml",
+            NO_ENV,
+        )
+        .unwrap_err();
+        let mut found = keys(&err);
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "limits.max_header_bytes",
+                "log.level",
+                "tls.key",
+                "upstream.timeout",
+                "upstream.trusted_proxies[1]",
+                "upstream.url"
+            ]
+        );
+    }
+
+    #[test]
+    fn environment_overrides_reach_their_keys() {
+        let env = [
+            ("PUSHGATE_LISTEN", "127.0.0.1:9999"),
+            ("PUSHGATE_UPSTREAM__TIMEOUT", "3s"),
+            ("PUSHGATE_UPSTREAM__TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            ("PUSHGATE_LIMITS__MAX_HEADERS", "50"),
+            ("PUSHGATE_LOG__FORMAT", "json"),
+            ("HOME", "/root"),
+        ];
+        let config = from_yaml("upstream: {timeout: 9s}\n", "test.yaml", env).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(config.upstream.timeout, Duration::from_secs(3));
+        assert_eq!(
+            config.upstream.trusted_proxies,
+            ["10.0.0.0/8", "192.168.1.1"]
+        );
+        assert_eq!(config.limits.max_headers, 50);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn environment_problems_name_the_variable() {
+        let env = [
+            ("PUSHGATE_NOPE", "1"),
+            ("PUSHGATE_LIMITS__MAX_HEADERS", "many"),
+        ];
+        let err = from_yaml("", "test.yaml", env).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("environment PUSHGATE_NOPE: `nope`: no such configuration key"), "{text}");
+        assert!(text.contains("environment PUSHGATE_LIMITS__MAX_HEADERS: `limits.max_headers`"), "{text}");
+    }
+
+    #[test]
+    fn bad_yaml_and_wrong_top_level_are_reported() {
+        assert!(from_yaml("listen: [", "x.yaml", NO_ENV).unwrap_err().to_string().contains("not valid YAML"));
+        assert!(from_yaml("- 1\n- 2\n", "x.yaml", NO_ENV).unwrap_err().to_string().contains("mapping"));
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        assert_eq!(ByteSize::parse("32KiB"), Some(ByteSize(32768)));
+        assert_eq!(ByteSize::parse("4MiB"), Some(ByteSize(4 << 20)));
+        assert_eq!(ByteSize::parse("1000"), Some(ByteSize(1000)));
+        assert_eq!(ByteSize::parse("2 KB"), Some(ByteSize(2000)));
+        assert_eq!(ByteSize::parse("99999999999999999999GiB"), None);
+        assert_eq!(ByteSize::parse("lots"), None);
+        assert_eq!(ByteSize(32768).to_string(), "32KiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+}

@@ -1,0 +1,105 @@
+//! The `pushgate` binary: parse arguments, load config, set up logs, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for bad usage or a bad config (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit status when the server could not run (e.g. the port is taken).
+const EXIT_FAILURE: u8 = 1;
+
+/// pushgate: real-time push (WebSocket, SSE, long-poll) for an existing web app.
+#[derive(Parser)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Run with this YAML config (see config.example.yaml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0 when good, else list every problem and exit 64.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // The connection limit defaults from the open-file limit, so raise it
+    // before the config is validated against it.
+    pushgate::server::raise_open_file_limit();
+
+    match (cli.command, cli.config) {
+        (Some(Command::CheckConfig { file }), _) => match load(&file) {
+            Ok(_) => {
+                println!("{}: configuration is valid", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        (None, Some(file)) => {
+            let config = match load(&file) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            pushgate::logging::init(&config.log);
+            serve(config)
+        }
+        (None, None) => {
+            eprintln!(
+                "pushgate: nothing to do\n\nrun:   pushgate --config FILE\ncheck: pushgate check-config FILE\n\nsee pushgate --help"
+            );
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn load(file: &std::path::Path) -> Result<pushgate::Config, ExitCode> {
+    pushgate::config::load(file, std::env::vars()).map_err(|err| {
+        eprint!("pushgate: {err}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn serve(config: pushgate::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pushgate: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(pushgate::run(config, pushgate::shutdown::signal()));
+    // Tunnels still open after the grace period are dropped here.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(pushgate::Error::Config(err)) => {
+            eprint!("pushgate: {err}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "pushgate stopped");
+            eprintln!("pushgate: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

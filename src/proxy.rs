@@ -1,0 +1,379 @@
+//! The reverse proxy to the app: every request that is not pushgate's own goes
+//! to `upstream.url` over a pooled keep-alive connection.
+//!
+//! Bodies stream both ways, frame by frame, so an upload or a response of any
+//! size passes in bounded memory. Hop-by-hop headers are dropped on both legs,
+//! `X-Forwarded-*` is set, and `Host` is passed as the client sent it.
+//! WebSocket upgrades are tunnelled: once the app answers `101`, bytes are
+//! copied both ways until either side closes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::IpNet;
+
+use crate::body::{self, Body};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::shutdown::Drain;
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Where the app lives: `http://host:port`.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Upstream {
+    /// Parses `upstream.url`; the error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|err| format!("`{url}` is not a URL: {err}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "`{url}`: pushgate talks plain HTTP to the app beside it; https upstreams are not supported"
+                ))
+            }
+            _ => return Err(format!("`{url}` must start with http://")),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{url}` has no host"))?;
+        if uri.path() != "/" || uri.query().is_some() {
+            return Err(format!(
+                "`{url}` has a path or query; requests keep their own path, so give only scheme, host and port"
+            ));
+        }
+        Ok(Upstream {
+            scheme: Scheme::HTTP,
+            authority,
+        })
+    }
+
+    /// The app's URI for a request's path and query.
+    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(
+                path_and_query
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            )
+            .build()
+            .expect("scheme, authority and path make a valid URI")
+    }
+}
+
+/// Forwards requests to the app.
+#[derive(Clone)]
+pub struct Proxy {
+    client: Client<HttpConnector, Body>,
+    upstream: Upstream,
+    timeout: Duration,
+    trusted_proxies: Vec<IpNet>,
+    drain: Drain,
+}
+
+impl Proxy {
+    /// Builds the proxy from a validated config. Tunnels join `drain`.
+    pub fn new(config: &Config, drain: Drain) -> Proxy {
+        let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.upstream.pool_idle_timeout)
+            .pool_max_idle_per_host(config.upstream.pool_max_idle)
+            .build(connector);
+        Proxy {
+            client,
+            upstream,
+            timeout: config.upstream.timeout,
+            trusted_proxies: config.trusted_proxies(),
+            drain,
+        }
+    }
+
+    /// Sends `request` to the app and streams its answer back. Never fails:
+    /// when the app cannot answer, the response says why (502/504).
+    pub async fn forward(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let response = match self.try_forward(request, conn).await {
+            Ok(response) => response,
+            Err(err) => {
+                match &err {
+                    ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
+                        tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause), "proxy error")
+                    }
+                    _ => tracing::warn!(%method, %path, error = %err, "proxy error"),
+                }
+                err.into_response()
+            }
+        };
+        tracing::debug!(
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            peer = %conn.peer,
+            "proxied"
+        );
+        response
+    }
+
+    async fn try_forward(
+        &self,
+        mut request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<Body>, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectRefused);
+        }
+        let upgrade = websocket_upgrade(&request);
+        let client_upgrade = upgrade
+            .is_some()
+            .then(|| hyper::upgrade::on(&mut request));
+
+        let (parts, incoming) = request.into_parts();
+        let mut headers = parts.headers;
+        let host = headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                // HTTP/2 carries the host in `:authority`, not a header.
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+        remove_hop_by_hop(&mut headers);
+        if let Some(host) = &host {
+            headers.insert(header::HOST, host.clone());
+        }
+        self.set_forwarded(&mut headers, conn, host.as_ref());
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
+        }
+
+        let mut outgoing = Request::new(if upgrade.is_some() {
+            body::empty()
+        } else {
+            body::stream(incoming)
+        });
+        *outgoing.method_mut() = parts.method;
+        *outgoing.uri_mut() = self.upstream.uri(parts.uri.path_and_query());
+        *outgoing.version_mut() = Version::HTTP_11;
+        *outgoing.headers_mut() = headers;
+
+        let mut response = tokio::time::timeout(self.timeout, self.client.request(outgoing))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))?
+            .map_err(|err| {
+                if err.is_connect() {
+                    ProxyError::UpstreamRefused(err)
+                } else {
+                    ProxyError::UpstreamFailed(err)
+                }
+            })?;
+
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+            (client_upgrade, response.status())
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (parts, _) = response.into_parts();
+            self.drain.spawn(tunnel(client_upgrade, upstream_upgrade));
+            return Ok(Response::from_parts(parts, body::empty()));
+        }
+
+        let (mut parts, incoming) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body::stream(incoming)))
+    }
+
+    /// Sets `X-Forwarded-For/-Proto/-Host`. A chain that came with the request
+    /// is kept only when the peer is a trusted proxy; anyone else could have
+    /// written it, so it is replaced.
+    fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
+        let peer_ip = conn.peer.ip().to_canonical();
+        let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer_ip));
+
+        let chain = trusted
+            .then(|| {
+                let earlier: Vec<&str> = headers
+                    .get_all(X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                (!earlier.is_empty()).then(|| format!("{}, {peer_ip}", earlier.join(", ")))
+            })
+            .flatten()
+            .unwrap_or_else(|| peer_ip.to_string());
+        headers.remove(X_FORWARDED_FOR);
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_str(&chain).expect("IP addresses are valid header text"),
+        );
+
+        if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+            let proto = if conn.tls { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
+            match host {
+                Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+                None => headers.remove(X_FORWARDED_HOST),
+            };
+        }
+        if !trusted {
+            // Other spellings of the same claims, which we do not write.
+            headers.remove(header::FORWARDED);
+            headers.remove(X_REAL_IP);
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Drops hop-by-hop headers, including every header the `Connection` header
+/// names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The `Upgrade` value when this is an HTTP/1.1 WebSocket upgrade request.
+fn websocket_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let has_token = |name: HeaderName, token: &str| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    (has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket"))
+        .then(|| request.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between the upgraded client and app connections.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::warn!(error = %err, "upgrade failed; tunnel not opened");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
+        Err(err) => tracing::debug!(error = %err, "tunnel ended with an error"),
+    }
+}
+
+/// `error: cause: cause…`, for logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_url_must_be_plain_http_without_path() {
+        assert!(Upstream::parse("http://127.0.0.1:3000").is_ok());
+        assert!(Upstream::parse("http://app:3000/").is_ok());
+        assert!(Upstream::parse("https://app").unwrap_err().contains("https"));
+        assert!(Upstream::parse("http://app/base").unwrap_err().contains("path"));
+        assert!(Upstream::parse("app:3000").is_err());
+        assert!(Upstream::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let upstream = Upstream::parse("http://127.0.0.1:3000").unwrap();
+        let pq = PathAndQuery::from_static("/a/b?c=d");
+        assert_eq!(
+            upstream.uri(Some(&pq)).to_string(),
+            "http://127.0.0.1:3000/a/b?c=d"
+        );
+        assert_eq!(upstream.uri(None).to_string(), "http://127.0.0.1:3000/");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}

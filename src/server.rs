@@ -1,0 +1,311 @@
+//! The public listener: accept loop, TLS, per-connection limits and the
+//! two-phase drain on shutdown.
+//!
+//! Each accepted connection takes a permit from a semaphore sized by
+//! `limits.max_connections`; when none is left, the loop stops accepting (the
+//! kernel's backlog holds newcomers) until a connection closes. Accept errors
+//! such as `EMFILE` back off instead of spinning. Every connection gets
+//! `limits.header_timeout` to finish its TLS handshake and first request head
+//! ([`head_deadline`]); hyper's own header timeout covers later heads.
+
+mod head_deadline;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ConfigError};
+use crate::error::Error;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::shutdown::Drain;
+use head_deadline::HeadDeadline;
+
+/// Open files kept aside for listeners, logs, the engine and the like when
+/// sizing the connection limit from the open-file limit.
+pub const RESERVED_FILES: usize = 64;
+
+/// Longest pause between retries when accepting fails (e.g. out of files).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Raises the soft open-file limit to the hard limit, so the connection limit
+/// can be as large as the system allows. Returns the new soft limit.
+pub fn raise_open_file_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|_| open_file_limit())
+}
+
+/// The process's current soft open-file limit.
+pub fn open_file_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
+}
+
+/// How many proxied connections the open-file limit allows: each holds two
+/// descriptors, one to the client and one to the app.
+pub fn connection_capacity() -> usize {
+    let files = usize::try_from(open_file_limit()).unwrap_or(usize::MAX);
+    (files.saturating_sub(RESERVED_FILES) / 2).max(1)
+}
+
+/// A bound, not yet running, pushgate server.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    grace: Duration,
+}
+
+/// What every connection task needs.
+struct Shared {
+    http: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    drain: Drain,
+    header_timeout: Duration,
+}
+
+impl Server {
+    /// Validates `config` and binds the listener. `listen: 127.0.0.1:0` picks
+    /// a free port; [`Server::local_addr`] tells which.
+    pub async fn bind(config: Config) -> Result<Server, Error> {
+        raise_open_file_limit();
+        let problems = config.validate();
+        if !problems.is_empty() {
+            return Err(ConfigError { problems }.into());
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => {
+                let tls = tls::server_config(cert, key).expect("validated TLS files");
+                Some(TlsAcceptor::from(tls))
+            }
+            _ => None,
+        };
+
+        let limits = &config.limits;
+        let header_bytes = usize::try_from(limits.max_header_bytes.bytes()).unwrap_or(usize::MAX);
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(header_bytes)
+            .max_headers(limits.max_headers);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
+
+        let max_connections = match limits.max_connections {
+            0 => connection_capacity(),
+            n => n,
+        };
+        let drain = Drain::new();
+        let proxy = Arc::new(Proxy::new(&config, drain.clone()));
+        Ok(Server {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                http,
+                tls,
+                proxy,
+                drain,
+                header_timeout: limits.header_timeout,
+            }),
+            max_connections,
+            grace: config.shutdown.grace,
+        })
+    }
+
+    /// The address the public listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// work finish within `shutdown.grace`, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Server {
+            listener,
+            local_addr,
+            shared,
+            max_connections,
+            grace,
+        } = self;
+        tracing::info!(
+            addr = %local_addr,
+            tls = shared.tls.is_some(),
+            max_connections,
+            "listening"
+        );
+
+        let permits = Arc::new(Semaphore::new(max_connections));
+        let mut backoff = MIN_ACCEPT_BACKOFF;
+        tokio::pin!(shutdown);
+        loop {
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    tracing::info!(
+                        max_connections,
+                        "limit: limits.max_connections reached; not accepting until a connection closes"
+                    );
+                    tokio::select! {
+                        permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                        () = &mut shutdown => break,
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = MIN_ACCEPT_BACKOFF;
+                    let shared = shared.clone();
+                    shared
+                        .drain
+                        .clone()
+                        .spawn(serve_connection(stream, peer, shared, permit));
+                }
+                Err(err) if is_per_connection(&err) => {
+                    tracing::debug!(error = %err, "accept: connection failed before it was accepted");
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "accept failed; backing off"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                }
+            }
+        }
+
+        drop(listener);
+        let drain = &shared.drain;
+        drain.signal();
+        tracing::info!(
+            in_flight = drain.in_flight(),
+            grace_ms = grace.as_millis() as u64,
+            "stopped accepting; draining"
+        );
+        if drain.wait(grace).await {
+            tracing::info!("drained; bye");
+        } else {
+            tracing::warn!(
+                still_open = drain.in_flight(),
+                "shutdown.grace passed with work in flight; closing it"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Accept errors that concern only the connection being accepted; anything
+/// else (out of files, out of memory) is the process's problem.
+fn is_per_connection(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + shared.header_timeout;
+    match &shared.tls {
+        None => serve(stream, ConnInfo { peer, tls: false }, deadline, &shared).await,
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve(stream, ConnInfo { peer, tls: true }, deadline, &shared).await,
+            Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+            Err(_) => tracing::info!(
+                %peer,
+                "limit: TLS handshake not done within limits.header_timeout; closed"
+            ),
+        },
+    }
+}
+
+async fn serve<I>(io: I, conn: ConnInfo, deadline: Instant, shared: &Shared)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (io, head) = HeadDeadline::new(io, deadline);
+    let proxy = shared.proxy.clone();
+    let head_seen = head.clone();
+    let service = service_fn(move |request| {
+        head_seen.received();
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.forward(request, conn).await) }
+    });
+    let connection = shared
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shared.drain.signalled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+
+    let peer = conn.peer;
+    if head.expired() {
+        tracing::info!(
+            %peer,
+            "limit: request head not received within limits.header_timeout; closed"
+        );
+        return;
+    }
+    if let Err(err) = result {
+        match err.downcast_ref::<hyper::Error>() {
+            Some(err) if err.is_parse_too_large() => tracing::info!(
+                %peer,
+                "limit: request head over limits.max_header_bytes or limits.max_headers; answered 431"
+            ),
+            Some(err) if err.is_timeout() => tracing::info!(
+                %peer,
+                "limit: request head not received within limits.header_timeout; closed"
+            ),
+            _ => tracing::debug!(%peer, error = %err, "connection ended with an error"),
+        }
+    }
+}
