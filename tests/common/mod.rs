@@ -1,0 +1,422 @@
+//! Shared test support: a real upstream app on an ephemeral port, pushgate
+//! started in-process or as the real binary, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::{self, protocol::Role};
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).boxed()
+}
+
+/// A real HTTP app on `127.0.0.1:0`, with routes that exercise the proxy.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Requests that reached the app.
+    pub hits: Arc<AtomicU64>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => accepted.unwrap(),
+                    _ = &mut stopped => return,
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        route(req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            hits,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn number(q: &HashMap<String, String>, key: &str, default: u64) -> u64 {
+    q.get(key).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let q = query(&req);
+    let response = match req.uri().path() {
+        // What the app saw: method, path, version and every header.
+        "/headers" => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .keys()
+                .map(|name| {
+                    let values: Vec<serde_json::Value> = req
+                        .headers()
+                        .get_all(name)
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or("").into())
+                        .collect();
+                    (name.as_str().to_owned(), values.into())
+                })
+                .collect();
+            let body = serde_json::json!({
+                "method": req.method().as_str(),
+                "uri": req.uri().to_string(),
+                "version": format!("{:?}", req.version()),
+                "headers": headers,
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("connection", "x-hop")
+                .header("x-hop", "must not reach the client")
+                .header("keep-alive", "timeout=5")
+                .body(full(body.to_string()))
+                .unwrap()
+        }
+        // Streams the request body back as it arrives.
+        "/echo" => {
+            let body = req.into_body();
+            let stream = http_body_util::BodyStream::new(body).filter_map(|frame| async move {
+                match frame {
+                    Ok(frame) => frame.into_data().ok().map(|d| Ok(Frame::data(d))),
+                    Err(_) => None,
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        // Reads the whole body without keeping it; answers its length.
+        "/count" => {
+            let mut body = req.into_body();
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => total += frame.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => break,
+                }
+            }
+            Response::new(full(total.to_string()))
+        }
+        // Waits `ms` before sending headers.
+        "/slow-headers" => {
+            tokio::time::sleep(Duration::from_millis(number(&q, "ms", 0))).await;
+            Response::new(full("finally"))
+        }
+        // Headers at once, then `chunks` chunks every `interval_ms`.
+        "/stream" => {
+            let chunks = number(&q, "chunks", 5);
+            let interval = Duration::from_millis(number(&q, "interval_ms", 10));
+            let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                if i == chunks {
+                    return None;
+                }
+                tokio::time::sleep(interval).await;
+                Some((Ok(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        // `bytes` bytes of `x`, in 64 KiB chunks, produced as they are read.
+        "/big" => {
+            let total = number(&q, "bytes", 1 << 20);
+            let stream = futures_util::stream::unfold(0u64, move |sent| async move {
+                if sent >= total {
+                    return None;
+                }
+                let n = (total - sent).min(64 * 1024);
+                Some((Ok(Frame::data(Bytes::from(vec![b'x'; n as usize]))), sent + n))
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        // Accepts the connection and never answers.
+        "/silent" => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        // A WebSocket echo server.
+        "/ws" => {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .cloned()
+                .unwrap_or_else(|| http::HeaderValue::from_static(""));
+            let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let upgraded = upgrade.await.unwrap();
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        if ws.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(full(""))
+                .unwrap()
+        }
+        _ => Response::new(full("hello from upstream")),
+    };
+    Ok(response)
+}
+
+/// pushgate running in this test process.
+pub struct Pushgate {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), pushgate::Error>>>,
+}
+
+impl Pushgate {
+    /// Starts pushgate on `127.0.0.1:0` in front of `upstream`, with `extra`
+    /// YAML appended to the config.
+    pub async fn start(upstream: &str, extra: &str) -> Pushgate {
+        let yaml = format!("listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\n{extra}");
+        let config = pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new())
+            .unwrap_or_else(|err| panic!("{err}"));
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(config: pushgate::Config) -> Pushgate {
+        let server = pushgate::Server::bind(config).await.unwrap();
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Pushgate {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Begins shutdown; the returned handle resolves when pushgate is done.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), pushgate::Error>> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap()
+    }
+}
+
+/// A plain HTTP/1.1 client.
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    BoxBody<Bytes, std::io::Error>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn empty_body() -> BoxBody<Bytes, std::io::Error> {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn body(data: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
+    Full::new(data.into()).map_err(|never| match never {}).boxed()
+}
+
+/// GETs `url` and returns the status and the whole body as text.
+pub async fn get(url: &str) -> (StatusCode, String) {
+    let response = client()
+        .request(
+            Request::get(url)
+                .body(empty_body())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The real `pushgate` binary, run with JSON logs so the test can read them.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Log lines after the "listening" line, as they arrive.
+    pub logs: std::sync::mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts the binary with `config` (a YAML file's text) and waits until it
+    /// logs the address it listens on.
+    pub fn start(dir: &std::path::Path, config: &str, env: &[(&str, &str)]) -> Process {
+        let path = dir.join("pushgate.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+            .arg("--config")
+            .arg(&path)
+            .env("PUSHGATE_LOG__FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("pushgate logs a listening line");
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "listening" {
+                break event["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        Process {
+            child,
+            addr,
+            logs: lines,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Peak resident memory in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            match self.logs.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "pushgate-test-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
