@@ -204,7 +204,9 @@ impl ByteSize {
 
     fn parse(text: &str) -> Option<ByteSize> {
         let text = text.trim();
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(digits);
         let number: u64 = number.parse().ok()?;
         let multiplier: u64 = match unit.trim() {
@@ -280,9 +282,8 @@ mod duration {
             }
             _ => return Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
         };
-        humantime::parse_duration(text).map_err(|_| {
-            serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`"))
-        })
+        humantime::parse_duration(text)
+            .map_err(|_| serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`")))
     }
 }
 
@@ -299,7 +300,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: `{}`: {}; fix: {}", self.origin, self.key, self.why, self.fix)
+        write!(
+            f,
+            "{}: `{}`: {}; fix: {}",
+            self.origin, self.key, self.why, self.fix
+        )
     }
 }
 
@@ -445,9 +450,9 @@ where
 
 fn remove(tree: &mut Value, path: &[String]) {
     let (last, parents) = path.split_last().expect("non-empty path");
-    let parent = parents
-        .iter()
-        .try_fold(tree, |node, key| node.as_mapping_mut()?.get_mut(key.as_str()));
+    let parent = parents.iter().try_fold(tree, |node, key| {
+        node.as_mapping_mut()?.get_mut(key.as_str())
+    });
     if let Some(map) = parent.and_then(Value::as_mapping_mut) {
         map.remove(last.as_str());
     }
@@ -581,8 +586,7 @@ fn check_tree(
                     ),
                     None => {
                         let key = path.join(".");
-                        let known: Vec<&str> =
-                            shape_map.keys().filter_map(Value::as_str).collect();
+                        let known: Vec<&str> = shape_map.keys().filter_map(Value::as_str).collect();
                         problems.push(Problem {
                             origin: origin_of(&key),
                             key,
@@ -875,7 +879,10 @@ mod tests {
         let env = [
             ("PUSHGATE_LISTEN", "127.0.0.1:9999"),
             ("PUSHGATE_UPSTREAM__TIMEOUT", "3s"),
-            ("PUSHGATE_UPSTREAM__TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            (
+                "PUSHGATE_UPSTREAM__TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.168.1.1",
+            ),
             ("PUSHGATE_LIMITS__MAX_HEADERS", "50"),
             ("PUSHGATE_LOG__FORMAT", "json"),
             ("HOME", "/root"),
@@ -899,14 +906,26 @@ mod tests {
         ];
         let err = from_yaml("", "test.yaml", env).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("environment PUSHGATE_NOPE: `nope`: no such configuration key"), "{text}");
-        assert!(text.contains("environment PUSHGATE_LIMITS__MAX_HEADERS: `limits.max_headers`"), "{text}");
+        assert!(
+            text.contains("environment PUSHGATE_NOPE: `nope`: no such configuration key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("environment PUSHGATE_LIMITS__MAX_HEADERS: `limits.max_headers`"),
+            "{text}"
+        );
     }
 
     #[test]
     fn bad_yaml_and_wrong_top_level_are_reported() {
-        assert!(from_yaml("listen: [", "x.yaml", NO_ENV).unwrap_err().to_string().contains("not valid YAML"));
-        assert!(from_yaml("- 1\n- 2\n", "x.yaml", NO_ENV).unwrap_err().to_string().contains("mapping"));
+        assert!(from_yaml("listen: [", "x.yaml", NO_ENV)
+            .unwrap_err()
+            .to_string()
+            .contains("not valid YAML"));
+        assert!(from_yaml("- 1\n- 2\n", "x.yaml", NO_ENV)
+            .unwrap_err()
+            .to_string()
+            .contains("mapping"));
     }
 
     #[test]

@@ -152,22 +152,17 @@ impl Proxy {
             return Err(ProxyError::ConnectRefused);
         }
         let upgrade = websocket_upgrade(&request);
-        let client_upgrade = upgrade
-            .is_some()
-            .then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
         let (parts, incoming) = request.into_parts();
         let mut headers = parts.headers;
-        let host = headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| {
-                // HTTP/2 carries the host in `:authority`, not a header.
-                parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
+        let host = headers.get(header::HOST).cloned().or_else(|| {
+            // HTTP/2 carries the host in `:authority`, not a header.
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         remove_hop_by_hop(&mut headers);
         if let Some(host) = &host {
             headers.insert(header::HOST, host.clone());
@@ -218,7 +213,10 @@ impl Proxy {
     /// written it, so it is replaced.
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
         let peer_ip = conn.peer.ip().to_canonical();
-        let trusted = self.trusted_proxies.iter().any(|net| net.contains(&peer_ip));
+        let trusted = self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer_ip));
 
         let chain = trusted
             .then(|| {
@@ -346,8 +344,12 @@ mod tests {
     fn upstream_url_must_be_plain_http_without_path() {
         assert!(Upstream::parse("http://127.0.0.1:3000").is_ok());
         assert!(Upstream::parse("http://app:3000/").is_ok());
-        assert!(Upstream::parse("https://app").unwrap_err().contains("https"));
-        assert!(Upstream::parse("http://app/base").unwrap_err().contains("path"));
+        assert!(Upstream::parse("https://app")
+            .unwrap_err()
+            .contains("https"));
+        assert!(Upstream::parse("http://app/base")
+            .unwrap_err()
+            .contains("path"));
         assert!(Upstream::parse("app:3000").is_err());
         assert!(Upstream::parse("not a url").is_err());
     }
@@ -366,11 +368,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_go() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);

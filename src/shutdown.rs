@@ -74,7 +74,9 @@ impl Drain {
     /// Waits for tracked work to finish, at most `grace`. Returns `true` when
     /// everything finished in time.
     pub async fn wait(&self, grace: Duration) -> bool {
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }
 

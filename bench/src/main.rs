@@ -1,1 +1,45 @@
-fn main() {}
+//! `pushgate-bench`: the tools for measuring pushgate beside its peers.
+//!
+//! One binary, one subcommand per role, so the scripts in `bench/` need to
+//! build only this crate and pushgate itself:
+//!
+//! - `upstream`: a fast stand-in for the app behind the proxy, answering every
+//!   request with a small JSON body (see [`upstream`]).
+//!
+//! Load-generator scenarios (WebSocket/SSE fan-out, publish rate, …) are added
+//! here as further subcommands, each in its own module with its own `Args`.
+//! Plain HTTP pass-through load comes from `wrk` (see `bench/passthrough.sh`).
+
+mod upstream;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Test upstream and load generators for pushgate's benchmarks.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve `{"ok":true,"n":42}` to every request (the app behind the proxy).
+    Upstream(upstream::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Upstream(args) => upstream::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pushgate-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

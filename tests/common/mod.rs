@@ -169,7 +169,10 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infalli
                     return None;
                 }
                 let n = (total - sent).min(64 * 1024);
-                Some((Ok(Frame::data(Bytes::from(vec![b'x'; n as usize]))), sent + n))
+                Some((
+                    Ok(Frame::data(Bytes::from(vec![b'x'; n as usize]))),
+                    sent + n,
+                ))
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
@@ -228,8 +231,9 @@ impl Pushgate {
     /// YAML appended to the config.
     pub async fn start(upstream: &str, extra: &str) -> Pushgate {
         let yaml = format!("listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\n{extra}");
-        let config = pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new())
-            .unwrap_or_else(|err| panic!("{err}"));
+        let config =
+            pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new())
+                .unwrap_or_else(|err| panic!("{err}"));
         Self::start_config(config).await
     }
 
@@ -273,17 +277,15 @@ pub fn empty_body() -> BoxBody<Bytes, std::io::Error> {
 }
 
 pub fn body(data: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
-    Full::new(data.into()).map_err(|never| match never {}).boxed()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// GETs `url` and returns the status and the whole body as text.
 pub async fn get(url: &str) -> (StatusCode, String) {
     let response = client()
-        .request(
-            Request::get(url)
-                .body(empty_body())
-                .unwrap(),
-        )
+        .request(Request::get(url).body(empty_body()).unwrap())
         .await
         .unwrap();
     let status = response.status();
