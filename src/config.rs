@@ -928,6 +928,48 @@ mod tests {
             .contains("mapping"));
     }
 
+    /// config.example.yaml documents every key, with its default value.
+    #[test]
+    fn the_example_config_has_every_key_at_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let example: Value = serde_yaml::from_str(&text).unwrap();
+        let defaults = serde_yaml::to_value(Config::default()).unwrap();
+
+        fn leaves(value: &Value, path: String, out: &mut Vec<String>) {
+            match value {
+                Value::Mapping(map) => {
+                    for (key, child) in map {
+                        let key = key.as_str().unwrap();
+                        let child_path = if path.is_empty() {
+                            key.to_owned()
+                        } else {
+                            format!("{path}.{key}")
+                        };
+                        leaves(child, child_path, out);
+                    }
+                }
+                _ => out.push(path),
+            }
+        }
+        let (mut documented, mut known) = (Vec::new(), Vec::new());
+        leaves(&example, String::new(), &mut documented);
+        leaves(&defaults, String::new(), &mut known);
+        documented.sort();
+        known.sort();
+        assert_eq!(
+            documented, known,
+            "config.example.yaml and the config structs disagree"
+        );
+
+        let loaded = load(Path::new(path), NO_ENV).unwrap();
+        assert_eq!(
+            serde_yaml::to_value(loaded).unwrap(),
+            defaults,
+            "config.example.yaml shows a value that is not the default"
+        );
+    }
+
     #[test]
     fn byte_sizes_parse_and_print() {
         assert_eq!(ByteSize::parse("32KiB"), Some(ByteSize(32768)));

@@ -33,6 +33,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests that reached the app.
     pub hits: Arc<AtomicU64>,
+    /// TCP connections the app accepted.
+    pub connections: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -41,14 +43,17 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
         let (stop, mut stopped) = oneshot::channel::<()>();
         let counter = hits.clone();
+        let accepted_count = connections.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     accepted = listener.accept() => accepted.unwrap(),
                     _ = &mut stopped => return,
                 };
+                accepted_count.fetch_add(1, Ordering::Relaxed);
                 let counter = counter.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -65,12 +70,56 @@ impl Upstream {
         Upstream {
             addr,
             hits,
+            connections,
             _stop: stop,
         }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+/// Gates for the app's `/gated?id=N` route, by id.
+static GATES: std::sync::Mutex<std::collections::BTreeMap<u64, oneshot::Receiver<()>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Holds back the end of a `/gated?id=N` response: the app sends `first\n`
+/// at once, and `last\n` only after [`Gate::open`] (or when the gate is
+/// dropped), so a test knows exactly what the app has produced so far.
+pub struct Gate {
+    pub id: u64,
+    open: Option<oneshot::Sender<()>>,
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (open, opened) = oneshot::channel();
+        GATES.lock().unwrap().insert(id, opened);
+        Gate {
+            id,
+            open: Some(open),
+        }
+    }
+
+    /// The path that streams through this gate.
+    pub fn path(&self) -> String {
+        format!("/gated?id={}", self.id)
+    }
+
+    /// Lets the app send the rest of the response.
+    pub fn open(&mut self) {
+        if let Some(open) = self.open.take() {
+            let _ = open.send(());
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        GATES.lock().unwrap().remove(&self.id);
     }
 }
 
@@ -176,6 +225,29 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infalli
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
         }
+        // `first\n` at once, then `last\n` once the test opens the gate.
+        "/gated" => match GATES.lock().unwrap().remove(&number(&q, "id", u64::MAX)) {
+            Some(gate) => {
+                let stream =
+                    futures_util::stream::unfold((0u8, Some(gate)), |(step, gate)| async move {
+                        match step {
+                            0 => Some((Ok(Frame::data(Bytes::from("first\n"))), (1, gate))),
+                            1 => {
+                                if let Some(gate) = gate {
+                                    let _ = gate.await;
+                                }
+                                Some((Ok(Frame::data(Bytes::from("last\n"))), (2, None)))
+                            }
+                            _ => None,
+                        }
+                    });
+                Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            }
+            None => Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(full("no such gate"))
+                .unwrap(),
+        },
         // Accepts the connection and never answers.
         "/silent" => {
             std::future::pending::<()>().await;
@@ -421,4 +493,16 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// GETs `url`; the status and body, or the error if the exchange failed.
+pub async fn get_raw(
+    url: String,
+) -> Result<(StatusCode, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+    let response = client()
+        .request(Request::get(url).body(empty_body()).unwrap())
+        .await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
 }

@@ -1,0 +1,326 @@
+//! The real `pushgate` binary: exit codes for bad config, environment
+//! overrides, signals and the drain, memory while streaming, limits derived
+//! from the open-file limit.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Process, TempDir, Upstream};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn pushgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pushgate"))
+}
+
+fn config_for(app: &Upstream, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nupstream:\n  url: {}\n{extra}",
+        app.url()
+    )
+}
+
+/// Runs `pushgate check-config` and `pushgate --config` on `yaml` and checks
+/// that both exit 64 and name `key` on stderr.
+fn assert_refused(yaml: &str, env: &[(&str, &str)], key: &str) {
+    let dir = TempDir::new("bad-config");
+    let path = dir.0.join("pushgate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    for args in [
+        vec!["check-config".to_owned(), path.display().to_string()],
+        vec!["--config".to_owned(), path.display().to_string()],
+    ] {
+        let output = pushgate()
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{args:?} on {yaml:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("`{key}`")),
+            "{args:?} should name `{key}`: {stderr}"
+        );
+        assert!(stderr.contains("fix:"), "{stderr}");
+    }
+}
+
+#[test]
+fn each_class_of_bad_config_exits_64_naming_the_key() {
+    assert_refused("listen: 127.0.0.1:0\nlistne: 1\n", &[], "listne");
+    assert_refused("upstream:\n  tiemout: 1s\n", &[], "upstream.tiemout");
+    assert_refused("listen: everywhere\n", &[], "listen");
+    assert_refused("upstream:\n  timeout: 30\n", &[], "upstream.timeout");
+    assert_refused(
+        "limits:\n  max_header_bytes: a lot\n",
+        &[],
+        "limits.max_header_bytes",
+    );
+    assert_refused(
+        "limits:\n  max_header_bytes: 1KiB\n",
+        &[],
+        "limits.max_header_bytes",
+    );
+    assert_refused("upstream:\n  url: https://app:3000\n", &[], "upstream.url");
+    assert_refused(
+        "upstream:\n  trusted_proxies: [not-an-ip]\n",
+        &[],
+        "upstream.trusted_proxies[0]",
+    );
+    assert_refused(
+        "tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\n",
+        &[],
+        "tls.cert",
+    );
+    assert_refused("log:\n  format: xml\n", &[], "log.format");
+    assert_refused(
+        "",
+        &[("PUSHGATE_UPSTREAM__TIMEOUT", "soon")],
+        "upstream.timeout",
+    );
+    assert_refused("", &[("PUSHGATE_NO_SUCH_KEY", "1")], "no_such_key");
+    assert_refused("listen: [\n", &[], "(file)");
+}
+
+#[test]
+fn a_certificate_that_is_not_pem_is_refused_naming_the_file() {
+    let dir = TempDir::new("bad-cert");
+    let cert = dir.0.join("cert.pem");
+    let key = dir.0.join("key.pem");
+    std::fs::write(&cert, "this is not a certificate").unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    let yaml = format!(
+        "tls:\n  cert: {}\n  key: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let path = dir.0.join("pushgate.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let output = pushgate().arg("check-config").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr.contains(&cert.display().to_string()), "{stderr}");
+
+    // A key that belongs to another certificate is refused too.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, other.key_pair.serialize_pem()).unwrap();
+    let output = pushgate().arg("check-config").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("`tls.key`"), "{stderr}");
+}
+
+#[test]
+fn check_config_accepts_the_example_and_a_missing_file_is_usage_error() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
+    let output = pushgate().args(["check-config", example]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let output = pushgate()
+        .args(["check-config", "/nonexistent/pushgate.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let output = pushgate().output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "no arguments is a usage error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_environment_override_reaches_its_key() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("env");
+    // The file points at nothing; the environment points at the app.
+    let yaml = "listen: 127.0.0.1:0\nupstream:\n  url: http://127.0.0.1:1\n";
+    let gate = Process::start(&dir.0, yaml, &[("PUSHGATE_UPSTREAM__URL", &app.url())]);
+    let (status, body) = common::get(&format!("http://{}/", gate.addr)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "hello from upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("drain");
+    let mut gate = Process::start(&dir.0, &config_for(&app, "shutdown:\n  grace: 10s\n"), &[]);
+    let addr = gate.addr;
+
+    // A response that streams for about 1.5 s.
+    let url = format!("http://{addr}/stream?chunks=15&interval_ms=100");
+    let in_flight = tokio::spawn(async move { common::get(&url).await });
+    let reached = Instant::now();
+    while app.hits.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            reached.elapsed() < PATIENCE,
+            "the request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    gate.signal("TERM");
+    gate.wait_log("stopped accepting", PATIENCE)
+        .expect("drain begins");
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "new connections are refused once draining"
+    );
+
+    let (status, body) = tokio::time::timeout(PATIENCE, in_flight)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.lines().count(), 15, "the whole stream arrived: {body}");
+    assert_eq!(gate.wait_exit(PATIENCE), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_with_work_past_the_grace_still_exits_0() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("grace");
+    let mut gate = Process::start(
+        &dir.0,
+        &config_for(&app, "shutdown:\n  grace: 300ms\n"),
+        &[],
+    );
+    let stuck = tokio::spawn(common::get_raw(format!("http://{}/silent", gate.addr)));
+    let reached = Instant::now();
+    while app.hits.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(reached.elapsed() < PATIENCE);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let signalled = Instant::now();
+    gate.signal("INT");
+    assert_eq!(gate.wait_exit(PATIENCE), Some(0));
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    gate.wait_log("shutdown.grace passed", Duration::from_secs(1))
+        .expect("the cut-off work is logged");
+    // The stuck request's connection is closed, not left hanging.
+    let result = tokio::time::timeout(PATIENCE, stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_err(), "the client sees the connection end");
+}
+
+/// 1 GiB each way: far more than the memory pushgate is allowed to use.
+const UPLOAD_BYTES: u64 = 1 << 30;
+/// Peak resident memory allowed while streaming (the process starts near 10 MiB).
+const STREAMING_RSS_LIMIT_KIB: u64 = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_stream_through_in_bounded_memory() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("stream");
+    let gate = Process::start(&dir.0, &config_for(&app, ""), &[]);
+
+    // Upload: 512 MiB in 64 KiB chunks, produced as they are sent.
+    let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
+    let chunks = UPLOAD_BYTES / chunk.len() as u64;
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+    );
+    let request = Request::post(format!("http://{}/count", gate.addr))
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap();
+    let response =
+        tokio::time::timeout(Duration::from_secs(120), common::client().request(request))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let counted = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(counted, UPLOAD_BYTES.to_string());
+
+    // Download: the same size, counted as it arrives.
+    let response = common::client()
+        .request(
+            Request::get(format!("http://{}/big?bytes={UPLOAD_BYTES}", gate.addr))
+                .body(common::empty_body())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(received, UPLOAD_BYTES);
+
+    let peak = gate.peak_rss_kib();
+    eprintln!("pushgate peak RSS: {peak} KiB");
+    assert!(
+        peak < STREAMING_RSS_LIMIT_KIB,
+        "peak RSS {peak} KiB while streaming {} MiB each way",
+        UPLOAD_BYTES >> 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_limit_defaults_from_the_open_file_limit() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("nofile");
+    let path = dir.0.join("pushgate.yaml");
+    std::fs::write(&path, config_for(&app, "")).unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=1064:1064")
+        .arg(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("--config")
+        .arg(&path)
+        .env("PUSHGATE_LOG__FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains("\"listening\""))
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let event: serde_json::Value = serde_json::from_str(&line.expect("listening line")).unwrap();
+    // (1064 files - 64 reserved) / 2 files per proxied connection.
+    assert_eq!(event["max_connections"], 500);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_are_logged_when_they_bite() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("limit-log");
+    let gate = Process::start(
+        &dir.0,
+        &config_for(&app, "limits:\n  header_timeout: 200ms\n"),
+        &[],
+    );
+    let _silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let line = gate
+        .wait_log("limits.header_timeout", PATIENCE)
+        .expect("the head deadline is logged");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["level"], "INFO");
+    assert!(event["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
