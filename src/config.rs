@@ -39,7 +39,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize(32 * 1024);
 /// Most header fields in one request.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Time a new connection has to complete its TLS handshake and its first
-/// request head; later request heads on a keep-alive connection get the same.
+/// request head; a keep-alive connection gets the same for each later head,
+/// counted from the end of the previous response (so it is also the idle
+/// keep-alive timeout).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `0` sizes the connection limit from the process's open-file limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 0;

@@ -289,10 +289,15 @@ where
 
     let peer = conn.peer;
     if head.expired() {
-        tracing::info!(
-            %peer,
-            "limit: request head not received within limits.header_timeout; closed"
-        );
+        if head.partial() {
+            tracing::info!(
+                %peer,
+                "limit: request head not complete within limits.header_timeout; closed"
+            );
+        } else {
+            // Browsers open sockets they may never use; not worth a log line.
+            tracing::debug!(%peer, "no request within limits.header_timeout; closed");
+        }
         return;
     }
     if let Err(err) = result {
@@ -301,9 +306,11 @@ where
                 %peer,
                 "limit: request head over limits.max_header_bytes or limits.max_headers; answered 431"
             ),
-            Some(err) if err.is_timeout() => tracing::info!(
+            // hyper's timer covers the wait for each later head too, so this
+            // is mostly an idle keep-alive connection being closed.
+            Some(err) if err.is_timeout() => tracing::debug!(
                 %peer,
-                "limit: request head not received within limits.header_timeout; closed"
+                "keep-alive connection idle, or its next head slow, past limits.header_timeout; closed"
             ),
             _ => tracing::debug!(%peer, error = %err, "connection ended with an error"),
         }

@@ -251,3 +251,28 @@ async fn connections_over_the_limit_wait_until_one_closes() {
         String::from_utf8_lossy(&received)
     );
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_head_deadline() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), HEAD_TIMEOUT).await;
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    // The connection now sits idle; waiting for the next head is bounded by
+    // the same deadline, so an idle client cannot hold a slot for ever.
+    let (received, elapsed) = read_until_closed(&mut stream).await;
+    assert!(received.is_empty());
+    assert!(
+        elapsed.as_millis() >= HEAD_TIMEOUT_MS - 50,
+        "closed too early: {elapsed:?}"
+    );
+}

@@ -316,11 +316,24 @@ async fn limits_are_logged_when_they_bite() {
         &config_for(&app, "limits:\n  header_timeout: 200ms\n"),
         &[],
     );
-    let _silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET / HTTP/1.1\r\nHost: ")
+        .await
+        .unwrap();
     let line = gate
         .wait_log("limits.header_timeout", PATIENCE)
         .expect("the head deadline is logged");
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(event["level"], "INFO");
     assert!(event["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    let mut greedy = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n",
+        "c".repeat(64 * 1024)
+    );
+    // pushgate may answer 431 and close before it has read everything.
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut greedy, head.as_bytes()).await;
+    gate.wait_log("limits.max_header_bytes", PATIENCE)
+        .expect("the header size limit is logged");
 }

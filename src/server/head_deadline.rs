@@ -32,6 +32,8 @@ request head not received in time\r\n";
 pub struct HeadState {
     received: AtomicBool,
     expired: AtomicBool,
+    /// Some bytes of a head had arrived when the deadline passed.
+    partial: AtomicBool,
 }
 
 impl HeadState {
@@ -43,6 +45,12 @@ impl HeadState {
     /// Whether the deadline ended this connection.
     pub fn expired(&self) -> bool {
         self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client had begun a head when the deadline passed (a slow
+    /// client, rather than an unused preconnected socket).
+    pub fn partial(&self) -> bool {
+        self.partial.load(Ordering::Relaxed)
     }
 }
 
@@ -96,6 +104,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<I> {
                     }
                     if timer.as_mut().poll(cx).is_ready() {
                         this.state.expired.store(true, Ordering::Relaxed);
+                        this.state
+                            .partial
+                            .store(first_bytes.is_some(), Ordering::Relaxed);
                         // HTTP/1 allows a 408 once a request has begun; an
                         // HTTP/2 client would read it as garbage, and a
                         // client that sent nothing asked nothing.
