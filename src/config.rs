@@ -45,6 +45,25 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `0` sizes the connection limit from the process's open-file limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 0;
+/// The publish/admin API's listener.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:8081";
+/// Largest API request body.
+pub const DEFAULT_API_MAX_BODY: ByteSize = ByteSize(1 << 20);
+/// How long a publish's idempotency key is remembered.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Concurrent connections to the API listener; separate from the public
+/// limit so a flood of browsers cannot lock the app's backend out.
+pub const DEFAULT_API_MAX_CONNECTIONS: usize = 1024;
+/// Publications kept per channel (at least).
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// Older publications are never replayed.
+pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(10 * 60);
+/// Most publications waiting in one session's queue.
+pub const DEFAULT_QUEUE_MESSAGES: usize = 1_000;
+/// Most bytes waiting in one session's queue.
+pub const DEFAULT_QUEUE_BYTES: ByteSize = ByteSize(4 << 20);
+/// Largest `history.size`: history is memory.
+pub const MAX_HISTORY_SIZE: usize = 1_000_000;
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -64,6 +83,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub upstream: UpstreamConfig,
     pub tls: TlsConfig,
+    pub api: ApiConfig,
+    pub engine: EngineConfig,
+    pub history: HistoryConfig,
     pub shutdown: ShutdownConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
@@ -75,9 +97,74 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             upstream: UpstreamConfig::default(),
             tls: TlsConfig::default(),
+            api: ApiConfig::default(),
+            engine: EngineConfig::default(),
+            history: HistoryConfig::default(),
             shutdown: ShutdownConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+/// The publish/admin API, for the app's backend and operators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Accepted `Authorization: Bearer` keys. Several, so keys can rotate.
+    pub keys: Vec<String>,
+    /// Run the API without keys. Refused unless `listen` is loopback.
+    pub insecure_no_auth: bool,
+    pub max_body: ByteSize,
+    #[serde(with = "duration")]
+    pub idempotency_window: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: DEFAULT_API_LISTEN.parse().expect("valid default address"),
+            keys: Vec::new(),
+            insecure_no_auth: false,
+            max_body: DEFAULT_API_MAX_BODY,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            max_connections: DEFAULT_API_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Where channels, history and fan-out live.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    pub kind: EngineKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// One node, everything in this process.
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Publications kept per channel, at least.
+    pub size: usize,
+    /// Publications older than this are never replayed.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: DEFAULT_HISTORY_SIZE,
+            ttl: DEFAULT_HISTORY_TTL,
         }
     }
 }
@@ -155,6 +242,10 @@ pub struct LimitsConfig {
     /// Deadline for the TLS handshake and the request head.
     #[serde(with = "duration")]
     pub header_timeout: Duration,
+    /// One session's queue: past either bound it is cut off as a slow
+    /// consumer and resumes from history.
+    pub queue_messages: usize,
+    pub queue_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -164,6 +255,8 @@ impl Default for LimitsConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            queue_messages: DEFAULT_QUEUE_MESSAGES,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
         }
     }
 }
@@ -765,6 +858,95 @@ impl Config {
             }
         }
 
+        let api = &self.api;
+        if api.keys.is_empty() && !api.insecure_no_auth {
+            problem(
+                "api.keys",
+                "no API key: the publish API would be open to anyone who can reach it".into(),
+                "set api.keys (or PUSHGATE_API__KEYS=k1,k2) to long random secrets; \
+                 for local development only, api.insecure_no_auth: true on a loopback api.listen",
+            );
+        }
+        if api.insecure_no_auth && !api.listen.ip().is_loopback() {
+            problem(
+                "api.insecure_no_auth",
+                format!(
+                    "the API would run without keys on {}, which is not loopback",
+                    api.listen
+                ),
+                "set api.keys, or listen on 127.0.0.1",
+            );
+        }
+        for (index, key) in api.keys.iter().enumerate() {
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                problem(
+                    &format!("api.keys[{index}]"),
+                    "a key must be non-empty printable ASCII without spaces".into(),
+                    "use a random token, e.g. from `openssl rand -hex 32`",
+                );
+            }
+        }
+        if self.listen == api.listen && self.listen.port() != 0 {
+            problem(
+                "api.listen",
+                format!("{} is also the public `listen` address", api.listen),
+                "give the API its own port, e.g. 127.0.0.1:8081",
+            );
+        }
+        let max_body = api.max_body.bytes();
+        if !(1024..=64 << 20).contains(&max_body) {
+            problem(
+                "api.max_body",
+                format!("{} is outside 1KiB..=64MiB", api.max_body),
+                "use e.g. 1MiB",
+            );
+        }
+        if api.idempotency_window.is_zero() {
+            problem(
+                "api.idempotency_window",
+                "must be longer than zero".into(),
+                "use e.g. `5m`",
+            );
+        }
+        if api.max_connections == 0 {
+            problem(
+                "api.max_connections",
+                "must be at least 1".into(),
+                "use e.g. 1024",
+            );
+        }
+        if !(1..=MAX_HISTORY_SIZE).contains(&self.history.size) {
+            problem(
+                "history.size",
+                format!("{} is outside 1..={MAX_HISTORY_SIZE}", self.history.size),
+                "use e.g. 100",
+            );
+        }
+        if self.history.ttl.is_zero() {
+            problem(
+                "history.ttl",
+                "must be longer than zero".into(),
+                "use e.g. `10m`",
+            );
+        }
+        if self.limits.queue_messages == 0 {
+            problem(
+                "limits.queue_messages",
+                "must be at least 1".into(),
+                "use e.g. 1000",
+            );
+        }
+        if self.limits.queue_bytes.bytes() < 2 * max_body {
+            problem(
+                "limits.queue_bytes",
+                format!(
+                    "{} is less than twice api.max_body ({}): one large publication could cut off every subscriber",
+                    self.limits.queue_bytes, api.max_body
+                ),
+                &format!("raise it to at least {}", ByteSize(2 * max_body)),
+            );
+        }
+
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problem(
                 "log.level",
@@ -797,6 +979,8 @@ mod tests {
     use super::*;
 
     const NO_ENV: [(&str, &str); 0] = [];
+    /// What every valid config needs beyond the defaults.
+    const KEYS: &str = "api:\n  keys: [k]\n";
 
     fn keys(err: &ConfigError) -> Vec<&str> {
         err.problems.iter().map(|p| p.key.as_str()).collect()
@@ -804,7 +988,7 @@ mod tests {
 
     #[test]
     fn empty_file_gives_defaults() {
-        let config = from_yaml("", "test.yaml", NO_ENV).unwrap();
+        let config = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(config.upstream.timeout, DEFAULT_UPSTREAM_TIMEOUT);
         assert_eq!(config.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
@@ -814,7 +998,7 @@ mod tests {
     #[test]
     fn durations_and_sizes_read_the_human_way() {
         let config = from_yaml(
-            "upstream: {timeout: 2s}\nshutdown: {grace: 1m 30s}\nlimits: {max_header_bytes: 64KiB, header_timeout: 500ms}\n",
+            &format!("{KEYS}upstream: {{timeout: 2s}}\nshutdown: {{grace: 1m 30s}}\nlimits: {{max_header_bytes: 64KiB, header_timeout: 500ms}}\n"),
             "test.yaml",
             NO_ENV,
         )
@@ -838,6 +1022,7 @@ mod tests {
         assert_eq!(
             found,
             [
+                "api.keys",
                 "bogus",
                 "limits.max_header_bytes",
                 "listen",
@@ -866,6 +1051,7 @@ mod tests {
         assert_eq!(
             found,
             [
+                "api.keys",
                 "limits.max_header_bytes",
                 "log.level",
                 "tls.key",
@@ -889,7 +1075,12 @@ mod tests {
             ("PUSHGATE_LOG__FORMAT", "json"),
             ("HOME", "/root"),
         ];
-        let config = from_yaml("upstream: {timeout: 9s}\n", "test.yaml", env).unwrap();
+        let config = from_yaml(
+            &format!("{KEYS}upstream: {{timeout: 9s}}\n"),
+            "test.yaml",
+            env,
+        )
+        .unwrap();
         assert_eq!(config.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(config.upstream.timeout, Duration::from_secs(3));
         assert_eq!(
@@ -964,7 +1155,11 @@ mod tests {
             "config.example.yaml and the config structs disagree"
         );
 
-        let loaded = load(Path::new(path), NO_ENV).unwrap();
+        let mut loaded = load(Path::new(path), NO_ENV).unwrap();
+        // The one value that is not a default: there is no default key, and
+        // the example must run as it is.
+        assert_eq!(loaded.api.keys, ["change-me"]);
+        loaded.api.keys.clear();
         assert_eq!(
             serde_yaml::to_value(loaded).unwrap(),
             defaults,

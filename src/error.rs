@@ -68,3 +68,124 @@ pub fn plain(status: StatusCode, text: String) -> Response<Body> {
     );
     response
 }
+
+/// An error answered by the publish/admin API as
+/// `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable, machine-readable; documented in docs/api.md.
+    pub code: &'static str,
+    /// For people; says what was wrong and, where it helps, how to fix it.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send one of api.keys as `Authorization: Bearer <key>`",
+        )
+    }
+
+    pub fn body_too_large(limit: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is over api.max_body ({limit} bytes)"),
+        )
+    }
+
+    pub fn not_json() -> ApiError {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        )
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint; see docs/api.md",
+        )
+    }
+
+    pub fn method_not_allowed(allowed: &'static str) -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("this endpoint answers {allowed}"),
+        )
+    }
+
+    /// The JSON object `{"code", "message"}`, for batch items.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "code": self.code, "message": self.message })
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = json(self.status, &serde_json::json!({ "error": self.body() }));
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<crate::broker::BrokerError> for ApiError {
+    fn from(err: crate::broker::BrokerError) -> ApiError {
+        use crate::broker::BrokerError;
+        let code = match err {
+            BrokerError::Unavailable(_) => "engine_unavailable",
+            BrokerError::OutcomeUnknown(_) => "outcome_unknown",
+        };
+        // The cause is logged where it happens; the client gets the class.
+        let message = match err {
+            BrokerError::Unavailable(_) => {
+                "the engine is unavailable; nothing was stored, retry later"
+            }
+            BrokerError::OutcomeUnknown(_) => {
+                "the engine failed mid-publish; retry with the same idempotency_key"
+            }
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+    }
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    json_bytes(
+        status,
+        serde_json::to_vec(value).expect("serializing to memory cannot fail"),
+    )
+}
+
+/// A response whose body is already JSON text.
+pub fn json_bytes(status: StatusCode, bytes: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut response = Response::new(body::full(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: serde structs with `DEFAULT_*` constants; load, environment
 //!   overrides, validation that reports every problem at once.
+//! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec.
 //! - [`server`]: the public listener: accept loop, TLS, connection limits,
 //!   the request-head deadline, and the drain on shutdown.
 //! - [`proxy`]: the reverse proxy to the app: pooled, streaming, hop-by-hop
@@ -32,10 +33,16 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod body;
+pub mod broker;
 pub mod config;
+pub mod cursor;
 pub mod error;
+pub mod hub;
 pub mod logging;
+pub mod message;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

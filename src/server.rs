@@ -18,6 +18,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,8 +29,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, ConfigError};
+use crate::api::Api;
+use crate::body::Body;
+use crate::broker::memory::{MemoryBroker, MemoryOptions};
+use crate::broker::Broker;
+use crate::config::{Config, ConfigError, EngineKind};
 use crate::error::Error;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::shutdown::Drain;
 use head_deadline::HeadDeadline;
@@ -61,43 +69,70 @@ pub fn connection_capacity() -> usize {
     (files.saturating_sub(RESERVED_FILES) / 2).max(1)
 }
 
-/// A bound, not yet running, pushgate server.
+/// A bound, not yet running, pushgate server: the public listener (the
+/// app's traffic, later the realtime transports) and the API listener.
 pub struct Server {
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    public: Listener,
+    api: Listener,
     shared: Arc<Shared>,
-    max_connections: usize,
     grace: Duration,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+}
+
+/// One listening socket and what its connections are served with.
+struct Listener {
+    tcp: TcpListener,
+    addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    /// The config key of `max_connections`, for the log line when it bites.
+    limit_key: &'static str,
+    handler: Handler,
+}
+
+/// What answers a listener's requests.
+#[derive(Clone)]
+enum Handler {
+    Public(Arc<Proxy>),
+    Api(Arc<Api>),
+}
+
+impl Handler {
+    async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        match self {
+            Handler::Public(proxy) => proxy.forward(request, conn).await,
+            Handler::Api(api) => api.handle(request).await,
+        }
+    }
 }
 
 /// What every connection task needs.
 struct Shared {
     http: auto::Builder<TokioExecutor>,
-    tls: Option<TlsAcceptor>,
-    proxy: Arc<Proxy>,
     drain: Drain,
     header_timeout: Duration,
 }
 
+async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let bind_error = |source| Error::Bind { addr, source };
+    let tcp = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = tcp.local_addr().map_err(bind_error)?;
+    Ok((tcp, local))
+}
+
 impl Server {
-    /// Validates `config` and binds the listener. `listen: 127.0.0.1:0` picks
-    /// a free port; [`Server::local_addr`] tells which.
+    /// Validates `config`, binds both listeners and starts the engine.
+    /// `127.0.0.1:0` picks a free port; [`Server::local_addr`] and
+    /// [`Server::api_addr`] tell which.
     pub async fn bind(config: Config) -> Result<Server, Error> {
         raise_open_file_limit();
         let problems = config.validate();
         if !problems.is_empty() {
             return Err(ConfigError { problems }.into());
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (public_tcp, public_addr) = bind_tcp(config.listen).await?;
+        let (api_tcp, api_addr) = bind_tcp(config.api.listen).await?;
 
         let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => {
@@ -119,100 +154,99 @@ impl Server {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
 
-        let max_connections = match limits.max_connections {
-            0 => connection_capacity(),
-            n => n,
-        };
         let drain = Drain::new();
+        let hub = Arc::new(Hub::new());
+        let broker: Arc<dyn Broker> = match config.engine.kind {
+            EngineKind::Memory => MemoryBroker::new(
+                hub.clone(),
+                MemoryOptions {
+                    history_size: config.history.size,
+                    history_ttl: config.history.ttl,
+                    idempotency_window: config.api.idempotency_window,
+                },
+            ),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let api = Arc::new(Api::new(&config, broker.clone(), hub.clone(), metrics));
         let proxy = Arc::new(Proxy::new(&config, drain.clone()));
+
         Ok(Server {
-            listener,
-            local_addr,
+            public: Listener {
+                tcp: public_tcp,
+                addr: public_addr,
+                tls,
+                max_connections: match limits.max_connections {
+                    0 => connection_capacity(),
+                    n => n,
+                },
+                limit_key: "limits.max_connections",
+                handler: Handler::Public(proxy),
+            },
+            api: Listener {
+                tcp: api_tcp,
+                addr: api_addr,
+                tls: None,
+                max_connections: config.api.max_connections,
+                limit_key: "api.max_connections",
+                handler: Handler::Api(api),
+            },
             shared: Arc::new(Shared {
                 http,
-                tls,
-                proxy,
                 drain,
                 header_timeout: limits.header_timeout,
             }),
-            max_connections,
             grace: config.shutdown.grace,
+            hub,
+            broker,
         })
     }
 
     /// The address the public listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.public.addr
+    }
+
+    /// The address the API listener is bound to.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.addr
+    }
+
+    /// This node's channel registry.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    /// The engine.
+    pub fn broker(&self) -> Arc<dyn Broker> {
+        self.broker.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// work finish within `shutdown.grace`, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
-            listener,
-            local_addr,
+            public,
+            api,
             shared,
-            max_connections,
             grace,
+            ..
         } = self;
         tracing::info!(
-            addr = %local_addr,
-            tls = shared.tls.is_some(),
-            max_connections,
+            addr = %public.addr,
+            api_addr = %api.addr,
+            tls = public.tls.is_some(),
+            max_connections = public.max_connections,
             "listening"
         );
+        let public_loop = tokio::spawn(accept_loop(public, shared.clone()));
+        let api_loop = tokio::spawn(accept_loop(api, shared.clone()));
+        shutdown.await;
 
-        let permits = Arc::new(Semaphore::new(max_connections));
-        let mut backoff = MIN_ACCEPT_BACKOFF;
-        tokio::pin!(shutdown);
-        loop {
-            let permit = match permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    tracing::info!(
-                        max_connections,
-                        "limit: limits.max_connections reached; not accepting until a connection closes"
-                    );
-                    tokio::select! {
-                        permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
-                        () = &mut shutdown => break,
-                    }
-                }
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    backoff = MIN_ACCEPT_BACKOFF;
-                    let shared = shared.clone();
-                    shared
-                        .drain
-                        .clone()
-                        .spawn(serve_connection(stream, peer, shared, permit));
-                }
-                Err(err) if is_per_connection(&err) => {
-                    tracing::debug!(error = %err, "accept: connection failed before it was accepted");
-                }
-                Err(err) => {
-                    tracing::warn!(
-                        error = %err,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "accept failed; backing off"
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = &mut shutdown => break,
-                    }
-                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                }
-            }
-        }
-
-        drop(listener);
         let drain = &shared.drain;
         drain.signal();
+        // The loops end on the signal and drop their listeners: from here on
+        // new connections are refused.
+        let _ = tokio::join!(public_loop, api_loop);
         tracing::info!(
             in_flight = drain.in_flight(),
             grace_ms = grace.as_millis() as u64,
@@ -230,6 +264,69 @@ impl Server {
     }
 }
 
+/// Accepts connections until shutdown begins, each holding a permit of the
+/// listener's connection limit.
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    let Listener {
+        tcp,
+        tls,
+        max_connections,
+        limit_key,
+        handler,
+        ..
+    } = listener;
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    let stop = shared.drain.clone();
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::info!(
+                    max_connections,
+                    "limit: {limit_key} reached; not accepting until a connection closes"
+                );
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                    () = stop.signalled() => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            accepted = tcp.accept() => accepted,
+            () = stop.signalled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = MIN_ACCEPT_BACKOFF;
+                let connection = Connection {
+                    peer,
+                    tls: tls.clone(),
+                    handler: handler.clone(),
+                    shared: shared.clone(),
+                    _permit: permit,
+                };
+                shared.drain.spawn(connection.serve(stream));
+            }
+            Err(err) if is_per_connection(&err) => {
+                tracing::debug!(error = %err, "accept: connection failed before it was accepted");
+            }
+            Err(err) => {
+                tracing::warn!(
+                    error = %err,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "accept failed; backing off"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.signalled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
 /// Accept errors that concern only the connection being accepted; anything
 /// else (out of files, out of memory) is the process's problem.
 fn is_per_connection(err: &io::Error) -> bool {
@@ -242,38 +339,54 @@ fn is_per_connection(err: &io::Error) -> bool {
     )
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// One accepted connection, until it closes.
+struct Connection {
     peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    handler: Handler,
     shared: Arc<Shared>,
+    /// Returned to the listener's limit when the connection ends.
     _permit: OwnedSemaphorePermit,
-) {
-    let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + shared.header_timeout;
-    match &shared.tls {
-        None => serve(stream, ConnInfo { peer, tls: false }, deadline, &shared).await,
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve(stream, ConnInfo { peer, tls: true }, deadline, &shared).await,
-            Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
-            Err(_) => tracing::info!(
-                %peer,
-                "limit: TLS handshake not done within limits.header_timeout; closed"
-            ),
-        },
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let peer = self.peer;
+        let deadline = Instant::now() + self.shared.header_timeout;
+        match &self.tls {
+            None => {
+                let conn = ConnInfo { peer, tls: false };
+                serve(stream, conn, deadline, &self.handler, &self.shared).await
+            }
+            Some(acceptor) => {
+                match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let conn = ConnInfo { peer, tls: true };
+                        serve(stream, conn, deadline, &self.handler, &self.shared).await
+                    }
+                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                    Err(_) => tracing::info!(
+                        %peer,
+                        "limit: TLS handshake not done within limits.header_timeout; closed"
+                    ),
+                }
+            }
+        }
     }
 }
 
-async fn serve<I>(io: I, conn: ConnInfo, deadline: Instant, shared: &Shared)
+async fn serve<I>(io: I, conn: ConnInfo, deadline: Instant, handler: &Handler, shared: &Shared)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (io, head) = HeadDeadline::new(io, deadline);
-    let proxy = shared.proxy.clone();
+    let handler = handler.clone();
     let head_seen = head.clone();
     let service = service_fn(move |request| {
         head_seen.received();
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.forward(request, conn).await) }
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(request, conn).await) }
     });
     let connection = shared
         .http

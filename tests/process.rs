@@ -289,6 +289,8 @@ async fn the_connection_limit_defaults_from_the_open_file_limit() {
         .arg("--config")
         .arg(&path)
         .env("PUSHGATE_LOG__FORMAT", "json")
+        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_API__KEYS", common::API_KEY)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -271,10 +271,9 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infalli
                 )
                 .await;
                 while let Some(Ok(message)) = ws.next().await {
-                    if message.is_text() || message.is_binary() {
-                        if ws.send(message).await.is_err() {
-                            break;
-                        }
+                    if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err()
+                    {
+                        break;
                     }
                 }
             });
@@ -291,9 +290,31 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<TestBody>, Infalli
     Ok(response)
 }
 
+/// The API key the test configs use.
+pub const API_KEY: &str = "test-key";
+
+/// Lays `overlay` over `base`, mapping by mapping.
+fn merge(base: &mut serde_yaml::Value, overlay: serde_yaml::Value) {
+    match (base, overlay) {
+        (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (_, serde_yaml::Value::Null) => {}
+        (base, overlay) => *base = overlay,
+    }
+}
+
 /// pushgate running in this test process.
 pub struct Pushgate {
     pub addr: SocketAddr,
+    pub api_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), pushgate::Error>>>,
 }
@@ -301,8 +322,17 @@ pub struct Pushgate {
 impl Pushgate {
     /// Starts pushgate on `127.0.0.1:0` in front of `upstream`, with `extra`
     /// YAML appended to the config.
+    /// Starts pushgate on `127.0.0.1:0` in front of `upstream`, its API on
+    /// `127.0.0.1:0` with the key [`API_KEY`]; `extra` YAML is merged over
+    /// that (so it may set keys in the same sections).
     pub async fn start(upstream: &str, extra: &str) -> Pushgate {
-        let yaml = format!("listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\n{extra}");
+        let base = format!(
+            "listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\napi:\n  listen: 127.0.0.1:0\n  keys: [{API_KEY}]\n"
+        );
+        let mut tree: serde_yaml::Value = serde_yaml::from_str(&base).unwrap();
+        let extra: serde_yaml::Value = serde_yaml::from_str(extra).unwrap();
+        merge(&mut tree, extra);
+        let yaml = serde_yaml::to_string(&tree).unwrap();
         let config =
             pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new())
                 .unwrap_or_else(|err| panic!("{err}"));
@@ -312,12 +342,14 @@ impl Pushgate {
     pub async fn start_config(config: pushgate::Config) -> Pushgate {
         let server = pushgate::Server::bind(config).await.unwrap();
         let addr = server.local_addr();
+        let api_addr = server.api_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
         }));
         Pushgate {
             addr,
+            api_addr,
             stop: Some(stop),
             task: Some(task),
         }
@@ -383,6 +415,8 @@ impl Process {
             .arg("--config")
             .arg(&path)
             .env("PUSHGATE_LOG__FORMAT", "json")
+            .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
+            .env("PUSHGATE_API__KEYS", API_KEY)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,542 @@
+//! The publish/admin API on `api.listen`: publish, history, channels,
+//! health, readiness and metrics. Every endpoint is described in
+//! docs/api.md and docs/openapi.yaml.
+//!
+//! `/api/*` needs `Authorization: Bearer <key>` with one of `api.keys`,
+//! compared in constant time. `/healthz`, `/readyz` and `/metrics` are open,
+//! for probes and scrapers; they reveal counts, never names or data.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::body::Body;
+use crate::broker::{Broker, Publish, PublishOutcome};
+use crate::config::Config;
+use crate::cursor::Position;
+use crate::error::{json, json_bytes, ApiError};
+use crate::hub::Hub;
+use crate::message::{ChannelName, EventName};
+use crate::metrics::{self, Metrics};
+
+/// Most channels one publish may name.
+pub const MAX_CHANNELS_PER_PUBLISH: usize = 1_000;
+/// Most items in one batch.
+pub const MAX_BATCH_ITEMS: usize = 1_000;
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+/// `GET /api/history` without `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+/// Largest `limit` for `GET /api/history`.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+/// `GET /api/channels` without `limit`, and its largest.
+pub const DEFAULT_CHANNELS_LIMIT: usize = 1_000;
+pub const MAX_CHANNELS_LIMIT: usize = 100_000;
+
+/// The API's state.
+pub struct Api {
+    broker: Arc<dyn Broker>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    keys: Vec<Vec<u8>>,
+    max_body: u64,
+}
+
+impl Api {
+    pub fn new(
+        config: &Config,
+        broker: Arc<dyn Broker>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Api {
+        Api {
+            broker,
+            hub,
+            metrics,
+            keys: config
+                .api
+                .keys
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect(),
+            max_body: config.api.max_body.bytes(),
+        }
+    }
+
+    /// Answers one API request. Never fails: errors become JSON answers.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let response = match self.route(request).await {
+            Ok(response) => response,
+            Err(err) => err.into_response(),
+        };
+        tracing::debug!(
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "api"
+        );
+        response
+    }
+
+    async fn route<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = request.uri().path();
+        match path {
+            "/healthz" => return only_get(&request).map(|()| health()),
+            "/readyz" => {
+                only_get(&request)?;
+                return Ok(self.ready().await);
+            }
+            "/metrics" => {
+                only_get(&request)?;
+                return Ok(self.metrics());
+            }
+            _ => {}
+        }
+        if !path.starts_with("/api/") {
+            return Err(ApiError::not_found());
+        }
+        // Before anything else, so an unauthenticated caller learns nothing,
+        // not even which endpoints exist.
+        self.authorize(request.headers())?;
+        match (path, request.method()) {
+            ("/api/publish", &Method::POST) => self.publish(request).await,
+            ("/api/publish", _) => Err(ApiError::method_not_allowed("POST")),
+            ("/api/history", &Method::GET) => self.history(request.uri().query()).await,
+            ("/api/channels", &Method::GET) => self.channels(request.uri().query()),
+            ("/api/history" | "/api/channels", _) => Err(ApiError::method_not_allowed("GET")),
+            _ => Err(ApiError::not_found()),
+        }
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        if self.keys.is_empty() {
+            // Only possible with api.insecure_no_auth on a loopback listener.
+            return Ok(());
+        }
+        let Some(presented) = presented else {
+            return Err(ApiError::unauthorized());
+        };
+        // Every key is compared, each in constant time, so the timing says
+        // neither which key matched nor how much of one did.
+        let matched = self
+            .keys
+            .iter()
+            .fold(subtle::Choice::from(0), |found, key| {
+                found | key.as_slice().ct_eq(presented.as_bytes())
+            });
+        if bool::from(matched) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+
+    async fn ready(&self) -> Response<Body> {
+        match self.broker.ready().await {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
+            Err(err) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "unavailable", "reason": err.to_string() }),
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        let text = self.metrics.render(self.broker.stats(), &self.hub);
+        let mut response = Response::new(crate::body::full(text));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+
+    async fn publish<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let body = self.json_body(request).await?;
+        let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        if first == Some(b'[') {
+            return self.publish_batch(&body).await;
+        }
+        let item: &RawValue = serde_json::from_slice(&body)
+            .map_err(|err| ApiError::bad_request("bad_json", format!("invalid JSON: {err}")))?;
+        let publish = match parse_publish(item) {
+            Ok(publish) => publish,
+            Err(err) => {
+                self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
+                return Err(err);
+            }
+        };
+        let outcome = self.publish_one(publish).await?;
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "results": outcome.results }),
+        ))
+    }
+
+    /// A JSON array of publish objects, answered with an array of the same
+    /// length: `{"results": [...]}` or `{"error": {...}}` per item, in order.
+    async fn publish_batch(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
+        let items: Vec<&RawValue> = serde_json::from_slice(body)
+            .map_err(|err| ApiError::bad_request("bad_json", format!("invalid JSON: {err}")))?;
+        if items.len() > MAX_BATCH_ITEMS {
+            return Err(ApiError::bad_request(
+                "batch_too_large",
+                format!("a batch holds at most {MAX_BATCH_ITEMS} items"),
+            ));
+        }
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            let answer = match parse_publish(item) {
+                Ok(publish) => match self.publish_one(publish).await {
+                    Ok(outcome) => serde_json::json!({ "results": outcome.results }),
+                    Err(err) => serde_json::json!({ "error": err.body() }),
+                },
+                Err(err) => {
+                    self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
+                    serde_json::json!({ "error": err.body() })
+                }
+            };
+            answers.push(answer);
+        }
+        Ok(json(StatusCode::OK, &answers))
+    }
+
+    async fn publish_one(&self, publish: Publish) -> Result<PublishOutcome, ApiError> {
+        let channels = publish.channels.len();
+        match self.broker.publish(publish).await {
+            Ok(outcome) => {
+                let kind = if outcome.duplicate {
+                    metrics::PublishOutcome::Duplicate
+                } else {
+                    metrics::PublishOutcome::Stored
+                };
+                self.metrics.publish(kind, outcome.results.len());
+                Ok(outcome)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "publish failed");
+                self.metrics
+                    .publish(metrics::PublishOutcome::Failed, channels);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Reads a JSON request body of at most `api.max_body` bytes.
+    async fn json_body<B>(&self, request: Request<B>) -> Result<Bytes, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ApiError::not_json());
+        }
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_body) {
+            return Err(ApiError::body_too_large(self.max_body));
+        }
+        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+        match Limited::new(request.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                Err(ApiError::body_too_large(self.max_body))
+            }
+            Err(err) => Err(ApiError::bad_request(
+                "bad_body",
+                format!("the request body could not be read: {err}"),
+            )),
+        }
+    }
+
+    async fn history(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+        let query = Query::parse(query, &["channel", "since", "limit"])?;
+        let channel = query.channel()?;
+        let since = query
+            .get("since")
+            .map(|text| {
+                text.parse::<Position>()
+                    .map_err(|err| ApiError::bad_request("bad_position", format!("`since`: {err}")))
+            })
+            .transpose()?;
+        let limit = query.limit(DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)?;
+        let history = self.broker.history(&channel, since, limit).await?;
+
+        // The envelopes are JSON already: splice them in, no re-encoding.
+        let mut body = Vec::with_capacity(
+            128 + history
+                .publications
+                .iter()
+                .map(|p| p.envelope().len() + 1)
+                .sum::<usize>(),
+        );
+        let head = serde_json::json!({
+            "channel": channel,
+            "epoch": history.position.epoch,
+            "offset": history.position.offset,
+            "recovered": history.recovered,
+        })
+        .to_string();
+        body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+        body.extend_from_slice(b",\"messages\":[");
+        for (index, publication) in history.publications.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(publication.envelope());
+        }
+        body.extend_from_slice(b"]}");
+        Ok(json_bytes(StatusCode::OK, body))
+    }
+
+    fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+        let query = Query::parse(query, &["prefix", "limit"])?;
+        let prefix = query.get("prefix").unwrap_or("");
+        let limit = query.limit(DEFAULT_CHANNELS_LIMIT, MAX_CHANNELS_LIMIT)?;
+        let matching: Vec<_> = self
+            .hub
+            .channels()
+            .into_iter()
+            .filter(|(name, _)| name.as_str().starts_with(prefix))
+            .collect();
+        let total = matching.len();
+        let channels: Vec<_> = matching
+            .into_iter()
+            .take(limit)
+            .map(|(channel, subscribers)| {
+                serde_json::json!({ "channel": channel, "subscribers": subscribers })
+            })
+            .collect();
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "channels": channels, "total": total }),
+        ))
+    }
+}
+
+fn only_get<B>(request: &Request<B>) -> Result<(), ApiError> {
+    if request.method() == Method::GET || request.method() == Method::HEAD {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed("GET"))
+    }
+}
+
+fn health() -> Response<Body> {
+    json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+/// One publish object as sent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishItem<'a> {
+    #[serde(default, borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    channels: Option<&'a RawValue>,
+    /// Present (even as `null`) or absent; `null` is valid data.
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    idempotency_key: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+fn string_field(raw: &RawValue, field: &str) -> Result<String, ApiError> {
+    serde_json::from_str::<String>(raw.get())
+        .map_err(|_| ApiError::bad_request("bad_json", format!("`{field}` must be a string")))
+}
+
+fn channel_name(name: &str) -> Result<ChannelName, ApiError> {
+    ChannelName::parse(name)
+        .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
+}
+
+/// Validates one publish object.
+fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
+    if !item.get().trim_start().starts_with('{') {
+        return Err(ApiError::bad_request(
+            "bad_json",
+            "a publish is a JSON object with `channel` (or `channels`) and `data`",
+        ));
+    }
+    let item: PublishItem = serde_json::from_str(item.get())
+        .map_err(|err| ApiError::bad_request("bad_json", format!("invalid publish: {err}")))?;
+
+    let channels = match (item.channel, item.channels) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "bad_channel",
+                "give `channel` or `channels`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "missing_channel",
+                "name the channel: `channel` (or `channels`, a list)",
+            ))
+        }
+        (Some(one), None) => vec![channel_name(&string_field(one, "channel")?)?],
+        (None, Some(many)) => {
+            let names: Vec<String> = serde_json::from_str(many.get()).map_err(|_| {
+                ApiError::bad_request("bad_json", "`channels` must be a list of strings")
+            })?;
+            if names.is_empty() || names.len() > MAX_CHANNELS_PER_PUBLISH {
+                return Err(ApiError::bad_request(
+                    "bad_channel",
+                    format!("`channels` must list 1 to {MAX_CHANNELS_PER_PUBLISH} channels"),
+                ));
+            }
+            let mut channels: Vec<ChannelName> = Vec::with_capacity(names.len());
+            for name in &names {
+                let channel = channel_name(name)?;
+                if channels.contains(&channel) {
+                    return Err(ApiError::bad_request(
+                        "bad_channel",
+                        format!("`{name}` is listed twice in `channels`"),
+                    ));
+                }
+                channels.push(channel);
+            }
+            channels
+        }
+    };
+    let data = item.data.ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_data",
+            "`data` is required (any JSON, null included)",
+        )
+    })?;
+    let event = item
+        .event
+        .map(|raw| {
+            let name = string_field(raw, "event")?;
+            EventName::parse(&name)
+                .map_err(|err| ApiError::bad_request("bad_event", format!("`{name}`: {err}")))
+        })
+        .transpose()?;
+    let idempotency_key = item
+        .idempotency_key
+        .map(|raw| {
+            let key = string_field(raw, "idempotency_key")?;
+            let printable = key.bytes().all(|b| b.is_ascii_graphic());
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !printable {
+                return Err(ApiError::bad_request(
+                    "bad_idempotency_key",
+                    format!(
+                        "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+                    ),
+                ));
+            }
+            Ok(key)
+        })
+        .transpose()?;
+    Ok(Publish {
+        channels,
+        data: data.to_owned(),
+        event,
+        idempotency_key,
+    })
+}
+
+/// A decoded query string, refusing unknown and repeated parameters.
+struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    fn parse(query: Option<&str>, known: &[&str]) -> Result<Query, ApiError> {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        for (index, (key, _)) in pairs.iter().enumerate() {
+            if !known.contains(&key.as_str()) {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!(
+                        "unknown parameter `{key}`; this endpoint takes {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if pairs[..index].iter().any(|(earlier, _)| earlier == key) {
+                return Err(ApiError::bad_request(
+                    "bad_query",
+                    format!("parameter `{key}` is given twice"),
+                ));
+            }
+        }
+        Ok(Query { pairs })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn channel(&self) -> Result<ChannelName, ApiError> {
+        let name = self.get("channel").ok_or_else(|| {
+            ApiError::bad_request("missing_channel", "name the channel: `?channel=`")
+        })?;
+        channel_name(name)
+    }
+
+    fn limit(&self, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.get("limit") {
+            None => Ok(default),
+            Some(text) => match text.parse::<usize>() {
+                Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+                _ => Err(ApiError::bad_request(
+                    "bad_limit",
+                    format!("`limit` must be a whole number from 1 to {max}"),
+                )),
+            },
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The in-memory engine: one node, no dependencies.
+//!
+//! Channels live in a sharded map. Each holds its epoch (fresh for every
+//! incarnation of the channel), its newest offset, and a ring of recent
+//! publications: at least `history.size` of them, none older than
+//! `history.ttl`. Publishing numbers, stores and hands the publication to the
+//! hub under the shard's lock, so every channel's subscribers see its offsets
+//! in order.
+//!
+//! A sweeper drops expired history and frees channels that have neither
+//! history nor local subscribers, so a million one-off channels leave no
+//! trace. A freed channel that comes back gets a new epoch; a reader at offset
+//! 0 (the usual case for an empty channel) is still valid in it.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    replay_from, Broker, BrokerError, EngineStats, History, Publish, PublishOutcome, Published,
+};
+use crate::cursor::{Epoch, Position};
+use crate::hub::Hub;
+use crate::message::{now_ms, ChannelName, EventName, Publication};
+
+/// Shards of the channel map; publishes to different shards never contend.
+const SHARDS: usize = 64;
+
+/// How the memory engine keeps history.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryOptions {
+    /// Publications kept per channel.
+    pub history_size: usize,
+    /// Older publications are never replayed.
+    pub history_ttl: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_window: Duration,
+}
+
+pub struct MemoryBroker {
+    shards: Box<[Mutex<HashMap<ChannelName, Channel>>]>,
+    hasher: RandomState,
+    hub: Arc<Hub>,
+    options: MemoryOptions,
+    idempotency: Mutex<Idempotency>,
+    /// Publications held in history across all channels, for /metrics.
+    history_len: AtomicU64,
+}
+
+struct Channel {
+    epoch: Epoch,
+    /// Newest offset; 0 before the first publication.
+    top: u64,
+    /// Contiguous offsets, oldest first, ending at `top` (when not empty).
+    history: VecDeque<Arc<Publication>>,
+}
+
+impl Channel {
+    fn new() -> Channel {
+        Channel {
+            epoch: Epoch::random(),
+            top: 0,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Drops publications beyond `size` or published before `cutoff_ms`;
+    /// returns how many went.
+    fn trim(&mut self, size: usize, cutoff_ms: u64) -> usize {
+        let before = self.history.len();
+        while self.history.len() > size
+            || self
+                .history
+                .front()
+                .is_some_and(|p| p.published_at_ms() < cutoff_ms)
+        {
+            self.history.pop_front();
+        }
+        before - self.history.len()
+    }
+
+    /// The oldest offset that may be replayed (`top + 1` when none).
+    fn oldest(&self) -> u64 {
+        self.history.front().map_or(self.top + 1, |p| p.offset())
+    }
+
+    fn position(&self) -> Position {
+        Position::new(self.epoch, self.top)
+    }
+}
+
+/// Idempotency keys seen within the window, and what they published.
+#[derive(Default)]
+struct Idempotency {
+    results: HashMap<String, Vec<Published>>,
+    /// Keys in the order they expire.
+    expiry: VecDeque<(Instant, String)>,
+}
+
+impl Idempotency {
+    fn purge(&mut self, now: Instant) {
+        while let Some((expires, _)) = self.expiry.front() {
+            if *expires > now {
+                break;
+            }
+            let (_, key) = self.expiry.pop_front().expect("front exists");
+            self.results.remove(&key);
+        }
+        if self.results.capacity() > 64 && self.results.len() < self.results.capacity() / 4 {
+            self.results.shrink_to_fit();
+            self.expiry.shrink_to_fit();
+        }
+    }
+}
+
+impl MemoryBroker {
+    /// Creates the engine and starts its sweeper (which stops when the
+    /// engine is dropped).
+    pub fn new(hub: Arc<Hub>, options: MemoryOptions) -> Arc<MemoryBroker> {
+        let broker = Arc::new(MemoryBroker {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            hub,
+            options,
+            idempotency: Mutex::default(),
+            history_len: AtomicU64::new(0),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(sweep(
+                Arc::downgrade(&broker),
+                sweep_interval(options.history_ttl),
+            ));
+        }
+        broker
+    }
+
+    fn shard(&self, channel: &str) -> &Mutex<HashMap<ChannelName, Channel>> {
+        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
+    }
+
+    fn cutoff_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.options.history_ttl.as_millis() as u64)
+    }
+
+    fn publish_one(
+        &self,
+        channel: &ChannelName,
+        event: Option<&EventName>,
+        data: &str,
+        now: u64,
+    ) -> Published {
+        let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
+        let state = shard.entry(channel.clone()).or_insert_with(Channel::new);
+        state.top += 1;
+        let publication = Arc::new(Publication::new(
+            channel.clone(),
+            state.position(),
+            event.cloned(),
+            data,
+            now,
+        ));
+        state.history.push_back(publication.clone());
+        let dropped = state.trim(self.options.history_size, self.cutoff_ms(now));
+        self.history_len.fetch_add(1, Ordering::Relaxed);
+        self.history_len
+            .fetch_sub(dropped as u64, Ordering::Relaxed);
+        // Under the lock, so concurrent publishers cannot reorder a channel.
+        self.hub.deliver(&publication);
+        Published::new(channel.clone(), publication.position())
+    }
+
+    fn publish_now(&self, publish: &Publish) -> Vec<Published> {
+        let now = now_ms();
+        publish
+            .channels
+            .iter()
+            .map(|channel| {
+                self.publish_one(channel, publish.event.as_ref(), publish.data.get(), now)
+            })
+            .collect()
+    }
+
+    /// Drops expired history and frees channels with neither history nor
+    /// local subscribers. Returns how many channels were freed.
+    pub fn sweep_once(&self) -> usize {
+        let cutoff = self.cutoff_ms(now_ms());
+        let mut freed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().expect("channel lock");
+            let before = shard.len();
+            shard.retain(|name, channel| {
+                let dropped = channel.trim(self.options.history_size, cutoff);
+                self.history_len
+                    .fetch_sub(dropped as u64, Ordering::Relaxed);
+                !channel.history.is_empty() || self.hub.has_subscribers(name.as_str())
+            });
+            freed += before - shard.len();
+            // A burst of one-off channels must not leave its table behind.
+            if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
+                shard.shrink_to_fit();
+            }
+        }
+        self.idempotency
+            .lock()
+            .expect("idempotency lock")
+            .purge(Instant::now());
+        freed
+    }
+}
+
+/// How often the sweeper runs: often enough that expired history goes soon
+/// after its ttl, rarely enough to cost nothing.
+fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+async fn sweep(broker: Weak<MemoryBroker>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        broker.sweep_once();
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn publish(&self, publish: Publish) -> Result<PublishOutcome, BrokerError> {
+        let Some(key) = &publish.idempotency_key else {
+            return Ok(PublishOutcome {
+                results: self.publish_now(&publish),
+                duplicate: false,
+            });
+        };
+        // Held across the publish, so two racing requests with one key
+        // publish once. The memory engine never waits inside.
+        let mut seen = self.idempotency.lock().expect("idempotency lock");
+        let now = Instant::now();
+        seen.purge(now);
+        if let Some(results) = seen.results.get(key) {
+            return Ok(PublishOutcome {
+                results: results.clone(),
+                duplicate: true,
+            });
+        }
+        let results = self.publish_now(&publish);
+        seen.results.insert(key.clone(), results.clone());
+        seen.expiry
+            .push_back((now + self.options.idempotency_window, key.clone()));
+        Ok(PublishOutcome {
+            results,
+            duplicate: false,
+        })
+    }
+
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let cutoff = self.cutoff_ms(now_ms());
+        let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
+        let state = shard.entry(channel.clone()).or_insert_with(Channel::new);
+        let dropped = state.trim(self.options.history_size, cutoff);
+        self.history_len
+            .fetch_sub(dropped as u64, Ordering::Relaxed);
+        let position = state.position();
+        let oldest = state.oldest();
+
+        let first = match since {
+            None => (state.top.saturating_sub(limit as u64) + 1).max(oldest),
+            Some(since) => match replay_from(since, state.epoch, state.top, oldest) {
+                Some(first) => first,
+                None => {
+                    return Ok(History {
+                        publications: Vec::new(),
+                        position,
+                        recovered: false,
+                    })
+                }
+            },
+        };
+        let skip = first.saturating_sub(oldest) as usize;
+        let publications = state
+            .history
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok(History {
+            publications,
+            position,
+            recovered: true,
+        })
+    }
+
+    async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError> {
+        let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
+        Ok(shard
+            .entry(channel.clone())
+            .or_insert_with(Channel::new)
+            .position())
+    }
+
+    async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {
+        // Publications reach the hub directly; the sweeper asks the hub
+        // before freeing a channel.
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _channel: &ChannelName) {}
+
+    async fn ready(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            channels: self
+                .shards
+                .iter()
+                .map(|shard| shard.lock().expect("channel lock").len() as u64)
+                .sum(),
+            history_publications: self.history_len.load(Ordering::Relaxed),
+        }
+    }
+}

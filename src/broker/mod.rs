@@ -1,0 +1,193 @@
+//! The engine behind channels: numbering, history, recovery and (with Redis)
+//! the bus between nodes, behind one [`Broker`] trait.
+//!
+//! A broker stores each publication in its channel's history and hands it to
+//! the local [`Hub`](crate::hub::Hub) for fan-out, in offset order per
+//! channel. `memory` serves one node; `redis` (a later step) many.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::cursor::{Epoch, Position};
+use crate::message::{ChannelName, EventName, Publication};
+
+/// A publish request, already validated.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// One or more channels; each gets its own publication.
+    pub channels: Vec<ChannelName>,
+    /// Valid JSON text.
+    pub data: Box<serde_json::value::RawValue>,
+    pub event: Option<EventName>,
+    /// A repeat within `api.idempotency_window` is answered with the first
+    /// result and not published again.
+    pub idempotency_key: Option<String>,
+}
+
+/// Where a publication landed: `{"channel","epoch","offset"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    pub channel: ChannelName,
+    pub epoch: Epoch,
+    pub offset: u64,
+}
+
+impl Published {
+    pub fn new(channel: ChannelName, position: Position) -> Published {
+        Published {
+            channel,
+            epoch: position.epoch,
+            offset: position.offset,
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        Position::new(self.epoch, self.offset)
+    }
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// One per channel, in request order.
+    pub results: Vec<Published>,
+    /// The idempotency key had been seen: nothing new was published.
+    pub duplicate: bool,
+}
+
+/// Publications after a position, or the news that history cannot cover it.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// In offset order, all in the stream's current epoch.
+    pub publications: Vec<Arc<Publication>>,
+    /// The stream's newest position when the history was read.
+    pub position: Position,
+    /// `false` when the gap could not be covered (epoch changed, older than
+    /// history, or a position ahead of the stream): the reader must be told,
+    /// and continues from `position`.
+    pub recovered: bool,
+}
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// Nothing was stored; safe to retry.
+    #[error("the engine is unavailable: {0}")]
+    Unavailable(String),
+    /// The store failed mid-call: the publication may or may not be stored.
+    /// Retrying with the same idempotency key never duplicates it.
+    #[error("the engine failed mid-publish; the outcome is unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+/// Engine totals for /metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineStats {
+    /// Channels the engine holds state for.
+    pub channels: u64,
+    /// Publications held in history.
+    pub history_publications: u64,
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Stores a publication per channel in history, hands each to the local
+    /// hub, and answers only once all are stored.
+    async fn publish(&self, publish: Publish) -> Result<PublishOutcome, BrokerError>;
+
+    /// Publications after `since` (or the newest ones without it), at most
+    /// `limit`. A publication older than `history.ttl` is never returned.
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<History, BrokerError>;
+
+    /// The channel's newest position (offset 0 when nothing was published).
+    async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError>;
+
+    /// This node has its first local subscriber for `channel`: make sure its
+    /// publications reach the hub.
+    async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
+
+    /// This node's last local subscriber for `channel` left.
+    async fn unsubscribe(&self, channel: &ChannelName);
+
+    /// Whether the engine can serve (for /readyz).
+    async fn ready(&self) -> Result<(), BrokerError>;
+
+    fn stats(&self) -> EngineStats;
+}
+
+/// Decides what a reader at `since` gets from a stream whose newest offset is
+/// `top` in `epoch`, whose oldest replayable offset is `oldest` (top + 1 when
+/// nothing is replayable). Both engines use it, so they agree on recovery.
+///
+/// Returns the first offset to replay (may be `top + 1`: nothing to replay),
+/// or `None` when the gap cannot be covered.
+pub fn replay_from(since: Position, epoch: Epoch, top: u64, oldest: u64) -> Option<u64> {
+    let first_wanted = if since.offset == 0 {
+        // "Before the first publication" is valid in any epoch.
+        1
+    } else if since.epoch != epoch || since.offset > top {
+        // Another epoch, or ahead of the stream: history was lost.
+        return None;
+    } else {
+        since.offset + 1
+    };
+    if first_wanted > top || first_wanted >= oldest {
+        Some(first_wanted)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_decisions() {
+        let e = Epoch::parse("now").unwrap();
+        let old = Epoch::parse("old").unwrap();
+        let at = |epoch, offset| Position::new(epoch, offset);
+        // History holds offsets 5..=10.
+        assert_eq!(replay_from(at(e, 7), e, 10, 5), Some(8));
+        assert_eq!(replay_from(at(e, 4), e, 10, 5), Some(5), "exactly covered");
+        assert_eq!(
+            replay_from(at(e, 3), e, 10, 5),
+            None,
+            "gap older than history"
+        );
+        assert_eq!(replay_from(at(e, 10), e, 10, 5), Some(11), "up to date");
+        assert_eq!(
+            replay_from(at(e, 11), e, 10, 5),
+            None,
+            "ahead of the stream"
+        );
+        assert_eq!(replay_from(at(old, 7), e, 10, 5), None, "epoch changed");
+        assert_eq!(
+            replay_from(at(old, 0), e, 10, 1),
+            Some(1),
+            "offset 0 in any epoch"
+        );
+        assert_eq!(
+            replay_from(at(old, 0), e, 10, 5),
+            None,
+            "offset 0, history trimmed"
+        );
+        assert_eq!(
+            replay_from(at(old, 0), e, 0, 1),
+            Some(1),
+            "empty channel, new epoch"
+        );
+        // Nothing replayable (all expired): only an up-to-date reader recovers.
+        assert_eq!(replay_from(at(e, 10), e, 10, 11), Some(11));
+        assert_eq!(replay_from(at(e, 9), e, 10, 11), None);
+    }
+}

@@ -1,0 +1,1215 @@
+//! Positions and the cursor codec.
+//!
+//! Invariant (write every change so that it still holds, and keep the
+//! property tests at the bottom honest about it): **any input is either
+//! rejected with a clear reason or accepted; no input ever panics.** Cursors
+//! and positions come straight from clients (`Last-Event-ID`, `?since=`), so
+//! this module is the first thing an attacker's bytes reach. Parsing therefore
+//! splits only on ASCII separators (which always fall on `char` boundaries),
+//! checks bytes instead of slicing at computed indices, uses checked
+//! arithmetic for numbers, and refuses oversized input before any other work.
+//!
+//! - An [`Epoch`] names one life of a channel's stream; it changes whenever
+//!   history was lost, so a position from an older life is recognisably stale.
+//! - A [`Position`] is `<epoch>:<offset>`. Offset 0 means "before the first
+//!   publication" and is valid in any epoch: a client that joined an empty
+//!   channel is not reset just because the channel was freed and re-created.
+//! - A [`Cursor`] holds the positions of every channel of one connection as
+//!   one URL-safe string: the SSE `id:` of every event and the long-poll
+//!   `cursor`. Channels appear in it only as a hash of their name
+//!   ([`channel_hash`]); the server already knows which channels the
+//!   connection asked for, so it looks each one up by name.
+//!
+//! The text formats are specified in `docs/protocol.md` ("Positions and
+//! cursors") so that clients can build cursors themselves.
+//!
+//! A cursor is not authenticated: its checksum catches corruption and
+//! truncation, not forgery. That is enough because a cursor only ever names
+//! channels the connection is separately authorized for.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::distr::Alphanumeric;
+use rand::Rng;
+use serde::de::{self, Deserialize, Deserializer, Visitor};
+use serde::{Serialize, Serializer};
+
+/// Longest epoch, in bytes.
+pub const MAX_EPOCH_LEN: usize = 16;
+/// Longest cursor accepted by [`Cursor::decode`], in bytes. Checked before
+/// anything else, so a huge header costs nothing to refuse.
+pub const MAX_CURSOR_BYTES: usize = 8 * 1024;
+
+/// The cursor format this code writes and reads.
+const CURSOR_VERSION: &str = "1";
+/// Characters of a fresh random epoch.
+const RANDOM_EPOCH_LEN: usize = 8;
+
+const FNV_OFFSET_BASIS: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+const BASE36_DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+/// `u64::MAX` in base 36 is 13 digits.
+const MAX_BASE36_DIGITS: usize = 13;
+
+/// Why a position, an epoch or a cursor was refused.
+///
+/// The messages are meant for the client that sent the input; none of them
+/// echoes more than a short, escaped excerpt of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    // ---- positions and epochs (code "bad_position") ----
+    #[error("bad position: it must be written <epoch>:<offset>, and there is no ':'")]
+    MissingColon,
+    #[error("bad epoch: {what}")]
+    BadEpoch { what: &'static str },
+    #[error("bad offset: {what}")]
+    BadOffset { what: &'static str },
+
+    // ---- cursors (code "bad_cursor") ----
+    #[error("the cursor is empty")]
+    Empty,
+    #[error("the cursor is {len} bytes long; at most {MAX_CURSOR_BYTES} (8 KiB) are accepted")]
+    TooLong { len: usize },
+    #[error(
+        "the cursor has version \"{version}\"; this pushgate reads version {CURSOR_VERSION} only"
+    )]
+    UnknownVersion { version: String },
+    #[error("the cursor is malformed: {what}")]
+    Malformed { what: &'static str },
+    #[error("cursor entry {entry}: the channel hash {what}")]
+    BadHash { entry: usize, what: &'static str },
+    #[error("cursor entry {entry}: the epoch {what}")]
+    BadCursorEpoch { entry: usize, what: &'static str },
+    #[error("cursor entry {entry}: the offset {what}")]
+    BadCursorOffset { entry: usize, what: &'static str },
+    #[error("cursor entries {first} and {entry} have the same channel hash")]
+    DuplicateChannel { first: usize, entry: usize },
+    #[error("the cursor's checksum {what}")]
+    BadChecksum { what: &'static str },
+    #[error("the cursor's checksum does not match its content: it was altered or cut short")]
+    ChecksumMismatch,
+}
+
+impl CursorError {
+    /// The machine-readable code sent with a 400: `bad_position` for a
+    /// position or an epoch on its own, `bad_cursor` for anything inside a
+    /// cursor.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CursorError::MissingColon
+            | CursorError::BadEpoch { .. }
+            | CursorError::BadOffset { .. } => "bad_position",
+            CursorError::Empty
+            | CursorError::TooLong { .. }
+            | CursorError::UnknownVersion { .. }
+            | CursorError::Malformed { .. }
+            | CursorError::BadHash { .. }
+            | CursorError::BadCursorEpoch { .. }
+            | CursorError::BadCursorOffset { .. }
+            | CursorError::DuplicateChannel { .. }
+            | CursorError::BadChecksum { .. }
+            | CursorError::ChecksumMismatch => "bad_cursor",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- Epoch
+
+/// A stream's epoch: 1..=16 bytes of `[A-Za-z0-9_-]`; changes whenever
+/// history was lost.
+///
+/// Stored inline (no heap) because one is copied into every envelope,
+/// position and cursor entry. Bytes past `len` are always zero, so the
+/// derived `Eq` and `Hash` compare only the text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch {
+    len: u8,
+    bytes: [u8; MAX_EPOCH_LEN],
+}
+
+impl Epoch {
+    /// Parses an epoch, refusing anything but 1..=16 bytes of `[A-Za-z0-9_-]`.
+    pub fn parse(text: &str) -> Result<Epoch, CursorError> {
+        check_epoch(text.as_bytes()).map_err(|what| CursorError::BadEpoch { what })?;
+        Ok(Epoch::from_checked(text.as_bytes()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored, so this cannot fail; an empty string
+        // rather than a panic keeps the no-panic invariant trivially true.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+
+    /// A fresh random epoch: 8 characters of `[A-Za-z0-9]` (about 47 bits,
+    /// so a re-created stream does not repeat an old epoch by chance).
+    pub fn random() -> Epoch {
+        let mut bytes = [0u8; MAX_EPOCH_LEN];
+        let mut rng = rand::rng();
+        for byte in &mut bytes[..RANDOM_EPOCH_LEN] {
+            *byte = rng.sample(Alphanumeric);
+        }
+        Epoch {
+            len: RANDOM_EPOCH_LEN as u8,
+            bytes,
+        }
+    }
+
+    /// `bytes` must have passed [`check_epoch`].
+    fn from_checked(text: &[u8]) -> Epoch {
+        let mut bytes = [0u8; MAX_EPOCH_LEN];
+        bytes[..text.len()].copy_from_slice(text);
+        Epoch {
+            len: text.len() as u8,
+            bytes,
+        }
+    }
+}
+
+/// The epoch rules, shared by [`Epoch::parse`] and [`Cursor::decode`]; the
+/// message completes "the epoch …".
+fn check_epoch(text: &[u8]) -> Result<(), &'static str> {
+    if text.is_empty() {
+        return Err("is empty");
+    }
+    if text.len() > MAX_EPOCH_LEN {
+        return Err("is longer than 16 bytes");
+    }
+    if !text.iter().all(|&b| is_epoch_byte(b)) {
+        return Err("may contain only A-Z, a-z, 0-9, '_' and '-'");
+    }
+    Ok(())
+}
+
+fn is_epoch_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Prints the bare text, like `Display`, so a `Position`'s derived `Debug`
+/// reads `Position { epoch: AbCdEfGh, offset: 42 }`.
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Epoch {
+    type Err = CursorError;
+
+    fn from_str(text: &str) -> Result<Epoch, CursorError> {
+        Epoch::parse(text)
+    }
+}
+
+impl Serialize for Epoch {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Epoch {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Epoch, D::Error> {
+        struct EpochVisitor;
+
+        impl Visitor<'_> for EpochVisitor {
+            type Value = Epoch;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an epoch: 1 to 16 characters of A-Z, a-z, 0-9, '_' and '-'")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Epoch, E> {
+                Epoch::parse(text).map_err(E::custom)
+            }
+        }
+
+        // A visitor rather than `<&str>::deserialize`, so owned strings (from
+        // a `serde_json::Value`, or an escaped JSON string) work too.
+        deserializer.deserialize_str(EpochVisitor)
+    }
+}
+
+// ---------------------------------------------------------------- Position
+
+/// `<epoch>:<offset>`; offset 0 = before the first publication, valid in any
+/// epoch. "Since P" means every publication after P in P's epoch.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Position {
+    pub epoch: Epoch,
+    pub offset: u64,
+}
+
+impl Position {
+    pub const fn new(epoch: Epoch, offset: u64) -> Position {
+        Position { epoch, offset }
+    }
+
+    /// Parses `<epoch>:<offset>`, the offset in plain decimal: no sign, no
+    /// spaces, at most `u64::MAX`. Leading zeros are accepted (`e:007` is
+    /// offset 7); positions may be typed by people.
+    pub fn parse(text: &str) -> Result<Position, CursorError> {
+        let (epoch, offset) = text.split_once(':').ok_or(CursorError::MissingColon)?;
+        let epoch = Epoch::parse(epoch)?;
+        let offset =
+            parse_decimal(offset.as_bytes()).map_err(|what| CursorError::BadOffset { what })?;
+        Ok(Position { epoch, offset })
+    }
+}
+
+/// A decimal `u64` written with digits only. `u64::from_str` would accept a
+/// leading `+`, which the position syntax does not.
+fn parse_decimal(text: &[u8]) -> Result<u64, &'static str> {
+    if text.is_empty() {
+        return Err("is empty");
+    }
+    let mut value: u64 = 0;
+    for &b in text {
+        if !b.is_ascii_digit() {
+            return Err("must be decimal digits only (no sign, no spaces)");
+        }
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+            .ok_or("does not fit in 64 bits")?;
+    }
+    Ok(value)
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
+impl FromStr for Position {
+    type Err = CursorError;
+
+    fn from_str(text: &str) -> Result<Position, CursorError> {
+        Position::parse(text)
+    }
+}
+
+// ---------------------------------------------------------------- hashing
+
+/// FNV-1a 32-bit of the channel name's bytes (trivial to compute in
+/// JavaScript with `Math.imul`).
+pub fn channel_hash(channel: &str) -> u32 {
+    fnv1a32(channel.as_bytes())
+}
+
+/// FNV-1a, 32 bits: offset basis 0x811c9dc5, prime 0x01000193. Also the
+/// cursor's checksum. Any single changed byte changes the result (each step
+/// is a bijection of the state), which is what the checksum needs.
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(FNV_OFFSET_BASIS, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+// ---------------------------------------------------------------- Cursor
+
+/// The positions of all channels of one connection, as one URL-safe string.
+///
+/// Text form (version 1): `1.<entry>.<entry>…<checksum>`, each entry
+/// `<channel hash: 8 lowercase hex>.<epoch>.<offset: lowercase base36>`, the
+/// checksum the FNV-1a 32 of everything before the last `.`, as 8 lowercase
+/// hex. No channels: `1.<checksum>`.
+///
+/// Entries are keyed by [`channel_hash`], so two channels of one connection
+/// whose names collide share an entry. That never causes a silent gap:
+/// the other channel's epoch (random per stream) will not match, so the
+/// client is reset instead of resumed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// `(channel_hash, position)` in insertion order; hashes are distinct.
+    entries: Vec<(u32, Position)>,
+}
+
+impl Cursor {
+    pub fn new() -> Cursor {
+        Cursor::default()
+    }
+
+    /// Sets (or adds) the position of `channel`. A channel already present
+    /// keeps its place in the order.
+    pub fn set(&mut self, channel: &str, position: Position) {
+        let hash = channel_hash(channel);
+        match self.entries.iter_mut().find(|(h, _)| *h == hash) {
+            Some(entry) => entry.1 = position,
+            None => self.entries.push((hash, position)),
+        }
+    }
+
+    pub fn position_of(&self, channel: &str) -> Option<Position> {
+        let hash = channel_hash(channel);
+        self.entries
+            .iter()
+            .find(|(h, _)| *h == hash)
+            .map(|&(_, position)| position)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends the encoded cursor to `out` without allocating beyond `out`'s
+    /// growth. It is written for every SSE event of a connection, so it
+    /// formats digits by hand and checksums the bytes it just wrote.
+    pub fn encode_into(&self, out: &mut String) {
+        // "1" + per entry ".hhhhhhhh.<epoch>.<offset>" + ".cccccccc"
+        out.reserve(
+            1 + self.entries.len() * (1 + 8 + 1 + MAX_EPOCH_LEN + 1 + MAX_BASE36_DIGITS) + 9,
+        );
+        let start = out.len();
+        out.push_str(CURSOR_VERSION);
+        for (hash, position) in &self.entries {
+            out.push('.');
+            push_hex8(out, *hash);
+            out.push('.');
+            out.push_str(position.epoch.as_str());
+            out.push('.');
+            push_base36(out, position.offset);
+        }
+        let checksum = fnv1a32(&out.as_bytes()[start..]);
+        out.push('.');
+        push_hex8(out, checksum);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Decodes a cursor, refusing anything [`Cursor::encode`] would not have
+    /// written: the format is canonical (lowercase only, no leading zeros in
+    /// offsets, no duplicate channels), so `decode(s)?.encode() == s`.
+    ///
+    /// Structure is checked before the checksum, so a hand-built cursor with
+    /// a wrong field gets a message about that field, not "checksum mismatch".
+    pub fn decode(text: &str) -> Result<Cursor, CursorError> {
+        if text.len() > MAX_CURSOR_BYTES {
+            return Err(CursorError::TooLong { len: text.len() });
+        }
+        if text.is_empty() {
+            return Err(CursorError::Empty);
+        }
+
+        // `.` is ASCII, so every split below lands on a char boundary.
+        let version = text.split('.').next().unwrap_or_default();
+        if version != CURSOR_VERSION {
+            return Err(CursorError::UnknownVersion {
+                version: excerpt(version),
+            });
+        }
+        let (body, checksum) = text.rsplit_once('.').ok_or(CursorError::Malformed {
+            what: "it ends after the version; the checksum is missing",
+        })?;
+        let checksum =
+            parse_hex8(checksum.as_bytes()).map_err(|what| CursorError::BadChecksum { what })?;
+
+        let mut entries = Vec::new();
+        if let Some(list) = body.strip_prefix("1.") {
+            let mut fields = list.split('.');
+            while let Some(hash) = fields.next() {
+                let entry = entries.len() + 1;
+                let (Some(epoch), Some(offset)) = (fields.next(), fields.next()) else {
+                    return Err(CursorError::Malformed {
+                        what: "the fields between the version and the checksum do not come in \
+                               threes (<hash>.<epoch>.<offset>)",
+                    });
+                };
+                let hash = parse_hex8(hash.as_bytes())
+                    .map_err(|what| CursorError::BadHash { entry, what })?;
+                check_epoch(epoch.as_bytes())
+                    .map_err(|what| CursorError::BadCursorEpoch { entry, what })?;
+                let epoch = Epoch::from_checked(epoch.as_bytes());
+                let offset = parse_base36(offset.as_bytes())
+                    .map_err(|what| CursorError::BadCursorOffset { entry, what })?;
+                if let Some(first) = entries.iter().position(|&(h, _)| h == hash) {
+                    return Err(CursorError::DuplicateChannel {
+                        first: first + 1,
+                        entry,
+                    });
+                }
+                entries.push((hash, Position { epoch, offset }));
+            }
+        }
+
+        if fnv1a32(body.as_bytes()) != checksum {
+            return Err(CursorError::ChecksumMismatch);
+        }
+        Ok(Cursor { entries })
+    }
+}
+
+fn push_hex8(out: &mut String, value: u32) {
+    for shift in (0..8).rev() {
+        out.push(char::from(
+            HEX_DIGITS[((value >> (shift * 4)) & 0xf) as usize],
+        ));
+    }
+}
+
+fn push_base36(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; MAX_BASE36_DIGITS];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = BASE36_DIGITS[(value % 36) as usize];
+        value /= 36;
+        if value == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[at..] {
+        out.push(char::from(digit));
+    }
+}
+
+/// Exactly 8 lowercase hex digits. The message completes "the … hash" or
+/// "the checksum".
+fn parse_hex8(text: &[u8]) -> Result<u32, &'static str> {
+    if text.is_empty() {
+        return Err("is missing (an empty field, or a '.' too many)");
+    }
+    if text.iter().any(|b| b.is_ascii_uppercase()) {
+        return Err("must be lowercase hex; uppercase letters are not accepted");
+    }
+    if text.len() != 8 {
+        return Err("must be exactly 8 hex digits");
+    }
+    let mut value: u32 = 0;
+    for &b in text {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return Err("must be 8 hex digits (0-9, a-f)"),
+        };
+        value = (value << 4) | u32::from(digit);
+    }
+    Ok(value)
+}
+
+/// Lowercase base 36, canonical (no leading zeros), at most `u64::MAX`.
+fn parse_base36(text: &[u8]) -> Result<u64, &'static str> {
+    if text.is_empty() {
+        return Err("is missing (an empty field, or a '.' too many)");
+    }
+    if text.len() > 1 && text[0] == b'0' {
+        return Err("has a leading zero");
+    }
+    let mut value: u64 = 0;
+    for &b in text {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'z' => b - b'a' + 10,
+            b'A'..=b'Z' => {
+                return Err("must be lowercase base 36; uppercase letters are not accepted")
+            }
+            _ => return Err("must be base 36 (0-9, a-z)"),
+        };
+        value = value
+            .checked_mul(36)
+            .and_then(|v| v.checked_add(u64::from(digit)))
+            .ok_or("does not fit in 64 bits")?;
+    }
+    Ok(value)
+}
+
+/// At most 16 characters of client input, escaped, for an error message.
+fn excerpt(text: &str) -> String {
+    const MAX_CHARS: usize = 16;
+    let mut out: String = text
+        .chars()
+        .take(MAX_CHARS)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(MAX_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn epoch(text: &str) -> Epoch {
+        Epoch::parse(text).unwrap()
+    }
+
+    fn pos(text: &str) -> Position {
+        Position::parse(text).unwrap()
+    }
+
+    /// Builds a cursor text with a correct checksum around `body`, so tests
+    /// reach the field checks rather than the checksum check.
+    fn sealed(body: &str) -> String {
+        let mut text = body.to_owned();
+        text.push('.');
+        push_hex8(&mut text, fnv1a32(body.as_bytes()));
+        text
+    }
+
+    fn decode_err(text: &str) -> CursorError {
+        Cursor::decode(text).expect_err(text)
+    }
+
+    // ---- FNV-1a
+
+    #[test]
+    fn fnv1a32_matches_published_vectors() {
+        // From the FNV reference test suite.
+        assert_eq!(fnv1a32(b""), 0x811c9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c292c);
+        assert_eq!(fnv1a32(b"foobar"), 0xbf9cf968);
+        assert_eq!(channel_hash("foobar"), 0xbf9cf968);
+    }
+
+    // ---- Epoch
+
+    #[test]
+    fn epoch_accepts_the_allowed_alphabet_and_lengths() {
+        for text in [
+            "a",
+            "Z",
+            "0",
+            "_",
+            "-",
+            "AbCdEfGh",
+            "x9_K-2",
+            "0123456789abcdef",
+        ] {
+            assert_eq!(epoch(text).as_str(), text);
+            assert_eq!(epoch(text).to_string(), text);
+            assert_eq!(format!("{:?}", epoch(text)), text);
+        }
+    }
+
+    #[test]
+    fn epoch_rejects_empty_long_and_bad_characters() {
+        assert_eq!(
+            Epoch::parse(""),
+            Err(CursorError::BadEpoch { what: "is empty" })
+        );
+        assert_eq!(
+            Epoch::parse("0123456789abcdefg"),
+            Err(CursorError::BadEpoch {
+                what: "is longer than 16 bytes"
+            })
+        );
+        for text in ["a.b", "a:b", " a", "a ", "a+b", "é", "ab/c", "\0"] {
+            let err = Epoch::parse(text).expect_err(text);
+            assert!(matches!(err, CursorError::BadEpoch { .. }), "{text}: {err}");
+            assert_eq!(err.code(), "bad_position");
+        }
+        // Multi-byte characters count in bytes: 6 × 3 bytes > 16.
+        assert!(Epoch::parse("€€€€€€").is_err());
+    }
+
+    #[test]
+    fn random_epochs_are_8_alphanumerics_and_differ() {
+        let a = Epoch::random();
+        let b = Epoch::random();
+        assert_eq!(a.as_str().len(), 8);
+        assert!(a.as_str().bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(a, b);
+        assert_eq!(Epoch::parse(a.as_str()), Ok(a));
+    }
+
+    #[test]
+    fn epoch_equality_and_hash_depend_only_on_the_text() {
+        use std::collections::HashSet;
+        let set: HashSet<Epoch> = [epoch("ab"), epoch("ab"), Epoch::random()].into();
+        assert_eq!(set.len(), 2);
+        assert_ne!(epoch("ab"), epoch("abc"));
+    }
+
+    #[test]
+    fn epoch_serde_is_a_plain_string() {
+        let e = epoch("AbC_-9");
+        assert_eq!(serde_json::to_string(&e).unwrap(), "\"AbC_-9\"");
+        assert_eq!(serde_json::from_str::<Epoch>("\"AbC_-9\"").unwrap(), e);
+        // Owned strings (escapes, `Value`) go through the same parse.
+        assert_eq!(
+            serde_json::from_str::<Epoch>("\"\\u0041bC_-9\"").unwrap(),
+            epoch("AbC_-9")
+        );
+        let value = serde_json::json!("AbC_-9");
+        assert_eq!(serde_json::from_value::<Epoch>(value).unwrap(), e);
+        let err = serde_json::from_str::<Epoch>("\"a.b\"").unwrap_err();
+        assert!(err.to_string().contains("bad epoch"), "{err}");
+        assert!(serde_json::from_str::<Epoch>("42").is_err());
+    }
+
+    // ---- Position
+
+    #[test]
+    fn position_parses_and_displays() {
+        let p = pos("AbCdEfGh:42");
+        assert_eq!(p, Position::new(epoch("AbCdEfGh"), 42));
+        assert_eq!(p.to_string(), "AbCdEfGh:42");
+        assert_eq!("e:0".parse::<Position>(), Ok(Position::new(epoch("e"), 0)));
+        assert_eq!(pos("e:18446744073709551615").offset, u64::MAX);
+        assert_eq!(pos("e:007").offset, 7);
+        assert_eq!(format!("{p:?}"), "Position { epoch: AbCdEfGh, offset: 42 }");
+    }
+
+    #[test]
+    fn position_rejects_each_malformation() {
+        let cases: &[(&str, CursorError)] = &[
+            ("", CursorError::MissingColon),
+            ("abc", CursorError::MissingColon),
+            ("abc42", CursorError::MissingColon),
+            (":1", CursorError::BadEpoch { what: "is empty" }),
+            (
+                "0123456789abcdefg:1",
+                CursorError::BadEpoch {
+                    what: "is longer than 16 bytes",
+                },
+            ),
+            (
+                "a b:1",
+                CursorError::BadEpoch {
+                    what: "may contain only A-Z, a-z, 0-9, '_' and '-'",
+                },
+            ),
+            (
+                " e:1",
+                CursorError::BadEpoch {
+                    what: "may contain only A-Z, a-z, 0-9, '_' and '-'",
+                },
+            ),
+            ("e:", CursorError::BadOffset { what: "is empty" }),
+            (
+                "e:+1",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:-1",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e: 1",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:1 ",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:1:2",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:0x10",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:١",
+                CursorError::BadOffset {
+                    what: "must be decimal digits only (no sign, no spaces)",
+                },
+            ),
+            (
+                "e:18446744073709551616",
+                CursorError::BadOffset {
+                    what: "does not fit in 64 bits",
+                },
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = Position::parse(text).expect_err(text);
+            assert_eq!(&err, expected, "{text:?}");
+            assert_eq!(err.code(), "bad_position");
+        }
+    }
+
+    // ---- Cursor: encoding
+
+    #[test]
+    fn empty_cursor_is_version_and_checksum() {
+        let cursor = Cursor::new();
+        assert!(cursor.is_empty());
+        let text = cursor.encode();
+        assert_eq!(text, sealed("1"));
+        assert_eq!(text, "1.340ca71c");
+        assert_eq!(Cursor::decode(&text), Ok(cursor));
+    }
+
+    #[test]
+    fn encoding_uses_hex_hashes_and_base36_offsets() {
+        let mut cursor = Cursor::new();
+        cursor.set("c", Position::new(epoch("AbCdEfGh"), 95));
+        let text = cursor.encode();
+        let hash = format!("{:08x}", channel_hash("c"));
+        assert_eq!(text, sealed(&format!("1.{hash}.AbCdEfGh.2n")));
+        cursor.set("c", Position::new(epoch("z"), u64::MAX));
+        assert_eq!(
+            cursor.encode(),
+            sealed(&format!("1.{hash}.z.3w5e11264sgsf"))
+        );
+        cursor.set("c", Position::new(epoch("z"), 0));
+        assert_eq!(cursor.encode(), sealed(&format!("1.{hash}.z.0")));
+    }
+
+    #[test]
+    fn encode_into_appends_and_checksums_only_its_own_part() {
+        let mut cursor = Cursor::new();
+        cursor.set("chat:1", pos("AbCdEfGh:42"));
+        let mut out = String::from("id: ");
+        cursor.encode_into(&mut out);
+        assert_eq!(out, format!("id: {}", cursor.encode()));
+    }
+
+    #[test]
+    fn set_replaces_in_place_and_keeps_order() {
+        let mut cursor = Cursor::new();
+        cursor.set("a", pos("e:1"));
+        cursor.set("b", pos("e:2"));
+        cursor.set("a", pos("f:3"));
+        assert_eq!(cursor.len(), 2);
+        assert_eq!(cursor.position_of("a"), Some(pos("f:3")));
+        assert_eq!(cursor.position_of("b"), Some(pos("e:2")));
+        assert_eq!(cursor.position_of("c"), None);
+        let text = cursor.encode();
+        let a = format!("{:08x}", channel_hash("a"));
+        assert!(text.starts_with(&format!("1.{a}.f.3.")), "{text}");
+        assert_eq!(Cursor::decode(&text), Ok(cursor));
+    }
+
+    /// The worked example in docs/protocol.md. If this fails, the code and
+    /// the document disagree: fix whichever is wrong, never just this test.
+    #[test]
+    fn protocol_doc_example() {
+        const EXAMPLE: &str = "1.6e3ac076.AbCdEfGh.16.2f6b7b82.x9_K-2.0.048abcb3";
+        assert_eq!(channel_hash("chat:1"), 0x6e3ac076);
+        assert_eq!(channel_hash("user:42"), 0x2f6b7b82);
+        assert_eq!(
+            fnv1a32(b"1.6e3ac076.AbCdEfGh.16.2f6b7b82.x9_K-2.0"),
+            0x048abcb3
+        );
+
+        let mut cursor = Cursor::new();
+        cursor.set("chat:1", pos("AbCdEfGh:42"));
+        cursor.set("user:42", pos("x9_K-2:0"));
+        assert_eq!(cursor.encode(), EXAMPLE);
+        assert_eq!(Cursor::decode(EXAMPLE), Ok(cursor));
+
+        let doc = include_str!("../docs/protocol.md");
+        assert!(
+            doc.contains(EXAMPLE),
+            "docs/protocol.md lost the example cursor"
+        );
+        assert!(doc.contains("1.6e3ac076.AbCdEfGh.16.2f6b7b82.x9_K-2.0"));
+        assert!(
+            doc.contains("0x6e3ac076") && doc.contains("0x2f6b7b82") && doc.contains("0x048abcb3")
+        );
+    }
+
+    // ---- Cursor: rejections
+
+    #[test]
+    fn decode_checks_length_before_anything_else() {
+        let long = "x".repeat(MAX_CURSOR_BYTES + 1);
+        assert_eq!(
+            decode_err(&long),
+            CursorError::TooLong {
+                len: MAX_CURSOR_BYTES + 1
+            }
+        );
+        // Exactly the limit is judged on its content, not its length.
+        let at_limit = "x".repeat(MAX_CURSOR_BYTES);
+        assert!(matches!(
+            decode_err(&at_limit),
+            CursorError::UnknownVersion { .. }
+        ));
+        // The limit is in bytes, not characters.
+        let wide = "é".repeat(MAX_CURSOR_BYTES / 2 + 1);
+        assert!(matches!(decode_err(&wide), CursorError::TooLong { .. }));
+    }
+
+    #[test]
+    fn decode_rejects_empty_and_unknown_versions() {
+        assert_eq!(decode_err(""), CursorError::Empty);
+        for (text, version) in [
+            ("2.340ca71c", "2"),
+            ("0.340ca71c", "0"),
+            ("01.340ca71c", "01"),
+            (" 1.340ca71c", " 1"),
+            ("x1.340ca71c", "x1"),
+            (".1.340ca71c", ""),
+            ("v1", "v1"),
+            ("é.340ca71c", "\\u{e9}"),
+        ] {
+            assert_eq!(
+                decode_err(text),
+                CursorError::UnknownVersion {
+                    version: version.to_owned()
+                },
+                "{text:?}"
+            );
+        }
+        let long_version = format!("{}.340ca71c", "9".repeat(40));
+        assert_eq!(
+            decode_err(&long_version),
+            CursorError::UnknownVersion {
+                version: format!("{}…", "9".repeat(16))
+            }
+        );
+    }
+
+    #[test]
+    fn decode_rejects_a_missing_or_malformed_checksum() {
+        assert!(matches!(decode_err("1"), CursorError::Malformed { .. }));
+        let cases: &[(&str, &str)] = &[
+            ("1.", "is missing (an empty field, or a '.' too many)"),
+            (
+                "1.340CA71C",
+                "must be lowercase hex; uppercase letters are not accepted",
+            ),
+            ("1.340ca71", "must be exactly 8 hex digits"),
+            ("1.340ca71c0", "must be exactly 8 hex digits"),
+            ("1.340ca71g", "must be 8 hex digits (0-9, a-f)"),
+            ("1.340ca71c ", "must be exactly 8 hex digits"),
+            ("1.340ca7é", "must be 8 hex digits (0-9, a-f)"),
+        ];
+        for (text, what) in cases {
+            assert_eq!(
+                decode_err(text),
+                CursorError::BadChecksum { what },
+                "{text:?}"
+            );
+        }
+        // A valid cursor with a trailing dot: the checksum field is now empty.
+        let mut cursor = Cursor::new();
+        cursor.set("a", pos("e:1"));
+        let trailing = format!("{}.", cursor.encode());
+        assert!(matches!(
+            decode_err(&trailing),
+            CursorError::BadChecksum { .. }
+        ));
+    }
+
+    #[test]
+    fn decode_rejects_a_checksum_mismatch() {
+        assert_eq!(decode_err("1.340ca71d"), CursorError::ChecksumMismatch);
+        let mut cursor = Cursor::new();
+        cursor.set("a", pos("e:1"));
+        let text = cursor.encode();
+        let altered = text.replacen(".e.1.", ".e.2.", 1);
+        assert_ne!(altered, text);
+        assert_eq!(decode_err(&altered), CursorError::ChecksumMismatch);
+        let other_epoch = text.replacen(".e.1.", ".f.1.", 1);
+        assert_eq!(decode_err(&other_epoch), CursorError::ChecksumMismatch);
+    }
+
+    #[test]
+    fn decode_rejects_a_wrong_field_count() {
+        for body in [
+            "1.0000000a",
+            "1.0000000a.e",
+            "1.0000000a.e.1.0000000b",
+            "1.0000000a.e.1.0000000b.f",
+        ] {
+            let err = decode_err(&sealed(body));
+            assert!(
+                matches!(err, CursorError::Malformed { .. }),
+                "{body}: {err}"
+            );
+            assert_eq!(err.code(), "bad_cursor");
+        }
+    }
+
+    #[test]
+    fn decode_rejects_bad_hashes() {
+        let cases: &[(&str, &str)] = &[
+            ("1..e.1", "is missing (an empty field, or a '.' too many)"),
+            (
+                "1.0000000A.e.1",
+                "must be lowercase hex; uppercase letters are not accepted",
+            ),
+            ("1.0000000.e.1", "must be exactly 8 hex digits"),
+            ("1.000000000.e.1", "must be exactly 8 hex digits"),
+            ("1.0000000g.e.1", "must be 8 hex digits (0-9, a-f)"),
+            ("1.+0000000.e.1", "must be 8 hex digits (0-9, a-f)"),
+            ("1.000000é.e.1", "must be 8 hex digits (0-9, a-f)"),
+        ];
+        for (body, what) in cases {
+            assert_eq!(
+                decode_err(&sealed(body)),
+                CursorError::BadHash { entry: 1, what },
+                "{body}"
+            );
+        }
+        assert_eq!(
+            decode_err(&sealed("1.0000000a.e.1.0000000B.e.1")),
+            CursorError::BadHash {
+                entry: 2,
+                what: "must be lowercase hex; uppercase letters are not accepted"
+            }
+        );
+    }
+
+    #[test]
+    fn decode_rejects_bad_epochs() {
+        let cases: &[(&str, &str)] = &[
+            ("1.0000000a..1", "is empty"),
+            ("1.0000000a.0123456789abcdefg.1", "is longer than 16 bytes"),
+            (
+                "1.0000000a.a:b.1",
+                "may contain only A-Z, a-z, 0-9, '_' and '-'",
+            ),
+            (
+                "1.0000000a.a b.1",
+                "may contain only A-Z, a-z, 0-9, '_' and '-'",
+            ),
+            (
+                "1.0000000a.é.1",
+                "may contain only A-Z, a-z, 0-9, '_' and '-'",
+            ),
+        ];
+        for (body, what) in cases {
+            let err = decode_err(&sealed(body));
+            assert_eq!(
+                err,
+                CursorError::BadCursorEpoch { entry: 1, what },
+                "{body}"
+            );
+            assert_eq!(err.code(), "bad_cursor");
+        }
+    }
+
+    #[test]
+    fn decode_rejects_bad_offsets() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "1.0000000a.e.",
+                "is missing (an empty field, or a '.' too many)",
+            ),
+            (
+                "1.0000000a.e.2N",
+                "must be lowercase base 36; uppercase letters are not accepted",
+            ),
+            ("1.0000000a.e.-1", "must be base 36 (0-9, a-z)"),
+            ("1.0000000a.e.+1", "must be base 36 (0-9, a-z)"),
+            ("1.0000000a.e. 1", "must be base 36 (0-9, a-z)"),
+            ("1.0000000a.e.1_", "must be base 36 (0-9, a-z)"),
+            ("1.0000000a.e.é", "must be base 36 (0-9, a-z)"),
+            ("1.0000000a.e.01", "has a leading zero"),
+            ("1.0000000a.e.00", "has a leading zero"),
+            ("1.0000000a.e.3w5e11264sgsg", "does not fit in 64 bits"),
+            (
+                "1.0000000a.e.zzzzzzzzzzzzzzzzzzzzzzzzz",
+                "does not fit in 64 bits",
+            ),
+        ];
+        for (body, what) in cases {
+            assert_eq!(
+                decode_err(&sealed(body)),
+                CursorError::BadCursorOffset { entry: 1, what },
+                "{body}"
+            );
+        }
+        // The largest offset is accepted.
+        let max = Cursor::decode(&sealed("1.0000000a.e.3w5e11264sgsf")).unwrap();
+        assert_eq!(max.entries, vec![(0xa, pos("e:18446744073709551615"))]);
+    }
+
+    #[test]
+    fn decode_rejects_duplicate_channel_hashes() {
+        assert_eq!(
+            decode_err(&sealed("1.0000000a.e.1.0000000b.e.2.0000000a.f.3")),
+            CursorError::DuplicateChannel { first: 1, entry: 3 }
+        );
+    }
+
+    #[test]
+    fn decode_rejects_stray_dots_and_garbage() {
+        for text in [
+            "..",
+            ".",
+            "1..",
+            "1...340ca71c",
+            "1.340ca71c.",
+            "1.340ca71c..",
+            "1.\u{0}.340ca71c",
+        ] {
+            let err = decode_err(text);
+            assert_eq!(err.code(), "bad_cursor", "{text:?}: {err}");
+        }
+        let mut cursor = Cursor::new();
+        cursor.set("a", pos("e:1"));
+        let text = cursor.encode();
+        for wrapped in [
+            format!(" {text}"),
+            format!("{text} "),
+            format!("{text}\n"),
+            format!("x{text}"),
+        ] {
+            assert!(Cursor::decode(&wrapped).is_err(), "{wrapped:?}");
+        }
+    }
+
+    #[test]
+    fn error_messages_are_readable_and_codes_split_by_input() {
+        assert_eq!(
+            decode_err(&"x".repeat(9000)).to_string(),
+            "the cursor is 9000 bytes long; at most 8192 (8 KiB) are accepted"
+        );
+        assert_eq!(
+            decode_err("2.00000000").to_string(),
+            "the cursor has version \"2\"; this pushgate reads version 1 only"
+        );
+        assert_eq!(
+            decode_err(&sealed("1.0000000a.e.2N")).to_string(),
+            "cursor entry 1: the offset must be lowercase base 36; uppercase letters are not accepted"
+        );
+        assert_eq!(
+            Position::parse("e:+1").unwrap_err().to_string(),
+            "bad offset: must be decimal digits only (no sign, no spaces)"
+        );
+        assert_eq!(decode_err("").code(), "bad_cursor");
+        assert_eq!(CursorError::ChecksumMismatch.code(), "bad_cursor");
+        assert_eq!(CursorError::MissingColon.code(), "bad_position");
+    }
+
+    // ---- properties
+
+    fn channel_name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_:.@=/-]{1,40}"
+    }
+
+    fn any_epoch() -> impl Strategy<Value = Epoch> {
+        "[A-Za-z0-9_-]{1,16}".prop_map(|text| Epoch::parse(&text).unwrap())
+    }
+
+    fn any_offset() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..1000, any::<u64>(), Just(u64::MAX)]
+    }
+
+    fn any_cursor() -> impl Strategy<Value = Cursor> {
+        proptest::collection::vec((channel_name(), any_epoch(), any_offset()), 0..8).prop_map(
+            |entries| {
+                let mut cursor = Cursor::new();
+                for (channel, epoch, offset) in entries {
+                    cursor.set(&channel, Position::new(epoch, offset));
+                }
+                cursor
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn prop_cursor_round_trips(entries in proptest::collection::vec((channel_name(), any_epoch(), any_offset()), 0..24)) {
+            let mut expected: HashMap<&str, Position> = HashMap::new();
+            let mut cursor = Cursor::new();
+            for (channel, epoch, offset) in &entries {
+                let position = Position::new(*epoch, *offset);
+                cursor.set(channel, position);
+                expected.insert(channel, position);
+            }
+            // Distinct names with one hash would share an entry; vanishingly
+            // rare at this size, but not a failure of the codec.
+            let mut hashes: Vec<u32> = expected.keys().map(|c| channel_hash(c)).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            prop_assume!(hashes.len() == expected.len());
+
+            let text = cursor.encode();
+            prop_assert!(text.len() <= MAX_CURSOR_BYTES);
+            prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'));
+            let decoded = Cursor::decode(&text).unwrap();
+            prop_assert_eq!(decoded.len(), expected.len());
+            for (channel, position) in &expected {
+                prop_assert_eq!(decoded.position_of(channel), Some(*position));
+            }
+            prop_assert_eq!(decoded.encode(), text);
+            prop_assert_eq!(decoded, cursor);
+        }
+
+        #[test]
+        fn prop_decode_never_panics_on_strings(text in any::<String>()) {
+            let _ = Cursor::decode(&text);
+            let _ = Position::parse(&text);
+            let _ = Epoch::parse(&text);
+        }
+
+        #[test]
+        fn prop_decode_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = Cursor::decode(&text);
+            let _ = Position::parse(&text);
+        }
+
+        /// Strings made of the cursor's own alphabet, plus a multi-byte
+        /// character, get past the early checks into the field parsers.
+        #[test]
+        fn prop_decode_never_panics_on_near_cursors(body in "1(\\.[0-9a-fA-F]{0,9}\\.[A-Za-z0-9_é-]{0,17}\\.[0-9a-zA-Z+é]{0,14}){0,4}", seal in any::<bool>()) {
+            let text = if seal { sealed(&body) } else { format!("{body}.00000000") };
+            if let Ok(cursor) = Cursor::decode(&text) {
+                prop_assert_eq!(cursor.encode(), text);
+            }
+        }
+
+        #[test]
+        fn prop_single_character_changes_are_caught(
+            cursor in any_cursor(),
+            index in any::<prop::sample::Index>(),
+            replacement in any::<char>(),
+            kind in 0u8..3,
+        ) {
+            let text = cursor.encode();
+            let mut chars: Vec<char> = text.chars().collect();
+            let at = index.index(chars.len());
+            match kind {
+                0 => chars[at] = replacement,
+                1 => { chars.remove(at); }
+                _ => chars.insert(at, replacement),
+            }
+            let altered: String = chars.into_iter().collect();
+            match Cursor::decode(&altered) {
+                Err(err) => prop_assert_eq!(err.code(), "bad_cursor"),
+                Ok(decoded) => prop_assert_eq!(decoded, cursor),
+            }
+        }
+
+        #[test]
+        fn prop_position_round_trips(epoch in any_epoch(), offset in any_offset()) {
+            let position = Position::new(epoch, offset);
+            let text = position.to_string();
+            prop_assert_eq!(Position::parse(&text), Ok(position));
+            prop_assert_eq!(text.parse::<Position>(), Ok(position));
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! A publication and its per-transport encodings, made once.
+//!
+//! When a publication is created its envelope is written once
+//! (`{"channel","epoch","offset","event"?,"data"}`), and so are its SSE lines.
+//! Every delivery after that shares those bytes: a reference-count bump, never
+//! a per-subscriber encoding. The envelope is also the WebSocket text payload
+//! and the long-poll array element.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::io::Write;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::cursor::Position;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 255;
+/// Longest event name, in bytes.
+pub const MAX_EVENT_LEN: usize = 64;
+
+/// A valid channel name: 1–255 bytes of `[A-Za-z0-9_:.@=/-]`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelName(Arc<str>);
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("channel name is empty")]
+    EmptyChannel,
+    #[error("channel name is {0} bytes; the limit is 255")]
+    ChannelTooLong(usize),
+    #[error("channel name has {0:?}; allowed are A-Z a-z 0-9 and _ : . @ = / -")]
+    ChannelCharacter(char),
+    #[error("event name must be 1-64 characters of A-Z a-z 0-9 and _ . : -")]
+    Event,
+}
+
+impl ChannelName {
+    pub fn parse(name: &str) -> Result<ChannelName, NameError> {
+        if name.is_empty() {
+            return Err(NameError::EmptyChannel);
+        }
+        if let Some(bad) = name.chars().find(|&c| !is_channel_char(c)) {
+            return Err(NameError::ChannelCharacter(bad));
+        }
+        if name.len() > MAX_CHANNEL_LEN {
+            return Err(NameError::ChannelTooLong(name.len()));
+        }
+        Ok(ChannelName(name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '@' | '=' | '/' | '-')
+}
+
+impl Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for ChannelName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// A publisher-chosen event name: `[A-Za-z0-9_.:-]{1,64}`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EventName(Arc<str>);
+
+impl EventName {
+    pub fn parse(name: &str) -> Result<EventName, NameError> {
+        let valid = (1..=MAX_EVENT_LEN).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+        if valid {
+            Ok(EventName(name.into()))
+        } else {
+            Err(NameError::Event)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// One publication on one channel, with its encodings.
+pub struct Publication {
+    channel: ChannelName,
+    position: Position,
+    event: Option<EventName>,
+    /// Wall-clock milliseconds since the Unix epoch; history older than
+    /// `history.ttl` by this time is never replayed.
+    published_at_ms: u64,
+    /// The envelope JSON: WebSocket payload and long-poll element.
+    envelope: Bytes,
+    /// Where `data` sits inside `envelope`, so it is not stored twice.
+    data: Range<usize>,
+    /// `event: …\n` (when named) and `data: <envelope>\n`: an SSE event
+    /// without its `id:` line and closing blank line, which are per connection.
+    sse: Bytes,
+}
+
+impl Publication {
+    /// Encodes a publication. `data` must be valid JSON (the API checks it);
+    /// its insignificant whitespace is dropped so the envelope is one line.
+    pub fn new(
+        channel: ChannelName,
+        position: Position,
+        event: Option<EventName>,
+        data: &str,
+        published_at_ms: u64,
+    ) -> Publication {
+        let mut envelope = Vec::with_capacity(64 + channel.as_str().len() + data.len());
+        envelope.extend_from_slice(b"{\"channel\":\"");
+        // Channel, epoch and event characters never need JSON escaping.
+        envelope.extend_from_slice(channel.as_str().as_bytes());
+        envelope.extend_from_slice(b"\",\"epoch\":\"");
+        envelope.extend_from_slice(position.epoch.as_str().as_bytes());
+        envelope.extend_from_slice(b"\",\"offset\":");
+        write!(envelope, "{}", position.offset).expect("writing to a Vec cannot fail");
+        if let Some(event) = &event {
+            envelope.extend_from_slice(b",\"event\":\"");
+            envelope.extend_from_slice(event.as_str().as_bytes());
+            envelope.push(b'"');
+        }
+        envelope.extend_from_slice(b",\"data\":");
+        let data_start = envelope.len();
+        compact_json(data, &mut envelope);
+        let data_range = data_start..envelope.len();
+        envelope.push(b'}');
+
+        let mut sse = Vec::with_capacity(envelope.len() + 16 + MAX_EVENT_LEN);
+        if let Some(event) = &event {
+            sse.extend_from_slice(b"event: ");
+            sse.extend_from_slice(event.as_str().as_bytes());
+            sse.push(b'\n');
+        }
+        sse.extend_from_slice(b"data: ");
+        sse.extend_from_slice(&envelope);
+        sse.push(b'\n');
+
+        Publication {
+            channel,
+            position,
+            event,
+            published_at_ms,
+            envelope: Bytes::from(envelope),
+            data: data_range,
+            sse: Bytes::from(sse),
+        }
+    }
+
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.position.offset
+    }
+
+    pub fn event(&self) -> Option<&EventName> {
+        self.event.as_ref()
+    }
+
+    pub fn published_at_ms(&self) -> u64 {
+        self.published_at_ms
+    }
+
+    /// The envelope JSON, shared: clone it to send it.
+    pub fn envelope(&self) -> &Bytes {
+        &self.envelope
+    }
+
+    /// The publication's `data` JSON, compacted.
+    pub fn data(&self) -> &str {
+        std::str::from_utf8(&self.envelope[self.data.clone()]).expect("envelope is UTF-8")
+    }
+
+    /// The SSE `event:`/`data:` lines, shared; the connection adds `id:` and
+    /// the blank line.
+    pub fn sse_lines(&self) -> &Bytes {
+        &self.sse
+    }
+
+    /// What holding this publication in a queue costs, for byte bounds.
+    pub fn size(&self) -> usize {
+        self.envelope.len()
+    }
+}
+
+impl fmt::Debug for Publication {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publication")
+            .field("channel", &self.channel)
+            .field("position", &self.position)
+            .field("event", &self.event)
+            .field("data", &self.data())
+            .finish()
+    }
+}
+
+/// Copies valid JSON text, dropping whitespace outside strings, so the result
+/// is one line (SSE `data:` cannot hold a raw newline). Inside strings every
+/// byte is kept: raw newlines cannot occur there in valid JSON.
+pub fn compact_json(json: &str, out: &mut Vec<u8>) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json.as_bytes() {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else {
+            match byte {
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                b'"' => {
+                    in_string = true;
+                    out.push(byte);
+                }
+                _ => out.push(byte),
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cursor::Epoch;
+
+    fn position(offset: u64) -> Position {
+        Position::new(Epoch::parse("e1").unwrap(), offset)
+    }
+
+    #[test]
+    fn channel_names_follow_the_contract() {
+        assert!(ChannelName::parse("chat:1").is_ok());
+        assert!(ChannelName::parse("user@example.com/inbox=a_b-c.d").is_ok());
+        assert!(ChannelName::parse(&"a".repeat(255)).is_ok());
+        assert_eq!(
+            ChannelName::parse(&"a".repeat(256)),
+            Err(NameError::ChannelTooLong(256))
+        );
+        assert_eq!(ChannelName::parse(""), Err(NameError::EmptyChannel));
+        assert_eq!(
+            ChannelName::parse("a b"),
+            Err(NameError::ChannelCharacter(' '))
+        );
+        assert_eq!(
+            ChannelName::parse("caf\u{e9}"),
+            Err(NameError::ChannelCharacter('\u{e9}'))
+        );
+        assert!(ChannelName::parse("a*").is_err());
+        assert!(ChannelName::parse("a\"b").is_err());
+    }
+
+    #[test]
+    fn event_names_follow_the_contract() {
+        assert!(EventName::parse("chat.message:new-1_x").is_ok());
+        assert!(EventName::parse(&"e".repeat(64)).is_ok());
+        assert!(EventName::parse(&"e".repeat(65)).is_err());
+        assert!(EventName::parse("").is_err());
+        assert!(EventName::parse("a/b").is_err());
+        assert!(EventName::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn envelope_is_one_line_of_valid_json() {
+        let publication = Publication::new(
+            ChannelName::parse("chat:1").unwrap(),
+            position(42),
+            Some(EventName::parse("msg").unwrap()),
+            "{\n  \"text\": \"hi there\\n\\\"quoted\\\"\",\n  \"n\": [1, 2.50, 1e400]\n}",
+            1,
+        );
+        let envelope = std::str::from_utf8(publication.envelope()).unwrap();
+        assert!(!envelope.contains('\n'));
+        assert_eq!(
+            envelope,
+            r#"{"channel":"chat:1","epoch":"e1","offset":42,"event":"msg","data":{"text":"hi there\n\"quoted\"","n":[1,2.50,1e400]}}"#
+        );
+        // Numbers keep their exact text, even beyond f64.
+        assert_eq!(
+            publication.data(),
+            r#"{"text":"hi there\n\"quoted\"","n":[1,2.50,1e400]}"#
+        );
+        let sse = std::str::from_utf8(publication.sse_lines()).unwrap();
+        assert_eq!(sse, format!("event: msg\ndata: {envelope}\n"));
+    }
+
+    #[test]
+    fn without_an_event_there_is_no_event_field_or_line() {
+        let publication = Publication::new(
+            ChannelName::parse("c").unwrap(),
+            position(1),
+            None,
+            "\"text with  spaces\"",
+            1,
+        );
+        let envelope = std::str::from_utf8(publication.envelope()).unwrap();
+        assert_eq!(
+            envelope,
+            r#"{"channel":"c","epoch":"e1","offset":1,"data":"text with  spaces"}"#
+        );
+        let value: serde_json::Value = serde_json::from_str(envelope).unwrap();
+        assert!(
+            value.get("event").is_none() && value.get("op").is_none() && value.get("id").is_none()
+        );
+        assert!(publication.sse_lines().starts_with(b"data: {"));
+    }
+}

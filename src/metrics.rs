@@ -1,0 +1,111 @@
+//! Counters and gauges, served at `GET /metrics` in the Prometheus text
+//! format. Counters are plain atomics bumped where things happen; gauges are
+//! read from their owners when scraped.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::broker::EngineStats;
+use crate::hub::Hub;
+
+/// Outcomes of a requested publication (one per channel of a publish item).
+#[derive(Debug, Clone, Copy)]
+pub enum PublishOutcome {
+    /// Stored in history and handed to subscribers.
+    Stored,
+    /// A repeated idempotency key: answered with the first result.
+    Duplicate,
+    /// Refused as invalid (4xx).
+    Rejected,
+    /// The engine could not store it (503).
+    Failed,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    stored: AtomicU64,
+    duplicate: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Metrics {
+    pub fn publish(&self, outcome: PublishOutcome, count: usize) {
+        let counter = match outcome {
+            PublishOutcome::Stored => &self.stored,
+            PublishOutcome::Duplicate => &self.duplicate,
+            PublishOutcome::Rejected => &self.rejected,
+            PublishOutcome::Failed => &self.failed,
+        };
+        counter.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of everything pushgate measures.
+    pub fn render(&self, engine: EngineStats, hub: &Hub) -> String {
+        let mut out = String::with_capacity(2048);
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        family(
+            &mut out,
+            "pushgate_publishes_total",
+            "counter",
+            "Publications requested through the API, by outcome (one per channel).",
+        );
+        for (outcome, value) in [
+            ("stored", load(&self.stored)),
+            ("duplicate", load(&self.duplicate)),
+            ("rejected", load(&self.rejected)),
+            ("failed", load(&self.failed)),
+        ] {
+            let _ = writeln!(
+                out,
+                "pushgate_publishes_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+        single(
+            &mut out,
+            "pushgate_engine_channels",
+            "gauge",
+            "Channels the engine holds state for (history or local subscribers).",
+            engine.channels,
+        );
+        single(
+            &mut out,
+            "pushgate_history_publications",
+            "gauge",
+            "Publications held in history across all channels.",
+            engine.history_publications,
+        );
+        single(
+            &mut out,
+            "pushgate_subscribed_channels",
+            "gauge",
+            "Channels with at least one subscriber on this node.",
+            hub.channel_count() as u64,
+        );
+        single(
+            &mut out,
+            "pushgate_deliveries_total",
+            "counter",
+            "Publications handed to sessions on this node.",
+            hub.delivered_total(),
+        );
+        single(
+            &mut out,
+            "pushgate_slow_consumers_total",
+            "counter",
+            "Sessions cut off because their queue overflowed.",
+            hub.lagged_total(),
+        );
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
