@@ -43,6 +43,8 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// counted from the end of the previous response (so it is also the idle
 /// keep-alive timeout).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two pieces of a request body the client uploads.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// `0` sizes the connection limit from the process's open-file limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 0;
 /// The publish/admin API's listener.
@@ -242,6 +244,9 @@ pub struct LimitsConfig {
     /// Deadline for the TLS handshake and the request head.
     #[serde(with = "duration")]
     pub header_timeout: Duration,
+    /// Longest pause in a request body upload; a stalled upload gets 408.
+    #[serde(with = "duration")]
+    pub body_timeout: Duration,
     /// One session's queue: past either bound it is cut off as a slow
     /// consumer and resumes from history.
     pub queue_messages: usize,
@@ -255,6 +260,7 @@ impl Default for LimitsConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             queue_messages: DEFAULT_QUEUE_MESSAGES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
         }
@@ -858,6 +864,13 @@ impl Config {
             }
         }
 
+        if self.limits.body_timeout.is_zero() {
+            problem(
+                "limits.body_timeout",
+                "must be longer than zero".into(),
+                "use e.g. `60s`",
+            );
+        }
         let api = &self.api;
         if api.keys.is_empty() && !api.insecure_no_auth {
             problem(

@@ -39,6 +39,10 @@ pub enum ProxyError {
     UpgradeFailed,
     #[error("pushgate does not forward CONNECT requests")]
     ConnectRefused,
+    #[error("the request body stalled: nothing arrived for {}", humantime::format_duration(*.0))]
+    UploadStalled(Duration),
+    #[error("the client went away before sending the whole request body")]
+    UploadAborted,
 }
 
 impl ProxyError {
@@ -49,6 +53,8 @@ impl ProxyError {
             | ProxyError::UpgradeFailed => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UploadAborted => StatusCode::BAD_REQUEST,
         }
     }
 

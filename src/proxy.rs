@@ -7,16 +7,22 @@
 //! WebSocket upgrades are tunnelled: once the app answers `101`, bytes are
 //! copied both ways until either side closes.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
+use tokio::sync::oneshot;
 
 use crate::body::{self, Body};
 use crate::config::Config;
@@ -88,6 +94,7 @@ pub struct Proxy {
     client: Client<HttpConnector, Body>,
     upstream: Upstream,
     timeout: Duration,
+    body_timeout: Duration,
     trusted_proxies: Vec<IpNet>,
     drain: Drain,
 }
@@ -109,6 +116,7 @@ impl Proxy {
             client,
             upstream,
             timeout: config.upstream.timeout,
+            body_timeout: config.limits.body_timeout,
             trusted_proxies: config.trusted_proxies(),
             drain,
         }
@@ -127,6 +135,16 @@ impl Proxy {
                     ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
                         tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause), "proxy error")
                     }
+                    // The client's doing, not an error of pushgate or the app.
+                    ProxyError::UploadAborted => {
+                        tracing::debug!(%method, %path, peer = %conn.peer, "client went away mid-upload")
+                    }
+                    ProxyError::UploadStalled(_) => tracing::info!(
+                        %method,
+                        %path,
+                        peer = %conn.peer,
+                        "limit: request body stalled past limits.body_timeout; answered 408"
+                    ),
                     _ => tracing::warn!(%method, %path, error = %err, "proxy error"),
                 }
                 err.into_response()
@@ -173,26 +191,32 @@ impl Proxy {
             headers.insert(header::UPGRADE, protocol.clone());
         }
 
-        let mut outgoing = Request::new(if upgrade.is_some() {
-            body::empty()
+        // The request body is paced by the client; `upstream.timeout` covers
+        // connecting and, once the body is sent, the wait for the answer.
+        let (upload, progress) = if upgrade.is_some() || incoming.is_end_stream() {
+            (body::empty(), UploadProgress::done())
         } else {
-            body::stream(incoming)
-        });
+            UploadBody::wrap(body::stream(incoming), self.body_timeout)
+        };
+        let mut outgoing = Request::new(upload);
         *outgoing.method_mut() = parts.method;
         *outgoing.uri_mut() = self.upstream.uri(parts.uri.path_and_query());
         *outgoing.version_mut() = Version::HTTP_11;
         *outgoing.headers_mut() = headers;
 
-        let mut response = tokio::time::timeout(self.timeout, self.client.request(outgoing))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))?
-            .map_err(|err| {
-                if err.is_connect() {
-                    ProxyError::UpstreamRefused(err)
-                } else {
-                    ProxyError::UpstreamFailed(err)
-                }
-            })?;
+        let failure = progress.failure.clone();
+        let answer = tokio::select! {
+            answer = self.client.request(outgoing) => answer,
+            () = progress.deadline(self.timeout) => {
+                return Err(ProxyError::UpstreamTimeout(self.timeout))
+            }
+        };
+        let mut response = answer.map_err(|err| match failure.get() {
+            Some(UploadFailure::Stalled) => ProxyError::UploadStalled(self.body_timeout),
+            Some(UploadFailure::ClientError) => ProxyError::UploadAborted,
+            None if err.is_connect() => ProxyError::UpstreamRefused(err),
+            None => ProxyError::UpstreamFailed(err),
+        })?;
 
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, response.status())
@@ -321,6 +345,172 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
         Err(err) => tracing::debug!(error = %err, "tunnel ended with an error"),
+    }
+}
+
+/// How an upload to the app is going, shared between the request body (which
+/// the app's connection polls) and the request's timeout.
+struct UploadProgress {
+    /// Fires (or drops) when the app's connection first asks for the body.
+    started: oneshot::Receiver<()>,
+    /// Fires (or drops) when the body has been sent in full, or failed.
+    finished: oneshot::Receiver<()>,
+    failure: Arc<FailureCell>,
+}
+
+impl UploadProgress {
+    /// Progress of a request with nothing to upload.
+    fn done() -> UploadProgress {
+        let (_, started) = oneshot::channel();
+        let (_, finished) = oneshot::channel();
+        UploadProgress {
+            started,
+            finished,
+            failure: Arc::default(),
+        }
+    }
+
+    /// Resolves when the app has taken too long: `timeout` to start taking
+    /// the body (connecting), or `timeout` after the body was sent. The
+    /// upload in between goes at the client's pace, bounded by
+    /// `limits.body_timeout` between frames.
+    async fn deadline(self, timeout: Duration) {
+        if tokio::time::timeout(timeout, self.started).await.is_err() {
+            return;
+        }
+        let _ = self.finished.await;
+        tokio::time::sleep(timeout).await
+    }
+}
+
+/// Why an upload failed on the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UploadFailure {
+    /// No frame for `limits.body_timeout`.
+    Stalled,
+    /// The client's body failed (it went away mid-upload).
+    ClientError,
+}
+
+#[derive(Default)]
+struct FailureCell(std::sync::atomic::AtomicU8);
+
+impl FailureCell {
+    fn set(&self, failure: UploadFailure) {
+        let code = match failure {
+            UploadFailure::Stalled => 1,
+            UploadFailure::ClientError => 2,
+        };
+        self.0.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<UploadFailure> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Some(UploadFailure::Stalled),
+            2 => Some(UploadFailure::ClientError),
+            _ => None,
+        }
+    }
+}
+
+/// The client's request body on its way to the app: reports when sending
+/// starts and ends, and fails the upload when the client stalls.
+struct UploadBody {
+    inner: Body,
+    idle: Duration,
+    /// Armed while waiting for the client; re-armed lazily from
+    /// `last_frame`, so a fast upload costs no timer work per frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_frame: tokio::time::Instant,
+    started: Option<oneshot::Sender<()>>,
+    finished: Option<oneshot::Sender<()>>,
+    failure: Arc<FailureCell>,
+}
+
+impl UploadBody {
+    fn wrap(inner: Body, idle: Duration) -> (Body, UploadProgress) {
+        let (started_tx, started) = oneshot::channel();
+        let (finished_tx, finished) = oneshot::channel();
+        let failure = Arc::new(FailureCell::default());
+        let body = UploadBody {
+            inner,
+            idle,
+            timer: None,
+            last_frame: tokio::time::Instant::now(),
+            started: Some(started_tx),
+            finished: Some(finished_tx),
+            failure: failure.clone(),
+        };
+        let progress = UploadProgress {
+            started,
+            finished,
+            failure,
+        };
+        (http_body_util::BodyExt::boxed(body), progress)
+    }
+
+    fn finish(&mut self) {
+        if let Some(finished) = self.finished.take() {
+            let _ = finished.send(());
+        }
+        self.timer = None;
+    }
+}
+
+impl http_body::Body for UploadBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(started) = this.started.take() {
+            let _ = started.send(());
+            this.last_frame = tokio::time::Instant::now();
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last_frame = tokio::time::Instant::now();
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.failure.set(UploadFailure::ClientError);
+                this.finish();
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let deadline = this.last_frame + this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.failure.set(UploadFailure::Stalled);
+                    this.finish();
+                    return Poll::Ready(Some(Err("the client's request body stalled".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

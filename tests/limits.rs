@@ -276,3 +276,23 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_head_deadline() {
         "closed too early: {elapsed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_stalled_upload_is_cut_off_with_408() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "limits:\n  body_timeout: 300ms\n").await;
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    // Half the promised body, then nothing.
+    stream
+        .write_all(b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let (received, elapsed) = read_until_closed(&mut stream).await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("stalled"), "{text}");
+    assert!(
+        elapsed >= Duration::from_millis(250),
+        "cut off too early: {elapsed:?}"
+    );
+}

@@ -3,8 +3,235 @@
 
 mod common;
 
-use common::{get, Pushgate, Upstream};
-use http::StatusCode;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{get, Gate, Pushgate, TempDir, Upstream};
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The longest any single step of a test may take before it counts as hung.
+const STEP: Duration = Duration::from_secs(5);
+
+/// Awaits `future`, failing the test (instead of hanging it) after [`STEP`].
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(STEP, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no result within {STEP:?}"))
+}
+
+/// Extra config that sets keys of the `upstream:` section (merged over the
+/// `url` that [`Pushgate::start`] writes there).
+fn upstream_keys(keys: &[&str]) -> String {
+    let keys: String = keys.iter().map(|key| format!("  {key}\n")).collect();
+    format!("upstream:\n{keys}")
+}
+
+/// Opens one HTTP/1.1 client connection to `addr`.
+async fn http1<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+    http1_over(stream).await
+}
+
+async fn http1_over<B, I>(io: I) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = within(
+        "HTTP/1.1 handshake",
+        hyper::client::conn::http1::handshake(TokioIo::new(io)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn http2_over<I>(io: I) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = within(
+        "HTTP/2 handshake",
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Reads the whole body as text.
+async fn text(response: Response<Incoming>) -> String {
+    let bytes = within("response body", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Reads `/headers`' answer: what the app saw.
+async fn seen_by_app(response: Response<Incoming>) -> serde_json::Value {
+    assert_eq!(response.status(), StatusCode::OK);
+    serde_json::from_str(&text(response).await).unwrap()
+}
+
+/// The values the app saw for header `name` (lower case); empty when absent.
+fn app_header(seen: &serde_json::Value, name: &str) -> Vec<String> {
+    seen["headers"][name]
+        .as_array()
+        .map(|values| {
+            values
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads data frames from `body` until at least `len` bytes have come.
+async fn read_at_least(body: &mut Incoming, len: usize) -> Vec<u8> {
+    let mut data = Vec::new();
+    while data.len() < len {
+        let frame = within("next body frame", body.frame())
+            .await
+            .expect("body ended early")
+            .unwrap();
+        if let Ok(chunk) = frame.into_data() {
+            data.extend_from_slice(&chunk);
+        }
+    }
+    data
+}
+
+/// A response read straight off the wire.
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// Sends `request` as written on a new connection and reads one response.
+async fn raw_exchange(addr: SocketAddr, request: &str) -> RawResponse {
+    within("raw exchange", async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        read_raw_response(&mut stream).await
+    })
+    .await
+}
+
+async fn read_more(stream: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 8192];
+    let n = stream.read(&mut chunk).await.unwrap();
+    assert!(n > 0, "connection closed mid-response");
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads one HTTP/1.1 response: head, then a body framed by
+/// `content-length` or chunked encoding.
+async fn read_raw_response(stream: &mut (impl AsyncRead + Unpin)) -> RawResponse {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&buf, b"\r\n\r\n") {
+            break at;
+        }
+        read_more(stream, &mut buf).await;
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    let mut rest = buf[head_end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap();
+            (name.trim().to_ascii_lowercase(), value.trim().to_owned())
+        })
+        .collect();
+    let mut response = RawResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if response
+        .header("transfer-encoding")
+        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let line_end = loop {
+                if let Some(at) = find(&rest, b"\r\n") {
+                    break at;
+                }
+                read_more(stream, &mut rest).await;
+            };
+            let size_text = String::from_utf8(rest[..line_end].to_vec()).unwrap();
+            let size_text = size_text.split(';').next().unwrap().trim();
+            let size = usize::from_str_radix(size_text, 16).unwrap();
+            rest.drain(..line_end + 2);
+            if size == 0 {
+                break;
+            }
+            while rest.len() < size + 2 {
+                read_more(stream, &mut rest).await;
+            }
+            response.body.extend_from_slice(&rest[..size]);
+            rest.drain(..size + 2);
+        }
+    } else {
+        let len: usize = response
+            .header("content-length")
+            .map(|len| len.parse().unwrap())
+            .unwrap_or(0);
+        while rest.len() < len {
+            read_more(stream, &mut rest).await;
+        }
+        response.body = rest[..len].to_vec();
+    }
+    response
+}
 
 #[tokio::test]
 async fn get_reaches_the_app() {
@@ -13,4 +240,472 @@ async fn get_reaches_the_app() {
     let (status, body) = get(&gate.url("/")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, "hello from upstream");
+}
+
+#[tokio::test]
+async fn request_and_response_bodies_stream_without_buffering() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let upload = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    }));
+    let mut client = http1(gate.addr).await;
+    let request = Request::post("/echo")
+        .header("host", gate.addr.to_string())
+        .body(upload)
+        .unwrap();
+
+    let first = Bytes::from_static(b"first chunk of the upload;");
+    chunks.send(first.clone()).await.unwrap();
+    let response = within("response head", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    // The upload is still open: the echo of chunk 1 can only arrive if both
+    // legs pass it on before the request body ends.
+    let echoed = read_at_least(&mut body, first.len()).await;
+    assert_eq!(echoed, first);
+
+    let second = Bytes::from(vec![b'z'; 100_000]);
+    chunks.send(second.clone()).await.unwrap();
+    drop(chunks);
+    let rest = within("rest of the echo", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, second);
+    assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn slow_upstream_within_timeout_answers_normally() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), &upstream_keys(&["timeout: 300ms"])).await;
+    let started = Instant::now();
+    let (status, body) = within("slow request", get(&gate.url("/slow-headers?ms=150"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "finally");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn streamed_response_arrives_chunk_by_chunk() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    let mut held = Gate::new();
+
+    let mut client = http1(gate.addr).await;
+    let request = Request::get(held.path())
+        .header("host", gate.addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("response head", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    // The app cannot produce its last chunk until the gate opens, so this
+    // first chunk came through on its own.
+    assert_eq!(read_at_least(&mut body, 6).await, b"first\n");
+
+    held.open();
+    let rest = within("last chunk", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest, "last\n");
+}
+
+#[tokio::test]
+async fn long_streamed_response_outlives_upstream_timeout() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), &upstream_keys(&["timeout: 300ms"])).await;
+    let started = Instant::now();
+    let (status, body) = within(
+        "long stream",
+        get(&gate.url("/stream?chunks=10&interval_ms=100")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let expected: String = (0..10).map(|i| format!("chunk {i}\n")).collect();
+    assert_eq!(body, expected);
+    // The app slept 10 × 100ms while streaming: well past upstream.timeout.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_naming_the_cause() {
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let gate = Pushgate::start(&format!("http://127.0.0.1:{port}"), "").await;
+
+    let response = raw_exchange(
+        gate.addr,
+        "GET /anything HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 502);
+    assert!(response
+        .header("content-type")
+        .is_some_and(|ct| ct.starts_with("text/plain")));
+    let body = String::from_utf8(response.body).unwrap();
+    assert!(body.contains("refused"), "body: {body:?}");
+    assert!(body.len() < 200, "body is not short: {body:?}");
+}
+
+#[tokio::test]
+async fn silent_upstream_is_504_after_timeout() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), &upstream_keys(&["timeout: 300ms"])).await;
+    let started = Instant::now();
+    let response = raw_exchange(
+        gate.addr,
+        "GET /silent HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status, 504);
+    assert!(response
+        .header("content-type")
+        .is_some_and(|ct| ct.starts_with("text/plain")));
+    let body = String::from_utf8(response.body).unwrap();
+    assert!(
+        body.contains("no response headers within 300ms"),
+        "body: {body:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "answered after {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "answered after {elapsed:?}"
+    );
+    assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_spoofed_forwarding_headers_do_not_reach_the_app() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let response = raw_exchange(
+        gate.addr,
+        "GET /headers?q=1 HTTP/1.1\r\n\
+         Host: app.example:8443\r\n\
+         Connection: keep-alive, Upgrade, HTTP2-Settings, X-Secret\r\n\
+         Keep-Alive: timeout=5\r\n\
+         TE: trailers\r\n\
+         Upgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         X-Secret: named in Connection\r\n\
+         X-Forwarded-For: 6.6.6.6\r\n\
+         X-Forwarded-Proto: https\r\n\
+         X-Forwarded-Host: evil.example\r\n\
+         Forwarded: for=6.6.6.6;proto=https\r\n\
+         X-Real-IP: 6.6.6.6\r\n\
+         X-Custom: kept\r\n\
+         \r\n",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = response.json();
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(seen["uri"], "/headers?q=1");
+    for gone in [
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "http2-settings",
+        "proxy-authorization",
+        "proxy-connection",
+        "x-secret",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        assert!(
+            app_header(&seen, gone).is_empty(),
+            "`{gone}` reached the app: {seen}"
+        );
+    }
+    assert_eq!(app_header(&seen, "x-custom"), ["kept"]);
+    assert_eq!(app_header(&seen, "host"), ["app.example:8443"]);
+    assert_eq!(app_header(&seen, "x-forwarded-host"), ["app.example:8443"]);
+    assert_eq!(app_header(&seen, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["http"]);
+}
+
+#[tokio::test]
+async fn forwarded_for_chain_is_extended_for_a_trusted_proxy() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(
+        &app.url(),
+        &upstream_keys(&["trusted_proxies: [127.0.0.1]"]),
+    )
+    .await;
+
+    let seen = raw_exchange(
+        gate.addr,
+        "GET /headers HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+    )
+    .await
+    .json();
+    assert_eq!(app_header(&seen, "x-forwarded-for"), ["1.2.3.4, 127.0.0.1"]);
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["http"]);
+    assert_eq!(app_header(&seen, "x-forwarded-host"), ["app.example"]);
+
+    // Several header lines make one chain, in order.
+    let seen = raw_exchange(
+        gate.addr,
+        "GET /headers HTTP/1.1\r\nHost: app.example\r\n\
+         X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n",
+    )
+    .await
+    .json();
+    assert_eq!(
+        app_header(&seen, "x-forwarded-for"),
+        ["1.2.3.4, 5.6.7.8, 127.0.0.1"]
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_do_not_reach_the_client() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let response = raw_exchange(
+        gate.addr,
+        "GET /headers HTTP/1.1\r\nHost: app.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    assert_eq!(response.header("x-hop"), None);
+    assert_eq!(response.header("keep-alive"), None);
+    for (name, value) in &response.headers {
+        assert!(
+            !(name == "connection" && value.to_ascii_lowercase().contains("x-hop")),
+            "the app's Connection header reached the client: {value}"
+        );
+    }
+    assert_eq!(response.json()["method"], "GET");
+}
+
+#[tokio::test]
+async fn http2_client_is_proxied_as_http1_with_authority_as_host() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let stream = within("connect", TcpStream::connect(gate.addr))
+        .await
+        .unwrap();
+    let mut client = http2_over(stream).await;
+    let request = Request::get("http://app.example:8443/headers?via=h2")
+        .body(Empty::new())
+        .unwrap();
+    let response = within("HTTP/2 response", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let seen = seen_by_app(response).await;
+    assert_eq!(seen["version"], "HTTP/1.1");
+    assert_eq!(seen["uri"], "/headers?via=h2");
+    assert_eq!(app_header(&seen, "host"), ["app.example:8443"]);
+    assert_eq!(app_header(&seen, "x-forwarded-host"), ["app.example:8443"]);
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["http"]);
+}
+
+#[tokio::test]
+async fn tls_serves_h2_and_http1_by_alpn() {
+    let app = Upstream::start().await;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = TempDir::new("proxy-tls");
+    let cert_path = dir.0.join("cert.pem");
+    let key_path = dir.0.join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    let gate = Pushgate::start(
+        &app.url(),
+        &format!(
+            "tls:\n  cert: {}\n  key: {}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    )
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let connect = |alpn: &'static [u8]| {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        async move {
+            let tcp = TcpStream::connect(gate.addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            within("TLS handshake", connector.connect(name, tcp))
+                .await
+                .unwrap()
+        }
+    };
+
+    let tls = connect(b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut client = http2_over(tls).await;
+    let request = Request::get("https://localhost/headers")
+        .body(Empty::new())
+        .unwrap();
+    let response = within("h2 over TLS", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_2);
+    let seen = seen_by_app(response).await;
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["https"]);
+    assert_eq!(app_header(&seen, "host"), ["localhost"]);
+
+    let tls = connect(b"http/1.1").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut client = http1_over(tls).await;
+    let request = Request::get("/headers")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("HTTP/1.1 over TLS", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), Version::HTTP_11);
+    let seen = seen_by_app(response).await;
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["https"]);
+    assert_eq!(app_header(&seen, "host"), ["localhost"]);
+    assert_eq!(app.hits.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_to_the_app() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let (mut ws, response) = within(
+        "WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", gate.addr)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    let messages = [
+        Message::text("hello through the tunnel"),
+        Message::binary(vec![0u8, 1, 2, 254, 255]),
+        Message::text("x".repeat(70_000)),
+    ];
+    for message in messages {
+        within("send", ws.send(message.clone())).await.unwrap();
+        let echoed = within("echo", ws.next())
+            .await
+            .expect("tunnel closed")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    within("close", ws.close(None)).await.unwrap();
+    assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let response = raw_exchange(
+        gate.addr,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(response.status, 405);
+    let body = String::from_utf8(response.body).unwrap();
+    assert!(body.contains("CONNECT"), "body: {body:?}");
+    assert_eq!(app.hits.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn keep_alive_requests_share_one_client_connection() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    const REQUESTS: u64 = 10;
+    let mut client = http1(gate.addr).await;
+    for i in 0..REQUESTS {
+        within("connection ready", client.ready()).await.unwrap();
+        let request = Request::get(format!("/page/{i}"))
+            .header("host", "app.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = within("keep-alive request", client.send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(text(response).await, "hello from upstream");
+    }
+    assert_eq!(app.hits.load(Ordering::Relaxed), REQUESTS);
+    // pushgate reuses its pooled connections to the app.
+    let connections = app.connections.load(Ordering::Relaxed);
+    assert!(
+        connections < REQUESTS,
+        "{connections} app connections for {REQUESTS} requests"
+    );
+}
+
+#[tokio::test]
+async fn slow_upload_outlives_upstream_timeout() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), &upstream_keys(&["timeout: 300ms"])).await;
+
+    // `/count` answers once it has read the whole body, so its headers can
+    // only come after the upload ends: here 8 × 100ms, past upstream.timeout.
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let upload = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    }));
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if chunks.send(Bytes::from(vec![b'u'; 1000])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut client = http1(gate.addr).await;
+    let request = Request::post("/count")
+        .header("host", gate.addr.to_string())
+        .body(upload)
+        .unwrap();
+    let started = Instant::now();
+    let response = within("response to a slow upload", client.send_request(request))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let body = text(response).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "8000"),
+        "after {elapsed:?}"
+    );
 }

@@ -1,0 +1,393 @@
+//! The engine conformance suite: every engine must pass every case here.
+//! `broker_suite!` instantiates the cases for one engine; the memory engine
+//! runs them now, the Redis engine joins with the same macro.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pushgate::broker::memory::{MemoryBroker, MemoryOptions};
+use pushgate::broker::{Broker, Publish};
+use pushgate::cursor::{Epoch, Position};
+use pushgate::hub::{Drained, Hub, Outbox, QueueLimits};
+use pushgate::message::{ChannelName, Publication};
+use serde_json::value::RawValue;
+
+/// Builds an engine over `hub` with these history options.
+type Factory = fn(Arc<Hub>, MemoryOptions) -> Arc<dyn Broker>;
+
+const OPTIONS: MemoryOptions = MemoryOptions {
+    history_size: 100,
+    history_ttl: Duration::from_secs(600),
+    idempotency_window: Duration::from_secs(300),
+};
+
+const ROOMY: QueueLimits = QueueLimits {
+    messages: 100_000,
+    bytes: 1 << 30,
+};
+
+fn memory(hub: Arc<Hub>, options: MemoryOptions) -> Arc<dyn Broker> {
+    MemoryBroker::new(hub, options)
+}
+
+fn channel(name: &str) -> ChannelName {
+    ChannelName::parse(name).unwrap()
+}
+
+fn publish(name: &str, data: &str) -> Publish {
+    Publish {
+        channels: vec![channel(name)],
+        data: RawValue::from_string(data.to_owned()).unwrap(),
+        event: None,
+        idempotency_key: None,
+    }
+}
+
+async fn publish_n(broker: &dyn Broker, name: &str, n: u64) -> Vec<Position> {
+    let mut positions = Vec::new();
+    for i in 0..n {
+        let outcome = broker.publish(publish(name, &i.to_string())).await.unwrap();
+        positions.push(outcome.results[0].position());
+    }
+    positions
+}
+
+fn offsets(publications: &[Arc<Publication>]) -> Vec<u64> {
+    publications.iter().map(|p| p.offset()).collect()
+}
+
+/// Waits, up to a bound, until `check` holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn numbering_and_order_under_concurrent_publishers(make: Factory) {
+    let hub = Arc::new(Hub::new());
+    let broker = make(
+        hub.clone(),
+        MemoryOptions {
+            history_size: 10_000,
+            ..OPTIONS
+        },
+    );
+    let chat = channel("chat");
+    let listener = Outbox::new(ROOMY);
+    hub.subscribe(&chat, &listener);
+    broker.subscribe(&chat).await.unwrap();
+
+    const TASKS: u64 = 8;
+    const EACH: u64 = 250;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..EACH {
+                    let outcome = broker
+                        .publish(publish("chat", &format!("[{t},{i}]")))
+                        .await
+                        .unwrap();
+                    mine.push(outcome.results[0].offset);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        let mine = task.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "one publisher's offsets grow"
+        );
+        all.extend(mine);
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=TASKS * EACH).collect::<Vec<_>>(),
+        "each offset once, no gaps"
+    );
+
+    let mut delivered = Vec::new();
+    assert_eq!(listener.drain_into(&mut delivered), Drained::Open);
+    assert_eq!(offsets(&delivered), (1..=TASKS * EACH).collect::<Vec<_>>());
+    let history = broker.history(&chat, None, 100_000).await.unwrap();
+    assert_eq!(offsets(&history.publications), offsets(&delivered));
+    for (a, b) in history.publications.iter().zip(&delivered) {
+        assert_eq!(a.envelope(), b.envelope());
+    }
+}
+
+async fn history_keeps_the_last_size_publications(make: Factory) {
+    let broker = make(
+        Arc::new(Hub::new()),
+        MemoryOptions {
+            history_size: 10,
+            ..OPTIONS
+        },
+    );
+    let positions = publish_n(&*broker, "h", 25).await;
+    let epoch = positions[0].epoch;
+    let c = channel("h");
+
+    let latest = broker.history(&c, None, 100).await.unwrap();
+    assert_eq!(offsets(&latest.publications), (16..=25).collect::<Vec<_>>());
+    assert_eq!(latest.position, Position::new(epoch, 25));
+    let three = broker.history(&c, None, 3).await.unwrap();
+    assert_eq!(offsets(&three.publications), vec![23, 24, 25]);
+
+    // Exact replay from inside history.
+    let inside = broker
+        .history(&c, Some(Position::new(epoch, 15)), 100)
+        .await
+        .unwrap();
+    assert!(inside.recovered);
+    assert_eq!(offsets(&inside.publications), (16..=25).collect::<Vec<_>>());
+    let limited = broker
+        .history(&c, Some(Position::new(epoch, 17)), 2)
+        .await
+        .unwrap();
+    assert_eq!(offsets(&limited.publications), vec![18, 19]);
+
+    // Up to date: nothing to replay, recovered.
+    let current = broker
+        .history(&c, Some(Position::new(epoch, 25)), 100)
+        .await
+        .unwrap();
+    assert!(current.recovered && current.publications.is_empty());
+
+    // Outside history: an explicit reset, never a partial replay.
+    let outside = broker
+        .history(&c, Some(Position::new(epoch, 14)), 100)
+        .await
+        .unwrap();
+    assert!(!outside.recovered);
+    assert!(outside.publications.is_empty());
+    assert_eq!(outside.position, Position::new(epoch, 25));
+}
+
+async fn positions_ahead_of_the_stream_or_in_another_epoch_reset(make: Factory) {
+    let broker = make(Arc::new(Hub::new()), OPTIONS);
+    let positions = publish_n(&*broker, "a", 5).await;
+    let epoch = positions[0].epoch;
+    let c = channel("a");
+
+    let ahead = broker
+        .history(&c, Some(Position::new(epoch, 9)), 100)
+        .await
+        .unwrap();
+    assert!(
+        !ahead.recovered,
+        "a position ahead of the stream means lost data"
+    );
+    assert_eq!(ahead.position, Position::new(epoch, 5));
+
+    let other = Epoch::parse("elsewhere").unwrap();
+    assert_ne!(other, epoch);
+    let foreign = broker
+        .history(&c, Some(Position::new(other, 3)), 100)
+        .await
+        .unwrap();
+    assert!(!foreign.recovered, "another epoch: history was lost");
+
+    // Offset 0 is valid in any epoch: everything from the start.
+    let start = broker
+        .history(&c, Some(Position::new(other, 0)), 100)
+        .await
+        .unwrap();
+    assert!(start.recovered);
+    assert_eq!(offsets(&start.publications), vec![1, 2, 3, 4, 5]);
+}
+
+async fn history_older_than_the_ttl_is_never_replayed(make: Factory) {
+    let ttl = Duration::from_millis(300);
+    let broker = make(
+        Arc::new(Hub::new()),
+        MemoryOptions {
+            history_ttl: ttl,
+            ..OPTIONS
+        },
+    );
+    let positions = publish_n(&*broker, "t", 3).await;
+    let epoch = positions[0].epoch;
+    let c = channel("t");
+    let fresh = broker
+        .history(&c, Some(Position::new(epoch, 1)), 100)
+        .await
+        .unwrap();
+    assert_eq!(offsets(&fresh.publications), vec![2, 3]);
+
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let expired = broker.history(&c, None, 100).await.unwrap();
+    assert!(
+        expired.publications.is_empty(),
+        "nothing older than the ttl"
+    );
+    let behind = broker
+        .history(&c, Some(Position::new(epoch, 1)), 100)
+        .await
+        .unwrap();
+    assert!(!behind.recovered, "the gap is older than history: reset");
+    assert!(behind.publications.is_empty());
+}
+
+async fn a_freed_channel_comes_back_in_a_new_epoch(make: Factory) {
+    let ttl = Duration::from_millis(100);
+    let broker = make(
+        Arc::new(Hub::new()),
+        MemoryOptions {
+            history_ttl: ttl,
+            ..OPTIONS
+        },
+    );
+    let first = publish_n(&*broker, "f", 3).await;
+    eventually("the channel is freed", || broker.stats().channels == 0).await;
+
+    let second = publish_n(&*broker, "f", 2).await;
+    assert_ne!(
+        first[0].epoch, second[0].epoch,
+        "a new incarnation, a new epoch"
+    );
+    assert_eq!(second[0].offset, 1);
+    let c = channel("f");
+    let old = broker.history(&c, Some(first[2]), 100).await.unwrap();
+    assert!(!old.recovered, "a position from the old epoch resets");
+    assert_eq!(old.position, second[1]);
+    let zero = broker
+        .history(&c, Some(Position::new(first[0].epoch, 0)), 100)
+        .await
+        .unwrap();
+    assert!(zero.recovered, "offset 0 stays valid across incarnations");
+    assert_eq!(offsets(&zero.publications), vec![1, 2]);
+}
+
+async fn an_idempotency_key_publishes_once_within_the_window(make: Factory) {
+    let window = Duration::from_millis(300);
+    let broker = make(
+        Arc::new(Hub::new()),
+        MemoryOptions {
+            idempotency_window: window,
+            ..OPTIONS
+        },
+    );
+    let keyed = || Publish {
+        idempotency_key: Some("order-7".into()),
+        channels: vec![channel("i"), channel("j")],
+        ..publish("i", "{\"n\":7}")
+    };
+    let first = broker.publish(keyed()).await.unwrap();
+    assert!(!first.duplicate);
+    let again = broker.publish(keyed()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.results, first.results);
+    let history = broker.history(&channel("i"), None, 100).await.unwrap();
+    assert_eq!(history.publications.len(), 1, "published once");
+
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    let later = broker.publish(keyed()).await.unwrap();
+    assert!(!later.duplicate, "the window has passed");
+    assert_eq!(later.results[0].offset, 2);
+}
+
+async fn a_lagging_subscriber_is_cut_off_and_the_others_get_everything(make: Factory) {
+    let hub = Arc::new(Hub::new());
+    let broker = make(hub.clone(), OPTIONS);
+    let c = channel("lag");
+    let slow = Outbox::new(QueueLimits {
+        messages: 10,
+        bytes: 1 << 20,
+    });
+    let fast: Vec<_> = (0..3).map(|_| Outbox::new(ROOMY)).collect();
+    hub.subscribe(&c, &slow);
+    for outbox in &fast {
+        hub.subscribe(&c, outbox);
+    }
+    broker.subscribe(&c).await.unwrap();
+    publish_n(&*broker, "lag", 100).await;
+
+    assert_eq!(slow.drain_into(&mut Vec::new()), Drained::Lagging);
+    for outbox in &fast {
+        let mut got = Vec::new();
+        assert_eq!(outbox.drain_into(&mut got), Drained::Open);
+        assert_eq!(offsets(&got), (1..=100).collect::<Vec<_>>());
+    }
+    assert_eq!(hub.lagged_total(), 1);
+}
+
+async fn one_off_channels_leave_no_trace(make: Factory) {
+    let hub = Arc::new(Hub::new());
+    let broker = make(
+        hub.clone(),
+        MemoryOptions {
+            history_ttl: Duration::from_millis(200),
+            ..OPTIONS
+        },
+    );
+    // Subscribed channels stay while subscribed, whatever their history.
+    let kept = channel("once:0");
+    let outbox = Outbox::new(ROOMY);
+    hub.subscribe(&kept, &outbox);
+    broker.subscribe(&kept).await.unwrap();
+    for i in 0..100_000 {
+        broker
+            .publish(publish(&format!("once:{i}"), "1"))
+            .await
+            .unwrap();
+    }
+    eventually("one-off channels are freed", || {
+        let stats = broker.stats();
+        stats.channels == 1 && stats.history_publications == 0
+    })
+    .await;
+    hub.unsubscribe(kept.as_str(), &outbox);
+    broker.unsubscribe(&kept).await;
+    eventually("the last channel is freed", || broker.stats().channels == 0).await;
+}
+
+async fn position_of_a_new_channel_is_offset_zero(make: Factory) {
+    let broker = make(Arc::new(Hub::new()), OPTIONS);
+    let c = channel("fresh");
+    let start = broker.position(&c).await.unwrap();
+    assert_eq!(start.offset, 0);
+    publish_n(&*broker, "fresh", 2).await;
+    let now = broker.position(&c).await.unwrap();
+    assert_eq!(
+        now,
+        Position::new(start.epoch, 2),
+        "same epoch while the channel lives"
+    );
+}
+
+macro_rules! broker_suite {
+    ($engine:ident, $factory:expr) => {
+        mod $engine {
+            use super::*;
+
+            macro_rules! case {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name($factory).await
+                    }
+                };
+            }
+
+            case!(numbering_and_order_under_concurrent_publishers);
+            case!(history_keeps_the_last_size_publications);
+            case!(positions_ahead_of_the_stream_or_in_another_epoch_reset);
+            case!(history_older_than_the_ttl_is_never_replayed);
+            case!(a_freed_channel_comes_back_in_a_new_epoch);
+            case!(an_idempotency_key_publishes_once_within_the_window);
+            case!(a_lagging_subscriber_is_cut_off_and_the_others_get_everything);
+            case!(one_off_channels_leave_no_trace);
+            case!(position_of_a_new_channel_is_offset_zero);
+        }
+    };
+}
+
+broker_suite!(memory_engine, memory);
