@@ -6,7 +6,9 @@
 //! compared in constant time. `/healthz`, `/readyz` and `/metrics` are open,
 //! for probes and scrapers; they reveal counts, never names or data.
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
@@ -16,7 +18,7 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
-use crate::broker::{Broker, Publish, PublishOutcome};
+use crate::broker::{Broker, BrokerError, Publish, PublishOutcome};
 use crate::config::Config;
 use crate::cursor::Position;
 use crate::error::{json, json_bytes, ApiError};
@@ -43,8 +45,11 @@ pub struct Api {
     broker: Arc<dyn Broker>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    keys: Vec<Vec<u8>>,
+    /// The digests of `api.keys`; the keys themselves are not kept.
+    keys: Vec<[u8; 16]>,
+    key_digest: KeyDigest,
     max_body: u64,
+    body_timeout: Duration,
 }
 
 impl Api {
@@ -54,17 +59,21 @@ impl Api {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
     ) -> Api {
+        let key_digest = KeyDigest::new();
+        let keys = config
+            .api
+            .keys
+            .iter()
+            .map(|key| key_digest.digest(key.as_bytes()))
+            .collect();
         Api {
             broker,
             hub,
             metrics,
-            keys: config
-                .api
-                .keys
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
+            keys,
+            key_digest,
             max_body: config.api.max_body.bytes(),
+            body_timeout: config.limits.body_timeout,
         }
     }
 
@@ -120,7 +129,10 @@ impl Api {
             ("/api/publish", _) => Err(ApiError::method_not_allowed("POST")),
             ("/api/history", &Method::GET) => self.history(request.uri().query()).await,
             ("/api/channels", &Method::GET) => self.channels(request.uri().query()),
-            ("/api/history" | "/api/channels", _) => Err(ApiError::method_not_allowed("GET")),
+            // HEAD is answered like GET; hyper leaves the body out.
+            ("/api/history", &Method::HEAD) => self.history(request.uri().query()).await,
+            ("/api/channels", &Method::HEAD) => self.channels(request.uri().query()),
+            ("/api/history" | "/api/channels", _) => Err(ApiError::method_not_allowed("GET, HEAD")),
             _ => Err(ApiError::not_found()),
         }
     }
@@ -140,13 +152,16 @@ impl Api {
         let Some(presented) = presented else {
             return Err(ApiError::unauthorized());
         };
-        // Every key is compared, each in constant time, so the timing says
-        // neither which key matched nor how much of one did.
+        // Keys are compared as 128-bit keyed digests: all of one length, so
+        // the timing tells nothing of the keys' lengths, and every key is
+        // checked in constant time, so it tells neither which key matched
+        // nor how much of one did.
+        let digest = self.key_digest.digest(presented.as_bytes());
         let matched = self
             .keys
             .iter()
             .fold(subtle::Choice::from(0), |found, key| {
-                found | key.as_slice().ct_eq(presented.as_bytes())
+                found | key.ct_eq(&digest)
             });
         if bool::from(matched) {
             Ok(())
@@ -180,6 +195,20 @@ impl Api {
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
+        let result = self.publish_request(request).await;
+        if let Err(err) = &result {
+            if err.status.is_client_error() {
+                self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
+            }
+        }
+        result
+    }
+
+    async fn publish_request<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
         let body = self.json_body(request).await?;
         let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
         if first == Some(b'[') {
@@ -187,14 +216,7 @@ impl Api {
         }
         let item: &RawValue = serde_json::from_slice(&body)
             .map_err(|err| ApiError::bad_request("bad_json", format!("invalid JSON: {err}")))?;
-        let publish = match parse_publish(item) {
-            Ok(publish) => publish,
-            Err(err) => {
-                self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
-                return Err(err);
-            }
-        };
-        let outcome = self.publish_one(publish).await?;
+        let outcome = self.publish_one(parse_publish(item)?).await?;
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "results": outcome.results }),
@@ -217,7 +239,12 @@ impl Api {
             let answer = match parse_publish(item) {
                 Ok(publish) => match self.publish_one(publish).await {
                     Ok(outcome) => serde_json::json!({ "results": outcome.results }),
-                    Err(err) => serde_json::json!({ "error": err.body() }),
+                    Err(err) => {
+                        if err.status.is_client_error() {
+                            self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
+                        }
+                        serde_json::json!({ "error": err.body() })
+                    }
                 },
                 Err(err) => {
                     self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
@@ -241,6 +268,7 @@ impl Api {
                 self.metrics.publish(kind, outcome.results.len());
                 Ok(outcome)
             }
+            Err(BrokerError::KeyReused) => Err(BrokerError::KeyReused.into()),
             Err(err) => {
                 tracing::warn!(error = %err, "publish failed");
                 self.metrics
@@ -274,7 +302,16 @@ impl Api {
             return Err(ApiError::body_too_large(self.max_body));
         }
         let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        match Limited::new(request.into_body(), limit).collect().await {
+        let reading = Limited::new(request.into_body(), limit).collect();
+        // The whole body is at most api.max_body: it gets one body_timeout.
+        let Ok(read) = tokio::time::timeout(self.body_timeout, reading).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive within limits.body_timeout",
+            ));
+        };
+        match read {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(err) if err.is::<http_body_util::LengthLimitError>() => {
                 Err(ApiError::body_too_large(self.max_body))
@@ -351,11 +388,28 @@ impl Api {
     }
 }
 
+/// Two SipHash instances with keys random per process make a 128-bit digest
+/// an attacker can neither predict nor aim a collision at.
+struct KeyDigest(RandomState, RandomState);
+
+impl KeyDigest {
+    fn new() -> KeyDigest {
+        KeyDigest(RandomState::new(), RandomState::new())
+    }
+
+    fn digest(&self, key: &[u8]) -> [u8; 16] {
+        let mut digest = [0; 16];
+        digest[..8].copy_from_slice(&self.0.hash_one(key).to_le_bytes());
+        digest[8..].copy_from_slice(&self.1.hash_one(key).to_le_bytes());
+        digest
+    }
+}
+
 fn only_get<B>(request: &Request<B>) -> Result<(), ApiError> {
     if request.method() == Method::GET || request.method() == Method::HEAD {
         Ok(())
     } else {
-        Err(ApiError::method_not_allowed("GET"))
+        Err(ApiError::method_not_allowed("GET, HEAD"))
     }
 }
 
@@ -531,7 +585,11 @@ impl Query {
         match self.get("limit") {
             None => Ok(default),
             Some(text) => match text.parse::<usize>() {
-                Ok(limit) if (1..=max).contains(&limit) => Ok(limit),
+                Ok(limit)
+                    if text.bytes().all(|b| b.is_ascii_digit()) && (1..=max).contains(&limit) =>
+                {
+                    Ok(limit)
+                }
                 _ => Err(ApiError::bad_request(
                     "bad_limit",
                     format!("`limit` must be a whole number from 1 to {max}"),

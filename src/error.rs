@@ -85,6 +85,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// For people; says what was wrong and, where it helps, how to fix it.
     pub message: String,
+    /// For 405: the methods the endpoint answers (the `Allow` header).
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -93,6 +95,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
     }
 
@@ -132,12 +135,16 @@ impl ApiError {
         )
     }
 
+    /// `allowed` is the `Allow` header's value, e.g. `GET, HEAD`.
     pub fn method_not_allowed(allowed: &'static str) -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("this endpoint answers {allowed}"),
-        )
+        ApiError {
+            allow: Some(allowed),
+            ..ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this endpoint answers {allowed}"),
+            )
+        }
     }
 
     /// The JSON object `{"code", "message"}`, for batch items.
@@ -147,6 +154,11 @@ impl ApiError {
 
     pub fn into_response(self) -> Response<Body> {
         let mut response = json(self.status, &serde_json::json!({ "error": self.body() }));
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -160,20 +172,24 @@ impl ApiError {
 impl From<crate::broker::BrokerError> for ApiError {
     fn from(err: crate::broker::BrokerError) -> ApiError {
         use crate::broker::BrokerError;
-        let code = match err {
-            BrokerError::Unavailable(_) => "engine_unavailable",
-            BrokerError::OutcomeUnknown(_) => "outcome_unknown",
-        };
         // The cause is logged where it happens; the client gets the class.
-        let message = match err {
-            BrokerError::Unavailable(_) => {
-                "the engine is unavailable; nothing was stored, retry later"
-            }
-            BrokerError::OutcomeUnknown(_) => {
-                "the engine failed mid-publish; retry with the same idempotency_key"
-            }
-        };
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        match err {
+            BrokerError::KeyReused => ApiError::bad_request(
+                "idempotency_key_reused",
+                "this idempotency_key was used for a different publish within \
+                 api.idempotency_window; nothing was published",
+            ),
+            BrokerError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_unavailable",
+                "the engine is unavailable; nothing was stored, retry later",
+            ),
+            BrokerError::OutcomeUnknown(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the engine failed mid-publish; retry with the same idempotency_key",
+            ),
+        }
     }
 }
 

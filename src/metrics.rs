@@ -48,7 +48,7 @@ impl Metrics {
             &mut out,
             "pushgate_publishes_total",
             "counter",
-            "Publications requested through the API, by outcome (one per channel).",
+            "Publishes through the API by outcome: stored and duplicate count one per channel, rejected one per refused request or batch item, failed one per channel the engine could not store.",
         );
         for (outcome, value) in [
             ("stored", load(&self.stored)),

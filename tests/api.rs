@@ -598,3 +598,71 @@ async fn insecure_no_auth_works_only_on_loopback() {
         "{refused}"
     );
 }
+
+#[tokio::test]
+async fn reusing_an_idempotency_key_for_a_different_publish_is_refused() {
+    let (_app, gate) = start().await;
+    let first = publish(
+        &gate,
+        json!({"channel": "k", "data": 1, "idempotency_key": "shared"}),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    for different in [
+        json!({"channel": "k", "data": 2, "idempotency_key": "shared"}),
+        json!({"channel": "other", "data": 1, "idempotency_key": "shared"}),
+        json!({"channel": "k", "data": 1, "event": "e", "idempotency_key": "shared"}),
+    ] {
+        let answer = publish(&gate, different).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text);
+        assert_eq!(answer.code(), "idempotency_key_reused");
+    }
+    let history = get(&gate, "/api/history?channel=k").await;
+    assert_eq!(history.json()["offset"], 1, "nothing else was published");
+    let other = get(&gate, "/api/history?channel=other").await;
+    assert_eq!(other.json()["offset"], 0);
+}
+
+#[tokio::test]
+async fn method_not_allowed_names_the_allowed_methods() {
+    let (_app, gate) = start().await;
+    let answer = get(&gate, "/api/publish").await;
+    assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(answer.headers["allow"], "POST");
+    let answer = call(&gate, Method::POST, "/api/history", Some(API_KEY), None, "").await;
+    assert_eq!(answer.headers["allow"], "GET, HEAD");
+    let head = call(
+        &gate,
+        Method::HEAD,
+        "/api/history?channel=c",
+        Some(API_KEY),
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_stalled_publish_body_gets_408() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "limits:\n  body_timeout: 300ms\n").await;
+    let mut stream = tokio::net::TcpStream::connect(gate.api_addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"channel\":"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut received),
+    )
+    .await
+    .expect("answered and closed")
+    .ok();
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("\"body_timeout\""), "{text}");
+}

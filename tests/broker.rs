@@ -354,13 +354,18 @@ async fn position_of_a_new_channel_is_offset_zero(make: Factory) {
     let c = channel("fresh");
     let start = broker.position(&c).await.unwrap();
     assert_eq!(start.offset, 0);
-    publish_n(&*broker, "fresh", 2).await;
+    assert_eq!(broker.stats().channels, 0, "reading creates no channel");
+    let published = publish_n(&*broker, "fresh", 2).await;
     let now = broker.position(&c).await.unwrap();
     assert_eq!(
         now,
-        Position::new(start.epoch, 2),
+        Position::new(published[0].epoch, 2),
         "same epoch while the channel lives"
     );
+    // A reader that started at offset 0, in whatever epoch, gets everything.
+    let replay = broker.history(&c, Some(start), 100).await.unwrap();
+    assert!(replay.recovered);
+    assert_eq!(offsets(&replay.publications), vec![1, 2]);
 }
 
 macro_rules! broker_suite {

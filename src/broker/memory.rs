@@ -96,7 +96,8 @@ impl Channel {
 /// Idempotency keys seen within the window, and what they published.
 #[derive(Default)]
 struct Idempotency {
-    results: HashMap<String, Vec<Published>>,
+    /// The publish's fingerprint and where it landed.
+    results: HashMap<String, (u64, Vec<Published>)>,
     /// Keys in the order they expire.
     expiry: VecDeque<(Instant, String)>,
 }
@@ -244,14 +245,19 @@ impl Broker for MemoryBroker {
         let mut seen = self.idempotency.lock().expect("idempotency lock");
         let now = Instant::now();
         seen.purge(now);
-        if let Some(results) = seen.results.get(key) {
+        let fingerprint = publish.fingerprint();
+        if let Some((first, results)) = seen.results.get(key) {
+            if *first != fingerprint {
+                return Err(BrokerError::KeyReused);
+            }
             return Ok(PublishOutcome {
                 results: results.clone(),
                 duplicate: true,
             });
         }
         let results = self.publish_now(&publish);
-        seen.results.insert(key.clone(), results.clone());
+        seen.results
+            .insert(key.clone(), (fingerprint, results.clone()));
         seen.expiry
             .push_back((now + self.options.idempotency_window, key.clone()));
         Ok(PublishOutcome {
@@ -268,7 +274,15 @@ impl Broker for MemoryBroker {
     ) -> Result<History, BrokerError> {
         let cutoff = self.cutoff_ms(now_ms());
         let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
-        let state = shard.entry(channel.clone()).or_insert_with(Channel::new);
+        let Some(state) = shard.get_mut(channel.as_str()) else {
+            // Reading creates nothing. An unknown channel is empty: offset 0,
+            // valid in whatever epoch the channel later gets.
+            return Ok(History {
+                publications: Vec::new(),
+                position: Position::new(Epoch::random(), 0),
+                recovered: since.map_or(true, |since| since.offset == 0),
+            });
+        };
         let dropped = state.trim(self.options.history_size, cutoff);
         self.history_len
             .fetch_sub(dropped as u64, Ordering::Relaxed);
@@ -304,11 +318,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError> {
-        let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
+        let shard = self.shard(channel.as_str()).lock().expect("channel lock");
         Ok(shard
-            .entry(channel.clone())
-            .or_insert_with(Channel::new)
-            .position())
+            .get(channel.as_str())
+            .map_or_else(|| Position::new(Epoch::random(), 0), Channel::position))
     }
 
     async fn subscribe(&self, _channel: &ChannelName) -> Result<(), BrokerError> {

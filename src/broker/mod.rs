@@ -28,6 +28,45 @@ pub struct Publish {
     pub idempotency_key: Option<String>,
 }
 
+impl Publish {
+    /// A stable digest of what is published (channels, event, data), stored
+    /// with an idempotency key: reusing a key for a different publish is an
+    /// error, not a silent drop. FNV-1a 64, so every node computes the same.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hash = Fnv64::new();
+        for channel in &self.channels {
+            hash.write(channel.as_str().as_bytes());
+            hash.write(b"\n");
+        }
+        hash.write(b"\0");
+        if let Some(event) = &self.event {
+            hash.write(event.as_str().as_bytes());
+        }
+        hash.write(b"\0");
+        hash.write(self.data.get().as_bytes());
+        hash.finish()
+    }
+}
+
+struct Fnv64(u64);
+
+impl Fnv64 {
+    fn new() -> Fnv64 {
+        Fnv64(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Where a publication landed: `{"channel","epoch","offset"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Published {
@@ -82,6 +121,10 @@ pub enum BrokerError {
     /// Retrying with the same idempotency key never duplicates it.
     #[error("the engine failed mid-publish; the outcome is unknown: {0}")]
     OutcomeUnknown(String),
+    /// The idempotency key was used, within its window, for a different
+    /// publish. Nothing was published.
+    #[error("this idempotency_key was already used for a different publish")]
+    KeyReused,
 }
 
 /// Engine totals for /metrics.
