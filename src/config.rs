@@ -66,6 +66,37 @@ pub const DEFAULT_QUEUE_MESSAGES: usize = 1_000;
 pub const DEFAULT_QUEUE_BYTES: ByteSize = ByteSize(4 << 20);
 /// Largest `history.size`: history is memory.
 pub const MAX_HISTORY_SIZE: usize = 1_000_000;
+/// Where pushgate's own realtime endpoints live on the public listener.
+pub const DEFAULT_REALTIME_PREFIX: &str = "/realtime";
+/// Channels one realtime connection may hear.
+pub const DEFAULT_MAX_CHANNELS: usize = 100;
+/// Realtime connections from one client address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+/// WebSocket commands a connection may send per second, sustained…
+pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 20;
+/// …and in a burst.
+pub const DEFAULT_COMMAND_BURST: u32 = 50;
+/// Largest WebSocket message a client may send.
+pub const DEFAULT_WS_MAX_MESSAGE: ByteSize = ByteSize(64 * 1024);
+/// How often an idle WebSocket is pinged.
+pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(25);
+/// How long a pong (or a write) may take before the peer counts as dead.
+pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// tungstenite's read buffer per connection; its default (128 KiB) is far
+/// too much for many idle connections.
+pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(4 * 1024);
+/// Bytes tungstenite gathers before writing; 0 writes each flush at once.
+pub const DEFAULT_WS_WRITE_BUFFER: ByteSize = ByteSize(0);
+/// Most bytes tungstenite may hold unwritten for one connection.
+pub const DEFAULT_WS_MAX_WRITE_BUFFER: ByteSize = ByteSize(8 << 20);
+/// An idle SSE stream gets a comment line this often, so proxies keep it.
+pub const DEFAULT_SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+/// The `retry:` an SSE stream asks the browser to wait before reconnecting.
+pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
+/// A long-poll without `timeout=` waits this long…
+pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(25);
+/// …and with one, at most this long.
+pub const DEFAULT_POLL_MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -86,6 +117,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub tls: TlsConfig,
     pub api: ApiConfig,
+    pub realtime: RealtimeConfig,
+    pub auth: AuthConfig,
     pub engine: EngineConfig,
     pub history: HistoryConfig,
     pub shutdown: ShutdownConfig,
@@ -100,6 +133,8 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             tls: TlsConfig::default(),
             api: ApiConfig::default(),
+            realtime: RealtimeConfig::default(),
+            auth: AuthConfig::default(),
             engine: EngineConfig::default(),
             history: HistoryConfig::default(),
             shutdown: ShutdownConfig::default(),
@@ -135,6 +170,120 @@ impl Default for ApiConfig {
             max_connections: DEFAULT_API_MAX_CONNECTIONS,
         }
     }
+}
+
+/// pushgate's own endpoints on the public listener: WebSocket, SSE and
+/// long-poll under `prefix`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RealtimeConfig {
+    /// `/realtime`: `/realtime/ws`, `/realtime/sse`, `/realtime/poll`.
+    pub prefix: String,
+    /// Origins allowed to open realtime connections from a browser:
+    /// `https://app.example.com`, `https://*.example.com`, or `*`. Empty:
+    /// only the request's own host (stops cross-site WebSocket hijacking).
+    pub allowed_origins: Vec<String>,
+    pub max_channels: usize,
+    pub max_connections_per_ip: usize,
+    pub commands_per_second: u32,
+    pub command_burst: u32,
+    pub websocket: WebSocketConfig,
+    pub sse: SseConfig,
+    pub poll: PollConfig,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        RealtimeConfig {
+            prefix: DEFAULT_REALTIME_PREFIX.to_owned(),
+            allowed_origins: Vec::new(),
+            max_channels: DEFAULT_MAX_CHANNELS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
+            command_burst: DEFAULT_COMMAND_BURST,
+            websocket: WebSocketConfig::default(),
+            sse: SseConfig::default(),
+            poll: PollConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Larger client messages close the connection with 1009.
+    pub max_message_size: ByteSize,
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration")]
+    pub ping_timeout: Duration,
+    pub read_buffer_size: ByteSize,
+    pub write_buffer_size: ByteSize,
+    pub max_write_buffer_size: ByteSize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_message_size: DEFAULT_WS_MAX_MESSAGE,
+            ping_interval: DEFAULT_WS_PING_INTERVAL,
+            ping_timeout: DEFAULT_WS_PING_TIMEOUT,
+            read_buffer_size: DEFAULT_WS_READ_BUFFER,
+            write_buffer_size: DEFAULT_WS_WRITE_BUFFER,
+            max_write_buffer_size: DEFAULT_WS_MAX_WRITE_BUFFER,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseConfig {
+    #[serde(with = "duration")]
+    pub keepalive: Duration,
+    #[serde(with = "duration")]
+    pub retry: Duration,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            keepalive: DEFAULT_SSE_KEEPALIVE,
+            retry: DEFAULT_SSE_RETRY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollConfig {
+    #[serde(with = "duration")]
+    pub default_timeout: Duration,
+    #[serde(with = "duration")]
+    pub max_timeout: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            default_timeout: DEFAULT_POLL_TIMEOUT,
+            max_timeout: DEFAULT_POLL_MAX_TIMEOUT,
+        }
+    }
+}
+
+/// Who may open realtime connections, and to which channels.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Everyone may hear every channel. Only on a loopback listener.
+    #[default]
+    None,
 }
 
 /// Where channels, history and fan-out live.
@@ -957,6 +1106,115 @@ impl Config {
                     self.limits.queue_bytes, api.max_body
                 ),
                 &format!("raise it to at least {}", ByteSize(2 * max_body)),
+            );
+        }
+
+        let realtime = &self.realtime;
+        let prefix_ok = realtime.prefix.starts_with('/')
+            && realtime.prefix.len() > 1
+            && !realtime.prefix.ends_with('/')
+            && realtime
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
+        if !prefix_ok {
+            problem(
+                "realtime.prefix",
+                format!("`{}` is not a path prefix", realtime.prefix),
+                "write a path such as /realtime: a leading slash, no trailing one",
+            );
+        }
+        for (index, origin) in realtime.allowed_origins.iter().enumerate() {
+            if let Err(why) = crate::transport::OriginPattern::parse(origin) {
+                problem(
+                    &format!("realtime.allowed_origins[{index}]"),
+                    why,
+                    "write scheme://host[:port], scheme://*.domain, or *",
+                );
+            }
+        }
+        for (key, value, max) in [
+            ("realtime.max_channels", realtime.max_channels, 200),
+            (
+                "realtime.max_connections_per_ip",
+                realtime.max_connections_per_ip,
+                usize::MAX,
+            ),
+            (
+                "realtime.commands_per_second",
+                realtime.commands_per_second as usize,
+                100_000,
+            ),
+            (
+                "realtime.command_burst",
+                realtime.command_burst as usize,
+                100_000,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                problem(
+                    key,
+                    format!("{value} is outside 1..={max}"),
+                    "see config.example.yaml for the default",
+                );
+            }
+        }
+        let ws = &realtime.websocket;
+        if !(128..=64 << 20).contains(&ws.max_message_size.bytes()) {
+            problem(
+                "realtime.websocket.max_message_size",
+                format!("{} is outside 128..=64MiB", ws.max_message_size),
+                "use e.g. 64KiB",
+            );
+        }
+        if ws.read_buffer_size.bytes() < 256 || ws.read_buffer_size.bytes() > 16 << 20 {
+            problem(
+                "realtime.websocket.read_buffer_size",
+                format!("{} is outside 256..=16MiB", ws.read_buffer_size),
+                "use e.g. 4KiB",
+            );
+        }
+        if ws.max_write_buffer_size <= ws.write_buffer_size
+            || ws.max_write_buffer_size.bytes() < 2 * max_body
+        {
+            problem(
+                "realtime.websocket.max_write_buffer_size",
+                format!(
+                    "must be above write_buffer_size and at least twice api.max_body ({})",
+                    ByteSize(2 * max_body)
+                ),
+                "use e.g. 8MiB",
+            );
+        }
+        for (key, value) in [
+            ("realtime.websocket.ping_interval", ws.ping_interval),
+            ("realtime.websocket.ping_timeout", ws.ping_timeout),
+            ("realtime.sse.keepalive", realtime.sse.keepalive),
+            ("realtime.poll.max_timeout", realtime.poll.max_timeout),
+        ] {
+            if value.is_zero() {
+                problem(
+                    key,
+                    "must be longer than zero".into(),
+                    "see config.example.yaml for the default",
+                );
+            }
+        }
+        if realtime.poll.default_timeout > realtime.poll.max_timeout {
+            problem(
+                "realtime.poll.default_timeout",
+                "is longer than realtime.poll.max_timeout".into(),
+                "make it at most max_timeout",
+            );
+        }
+        if self.auth.mode == AuthMode::None && !self.listen.ip().is_loopback() {
+            problem(
+                "auth.mode",
+                format!(
+                    "`none` lets anyone hear every channel, and `listen` ({}) is not loopback",
+                    self.listen
+                ),
+                "listen on 127.0.0.1 behind your own front proxy",
             );
         }
 

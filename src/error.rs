@@ -147,6 +147,21 @@ impl ApiError {
         }
     }
 
+    /// The WebSocket close code for this refusal, when it ends a realtime
+    /// connection after the upgrade (browsers cannot read a refused
+    /// handshake's status): 4001 unauthenticated, 4003 forbidden, 4029 over a
+    /// limit, 1013 when the app or engine cannot answer (try again later),
+    /// 1008 for anything else the client got wrong.
+    pub fn close_code(&self) -> u16 {
+        match self.status {
+            StatusCode::UNAUTHORIZED => 4001,
+            StatusCode::FORBIDDEN => 4003,
+            StatusCode::TOO_MANY_REQUESTS => 4029,
+            StatusCode::SERVICE_UNAVAILABLE => 1013,
+            _ => 1008,
+        }
+    }
+
     /// The JSON object `{"code", "message"}`, for batch items.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({ "code": self.code, "message": self.message })

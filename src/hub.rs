@@ -47,7 +47,8 @@ pub enum Push {
 /// One session's queue of publications waiting to be written.
 pub struct Outbox {
     state: Mutex<OutboxState>,
-    ready: Notify,
+    /// In an `Arc` so a body can hold an owned wait ([`Outbox::ready_owned`]).
+    ready: Arc<Notify>,
     limits: QueueLimits,
 }
 
@@ -74,7 +75,7 @@ impl Outbox {
     pub fn new(limits: QueueLimits) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(OutboxState::default()),
-            ready: Notify::new(),
+            ready: Arc::new(Notify::new()),
             limits,
         })
     }
@@ -126,6 +127,12 @@ impl Outbox {
     /// since the last drain.
     pub async fn ready(&self) {
         self.ready.notified().await
+    }
+
+    /// Like [`Outbox::ready`], as an owned future that a hand-written stream
+    /// can keep between polls (no allocation).
+    pub fn ready_owned(&self) -> tokio::sync::futures::OwnedNotified {
+        self.ready.clone().notified_owned()
     }
 
     /// Closes the outbox: later pushes are refused and the session is woken.

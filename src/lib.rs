@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod transport;
 
 pub use config::Config;
 pub use error::Error;

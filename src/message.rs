@@ -126,6 +126,9 @@ pub struct Publication {
     envelope: Bytes,
     /// Where `data` sits inside `envelope`, so it is not stored twice.
     data: Range<usize>,
+    /// The envelope as a WebSocket text payload: UTF-8 checked once, here,
+    /// not per send.
+    ws_text: tokio_tungstenite::tungstenite::Utf8Bytes,
     /// `event: …\n` (when named) and `data: <envelope>\n`: an SSE event
     /// without its `id:` line and closing blank line, which are per connection.
     sse: Bytes,
@@ -170,12 +173,16 @@ impl Publication {
         sse.extend_from_slice(&envelope);
         sse.push(b'\n');
 
+        let envelope = Bytes::from(envelope);
+        let ws_text = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(envelope.clone())
+            .expect("the envelope is UTF-8: ASCII fields around JSON text");
         Publication {
             channel,
             position,
             event,
             published_at_ms,
-            envelope: Bytes::from(envelope),
+            ws_text,
+            envelope,
             data: data_range,
             sse: Bytes::from(sse),
         }
@@ -204,6 +211,11 @@ impl Publication {
     /// The envelope JSON, shared: clone it to send it.
     pub fn envelope(&self) -> &Bytes {
         &self.envelope
+    }
+
+    /// The envelope as a WebSocket text payload, shared.
+    pub fn ws_text(&self) -> &tokio_tungstenite::tungstenite::Utf8Bytes {
+        &self.ws_text
     }
 
     /// The publication's `data` JSON, compacted.

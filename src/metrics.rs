@@ -5,8 +5,11 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
 use crate::broker::EngineStats;
 use crate::hub::Hub;
+use crate::transport::Gauges;
 
 /// Outcomes of a requested publication (one per channel of a publish item).
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +26,8 @@ pub enum PublishOutcome {
 
 #[derive(Default)]
 pub struct Metrics {
+    /// Realtime connection and subscription gauges, kept by the transports.
+    pub realtime: Arc<Gauges>,
     stored: AtomicU64,
     duplicate: AtomicU64,
     rejected: AtomicU64,
@@ -59,6 +64,31 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "pushgate_publishes_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+        let realtime = self.realtime.read();
+        family(
+            &mut out,
+            "pushgate_connections",
+            "gauge",
+            "Open realtime connections (waiting requests for poll), by transport.",
+        );
+        for (transport, connections, _) in &realtime {
+            let _ = writeln!(
+                out,
+                "pushgate_connections{{transport=\"{transport}\"}} {connections}"
+            );
+        }
+        family(
+            &mut out,
+            "pushgate_subscriptions",
+            "gauge",
+            "Channel subscriptions of open realtime connections, by transport.",
+        );
+        for (transport, _, subscriptions) in &realtime {
+            let _ = writeln!(
+                out,
+                "pushgate_subscriptions{{transport=\"{transport}\"}} {subscriptions}"
             );
         }
         single(

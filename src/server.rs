@@ -39,6 +39,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::shutdown::Drain;
+use crate::transport::Realtime;
 use head_deadline::HeadDeadline;
 
 /// Open files kept aside for listeners, logs, the engine and the like when
@@ -94,14 +95,24 @@ struct Listener {
 /// What answers a listener's requests.
 #[derive(Clone)]
 enum Handler {
-    Public(Arc<Proxy>),
+    /// pushgate's realtime paths, and the app behind it for everything else.
+    Public {
+        realtime: Arc<Realtime>,
+        proxy: Arc<Proxy>,
+    },
     Api(Arc<Api>),
 }
 
 impl Handler {
     async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         match self {
-            Handler::Public(proxy) => proxy.forward(request, conn).await,
+            Handler::Public { realtime, proxy } => {
+                if realtime.owns(request.uri().path()) {
+                    realtime.handle(request, conn).await
+                } else {
+                    proxy.forward(request, conn).await
+                }
+            }
             Handler::Api(api) => api.handle(request).await,
         }
     }
@@ -167,6 +178,13 @@ impl Server {
             ),
         };
         let metrics = Arc::new(Metrics::default());
+        let realtime = Arc::new(Realtime::new(
+            &config,
+            hub.clone(),
+            broker.clone(),
+            drain.clone(),
+            metrics.realtime.clone(),
+        ));
         let api = Arc::new(Api::new(&config, broker.clone(), hub.clone(), metrics));
         let proxy = Arc::new(Proxy::new(&config, drain.clone()));
 
@@ -180,7 +198,7 @@ impl Server {
                     n => n,
                 },
                 limit_key: "limits.max_connections",
-                handler: Handler::Public(proxy),
+                handler: Handler::Public { realtime, proxy },
             },
             api: Listener {
                 tcp: api_tcp,

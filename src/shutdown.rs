@@ -56,6 +56,12 @@ impl Drain {
         self.signal.cancelled().await
     }
 
+    /// Like [`Drain::signalled`], as an owned future a hand-written stream
+    /// can keep between polls.
+    pub fn signalled_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.signal.clone().cancelled_owned()
+    }
+
     pub fn is_signalled(&self) -> bool {
         self.signal.is_cancelled()
     }

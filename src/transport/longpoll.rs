@@ -1,0 +1,172 @@
+//! Long-poll at `{prefix}/poll?channel=..&since=<cursor>&timeout=<s>`.
+//!
+//! Each request is a short session: subscribe (live first, then history from
+//! the cursor), answer at once when anything is newer than the cursor, else
+//! wait for the outbox up to the timeout. The answer is always
+//! `{"messages": [...], "cursor": "...", "reset": [...]}`; the cursor is the
+//! `since` of the next request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{
+    cors, get_or_preflight, origin_refused, parse_cursor, Admit, OriginCheck, Realtime,
+    RealtimeQuery, Transport,
+};
+use crate::body::Body;
+use crate::cursor::Position;
+use crate::error::{json_bytes, ApiError};
+use crate::hub::Drained;
+use crate::message::{ChannelName, Publication};
+use crate::proxy::ConnInfo;
+
+pub(super) async fn handle(
+    realtime: &Arc<Realtime>,
+    request: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(answer) = get_or_preflight(realtime, &request) {
+        return answer;
+    }
+    let headers = request.headers();
+    let origin = realtime.origins.check(headers);
+    if origin == OriginCheck::Refused {
+        return Err(origin_refused());
+    }
+    let query = RealtimeQuery::parse(request.uri().query(), &["since", "timeout"])?;
+    if query.channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name at least one channel: ?channel=...",
+        ));
+    }
+    let timeout = poll_timeout(realtime, query.timeout.as_deref())?;
+    let resume = query.since.as_deref().map(parse_cursor).transpose()?;
+
+    let (grant, _slot) = realtime
+        .admit(Transport::Poll, headers, &query, conn)
+        .await?;
+    let _gauge = realtime.count(Transport::Poll);
+    let mut session = realtime.session(Transport::Poll, grant);
+
+    let mut messages: Vec<Arc<Publication>> = Vec::new();
+    let mut resets: Vec<(ChannelName, Position)> = Vec::new();
+    for channel in &query.channels {
+        // A channel the cursor does not know (newly added by the client)
+        // starts from now.
+        let since = resume
+            .as_ref()
+            .and_then(|c| c.position_of(channel.as_str()));
+        let subscribed = session.subscribe(channel.clone(), since).await?;
+        if since.is_some() && !subscribed.recovered {
+            resets.push((channel.clone(), subscribed.position));
+        }
+        messages.extend(subscribed.replay);
+    }
+
+    if messages.is_empty() && resets.is_empty() && !timeout.is_zero() {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outbox = session.outbox().clone();
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                // Shutting down: answer now, the client comes back elsewhere.
+                () = realtime.drain.signalled() => break,
+                () = outbox.ready() => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            if outbox.drain_into(&mut batch) != Drained::Open {
+                // Lagging cannot happen within one short wait unless a flood
+                // arrived: answer with what the cursor says; the next request
+                // recovers from history.
+                break;
+            }
+            for publication in batch.drain(..) {
+                match session.admit(&publication) {
+                    Admit::Skip => {}
+                    Admit::Deliver => messages.push(publication),
+                    Admit::ResetThenDeliver(position) => {
+                        resets.push((publication.channel().clone(), position));
+                        messages.push(publication);
+                    }
+                }
+            }
+            if !messages.is_empty() || !resets.is_empty() {
+                break;
+            }
+        }
+    }
+
+    let mut response = json_bytes(
+        StatusCode::OK,
+        answer(&messages, &resets, &session.cursor().encode()),
+    );
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    cors(&mut response, &origin);
+    Ok(response)
+}
+
+/// `timeout=` in whole seconds, capped by `realtime.poll.max_timeout`.
+fn poll_timeout(realtime: &Realtime, text: Option<&str>) -> Result<Duration, ApiError> {
+    let poll = &realtime.config.poll;
+    let Some(text) = text else {
+        return Ok(poll.default_timeout);
+    };
+    let seconds: u64 = text
+        .parse()
+        .ok()
+        .filter(|_| text.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            ApiError::bad_request("bad_timeout", "`timeout` is a whole number of seconds")
+        })?;
+    Ok(Duration::from_secs(seconds).min(poll.max_timeout))
+}
+
+/// The answer body; envelopes are spliced in as they are, not re-encoded.
+fn answer(
+    messages: &[Arc<Publication>],
+    resets: &[(ChannelName, Position)],
+    cursor: &str,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(
+        64 + cursor.len()
+            + messages
+                .iter()
+                .map(|p| p.envelope().len() + 1)
+                .sum::<usize>(),
+    );
+    body.extend_from_slice(b"{\"messages\":[");
+    for (index, publication) in messages.iter().enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(publication.envelope());
+    }
+    body.extend_from_slice(b"],\"cursor\":\"");
+    // Cursors are URL-safe ASCII: no JSON escaping needed.
+    body.extend_from_slice(cursor.as_bytes());
+    body.extend_from_slice(b"\",\"reset\":[");
+    for (index, (channel, position)) in resets.iter().enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(
+            serde_json::json!({
+                "channel": channel,
+                "epoch": position.epoch,
+                "offset": position.offset,
+            })
+            .to_string()
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"]}");
+    body
+}

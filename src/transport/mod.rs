@@ -1,0 +1,537 @@
+//! The realtime transports under `realtime.prefix`: WebSocket, Server-Sent
+//! Events and long-poll, each an adapter around one shared [`Session`].
+//!
+//! All three deliver the same envelope and resume the same way: a client
+//! comes back with positions (WebSocket `since`) or a cursor (SSE
+//! `Last-Event-ID`, long-poll `since`), gets every publication after them
+//! from history, in order and once, and then the live ones; when history
+//! cannot cover the gap it is told so explicitly (a reset) and continues from
+//! now.
+//!
+//! What happens before a session starts is also shared: the path and query
+//! are parsed, the `Origin` is checked ([`Origins`]), the per-address
+//! connection limit is taken ([`IpSlot`]), and [`Auth`] grants the channels.
+
+mod longpoll;
+mod session;
+mod sse;
+mod websocket;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::{Auth, AuthRequest, Grant};
+use crate::body::Body;
+use crate::broker::Broker;
+use crate::config::{Config, RealtimeConfig};
+use crate::cursor::Cursor;
+use crate::error::ApiError;
+use crate::hub::{Hub, QueueLimits};
+use crate::message::ChannelName;
+use crate::proxy::ConnInfo;
+use crate::shutdown::Drain;
+
+pub use session::{Admit, Session, Subscribed};
+
+/// The three transports, for gauges and the auth request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    Sse,
+    Poll,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+            Transport::Poll => "poll",
+        }
+    }
+
+    const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::Poll];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Open connections (or waiting long-polls) and subscriptions, for /metrics.
+#[derive(Default)]
+pub struct Gauges {
+    connections: [AtomicI64; 3],
+    subscriptions: [AtomicI64; 3],
+}
+
+impl Gauges {
+    /// `(transport, open connections, subscriptions)` for each transport.
+    pub fn read(&self) -> Vec<(&'static str, i64, i64)> {
+        Transport::ALL
+            .iter()
+            .map(|t| {
+                (
+                    t.name(),
+                    self.connections[t.index()].load(Ordering::Relaxed),
+                    self.subscriptions[t.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    fn add_subscriptions(&self, transport: Transport, delta: i64) {
+        self.subscriptions[transport.index()].fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// Counts a connection in the gauges while it lives.
+pub struct ConnectionGauge {
+    gauges: Arc<Gauges>,
+    transport: Transport,
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.gauges.connections[self.transport.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything the realtime endpoints share.
+pub struct Realtime {
+    prefix: String,
+    config: RealtimeConfig,
+    origins: Origins,
+    auth: Auth,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    queue: QueueLimits,
+    drain: Drain,
+    gauges: Arc<Gauges>,
+    /// Open realtime connections per client address.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Realtime {
+    pub fn new(
+        config: &Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        drain: Drain,
+        gauges: Arc<Gauges>,
+    ) -> Realtime {
+        let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
+        Realtime {
+            prefix: config.realtime.prefix.clone(),
+            config: config.realtime.clone(),
+            origins: Origins::new(&config.realtime.allowed_origins),
+            auth: Auth::new(&config.auth),
+            hub,
+            broker,
+            queue: QueueLimits {
+                messages: config.limits.queue_messages,
+                bytes: queue_bytes,
+            },
+            drain,
+            gauges,
+            per_ip: Mutex::default(),
+        }
+    }
+
+    /// Whether `path` is one of pushgate's own realtime paths.
+    pub fn owns(&self, path: &str) -> bool {
+        path.strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Answers a request under `realtime.prefix`.
+    pub async fn handle(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<Body> {
+        let rest = &request.uri().path()[self.prefix.len()..];
+        let result = match rest {
+            "/ws" => websocket::handle(self, request, conn).await,
+            "/sse" => sse::handle(self, request, conn).await,
+            "/poll" => longpoll::handle(self, request, conn).await,
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no such realtime endpoint; pushgate serves {0}/ws, {0}/sse and {0}/poll",
+                    self.prefix
+                ),
+            )),
+        };
+        result.unwrap_or_else(ApiError::into_response)
+    }
+
+    /// Starts counting a connection of `transport` in the gauges.
+    fn count(&self, transport: Transport) -> ConnectionGauge {
+        self.gauges.connections[transport.index()].fetch_add(1, Ordering::Relaxed);
+        ConnectionGauge {
+            gauges: self.gauges.clone(),
+            transport,
+        }
+    }
+
+    /// Takes one of the client address's `max_connections_per_ip` slots.
+    fn claim_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, ApiError> {
+        let ip = ip.to_canonical();
+        let mut per_ip = self.per_ip.lock().expect("per-ip lock");
+        let open = per_ip.entry(ip).or_insert(0);
+        if *open >= self.config.max_connections_per_ip {
+            tracing::info!(
+                %ip,
+                limit = self.config.max_connections_per_ip,
+                "limit: realtime.max_connections_per_ip reached"
+            );
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many realtime connections from this address (realtime.max_connections_per_ip)",
+            ));
+        }
+        *open += 1;
+        Ok(IpSlot {
+            realtime: self.clone(),
+            ip,
+        })
+    }
+
+    /// The checks every transport makes before it starts a session: the
+    /// query, the Origin, the per-address limit and the grant.
+    async fn admit(
+        self: &Arc<Self>,
+        transport: Transport,
+        headers: &HeaderMap,
+        query: &RealtimeQuery,
+        conn: ConnInfo,
+    ) -> Result<(Grant, IpSlot), ApiError> {
+        if query.channels.len() > self.config.max_channels {
+            return Err(ApiError::bad_request(
+                "too_many_channels",
+                format!(
+                    "a connection may hear at most {} channels (realtime.max_channels)",
+                    self.config.max_channels
+                ),
+            ));
+        }
+        let slot = self.claim_ip(conn.peer.ip())?;
+        let grant = self
+            .auth
+            .authorize(AuthRequest {
+                transport: transport.name(),
+                channels: &query.channels,
+                headers,
+            })
+            .await?;
+        if let Some(refused) = query.channels.iter().find(|c| !grant.allows(c)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("not allowed to hear `{refused}`"),
+            ));
+        }
+        Ok((grant, slot))
+    }
+
+    fn session(self: &Arc<Self>, transport: Transport, grant: Grant) -> Session {
+        Session::new(self.clone(), transport, grant)
+    }
+}
+
+/// One of an address's realtime connection slots; freed on drop.
+pub struct IpSlot {
+    realtime: Arc<Realtime>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.realtime.per_ip.lock().expect("per-ip lock");
+        if let Some(open) = per_ip.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// One allowed origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPattern {
+    /// `*`: any origin.
+    Any,
+    /// `https://app.example.com[:port]`, compared case-insensitively.
+    Exact(String),
+    /// `https://*.example.com[:port]`: any subdomain (not the domain itself).
+    Subdomains {
+        scheme: String,
+        suffix: String,
+        port: Option<String>,
+    },
+}
+
+impl OriginPattern {
+    pub fn parse(text: &str) -> Result<OriginPattern, String> {
+        if text == "*" {
+            return Ok(OriginPattern::Any);
+        }
+        let lower = text.to_ascii_lowercase();
+        let (scheme, rest) = lower
+            .split_once("://")
+            .ok_or_else(|| format!("`{text}` has no scheme"))?;
+        if scheme != "http" && scheme != "https" {
+            return Err(format!("`{text}`: the scheme must be http or https"));
+        }
+        if rest.is_empty() || rest.contains('/') || rest.contains('?') || rest.contains('#') {
+            return Err(format!(
+                "`{text}`: an origin is scheme://host[:port], without a path"
+            ));
+        }
+        if let Some(domain) = rest.strip_prefix("*.") {
+            let (host, port) = match domain.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port.to_owned())),
+                None => (domain, None),
+            };
+            if host.is_empty() || host.contains('*') {
+                return Err(format!("`{text}`: a wildcard is `*.` and a domain"));
+            }
+            return Ok(OriginPattern::Subdomains {
+                scheme: scheme.to_owned(),
+                suffix: format!(".{host}"),
+                port,
+            });
+        }
+        if rest.contains('*') {
+            return Err(format!(
+                "`{text}`: `*` may only start the host, as in *.example.com"
+            ));
+        }
+        Ok(OriginPattern::Exact(lower))
+    }
+
+    fn matches(&self, origin: &str) -> bool {
+        match self {
+            OriginPattern::Any => true,
+            OriginPattern::Exact(exact) => origin.eq_ignore_ascii_case(exact),
+            OriginPattern::Subdomains {
+                scheme,
+                suffix,
+                port,
+            } => {
+                let origin = origin.to_ascii_lowercase();
+                let Some(rest) = origin
+                    .strip_prefix(scheme.as_str())
+                    .and_then(|r| r.strip_prefix("://"))
+                else {
+                    return false;
+                };
+                let (host, origin_port) = match rest.rsplit_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (rest, None),
+                };
+                host.ends_with(suffix.as_str())
+                    && host.len() > suffix.len()
+                    && origin_port == port.as_deref()
+            }
+        }
+    }
+}
+
+/// The `realtime.allowed_origins` check, for WebSocket handshakes and CORS.
+#[derive(Debug, Clone)]
+pub struct Origins {
+    patterns: Vec<OriginPattern>,
+}
+
+/// What the Origin check decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginCheck {
+    /// No `Origin` header: not a browser's cross-origin request.
+    Absent,
+    /// Allowed; CORS answers echo this origin.
+    Allowed(HeaderValue),
+    Refused,
+}
+
+impl Origins {
+    pub fn new(allowed: &[String]) -> Origins {
+        Origins {
+            patterns: allowed
+                .iter()
+                .filter_map(|text| OriginPattern::parse(text).ok())
+                .collect(),
+        }
+    }
+
+    /// Checks the request's `Origin`. With no patterns configured only the
+    /// request's own host is allowed, which is what stops a foreign page
+    /// from opening a WebSocket with the user's cookies.
+    pub fn check(&self, headers: &HeaderMap) -> OriginCheck {
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return OriginCheck::Absent;
+        };
+        let Ok(text) = origin.to_str() else {
+            return OriginCheck::Refused;
+        };
+        let allowed = if self.patterns.is_empty() {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            let origin_host = text.split_once("://").map(|(_, rest)| rest);
+            matches!((host, origin_host), (Some(host), Some(origin_host)) if host.eq_ignore_ascii_case(origin_host))
+        } else {
+            self.patterns.iter().any(|pattern| pattern.matches(text))
+        };
+        if allowed {
+            OriginCheck::Allowed(origin.clone())
+        } else {
+            OriginCheck::Refused
+        }
+    }
+}
+
+/// Adds CORS headers for an allowed origin to a response.
+fn cors(response: &mut Response<Body>, origin: &OriginCheck) {
+    if let OriginCheck::Allowed(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}
+
+/// Answers a CORS preflight for SSE or long-poll.
+fn preflight(origins: &Origins, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
+    let check = origins.check(headers);
+    if check == OriginCheck::Refused {
+        return Err(origin_refused());
+    }
+    let mut response = Response::new(crate::body::empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    cors(&mut response, &check);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Last-Event-ID, Authorization, Content-Type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    Ok(response)
+}
+
+fn origin_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        "this Origin may not open realtime connections (realtime.allowed_origins)",
+    )
+}
+
+/// SSE and long-poll answer GET and CORS preflights only.
+fn get_or_preflight(
+    realtime: &Realtime,
+    request: &Request<Incoming>,
+) -> Option<Result<Response<Body>, ApiError>> {
+    match *request.method() {
+        Method::GET => None,
+        Method::OPTIONS => Some(preflight(&realtime.origins, request.headers())),
+        _ => Some(Err(ApiError::method_not_allowed("GET, OPTIONS"))),
+    }
+}
+
+/// The realtime query string: `channel=` (repeated), and per transport
+/// `since`, `last_event_id`, `timeout`.
+#[derive(Debug, Default)]
+struct RealtimeQuery {
+    channels: Vec<ChannelName>,
+    since: Option<String>,
+    last_event_id: Option<String>,
+    timeout: Option<String>,
+}
+
+impl RealtimeQuery {
+    /// Parses the query, accepting only `known` parameters besides `channel`.
+    fn parse(query: Option<&str>, known: &[&str]) -> Result<RealtimeQuery, ApiError> {
+        let query = query.unwrap_or("");
+        if query.len() > 16 * 1024 {
+            return Err(ApiError::bad_request(
+                "bad_query",
+                "the query string is over 16 KiB",
+            ));
+        }
+        let mut parsed = RealtimeQuery::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let single = |slot: &mut Option<String>| {
+                if slot.is_some() {
+                    return Err(ApiError::bad_request(
+                        "bad_query",
+                        format!("parameter `{key}` is given twice"),
+                    ));
+                }
+                *slot = Some(value.clone().into_owned());
+                Ok(())
+            };
+            match key.as_ref() {
+                "channel" => {
+                    let channel = ChannelName::parse(&value).map_err(|err| {
+                        ApiError::bad_request("bad_channel", format!("`{value}`: {err}"))
+                    })?;
+                    if parsed.channels.contains(&channel) {
+                        return Err(ApiError::bad_request(
+                            "bad_channel",
+                            format!("`{value}` is named twice"),
+                        ));
+                    }
+                    parsed.channels.push(channel);
+                }
+                "since" if known.contains(&"since") => single(&mut parsed.since)?,
+                "last_event_id" if known.contains(&"last_event_id") => {
+                    single(&mut parsed.last_event_id)?
+                }
+                "timeout" if known.contains(&"timeout") => single(&mut parsed.timeout)?,
+                other => {
+                    let mut takes = vec!["channel"];
+                    takes.extend_from_slice(known);
+                    return Err(ApiError::bad_request(
+                        "bad_query",
+                        format!(
+                            "unknown parameter `{other}`; this endpoint takes {}",
+                            takes.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// Parses a cursor from a client, as a 400 with the codec's reason.
+fn parse_cursor(text: &str) -> Result<Cursor, ApiError> {
+    Cursor::decode(text).map_err(|err| ApiError::bad_request(err.code(), format!("cursor: {err}")))
+}
+
+/// A duration with jitter in `[d/2, d]`, so clients told to come back do
+/// not all come back at once.
+fn jittered(duration: Duration) -> Duration {
+    use rand::Rng;
+    let millis = duration.as_millis().max(2) as u64;
+    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+}

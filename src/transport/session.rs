@@ -1,0 +1,237 @@
+//! A realtime session: the channels one connection hears, its position in
+//! each, and its outbox. Every transport drives one.
+//!
+//! Subscribing takes the live subscription (the hub) before it reads
+//! history, so nothing published in between is missed; whatever arrives
+//! twice (in the replay and in the outbox) is dropped by offset in
+//! [`Session::admit`]. A publication that does not follow the session's
+//! position (another epoch, or a gap) is never passed on silently: the
+//! transport announces a reset first.
+
+use std::sync::Arc;
+
+use super::{Realtime, Transport};
+use crate::auth::Grant;
+use crate::cursor::{Cursor, Position};
+use crate::error::ApiError;
+use crate::hub::Outbox;
+use crate::message::{ChannelName, Publication};
+use http::StatusCode;
+
+struct Subscription {
+    channel: ChannelName,
+    /// The last publication delivered (or the point the client started
+    /// from).
+    position: Position,
+}
+
+/// The result of a subscribe.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// `false` when the client's position could not be recovered: it must be
+    /// told, and continues from `position`.
+    pub recovered: bool,
+    /// Where the subscription now stands (after the replay).
+    pub position: Position,
+    /// Publications after the client's position, in order, to send before
+    /// anything live.
+    pub replay: Vec<Arc<Publication>>,
+}
+
+/// What to do with a publication taken from the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Deliver,
+    /// Already delivered (or not subscribed any more).
+    Skip,
+    /// The stream does not follow on from the session's position: announce a
+    /// reset to this position, then deliver.
+    ResetThenDeliver(Position),
+}
+
+pub struct Session {
+    realtime: Arc<Realtime>,
+    transport: Transport,
+    grant: Grant,
+    outbox: Arc<Outbox>,
+    subscriptions: Vec<Subscription>,
+    /// The positions of all subscriptions, kept encoded-ready for SSE ids
+    /// and long-poll answers.
+    cursor: Cursor,
+}
+
+impl Session {
+    pub(super) fn new(realtime: Arc<Realtime>, transport: Transport, grant: Grant) -> Session {
+        let outbox = Outbox::new(realtime.queue);
+        Session {
+            realtime,
+            transport,
+            grant,
+            outbox,
+            subscriptions: Vec::new(),
+            cursor: Cursor::new(),
+        }
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
+    }
+
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.subscriptions
+            .iter()
+            .any(|s| s.channel.as_str() == channel)
+    }
+
+    /// Subscribes to `channel`, recovering from `since` when given, else
+    /// starting from now.
+    pub async fn subscribe(
+        &mut self,
+        channel: ChannelName,
+        since: Option<Position>,
+    ) -> Result<Subscribed, ApiError> {
+        if self.is_subscribed(channel.as_str()) {
+            return Err(ApiError::bad_request(
+                "already_subscribed",
+                format!("already subscribed to `{channel}`"),
+            ));
+        }
+        if self.subscriptions.len() >= self.realtime.config.max_channels {
+            return Err(ApiError::bad_request(
+                "too_many_channels",
+                format!(
+                    "a connection may hear at most {} channels (realtime.max_channels)",
+                    self.realtime.config.max_channels
+                ),
+            ));
+        }
+        if !self.grant.allows(&channel) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("not allowed to hear `{channel}`"),
+            ));
+        }
+
+        // Live first, then history: nothing published in between is lost.
+        let realtime = &self.realtime;
+        if realtime.hub.subscribe(&channel, &self.outbox) {
+            if let Err(err) = realtime.broker.subscribe(&channel).await {
+                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
+                    realtime.broker.unsubscribe(&channel).await;
+                }
+                return Err(err.into());
+            }
+        }
+        // Without `since` only the position is wanted: a limit of 0 reads
+        // no publications.
+        let limit = if since.is_some() { usize::MAX } else { 0 };
+        let history = match realtime.broker.history(&channel, since, limit).await {
+            Ok(history) => history,
+            Err(err) => {
+                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
+                    realtime.broker.unsubscribe(&channel).await;
+                }
+                return Err(err.into());
+            }
+        };
+        // The replay runs up to the stream's end, so the subscription now
+        // stands there whether it recovered or was reset.
+        let position = history.position;
+        self.cursor.set(channel.as_str(), position);
+        self.subscriptions.push(Subscription { channel, position });
+        realtime.gauges.add_subscriptions(self.transport, 1);
+        Ok(Subscribed {
+            recovered: history.recovered,
+            position,
+            replay: history.publications,
+        })
+    }
+
+    /// Stops hearing `channel`. Returns whether it was subscribed.
+    pub async fn unsubscribe(&mut self, channel: &str) -> bool {
+        let Some(index) = self
+            .subscriptions
+            .iter()
+            .position(|s| s.channel.as_str() == channel)
+        else {
+            return false;
+        };
+        let subscription = self.subscriptions.remove(index);
+        self.realtime.gauges.add_subscriptions(self.transport, -1);
+        if self.realtime.hub.unsubscribe(channel, &self.outbox) {
+            self.realtime
+                .broker
+                .unsubscribe(&subscription.channel)
+                .await;
+        }
+        self.cursor = Cursor::new();
+        for s in &self.subscriptions {
+            self.cursor.set(s.channel.as_str(), s.position);
+        }
+        true
+    }
+
+    /// Decides what to do with a publication from the outbox, and moves the
+    /// session's position past it when it is to be delivered.
+    pub fn admit(&mut self, publication: &Publication) -> Admit {
+        let Some(subscription) = self
+            .subscriptions
+            .iter_mut()
+            .find(|s| s.channel == *publication.channel())
+        else {
+            return Admit::Skip;
+        };
+        let at = subscription.position;
+        let next = publication.position();
+        let verdict = if next.epoch == at.epoch || at.offset == 0 {
+            if next.epoch == at.epoch && next.offset <= at.offset {
+                return Admit::Skip;
+            }
+            if next.offset == at.offset + 1 {
+                Admit::Deliver
+            } else {
+                // A gap: publications were lost on the way.
+                Admit::ResetThenDeliver(Position::new(next.epoch, next.offset - 1))
+            }
+        } else {
+            // The stream changed epoch under a live subscription: history
+            // was lost.
+            Admit::ResetThenDeliver(Position::new(next.epoch, next.offset.saturating_sub(1)))
+        };
+        subscription.position = next;
+        self.cursor.set(publication.channel().as_str(), next);
+        verdict
+    }
+
+    /// The channels and positions, for long-poll answers and tests.
+    pub fn positions(&self) -> impl Iterator<Item = (&ChannelName, Position)> {
+        self.subscriptions.iter().map(|s| (&s.channel, s.position))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.outbox.close();
+        let realtime = &self.realtime;
+        realtime
+            .gauges
+            .add_subscriptions(self.transport, -(self.subscriptions.len() as i64));
+        for subscription in self.subscriptions.drain(..) {
+            if realtime
+                .hub
+                .unsubscribe(subscription.channel.as_str(), &self.outbox)
+            {
+                // The engine may need to stop listening; that is async.
+                let broker = realtime.broker.clone();
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move { broker.unsubscribe(&subscription.channel).await });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Server-Sent Events at `{prefix}/sse?channel=a&channel=b`.
+//!
+//! The response body is the session itself: [`SseStream`] drains the outbox
+//! when hyper asks for the next frame, so there is no task and no channel per
+//! connection. Each event is two frames: the publication's shared
+//! `event:`/`data:` lines and this connection's `id: <cursor>` line, so the
+//! only per-connection bytes are the cursor's.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, HeaderValue, Request, Response};
+use hyper::body::{Frame, Incoming};
+
+use super::{
+    cors, get_or_preflight, jittered, origin_refused, parse_cursor, Admit, OriginCheck, Realtime,
+    RealtimeQuery, Session, Transport,
+};
+use crate::body::{Body, BoxError};
+use crate::cursor::{Cursor, Position};
+use crate::error::ApiError;
+use crate::hub::Drained;
+use crate::message::{ChannelName, Publication};
+use crate::proxy::ConnInfo;
+
+pub(super) async fn handle(
+    realtime: &Arc<Realtime>,
+    request: Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(answer) = get_or_preflight(realtime, &request) {
+        return answer;
+    }
+    let headers = request.headers();
+    let origin = realtime.origins.check(headers);
+    if origin == OriginCheck::Refused {
+        return Err(origin_refused());
+    }
+    let query = RealtimeQuery::parse(request.uri().query(), &["last_event_id"])?;
+    if query.channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name at least one channel: ?channel=...",
+        ));
+    }
+    // On a reconnect the browser sends the last id as a header; it is newer
+    // than anything in the URL.
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::bad_request("bad_cursor", "Last-Event-ID is not text"))
+        })
+        .transpose()?
+        .or(query.last_event_id.clone())
+        .filter(|text| !text.is_empty());
+    let resume = last_event_id.as_deref().map(parse_cursor).transpose()?;
+
+    let (grant, slot) = realtime
+        .admit(Transport::Sse, headers, &query, conn)
+        .await?;
+    let gauge = realtime.count(Transport::Sse);
+    let mut session = realtime.session(Transport::Sse, grant);
+
+    // Subscribe to everything first; then replay, with ids that advance one
+    // publication at a time, so a drop mid-replay resumes exactly.
+    let mut ids = Cursor::new();
+    let mut resets = Vec::new();
+    let mut replays = Vec::new();
+    for channel in &query.channels {
+        let since = resume
+            .as_ref()
+            .and_then(|c| c.position_of(channel.as_str()));
+        let subscribed = session.subscribe(channel.clone(), since).await?;
+        let start = match since {
+            Some(since) if subscribed.recovered => since,
+            _ => subscribed.position,
+        };
+        ids.set(channel.as_str(), start);
+        if since.is_some() && !subscribed.recovered {
+            resets.push((channel.clone(), subscribed.position));
+        }
+        replays.push(subscribed.replay);
+    }
+
+    let retry = realtime.config.sse.retry;
+    let mut stream = SseStream::new(realtime, session, slot, gauge);
+    stream.push_static(format!("retry: {}\n\n", retry.as_millis()));
+    for (channel, position) in resets {
+        stream.push_reset(&ids, &channel, position);
+    }
+    for publication in replays.into_iter().flatten() {
+        ids.set(publication.channel().as_str(), publication.position());
+        stream.push_event(&ids, &publication);
+    }
+
+    let mut response = Response::new(http_body_util::BodyExt::boxed(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    // Tells nginx and similar proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    cors(&mut response, &origin);
+    Ok(response)
+}
+
+pin_project_lite::pin_project! {
+    /// An SSE response body driven by its session.
+    pub struct SseStream {
+        #[pin]
+        ready: tokio::sync::futures::OwnedNotified,
+        #[pin]
+        shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
+        keepalive: tokio::time::Interval,
+        state: State,
+    }
+}
+
+/// The stream's unpinned part.
+struct State {
+    session: Session,
+    /// Whether an event was sent since the last keep-alive tick.
+    active: bool,
+    retry: std::time::Duration,
+    frames: VecDeque<Bytes>,
+    /// Per-connection bytes (id lines) are written here and split off, so
+    /// steady streaming reuses one allocation.
+    scratch: BytesMut,
+    /// The encoded cursor, reused.
+    text: String,
+    batch: Vec<Arc<Publication>>,
+    done: bool,
+    _slot: super::IpSlot,
+    _gauge: super::ConnectionGauge,
+}
+
+impl SseStream {
+    fn new(
+        realtime: &Arc<Realtime>,
+        session: Session,
+        slot: super::IpSlot,
+        gauge: super::ConnectionGauge,
+    ) -> SseStream {
+        let ready = session.outbox().ready_owned();
+        let every = realtime.config.sse.keepalive;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        SseStream {
+            ready,
+            shutdown: realtime.drain.signalled_owned(),
+            keepalive,
+            state: State {
+                session,
+                active: false,
+                retry: realtime.config.sse.retry,
+                frames: VecDeque::new(),
+                scratch: BytesMut::new(),
+                text: String::new(),
+                batch: Vec::new(),
+                done: false,
+                _slot: slot,
+                _gauge: gauge,
+            },
+        }
+    }
+
+    fn push_static(&mut self, text: String) {
+        self.state.push_static(text);
+    }
+
+    fn push_event(&mut self, ids: &Cursor, publication: &Publication) {
+        self.state.text.clear();
+        ids.encode_into(&mut self.state.text);
+        self.state.push_event(publication);
+    }
+
+    fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
+        self.state.text.clear();
+        ids.encode_into(&mut self.state.text);
+        self.state.push_reset(channel, position);
+    }
+}
+
+impl State {
+    fn push_static(&mut self, text: String) {
+        self.frames.push_back(Bytes::from(text));
+    }
+
+    /// The shared event lines, then `id: <cursor in self.text>` and the
+    /// blank line.
+    fn push_event(&mut self, publication: &Publication) {
+        self.active = true;
+        self.frames.push_back(publication.sse_lines().clone());
+        self.scratch.reserve(self.text.len() + 6);
+        self.scratch.put_slice(b"id: ");
+        self.scratch.put_slice(self.text.as_bytes());
+        self.scratch.put_slice(b"\n\n");
+        let line = self.scratch.split().freeze();
+        self.frames.push_back(line);
+    }
+
+    /// A `pushgate.reset` event, with `id: <cursor in self.text>`.
+    fn push_reset(&mut self, channel: &ChannelName, position: Position) {
+        let event = format!(
+            "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {}\n\n",
+            position.epoch, position.offset, self.text
+        );
+        self.frames.push_back(Bytes::from(event));
+    }
+
+    /// Moves whatever the outbox holds into frames. Returns `false` when the
+    /// stream must end (the session lagged or was closed).
+    fn take_outbox(&mut self) -> bool {
+        let mut batch = std::mem::take(&mut self.batch);
+        let drained = self.session.outbox().drain_into(&mut batch);
+        let open = match drained {
+            Drained::Lagging => {
+                tracing::info!(
+                    "slow consumer: SSE stream ended; the client resumes from its last id"
+                );
+                self.push_static(": slow consumer; reconnect to resume\n\n".into());
+                false
+            }
+            Drained::Closed => false,
+            Drained::Open => true,
+        };
+        if open {
+            for publication in batch.drain(..) {
+                let verdict = self.session.admit(&publication);
+                if verdict == Admit::Skip {
+                    continue;
+                }
+                self.text.clear();
+                self.session.cursor().encode_into(&mut self.text);
+                if let Admit::ResetThenDeliver(position) = verdict {
+                    self.push_reset(publication.channel(), position);
+                }
+                self.push_event(&publication);
+            }
+        }
+        batch.clear();
+        self.batch = batch;
+        open
+    }
+}
+
+impl http_body::Body for SseStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            let state = &mut *this.state;
+            if let Some(bytes) = state.frames.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if state.done {
+                return Poll::Ready(None);
+            }
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                // Come back soon, but not all at once.
+                let retry = jittered(state.retry);
+                state.push_static(format!("retry: {}\n\n", retry.as_millis()));
+                state.done = true;
+                continue;
+            }
+            if this.ready.as_mut().poll(cx).is_ready() {
+                this.ready.set(state.session.outbox().ready_owned());
+                if !state.take_outbox() {
+                    state.done = true;
+                }
+                continue;
+            }
+            if this.keepalive.poll_tick(cx).is_ready() {
+                if !std::mem::take(&mut state.active) {
+                    state.push_static(": keepalive\n\n".into());
+                }
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl std::fmt::Debug for SseStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseStream").finish_non_exhaustive()
+    }
+}
