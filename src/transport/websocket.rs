@@ -415,7 +415,9 @@ impl Connection {
                             "too many commands (realtime.commands_per_second)".into(),
                         ));
                     }
-                    let id = command_id(text.as_str());
+                    let id = serde_json::from_str::<Value>(text.as_str())
+                        .map(|command| command_id(&command))
+                        .unwrap_or(Value::Null);
                     let error = ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limited",
@@ -450,8 +452,8 @@ impl Connection {
                 )),
             ),
             Ok(command) => {
-                let id = command.get("id").cloned().unwrap_or(Value::Null);
-                let result = if !(id.is_number() || id.is_string()) {
+                let id = command_id(&command);
+                let result = if id.is_null() {
                     Err(ApiError::bad_request(
                         "bad_command",
                         "a command is {\"id\": <number or string>, \"op\": \"...\", ...}",
@@ -577,11 +579,13 @@ impl Reply {
     }
 }
 
-fn command_id(text: &str) -> Value {
-    serde_json::from_str::<Value>(text)
-        .ok()
-        .and_then(|v| v.get("id").cloned())
+/// A command's `id` when it is a number or a string (echoed in the reply),
+/// else null.
+fn command_id(command: &Value) -> Value {
+    command
+        .get("id")
         .filter(|id| id.is_number() || id.is_string())
+        .cloned()
         .unwrap_or(Value::Null)
 }
 
