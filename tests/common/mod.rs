@@ -401,6 +401,8 @@ pub async fn get(url: &str) -> (StatusCode, String) {
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The API listener's address, from the same "listening" line.
+    pub api_addr: SocketAddr,
     /// Log lines after the "listening" line, as they arrive.
     pub logs: std::sync::mpsc::Receiver<String>,
 }
@@ -432,7 +434,7 @@ impl Process {
                 }
             }
         });
-        let addr = loop {
+        let (addr, api_addr) = loop {
             let line = lines
                 .recv_timeout(Duration::from_secs(20))
                 .expect("pushgate logs a listening line");
@@ -440,12 +442,16 @@ impl Process {
                 continue;
             };
             if event["message"] == "listening" {
-                break event["addr"].as_str().unwrap().parse().unwrap();
+                let field = |name: &str| -> SocketAddr {
+                    event[name].as_str().unwrap().parse().unwrap()
+                };
+                break (field("addr"), field("api_addr"));
             }
         };
         Process {
             child,
             addr,
+            api_addr,
             logs: lines,
         }
     }
