@@ -5,7 +5,9 @@
 #
 # The config is read from /etc/pushgate/pushgate.yaml (mount your own there,
 # or override keys with PUSHGATE_* environment variables). In a container the
-# public listener must bind 0.0.0.0, e.g. PUSHGATE_LISTEN=0.0.0.0:8080.
+# public listener must bind 0.0.0.0, e.g. PUSHGATE_LISTEN=0.0.0.0:8080; that
+# needs an auth mode that asks the app (auth.mode none, which lets anyone hear
+# every channel, is refused on a non-loopback listener).
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
