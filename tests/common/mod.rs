@@ -442,9 +442,8 @@ impl Process {
                 continue;
             };
             if event["message"] == "listening" {
-                let field = |name: &str| -> SocketAddr {
-                    event[name].as_str().unwrap().parse().unwrap()
-                };
+                let field =
+                    |name: &str| -> SocketAddr { event[name].as_str().unwrap().parse().unwrap() };
                 break (field("addr"), field("api_addr"));
             }
         };
