@@ -1,14 +1,48 @@
 //! Who a realtime connection is, and which channels it may hear.
 //!
 //! Every transport asks [`Auth::authorize`] before it accepts a connection,
-//! and checks the resulting [`Grant`] on every subscribe. The modes that ask
-//! the app (an auth request to the upstream) or verify a JWT plug in here;
-//! today the one mode is `none`: everyone may hear everything, which config
-//! validation allows only on a loopback listener.
+//! and checks the resulting [`Grant`] on every subscribe.
+//!
+//! - `upstream` (the default): pushgate asks the app. It sends
+//!   `POST <upstream.url><auth.upstream.path>` with the client's configured
+//!   headers (cookie and authorization by default), `X-Forwarded-For`, and a
+//!   JSON body `{"transport", "channels", "path", "query"}`. The app answers
+//!   `200 {"user", "channels", "expires_in"?, "info"?}` (channels are exact
+//!   names or prefixes ending in `*`), or 401/403 with a reason passed on to
+//!   the client. Anything else (a redirect, a 5xx, a 200 that is not a grant,
+//!   no answer within `auth.upstream.timeout`) refuses the connection with
+//!   503: never "allowed", never cached.
+//! - `none`: everyone hears everything; config validation allows it only on
+//!   a loopback listener.
+//!
+//! Grants are cached by a digest of the forwarded header values for
+//! `auth.upstream.cache_ttl` (capped by the grant's `expires_in`), in a cache
+//! of at most `auth.upstream.cache_size` entries.
 
-use crate::config::{AuthConfig, AuthMode};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
 use crate::message::ChannelName;
+use crate::proxy::{forwarded_for, ConnInfo, Upstream};
+
+/// Longest reason from the app passed on to a client.
+pub const MAX_REASON_BYTES: usize = 200;
+/// Largest grant the app may answer with.
+const MAX_GRANT_BYTES: usize = 256 * 1024;
+/// Most channel patterns in one grant.
+const MAX_GRANT_CHANNELS: usize = 10_000;
 
 /// What a connection was granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +50,21 @@ pub struct Grant {
     /// Who the app says this is; `None` when nobody was asked.
     pub user: Option<String>,
     channels: Channels,
+    /// When the grant runs out (`expires_in`), if it does.
+    pub expires_at: Option<Instant>,
+    /// The app's `info`, kept as JSON text for presence.
+    pub info: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Channels {
     /// Every channel (auth mode `none`).
     All,
+    /// Exact names, and prefixes (from patterns ending in `*`).
+    Listed {
+        exact: Vec<String>,
+        prefixes: Vec<String>,
+    },
 }
 
 impl Grant {
@@ -30,18 +73,25 @@ impl Grant {
         Grant {
             user: None,
             channels: Channels::All,
+            expires_at: None,
+            info: None,
         }
     }
 
     /// Whether this grant lets the connection hear `channel`.
-    pub fn allows(&self, _channel: &ChannelName) -> bool {
-        match self.channels {
+    pub fn allows(&self, channel: &ChannelName) -> bool {
+        match &self.channels {
             Channels::All => true,
+            Channels::Listed { exact, prefixes } => {
+                let name = channel.as_str();
+                exact.iter().any(|e| e == name)
+                    || prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            }
         }
     }
 }
 
-/// What the transports need to know about a connection to authorize it.
+/// What the transports know about a connection when they authorize it.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthRequest<'a> {
     /// `websocket`, `sse` or `poll`.
@@ -49,25 +99,432 @@ pub struct AuthRequest<'a> {
     /// The channels named at connect time (a hint; the grant does not depend
     /// on them).
     pub channels: &'a [ChannelName],
-    pub headers: &'a http::HeaderMap,
+    pub headers: &'a HeaderMap,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub conn: ConnInfo,
 }
 
 /// Decides whether realtime connections are accepted.
-#[derive(Debug, Clone)]
 pub struct Auth {
-    mode: AuthMode,
+    mode: Mode,
+}
+
+enum Mode {
+    None,
+    Upstream(AppAuth),
 }
 
 impl Auth {
-    pub fn new(config: &AuthConfig) -> Auth {
-        Auth { mode: config.mode }
+    pub fn new(config: &Config) -> Auth {
+        let mode = match config.auth.mode {
+            AuthMode::None => Mode::None,
+            AuthMode::Upstream => Mode::Upstream(AppAuth::new(config)),
+        };
+        Auth { mode }
     }
 
-    /// The grant for a new connection, or why it is refused (401, 403, 503:
-    /// an HTTP status for SSE and long-poll, a close code for WebSocket).
-    pub async fn authorize(&self, _request: AuthRequest<'_>) -> Result<Grant, ApiError> {
-        match self.mode {
-            AuthMode::None => Ok(Grant::everything()),
+    /// The grant for a new connection, or why it is refused: 401/403 with
+    /// the app's reason, 503 when the app could not answer.
+    pub async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
+        match &self.mode {
+            Mode::None => Ok(Grant::everything()),
+            Mode::Upstream(app) => app.authorize(request).await,
         }
+    }
+
+    /// Forgets every cached grant of `user` (the app disconnected it).
+    pub fn forget_user(&self, user: &str) {
+        if let Mode::Upstream(app) = &self.mode {
+            app.cache.forget_user(user);
+        }
+    }
+
+    /// Auth requests sent to the app so far, for /metrics.
+    pub fn stats(&self) -> AuthStats {
+        match &self.mode {
+            Mode::None => AuthStats::default(),
+            Mode::Upstream(app) => *app.stats.lock().expect("auth stats lock"),
+        }
+    }
+}
+
+/// Outcomes of authorizations, for /metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthStats {
+    pub allowed: u64,
+    pub cached: u64,
+    pub unauthenticated: u64,
+    pub forbidden: u64,
+    pub unavailable: u64,
+    /// Total seconds spent waiting for the app, and how many waits.
+    pub request_seconds: f64,
+    pub requests: u64,
+}
+
+/// `auth.mode: upstream`.
+struct AppAuth {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: Uri,
+    forward: Vec<HeaderName>,
+    timeout: Duration,
+    trusted_proxies: Vec<IpNet>,
+    cache: GrantCache,
+    stats: Mutex<AuthStats>,
+}
+
+/// The app's answer to an auth request.
+#[derive(Deserialize)]
+struct AppGrant {
+    user: String,
+    channels: Vec<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl AppAuth {
+    fn new(config: &Config) -> AppAuth {
+        let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
+        let settings = &config.auth.upstream;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        AppAuth {
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(config.upstream.pool_max_idle)
+                .build(connector),
+            url: upstream.uri(Some(
+                &settings.path.parse().expect("validated auth.upstream.path"),
+            )),
+            forward: settings
+                .forward_headers
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
+            timeout: settings.timeout,
+            trusted_proxies: config.trusted_proxies(),
+            cache: GrantCache::new(settings.cache_size, settings.cache_ttl),
+            stats: Mutex::default(),
+        }
+    }
+
+    async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
+        let key = self.cache.key(&self.forward, request.headers);
+        if let Some(grant) = self.cache.get(&key) {
+            self.stats.lock().expect("auth stats lock").cached += 1;
+            return Ok(grant);
+        }
+        let started = Instant::now();
+        let outcome = self.ask(request).await;
+        let mut stats = self.stats.lock().expect("auth stats lock");
+        stats.requests += 1;
+        stats.request_seconds += started.elapsed().as_secs_f64();
+        match &outcome {
+            Ok(grant) => {
+                stats.allowed += 1;
+                drop(stats);
+                self.cache.put(key, grant.clone());
+            }
+            Err(err) => match err.status {
+                StatusCode::UNAUTHORIZED => stats.unauthenticated += 1,
+                StatusCode::FORBIDDEN => stats.forbidden += 1,
+                _ => stats.unavailable += 1,
+            },
+        }
+        outcome
+    }
+
+    async fn ask(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
+        let body = serde_json::json!({
+            "transport": request.transport,
+            "channels": request.channels,
+            "path": request.path,
+            "query": request.query,
+        });
+        let mut outgoing = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .header(
+                "x-forwarded-for",
+                forwarded_for(request.headers, request.conn, &self.trusted_proxies),
+            )
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a valid auth request");
+        for name in &self.forward {
+            for value in request.headers.get_all(name) {
+                outgoing.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+
+        let unavailable = |why: &str| {
+            tracing::warn!(url = %self.url, why, "auth request failed; connection refused with 503");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                "the app could not confirm this connection; try again later",
+            )
+        };
+        let response = match tokio::time::timeout(self.timeout, self.client.request(outgoing)).await
+        {
+            Err(_) => return Err(unavailable("no answer within auth.upstream.timeout")),
+            Ok(Err(err)) => return Err(unavailable(&format!("{err}"))),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        let read = Limited::new(response.into_body(), MAX_GRANT_BYTES).collect();
+        let body = match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => return Err(unavailable("the answer could not be read or was too large")),
+            Err(_) => return Err(unavailable("the answer's body did not arrive in time")),
+        };
+        match status {
+            StatusCode::OK => parse_grant(&body).map_err(|why| unavailable(&why)),
+            StatusCode::UNAUTHORIZED => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                reason(&body, "the app does not know who this is"),
+            )),
+            StatusCode::FORBIDDEN => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                reason(&body, "the app refused this connection"),
+            )),
+            other => Err(unavailable(&format!("the app answered {other}"))),
+        }
+    }
+}
+
+fn parse_grant(body: &[u8]) -> Result<Grant, String> {
+    let grant: AppGrant = serde_json::from_slice(body).map_err(|err| {
+        format!("the app's 200 is not a grant ({{\"user\", \"channels\"}}): {err}")
+    })?;
+    if grant.user.is_empty() || grant.user.len() > 256 {
+        return Err("the grant's user must be 1 to 256 bytes".into());
+    }
+    if grant.channels.len() > MAX_GRANT_CHANNELS {
+        return Err(format!(
+            "the grant lists over {MAX_GRANT_CHANNELS} channels"
+        ));
+    }
+    let mut exact = Vec::new();
+    let mut prefixes = Vec::new();
+    for pattern in grant.channels {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => prefixes.push(prefix.to_owned()),
+            None => exact.push(pattern),
+        }
+    }
+    Ok(Grant {
+        user: Some(grant.user),
+        channels: Channels::Listed { exact, prefixes },
+        expires_at: grant
+            .expires_in
+            .map(|seconds| Instant::now() + Duration::from_secs(seconds.min(10 * 365 * 86_400))),
+        info: grant.info.map(|info| info.get().to_owned()),
+    })
+}
+
+/// The app's reason for a refusal, for the client: the JSON `reason` (or
+/// `error`/`message`) field, or the text, printable and bounded.
+fn reason(body: &[u8], fallback: &str) -> String {
+    let text = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|value| {
+            ["reason", "error", "message"]
+                .iter()
+                .find_map(|key| value.get(key).and_then(|v| v.as_str()).map(str::to_owned))
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned();
+    if clean.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean.truncate(end);
+    }
+    if clean.is_empty() {
+        fallback.to_owned()
+    } else {
+        clean
+    }
+}
+
+/// Grants by a digest of the forwarded credentials, bounded in size and age.
+struct GrantCache {
+    ttl: Duration,
+    capacity: usize,
+    hasher: (RandomState, RandomState),
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    grants: HashMap<[u8; 16], (Grant, Instant)>,
+    /// Keys in insertion order: the oldest is evicted first.
+    order: VecDeque<[u8; 16]>,
+}
+
+impl GrantCache {
+    fn new(capacity: usize, ttl: Duration) -> GrantCache {
+        GrantCache {
+            ttl,
+            capacity,
+            hasher: (RandomState::new(), RandomState::new()),
+            inner: Mutex::default(),
+        }
+    }
+
+    /// A 128-bit keyed digest of the forwarded header names and values: the
+    /// credentials themselves are not kept as keys.
+    fn key(&self, names: &[HeaderName], headers: &HeaderMap) -> [u8; 16] {
+        let mut material = Vec::new();
+        for name in names {
+            for value in headers.get_all(name) {
+                material.extend_from_slice(name.as_str().as_bytes());
+                material.push(0);
+                material.extend_from_slice(value.as_bytes());
+                material.push(0);
+            }
+        }
+        let mut key = [0; 16];
+        key[..8].copy_from_slice(&self.hasher.0.hash_one(&material).to_le_bytes());
+        key[8..].copy_from_slice(&self.hasher.1.hash_one(&material).to_le_bytes());
+        key
+    }
+
+    fn get(&self, key: &[u8; 16]) -> Option<Grant> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let inner = self.inner.lock().expect("grant cache lock");
+        let (grant, until) = inner.grants.get(key)?;
+        (Instant::now() < *until).then(|| grant.clone())
+    }
+
+    fn put(&self, key: [u8; 16], grant: Grant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut until = Instant::now() + self.ttl;
+        if let Some(expires) = grant.expires_at {
+            until = until.min(expires);
+        }
+        let mut inner = self.inner.lock().expect("grant cache lock");
+        if inner.grants.insert(key, (grant, until)).is_none() {
+            inner.order.push_back(key);
+        }
+        while inner.grants.len() > self.capacity {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            inner.grants.remove(&oldest);
+        }
+        // Keys replaced in place leave stale entries in `order`; keep it
+        // from outgrowing the map.
+        if inner.order.len() > 2 * self.capacity {
+            let CacheInner { grants, order } = &mut *inner;
+            order.retain(|key| grants.contains_key(key));
+        }
+    }
+
+    fn forget_user(&self, user: &str) {
+        let mut inner = self.inner.lock().expect("grant cache lock");
+        inner
+            .grants
+            .retain(|_, (grant, _)| grant.user.as_deref() != Some(user));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn channel(name: &str) -> ChannelName {
+        ChannelName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn grants_allow_exact_names_and_prefixes() {
+        let grant = parse_grant(br#"{"user": "42", "channels": ["chat:1", "user:42:*"], "expires_in": 60, "info": {"name": "Ada"}}"#).unwrap();
+        assert_eq!(grant.user.as_deref(), Some("42"));
+        assert!(grant.allows(&channel("chat:1")));
+        assert!(!grant.allows(&channel("chat:10")));
+        assert!(grant.allows(&channel("user:42:inbox")));
+        assert!(grant.allows(&channel("user:42:")));
+        assert!(!grant.allows(&channel("user:43:inbox")));
+        assert!(grant.expires_at.is_some());
+        assert_eq!(grant.info.as_deref(), Some(r#"{"name": "Ada"}"#));
+        let all = parse_grant(br#"{"user": "root", "channels": ["*"]}"#).unwrap();
+        assert!(all.allows(&channel("anything")));
+    }
+
+    #[test]
+    fn a_200_that_is_not_a_grant_is_refused() {
+        for body in [
+            &b"<html>ok</html>"[..],
+            br#"{"channels": []}"#,
+            br#"{"user": "", "channels": []}"#,
+            br#"{"user": 42, "channels": []}"#,
+            br#"{"user": "a", "channels": "all"}"#,
+        ] {
+            assert!(
+                parse_grant(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_are_printable_and_bounded() {
+        assert_eq!(reason(br#"{"reason": "banned"}"#, "x"), "banned");
+        assert_eq!(reason(b"plain\ntext", "x"), "plain text");
+        assert_eq!(reason(b"", "fallback"), "fallback");
+        assert_eq!(
+            reason("é".repeat(300).as_bytes(), "x").len(),
+            MAX_REASON_BYTES
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_keyed_and_forgets_users() {
+        let cache = GrantCache::new(2, Duration::from_secs(60));
+        let names = [header::COOKIE];
+        let headers = |cookie: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+            headers
+        };
+        let grant = |user: &str| Grant {
+            user: Some(user.into()),
+            ..Grant::everything()
+        };
+        let (a, b, c) = (
+            cache.key(&names, &headers("s=a")),
+            cache.key(&names, &headers("s=b")),
+            cache.key(&names, &headers("s=c")),
+        );
+        assert_ne!(a, b);
+        cache.put(a, grant("1"));
+        cache.put(b, grant("2"));
+        cache.put(c, grant("3"));
+        assert!(cache.get(&a).is_none(), "the oldest was evicted");
+        assert_eq!(cache.get(&c).unwrap().user.as_deref(), Some("3"));
+        cache.forget_user("2");
+        assert!(cache.get(&b).is_none());
+
+        let off = GrantCache::new(2, Duration::ZERO);
+        off.put(a, grant("1"));
+        assert!(off.get(&a).is_none(), "ttl 0 turns caching off");
     }
 }

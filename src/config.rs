@@ -97,6 +97,16 @@ pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(25);
 /// …and with one, at most this long.
 pub const DEFAULT_POLL_MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// The app's auth endpoint, under `upstream.url`.
+pub const DEFAULT_AUTH_PATH: &str = "/realtime/auth";
+/// Client headers the auth request carries to the app.
+pub const DEFAULT_AUTH_FORWARD_HEADERS: [&str; 2] = ["cookie", "authorization"];
+/// How long the app may take to answer an auth request.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a grant is reused for the same credentials.
+pub const DEFAULT_AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Most grants cached at once.
+pub const DEFAULT_AUTH_CACHE_SIZE: usize = 10_000;
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -276,14 +286,50 @@ impl Default for PollConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    pub upstream: UpstreamAuthConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
-    /// Everyone may hear every channel. Only on a loopback listener.
+    /// Ask the app (`auth.upstream`) who each connection is.
     #[default]
+    Upstream,
+    /// Everyone may hear every channel. Only on a loopback listener.
     None,
+}
+
+/// The auth request to the app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamAuthConfig {
+    /// `POST <upstream.url><path>` before each realtime connection.
+    pub path: String,
+    /// Client headers passed to the app (lower case), and the cache key.
+    pub forward_headers: Vec<String>,
+    /// No answer within this long: the connection is refused with 503 (1013).
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// How long a grant is reused for the same forwarded headers; 0: never.
+    #[serde(with = "duration")]
+    pub cache_ttl: Duration,
+    /// Most grants cached at once.
+    pub cache_size: usize,
+}
+
+impl Default for UpstreamAuthConfig {
+    fn default() -> Self {
+        UpstreamAuthConfig {
+            path: DEFAULT_AUTH_PATH.to_owned(),
+            forward_headers: DEFAULT_AUTH_FORWARD_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            timeout: DEFAULT_AUTH_TIMEOUT,
+            cache_ttl: DEFAULT_AUTH_CACHE_TTL,
+            cache_size: DEFAULT_AUTH_CACHE_SIZE,
+        }
+    }
 }
 
 /// Where channels, history and fan-out live.
@@ -1207,6 +1253,37 @@ impl Config {
                 "make it at most max_timeout",
             );
         }
+        let upstream_auth = &self.auth.upstream;
+        if !upstream_auth.path.starts_with('/') || upstream_auth.path.contains(['?', '#', ' ']) {
+            problem(
+                "auth.upstream.path",
+                format!("`{}` is not a path", upstream_auth.path),
+                "write the app's auth endpoint as a path, e.g. /realtime/auth",
+            );
+        }
+        for (index, name) in upstream_auth.forward_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                problem(
+                    &format!("auth.upstream.forward_headers[{index}]"),
+                    format!("`{name}` is not a header name"),
+                    "list header names such as cookie or authorization",
+                );
+            }
+        }
+        if upstream_auth.timeout.is_zero() {
+            problem(
+                "auth.upstream.timeout",
+                "must be longer than zero".into(),
+                "use e.g. `5s`",
+            );
+        }
+        if upstream_auth.cache_size == 0 {
+            problem(
+                "auth.upstream.cache_size",
+                "must be at least 1 (turn caching off with cache_ttl: 0s)".into(),
+                "use e.g. 10000",
+            );
+        }
         if self.auth.mode == AuthMode::None && !self.listen.ip().is_loopback() {
             problem(
                 "auth.mode",
@@ -1214,7 +1291,7 @@ impl Config {
                     "`none` lets anyone hear every channel, and `listen` ({}) is not loopback",
                     self.listen
                 ),
-                "listen on 127.0.0.1 behind your own front proxy",
+                "use auth.mode: upstream (the app says who may hear what), or listen on 127.0.0.1",
             );
         }
 
@@ -1427,10 +1504,13 @@ mod tests {
         );
 
         let mut loaded = load(Path::new(path), NO_ENV).unwrap();
-        // The one value that is not a default: there is no default key, and
-        // the example must run as it is.
+        // The values that are not defaults, so the example runs as it is in
+        // front of any local app: there is no default key, and the default
+        // auth mode asks an app that may not answer auth requests.
         assert_eq!(loaded.api.keys, ["change-me"]);
         loaded.api.keys.clear();
+        assert_eq!(loaded.auth.mode, AuthMode::None);
+        loaded.auth.mode = AuthMode::Upstream;
         assert_eq!(
             serde_yaml::to_value(loaded).unwrap(),
             defaults,

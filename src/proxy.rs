@@ -236,30 +236,10 @@ impl Proxy {
     /// is kept only when the peer is a trusted proxy; anyone else could have
     /// written it, so it is replaced.
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
-        let peer_ip = conn.peer.ip().to_canonical();
-        let trusted = self
-            .trusted_proxies
-            .iter()
-            .any(|net| net.contains(&peer_ip));
-
-        let chain = trusted
-            .then(|| {
-                let earlier: Vec<&str> = headers
-                    .get_all(X_FORWARDED_FOR)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty())
-                    .collect();
-                (!earlier.is_empty()).then(|| format!("{}, {peer_ip}", earlier.join(", ")))
-            })
-            .flatten()
-            .unwrap_or_else(|| peer_ip.to_string());
+        let trusted = is_trusted(&self.trusted_proxies, conn);
+        let chain = forwarded_for(headers, conn, &self.trusted_proxies);
         headers.remove(X_FORWARDED_FOR);
-        headers.insert(
-            X_FORWARDED_FOR,
-            HeaderValue::from_str(&chain).expect("IP addresses are valid header text"),
-        );
+        headers.insert(X_FORWARDED_FOR, chain);
 
         if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
@@ -277,6 +257,37 @@ impl Proxy {
             headers.remove(X_REAL_IP);
         }
     }
+}
+
+fn is_trusted(trusted_proxies: &[IpNet], conn: ConnInfo) -> bool {
+    let peer_ip = conn.peer.ip().to_canonical();
+    trusted_proxies.iter().any(|net| net.contains(&peer_ip))
+}
+
+/// The `X-Forwarded-For` to send on: the incoming chain extended with the
+/// peer when the peer is a trusted proxy, else just the peer.
+pub fn forwarded_for(
+    headers: &HeaderMap,
+    conn: ConnInfo,
+    trusted_proxies: &[IpNet],
+) -> HeaderValue {
+    let peer_ip = conn.peer.ip().to_canonical();
+    let chain = is_trusted(trusted_proxies, conn)
+        .then(|| {
+            let earlier: Vec<&str> = headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect();
+            (!earlier.is_empty()).then(|| format!("{}, {peer_ip}", earlier.join(", ")))
+        })
+        .flatten()
+        .unwrap_or_else(|| peer_ip.to_string());
+    HeaderValue::from_str(&chain).unwrap_or_else(|_| {
+        HeaderValue::from_str(&peer_ip.to_string()).expect("an IP address is header text")
+    })
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -31,8 +31,7 @@ pub(super) async fn handle(
     if let Some(answer) = get_or_preflight(realtime, &request) {
         return answer;
     }
-    let headers = request.headers();
-    let origin = realtime.origins.check(headers);
+    let origin = realtime.origins.check(&request);
     if origin == OriginCheck::Refused {
         return Err(origin_refused());
     }
@@ -47,7 +46,7 @@ pub(super) async fn handle(
     let resume = query.since.as_deref().map(parse_cursor).transpose()?;
 
     let (grant, _slot) = realtime
-        .admit(Transport::Poll, headers, &query, conn)
+        .admit(Transport::Poll, &request, &query, conn)
         .await?;
     let _gauge = realtime.count(Transport::Poll);
     let mut session = realtime.session(Transport::Poll, grant);

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::auth::{Auth, AuthRequest, Grant};
@@ -130,7 +130,7 @@ impl Realtime {
             prefix: config.realtime.prefix.clone(),
             config: config.realtime.clone(),
             origins: Origins::new(&config.realtime.allowed_origins),
-            auth: Auth::new(&config.auth),
+            auth: Auth::new(config),
             hub,
             broker,
             queue: QueueLimits {
@@ -210,7 +210,7 @@ impl Realtime {
     async fn admit(
         self: &Arc<Self>,
         transport: Transport,
-        headers: &HeaderMap,
+        request: &Request<Incoming>,
         query: &RealtimeQuery,
         conn: ConnInfo,
     ) -> Result<(Grant, IpSlot), ApiError> {
@@ -229,7 +229,10 @@ impl Realtime {
             .authorize(AuthRequest {
                 transport: transport.name(),
                 channels: &query.channels,
-                headers,
+                headers: request.headers(),
+                path: request.uri().path(),
+                query: request.uri().query().unwrap_or(""),
+                conn,
             })
             .await?;
         if let Some(refused) = query.channels.iter().find(|c| !grant.allows(c)) {
@@ -376,7 +379,8 @@ impl Origins {
     /// Checks the request's `Origin`. With no patterns configured only the
     /// request's own host is allowed, which is what stops a foreign page
     /// from opening a WebSocket with the user's cookies.
-    pub fn check(&self, headers: &HeaderMap) -> OriginCheck {
+    pub fn check<B>(&self, request: &Request<B>) -> OriginCheck {
+        let headers = request.headers();
         let Some(origin) = headers.get(header::ORIGIN) else {
             return OriginCheck::Absent;
         };
@@ -384,7 +388,11 @@ impl Origins {
             return OriginCheck::Refused;
         };
         let allowed = if self.patterns.is_empty() {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            // HTTP/2 carries the host in `:authority`, not a header.
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| request.uri().authority().map(|a| a.as_str()));
             let origin_host = text.split_once("://").map(|(_, rest)| rest);
             matches!((host, origin_host), (Some(host), Some(origin_host)) if host.eq_ignore_ascii_case(origin_host))
         } else {
@@ -412,8 +420,8 @@ fn cors(response: &mut Response<Body>, origin: &OriginCheck) {
 }
 
 /// Answers a CORS preflight for SSE or long-poll.
-fn preflight(origins: &Origins, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
-    let check = origins.check(headers);
+fn preflight<B>(origins: &Origins, request: &Request<B>) -> Result<Response<Body>, ApiError> {
+    let check = origins.check(request);
     if check == OriginCheck::Refused {
         return Err(origin_refused());
     }
@@ -451,7 +459,7 @@ fn get_or_preflight(
 ) -> Option<Result<Response<Body>, ApiError>> {
     match *request.method() {
         Method::GET => None,
-        Method::OPTIONS => Some(preflight(&realtime.origins, request.headers())),
+        Method::OPTIONS => Some(preflight(&realtime.origins, request)),
         _ => Some(Err(ApiError::method_not_allowed("GET, OPTIONS"))),
     }
 }

@@ -36,7 +36,7 @@ pub(super) async fn handle(
         return answer;
     }
     let headers = request.headers();
-    let origin = realtime.origins.check(headers);
+    let origin = realtime.origins.check(&request);
     if origin == OriginCheck::Refused {
         return Err(origin_refused());
     }
@@ -62,7 +62,7 @@ pub(super) async fn handle(
     let resume = last_event_id.as_deref().map(parse_cursor).transpose()?;
 
     let (grant, slot) = realtime
-        .admit(Transport::Sse, headers, &query, conn)
+        .admit(Transport::Sse, &request, &query, conn)
         .await?;
     let gauge = realtime.count(Transport::Sse);
     let mut session = realtime.session(Transport::Sse, grant);

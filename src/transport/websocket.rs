@@ -48,7 +48,7 @@ pub(super) async fn handle(
     conn: ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
     let key = handshake_key(&request)?;
-    let origin = realtime.origins.check(request.headers());
+    let origin = realtime.origins.check(&request);
     if origin == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(header::ORIGIN), "WebSocket from a foreign Origin refused");
         return Err(origin_refused());
@@ -56,7 +56,7 @@ pub(super) async fn handle(
     let query = RealtimeQuery::parse(request.uri().query(), &[])?;
     // A refusal from here on is a close frame after the upgrade.
     let admitted = realtime
-        .admit(Transport::WebSocket, request.headers(), &query, conn)
+        .admit(Transport::WebSocket, &request, &query, conn)
         .await;
 
     let upgrade = hyper::upgrade::on(&mut request);

@@ -327,7 +327,7 @@ impl Pushgate {
     /// that (so it may set keys in the same sections).
     pub async fn start(upstream: &str, extra: &str) -> Pushgate {
         let base = format!(
-            "listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\napi:\n  listen: 127.0.0.1:0\n  keys: [{API_KEY}]\n"
+            "listen: 127.0.0.1:0\nupstream:\n  url: {upstream}\napi:\n  listen: 127.0.0.1:0\n  keys: [{API_KEY}]\nauth:\n  mode: none\n"
         );
         let mut tree: serde_yaml::Value = serde_yaml::from_str(&base).unwrap();
         let extra: serde_yaml::Value = serde_yaml::from_str(extra).unwrap();
@@ -419,6 +419,7 @@ impl Process {
             .env("PUSHGATE_LOG__FORMAT", "json")
             .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
             .env("PUSHGATE_API__KEYS", API_KEY)
+            .env("PUSHGATE_AUTH__MODE", "none")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
