@@ -112,14 +112,14 @@ pub struct Auth {
 
 enum Mode {
     None,
-    Upstream(AppAuth),
+    Upstream(Box<AppAuth>),
 }
 
 impl Auth {
     pub fn new(config: &Config) -> Auth {
         let mode = match config.auth.mode {
             AuthMode::None => Mode::None,
-            AuthMode::Upstream => Mode::Upstream(AppAuth::new(config)),
+            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config))),
         };
         Auth { mode }
     }
