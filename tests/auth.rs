@@ -1,0 +1,444 @@
+//! Authenticating realtime connections against a real app: what the app is
+//! sent, every way it can answer, grants enforced on every transport, and
+//! the grant cache.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Pushgate, API_KEY};
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A real app whose auth endpoint answers from the session cookie:
+/// `session=alice` → alice may hear `chat:1` and `user:alice:*`;
+/// `session=banned` → 403; `session=slow` → no answer for 5 s;
+/// `session=redirect|crash|garbage` → 302, 500, a 200 that is not a grant;
+/// anything else → 401.
+struct App {
+    addr: SocketAddr,
+    auth_requests: Arc<AtomicU64>,
+    last_request: Arc<Mutex<Option<(http::HeaderMap, Value)>>>,
+}
+
+impl App {
+    async fn start() -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let auth_requests = Arc::new(AtomicU64::new(0));
+        let last_request = Arc::new(Mutex::new(None));
+        let (count, last) = (auth_requests.clone(), last_request.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (count, last) = (count.clone(), last.clone());
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request| answer(request, count.clone(), last.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        App {
+            addr,
+            auth_requests,
+            last_request,
+        }
+    }
+
+    fn requests(&self) -> u64 {
+        self.auth_requests.load(Ordering::SeqCst)
+    }
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody<Bytes, Infallible>> {
+    let mut response = Response::new(Full::new(body.into()).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    count: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<(http::HeaderMap, Value)>>>,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    if request.uri().path() != "/realtime/auth" {
+        return Ok(reply(StatusCode::OK, "a page of the app"));
+    }
+    count.fetch_add(1, Ordering::SeqCst);
+    let headers = request.headers().clone();
+    let cookie = headers
+        .get("cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    *last.lock().unwrap() = Some((headers, body));
+    Ok(match cookie.as_str() {
+        "session=alice" => reply(
+            StatusCode::OK,
+            json!({"user": "alice", "channels": ["chat:1", "user:alice:*"], "expires_in": 3600, "info": {"name": "Alice"}}).to_string(),
+        ),
+        "session=banned" => reply(StatusCode::FORBIDDEN, json!({"reason": "banned for spam"}).to_string()),
+        "session=slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            reply(StatusCode::OK, "{}")
+        }
+        "session=redirect" => {
+            let mut response = reply(StatusCode::FOUND, "");
+            response
+                .headers_mut()
+                .insert("location", "/login".parse().unwrap());
+            response
+        }
+        "session=crash" => reply(StatusCode::INTERNAL_SERVER_ERROR, "boom"),
+        "session=garbage" => reply(StatusCode::OK, "<html>welcome</html>"),
+        _ => reply(StatusCode::UNAUTHORIZED, "please log in"),
+    })
+}
+
+async fn start(app_url: &str, extra: &str) -> Pushgate {
+    let auth = format!("auth:\n  mode: upstream\n  upstream:\n    timeout: 500ms\n{extra}");
+    Pushgate::start(app_url, &auth).await
+}
+
+/// GETs a realtime URL with a cookie; the status and the body's error code
+/// (or the first bytes of a stream).
+async fn get_with_cookie(url: &str, cookie: Option<&str>) -> (StatusCode, Value) {
+    let mut request = Request::get(url);
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let response = tokio::time::timeout(
+        PATIENCE,
+        common::client().request(request.body(common::empty_body()).unwrap()),
+    )
+    .await
+    .expect("answered in time")
+    .unwrap();
+    let status = response.status();
+    if status == StatusCode::OK {
+        return (status, Value::Null);
+    }
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Opens a WebSocket with a cookie; returns the close code pushgate sends
+/// (with its reason), or `None` when the connection stays open.
+async fn websocket_outcome(gate: &Pushgate, query: &str, cookie: &str) -> Option<(u16, String)> {
+    let mut request = format!("ws://{}/realtime/ws{query}", gate.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let (mut client, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the upgrade is accepted, even when auth fails");
+    client
+        .send(Message::text(json!({"id": 1, "op": "ping"}).to_string()))
+        .await
+        .ok();
+    loop {
+        match tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
+            Some(Ok(Message::Text(text))) => {
+                let reply: Value = serde_json::from_str(text.as_str()).unwrap();
+                if reply["id"] == 1 {
+                    return None;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Some((0, "dropped".into())),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_app_gets_the_forwarded_headers_and_the_connection_facts() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    let (status, _) = get_with_cookie(
+        &format!(
+            "http://{}/realtime/poll?channel=chat:1&timeout=0",
+            gate.addr
+        ),
+        Some("session=alice"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (headers, body) = app.last_request.lock().unwrap().clone().unwrap();
+    assert_eq!(headers["cookie"], "session=alice");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        body,
+        json!({"transport": "poll", "channels": ["chat:1"], "path": "/realtime/poll", "query": "channel=chat:1&timeout=0"})
+    );
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_status_on_sse_and_poll() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 0s\n").await;
+    for path in ["sse?channel=chat:1", "poll?channel=chat:1&timeout=0"] {
+        let url = format!("http://{}/realtime/{path}", gate.addr);
+        for (cookie, status, code) in [
+            (None, StatusCode::UNAUTHORIZED, "unauthenticated"),
+            (
+                Some("session=nobody"),
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+            ),
+            (Some("session=banned"), StatusCode::FORBIDDEN, "forbidden"),
+            (
+                Some("session=slow"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+            ),
+            (
+                Some("session=redirect"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+            ),
+            (
+                Some("session=crash"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+            ),
+            (
+                Some("session=garbage"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+            ),
+        ] {
+            let started = Instant::now();
+            let (got, body) = get_with_cookie(&url, cookie).await;
+            assert_eq!(got, status, "{path} {cookie:?}: {body}");
+            assert_eq!(body["error"]["code"], code, "{path} {cookie:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "bounded by auth.upstream.timeout"
+            );
+        }
+        let (_, banned) = get_with_cookie(&url, Some("session=banned")).await;
+        assert_eq!(
+            banned["error"]["message"], "banned for spam",
+            "the app's reason reaches the client"
+        );
+        let (_, nobody) = get_with_cookie(&url, Some("session=nobody")).await;
+        assert_eq!(nobody["error"]["message"], "please log in");
+    }
+}
+
+#[tokio::test]
+async fn the_app_being_down_is_503_never_allowed() {
+    // Nothing listens on this port.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gate = start(&format!("http://127.0.0.1:{port}"), "").await;
+    let (status, body) = get_with_cookie(
+        &format!("http://{}/realtime/sse?channel=c", gate.addr),
+        Some("session=alice"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "auth_unavailable");
+    assert_eq!(
+        websocket_outcome(&gate, "", "session=alice")
+            .await
+            .map(|c| c.0),
+        Some(1013)
+    );
+}
+
+#[tokio::test]
+async fn websocket_refusals_are_close_codes_with_reasons() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    assert_eq!(
+        websocket_outcome(&gate, "", "session=nobody").await,
+        Some((4001, "please log in".into()))
+    );
+    assert_eq!(
+        websocket_outcome(&gate, "", "session=banned").await,
+        Some((4003, "banned for spam".into()))
+    );
+    assert_eq!(
+        websocket_outcome(&gate, "", "session=crash")
+            .await
+            .map(|c| c.0),
+        Some(1013)
+    );
+    assert_eq!(websocket_outcome(&gate, "", "session=alice").await, None);
+    // A channel outside the grant named at connect: forbidden.
+    assert_eq!(
+        websocket_outcome(&gate, "?channel=chat:2", "session=alice")
+            .await
+            .map(|c| c.0),
+        Some(4003)
+    );
+}
+
+#[tokio::test]
+async fn grants_are_enforced_with_exact_names_and_prefixes() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    let base = format!("http://{}/realtime", gate.addr);
+    for (channel, allowed) in [
+        ("chat:1", true),
+        ("user:alice:inbox", true),
+        ("chat:2", false),
+        ("user:bob:inbox", false),
+    ] {
+        let (status, body) = get_with_cookie(
+            &format!("{base}/poll?channel={channel}&timeout=0"),
+            Some("session=alice"),
+        )
+        .await;
+        if allowed {
+            assert_eq!(status, StatusCode::OK, "{channel}");
+        } else {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{channel}");
+            assert_eq!(body["error"]["code"], "forbidden");
+        }
+    }
+
+    // On WebSocket, a subscribe outside the grant is an error reply; the
+    // connection stays.
+    let mut request = format!("ws://{}/realtime/ws", gate.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", "session=alice".parse().unwrap());
+    let (mut client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let send = |id: u64, channel: &str| {
+        Message::text(json!({"id": id, "op": "subscribe", "channel": channel}).to_string())
+    };
+    client.send(send(1, "chat:2")).await.unwrap();
+    client.send(send(2, "user:alice:inbox")).await.unwrap();
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        match tokio::time::timeout(PATIENCE, client.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                replies.push(serde_json::from_str::<Value>(text.as_str()).unwrap())
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    assert_eq!(replies[0]["error"]["code"], "forbidden");
+    assert!(replies[1].get("result").is_some(), "{}", replies[1]);
+}
+
+#[tokio::test]
+async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 1m\n").await;
+    let url = format!(
+        "http://{}/realtime/poll?channel=chat:1&timeout=0",
+        gate.addr
+    );
+    for _ in 0..5 {
+        let (status, _) = get_with_cookie(&url, Some("session=alice")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(app.requests(), 1, "one auth request, then the cache");
+    for _ in 0..3 {
+        let (status, _) = get_with_cookie(&url, Some("session=crash")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    for _ in 0..3 {
+        let (status, _) = get_with_cookie(&url, Some("session=nobody")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        app.requests(),
+        7,
+        "failures and refusals ask the app every time"
+    );
+
+    // With the cache off every connection asks.
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 0s\n").await;
+    let url = format!(
+        "http://{}/realtime/poll?channel=chat:1&timeout=0",
+        gate.addr
+    );
+    for _ in 0..3 {
+        get_with_cookie(&url, Some("session=alice")).await;
+    }
+    assert_eq!(app.requests(), 3);
+}
+
+#[tokio::test]
+async fn an_authorized_subscriber_receives_publications() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    let poll = format!(
+        "http://{}/realtime/poll?channel=user:alice:inbox&timeout=5",
+        gate.addr
+    );
+    let waiting = tokio::spawn(async move {
+        let response = common::client()
+            .request(
+                Request::get(poll)
+                    .header("cookie", "session=alice")
+                    .body(common::empty_body())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    });
+    // Publish until the waiting poll has subscribed and answers.
+    let api = gate.api_addr;
+    let deadline = Instant::now() + PATIENCE;
+    while !waiting.is_finished() {
+        assert!(Instant::now() < deadline);
+        let request = Request::post(format!("http://{api}/api/publish"))
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .header("content-type", "application/json")
+            .body(common::body(
+                json!({"channel": "user:alice:inbox", "data": "hi"}).to_string(),
+            ))
+            .unwrap();
+        common::client().request(request).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer["messages"][0]["data"], "hi");
+}
