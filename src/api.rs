@@ -25,6 +25,7 @@ use crate::error::{json, json_bytes, ApiError};
 use crate::hub::Hub;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
+use crate::transport::Realtime;
 
 /// Most channels one publish may name.
 pub const MAX_CHANNELS_PER_PUBLISH: usize = 1_000;
@@ -44,6 +45,7 @@ pub const MAX_CHANNELS_LIMIT: usize = 100_000;
 pub struct Api {
     broker: Arc<dyn Broker>,
     hub: Arc<Hub>,
+    realtime: Arc<Realtime>,
     metrics: Arc<Metrics>,
     /// The digests of `api.keys`; the keys themselves are not kept.
     keys: Vec<[u8; 16]>,
@@ -57,6 +59,7 @@ impl Api {
         config: &Config,
         broker: Arc<dyn Broker>,
         hub: Arc<Hub>,
+        realtime: Arc<Realtime>,
         metrics: Arc<Metrics>,
     ) -> Api {
         let key_digest = KeyDigest::new();
@@ -69,6 +72,7 @@ impl Api {
         Api {
             broker,
             hub,
+            realtime,
             metrics,
             keys,
             key_digest,
@@ -127,6 +131,11 @@ impl Api {
         match (path, request.method()) {
             ("/api/publish", &Method::POST) => self.publish(request).await,
             ("/api/publish", _) => Err(ApiError::method_not_allowed("POST")),
+            ("/api/disconnect", &Method::POST) => self.disconnect(request).await,
+            ("/api/unsubscribe", &Method::POST) => self.unsubscribe(request).await,
+            ("/api/disconnect" | "/api/unsubscribe", _) => {
+                Err(ApiError::method_not_allowed("POST"))
+            }
             ("/api/history", &Method::GET) => self.history(request.uri().query()).await,
             ("/api/channels", &Method::GET) => self.channels(request.uri().query()),
             // HEAD is answered like GET; hyper leaves the body out.
@@ -181,13 +190,94 @@ impl Api {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let text = self.metrics.render(self.broker.stats(), &self.hub);
+        let text = self
+            .metrics
+            .render(self.broker.stats(), &self.hub, self.realtime.auth_stats());
         let mut response = Response::new(crate::body::full(text));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         response
+    }
+
+    /// `POST /api/disconnect {"user", "code"?, "reason"?}`: closes the user's
+    /// realtime connections (default code 4000) and forgets their cached
+    /// grants, so the next connection asks the app again.
+    async fn disconnect<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Disconnect {
+            user: String,
+            #[serde(default)]
+            code: Option<u16>,
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        let body = self.json_body(request).await?;
+        let order: Disconnect = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::bad_request("bad_json", format!("invalid disconnect: {err}"))
+        })?;
+        let user = valid_user(&order.user)?;
+        let code = order.code.unwrap_or(DEFAULT_DISCONNECT_CODE);
+        if !(4000..=4999).contains(&code) {
+            return Err(ApiError::bad_request(
+                "bad_code",
+                "`code` must be a WebSocket application code, 4000 to 4999",
+            ));
+        }
+        let reason = order
+            .reason
+            .unwrap_or_else(|| "disconnected by the app".to_owned());
+        if reason.len() > MAX_CLOSE_REASON_BYTES {
+            return Err(ApiError::bad_request(
+                "bad_reason",
+                format!(
+                    "`reason` is at most {MAX_CLOSE_REASON_BYTES} bytes (a close frame's limit)"
+                ),
+            ));
+        }
+        let count = self.realtime.disconnect_user(user, code, &reason);
+        tracing::info!(
+            user,
+            code,
+            connections = count,
+            "disconnected through the API"
+        );
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "disconnected": count }),
+        ))
+    }
+
+    /// `POST /api/unsubscribe {"user", "channel"}`: removes the channel from
+    /// the user's live sessions; each client is told.
+    async fn unsubscribe<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Unsubscribe {
+            user: String,
+            channel: String,
+        }
+        let body = self.json_body(request).await?;
+        let order: Unsubscribe = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::bad_request("bad_json", format!("invalid unsubscribe: {err}"))
+        })?;
+        let user = valid_user(&order.user)?;
+        let channel = channel_name(&order.channel)?;
+        let count = self.realtime.unsubscribe_user(user, &channel);
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "unsubscribed": count }),
+        ))
     }
 
     async fn publish<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
@@ -386,6 +476,21 @@ impl Api {
             &serde_json::json!({ "channels": channels, "total": total }),
         ))
     }
+}
+
+/// The close code of `POST /api/disconnect` without one.
+pub const DEFAULT_DISCONNECT_CODE: u16 = 4000;
+/// A WebSocket close reason's limit.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+fn valid_user(user: &str) -> Result<&str, ApiError> {
+    if user.is_empty() || user.len() > 256 {
+        return Err(ApiError::bad_request(
+            "bad_user",
+            "`user` must be 1 to 256 bytes",
+        ));
+    }
+    Ok(user)
 }
 
 /// Two SipHash instances with keys random per process make a 128-bit digest

@@ -64,6 +64,8 @@ pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_QUEUE_MESSAGES: usize = 1_000;
 /// Most bytes waiting in one session's queue.
 pub const DEFAULT_QUEUE_BYTES: ByteSize = ByteSize(4 << 20);
+/// Realtime connections one user may hold (tabs, devices).
+pub const DEFAULT_CONNECTIONS_PER_USER: usize = 100;
 /// Largest `history.size`: history is memory.
 pub const MAX_HISTORY_SIZE: usize = 1_000_000;
 /// Where pushgate's own realtime endpoints live on the public listener.
@@ -446,6 +448,9 @@ pub struct LimitsConfig {
     /// consumer and resumes from history.
     pub queue_messages: usize,
     pub queue_bytes: ByteSize,
+    /// Realtime connections one user (as the app names it) may hold; 0:
+    /// unlimited.
+    pub connections_per_user: usize,
 }
 
 impl Default for LimitsConfig {
@@ -458,6 +463,7 @@ impl Default for LimitsConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             queue_messages: DEFAULT_QUEUE_MESSAGES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            connections_per_user: DEFAULT_CONNECTIONS_PER_USER,
         }
     }
 }

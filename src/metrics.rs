@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::sync::Arc;
 
+use crate::auth::AuthStats;
 use crate::broker::EngineStats;
 use crate::hub::Hub;
 use crate::transport::Gauges;
@@ -46,7 +47,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything pushgate measures.
-    pub fn render(&self, engine: EngineStats, hub: &Hub) -> String {
+    pub fn render(&self, engine: EngineStats, hub: &Hub, auth: AuthStats) -> String {
         let mut out = String::with_capacity(2048);
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         family(
@@ -91,6 +92,33 @@ impl Metrics {
                 "pushgate_subscriptions{{transport=\"{transport}\"}} {subscriptions}"
             );
         }
+        family(
+            &mut out,
+            "pushgate_auth_total",
+            "counter",
+            "Realtime connection authorizations by outcome (cached: answered from the grant cache).",
+        );
+        for (outcome, value) in [
+            ("allowed", auth.allowed),
+            ("cached", auth.cached),
+            ("unauthenticated", auth.unauthenticated),
+            ("forbidden", auth.forbidden),
+            ("unavailable", auth.unavailable),
+        ] {
+            let _ = writeln!(out, "pushgate_auth_total{{outcome=\"{outcome}\"}} {value}");
+        }
+        family(
+            &mut out,
+            "pushgate_auth_request_seconds",
+            "summary",
+            "Time spent waiting for the app's answer to auth requests.",
+        );
+        let _ = writeln!(
+            out,
+            "pushgate_auth_request_seconds_sum {}",
+            auth.request_seconds
+        );
+        let _ = writeln!(out, "pushgate_auth_request_seconds_count {}", auth.requests);
         single(
             &mut out,
             "pushgate_engine_channels",

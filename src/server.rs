@@ -185,7 +185,13 @@ impl Server {
             drain.clone(),
             metrics.realtime.clone(),
         ));
-        let api = Arc::new(Api::new(&config, broker.clone(), hub.clone(), metrics));
+        let api = Arc::new(Api::new(
+            &config,
+            broker.clone(),
+            hub.clone(),
+            realtime.clone(),
+            metrics,
+        ));
         let proxy = Arc::new(Proxy::new(&config, drain.clone()));
 
         Ok(Server {

@@ -442,3 +442,228 @@ async fn an_authorized_subscriber_receives_publications() {
     let answer = waiting.await.unwrap();
     assert_eq!(answer["messages"][0]["data"], "hi");
 }
+
+async fn alice_websocket(gate: &Pushgate, query: &str) -> common_ws::Client {
+    let mut request = format!("ws://{}/realtime/ws{query}", gate.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", "session=alice".parse().unwrap());
+    let (client, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    client
+}
+
+mod common_ws {
+    pub type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+}
+
+async fn api_post(gate: &Pushgate, path: &str, body: Value) -> (StatusCode, Value) {
+    let request = Request::post(format!("http://{}{path}", gate.api_addr))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(common::body(body.to_string()))
+        .unwrap();
+    let response = common::client().request(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The next text frame as JSON, skipping pings.
+async fn next_text(client: &mut common_ws::Client) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(text.as_str()).ok(),
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Waits until the API says the user has `count` live sessions (via a
+/// disconnect-free probe: unsubscribing from a channel nobody hears).
+async fn sessions_become(gate: &Pushgate, count: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, answer) = api_post(
+            gate,
+            "/api/unsubscribe",
+            json!({"user": "alice", "channel": "probe:none"}),
+        )
+        .await;
+        if answer["unsubscribed"] == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice never had {count} sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_per_user_limit_refuses_one_connection_too_many() {
+    let app = App::start().await;
+    let gate = start(
+        &format!("http://{}", app.addr),
+        "limits:\n  connections_per_user: 2\n",
+    )
+    .await;
+    let _one = alice_websocket(&gate, "").await;
+    let _two = alice_websocket(&gate, "").await;
+    sessions_become(&gate, 2).await;
+    assert_eq!(
+        websocket_outcome(&gate, "", "session=alice")
+            .await
+            .map(|c| c.0),
+        Some(4029)
+    );
+    let (status, body) = get_with_cookie(
+        &format!(
+            "http://{}/realtime/poll?channel=chat:1&timeout=0",
+            gate.addr
+        ),
+        Some("session=alice"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    drop(_one);
+    sessions_become(&gate, 1).await;
+    assert_eq!(websocket_outcome(&gate, "", "session=alice").await, None);
+}
+
+#[tokio::test]
+async fn the_api_disconnects_a_user_everywhere_and_forgets_their_grants() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 1m\n").await;
+    let mut ws = alice_websocket(&gate, "?channel=chat:1").await;
+    let sse_url = format!("http://{}/realtime/sse?channel=chat:1", gate.addr);
+    let sse = common::client()
+        .request(
+            Request::get(&sse_url)
+                .header("cookie", "session=alice")
+                .body(common::empty_body())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), StatusCode::OK);
+    sessions_become(&gate, 2).await;
+    let asked = app.requests();
+
+    let (status, answer) = api_post(
+        &gate,
+        "/api/disconnect",
+        json!({"user": "alice", "reason": "logged out"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer, json!({"disconnected": 2}));
+
+    // WebSocket: close 4000 with the reason.
+    let code = loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                break frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
+            Some(Ok(_)) => {}
+            _ => break None,
+        }
+    };
+    assert_eq!(code, Some((4000, "logged out".into())));
+    // SSE: a pushgate.disconnect event, then the end of the stream.
+    let text = tokio::time::timeout(PATIENCE, sse.into_body().collect())
+        .await
+        .expect("the stream ends")
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains(
+            "event: pushgate.disconnect\ndata: {\"code\":4000,\"reason\":\"logged out\"}"
+        ),
+        "{text}"
+    );
+
+    // The cached grant is gone: the next connection asks the app.
+    get_with_cookie(
+        &format!(
+            "http://{}/realtime/poll?channel=chat:1&timeout=0",
+            gate.addr
+        ),
+        Some("session=alice"),
+    )
+    .await;
+    assert_eq!(app.requests(), asked + 1);
+
+    for (body, code) in [
+        (json!({"user": "alice", "code": 1000}), "bad_code"),
+        (json!({"user": ""}), "bad_user"),
+        (
+            json!({"user": "alice", "reason": "r".repeat(200)}),
+            "bad_reason",
+        ),
+        (json!({"who": "alice"}), "bad_json"),
+    ] {
+        let (status, answer) = api_post(&gate, "/api/disconnect", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer["error"]["code"], code);
+    }
+}
+
+#[tokio::test]
+async fn the_api_unsubscribes_a_user_from_a_channel() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    let mut ws = alice_websocket(&gate, "?channel=chat:1&channel=user:alice:inbox").await;
+    sessions_become(&gate, 1).await;
+    let (status, answer) = api_post(
+        &gate,
+        "/api/unsubscribe",
+        json!({"user": "alice", "channel": "chat:1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer),
+        (StatusCode::OK, json!({"unsubscribed": 1}))
+    );
+    assert_eq!(
+        next_text(&mut ws).await,
+        Some(json!({"op": "unsubscribed", "channel": "chat:1"}))
+    );
+    // Publications on the removed channel no longer arrive; the other
+    // channel still works.
+    for channel in ["chat:1", "user:alice:inbox"] {
+        let (status, _) = api_post(
+            &gate,
+            "/api/publish",
+            json!({"channel": channel, "data": channel}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let envelope = next_text(&mut ws).await.unwrap();
+    assert_eq!(envelope["channel"], "user:alice:inbox");
+    let (status, answer) = api_post(
+        &gate,
+        "/api/unsubscribe",
+        json!({"user": "alice", "channel": "bad channel"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"]["code"], "bad_channel");
+}

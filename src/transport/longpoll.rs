@@ -45,11 +45,11 @@ pub(super) async fn handle(
     let timeout = poll_timeout(realtime, query.timeout.as_deref())?;
     let resume = query.since.as_deref().map(parse_cursor).transpose()?;
 
-    let (grant, _slot) = realtime
+    let admission = realtime
         .admit(Transport::Poll, &request, &query, conn)
         .await?;
     let _gauge = realtime.count(Transport::Poll);
-    let mut session = realtime.session(Transport::Poll, grant);
+    let mut session = realtime.session(Transport::Poll, admission);
 
     let mut messages: Vec<Arc<Publication>> = Vec::new();
     let mut resets: Vec<(ChannelName, Position)> = Vec::new();
@@ -69,12 +69,16 @@ pub(super) async fn handle(
     if messages.is_empty() && resets.is_empty() && !timeout.is_zero() {
         let deadline = tokio::time::Instant::now() + timeout;
         let outbox = session.outbox().clone();
+        let control = session.control().clone();
         let mut batch = Vec::new();
         loop {
             tokio::select! {
                 biased;
                 // Shutting down: answer now, the client comes back elsewhere.
                 () = realtime.drain.signalled() => break,
+                // Disconnected or unsubscribed by the app: answer now; the
+                // next poll is authorized afresh.
+                () = control.ordered() => break,
                 () = outbox.ready() => {}
                 () = tokio::time::sleep_until(deadline) => break,
             }

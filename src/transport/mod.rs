@@ -12,6 +12,7 @@
 //! are parsed, the `Origin` is checked ([`Origins`]), the per-address
 //! connection limit is taken ([`IpSlot`]), and [`Auth`] grants the channels.
 
+pub mod control;
 mod longpoll;
 mod session;
 mod sse;
@@ -115,6 +116,8 @@ pub struct Realtime {
     gauges: Arc<Gauges>,
     /// Open realtime connections per client address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Sessions by user: the per-user limit, disconnect, unsubscribe.
+    registry: Arc<control::Registry>,
 }
 
 impl Realtime {
@@ -140,7 +143,26 @@ impl Realtime {
             drain,
             gauges,
             per_ip: Mutex::default(),
+            registry: control::Registry::new(config.limits.connections_per_user),
         }
+    }
+
+    /// Closes every realtime connection of `user` with `code` and `reason`,
+    /// and forgets the user's cached grants. Returns how many were open.
+    pub fn disconnect_user(&self, user: &str, code: u16, reason: &str) -> usize {
+        self.auth.forget_user(user);
+        self.registry.disconnect(user, code, reason)
+    }
+
+    /// Removes `channel` from every live session of `user`. Returns how many
+    /// sessions were told.
+    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> usize {
+        self.registry.unsubscribe(user, channel)
+    }
+
+    /// Auth outcomes, for /metrics.
+    pub fn auth_stats(&self) -> crate::auth::AuthStats {
+        self.auth.stats()
     }
 
     /// Whether `path` is one of pushgate's own realtime paths.
@@ -213,7 +235,7 @@ impl Realtime {
         request: &Request<Incoming>,
         query: &RealtimeQuery,
         conn: ConnInfo,
-    ) -> Result<(Grant, IpSlot), ApiError> {
+    ) -> Result<Admission, ApiError> {
         if query.channels.len() > self.config.max_channels {
             return Err(ApiError::bad_request(
                 "too_many_channels",
@@ -242,12 +264,24 @@ impl Realtime {
                 format!("not allowed to hear `{refused}`"),
             ));
         }
-        Ok((grant, slot))
+        let registration = self.registry.register(grant.user.as_deref())?;
+        Ok(Admission {
+            grant,
+            slot,
+            registration,
+        })
     }
 
-    fn session(self: &Arc<Self>, transport: Transport, grant: Grant) -> Session {
-        Session::new(self.clone(), transport, grant)
+    fn session(self: &Arc<Self>, transport: Transport, admission: Admission) -> Session {
+        Session::new(self.clone(), transport, admission)
     }
+}
+
+/// Everything a connection was admitted with; held by its session.
+pub struct Admission {
+    grant: Grant,
+    slot: IpSlot,
+    registration: control::Registration,
 }
 
 /// One of an address's realtime connection slots; freed on drop.

@@ -10,7 +10,8 @@
 
 use std::sync::Arc;
 
-use super::{Realtime, Transport};
+use super::control::{Control, Registration};
+use super::{Admission, Realtime, Transport};
 use crate::auth::Grant;
 use crate::cursor::{Cursor, Position};
 use crate::error::ApiError;
@@ -53,6 +54,9 @@ pub struct Session {
     realtime: Arc<Realtime>,
     transport: Transport,
     grant: Grant,
+    /// The address slot and the registry entry, released with the session.
+    _slot: super::IpSlot,
+    registration: Registration,
     outbox: Arc<Outbox>,
     subscriptions: Vec<Subscription>,
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
@@ -61,12 +65,18 @@ pub struct Session {
 }
 
 impl Session {
-    pub(super) fn new(realtime: Arc<Realtime>, transport: Transport, grant: Grant) -> Session {
+    pub(super) fn new(
+        realtime: Arc<Realtime>,
+        transport: Transport,
+        admission: Admission,
+    ) -> Session {
         let outbox = Outbox::new(realtime.queue);
         Session {
             realtime,
             transport,
-            grant,
+            grant: admission.grant,
+            _slot: admission.slot,
+            registration: admission.registration,
             outbox,
             subscriptions: Vec::new(),
             cursor: Cursor::new(),
@@ -75,6 +85,11 @@ impl Session {
 
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
+    }
+
+    /// Where the API's orders for this session arrive.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.registration.control
     }
 
     pub fn cursor(&self) -> &Cursor {
@@ -153,7 +168,7 @@ impl Session {
     }
 
     /// Stops hearing `channel`. Returns whether it was subscribed.
-    pub async fn unsubscribe(&mut self, channel: &str) -> bool {
+    pub fn unsubscribe(&mut self, channel: &str) -> bool {
         let Some(index) = self
             .subscriptions
             .iter()
@@ -163,17 +178,27 @@ impl Session {
         };
         let subscription = self.subscriptions.remove(index);
         self.realtime.gauges.add_subscriptions(self.transport, -1);
-        if self.realtime.hub.unsubscribe(channel, &self.outbox) {
-            self.realtime
-                .broker
-                .unsubscribe(&subscription.channel)
-                .await;
-        }
+        self.leave(subscription.channel);
         self.cursor = Cursor::new();
         for s in &self.subscriptions {
             self.cursor.set(s.channel.as_str(), s.position);
         }
         true
+    }
+
+    /// Leaves the hub for `channel`; when this node has no subscriber left
+    /// the engine may stop listening, which is async and needs no answer.
+    fn leave(&self, channel: ChannelName) {
+        if self
+            .realtime
+            .hub
+            .unsubscribe(channel.as_str(), &self.outbox)
+        {
+            let broker = self.realtime.broker.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { broker.unsubscribe(&channel).await });
+            }
+        }
     }
 
     /// Decides what to do with a publication from the outbox, and moves the
@@ -221,17 +246,8 @@ impl Drop for Session {
         realtime
             .gauges
             .add_subscriptions(self.transport, -(self.subscriptions.len() as i64));
-        for subscription in self.subscriptions.drain(..) {
-            if realtime
-                .hub
-                .unsubscribe(subscription.channel.as_str(), &self.outbox)
-            {
-                // The engine may need to stop listening; that is async.
-                let broker = realtime.broker.clone();
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { broker.unsubscribe(&subscription.channel).await });
-                }
-            }
+        for subscription in std::mem::take(&mut self.subscriptions) {
+            self.leave(subscription.channel);
         }
     }
 }

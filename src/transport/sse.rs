@@ -61,11 +61,11 @@ pub(super) async fn handle(
         .filter(|text| !text.is_empty());
     let resume = last_event_id.as_deref().map(parse_cursor).transpose()?;
 
-    let (grant, slot) = realtime
+    let admission = realtime
         .admit(Transport::Sse, &request, &query, conn)
         .await?;
     let gauge = realtime.count(Transport::Sse);
-    let mut session = realtime.session(Transport::Sse, grant);
+    let mut session = realtime.session(Transport::Sse, admission);
 
     // Subscribe to everything first; then replay, with ids that advance one
     // publication at a time, so a drop mid-replay resumes exactly.
@@ -89,7 +89,7 @@ pub(super) async fn handle(
     }
 
     let retry = realtime.config.sse.retry;
-    let mut stream = SseStream::new(realtime, session, slot, gauge);
+    let mut stream = SseStream::new(realtime, session, gauge);
     stream.push_static(format!("retry: {}\n\n", retry.as_millis()));
     for (channel, position) in resets {
         stream.push_reset(&ids, &channel, position);
@@ -122,6 +122,8 @@ pin_project_lite::pin_project! {
         ready: tokio::sync::futures::OwnedNotified,
         #[pin]
         shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
+        #[pin]
+        ordered: tokio::sync::futures::OwnedNotified,
         keepalive: tokio::time::Interval,
         state: State,
     }
@@ -141,24 +143,20 @@ struct State {
     text: String,
     batch: Vec<Arc<Publication>>,
     done: bool,
-    _slot: super::IpSlot,
     _gauge: super::ConnectionGauge,
 }
 
 impl SseStream {
-    fn new(
-        realtime: &Arc<Realtime>,
-        session: Session,
-        slot: super::IpSlot,
-        gauge: super::ConnectionGauge,
-    ) -> SseStream {
+    fn new(realtime: &Arc<Realtime>, session: Session, gauge: super::ConnectionGauge) -> SseStream {
         let ready = session.outbox().ready_owned();
+        let ordered = session.control().ordered_owned();
         let every = realtime.config.sse.keepalive;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         SseStream {
             ready,
             shutdown: realtime.drain.signalled_owned(),
+            ordered,
             keepalive,
             state: State {
                 session,
@@ -169,7 +167,6 @@ impl SseStream {
                 text: String::new(),
                 batch: Vec::new(),
                 done: false,
-                _slot: slot,
                 _gauge: gauge,
             },
         }
@@ -217,6 +214,24 @@ impl State {
             position.epoch, position.offset, self.text
         );
         self.frames.push_back(Bytes::from(event));
+    }
+
+    /// Carries out the API's orders. SSE has no close codes: a disconnect is
+    /// a `pushgate.disconnect` event, then the end of the stream; an
+    /// unsubscribe is a `pushgate.unsubscribed` event.
+    fn obey(&mut self) {
+        let orders = self.session.control().take();
+        for channel in orders.unsubscribe {
+            if self.session.unsubscribe(channel.as_str()) {
+                let data = serde_json::json!({ "channel": channel });
+                self.push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
+            }
+        }
+        if let Some((code, reason)) = orders.disconnect {
+            let data = serde_json::json!({ "code": code, "reason": reason });
+            self.push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
+            self.done = true;
+        }
     }
 
     /// Moves whatever the outbox holds into frames. Returns `false` when the
@@ -277,6 +292,11 @@ impl http_body::Body for SseStream {
                 let retry = jittered(state.retry);
                 state.push_static(format!("retry: {}\n\n", retry.as_millis()));
                 state.done = true;
+                continue;
+            }
+            if this.ordered.as_mut().poll(cx).is_ready() {
+                this.ordered.set(state.session.control().ordered_owned());
+                state.obey();
                 continue;
             }
             if this.ready.as_mut().poll(cx).is_ready() {

@@ -79,13 +79,12 @@ pub(super) async fn handle(
                 let code = refusal.close_code();
                 let _ = close(&mut socket, code, &refusal.message).await;
             }
-            Ok((grant, slot)) => {
+            Ok(admission) => {
                 let _gauge = realtime.count(Transport::WebSocket);
-                let session = realtime.session(Transport::WebSocket, grant);
+                let session = realtime.session(Transport::WebSocket, admission);
                 Connection::new(realtime.clone(), socket, session, conn)
                     .run(query.channels)
                     .await;
-                drop(slot);
             }
         }
     });
@@ -289,6 +288,7 @@ impl Connection {
     async fn serve(&mut self) -> End {
         let drain = self.realtime.drain.clone();
         let outbox = self.session.outbox().clone();
+        let control = self.session.control().clone();
         let ping_interval = self.realtime.config.websocket.ping_interval;
         let ping_timeout = self.realtime.config.websocket.ping_timeout;
         loop {
@@ -297,6 +297,11 @@ impl Connection {
                 biased;
                 () = drain.signalled() => {
                     return End::Close(close::GOING_AWAY, "server shutting down; reconnect".into());
+                }
+                () = control.ordered() => {
+                    if let Err(end) = self.obey().await {
+                        return end;
+                    }
                 }
                 () = outbox.ready() => {
                     if let Err(end) = self.flush_outbox().await {
@@ -337,6 +342,22 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    /// Carries out the API's orders: unsubscribe (telling the client), or
+    /// close.
+    async fn obey(&mut self) -> Result<(), End> {
+        let orders = self.session.control().take();
+        for channel in orders.unsubscribe {
+            if self.session.unsubscribe(channel.as_str()) {
+                let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
+                self.write(Message::text(push)).await?;
+            }
+        }
+        match orders.disconnect {
+            Some((code, reason)) => Err(End::Close(code, reason)),
+            None => Ok(()),
         }
     }
 
@@ -535,7 +556,7 @@ impl Connection {
             }
             "unsubscribe" => {
                 let channel = channel()?;
-                if self.session.unsubscribe(channel.as_str()).await {
+                if self.session.unsubscribe(channel.as_str()) {
                     Ok(Reply::plain(json!({})))
                 } else {
                     Err(ApiError::bad_request(

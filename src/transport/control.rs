@@ -1,0 +1,239 @@
+//! Reaching live sessions by user: the per-user connection limit, and the
+//! API's disconnect and unsubscribe.
+//!
+//! Every session of a known user registers a [`Control`] under that user.
+//! The API sets an order on it and wakes the session, which carries it out
+//! on its own transport: a close code on WebSocket, an event and the end of
+//! the stream on SSE, an immediate answer on long-poll.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::StatusCode;
+use tokio::sync::Notify;
+
+use crate::error::ApiError;
+use crate::message::ChannelName;
+
+/// Orders for one session, set by the API.
+pub struct Control {
+    /// Wakes the session when an order arrives.
+    wake: Arc<Notify>,
+    orders: Mutex<Orders>,
+}
+
+#[derive(Default)]
+struct Orders {
+    disconnect: Option<(u16, String)>,
+    unsubscribe: Vec<ChannelName>,
+}
+
+/// What a session must do, taken from its control.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// Close with this code and reason.
+    pub disconnect: Option<(u16, String)>,
+    /// Stop hearing these channels (and tell the client).
+    pub unsubscribe: Vec<ChannelName>,
+}
+
+impl Control {
+    fn new() -> Arc<Control> {
+        Arc::new(Control {
+            wake: Arc::new(Notify::new()),
+            orders: Mutex::default(),
+        })
+    }
+
+    fn disconnect(&self, code: u16, reason: &str) {
+        self.orders.lock().expect("control lock").disconnect = Some((code, reason.to_owned()));
+        self.wake.notify_one();
+    }
+
+    fn unsubscribe(&self, channel: &ChannelName) {
+        self.orders
+            .lock()
+            .expect("control lock")
+            .unsubscribe
+            .push(channel.clone());
+        self.wake.notify_one();
+    }
+
+    /// Waits for an order.
+    pub async fn ordered(&self) {
+        self.wake.notified().await
+    }
+
+    /// Like [`Control::ordered`], as an owned future for a hand-written
+    /// stream.
+    pub fn ordered_owned(&self) -> tokio::sync::futures::OwnedNotified {
+        self.wake.clone().notified_owned()
+    }
+
+    /// Takes the orders waiting.
+    pub fn take(&self) -> Taken {
+        let mut orders = self.orders.lock().expect("control lock");
+        Taken {
+            disconnect: orders.disconnect.take(),
+            unsubscribe: std::mem::take(&mut orders.unsubscribe),
+        }
+    }
+}
+
+/// Every session's control, by user.
+pub struct Registry {
+    users: Mutex<HashMap<String, HashMap<u64, Arc<Control>>>>,
+    next_id: AtomicU64,
+    /// `limits.connections_per_user`; 0: unlimited.
+    per_user: usize,
+}
+
+/// A session's place in the registry; leaving it unregisters.
+pub struct Registration {
+    registry: Arc<Registry>,
+    user: Option<String>,
+    id: u64,
+    pub control: Arc<Control>,
+}
+
+impl Registry {
+    pub fn new(per_user: usize) -> Arc<Registry> {
+        Arc::new(Registry {
+            users: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            per_user,
+        })
+    }
+
+    /// Registers a session of `user` (anonymous sessions are not limited or
+    /// reachable by user), refusing one over the per-user limit.
+    pub fn register(self: &Arc<Self>, user: Option<&str>) -> Result<Registration, ApiError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let control = Control::new();
+        if let Some(user) = user {
+            let mut users = self.users.lock().expect("registry lock");
+            let sessions = users.entry(user.to_owned()).or_default();
+            if self.per_user > 0 && sessions.len() >= self.per_user {
+                tracing::info!(
+                    user,
+                    limit = self.per_user,
+                    "limit: limits.connections_per_user reached"
+                );
+                if sessions.is_empty() {
+                    users.remove(user);
+                }
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    "too many realtime connections for this user (limits.connections_per_user)",
+                ));
+            }
+            sessions.insert(id, control.clone());
+        }
+        Ok(Registration {
+            registry: self.clone(),
+            user: user.map(str::to_owned),
+            id,
+            control,
+        })
+    }
+
+    /// Orders every session of `user` to close; returns how many.
+    pub fn disconnect(&self, user: &str, code: u16, reason: &str) -> usize {
+        let users = self.users.lock().expect("registry lock");
+        let sessions = users
+            .get(user)
+            .map(|s| s.values().cloned().collect::<Vec<_>>());
+        drop(users);
+        let sessions = sessions.unwrap_or_default();
+        for control in &sessions {
+            control.disconnect(code, reason);
+        }
+        sessions.len()
+    }
+
+    /// Orders every session of `user` to stop hearing `channel`; returns how
+    /// many sessions were told.
+    pub fn unsubscribe(&self, user: &str, channel: &ChannelName) -> usize {
+        let users = self.users.lock().expect("registry lock");
+        let sessions = users
+            .get(user)
+            .map(|s| s.values().cloned().collect::<Vec<_>>());
+        drop(users);
+        let sessions = sessions.unwrap_or_default();
+        for control in &sessions {
+            control.unsubscribe(channel);
+        }
+        sessions.len()
+    }
+
+    /// Open sessions of `user`.
+    pub fn sessions_of(&self, user: &str) -> usize {
+        self.users
+            .lock()
+            .expect("registry lock")
+            .get(user)
+            .map_or(0, HashMap::len)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(user) = &self.user {
+            let mut users = self.registry.users.lock().expect("registry lock");
+            if let Some(sessions) = users.get_mut(user) {
+                sessions.remove(&self.id);
+                if sessions.is_empty() {
+                    users.remove(user);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_user_limit_counts_open_sessions() {
+        let registry = Registry::new(2);
+        let a = registry.register(Some("ann")).unwrap();
+        let _b = registry.register(Some("ann")).unwrap();
+        assert_eq!(
+            registry.register(Some("ann")).err().map(|e| e.status),
+            Some(StatusCode::TOO_MANY_REQUESTS)
+        );
+        assert!(registry.register(Some("bob")).is_ok(), "per user");
+        assert!(
+            registry.register(None).is_ok(),
+            "anonymous sessions are not limited"
+        );
+        drop(a);
+        assert!(
+            registry.register(Some("ann")).is_ok(),
+            "a closed session frees its place"
+        );
+    }
+
+    #[test]
+    fn orders_reach_every_session_of_the_user() {
+        let registry = Registry::new(0);
+        let one = registry.register(Some("ann")).unwrap();
+        let two = registry.register(Some("ann")).unwrap();
+        let other = registry.register(Some("bob")).unwrap();
+        assert_eq!(registry.disconnect("ann", 4000, "bye"), 2);
+        let channel = ChannelName::parse("c").unwrap();
+        assert_eq!(registry.unsubscribe("ann", &channel), 2);
+        for registration in [&one, &two] {
+            let taken = registration.control.take();
+            assert_eq!(taken.disconnect, Some((4000, "bye".into())));
+            assert_eq!(taken.unsubscribe, vec![channel.clone()]);
+        }
+        assert_eq!(other.control.take(), Taken::default());
+        assert_eq!(registry.disconnect("nobody", 4000, ""), 0);
+        drop(one);
+        assert_eq!(registry.sessions_of("ann"), 1);
+    }
+}
