@@ -78,6 +78,13 @@ impl Grant {
         }
     }
 
+    /// Adds one exact channel (the app allowed it through `subscribe_path`).
+    pub fn allow(&mut self, channel: &ChannelName) {
+        if let Channels::Listed { exact, .. } = &mut self.channels {
+            exact.push(channel.as_str().to_owned());
+        }
+    }
+
     /// Whether this grant lets the connection hear `channel`.
     pub fn allows(&self, channel: &ChannelName) -> bool {
         match &self.channels {
@@ -105,6 +112,14 @@ pub struct AuthRequest<'a> {
     pub conn: ConnInfo,
 }
 
+/// The client headers sent to the app on a connection's behalf (the
+/// configured ones and `X-Forwarded-For`), kept for refresh and subscribe
+/// requests later in the connection's life.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    headers: HeaderMap,
+}
+
 /// Decides whether realtime connections are accepted.
 pub struct Auth {
     mode: Mode,
@@ -130,6 +145,86 @@ impl Auth {
         match &self.mode {
             Mode::None => Ok(Grant::everything()),
             Mode::Upstream(app) => app.authorize(request).await,
+        }
+    }
+
+    /// What to keep of a connection's request for later questions to the app.
+    pub fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
+        match &self.mode {
+            Mode::None => Credentials::default(),
+            Mode::Upstream(app) => app.credentials(headers, conn),
+        }
+    }
+
+    /// A grant that ran out: asks the app to extend it (`refresh_path`).
+    /// Without a refresh endpoint, or when the app refuses, the connection
+    /// must close with 4001.
+    pub async fn refresh(
+        &self,
+        grant: &Grant,
+        credentials: &Credentials,
+        connection_id: u64,
+        transport: &str,
+    ) -> Result<Grant, ApiError> {
+        let expired = || {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "credentials_expired",
+                "the connection's credentials expired; reconnect",
+            )
+        };
+        let Mode::Upstream(app) = &self.mode else {
+            return Err(expired());
+        };
+        let Some(url) = &app.refresh_url else {
+            return Err(expired());
+        };
+        let body = serde_json::json!({
+            "user": grant.user,
+            "connection_id": connection_id.to_string(),
+            "transport": transport,
+        });
+        let (status, answer) = app.exchange(url, credentials, &body).await?;
+        let renewed = grant_or_refusal(status, &answer, |why| app.unavailable(url, why))?;
+        if renewed.user != grant.user {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "credentials_expired",
+                "the refreshed grant names another user",
+            ));
+        }
+        Ok(renewed)
+    }
+
+    /// A subscribe outside the grant: asks the app (`subscribe_path`) when
+    /// there is one; without it the answer is forbidden.
+    pub async fn may_subscribe(
+        &self,
+        grant: &Grant,
+        credentials: &Credentials,
+        channel: &ChannelName,
+        transport: &str,
+    ) -> Result<(), ApiError> {
+        let forbidden = |why: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why);
+        let Mode::Upstream(app) = &self.mode else {
+            return Err(forbidden(format!("not allowed to hear `{channel}`")));
+        };
+        let Some(url) = &app.subscribe_url else {
+            return Err(forbidden(format!("not allowed to hear `{channel}`")));
+        };
+        let body = serde_json::json!({
+            "user": grant.user,
+            "channel": channel,
+            "transport": transport,
+        });
+        let (status, answer) = app.exchange(url, credentials, &body).await?;
+        match status {
+            StatusCode::OK => Ok(()),
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(forbidden(reason(
+                &answer,
+                &format!("not allowed to hear `{channel}`"),
+            ))),
+            other => Err(app.unavailable(url, &format!("the app answered {other}"))),
         }
     }
 
@@ -166,6 +261,8 @@ pub struct AuthStats {
 struct AppAuth {
     client: Client<HttpConnector, Full<Bytes>>,
     url: Uri,
+    refresh_url: Option<Uri>,
+    subscribe_url: Option<Uri>,
     forward: Vec<HeaderName>,
     timeout: Duration,
     trusted_proxies: Vec<IpNet>,
@@ -197,6 +294,18 @@ impl AppAuth {
             url: upstream.uri(Some(
                 &settings.path.parse().expect("validated auth.upstream.path"),
             )),
+            refresh_url: settings.refresh_path.as_ref().map(|path| {
+                upstream.uri(Some(
+                    &path.parse().expect("validated auth.upstream.refresh_path"),
+                ))
+            }),
+            subscribe_url: settings.subscribe_path.as_ref().map(|path| {
+                upstream.uri(Some(
+                    &path
+                        .parse()
+                        .expect("validated auth.upstream.subscribe_path"),
+                ))
+            }),
             forward: settings
                 .forward_headers
                 .iter()
@@ -242,58 +351,91 @@ impl AppAuth {
             "path": request.path,
             "query": request.query,
         });
-        let mut outgoing = Request::builder()
-            .method(Method::POST)
-            .uri(self.url.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .header(
-                "x-forwarded-for",
-                forwarded_for(request.headers, request.conn, &self.trusted_proxies),
-            )
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("a valid auth request");
+        let credentials = self.credentials(request.headers, request.conn);
+        let (status, answer) = self.exchange(&self.url, &credentials, &body).await?;
+        grant_or_refusal(status, &answer, |why| self.unavailable(&self.url, why))
+    }
+
+    /// The headers the app is sent on this connection's behalf.
+    fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
+        let mut forwarded = HeaderMap::new();
         for name in &self.forward {
-            for value in request.headers.get_all(name) {
-                outgoing.headers_mut().append(name.clone(), value.clone());
+            for value in headers.get_all(name) {
+                forwarded.append(name.clone(), value.clone());
             }
         }
+        forwarded.insert(
+            "x-forwarded-for",
+            forwarded_for(headers, conn, &self.trusted_proxies),
+        );
+        Credentials { headers: forwarded }
+    }
 
-        let unavailable = |why: &str| {
-            tracing::warn!(url = %self.url, why, "auth request failed; connection refused with 503");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "auth_unavailable",
-                "the app could not confirm this connection; try again later",
-            )
-        };
+    /// One request to the app: POST `body` to `url` with the credentials.
+    /// Returns the status and the body; no answer in time, a failed
+    /// connection or an unreadable body is `503 auth_unavailable`.
+    async fn exchange(
+        &self,
+        url: &Uri,
+        credentials: &Credentials,
+        body: &serde_json::Value,
+    ) -> Result<(StatusCode, Bytes), ApiError> {
+        let mut outgoing = Request::builder()
+            .method(Method::POST)
+            .uri(url.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a valid auth request");
+        for (name, value) in &credentials.headers {
+            outgoing.headers_mut().append(name.clone(), value.clone());
+        }
         let response = match tokio::time::timeout(self.timeout, self.client.request(outgoing)).await
         {
-            Err(_) => return Err(unavailable("no answer within auth.upstream.timeout")),
-            Ok(Err(err)) => return Err(unavailable(&format!("{err}"))),
+            Err(_) => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
+            Ok(Err(err)) => return Err(self.unavailable(url, &format!("{err}"))),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
         let read = Limited::new(response.into_body(), MAX_GRANT_BYTES).collect();
-        let body = match tokio::time::timeout(self.timeout, read).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(_)) => return Err(unavailable("the answer could not be read or was too large")),
-            Err(_) => return Err(unavailable("the answer's body did not arrive in time")),
-        };
-        match status {
-            StatusCode::OK => parse_grant(&body).map_err(|why| unavailable(&why)),
-            StatusCode::UNAUTHORIZED => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                reason(&body, "the app does not know who this is"),
-            )),
-            StatusCode::FORBIDDEN => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                reason(&body, "the app refused this connection"),
-            )),
-            other => Err(unavailable(&format!("the app answered {other}"))),
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(collected)) => Ok((status, collected.to_bytes())),
+            Ok(Err(_)) => {
+                Err(self.unavailable(url, "the answer could not be read or was too large"))
+            }
+            Err(_) => Err(self.unavailable(url, "the answer's body did not arrive in time")),
         }
+    }
+
+    fn unavailable(&self, url: &Uri, why: &str) -> ApiError {
+        tracing::warn!(%url, why, "request to the app failed; refused with 503");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "auth_unavailable",
+            "the app could not confirm this connection; try again later",
+        )
+    }
+}
+
+/// A 200 grant, or the app's refusal with its reason, or 503.
+fn grant_or_refusal(
+    status: StatusCode,
+    body: &[u8],
+    unavailable: impl Fn(&str) -> ApiError,
+) -> Result<Grant, ApiError> {
+    match status {
+        StatusCode::OK => parse_grant(body).map_err(|why| unavailable(&why)),
+        StatusCode::UNAUTHORIZED => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            reason(body, "the app does not know who this is"),
+        )),
+        StatusCode::FORBIDDEN => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            reason(body, "the app refused this connection"),
+        )),
+        other => Err(unavailable(&format!("the app answered {other}"))),
     }
 }
 

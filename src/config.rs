@@ -317,6 +317,12 @@ pub struct UpstreamAuthConfig {
     pub cache_ttl: Duration,
     /// Most grants cached at once.
     pub cache_size: usize,
+    /// Asked when a grant's `expires_in` passes: the app extends it or
+    /// refuses (close 4001). Without it an expired connection is closed.
+    pub refresh_path: Option<String>,
+    /// Asked when a connection subscribes to a channel outside its grant:
+    /// the app answers 200 (allowed) or 403.
+    pub subscribe_path: Option<String>,
 }
 
 impl Default for UpstreamAuthConfig {
@@ -330,6 +336,8 @@ impl Default for UpstreamAuthConfig {
             timeout: DEFAULT_AUTH_TIMEOUT,
             cache_ttl: DEFAULT_AUTH_CACHE_TTL,
             cache_size: DEFAULT_AUTH_CACHE_SIZE,
+            refresh_path: None,
+            subscribe_path: None,
         }
     }
 }
@@ -1260,12 +1268,28 @@ impl Config {
             );
         }
         let upstream_auth = &self.auth.upstream;
-        if !upstream_auth.path.starts_with('/') || upstream_auth.path.contains(['?', '#', ' ']) {
-            problem(
-                "auth.upstream.path",
-                format!("`{}` is not a path", upstream_auth.path),
-                "write the app's auth endpoint as a path, e.g. /realtime/auth",
-            );
+        for (key, path) in [
+            ("auth.upstream.path", Some(&upstream_auth.path)),
+            (
+                "auth.upstream.refresh_path",
+                upstream_auth.refresh_path.as_ref(),
+            ),
+            (
+                "auth.upstream.subscribe_path",
+                upstream_auth.subscribe_path.as_ref(),
+            ),
+        ] {
+            let Some(path) = path else { continue };
+            let valid = path.starts_with('/')
+                && path.parse::<http::uri::PathAndQuery>().is_ok()
+                && !path.contains(['?', '#']);
+            if !valid {
+                problem(
+                    key,
+                    format!("`{path}` is not a path"),
+                    "write an endpoint of the app as a path, e.g. /realtime/auth",
+                );
+            }
         }
         for (index, name) in upstream_auth.forward_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

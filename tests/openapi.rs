@@ -22,6 +22,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// server by [`the_route_list_follows_src_api_rs`].
 const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/publish"),
+    ("POST", "/api/disconnect"),
+    ("POST", "/api/unsubscribe"),
     ("GET", "/api/history"),
     ("GET", "/api/channels"),
     ("GET", "/healthz"),
@@ -602,6 +604,13 @@ async fn every_operation_answers_its_examples_as_documented() {
                 example.name,
                 answer.status
             );
+            // No realtime session has a user here (`auth.mode: none`), so
+            // there is nobody to disconnect or unsubscribe.
+            match operation.path {
+                "/api/disconnect" => assert_eq!(body, json!({"disconnected": 0})),
+                "/api/unsubscribe" => assert_eq!(body, json!({"unsubscribed": 0})),
+                _ => {}
+            }
             // A batch is answered item by item, all stored here.
             if let Some(Value::Array(items)) = &example.body {
                 let results = body.as_array().expect("a batch is answered with an array");
@@ -617,6 +626,11 @@ async fn every_operation_answers_its_examples_as_documented() {
     for operation in &operations {
         assert!(answered.contains_key(&operation.label()));
     }
+    assert_eq!(
+        answered["POST /api/disconnect"].len(),
+        2,
+        "both disconnect examples (default and chosen code) were sent"
+    );
     let history = &answered["GET /api/history"][0];
     let messages = history["messages"].as_array().unwrap();
     assert!(
@@ -665,7 +679,7 @@ async fn operations_with_security_refuse_a_missing_or_wrong_key_with_a_documente
             }
         }
     }
-    assert_eq!(secured, 3, "the /api/ operations need a key");
+    assert_eq!(secured, 5, "the /api/ operations need a key");
     assert_eq!(open, 3, "/healthz, /readyz and /metrics are open");
 }
 
@@ -684,9 +698,19 @@ struct Case {
 impl Case {
     /// A JSON publish body.
     fn publish(body: impl Into<String>, status: u16, code: Option<&'static str>) -> Case {
+        Case::post("/api/publish", body, status, code)
+    }
+
+    /// A JSON body posted to `target`.
+    fn post(
+        target: &'static str,
+        body: impl Into<String>,
+        status: u16,
+        code: Option<&'static str>,
+    ) -> Case {
         Case {
             method: Method::POST,
-            target: "/api/publish",
+            target,
             content_type: Some("application/json"),
             body: Some(body.into()),
             status,
@@ -715,6 +739,11 @@ async fn documented_errors_come_back_as_documented() {
     let key = Auth::Bearer(common::API_KEY);
     let over_max_body = format!(r#"{{"channel":"c","data":"{}"}}"#, "x".repeat(1 << 20));
     let too_many = serde_json::to_string(&vec![json!({"channel": "c", "data": 1}); 1001]).unwrap();
+    let long_user = json!({"user": "u".repeat(257), "channel": "c"}).to_string();
+    // 123 bytes is the limit, counted in bytes: 62 two-byte characters are 124.
+    let long_reason = json!({"user": "u", "reason": "é".repeat(62)}).to_string();
+    let longest_reason = json!({"user": "u", "reason": "x".repeat(123)}).to_string();
+    let over_max_body_disconnect = format!(r#"{{"user":"{}"}}"#, "x".repeat(1 << 20));
 
     let cases = [
         Case::publish(r#"{"channel":"a b","data":1}"#, 400, Some("bad_channel")),
@@ -760,6 +789,72 @@ async fn documented_errors_come_back_as_documented() {
         Case::get("/api/history?channel=c&since=OtherEpoch:1", 200, None),
         Case::get("/api/channels?limit=100001", 400, Some("bad_limit")),
         Case::get("/api/channels?prefix=a&prefix=b", 400, Some("bad_query")),
+        Case::post("/api/disconnect", r#"{"user":""}"#, 400, Some("bad_user")),
+        Case::post(
+            "/api/disconnect",
+            r#"{"user":"u","code":1000}"#,
+            400,
+            Some("bad_code"),
+        ),
+        Case::post(
+            "/api/disconnect",
+            r#"{"user":"u","code":5000}"#,
+            400,
+            Some("bad_code"),
+        ),
+        Case::post(
+            "/api/disconnect",
+            r#"{"user":"u","code":70000}"#,
+            400,
+            Some("bad_json"),
+        ),
+        Case::post("/api/disconnect", long_reason, 400, Some("bad_reason")),
+        Case::post("/api/disconnect", longest_reason, 200, None),
+        Case::post(
+            "/api/disconnect",
+            r#"{"user":"u","channel":"c"}"#,
+            400,
+            Some("bad_json"),
+        ),
+        Case::post("/api/disconnect", r#"{"code":4000}"#, 400, Some("bad_json")),
+        Case::post(
+            "/api/disconnect",
+            over_max_body_disconnect,
+            413,
+            Some("body_too_large"),
+        ),
+        Case {
+            content_type: Some("text/plain"),
+            ..Case::post(
+                "/api/disconnect",
+                r#"{"user":"u"}"#,
+                415,
+                Some("unsupported_media_type"),
+            )
+        },
+        Case::post(
+            "/api/unsubscribe",
+            r#"{"user":"u","channel":"a b"}"#,
+            400,
+            Some("bad_channel"),
+        ),
+        Case::post("/api/unsubscribe", long_user, 400, Some("bad_user")),
+        Case::post("/api/unsubscribe", r#"{"user":"u"}"#, 400, Some("bad_json")),
+        Case::post(
+            "/api/unsubscribe",
+            r#"{"user":"u","channel":"c","code":4000}"#,
+            400,
+            Some("bad_json"),
+        ),
+        Case {
+            content_type: Some("text/plain"),
+            ..Case::post(
+                "/api/unsubscribe",
+                r#"{"user":"u","channel":"c"}"#,
+                415,
+                Some("unsupported_media_type"),
+            )
+        },
     ];
     for case in cases {
         let path = case.target.split('?').next().unwrap();
@@ -782,7 +877,9 @@ async fn documented_errors_come_back_as_documented() {
         if let Some(code) = case.code {
             assert_eq!(body["error"]["code"], code, "{what}: {body}");
         }
-        if case.method == Method::POST && case.status == 200 {
+        if case.target == "/api/disconnect" && case.status == 200 {
+            assert_eq!(body, json!({"disconnected": 0}), "{what}");
+        } else if case.method == Method::POST && case.status == 200 {
             let items = body.as_array().unwrap();
             assert_eq!(items.len(), 3, "{body}");
             assert!(items[0].get("results").is_some(), "{body}");
@@ -833,6 +930,8 @@ async fn every_route_the_server_answers_is_in_the_spec() {
     for (method, path, status) in [
         ("GET", "/api/presence", StatusCode::NOT_FOUND),
         ("GET", "/api/publish", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/api/disconnect", StatusCode::METHOD_NOT_ALLOWED),
+        ("PUT", "/api/unsubscribe", StatusCode::METHOD_NOT_ALLOWED),
         ("DELETE", "/api/history", StatusCode::METHOD_NOT_ALLOWED),
         ("POST", "/healthz", StatusCode::METHOD_NOT_ALLOWED),
         ("GET", "/nope", StatusCode::NOT_FOUND),

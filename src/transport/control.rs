@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use http::StatusCode;
 use tokio::sync::Notify;
 
+use crate::auth::Grant;
 use crate::error::ApiError;
 use crate::message::ChannelName;
 
@@ -27,6 +28,7 @@ pub struct Control {
 struct Orders {
     disconnect: Option<(u16, String)>,
     unsubscribe: Vec<ChannelName>,
+    regrant: Option<Grant>,
 }
 
 /// What a session must do, taken from its control.
@@ -36,6 +38,8 @@ pub struct Taken {
     pub disconnect: Option<(u16, String)>,
     /// Stop hearing these channels (and tell the client).
     pub unsubscribe: Vec<ChannelName>,
+    /// The app renewed the grant: hear only what it allows from now on.
+    pub regrant: Option<Grant>,
 }
 
 impl Control {
@@ -46,8 +50,15 @@ impl Control {
         })
     }
 
-    fn disconnect(&self, code: u16, reason: &str) {
+    /// Orders the session to close (also used when its grant runs out).
+    pub fn disconnect(&self, code: u16, reason: &str) {
         self.orders.lock().expect("control lock").disconnect = Some((code, reason.to_owned()));
+        self.wake.notify_one();
+    }
+
+    /// Hands the session a renewed grant.
+    pub fn regrant(&self, grant: Grant) {
+        self.orders.lock().expect("control lock").regrant = Some(grant);
         self.wake.notify_one();
     }
 
@@ -77,6 +88,7 @@ impl Control {
         Taken {
             disconnect: orders.disconnect.take(),
             unsubscribe: std::mem::take(&mut orders.unsubscribe),
+            regrant: orders.regrant.take(),
         }
     }
 }
@@ -93,7 +105,9 @@ pub struct Registry {
 pub struct Registration {
     registry: Arc<Registry>,
     user: Option<String>,
-    id: u64,
+    /// The connection id, unique in this process; sent to the app with
+    /// refresh requests.
+    pub id: u64,
     pub control: Arc<Control>,
 }
 

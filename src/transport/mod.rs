@@ -266,6 +266,7 @@ impl Realtime {
         }
         let registration = self.registry.register(grant.user.as_deref())?;
         Ok(Admission {
+            credentials: self.auth.credentials(request.headers(), conn),
             grant,
             slot,
             registration,
@@ -280,6 +281,8 @@ impl Realtime {
 /// Everything a connection was admitted with; held by its session.
 pub struct Admission {
     grant: Grant,
+    /// Kept for refresh and subscribe requests to the app.
+    credentials: crate::auth::Credentials,
     slot: IpSlot,
     registration: control::Registration,
 }
@@ -412,7 +415,9 @@ impl Origins {
 
     /// Checks the request's `Origin`. With no patterns configured only the
     /// request's own host is allowed, which is what stops a foreign page
-    /// from opening a WebSocket with the user's cookies.
+    /// from opening a WebSocket with the user's cookies. The scheme is not
+    /// compared: TLS often ends at a proxy in front of pushgate, and the same
+    /// host over http and https is the same site's owner.
     pub fn check<B>(&self, request: &Request<B>) -> OriginCheck {
         let headers = request.headers();
         let Some(origin) = headers.get(header::ORIGIN) else {

@@ -10,14 +10,15 @@
 
 use std::sync::Arc;
 
+use std::sync::Weak;
+
 use super::control::{Control, Registration};
 use super::{Admission, Realtime, Transport};
-use crate::auth::Grant;
+use crate::auth::{Credentials, Grant};
 use crate::cursor::{Cursor, Position};
 use crate::error::ApiError;
 use crate::hub::Outbox;
 use crate::message::{ChannelName, Publication};
-use http::StatusCode;
 
 struct Subscription {
     channel: ChannelName,
@@ -54,9 +55,12 @@ pub struct Session {
     realtime: Arc<Realtime>,
     transport: Transport,
     grant: Grant,
+    credentials: Credentials,
     /// The address slot and the registry entry, released with the session.
     _slot: super::IpSlot,
     registration: Registration,
+    /// Renews the grant when it runs out; stopped with the session.
+    refresher: Option<tokio::task::AbortHandle>,
     outbox: Arc<Outbox>,
     subscriptions: Vec<Subscription>,
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
@@ -71,12 +75,25 @@ impl Session {
         admission: Admission,
     ) -> Session {
         let outbox = Outbox::new(realtime.queue);
+        let refresher = admission.grant.expires_at.is_some().then(|| {
+            tokio::spawn(refresh(
+                realtime.clone(),
+                Arc::downgrade(&admission.registration.control),
+                admission.grant.clone(),
+                admission.credentials.clone(),
+                admission.registration.id,
+                transport,
+            ))
+            .abort_handle()
+        });
         Session {
             realtime,
             transport,
             grant: admission.grant,
+            credentials: admission.credentials,
             _slot: admission.slot,
             registration: admission.registration,
+            refresher,
             outbox,
             subscriptions: Vec::new(),
             cursor: Cursor::new(),
@@ -125,11 +142,18 @@ impl Session {
             ));
         }
         if !self.grant.allows(&channel) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("not allowed to hear `{channel}`"),
-            ));
+            // Outside the grant: the app may still allow it
+            // (auth.upstream.subscribe_path); else forbidden.
+            self.realtime
+                .auth
+                .may_subscribe(
+                    &self.grant,
+                    &self.credentials,
+                    &channel,
+                    self.transport.name(),
+                )
+                .await?;
+            self.grant.allow(&channel);
         }
 
         // Live first, then history: nothing published in between is lost.
@@ -184,6 +208,38 @@ impl Session {
             self.cursor.set(s.channel.as_str(), s.position);
         }
         true
+    }
+
+    /// Carries out the API's orders that concern subscriptions, and returns
+    /// the channels the session left (to tell the client) and the close
+    /// order, if any, for the transport to carry out its own way.
+    pub fn obey(&mut self) -> (Vec<ChannelName>, Option<(u16, String)>) {
+        let orders = self.control().take();
+        let mut left: Vec<ChannelName> = orders
+            .unsubscribe
+            .into_iter()
+            .filter(|channel| self.unsubscribe(channel.as_str()))
+            .collect();
+        if let Some(grant) = orders.regrant {
+            left.extend(self.regrant(grant));
+        }
+        (left, orders.disconnect)
+    }
+
+    /// Takes a renewed grant; returns the channels it no longer allows, which
+    /// the session has left (the transport tells the client).
+    pub fn regrant(&mut self, grant: Grant) -> Vec<ChannelName> {
+        self.grant = grant;
+        let refused: Vec<ChannelName> = self
+            .subscriptions
+            .iter()
+            .filter(|s| !self.grant.allows(&s.channel))
+            .map(|s| s.channel.clone())
+            .collect();
+        for channel in &refused {
+            self.unsubscribe(channel.as_str());
+        }
+        refused
     }
 
     /// Leaves the hub for `channel`; when this node has no subscriber left
@@ -241,6 +297,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let Some(refresher) = &self.refresher {
+            refresher.abort();
+        }
         self.outbox.close();
         let realtime = &self.realtime;
         realtime
@@ -248,6 +307,43 @@ impl Drop for Session {
             .add_subscriptions(self.transport, -(self.subscriptions.len() as i64));
         for subscription in std::mem::take(&mut self.subscriptions) {
             self.leave(subscription.channel);
+        }
+    }
+}
+
+/// Renews a grant each time it runs out, through the app's refresh endpoint;
+/// when the app refuses (or there is none) the session is closed with 4001.
+async fn refresh(
+    realtime: Arc<Realtime>,
+    control: Weak<Control>,
+    mut grant: Grant,
+    credentials: Credentials,
+    connection_id: u64,
+    transport: Transport,
+) {
+    while let Some(expires_at) = grant.expires_at {
+        tokio::time::sleep_until(expires_at.into()).await;
+        let renewed = realtime
+            .auth
+            .refresh(&grant, &credentials, connection_id, transport.name())
+            .await;
+        let Some(control) = control.upgrade() else {
+            return;
+        };
+        match renewed {
+            Ok(renewed) => {
+                grant = renewed.clone();
+                control.regrant(renewed);
+            }
+            Err(refusal) => {
+                tracing::info!(
+                    user = grant.user.as_deref().unwrap_or(""),
+                    reason = %refusal.message,
+                    "grant expired and was not renewed; closing with 4001"
+                );
+                control.disconnect(4001, &refusal.message);
+                return;
+            }
         }
     }
 }

@@ -220,14 +220,12 @@ impl State {
     /// a `pushgate.disconnect` event, then the end of the stream; an
     /// unsubscribe is a `pushgate.unsubscribed` event.
     fn obey(&mut self) {
-        let orders = self.session.control().take();
-        for channel in orders.unsubscribe {
-            if self.session.unsubscribe(channel.as_str()) {
-                let data = serde_json::json!({ "channel": channel });
-                self.push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
-            }
+        let (left, disconnect) = self.session.obey();
+        for channel in left {
+            let data = serde_json::json!({ "channel": channel });
+            self.push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
         }
-        if let Some((code, reason)) = orders.disconnect {
+        if let Some((code, reason)) = disconnect {
             let data = serde_json::json!({ "code": code, "reason": reason });
             self.push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
             self.done = true;
@@ -256,11 +254,18 @@ impl State {
                 if verdict == Admit::Skip {
                     continue;
                 }
-                self.text.clear();
-                self.session.cursor().encode_into(&mut self.text);
                 if let Admit::ResetThenDeliver(position) = verdict {
+                    // The reset's id stands at the reset, not past the
+                    // publication that follows it: a drop between the two
+                    // must not skip that publication. Rare, so a copy.
+                    let mut at_reset = self.session.cursor().clone();
+                    at_reset.set(publication.channel().as_str(), position);
+                    self.text.clear();
+                    at_reset.encode_into(&mut self.text);
                     self.push_reset(publication.channel(), position);
                 }
+                self.text.clear();
+                self.session.cursor().encode_into(&mut self.text);
                 self.push_event(&publication);
             }
         }

@@ -348,14 +348,12 @@ impl Connection {
     /// Carries out the API's orders: unsubscribe (telling the client), or
     /// close.
     async fn obey(&mut self) -> Result<(), End> {
-        let orders = self.session.control().take();
-        for channel in orders.unsubscribe {
-            if self.session.unsubscribe(channel.as_str()) {
-                let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
-                self.write(Message::text(push)).await?;
-            }
+        let (left, disconnect) = self.session.obey();
+        for channel in left {
+            let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
+            self.write(Message::text(push)).await?;
         }
-        match orders.disconnect {
+        match disconnect {
             Some((code, reason)) => Err(End::Close(code, reason)),
             None => Ok(()),
         }
