@@ -1,5 +1,6 @@
 //! The publish/admin API on `api.listen`: publish, history, channels,
-//! health, readiness and metrics. Every endpoint is described in
+//! disconnect and unsubscribe (sessions by user), health, readiness and
+//! metrics. Every endpoint is described in
 //! docs/api.md and docs/openapi.yaml.
 //!
 //! `/api/*` needs `Authorization: Bearer <key>` with one of `api.keys`,
@@ -214,7 +215,7 @@ impl Api {
         struct Disconnect {
             user: String,
             #[serde(default)]
-            code: Option<u16>,
+            code: Option<i64>,
             #[serde(default)]
             reason: Option<String>,
         }
@@ -223,13 +224,16 @@ impl Api {
             ApiError::bad_request("bad_json", format!("invalid disconnect: {err}"))
         })?;
         let user = valid_user(&order.user)?;
-        let code = order.code.unwrap_or(DEFAULT_DISCONNECT_CODE);
-        if !(4000..=4999).contains(&code) {
-            return Err(ApiError::bad_request(
-                "bad_code",
-                "`code` must be a WebSocket application code, 4000 to 4999",
-            ));
-        }
+        let code = match order.code {
+            None => DEFAULT_DISCONNECT_CODE,
+            Some(code @ 4000..=4999) => code as u16,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "bad_code",
+                    "`code` must be a WebSocket application code, 4000 to 4999",
+                ))
+            }
+        };
         let reason = order
             .reason
             .unwrap_or_else(|| "disconnected by the app".to_owned());
