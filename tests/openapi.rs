@@ -806,7 +806,7 @@ async fn documented_errors_come_back_as_documented() {
             "/api/disconnect",
             r#"{"user":"u","code":70000}"#,
             400,
-            Some("bad_json"),
+            Some("bad_code"),
         ),
         Case::post("/api/disconnect", long_reason, 400, Some("bad_reason")),
         Case::post("/api/disconnect", longest_reason, 200, None),
