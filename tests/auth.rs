@@ -79,8 +79,11 @@ async fn answer(
     count: Arc<AtomicU64>,
     last: Arc<Mutex<Option<(http::HeaderMap, Value)>>>,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
-    if request.uri().path() != "/realtime/auth" {
-        return Ok(reply(StatusCode::OK, "a page of the app"));
+    match request.uri().path() {
+        "/realtime/auth" => {}
+        "/realtime/refresh" => return Ok(refresh(request, count).await),
+        "/realtime/subscribe" => return Ok(subscribe(request).await),
+        _ => return Ok(reply(StatusCode::OK, "a page of the app")),
     }
     count.fetch_add(1, Ordering::SeqCst);
     let headers = request.headers().clone();
@@ -96,6 +99,10 @@ async fn answer(
         "session=alice" => reply(
             StatusCode::OK,
             json!({"user": "alice", "channels": ["chat:1", "user:alice:*"], "expires_in": 3600, "info": {"name": "Alice"}}).to_string(),
+        ),
+        "session=brief" | "session=renewable" => reply(
+            StatusCode::OK,
+            json!({"user": "carol", "channels": ["chat:1", "news"], "expires_in": 1}).to_string(),
         ),
         "session=banned" => reply(StatusCode::FORBIDDEN, json!({"reason": "banned for spam"}).to_string()),
         "session=slow" => {
@@ -113,6 +120,48 @@ async fn answer(
         "session=garbage" => reply(StatusCode::OK, "<html>welcome</html>"),
         _ => reply(StatusCode::UNAUTHORIZED, "please log in"),
     })
+}
+
+/// The refresh endpoint: `session=renewable` is extended (without `news`),
+/// anyone else has logged out.
+async fn refresh(
+    request: Request<Incoming>,
+    count: Arc<AtomicU64>,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    count.fetch_add(1, Ordering::SeqCst);
+    let renewable = request
+        .headers()
+        .get("cookie")
+        .is_some_and(|c| c == "session=renewable");
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let asked: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(asked["user"], "carol");
+    assert!(asked["connection_id"].is_string());
+    if renewable {
+        reply(
+            StatusCode::OK,
+            json!({"user": "carol", "channels": ["chat:1"], "expires_in": 1}).to_string(),
+        )
+    } else {
+        reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"reason": "session ended"}).to_string(),
+        )
+    }
+}
+
+/// The subscribe endpoint: `extra:ok` is allowed, anything else is not.
+async fn subscribe(request: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let asked: Value = serde_json::from_slice(&body).unwrap();
+    if asked["channel"] == "extra:ok" {
+        reply(StatusCode::OK, "{}")
+    } else {
+        reply(
+            StatusCode::FORBIDDEN,
+            json!({"reason": "not yours"}).to_string(),
+        )
+    }
 }
 
 async fn start(app_url: &str, extra: &str) -> Pushgate {
@@ -666,4 +715,121 @@ async fn the_api_unsubscribes_a_user_from_a_channel() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(answer["error"]["code"], "bad_channel");
+}
+
+async fn websocket_as(gate: &Pushgate, query: &str, cookie: &str) -> common_ws::Client {
+    let mut request = format!("ws://{}/realtime/ws{query}", gate.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+/// Reads until the server closes; the close code and reason.
+async fn closed_with(client: &mut common_ws::Client) -> Option<(u16, String)> {
+    loop {
+        match tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_expired_grant_without_a_refresh_endpoint_closes_with_4001() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "").await;
+    let mut client = websocket_as(&gate, "?channel=chat:1", "session=brief").await;
+    let started = Instant::now();
+    let (code, _) = closed_with(&mut client).await.unwrap();
+    assert_eq!(code, 4001);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before expires_in"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_refresh_closes_with_4001_and_the_apps_reason() {
+    let app = App::start().await;
+    let gate = start(
+        &format!("http://{}", app.addr),
+        "    refresh_path: /realtime/refresh\n",
+    )
+    .await;
+    let mut client = websocket_as(&gate, "?channel=chat:1", "session=brief").await;
+    assert_eq!(
+        closed_with(&mut client).await,
+        Some((4001, "session ended".into()))
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_extends_the_connection_and_may_narrow_its_channels() {
+    let app = App::start().await;
+    let gate = start(
+        &format!("http://{}", app.addr),
+        "    refresh_path: /realtime/refresh\n",
+    )
+    .await;
+    let mut client = websocket_as(&gate, "?channel=chat:1&channel=news", "session=renewable").await;
+    // The renewed grant no longer lists `news`: the client is told.
+    assert_eq!(
+        next_text(&mut client).await,
+        Some(json!({"op": "unsubscribed", "channel": "news"}))
+    );
+    // It goes on past several expiries, each renewed.
+    let first = app.requests();
+    let deadline = Instant::now() + PATIENCE;
+    while app.requests() < first + 2 {
+        assert!(Instant::now() < deadline, "refreshes keep coming");
+        client
+            .send(Message::text(json!({"id": 1, "op": "ping"}).to_string()))
+            .await
+            .unwrap();
+        let reply = next_text(&mut client).await.expect("still open");
+        assert_eq!(reply["id"], 1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = api_post(
+        &gate,
+        "/api/publish",
+        json!({"channel": "chat:1", "data": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let envelope = next_text(&mut client).await.unwrap();
+    assert_eq!(envelope["channel"], "chat:1");
+}
+
+#[tokio::test]
+async fn the_app_may_allow_a_channel_outside_the_grant() {
+    let app = App::start().await;
+    let gate = start(
+        &format!("http://{}", app.addr),
+        "    subscribe_path: /realtime/subscribe\n",
+    )
+    .await;
+    let mut client = alice_websocket(&gate, "").await;
+    for (id, channel) in [(1, "extra:ok"), (2, "extra:no")] {
+        client
+            .send(Message::text(
+                json!({"id": id, "op": "subscribe", "channel": channel}).to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    let allowed = next_text(&mut client).await.unwrap();
+    assert!(allowed.get("result").is_some(), "{allowed}");
+    let refused = next_text(&mut client).await.unwrap();
+    assert_eq!(refused["error"]["code"], "forbidden");
+    assert_eq!(refused["error"]["message"], "not yours");
 }
