@@ -32,7 +32,7 @@ use hyper_util::rt::TokioExecutor;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
 use crate::error::ApiError;
 use crate::message::ChannelName;
 use crate::proxy::{forwarded_for, ConnInfo, Upstream};
@@ -128,6 +128,7 @@ pub struct Auth {
 enum Mode {
     None,
     Upstream(Box<AppAuth>),
+    Jwt(Box<JwtAuth>),
 }
 
 impl Auth {
@@ -135,6 +136,7 @@ impl Auth {
         let mode = match config.auth.mode {
             AuthMode::None => Mode::None,
             AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config))),
+            AuthMode::Jwt => Mode::Jwt(Box::new(JwtAuth::new(&config.auth.jwt))),
         };
         Auth { mode }
     }
@@ -145,13 +147,14 @@ impl Auth {
         match &self.mode {
             Mode::None => Ok(Grant::everything()),
             Mode::Upstream(app) => app.authorize(request).await,
+            Mode::Jwt(jwt) => jwt.authorize(&request),
         }
     }
 
     /// What to keep of a connection's request for later questions to the app.
     pub fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
         match &self.mode {
-            Mode::None => Credentials::default(),
+            Mode::None | Mode::Jwt(_) => Credentials::default(),
             Mode::Upstream(app) => app.credentials(headers, conn),
         }
     }
@@ -228,6 +231,34 @@ impl Auth {
         }
     }
 
+    /// A new token for a live connection (the WebSocket `refresh` command,
+    /// JWT mode): the grant it carries, which must name the same user.
+    pub fn refresh_token(&self, grant: &Grant, token: &str) -> Result<Grant, ApiError> {
+        let Mode::Jwt(jwt) = &self.mode else {
+            return Err(ApiError::bad_request(
+                "refresh_not_supported",
+                "`refresh` with a token is for auth.mode jwt",
+            ));
+        };
+        let renewed = jwt.verify(token)?;
+        if renewed.user != grant.user {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the new token names another user",
+            ));
+        }
+        Ok(renewed)
+    }
+
+    /// The query parameter that may carry a token, in JWT mode.
+    pub fn token_param(&self) -> Option<&str> {
+        match &self.mode {
+            Mode::Jwt(jwt) => Some(&jwt.query_param),
+            _ => None,
+        }
+    }
+
     /// Forgets every cached grant of `user` (the app disconnected it).
     pub fn forget_user(&self, user: &str) {
         if let Mode::Upstream(app) = &self.mode {
@@ -240,6 +271,7 @@ impl Auth {
         match &self.mode {
             Mode::None => AuthStats::default(),
             Mode::Upstream(app) => *app.stats.lock().expect("auth stats lock"),
+            Mode::Jwt(jwt) => *jwt.stats.lock().expect("auth stats lock"),
         }
     }
 }
@@ -417,6 +449,196 @@ impl AppAuth {
     }
 }
 
+/// Why the JWT settings cannot be used.
+#[derive(Debug)]
+pub struct KeyProblem {
+    pub key: &'static str,
+    pub why: String,
+    pub fix: String,
+}
+
+/// The verification key and rules of `auth.mode: jwt`.
+pub struct JwtKeys {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl JwtKeys {
+    /// Loads the key the algorithm needs. Only the configured algorithm is
+    /// accepted, which refuses `alg: none` and key-type confusion (an RS256
+    /// public key used as an HS256 secret).
+    pub fn load(config: &JwtConfig) -> Result<JwtKeys, KeyProblem> {
+        use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+        let read = |key: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|err| KeyProblem {
+                key,
+                why: format!("cannot read {}: {err}", path.display()),
+                fix: "check the path and that pushgate's user may read it".into(),
+            })
+        };
+        let (algorithm, key) = match config.algorithm {
+            JwtAlgorithm::HS256 => {
+                let secret = match (&config.secret, &config.secret_file) {
+                    (Some(secret), None) => secret.as_bytes().to_vec(),
+                    (None, Some(path)) => read("auth.jwt.secret_file", path)?,
+                    _ => return Err(KeyProblem {
+                        key: "auth.jwt.secret",
+                        why: "HS256 needs exactly one of secret and secret_file".into(),
+                        fix: "set auth.jwt.secret (e.g. PUSHGATE_AUTH__JWT__SECRET) or secret_file"
+                            .into(),
+                    }),
+                };
+                if secret.len() < 32 {
+                    return Err(KeyProblem {
+                        key: "auth.jwt.secret",
+                        why: format!("an HS256 secret of {} bytes is guessable", secret.len()),
+                        fix: "use at least 32 random bytes, e.g. `openssl rand -hex 32`".into(),
+                    });
+                }
+                (Algorithm::HS256, DecodingKey::from_secret(&secret))
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                let Some(path) = &config.public_key_file else {
+                    return Err(KeyProblem {
+                        key: "auth.jwt.public_key_file",
+                        why: "RS256 and ES256 need the public key".into(),
+                        fix: "point auth.jwt.public_key_file at a PEM public key".into(),
+                    });
+                };
+                let pem = read("auth.jwt.public_key_file", path)?;
+                let (algorithm, parsed) = if config.algorithm == JwtAlgorithm::RS256 {
+                    (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem))
+                } else {
+                    (Algorithm::ES256, DecodingKey::from_ec_pem(&pem))
+                };
+                let key = parsed.map_err(|err| KeyProblem {
+                    key: "auth.jwt.public_key_file",
+                    why: format!(
+                        "{} is not a {:?} public key: {err}",
+                        path.display(),
+                        config.algorithm
+                    ),
+                    fix: "give the PEM public key that matches auth.jwt.algorithm".into(),
+                })?;
+                (algorithm, key)
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(JwtKeys { key, validation })
+    }
+}
+
+/// `auth.mode: jwt`.
+struct JwtAuth {
+    keys: JwtKeys,
+    cookie: Option<String>,
+    query_param: String,
+    stats: Mutex<AuthStats>,
+}
+
+/// The claims pushgate reads.
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl JwtAuth {
+    fn new(config: &JwtConfig) -> JwtAuth {
+        JwtAuth {
+            keys: JwtKeys::load(config)
+                .unwrap_or_else(|err| panic!("validated auth.jwt: {}", err.why)),
+            cookie: config.cookie.clone(),
+            query_param: config.query_param.clone(),
+            stats: Mutex::default(),
+        }
+    }
+
+    fn authorize(&self, request: &AuthRequest<'_>) -> Result<Grant, ApiError> {
+        let outcome = self
+            .token(request)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "no token: send Authorization: Bearer, the token cookie or ?token=",
+                )
+            })
+            .and_then(|token| self.verify(&token));
+        let mut stats = self.stats.lock().expect("auth stats lock");
+        match &outcome {
+            Ok(_) => stats.allowed += 1,
+            Err(_) => stats.unauthenticated += 1,
+        }
+        outcome
+    }
+
+    /// The token from `Authorization: Bearer`, the configured cookie, or the
+    /// query parameter, in that order.
+    fn token(&self, request: &AuthRequest<'_>) -> Option<String> {
+        let headers = request.headers;
+        if let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().to_owned())
+        {
+            return Some(token);
+        }
+        if let Some(name) = &self.cookie {
+            let found = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|pair| pair.trim().split_once('='))
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.to_owned());
+            if found.is_some() {
+                return found;
+            }
+        }
+        form_urlencoded::parse(request.query.as_bytes())
+            .find(|(key, _)| key == self.query_param.as_str())
+            .map(|(_, value)| value.into_owned())
+    }
+
+    fn verify(&self, token: &str) -> Result<Grant, ApiError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        let data = jsonwebtoken::decode::<Claims>(token, &self.keys.key, &self.keys.validation)
+            .map_err(|err| match err.kind() {
+                ErrorKind::ExpiredSignature => refused("the token expired"),
+                ErrorKind::InvalidSignature => refused("the token's signature is invalid"),
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    refused("the token is not signed with the expected algorithm")
+                }
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    refused(&format!("the token has no `{claim}` claim"))
+                }
+                _ => refused("the token is malformed"),
+            })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() || claims.sub.len() > 256 {
+            return Err(refused("the token's `sub` must be 1 to 256 bytes"));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut grant = grant_from(claims.sub, claims.channels, None, claims.info);
+        grant.expires_at =
+            Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+        Ok(grant)
+    }
+}
+
 /// A 200 grant, or the app's refusal with its reason, or 503.
 fn grant_or_refusal(
     status: StatusCode,
@@ -451,22 +673,37 @@ fn parse_grant(body: &[u8]) -> Result<Grant, String> {
             "the grant lists over {MAX_GRANT_CHANNELS} channels"
         ));
     }
+    Ok(grant_from(
+        grant.user,
+        grant.channels,
+        grant.expires_in,
+        grant.info,
+    ))
+}
+
+/// A grant from its parts: channel patterns are exact names, or prefixes
+/// when they end in `*`.
+fn grant_from(
+    user: String,
+    patterns: Vec<String>,
+    expires_in: Option<u64>,
+    info: Option<Box<serde_json::value::RawValue>>,
+) -> Grant {
     let mut exact = Vec::new();
     let mut prefixes = Vec::new();
-    for pattern in grant.channels {
+    for pattern in patterns.into_iter().take(MAX_GRANT_CHANNELS) {
         match pattern.strip_suffix('*') {
             Some(prefix) => prefixes.push(prefix.to_owned()),
             None => exact.push(pattern),
         }
     }
-    Ok(Grant {
-        user: Some(grant.user),
+    Grant {
+        user: Some(user),
         channels: Channels::Listed { exact, prefixes },
-        expires_at: grant
-            .expires_in
+        expires_at: expires_in
             .map(|seconds| Instant::now() + Duration::from_secs(seconds.min(10 * 365 * 86_400))),
-        info: grant.info.map(|info| info.get().to_owned()),
-    })
+        info: info.map(|info| info.get().to_owned()),
+    }
 }
 
 /// The app's reason for a refusal, for the client: the JSON `reason` (or

@@ -109,6 +109,10 @@ pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Most grants cached at once.
 pub const DEFAULT_AUTH_CACHE_SIZE: usize = 10_000;
+/// The query parameter that may carry a JWT.
+pub const DEFAULT_JWT_QUERY_PARAM: &str = "token";
+/// Clock skew allowed on a JWT's `exp`.
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -289,6 +293,50 @@ impl Default for PollConfig {
 pub struct AuthConfig {
     pub mode: AuthMode,
     pub upstream: UpstreamAuthConfig,
+    pub jwt: JwtConfig,
+}
+
+/// `auth.mode: jwt`: tokens the app signs, checked by pushgate alone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    /// The HS256 secret, inline (better from the environment:
+    /// PUSHGATE_AUTH__JWT__SECRET).
+    pub secret: Option<String>,
+    /// The HS256 secret, from a file.
+    pub secret_file: Option<PathBuf>,
+    /// The RS256 or ES256 public key, PEM.
+    pub public_key_file: Option<PathBuf>,
+    /// A cookie that may carry the token.
+    pub cookie: Option<String>,
+    /// A query parameter that may carry the token (browsers cannot set
+    /// headers on a WebSocket).
+    pub query_param: String,
+    /// Clock skew allowed when checking `exp`.
+    #[serde(with = "duration")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithm: JwtAlgorithm::HS256,
+            secret: None,
+            secret_file: None,
+            public_key_file: None,
+            cookie: None,
+            query_param: DEFAULT_JWT_QUERY_PARAM.to_owned(),
+            leeway: DEFAULT_JWT_LEEWAY,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -297,6 +345,8 @@ pub enum AuthMode {
     /// Ask the app (`auth.upstream`) who each connection is.
     #[default]
     Upstream,
+    /// Check a token the app signed (`auth.jwt`).
+    Jwt,
     /// Everyone may hear every channel. Only on a loopback listener.
     None,
 }
@@ -1313,6 +1363,11 @@ impl Config {
                 "must be at least 1 (turn caching off with cache_ttl: 0s)".into(),
                 "use e.g. 10000",
             );
+        }
+        if self.auth.mode == AuthMode::Jwt {
+            if let Err(err) = crate::auth::JwtKeys::load(&self.auth.jwt) {
+                problem(err.key, err.why, &err.fix);
+            }
         }
         if self.auth.mode == AuthMode::None && !self.listen.ip().is_loopback() {
             problem(

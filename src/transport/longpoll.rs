@@ -35,7 +35,11 @@ pub(super) async fn handle(
     if origin == OriginCheck::Refused {
         return Err(origin_refused());
     }
-    let query = RealtimeQuery::parse(request.uri().query(), &["since", "timeout"])?;
+    let query = RealtimeQuery::parse(
+        request.uri().query(),
+        &["since", "timeout"],
+        realtime.auth.token_param(),
+    )?;
     if query.channels.is_empty() {
         return Err(ApiError::bad_request(
             "missing_channel",

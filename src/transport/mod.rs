@@ -515,7 +515,13 @@ struct RealtimeQuery {
 
 impl RealtimeQuery {
     /// Parses the query, accepting only `known` parameters besides `channel`.
-    fn parse(query: Option<&str>, known: &[&str]) -> Result<RealtimeQuery, ApiError> {
+    /// `token_param` is the JWT query parameter, when tokens may come that
+    /// way; auth reads it.
+    fn parse(
+        query: Option<&str>,
+        known: &[&str],
+        token_param: Option<&str>,
+    ) -> Result<RealtimeQuery, ApiError> {
         let query = query.unwrap_or("");
         if query.len() > 16 * 1024 {
             return Err(ApiError::bad_request(
@@ -553,6 +559,7 @@ impl RealtimeQuery {
                     single(&mut parsed.last_event_id)?
                 }
                 "timeout" if known.contains(&"timeout") => single(&mut parsed.timeout)?,
+                name if Some(name) == token_param => {}
                 other => {
                     let mut takes = vec!["channel"];
                     takes.extend_from_slice(known);

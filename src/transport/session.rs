@@ -61,6 +61,9 @@ pub struct Session {
     registration: Registration,
     /// Renews the grant when it runs out; stopped with the session.
     refresher: Option<tokio::task::AbortHandle>,
+    /// When the grant runs out; shared with the refresher, so a grant
+    /// renewed by the client (a new token) moves its deadline.
+    expiry: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     outbox: Arc<Outbox>,
     subscriptions: Vec<Subscription>,
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
@@ -75,11 +78,13 @@ impl Session {
         admission: Admission,
     ) -> Session {
         let outbox = Outbox::new(realtime.queue);
+        let expiry = Arc::new(std::sync::Mutex::new(admission.grant.expires_at));
         let refresher = admission.grant.expires_at.is_some().then(|| {
             tokio::spawn(refresh(
                 realtime.clone(),
                 Arc::downgrade(&admission.registration.control),
                 admission.grant.clone(),
+                expiry.clone(),
                 admission.credentials.clone(),
                 admission.registration.id,
                 transport,
@@ -94,6 +99,7 @@ impl Session {
             _slot: admission.slot,
             registration: admission.registration,
             refresher,
+            expiry,
             outbox,
             subscriptions: Vec::new(),
             cursor: Cursor::new(),
@@ -226,9 +232,17 @@ impl Session {
         (left, orders.disconnect)
     }
 
+    /// A new token from the client (JWT mode): renews the grant; returns the
+    /// channels the new grant no longer allows.
+    pub fn refresh_token(&mut self, token: &str) -> Result<Vec<ChannelName>, ApiError> {
+        let renewed = self.realtime.auth.refresh_token(&self.grant, token)?;
+        Ok(self.regrant(renewed))
+    }
+
     /// Takes a renewed grant; returns the channels it no longer allows, which
     /// the session has left (the transport tells the client).
     pub fn regrant(&mut self, grant: Grant) -> Vec<ChannelName> {
+        *self.expiry.lock().expect("expiry lock") = grant.expires_at;
         self.grant = grant;
         let refused: Vec<ChannelName> = self
             .subscriptions
@@ -317,12 +331,21 @@ async fn refresh(
     realtime: Arc<Realtime>,
     control: Weak<Control>,
     mut grant: Grant,
+    expiry: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     credentials: Credentials,
     connection_id: u64,
     transport: Transport,
 ) {
-    while let Some(expires_at) = grant.expires_at {
+    loop {
+        let Some(expires_at) = *expiry.lock().expect("expiry lock") else {
+            return;
+        };
         tokio::time::sleep_until(expires_at.into()).await;
+        let now = *expiry.lock().expect("expiry lock");
+        if now.map_or(true, |later| later > expires_at) {
+            // Renewed meanwhile (a new token): wait for the new deadline.
+            continue;
+        }
         let renewed = realtime
             .auth
             .refresh(&grant, &credentials, connection_id, transport.name())
@@ -332,6 +355,7 @@ async fn refresh(
         };
         match renewed {
             Ok(renewed) => {
+                *expiry.lock().expect("expiry lock") = renewed.expires_at;
                 grant = renewed.clone();
                 control.regrant(renewed);
             }

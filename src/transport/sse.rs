@@ -40,7 +40,11 @@ pub(super) async fn handle(
     if origin == OriginCheck::Refused {
         return Err(origin_refused());
     }
-    let query = RealtimeQuery::parse(request.uri().query(), &["last_event_id"])?;
+    let query = RealtimeQuery::parse(
+        request.uri().query(),
+        &["last_event_id"],
+        realtime.auth.token_param(),
+    )?;
     if query.channels.is_empty() {
         return Err(ApiError::bad_request(
             "missing_channel",

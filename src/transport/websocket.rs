@@ -53,7 +53,7 @@ pub(super) async fn handle(
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(header::ORIGIN), "WebSocket from a foreign Origin refused");
         return Err(origin_refused());
     }
-    let query = RealtimeQuery::parse(request.uri().query(), &[])?;
+    let query = RealtimeQuery::parse(request.uri().query(), &[], realtime.auth.token_param())?;
     // A refusal from here on is a close frame after the upgrade.
     let admitted = realtime
         .admit(Transport::WebSocket, &request, &query, conn)
@@ -489,6 +489,10 @@ impl Connection {
                     json!({ "id": id, "result": result }).to_string(),
                 ))
                 .await?;
+                for channel in replay.left {
+                    let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
+                    self.feed(Message::text(push)).await?;
+                }
                 if let Some((channel, position)) = replay.reset {
                     self.feed(Message::text(reset_push(&channel, position)))
                         .await?;
@@ -549,6 +553,7 @@ impl Connection {
                     replay: Replay {
                         reset,
                         publications: subscribed.replay,
+                        left: Vec::new(),
                     },
                 })
             }
@@ -564,13 +569,29 @@ impl Connection {
                 }
             }
             "ping" => Ok(Reply::plain(json!({}))),
+            "refresh" => {
+                let token = command
+                    .get("token")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ApiError::bad_request("missing_token", "`refresh` needs a \"token\"")
+                    })?;
+                let left = self.session.refresh_token(token)?;
+                Ok(Reply {
+                    result: json!({}),
+                    replay: Replay {
+                        left,
+                        ..Replay::default()
+                    },
+                })
+            }
             "" => Err(ApiError::bad_request(
                 "bad_command",
                 "a command needs an \"op\"",
             )),
             other => Err(ApiError::bad_request(
                 "unknown_op",
-                format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping"),
+                format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
             )),
         }
     }
@@ -587,6 +608,8 @@ struct Replay {
     /// A reset push to send: the channel and where it now stands.
     reset: Option<(ChannelName, Position)>,
     publications: Vec<Arc<Publication>>,
+    /// Channels a renewed grant no longer allows: `unsubscribed` pushes.
+    left: Vec<ChannelName>,
 }
 
 impl Reply {
