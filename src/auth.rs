@@ -541,8 +541,12 @@ struct JwtAuth {
 /// The claims pushgate reads.
 #[derive(Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    /// Optional here so that a missing claim is named, not "malformed";
+    /// the validation requires both.
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
     #[serde(default)]
     channels: Vec<String>,
     #[serde(default)]
@@ -626,15 +630,17 @@ impl JwtAuth {
                 _ => refused("the token is malformed"),
             })?;
         let claims = data.claims;
-        if claims.sub.is_empty() || claims.sub.len() > 256 {
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err(refused("the token has no `sub` or no `exp` claim"));
+        };
+        if sub.is_empty() || sub.len() > 256 {
             return Err(refused("the token's `sub` must be 1 to 256 bytes"));
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut grant = grant_from(claims.sub, claims.channels, None, claims.info);
-        grant.expires_at =
-            Some(Instant::now() + Duration::from_secs(claims.exp.saturating_sub(now)));
+        let mut grant = grant_from(sub, claims.channels, None, claims.info);
+        grant.expires_at = Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)));
         Ok(grant)
     }
 }
