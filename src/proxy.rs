@@ -328,18 +328,22 @@ fn websocket_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 {
         return None;
     }
-    let has_token = |name: HeaderName, token: &str| {
-        request
-            .headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    (has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket"))
-        .then(|| request.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let headers = request.headers();
+    (has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket"))
+    .then(|| request.headers().get(header::UPGRADE).cloned())
+    .flatten()
+}
+
+/// Whether the comma-separated header `name` lists `token` (case-insensitive),
+/// as `Connection: keep-alive, Upgrade` lists `upgrade`.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Copies bytes both ways between the upgraded client and app connections.

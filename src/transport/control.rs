@@ -155,29 +155,27 @@ impl Registry {
 
     /// Orders every session of `user` to close; returns how many.
     pub fn disconnect(&self, user: &str, code: u16, reason: &str) -> usize {
-        let users = self.users.lock().expect("registry lock");
-        let sessions = users
-            .get(user)
-            .map(|s| s.values().cloned().collect::<Vec<_>>());
-        drop(users);
-        let sessions = sessions.unwrap_or_default();
-        for control in &sessions {
-            control.disconnect(code, reason);
-        }
-        sessions.len()
+        self.order(user, |control| control.disconnect(code, reason))
     }
 
     /// Orders every session of `user` to stop hearing `channel`; returns how
     /// many sessions were told.
     pub fn unsubscribe(&self, user: &str, channel: &ChannelName) -> usize {
-        let users = self.users.lock().expect("registry lock");
-        let sessions = users
+        self.order(user, |control| control.unsubscribe(channel))
+    }
+
+    /// Gives an order to every session of `user`, outside the registry's
+    /// lock; returns how many sessions got it.
+    fn order(&self, user: &str, give: impl Fn(&Control)) -> usize {
+        let sessions: Vec<Arc<Control>> = self
+            .users
+            .lock()
+            .expect("registry lock")
             .get(user)
-            .map(|s| s.values().cloned().collect::<Vec<_>>());
-        drop(users);
-        let sessions = sessions.unwrap_or_default();
+            .map(|sessions| sessions.values().cloned().collect())
+            .unwrap_or_default();
         for control in &sessions {
-            control.unsubscribe(channel);
+            give(control);
         }
         sessions.len()
     }

@@ -12,10 +12,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{
-    cors, get_or_preflight, origin_refused, parse_cursor, Admit, OriginCheck, Realtime,
-    RealtimeQuery, Transport,
-};
+use super::{cors, open_http, parse_cursor, Admit, Opening, Realtime, Transport};
 use crate::body::Body;
 use crate::cursor::Position;
 use crate::error::{json_bytes, ApiError};
@@ -28,24 +25,10 @@ pub(super) async fn handle(
     request: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
-    if let Some(answer) = get_or_preflight(realtime, &request) {
-        return answer;
-    }
-    let origin = realtime.origins.check(&request);
-    if origin == OriginCheck::Refused {
-        return Err(origin_refused());
-    }
-    let query = RealtimeQuery::parse(
-        request.uri().query(),
-        &["since", "timeout"],
-        realtime.auth.token_param(),
-    )?;
-    if query.channels.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_channel",
-            "name at least one channel: ?channel=...",
-        ));
-    }
+    let (origin, query) = match open_http(realtime, &request, &["since", "timeout"])? {
+        Opening::Preflight(answer) => return answer,
+        Opening::Stream(origin, query) => (origin, query),
+    };
     let timeout = poll_timeout(realtime, query.timeout.as_deref())?;
     let resume = query.since.as_deref().map(parse_cursor).transpose()?;
 

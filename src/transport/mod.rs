@@ -491,6 +491,36 @@ fn origin_refused() -> ApiError {
     )
 }
 
+/// What an HTTP (SSE or long-poll) realtime request opens with: the method
+/// (GET, or a CORS preflight answered at once), the Origin, and a query
+/// naming at least one channel.
+enum Opening {
+    Preflight(Result<Response<Body>, ApiError>),
+    Stream(OriginCheck, RealtimeQuery),
+}
+
+fn open_http(
+    realtime: &Realtime,
+    request: &Request<Incoming>,
+    known: &[&str],
+) -> Result<Opening, ApiError> {
+    if let Some(answer) = get_or_preflight(realtime, request) {
+        return Ok(Opening::Preflight(answer));
+    }
+    let origin = realtime.origins.check(request);
+    if origin == OriginCheck::Refused {
+        return Err(origin_refused());
+    }
+    let query = RealtimeQuery::parse(request.uri().query(), known, realtime.auth.token_param())?;
+    if query.channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name at least one channel: ?channel=...",
+        ));
+    }
+    Ok(Opening::Stream(origin, query))
+}
+
 /// SSE and long-poll answer GET and CORS preflights only.
 fn get_or_preflight(
     realtime: &Realtime,

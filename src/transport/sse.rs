@@ -17,8 +17,7 @@ use http::{header, HeaderValue, Request, Response};
 use hyper::body::{Frame, Incoming};
 
 use super::{
-    cors, get_or_preflight, jittered, origin_refused, parse_cursor, Admit, OriginCheck, Realtime,
-    RealtimeQuery, Session, Transport,
+    cors, jittered, open_http, parse_cursor, Admit, Opening, Realtime, Session, Transport,
 };
 use crate::body::{Body, BoxError};
 use crate::cursor::{Cursor, Position};
@@ -32,25 +31,11 @@ pub(super) async fn handle(
     request: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
-    if let Some(answer) = get_or_preflight(realtime, &request) {
-        return answer;
-    }
+    let (origin, query) = match open_http(realtime, &request, &["last_event_id"])? {
+        Opening::Preflight(answer) => return answer,
+        Opening::Stream(origin, query) => (origin, query),
+    };
     let headers = request.headers();
-    let origin = realtime.origins.check(&request);
-    if origin == OriginCheck::Refused {
-        return Err(origin_refused());
-    }
-    let query = RealtimeQuery::parse(
-        request.uri().query(),
-        &["last_event_id"],
-        realtime.auth.token_param(),
-    )?;
-    if query.channels.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_channel",
-            "name at least one channel: ?channel=...",
-        ));
-    }
     // On a reconnect the browser sends the last id as a header; it is newer
     // than anything in the URL.
     let last_event_id = headers

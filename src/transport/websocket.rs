@@ -26,7 +26,7 @@ use crate::body::Body;
 use crate::cursor::Position;
 use crate::error::ApiError;
 use crate::message::{ChannelName, Publication};
-use crate::proxy::ConnInfo;
+use crate::proxy::{has_token, ConnInfo};
 
 /// Close codes (docs/protocol.md lists them all).
 pub mod close {
@@ -105,19 +105,11 @@ pub(super) async fn handle(
 /// Checks that this is a WebSocket handshake pushgate can accept; returns
 /// the client's key.
 fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        request
-            .headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && request.version() == http::Version::HTTP_11
-        && has_token(header::CONNECTION, "upgrade")
-        && has_token(header::UPGRADE, "websocket");
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
         return Err(ApiError::new(
             StatusCode::UPGRADE_REQUIRED,
