@@ -174,7 +174,7 @@ impl ApiError {
                 .headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.code == "unauthorized" {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
