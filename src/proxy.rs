@@ -127,7 +127,10 @@ impl Proxy {
     pub async fn forward(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // The URI is reference-counted: kept for log lines without copying
+        // the path on every request.
+        let uri = request.uri().clone();
+        let path = uri.path();
         let response = match self.try_forward(request, conn).await {
             Ok(response) => response,
             Err(err) => {
@@ -237,8 +240,8 @@ impl Proxy {
     /// written it, so it is replaced.
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
         let trusted = is_trusted(&self.trusted_proxies, conn);
+        // `insert` replaces every earlier value.
         let chain = forwarded_for(headers, conn, &self.trusted_proxies);
-        headers.remove(X_FORWARDED_FOR);
         headers.insert(X_FORWARDED_FOR, chain);
 
         if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
@@ -311,6 +314,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Drops hop-by-hop headers, including every header the `Connection` header
 /// names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: check before allocating or removing.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -46,6 +46,9 @@ use head_deadline::HeadDeadline;
 /// sizing the connection limit from the open-file limit.
 pub const RESERVED_FILES: usize = 64;
 
+/// hyper's HTTP/1 header count limit when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// Longest pause between retries when accepting fails (e.g. out of files).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
@@ -156,11 +159,16 @@ impl Server {
         let limits = &config.limits;
         let header_bytes = usize::try_from(limits.max_header_bytes.bytes()).unwrap_or(usize::MAX);
         let mut http = auto::Builder::new(TokioExecutor::new());
-        http.http1()
+        let mut http1 = http.http1();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .max_buf_size(header_bytes)
-            .max_headers(limits.max_headers);
+            .max_buf_size(header_bytes);
+        // Only when it differs from hyper's own default: set explicitly,
+        // hyper re-initialises its header index on every parse.
+        if limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            http1.max_headers(limits.max_headers);
+        }
         http.http2()
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
