@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -45,6 +45,9 @@ use head_deadline::HeadDeadline;
 /// Open files kept aside for listeners, logs, the engine and the like when
 /// sizing the connection limit from the open-file limit.
 pub const RESERVED_FILES: usize = 64;
+
+/// Pending connections the kernel queues per listening socket.
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// hyper's HTTP/1 header count limit when none is set.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
@@ -82,6 +85,9 @@ pub struct Server {
     grace: Duration,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    /// Kept to build each shard's own pool of connections to the app.
+    config: Config,
+    shards: usize,
 }
 
 /// One listening socket and what its connections are served with.
@@ -90,6 +96,8 @@ struct Listener {
     addr: SocketAddr,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
+    /// The listener's connection limit, shared by all its shards.
+    permits: Arc<Semaphore>,
     /// The config key of `max_connections`, for the log line when it bites.
     limit_key: &'static str,
     handler: Handler,
@@ -140,12 +148,34 @@ impl Server {
     /// `127.0.0.1:0` picks a free port; [`Server::local_addr`] and
     /// [`Server::api_addr`] tell which.
     pub async fn bind(config: Config) -> Result<Server, Error> {
+        Server::bind_sharded(config, 1).await
+    }
+
+    /// Like [`Server::bind`], serving the public listener from `shards`
+    /// threads, each with its own single-threaded runtime, its own socket on
+    /// the same port (`SO_REUSEPORT`, so the kernel spreads connections) and
+    /// its own pool of connections to the app. Requests then stay on the
+    /// thread that accepted them, with no hand-off between threads; the
+    /// engine, the hub and the limits are shared. The caller's runtime is
+    /// the first shard and also serves the API.
+    pub async fn bind_sharded(config: Config, shards: usize) -> Result<Server, Error> {
+        let shards = shards.max(1);
         raise_open_file_limit();
         let problems = config.validate();
         if !problems.is_empty() {
             return Err(ConfigError { problems }.into());
         }
-        let (public_tcp, public_addr) = bind_tcp(config.listen).await?;
+        let (public_tcp, public_addr) = if shards > 1 {
+            let bind_error = |source| Error::Bind {
+                addr: config.listen,
+                source,
+            };
+            let tcp = reuseport_listener(config.listen).map_err(bind_error)?;
+            let local = tcp.local_addr().map_err(bind_error)?;
+            (tcp, local)
+        } else {
+            bind_tcp(config.listen).await?
+        };
         let (api_tcp, api_addr) = bind_tcp(config.api.listen).await?;
 
         let tls = match (&config.tls.cert, &config.tls.key) {
@@ -201,16 +231,18 @@ impl Server {
             metrics,
         ));
         let proxy = Arc::new(Proxy::new(&config, drain.clone()));
+        let public_max = match limits.max_connections {
+            0 => connection_capacity(),
+            n => n,
+        };
 
         Ok(Server {
             public: Listener {
                 tcp: public_tcp,
                 addr: public_addr,
                 tls,
-                max_connections: match limits.max_connections {
-                    0 => connection_capacity(),
-                    n => n,
-                },
+                max_connections: public_max,
+                permits: Arc::new(Semaphore::new(public_max)),
                 limit_key: "limits.max_connections",
                 handler: Handler::Public { realtime, proxy },
             },
@@ -219,6 +251,7 @@ impl Server {
                 addr: api_addr,
                 tls: None,
                 max_connections: config.api.max_connections,
+                permits: Arc::new(Semaphore::new(config.api.max_connections)),
                 limit_key: "api.max_connections",
                 handler: Handler::Api(api),
             },
@@ -230,6 +263,8 @@ impl Server {
             grace: config.shutdown.grace,
             hub,
             broker,
+            config,
+            shards,
         })
     }
 
@@ -261,6 +296,8 @@ impl Server {
             api,
             shared,
             grace,
+            config,
+            shards,
             ..
         } = self;
         tracing::info!(
@@ -268,8 +305,12 @@ impl Server {
             api_addr = %api.addr,
             tls = public.tls.is_some(),
             max_connections = public.max_connections,
+            shards,
             "listening"
         );
+        let (extra_shards, stopped): (Vec<_>, Vec<_>) = (1..shards)
+            .map(|index| spawn_shard(index, &public, &config, shared.clone(), grace))
+            .unzip();
         let public_loop = tokio::spawn(accept_loop(public, shared.clone()));
         let api_loop = tokio::spawn(accept_loop(api, shared.clone()));
         shutdown.await;
@@ -279,6 +320,9 @@ impl Server {
         // The loops end on the signal and drop their listeners: from here on
         // new connections are refused.
         let _ = tokio::join!(public_loop, api_loop);
+        for shard in stopped {
+            let _ = shard.await;
+        }
         tracing::info!(
             in_flight = drain.in_flight(),
             grace_ms = grace.as_millis() as u64,
@@ -292,8 +336,90 @@ impl Server {
                 "shutdown.grace passed with work in flight; closing it"
             );
         }
+        // The shards waited for the same drain; they are done or about to be.
+        for shard in extra_shards {
+            let _ = tokio::task::spawn_blocking(move || shard.join()).await;
+        }
         Ok(())
     }
+}
+
+/// Starts one more public shard: a thread with a single-threaded runtime,
+/// its own `SO_REUSEPORT` socket on the public address, and its own pool to
+/// the app. It accepts until shutdown begins, then waits for the drain.
+fn spawn_shard(
+    index: usize,
+    public: &Listener,
+    config: &Config,
+    shared: Arc<Shared>,
+    grace: Duration,
+) -> (std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
+    // Told when the shard's socket is closed, so shutdown can say "no longer
+    // accepting" only once it is true of every shard.
+    let (stopped_tx, stopped) = oneshot::channel();
+    let addr = public.addr;
+    let tls = public.tls.clone();
+    let permits = public.permits.clone();
+    let max_connections = public.max_connections;
+    let realtime = match &public.handler {
+        Handler::Public { realtime, .. } => realtime.clone(),
+        Handler::Api(_) => unreachable!("shards serve the public listener"),
+    };
+    let config = config.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("pushgate-shard-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::warn!(index, error = %err, "shard runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let tcp = match reuseport_listener(addr) {
+                    Ok(tcp) => tcp,
+                    Err(err) => {
+                        tracing::warn!(index, %addr, error = %err, "shard could not listen; the others serve");
+                        return;
+                    }
+                };
+                let proxy = Arc::new(Proxy::new(&config, shared.drain.clone()));
+                let listener = Listener {
+                    tcp,
+                    addr,
+                    tls,
+                    max_connections,
+                    permits,
+                    limit_key: "limits.max_connections",
+                    handler: Handler::Public { realtime, proxy },
+                };
+                let drain = shared.drain.clone();
+                accept_loop(listener, shared).await;
+                let _ = stopped_tx.send(());
+                // Keep this runtime turning while its connections finish.
+                drain.wait(grace).await;
+            });
+        })
+        .expect("spawn a shard thread");
+    (thread, stopped)
+}
+
+/// A listening socket on `addr` that shares the port with the others
+/// (`SO_REUSEPORT`).
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts connections until shutdown begins, each holding a permit of the
@@ -303,11 +429,11 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         tcp,
         tls,
         max_connections,
+        permits,
         limit_key,
         handler,
         ..
     } = listener;
-    let permits = Arc::new(Semaphore::new(max_connections));
     let mut backoff = MIN_ACCEPT_BACKOFF;
     let stop = shared.drain.clone();
     loop {

@@ -709,3 +709,56 @@ async fn slow_upload_outlives_upstream_timeout() {
         "after {elapsed:?}"
     );
 }
+
+/// The binary serves the public listener from one runtime per core, each on
+/// its own `SO_REUSEPORT` socket; every shard proxies, and shutdown closes
+/// them all.
+#[tokio::test]
+async fn sharded_listeners_all_serve_and_all_close() {
+    let app = Upstream::start().await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nupstream:\n  url: {}\napi:\n  listen: 127.0.0.1:0\n  keys: [k]\nauth:\n  mode: none\n",
+        app.url()
+    );
+    let config =
+        pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new()).unwrap();
+    let server = pushgate::Server::bind_sharded(config, 3).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    // Many separate connections: the kernel spreads them over the shards,
+    // and each must be proxied.
+    let requests: Vec<_> = (0..60)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                tokio::io::AsyncWriteExt::write_all(
+                    &mut stream,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                let mut answer = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer)
+                    .await
+                    .unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    for request in requests {
+        let answer = within("a sharded answer", request).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.ends_with("hello from upstream"), "{answer}");
+    }
+
+    let _ = stop.send(());
+    within("shutdown", running).await.unwrap().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no shard is still listening"
+    );
+}
