@@ -308,8 +308,12 @@ impl Server {
             shards,
             "listening"
         );
+        // Shards keep their runtimes turning until the drain is decided here,
+        // so their connections are neither cut early nor counted as done
+        // because their runtime went away.
+        let finished = tokio_util::sync::CancellationToken::new();
         let (extra_shards, stopped): (Vec<_>, Vec<_>) = (1..shards)
-            .map(|index| spawn_shard(index, &public, &config, shared.clone(), grace))
+            .map(|index| spawn_shard(index, &public, &config, shared.clone(), finished.clone()))
             .unzip();
         let public_loop = tokio::spawn(accept_loop(public, shared.clone()));
         let api_loop = tokio::spawn(accept_loop(api, shared.clone()));
@@ -336,7 +340,7 @@ impl Server {
                 "shutdown.grace passed with work in flight; closing it"
             );
         }
-        // The shards waited for the same drain; they are done or about to be.
+        finished.cancel();
         for shard in extra_shards {
             let _ = tokio::task::spawn_blocking(move || shard.join()).await;
         }
@@ -346,13 +350,14 @@ impl Server {
 
 /// Starts one more public shard: a thread with a single-threaded runtime,
 /// its own `SO_REUSEPORT` socket on the public address, and its own pool to
-/// the app. It accepts until shutdown begins, then waits for the drain.
+/// the app. It accepts until shutdown begins, then runs its connections
+/// until the server says the drain is over (`finished`).
 fn spawn_shard(
     index: usize,
     public: &Listener,
     config: &Config,
     shared: Arc<Shared>,
-    grace: Duration,
+    finished: tokio_util::sync::CancellationToken,
 ) -> (std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
     // Told when the shard's socket is closed, so shutdown can say "no longer
     // accepting" only once it is true of every shard.
@@ -397,11 +402,10 @@ fn spawn_shard(
                     limit_key: "limits.max_connections",
                     handler: Handler::Public { realtime, proxy },
                 };
-                let drain = shared.drain.clone();
                 accept_loop(listener, shared).await;
                 let _ = stopped_tx.send(());
-                // Keep this runtime turning while its connections finish.
-                drain.wait(grace).await;
+                // Keep this runtime turning while its connections drain.
+                finished.cancelled().await;
             });
         })
         .expect("spawn a shard thread");
