@@ -5,11 +5,15 @@
 //!
 //! - `upstream`: a fast stand-in for the app behind the proxy, answering every
 //!   request with a small JSON body (see [`upstream`]).
+//! - `broadcast`: one channel, many SSE or WebSocket subscribers, a steady
+//!   publish rate; reports delivery rate and ratio, latency percentiles,
+//!   sequence faults and the server's memory (see [`broadcast`]).
 //!
 //! Load-generator scenarios (WebSocket/SSE fan-out, publish rate, …) are added
 //! here as further subcommands, each in its own module with its own `Args`.
 //! Plain HTTP pass-through load comes from `wrk` (see `bench/passthrough.sh`).
 
+mod broadcast;
 mod upstream;
 
 use std::process::ExitCode;
@@ -28,12 +32,15 @@ struct Cli {
 enum Command {
     /// Serve `{"ok":true,"n":42}` to every request (the app behind the proxy).
     Upstream(upstream::Args),
+    /// Many subscribers on one channel, publications at a steady rate.
+    Broadcast(broadcast::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Upstream(args) => upstream::run(args),
+        Command::Broadcast(args) => broadcast::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
