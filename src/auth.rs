@@ -41,6 +41,8 @@ use crate::proxy::{forwarded_for, ConnInfo, Upstream};
 pub const MAX_REASON_BYTES: usize = 200;
 /// Largest grant the app may answer with.
 const MAX_GRANT_BYTES: usize = 256 * 1024;
+/// Longest a grant is taken to last (ten years); longer claims are capped.
+const MAX_GRANT_SECONDS: u64 = 10 * 365 * 86_400;
 /// Most channel patterns in one grant.
 const MAX_GRANT_CHANNELS: usize = 10_000;
 
@@ -640,7 +642,9 @@ impl JwtAuth {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut grant = grant_from(sub, claims.channels, None, claims.info);
-        grant.expires_at = Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now)));
+        // Capped like expires_in: an absurd exp must not overflow an Instant.
+        let left = exp.saturating_sub(now).min(MAX_GRANT_SECONDS);
+        grant.expires_at = Some(Instant::now() + Duration::from_secs(left));
         Ok(grant)
     }
 }
@@ -707,7 +711,7 @@ fn grant_from(
         user: Some(user),
         channels: Channels::Listed { exact, prefixes },
         expires_at: expires_in
-            .map(|seconds| Instant::now() + Duration::from_secs(seconds.min(10 * 365 * 86_400))),
+            .map(|seconds| Instant::now() + Duration::from_secs(seconds.min(MAX_GRANT_SECONDS))),
         info: info.map(|info| info.get().to_owned()),
     }
 }

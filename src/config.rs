@@ -626,6 +626,7 @@ mod duration {
     use super::*;
 
     const EXPECTED: &str = "a duration with a unit, such as `500ms`, `10s` or `5m`";
+    const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
 
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&humantime::format_duration(*value))
@@ -642,8 +643,17 @@ mod duration {
             }
             _ => return Err(serde::de::Error::custom(format!("expected {EXPECTED}"))),
         };
-        humantime::parse_duration(text)
-            .map_err(|_| serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`")))
+        let parsed = humantime::parse_duration(text).map_err(|_| {
+            serde::de::Error::custom(format!("expected {EXPECTED}, found `{text}`"))
+        })?;
+        // Deadlines are computed as now + duration; keep them far from
+        // overflow (and from mistakes).
+        if parsed > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` is longer than the longest duration pushgate takes, 10 years"
+            )));
+        }
+        Ok(parsed)
     }
 }
 
@@ -1601,6 +1611,17 @@ mod tests {
             defaults,
             "config.example.yaml shows a value that is not the default"
         );
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let err = from_yaml(
+            &format!("{KEYS}shutdown: {{grace: 500000000years}}\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap_err();
+        assert_eq!(keys(&err), ["shutdown.grace"]);
     }
 
     #[test]

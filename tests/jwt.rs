@@ -96,6 +96,9 @@ async fn a_valid_token_is_accepted_from_header_cookie_or_query() {
     );
     let (status, _) = common::get(&url).await;
     assert_eq!(status, StatusCode::OK);
+    // An absurdly distant exp is capped, not an overflow.
+    let (status, _) = poll(&gate, "chat:1", bearer, &hs256(claims("ann", u64::MAX / 2))).await;
+    assert_eq!(status, StatusCode::OK);
     // The grant is the token's channels.
     let (status, detail) = poll(&gate, "chat:2", bearer, &token).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{detail}");
