@@ -5,22 +5,26 @@
 #
 # The config is read from /etc/pushgate/pushgate.yaml (mount your own there,
 # or override keys with PUSHGATE_* environment variables). In a container the
-# public listener must bind 0.0.0.0, e.g. PUSHGATE_LISTEN=0.0.0.0:8080; that
-# needs an auth mode that asks the app (auth.mode none, which lets anyone hear
-# every channel, is refused on a non-loopback listener).
+# public listener binds 0.0.0.0, so realtime connections must be authorized
+# by the app: the image sets auth.mode upstream (auth.mode none is refused on
+# a non-loopback listener). Set at least PUSHGATE_UPSTREAM__URL and
+# PUSHGATE_API__KEYS, and PUSHGATE_API__LISTEN=0.0.0.0:8081 if the app's
+# backend reaches the API from another container.
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY bench ./bench
+COPY benches ./benches
 RUN cargo build --release --locked --bin pushgate
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pushgate
 COPY --from=build /src/target/release/pushgate /usr/local/bin/pushgate
 COPY config.example.yaml /etc/pushgate/pushgate.yaml
-ENV PUSHGATE_LISTEN=0.0.0.0:8080
+ENV PUSHGATE_LISTEN=0.0.0.0:8080 \
+    PUSHGATE_AUTH__MODE=upstream
 USER pushgate
 EXPOSE 8080
 STOPSIGNAL SIGTERM
