@@ -62,7 +62,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Transport::Sse => "sse",
             Transport::Ws => "ws",
@@ -92,7 +92,7 @@ impl FromStr for Shard {
 
 /// `127.0.0.2-127.0.0.9`, `127.0.0.1,127.0.0.3`, or a mix.
 #[derive(Clone, Debug)]
-pub struct BindIps(Vec<IpAddr>);
+pub struct BindIps(pub Vec<IpAddr>);
 
 impl FromStr for BindIps {
     type Err = String;
@@ -412,7 +412,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usiz
     stream.read_buf(buf).await
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
@@ -533,7 +533,7 @@ async fn read_ws(
 
 /// A complete server frame at the start of `buf`:
 /// `(fin, opcode, payload start, payload length)`.
-fn frame(buf: &[u8]) -> Option<(bool, u8, usize, usize)> {
+pub fn frame(buf: &[u8]) -> Option<(bool, u8, usize, usize)> {
     if buf.len() < 2 {
         return None;
     }
@@ -1022,7 +1022,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     Ok(())
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+pub fn round(v: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (v * scale).round() / scale
 }

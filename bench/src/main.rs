@@ -8,12 +8,16 @@
 //! - `broadcast`: one channel, many SSE or WebSocket subscribers, a steady
 //!   publish rate; reports delivery rate and ratio, latency percentiles,
 //!   sequence faults and the server's memory (see [`broadcast`]).
+//! - `connect`: authenticated realtime connections opened and closed as fast
+//!   as the server takes them; reports connects per second and connect
+//!   latency (see [`connect`]).
 //!
 //! Load-generator scenarios (WebSocket/SSE fan-out, publish rate, …) are added
 //! here as further subcommands, each in its own module with its own `Args`.
 //! Plain HTTP pass-through load comes from `wrk` (see `bench/passthrough.sh`).
 
 mod broadcast;
+mod connect;
 mod upstream;
 
 use std::process::ExitCode;
@@ -30,10 +34,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve `{"ok":true,"n":42}` to every request (the app behind the proxy).
+    /// Serve `{"ok":true,"n":42}` to every request (the app behind the proxy),
+    /// and grants to `POST /realtime/auth`.
     Upstream(upstream::Args),
     /// Many subscribers on one channel, publications at a steady rate.
     Broadcast(broadcast::Args),
+    /// Authenticated realtime connects per second.
+    Connect(connect::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Upstream(args) => upstream::run(args),
         Command::Broadcast(args) => broadcast::run(args),
+        Command::Connect(args) => connect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,11 @@
 //! keep-alive, on a multi-threaded tokio runtime. Once bound, it prints
 //! `listening on ADDR` on stdout, so a script can ask for port 0 and read the
 //! port it got.
+//!
+//! The one exception is `POST /realtime/auth` (pushgate's `auth.mode:
+//! upstream` grant request): a `session=<name>` cookie is answered
+//! `200 {"user":"<name>","channels":["bench","user:<name>:*"],"expires_in":3600}`,
+//! no such cookie `401`.
 
 use std::convert::Infallible;
 use std::io::{self, Write};
@@ -14,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args as ClapArgs;
-use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Request, Response};
+use http::header::{HeaderValue, CONTENT_TYPE, COOKIE};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -83,16 +88,51 @@ async fn serve_connection(stream: TcpStream) {
         .await;
 }
 
+/// The path pushgate POSTs grant requests to (`auth.upstream.path`).
+pub const AUTH_PATH: &str = "/realtime/auth";
+
 /// Reads the request body (if any), so the connection stays reusable, and
-/// answers with [`BODY`].
+/// answers with [`BODY`], or with a grant for `POST` [`AUTH_PATH`].
 async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let grant = (request.method() == Method::POST && request.uri().path() == AUTH_PATH)
+        .then(|| grant(&request));
     // An error here means the client went away; the answer is moot then.
     let _ = request.into_body().collect().await;
-    let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
+    let mut response = match grant {
+        None => Response::new(Full::new(Bytes::from_static(BODY))),
+        Some(Some(user)) => {
+            let body = serde_json::json!({
+                "user": user,
+                "channels": ["bench", format!("user:{user}:*")],
+                "expires_in": 3600,
+            });
+            Response::new(Full::new(Bytes::from(body.to_string())))
+        }
+        Some(None) => {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                br#"{"error":"no session cookie"}"#,
+            )));
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+            response
+        }
+    };
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// The user named by the request's `session=<name>` cookie, if any.
+fn grant(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix("session="))
+        .find(|name| !name.is_empty())
+        .map(str::to_owned)
 }
 
 /// Accept errors that concern only the connection being accepted.
