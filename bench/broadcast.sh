@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Broadcast benchmark: many SSE or WebSocket subscribers on one channel,
-# publications at a steady rate through the API; pushgate only (so far).
+# publications at a steady rate; pushgate, and Nchan beside it in the same
+# run (TARGETS="pushgate nchan"; Nchan from bench/nchan.conf, needs nginx and
+# libnginx-mod-nchan).
 #
 #   bench/broadcast.sh
 #
 # Knobs (environment):
+#   TARGETS       "pushgate" (add nchan for the peer)
 #   TRANSPORTS    "sse ws"
 #   SUBSCRIBERS   subscriber counts, one row set each      (default "1000 9900")
 #   RATES         publications per second                  (default "5 10 20")
@@ -27,13 +30,14 @@
 # Every run gets a fresh pushgate (so its RSS is that run's alone) and a fresh
 # set of subscribers. With the defaults: 12 runs, about 3 minutes once built
 # on a quiet machine (plus up to QUIET_WAIT per run on a busy one).
-# pushgate's connection limit is sized from the open-file limit (two files per
-# connection): with 20,000 open files that is 9,968 connections, hence 9,900.
+# pushgate sizes its connection limit from the open-file limit (one file per
+# realtime connection, about 19,400 here); one load generator holds 9,900 easily.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+TARGETS=${TARGETS:-pushgate}
 TRANSPORTS=${TRANSPORTS:-"sse ws"}
 SUBSCRIBERS=${SUBSCRIBERS:-"1000 9900"}
 RATES=${RATES:-"5 10 20"}
@@ -56,6 +60,8 @@ pushgate_pid=
 
 stop_pushgate() {
     if [[ -n $pushgate_pid ]] && kill -0 "$pushgate_pid" 2>/dev/null; then
+        # SIGQUIT: nginx's graceful stop; pushgate takes SIGTERM.
+        kill -QUIT "$pushgate_pid" 2>/dev/null || true
         kill -TERM "$pushgate_pid" 2>/dev/null || true
         wait "$pushgate_pid" 2>/dev/null || true
     fi
@@ -109,6 +115,25 @@ log:
   level: info                # warn would hide the "listening" line
 YAML
 
+# start_nchan: nginx with bench/nchan.conf; sets pushgate_pid (nginx's
+# master, stopped like pushgate), PUBLIC and API (both nginx), PIDS (master
+# and workers, whose RSS and CPU are summed).
+start_nchan() {
+    local port dir=$WORK/nchan
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rm -rf "$dir" && mkdir -p "$dir"
+    sed "s|@DIR@|$dir|g; s|@LISTEN@|127.0.0.1:$port|" "$ROOT/bench/nchan.conf" >"$dir/nchan.conf"
+    nginx -p "$dir" -c "$dir/nchan.conf" >"$dir/out.log" 2>&1 &
+    pushgate_pid=$!
+    for _ in $(seq 100); do
+        [[ -s $dir/nginx.pid ]] && curl -s -o /dev/null "http://127.0.0.1:$port/pub/probe" && break
+        sleep 0.05
+    done
+    PUBLIC=127.0.0.1:$port
+    API=$PUBLIC
+    PIDS="$pushgate_pid $(pgrep -P "$pushgate_pid" | tr '\n' ' ')"
+}
+
 # start_pushgate: sets pushgate_pid, PUBLIC and API.
 start_pushgate() {
     PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$WORK/pushgate.yaml" 2>"$WORK/pushgate.log" >&2 &
@@ -117,6 +142,7 @@ start_pushgate() {
     line=$(wait_for "$WORK/pushgate.log" '"message":"listening"' "$pushgate_pid" "pushgate")
     PUBLIC=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
     API=$(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")
+    PIDS=$pushgate_pid
     [[ $PUBLIC =~ ^127\.0\.0\.1:[0-9]+$ && $API =~ ^127\.0\.0\.1:[0-9]+$ ]] ||
         die "no addresses in pushgate's line: $line"
 }
@@ -156,22 +182,26 @@ run=0
 for transport in $TRANSPORTS; do
     for subs in $SUBSCRIBERS; do
         for rate in $RATES; do
+          for target in $TARGETS; do
             run=$((run + 1))
             wait_quiet
-            start_pushgate
-            out=$("$BENCH" broadcast --target pushgate --public "$PUBLIC" --api "$API" --key "$api_key" \
+            "start_$target"
+            pid_args=()
+            for pid in $PIDS; do pid_args+=(--pid "$pid"); done
+            out=$("$BENCH" broadcast --target "$target" --public "$PUBLIC" --api "$API" --key "$api_key" \
                 --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
                 --rate "$rate" --duration "$DURATION" --connect-rate "$CONNECT_RATE" \
-                --bind-ips "$BIND_IPS" --pid "$pushgate_pid" --threads "$THREADS" \
+                --bind-ips "$BIND_IPS" "${pid_args[@]}" --threads "$THREADS" \
                 --header "$header" 2>"$WORK/bench.err") || {
                 cat "$WORK/bench.err" >&2
-                die "the load generator failed (run $run: $transport, $subs subscribers, $rate/s)"
+                die "the load generator failed (run $run: $target, $transport, $subs subscribers, $rate/s)"
             }
             header=false
             grep -v '^{' <<<"$out"
             grep '^{' <<<"$out" >>"$RESULTS"
             grep -q 'first problem' "$WORK/bench.err" && sed -n 's/^broadcast: first problem: /    first problem: /p' "$WORK/bench.err"
             stop_pushgate
+          done
         done
     done
 done

@@ -17,7 +17,7 @@ Usage:
 
   third_party_clients.py --public 127.0.0.1:8080 --api 127.0.0.1:8081 --key KEY
 
-or the same in PUSHGATE_PUBLIC_ADDR, PUSHGATE_API_ADDR and PUSHGATE_API_KEY.
+or the same in REALTIME_PUBLIC_ADDR, REALTIME_API_ADDR and REALTIME_API_KEY.
 Exits 0 when every check passes, 1 with a `FAIL:` line naming the first one
 that did not, 2 on bad usage or an unexpected error. Every wait is bounded.
 
@@ -359,18 +359,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--public",
-        default=os.environ.get("PUSHGATE_PUBLIC_ADDR"),
-        help="pushgate's public listener, host:port (env PUSHGATE_PUBLIC_ADDR)",
+        default=os.environ.get("REALTIME_PUBLIC_ADDR"),
+        help="pushgate's public listener, host:port (env REALTIME_PUBLIC_ADDR)",
     )
     parser.add_argument(
         "--api",
-        default=os.environ.get("PUSHGATE_API_ADDR"),
-        help="pushgate's API listener, host:port (env PUSHGATE_API_ADDR)",
+        default=os.environ.get("REALTIME_API_ADDR"),
+        help="pushgate's API listener, host:port (env REALTIME_API_ADDR)",
     )
     parser.add_argument(
         "--key",
-        default=os.environ.get("PUSHGATE_API_KEY"),
-        help="an API key (env PUSHGATE_API_KEY)",
+        default=os.environ.get("REALTIME_API_KEY"),
+        help="an API key (env REALTIME_API_KEY)",
     )
     args = parser.parse_args()
     missing = [name for name in ("public", "api", "key") if not getattr(args, name)]

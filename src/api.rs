@@ -139,10 +139,14 @@ impl Api {
             }
             ("/api/history", &Method::GET) => self.history(request.uri().query()).await,
             ("/api/channels", &Method::GET) => self.channels(request.uri().query()),
+            ("/api/presence", &Method::GET) => self.presence(request.uri().query()).await,
             // HEAD is answered like GET; hyper leaves the body out.
             ("/api/history", &Method::HEAD) => self.history(request.uri().query()).await,
             ("/api/channels", &Method::HEAD) => self.channels(request.uri().query()),
-            ("/api/history" | "/api/channels", _) => Err(ApiError::method_not_allowed("GET, HEAD")),
+            ("/api/presence", &Method::HEAD) => self.presence(request.uri().query()).await,
+            ("/api/history" | "/api/channels" | "/api/presence", _) => {
+                Err(ApiError::method_not_allowed("GET, HEAD"))
+            }
             _ => Err(ApiError::not_found()),
         }
     }
@@ -245,7 +249,7 @@ impl Api {
                 ),
             ));
         }
-        let count = self.realtime.disconnect_user(user, code, &reason);
+        let count = self.realtime.disconnect_user(user, code, &reason).await?;
         tracing::info!(
             user,
             code,
@@ -277,7 +281,7 @@ impl Api {
         })?;
         let user = valid_user(&order.user)?;
         let channel = channel_name(&order.channel)?;
-        let count = self.realtime.unsubscribe_user(user, &channel);
+        let count = self.realtime.unsubscribe_user(user, &channel).await?;
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "unsubscribed": count }),
@@ -455,6 +459,26 @@ impl Api {
         }
         body.extend_from_slice(b"]}");
         Ok(json_bytes(StatusCode::OK, body))
+    }
+
+    /// Who is subscribed to a channel, on every node the engine spans.
+    async fn presence(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+        let query = Query::parse(query, &["channel"])?;
+        let channel = query.channel()?;
+        if !self.realtime.presence_mode(channel.as_str()).listed {
+            return Err(ApiError::bad_request(
+                "presence_disabled",
+                format!(
+                    "presence is not kept for `{channel}`: add a `channels` rule with \
+                     `presence: true` for its prefix"
+                ),
+            ));
+        }
+        let members = self.broker.presence(&channel).await?;
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "channel": channel, "presence": members }),
+        ))
     }
 
     fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {

@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -149,7 +150,7 @@ impl Auth {
         match &self.mode {
             Mode::None => Ok(Grant::everything()),
             Mode::Upstream(app) => app.authorize(request).await,
-            Mode::Jwt(jwt) => jwt.authorize(&request),
+            Mode::Jwt(jwt) => jwt.authorize(&request).await,
         }
     }
 
@@ -242,7 +243,7 @@ impl Auth {
                 "`refresh` with a token is for auth.mode jwt",
             ));
         };
-        let renewed = jwt.verify(token)?;
+        let renewed = jwt.verify(token).map_err(KeyMissOr::into_api)?;
         if renewed.user != grant.user {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -461,8 +462,15 @@ pub struct KeyProblem {
 
 /// The verification key and rules of `auth.mode: jwt`.
 pub struct JwtKeys {
-    key: jsonwebtoken::DecodingKey,
+    source: KeySource,
     validation: jsonwebtoken::Validation,
+}
+
+/// Where the verification key comes from.
+enum KeySource {
+    Fixed(jsonwebtoken::DecodingKey),
+    /// `auth.jwt.jwks_url`: the token's `kid` picks one.
+    Jwks(Arc<crate::jwks::Jwks>),
 }
 
 impl JwtKeys {
@@ -470,7 +478,7 @@ impl JwtKeys {
     /// accepted, which refuses `alg: none` and key-type confusion (an RS256
     /// public key used as an HS256 secret).
     pub fn load(config: &JwtConfig) -> Result<JwtKeys, KeyProblem> {
-        use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+        use jsonwebtoken::{Algorithm, DecodingKey};
         let read = |key: &'static str, path: &std::path::Path| {
             std::fs::read(path).map_err(|err| KeyProblem {
                 key,
@@ -480,6 +488,13 @@ impl JwtKeys {
         };
         let (algorithm, key) = match config.algorithm {
             JwtAlgorithm::HS256 => {
+                if config.jwks_url.is_some() {
+                    return Err(KeyProblem {
+                        key: "auth.jwt.jwks_url",
+                        why: "HS256 uses a shared secret, which no JWKS document publishes".into(),
+                        fix: "use RS256 or ES256 with jwks_url, or drop jwks_url".into(),
+                    });
+                }
                 let secret = match (&config.secret, &config.secret_file) {
                     (Some(secret), None) => secret.as_bytes().to_vec(),
                     (None, Some(path)) => read("auth.jwt.secret_file", path)?,
@@ -500,18 +515,46 @@ impl JwtKeys {
                 (Algorithm::HS256, DecodingKey::from_secret(&secret))
             }
             JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                let algorithm = if config.algorithm == JwtAlgorithm::RS256 {
+                    Algorithm::RS256
+                } else {
+                    Algorithm::ES256
+                };
+                if let Some(url) = &config.jwks_url {
+                    if config.public_key_file.is_some() {
+                        return Err(KeyProblem {
+                            key: "auth.jwt.jwks_url",
+                            why: "both public_key_file and jwks_url are set".into(),
+                            fix: "keep one source of keys".into(),
+                        });
+                    }
+                    let jwks = crate::jwks::Jwks::new(config, url).map_err(|why| KeyProblem {
+                        key: "auth.jwt.jwks_url",
+                        why,
+                        fix: "give the identity provider's https:// JWKS address (and \
+                              auth.jwt.jwks_ca_file for a private CA)"
+                            .into(),
+                    })?;
+                    return Ok(JwtKeys::new(
+                        KeySource::Jwks(Arc::new(jwks)),
+                        algorithm,
+                        config,
+                    ));
+                }
                 let Some(path) = &config.public_key_file else {
                     return Err(KeyProblem {
                         key: "auth.jwt.public_key_file",
                         why: "RS256 and ES256 need the public key".into(),
-                        fix: "point auth.jwt.public_key_file at a PEM public key".into(),
+                        fix: "point auth.jwt.public_key_file at a PEM public key, or set \
+                              auth.jwt.jwks_url"
+                            .into(),
                     });
                 };
                 let pem = read("auth.jwt.public_key_file", path)?;
-                let (algorithm, parsed) = if config.algorithm == JwtAlgorithm::RS256 {
-                    (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem))
+                let parsed = if config.algorithm == JwtAlgorithm::RS256 {
+                    DecodingKey::from_rsa_pem(&pem)
                 } else {
-                    (Algorithm::ES256, DecodingKey::from_ec_pem(&pem))
+                    DecodingKey::from_ec_pem(&pem)
                 };
                 let key = parsed.map_err(|err| KeyProblem {
                     key: "auth.jwt.public_key_file",
@@ -525,11 +568,71 @@ impl JwtKeys {
                 (algorithm, key)
             }
         };
-        let mut validation = Validation::new(algorithm);
+        Ok(JwtKeys::new(KeySource::Fixed(key), algorithm, config))
+    }
+
+    fn new(source: KeySource, algorithm: jsonwebtoken::Algorithm, config: &JwtConfig) -> JwtKeys {
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
         validation.leeway = config.leeway.as_secs();
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Ok(JwtKeys { key, validation })
+        JwtKeys { source, validation }
     }
+
+    /// The key for `token`: the fixed one, or the JWKS key its `kid` names.
+    fn key_for(&self, token: &str) -> Result<jsonwebtoken::DecodingKey, KeyMiss> {
+        match &self.source {
+            KeySource::Fixed(key) => Ok(key.clone()),
+            KeySource::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| KeyMiss::Malformed)?;
+                match jwks.find(header.kid.as_deref()) {
+                    crate::jwks::Lookup::Found(key) => Ok(key),
+                    crate::jwks::Lookup::Unknown => Err(KeyMiss::Unknown),
+                    crate::jwks::Lookup::Unavailable => Err(KeyMiss::Unavailable),
+                }
+            }
+        }
+    }
+}
+
+/// A token refused, or no key to check it with.
+enum KeyMissOr {
+    Miss(KeyMiss),
+    Refused(ApiError),
+}
+
+impl From<ApiError> for KeyMissOr {
+    fn from(err: ApiError) -> KeyMissOr {
+        KeyMissOr::Refused(err)
+    }
+}
+
+impl KeyMissOr {
+    fn into_api(self) -> ApiError {
+        let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        match self {
+            KeyMissOr::Refused(err) => err,
+            KeyMissOr::Miss(KeyMiss::Malformed) => refused("the token is malformed"),
+            KeyMissOr::Miss(KeyMiss::Unknown) => {
+                refused("the token's key (`kid`) is not among the signing keys")
+            }
+            // Never a pass: try again once the keys can be fetched.
+            KeyMissOr::Miss(KeyMiss::Unavailable) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                "the signing keys could not be fetched; try again later",
+            ),
+        }
+    }
+}
+
+/// Why no key was found for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyMiss {
+    Malformed,
+    /// Not in the key set (after fetching it again, when allowed).
+    Unknown,
+    /// The key set could not be fetched yet.
+    Unavailable,
 }
 
 /// `auth.mode: jwt`.
@@ -557,29 +660,42 @@ struct Claims {
 
 impl JwtAuth {
     fn new(config: &JwtConfig) -> JwtAuth {
+        let keys =
+            JwtKeys::load(config).unwrap_or_else(|err| panic!("validated auth.jwt: {}", err.why));
+        if let KeySource::Jwks(jwks) = &keys.source {
+            jwks.start();
+        }
         JwtAuth {
-            keys: JwtKeys::load(config)
-                .unwrap_or_else(|err| panic!("validated auth.jwt: {}", err.why)),
+            keys,
             cookie: config.cookie.clone(),
             query_param: config.query_param.clone(),
             stats: Mutex::default(),
         }
     }
 
-    fn authorize(&self, request: &AuthRequest<'_>) -> Result<Grant, ApiError> {
-        let outcome = self
-            .token(request)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "no token: send Authorization: Bearer, the token cookie or ?token=",
-                )
-            })
-            .and_then(|token| self.verify(&token));
+    async fn authorize(&self, request: &AuthRequest<'_>) -> Result<Grant, ApiError> {
+        let outcome = match self.token(request) {
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no token: send Authorization: Bearer, the token cookie or ?token=",
+            )),
+            Some(token) => match self.verify(&token) {
+                // A key the set does not hold (yet): maybe the provider
+                // rotated its keys. Fetch the set again (rate-limited).
+                Err(KeyMissOr::Miss(KeyMiss::Unknown | KeyMiss::Unavailable)) => {
+                    if let KeySource::Jwks(jwks) = &self.keys.source {
+                        jwks.refetch().await;
+                    }
+                    self.verify(&token).map_err(KeyMissOr::into_api)
+                }
+                other => other.map_err(KeyMissOr::into_api),
+            },
+        };
         let mut stats = self.stats.lock().expect("auth stats lock");
         match &outcome {
             Ok(_) => stats.allowed += 1,
+            Err(err) if err.status == StatusCode::SERVICE_UNAVAILABLE => stats.unavailable += 1,
             Err(_) => stats.unauthenticated += 1,
         }
         outcome
@@ -616,27 +732,30 @@ impl JwtAuth {
             .map(|(_, value)| value.into_owned())
     }
 
-    fn verify(&self, token: &str) -> Result<Grant, ApiError> {
+    fn verify(&self, token: &str) -> Result<Grant, KeyMissOr> {
         use jsonwebtoken::errors::ErrorKind;
         let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.keys.key, &self.keys.validation)
-            .map_err(|err| match err.kind() {
-                ErrorKind::ExpiredSignature => refused("the token expired"),
-                ErrorKind::InvalidSignature => refused("the token's signature is invalid"),
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    refused("the token is not signed with the expected algorithm")
+        let key = self.keys.key_for(token).map_err(KeyMissOr::Miss)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key, &self.keys.validation).map_err(|err| {
+                match err.kind() {
+                    ErrorKind::ExpiredSignature => refused("the token expired"),
+                    ErrorKind::InvalidSignature => refused("the token's signature is invalid"),
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        refused("the token is not signed with the expected algorithm")
+                    }
+                    ErrorKind::MissingRequiredClaim(claim) => {
+                        refused(&format!("the token has no `{claim}` claim"))
+                    }
+                    _ => refused("the token is malformed"),
                 }
-                ErrorKind::MissingRequiredClaim(claim) => {
-                    refused(&format!("the token has no `{claim}` claim"))
-                }
-                _ => refused("the token is malformed"),
             })?;
         let claims = data.claims;
         let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
-            return Err(refused("the token has no `sub` or no `exp` claim"));
+            return Err(refused("the token has no `sub` or no `exp` claim").into());
         };
         if sub.is_empty() || sub.len() > 256 {
-            return Err(refused("the token's `sub` must be 1 to 256 bytes"));
+            return Err(refused("the token's `sub` must be 1 to 256 bytes").into());
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -115,6 +115,20 @@ pub const DEFAULT_JWT_QUERY_PARAM: &str = "token";
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// `auth.jwt.jwks_refresh`.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(10 * 60);
+/// `auth.jwt.jwks_min_refetch`.
+pub const DEFAULT_JWKS_MIN_REFETCH: Duration = Duration::from_secs(30);
+/// `engine.redis.url`.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// `engine.redis.prefix`.
+pub const DEFAULT_REDIS_PREFIX: &str = "pushgate";
+/// `engine.redis.connect_timeout`.
+pub const DEFAULT_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `engine.redis.command_timeout`.
+pub const DEFAULT_REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// `engine.redis.presence_ttl`.
+pub const DEFAULT_REDIS_PRESENCE_TTL: Duration = Duration::from_secs(30);
 
 /// hyper refuses a read buffer smaller than this, so it is the floor of
 /// `limits.max_header_bytes`.
@@ -136,6 +150,8 @@ pub struct Config {
     pub realtime: RealtimeConfig,
     pub auth: AuthConfig,
     pub engine: EngineConfig,
+    /// Options by channel name prefix (presence, join/leave events).
+    pub channels: Vec<ChannelRule>,
     pub history: HistoryConfig,
     pub shutdown: ShutdownConfig,
     pub limits: LimitsConfig,
@@ -152,6 +168,7 @@ impl Default for Config {
             realtime: RealtimeConfig::default(),
             auth: AuthConfig::default(),
             engine: EngineConfig::default(),
+            channels: Vec::new(),
             history: HistoryConfig::default(),
             shutdown: ShutdownConfig::default(),
             limits: LimitsConfig::default(),
@@ -308,6 +325,18 @@ pub struct JwtConfig {
     pub secret_file: Option<PathBuf>,
     /// The RS256 or ES256 public key, PEM.
     pub public_key_file: Option<PathBuf>,
+    /// Or the RS256/ES256 keys from a JWKS document: `https://…` (plain
+    /// `http://` only on loopback). A token's `kid` picks the key.
+    pub jwks_url: Option<String>,
+    /// Extra trusted roots (PEM) for a JWKS server with a private CA.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often the JWKS document is fetched again.
+    #[serde(with = "duration")]
+    pub jwks_refresh: Duration,
+    /// A token with a `kid` not in the set fetches the document again, at
+    /// most this often (so random kids cannot hammer the JWKS server).
+    #[serde(with = "duration")]
+    pub jwks_min_refetch: Duration,
     /// A cookie that may carry the token.
     pub cookie: Option<String>,
     /// A query parameter that may carry the token (browsers cannot set
@@ -325,6 +354,10 @@ impl Default for JwtConfig {
             secret: None,
             secret_file: None,
             public_key_file: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            jwks_refresh: DEFAULT_JWKS_REFRESH,
+            jwks_min_refetch: DEFAULT_JWKS_MIN_REFETCH,
             cookie: None,
             query_param: DEFAULT_JWT_QUERY_PARAM.to_owned(),
             leeway: DEFAULT_JWT_LEEWAY,
@@ -397,6 +430,8 @@ impl Default for UpstreamAuthConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     pub kind: EngineKind,
+    /// Used when `kind` is `redis`.
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -405,6 +440,60 @@ pub enum EngineKind {
     /// One node, everything in this process.
     #[default]
     Memory,
+    /// Many nodes sharing channels, history and presence through Redis.
+    Redis,
+}
+
+/// Options for the channels whose names start with `prefix`. The longest
+/// matching prefix wins; channels no rule matches have every option off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelRule {
+    /// e.g. `chat:`; empty matches every channel.
+    pub prefix: String,
+    /// Who is subscribed can be listed: `GET /api/presence?channel=`.
+    pub presence: bool,
+    /// Subscribers hear `join` and `leave` events when others come and go.
+    pub join_leave: bool,
+}
+
+/// The Redis engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// `url` is one node of a Redis Cluster; the others are discovered.
+    pub cluster: bool,
+    /// Extra trusted roots (PEM) for `rediss://` with a private CA.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Every key and pub/sub channel starts with this, so several
+    /// deployments can share one Redis.
+    pub prefix: String,
+    /// How long connecting may take before Redis counts as down.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// How long a command may take before Redis counts as down.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    /// Presence entries and node liveness expire this long after the node
+    /// that wrote them last refreshed them (every third of it).
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: DEFAULT_REDIS_URL.to_owned(),
+            cluster: false,
+            tls_ca_file: None,
+            prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_REDIS_COMMAND_TIMEOUT,
+            presence_ttl: DEFAULT_REDIS_PRESENCE_TTL,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -587,7 +676,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
         for (size, unit) in UNITS {
-            if self.0 >= size && self.0 % size == 0 {
+            if self.0 >= size && self.0.is_multiple_of(size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }
@@ -1120,9 +1209,9 @@ impl Config {
                 problem(
                     "limits.max_connections",
                     format!(
-                        "{} connections need {} open files, but this process may open {}",
+                        "{} connections need at least {} open files, but this process may open {}",
                         self.limits.max_connections,
-                        self.limits.max_connections * 2 + crate::server::RESERVED_FILES,
+                        self.limits.max_connections + crate::server::RESERVED_FILES,
                         crate::server::open_file_limit()
                     ),
                     &format!(
@@ -1196,6 +1285,86 @@ impl Config {
                 "must be at least 1".into(),
                 "use e.g. 1024",
             );
+        }
+        for (index, rule) in self.channels.iter().enumerate() {
+            let valid = rule.prefix.len() <= 255
+                && rule.prefix.bytes().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'_' | b':' | b'.' | b'@' | b'=' | b'/' | b'-')
+                });
+            if !valid {
+                problem(
+                    &format!("channels[{index}].prefix"),
+                    format!("`{}` cannot start a channel name", rule.prefix),
+                    "use characters of [A-Za-z0-9_:.@=/-], e.g. chat:",
+                );
+            }
+            if self.channels[..index]
+                .iter()
+                .any(|other| other.prefix == rule.prefix)
+            {
+                problem(
+                    &format!("channels[{index}].prefix"),
+                    format!("`{}` has a rule already", rule.prefix),
+                    "give each prefix one rule",
+                );
+            }
+        }
+        if self.engine.kind == EngineKind::Redis {
+            let redis = &self.engine.redis;
+            if let Err(why) = crate::broker::redis::parse_url(&redis.url) {
+                problem(
+                    "engine.redis.url",
+                    why,
+                    "write redis://[user:password@]host:port[/db] or rediss://… for TLS",
+                );
+            }
+            if redis.cluster
+                && crate::broker::redis::url_database(&redis.url).is_some_and(|db| db != 0)
+            {
+                problem(
+                    "engine.redis.cluster",
+                    "a Redis Cluster has only database 0".into(),
+                    "drop the database number from engine.redis.url",
+                );
+            }
+            if let Some(file) = &redis.tls_ca_file {
+                if let Err(why) = crate::broker::redis::read_ca_file(file) {
+                    problem(
+                        "engine.redis.tls_ca_file",
+                        why,
+                        "give a readable PEM file holding one or more CA certificates",
+                    );
+                }
+            }
+            let prefix_ok = !redis.prefix.is_empty()
+                && redis.prefix.len() <= 64
+                && redis
+                    .prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+            if !prefix_ok {
+                problem(
+                    "engine.redis.prefix",
+                    format!("`{}` is not a key prefix", redis.prefix),
+                    "use 1-64 characters of [A-Za-z0-9_.:-], e.g. pushgate",
+                );
+            }
+            for (key, value) in [
+                ("engine.redis.connect_timeout", redis.connect_timeout),
+                ("engine.redis.command_timeout", redis.command_timeout),
+            ] {
+                if value.is_zero() {
+                    problem(key, "must be longer than zero".into(), "use e.g. `2s`");
+                }
+            }
+            if redis.presence_ttl < Duration::from_secs(3) {
+                problem(
+                    "engine.redis.presence_ttl",
+                    "must be at least 3s (entries are refreshed every third of it)".into(),
+                    "use e.g. `30s`",
+                );
+            }
         }
         if !(1..=MAX_HISTORY_SIZE).contains(&self.history.size) {
             problem(

@@ -24,6 +24,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the engine: {0}")]
+    Engine(String),
 }
 
 /// Why a proxied request got no answer from the app.
@@ -43,6 +45,10 @@ pub enum ProxyError {
     UploadStalled(Duration),
     #[error("the client went away before sending the whole request body")]
     UploadAborted,
+    #[error(
+        "pushgate is at its open-file limit and cannot open a connection to the app; retry shortly"
+    )]
+    OutOfFiles,
 }
 
 impl ProxyError {
@@ -55,6 +61,7 @@ impl ProxyError {
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UploadAborted => StatusCode::BAD_REQUEST,
+            ProxyError::OutOfFiles => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -225,4 +232,16 @@ pub fn json_bytes(status: StatusCode, bytes: impl Into<bytes::Bytes>) -> Respons
         header::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// `error: cause: cause…`, for logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

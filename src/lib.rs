@@ -41,6 +41,7 @@ pub mod config;
 pub mod cursor;
 pub mod error;
 pub mod hub;
+pub mod jwks;
 pub mod logging;
 pub mod message;
 pub mod metrics;

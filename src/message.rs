@@ -132,6 +132,18 @@ pub struct Publication {
     /// `event: …\n` (when named) and `data: <envelope>\n`: an SSE event
     /// without its `id:` line and closing blank line, which are per connection.
     sse: Bytes,
+    kind: Kind,
+}
+
+/// What travels through the hub besides publications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Message,
+    /// Subscribers must reset to `position` ([`Publication::reset_marker`]).
+    Reset,
+    /// Someone joined or left ([`Publication::presence_event`]): sent as it
+    /// is, outside the stream (no position, not in history).
+    Presence,
 }
 
 impl Publication {
@@ -185,7 +197,58 @@ impl Publication {
             envelope,
             data: data_range,
             sse: Bytes::from(sse),
+            kind: Kind::Message,
         }
+    }
+
+    /// A marker the engine hands the hub when a channel's stream moved on
+    /// without this node (Redis was away and history does not cover the
+    /// gap): each subscriber resets to `position` unless it is already there.
+    /// It carries no data and is never sent as a message.
+    pub fn reset_marker(channel: ChannelName, position: Position) -> Publication {
+        Publication {
+            channel,
+            position,
+            event: None,
+            published_at_ms: 0,
+            envelope: Bytes::new(),
+            data: 0..0,
+            ws_text: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(""),
+            sse: Bytes::new(),
+            kind: Kind::Reset,
+        }
+    }
+
+    /// Whether this is a [`Publication::reset_marker`].
+    pub fn is_reset_marker(&self) -> bool {
+        self.kind == Kind::Reset
+    }
+
+    /// A join or leave event: `json` is the control push
+    /// `{"op":"join"|"leave","channel",...}`, sent as a WebSocket text frame
+    /// and as an SSE event named `pushgate.join` / `pushgate.leave`.
+    pub fn presence_event(channel: ChannelName, joined: bool, json: String) -> Publication {
+        let name = if joined { "join" } else { "leave" };
+        let sse = format!("event: pushgate.{name}\ndata: {json}\n");
+        let envelope = Bytes::from(json);
+        let ws_text = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(envelope.clone())
+            .expect("built from a String");
+        Publication {
+            channel,
+            position: Position::new(crate::cursor::Epoch::random(), 0),
+            event: None,
+            published_at_ms: 0,
+            data: 0..0,
+            ws_text,
+            envelope,
+            sse: Bytes::from(sse),
+            kind: Kind::Presence,
+        }
+    }
+
+    /// Whether this is a [`Publication::presence_event`].
+    pub fn is_presence_event(&self) -> bool {
+        self.kind == Kind::Presence
     }
 
     pub fn channel(&self) -> &ChannelName {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::auth::AuthStats;
-use crate::broker::EngineStats;
+use crate::broker::{EngineStats, RedisStats};
 use crate::hub::Hub;
 use crate::transport::Gauges;
 
@@ -154,8 +154,79 @@ impl Metrics {
             "Sessions cut off because their queue overflowed.",
             hub.lagged_total(),
         );
+        if let Some(redis) = engine.redis {
+            render_redis(&mut out, &redis);
+        }
         out
     }
+}
+
+fn render_redis(out: &mut String, redis: &RedisStats) {
+    single(
+        out,
+        "pushgate_redis_up",
+        "gauge",
+        "1 when the last command reached Redis.",
+        u64::from(redis.up),
+    );
+    single(
+        out,
+        "pushgate_redis_pubsub_up",
+        "gauge",
+        "1 when the pub/sub connection to Redis is subscribed and in sync.",
+        u64::from(redis.pubsub_up),
+    );
+    single(
+        out,
+        "pushgate_redis_reconnects_total",
+        "counter",
+        "Times the pub/sub connection to Redis was re-established.",
+        redis.reconnects,
+    );
+    family(
+        out,
+        "pushgate_redis_command_seconds",
+        "summary",
+        "Time spent waiting for Redis commands (scripts included).",
+    );
+    let _ = writeln!(
+        out,
+        "pushgate_redis_command_seconds_sum {}",
+        redis.command_seconds
+    );
+    let _ = writeln!(
+        out,
+        "pushgate_redis_command_seconds_count {}",
+        redis.commands
+    );
+    single(
+        out,
+        "pushgate_redis_command_errors_total",
+        "counter",
+        "Redis commands that failed or timed out.",
+        redis.command_errors,
+    );
+    single(
+        out,
+        "pushgate_redis_messages_total",
+        "counter",
+        "Publications received from Redis pub/sub.",
+        redis.messages,
+    );
+    single(
+        out,
+        "pushgate_redis_malformed_total",
+        "counter",
+        "Payloads from Redis that were not readable publications (ignored).",
+        redis.malformed,
+    );
+    single(
+        out,
+        "pushgate_redis_resets_total",
+        "counter",
+        "Channels whose local subscribers got a reset because history did not cover an outage.",
+        redis.resets,
+    );
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -22,11 +22,11 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::body::{self, Body};
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
 
 /// Facts about the client connection a request arrived on.
@@ -97,11 +97,16 @@ pub struct Proxy {
     body_timeout: Duration,
     trusted_proxies: Vec<IpNet>,
     drain: Drain,
+    /// Files for connections to the app: a request (or tunnel) holds one
+    /// while it uses a connection; none left means the process is at its
+    /// open-file limit.
+    app_files: Arc<Semaphore>,
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config. Tunnels join `drain`.
-    pub fn new(config: &Config, drain: Drain) -> Proxy {
+    /// Builds the proxy from a validated config. Tunnels join `drain`;
+    /// requests to the app draw on `app_files`.
+    pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>) -> Proxy {
         let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -119,7 +124,13 @@ impl Proxy {
             body_timeout: config.limits.body_timeout,
             trusted_proxies: config.trusted_proxies(),
             drain,
+            app_files,
         }
+    }
+
+    /// The budget of files for connections to the app (shared by shards).
+    pub fn app_files(&self) -> Arc<Semaphore> {
+        self.app_files.clone()
     }
 
     /// Sends `request` to the app and streams its answer back. Never fails:
@@ -147,6 +158,11 @@ impl Proxy {
                         %path,
                         peer = %conn.peer,
                         "limit: request body stalled past limits.body_timeout; answered 408"
+                    ),
+                    ProxyError::OutOfFiles => tracing::info!(
+                        %method,
+                        %path,
+                        "limit: the open-file limit is spent on connections; answered 503"
                     ),
                     _ => tracing::warn!(%method, %path, error = %err, "proxy error"),
                 }
@@ -207,6 +223,13 @@ impl Proxy {
         *outgoing.version_mut() = Version::HTTP_11;
         *outgoing.headers_mut() = headers;
 
+        // Never wait for a file: a full budget means the process is at its
+        // open-file limit, and the client is better told at once.
+        let file = self
+            .app_files
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::OutOfFiles)?;
         let failure = progress.failure.clone();
         let answer = tokio::select! {
             answer = self.client.request(outgoing) => answer,
@@ -226,12 +249,20 @@ impl Proxy {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let (parts, _) = response.into_parts();
-            self.drain.spawn(tunnel(client_upgrade, upstream_upgrade));
+            self.drain.spawn(async move {
+                tunnel(client_upgrade, upstream_upgrade).await;
+                drop(file);
+            });
             return Ok(Response::from_parts(parts, body::empty()));
         }
 
         let (mut parts, incoming) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        // The connection to the app is busy until its body has been read.
+        let incoming = Holding {
+            body: incoming,
+            _file: file,
+        };
         Ok(Response::from_parts(parts, body::stream(incoming)))
     }
 
@@ -536,18 +567,6 @@ impl http_body::Body for UploadBody {
     }
 }
 
-/// `error: cause: cause…`, for logs.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,5 +614,35 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The app's response body, holding the file its connection to the app
+    /// counts against until the body has been read (or dropped).
+    struct Holding {
+        #[pin]
+        body: Incoming,
+        _file: tokio::sync::OwnedSemaphorePermit,
+    }
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::Api;
 use crate::body::Body;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
+use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, EngineKind};
 use crate::error::Error;
@@ -69,11 +70,21 @@ pub fn open_file_limit() -> u64 {
         .unwrap_or(1024)
 }
 
-/// How many proxied connections the open-file limit allows: each holds two
-/// descriptors, one to the client and one to the app.
+/// How many client connections the open-file limit allows: each holds one
+/// descriptor; a proxied request holds a second, to the app, while it runs.
 pub fn connection_capacity() -> usize {
     let files = usize::try_from(open_file_limit()).unwrap_or(usize::MAX);
-    (files.saturating_sub(RESERVED_FILES) / 2).max(1)
+    files.saturating_sub(RESERVED_FILES).max(1)
+}
+
+/// The files connections may spend: the open-file limit less the reserve and
+/// the app's idle pool (`idle_pool` files, at most a quarter of the rest).
+/// A client connection takes one; a proxied request (or tunnel) one more
+/// while it uses a connection to the app. Realtime connections, which never
+/// talk to the app once authorized, so cost one file, not two.
+pub fn file_budget(idle_pool: usize) -> usize {
+    let files = connection_capacity();
+    files.saturating_sub(idle_pool.min(files / 4)).max(2)
 }
 
 /// A bound, not yet running, pushgate server: the public listener (the
@@ -205,6 +216,8 @@ impl Server {
 
         let drain = Drain::new();
         let hub = Arc::new(Hub::new());
+        // This node's name in presence, connection ids and orders.
+        let node = crate::cursor::Epoch::random().to_string();
         let broker: Arc<dyn Broker> = match config.engine.kind {
             EngineKind::Memory => MemoryBroker::new(
                 hub.clone(),
@@ -214,6 +227,26 @@ impl Server {
                     idempotency_window: config.api.idempotency_window,
                 },
             ),
+            EngineKind::Redis => {
+                let redis = &config.engine.redis;
+                RedisBroker::new(
+                    hub.clone(),
+                    RedisOptions {
+                        url: redis.url.clone(),
+                        cluster: redis.cluster,
+                        tls_ca_file: redis.tls_ca_file.clone(),
+                        prefix: redis.prefix.clone(),
+                        history_size: config.history.size,
+                        history_ttl: config.history.ttl,
+                        idempotency_window: config.api.idempotency_window,
+                        connect_timeout: redis.connect_timeout,
+                        command_timeout: redis.command_timeout,
+                        presence_ttl: redis.presence_ttl,
+                        node: node.clone(),
+                    },
+                )
+                .map_err(Error::Engine)?
+            }
         };
         let metrics = Arc::new(Metrics::default());
         let realtime = Arc::new(Realtime::new(
@@ -222,7 +255,14 @@ impl Server {
             broker.clone(),
             drain.clone(),
             metrics.realtime.clone(),
+            node,
         ));
+        let orders = Arc::downgrade(&realtime);
+        broker.on_orders(Arc::new(move |order| {
+            if let Some(realtime) = orders.upgrade() {
+                realtime.obey(order);
+            }
+        }));
         let api = Arc::new(Api::new(
             &config,
             broker.clone(),
@@ -230,11 +270,21 @@ impl Server {
             realtime.clone(),
             metrics,
         ));
-        let proxy = Arc::new(Proxy::new(&config, drain.clone()));
-        let public_max = match limits.max_connections {
-            0 => connection_capacity(),
-            n => n,
+        // Client connections and requests to the app draw on one budget of
+        // files, unless limits.max_connections caps the connections apart.
+        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
+        let (public_max, public_permits, app_files) = match limits.max_connections {
+            0 => {
+                let files = Arc::new(Semaphore::new(budget));
+                (budget, files.clone(), files)
+            }
+            n => (
+                n,
+                Arc::new(Semaphore::new(n)),
+                Arc::new(Semaphore::new(budget.saturating_sub(n).max(1))),
+            ),
         };
+        let proxy = Arc::new(Proxy::new(&config, drain.clone(), app_files.clone()));
 
         Ok(Server {
             public: Listener {
@@ -242,7 +292,7 @@ impl Server {
                 addr: public_addr,
                 tls,
                 max_connections: public_max,
-                permits: Arc::new(Semaphore::new(public_max)),
+                permits: public_permits,
                 limit_key: "limits.max_connections",
                 handler: Handler::Public { realtime, proxy },
             },
@@ -366,8 +416,8 @@ fn spawn_shard(
     let tls = public.tls.clone();
     let permits = public.permits.clone();
     let max_connections = public.max_connections;
-    let realtime = match &public.handler {
-        Handler::Public { realtime, .. } => realtime.clone(),
+    let (realtime, app_files) = match &public.handler {
+        Handler::Public { realtime, proxy } => (realtime.clone(), proxy.app_files()),
         Handler::Api(_) => unreachable!("shards serve the public listener"),
     };
     let config = config.clone();
@@ -392,7 +442,7 @@ fn spawn_shard(
                         return;
                     }
                 };
-                let proxy = Arc::new(Proxy::new(&config, shared.drain.clone()));
+                let proxy = Arc::new(Proxy::new(&config, shared.drain.clone(), app_files));
                 let listener = Listener {
                     tcp,
                     addr,

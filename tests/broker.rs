@@ -1,11 +1,16 @@
 //! The engine conformance suite: every engine must pass every case here.
-//! `broker_suite!` instantiates the cases for one engine; the memory engine
-//! runs them now, the Redis engine joins with the same macro.
+//! `broker_suite!` instantiates the cases for one engine: the memory engine,
+//! and the Redis engine against a real redis-server per case.
 
+mod common;
+
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::redis::Redis;
 use pushgate::broker::memory::{MemoryBroker, MemoryOptions};
+use pushgate::broker::redis::{RedisBroker, RedisOptions};
 use pushgate::broker::{Broker, Publish};
 use pushgate::cursor::{Epoch, Position};
 use pushgate::hub::{Drained, Hub, Outbox, QueueLimits};
@@ -13,7 +18,21 @@ use pushgate::message::{ChannelName, Publication};
 use serde_json::value::RawValue;
 
 /// Builds an engine over `hub` with these history options.
-type Factory = fn(Arc<Hub>, MemoryOptions) -> Arc<dyn Broker>;
+type Factory = fn(Arc<Hub>, MemoryOptions) -> Engine;
+
+/// An engine, and the Redis behind it (stopped with it).
+struct Engine {
+    broker: Arc<dyn Broker>,
+    _redis: Option<Redis>,
+}
+
+impl Deref for Engine {
+    type Target = dyn Broker;
+
+    fn deref(&self) -> &dyn Broker {
+        &*self.broker
+    }
+}
 
 const OPTIONS: MemoryOptions = MemoryOptions {
     history_size: 100,
@@ -26,8 +45,36 @@ const ROOMY: QueueLimits = QueueLimits {
     bytes: 1 << 30,
 };
 
-fn memory(hub: Arc<Hub>, options: MemoryOptions) -> Arc<dyn Broker> {
-    MemoryBroker::new(hub, options)
+fn memory(hub: Arc<Hub>, options: MemoryOptions) -> Engine {
+    Engine {
+        broker: MemoryBroker::new(hub, options),
+        _redis: None,
+    }
+}
+
+fn redis(hub: Arc<Hub>, options: MemoryOptions) -> Engine {
+    let redis = Redis::start();
+    let broker = RedisBroker::new(hub, redis_options(&redis, options)).unwrap();
+    Engine {
+        broker,
+        _redis: Some(redis),
+    }
+}
+
+fn redis_options(redis: &Redis, options: MemoryOptions) -> RedisOptions {
+    RedisOptions {
+        url: redis.url(),
+        cluster: false,
+        tls_ca_file: None,
+        prefix: "pushgate-test".into(),
+        history_size: options.history_size,
+        history_ttl: options.history_ttl,
+        idempotency_window: options.idempotency_window,
+        connect_timeout: Duration::from_secs(2),
+        command_timeout: Duration::from_secs(2),
+        presence_ttl: Duration::from_secs(30),
+        node: "test-node".into(),
+    }
 }
 
 fn channel(name: &str) -> ChannelName {
@@ -83,7 +130,7 @@ async fn numbering_and_order_under_concurrent_publishers(make: Factory) {
     const EACH: u64 = 250;
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
-            let broker = broker.clone();
+            let broker = broker.broker.clone();
             tokio::spawn(async move {
                 let mut mine = Vec::new();
                 for i in 0..EACH {
@@ -113,8 +160,13 @@ async fn numbering_and_order_under_concurrent_publishers(make: Factory) {
         "each offset once, no gaps"
     );
 
+    // Delivery may trail the answers (Redis pub/sub): wait for all of it.
     let mut delivered = Vec::new();
-    assert_eq!(listener.drain_into(&mut delivered), Drained::Open);
+    eventually("every publication is delivered", || {
+        assert_eq!(listener.drain_into(&mut delivered), Drained::Open);
+        delivered.len() >= (TASKS * EACH) as usize
+    })
+    .await;
     assert_eq!(offsets(&delivered), (1..=TASKS * EACH).collect::<Vec<_>>());
     let history = broker.history(&chat, None, 100_000).await.unwrap();
     assert_eq!(offsets(&history.publications), offsets(&delivered));
@@ -177,16 +229,6 @@ async fn positions_ahead_of_the_stream_or_in_another_epoch_reset(make: Factory) 
     let epoch = positions[0].epoch;
     let c = channel("a");
 
-    let ahead = broker
-        .history(&c, Some(Position::new(epoch, 9)), 100)
-        .await
-        .unwrap();
-    assert!(
-        !ahead.recovered,
-        "a position ahead of the stream means lost data"
-    );
-    assert_eq!(ahead.position, Position::new(epoch, 5));
-
     let other = Epoch::parse("elsewhere").unwrap();
     assert_ne!(other, epoch);
     let foreign = broker
@@ -194,6 +236,7 @@ async fn positions_ahead_of_the_stream_or_in_another_epoch_reset(make: Factory) 
         .await
         .unwrap();
     assert!(!foreign.recovered, "another epoch: history was lost");
+    assert_eq!(foreign.position, Position::new(epoch, 5));
 
     // Offset 0 is valid in any epoch: everything from the start.
     let start = broker
@@ -202,6 +245,40 @@ async fn positions_ahead_of_the_stream_or_in_another_epoch_reset(make: Factory) 
         .unwrap();
     assert!(start.recovered);
     assert_eq!(offsets(&start.publications), vec![1, 2, 3, 4, 5]);
+
+    // A reader ahead of the stream saw offsets the store lost: the epoch
+    // moves, so those offsets are never handed out again in its epoch.
+    let ahead = broker
+        .history(&c, Some(Position::new(epoch, 9)), 100)
+        .await
+        .unwrap();
+    assert!(
+        !ahead.recovered,
+        "a position ahead of the stream means lost data"
+    );
+    assert_eq!(
+        ahead.position.offset, 5,
+        "offsets go on from the stream's end"
+    );
+    assert_ne!(ahead.position.epoch, epoch, "a new epoch");
+    let next = broker.publish(publish("a", "6")).await.unwrap().results[0].position();
+    assert_eq!(next, Position::new(ahead.position.epoch, 6));
+    let stale = broker
+        .history(&c, Some(Position::new(epoch, 5)), 100)
+        .await
+        .unwrap();
+    assert!(!stale.recovered, "the old epoch is gone");
+    let caught_up = broker.history(&c, Some(ahead.position), 100).await.unwrap();
+    assert!(caught_up.recovered, "the reset position follows on");
+    assert_eq!(offsets(&caught_up.publications), vec![6]);
+
+    // Forged positions cannot keep moving the epoch (resetting everyone).
+    let forged = broker
+        .history(&c, Some(Position::new(next.epoch, 1_000)), 100)
+        .await
+        .unwrap();
+    assert!(!forged.recovered);
+    assert_eq!(forged.position, next, "at most one move per interval");
 }
 
 async fn history_older_than_the_ttl_is_never_replayed(make: Factory) {
@@ -246,7 +323,12 @@ async fn a_freed_channel_comes_back_in_a_new_epoch(make: Factory) {
         },
     );
     let first = publish_n(&*broker, "f", 3).await;
-    eventually("the channel is freed", || broker.stats().channels == 0).await;
+    let c = channel("f");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.position(&c).await.unwrap().offset != 0 {
+        assert!(Instant::now() < deadline, "the channel was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let second = publish_n(&*broker, "f", 2).await;
     assert_ne!(
@@ -254,7 +336,6 @@ async fn a_freed_channel_comes_back_in_a_new_epoch(make: Factory) {
         "a new incarnation, a new epoch"
     );
     assert_eq!(second[0].offset, 1);
-    let c = channel("f");
     let old = broker.history(&c, Some(first[2]), 100).await.unwrap();
     assert!(!old.recovered, "a position from the old epoch resets");
     assert_eq!(old.position, second[1]);
@@ -264,6 +345,41 @@ async fn a_freed_channel_comes_back_in_a_new_epoch(make: Factory) {
         .unwrap();
     assert!(zero.recovered, "offset 0 stays valid across incarnations");
     assert_eq!(offsets(&zero.publications), vec![1, 2]);
+}
+
+/// A channel with subscribers on this node keeps its epoch however long it
+/// stays quiet: its subscribers are never reset for nothing.
+async fn a_subscribed_channel_keeps_its_epoch_while_idle(make: Factory) {
+    let ttl = Duration::from_millis(300);
+    let hub = Arc::new(Hub::new());
+    let broker = make(
+        hub.clone(),
+        MemoryOptions {
+            history_ttl: ttl,
+            ..OPTIONS
+        },
+    );
+    let c = channel("idle");
+    let outbox = Outbox::new(ROOMY);
+    hub.subscribe(&c, &outbox);
+    broker.subscribe(&c).await.unwrap();
+    let start = broker.history(&c, None, 0).await.unwrap().position;
+    let first = publish_n(&*broker, "idle", 1).await;
+    tokio::time::sleep(ttl * 4).await;
+    let later = publish_n(&*broker, "idle", 1).await;
+    assert_eq!(
+        later[0],
+        Position::new(first[0].epoch, 2),
+        "same epoch, next offset"
+    );
+    assert_eq!(start.offset, 0);
+    let mut got = Vec::new();
+    eventually("both publications arrive", || {
+        outbox.drain_into(&mut got);
+        got.len() == 2
+    })
+    .await;
+    assert_eq!(offsets(&got), vec![1, 2]);
 }
 
 async fn an_idempotency_key_publishes_once_within_the_window(make: Factory) {
@@ -310,12 +426,16 @@ async fn a_lagging_subscriber_is_cut_off_and_the_others_get_everything(make: Fac
     broker.subscribe(&c).await.unwrap();
     publish_n(&*broker, "lag", 100).await;
 
-    assert_eq!(slow.drain_into(&mut Vec::new()), Drained::Lagging);
     for outbox in &fast {
         let mut got = Vec::new();
-        assert_eq!(outbox.drain_into(&mut got), Drained::Open);
+        eventually("a fast subscriber gets everything", || {
+            assert_eq!(outbox.drain_into(&mut got), Drained::Open);
+            got.len() >= 100
+        })
+        .await;
         assert_eq!(offsets(&got), (1..=100).collect::<Vec<_>>());
     }
+    assert_eq!(slow.drain_into(&mut Vec::new()), Drained::Lagging);
     assert_eq!(hub.lagged_total(), 1);
 }
 
@@ -389,10 +509,41 @@ macro_rules! broker_suite {
             case!(a_freed_channel_comes_back_in_a_new_epoch);
             case!(an_idempotency_key_publishes_once_within_the_window);
             case!(a_lagging_subscriber_is_cut_off_and_the_others_get_everything);
-            case!(one_off_channels_leave_no_trace);
+            case!(a_subscribed_channel_keeps_its_epoch_while_idle);
             case!(position_of_a_new_channel_is_offset_zero);
         }
     };
 }
 
 broker_suite!(memory_engine, memory);
+broker_suite!(redis_engine, redis);
+
+/// The memory engine frees what it no longer needs; Redis expires it (see
+/// `redis_keys_expire_with_history`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_one_off_channels_leave_no_trace() {
+    one_off_channels_leave_no_trace(memory).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_expire_with_history() {
+    let redis = Redis::start();
+    let hub = Arc::new(Hub::new());
+    let options = MemoryOptions {
+        history_ttl: Duration::from_millis(300),
+        idempotency_window: Duration::from_millis(300),
+        ..OPTIONS
+    };
+    let broker = RedisBroker::new(hub, redis_options(&redis, options)).unwrap();
+    for i in 0..200 {
+        let mut keyed = publish(&format!("once:{i}"), "1");
+        keyed.idempotency_key = Some(format!("k{i}"));
+        broker.publish(keyed).await.unwrap();
+    }
+    assert!(redis.count_keys("pushgate-test:*") >= 600);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.count_keys("pushgate-test:*") > 0 {
+        assert!(Instant::now() < deadline, "keys outlived their ttl");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

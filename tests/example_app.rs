@@ -105,6 +105,9 @@ fn start(python: &Path, scratch: &Path) -> (App, Process) {
                 ("PUSHGATE_LISTEN", "127.0.0.1:0"),
                 ("PUSHGATE_UPSTREAM__URL", &upstream),
                 ("PUSHGATE_AUTH__MODE", "upstream"),
+                // The app's settings may sit in pushgate's environment too
+                // (one shell, one container): pushgate must not refuse them.
+                ("REALTIME_API_KEY", API_KEY),
             ],
         );
         let log = scratch.join(format!("app-{attempt}.log"));
@@ -112,8 +115,8 @@ fn start(python: &Path, scratch: &Path) -> (App, Process) {
         let child = Command::new(python)
             .arg(APP)
             .env("PORT", addr.port().to_string())
-            .env("PUSHGATE_API_URL", format!("http://{}", pushgate.api_addr))
-            .env("PUSHGATE_API_KEY", API_KEY)
+            .env("REALTIME_API_URL", format!("http://{}", pushgate.api_addr))
+            .env("REALTIME_API_KEY", API_KEY)
             .env("GRANT_SECONDS", GRANT_SECONDS)
             .env("SECRET_KEY", "example-app-test-secret")
             .env("PYTHONUNBUFFERED", "1")

@@ -26,6 +26,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/unsubscribe"),
     ("GET", "/api/history"),
     ("GET", "/api/channels"),
+    ("GET", "/api/presence"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -458,7 +459,11 @@ async fn send_example(
 
 async fn start() -> (common::Upstream, common::Pushgate) {
     let app = common::Upstream::start().await;
-    let gate = common::Pushgate::start(&app.url(), "").await;
+    let gate = common::Pushgate::start(
+        &app.url(),
+        "channels:\n  - prefix: \"room:\"\n    presence: true\n",
+    )
+    .await;
     (app, gate)
 }
 
@@ -679,7 +684,7 @@ async fn operations_with_security_refuse_a_missing_or_wrong_key_with_a_documente
             }
         }
     }
-    assert_eq!(secured, 5, "the /api/ operations need a key");
+    assert_eq!(secured, 6, "the /api/ operations need a key");
     assert_eq!(open, 3, "/healthz, /readyz and /metrics are open");
 }
 
@@ -928,7 +933,8 @@ async fn every_route_the_server_answers_is_in_the_spec() {
         );
     }
     for (method, path, status) in [
-        ("GET", "/api/presence", StatusCode::NOT_FOUND),
+        ("GET", "/api/nothing", StatusCode::NOT_FOUND),
+        ("POST", "/api/presence", StatusCode::METHOD_NOT_ALLOWED),
         ("GET", "/api/publish", StatusCode::METHOD_NOT_ALLOWED),
         ("GET", "/api/disconnect", StatusCode::METHOD_NOT_ALLOWED),
         ("PUT", "/api/unsubscribe", StatusCode::METHOD_NOT_ALLOWED),

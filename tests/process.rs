@@ -277,36 +277,159 @@ async fn large_bodies_stream_through_in_bounded_memory() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_connection_limit_defaults_from_the_open_file_limit() {
-    let app = Upstream::start().await;
-    let dir = TempDir::new("nofile");
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with an open-file limit of `nofile`; the child, its
+/// "listening" event and the rest of its log lines.
+fn start_with_nofile(
+    app: &Upstream,
+    dir: &TempDir,
+    nofile: u32,
+    extra: &str,
+) -> (Killed, serde_json::Value, std::sync::mpsc::Receiver<String>) {
     let path = dir.0.join("pushgate.yaml");
-    std::fs::write(&path, config_for(&app, "")).unwrap();
+    std::fs::write(
+        &path,
+        config_for(
+            app,
+            &format!("realtime:\n  max_connections_per_ip: 100000\n{extra}"),
+        ),
+    )
+    .unwrap();
     let mut child = Command::new("prlimit")
-        .arg("--nofile=1064:1064")
+        .arg(format!("--nofile={nofile}:{nofile}"))
         .arg(env!("CARGO_BIN_EXE_pushgate"))
         .arg("--config")
         .arg(&path)
         .env("PUSHGATE_LOG__FORMAT", "json")
         .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
         .env("PUSHGATE_API__KEYS", common::API_KEY)
+        .env("PUSHGATE_AUTH__MODE", "none")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let line = {
+    let child = Killed(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stderr)
+        for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
-            .find(|line| line.contains("\"listening\""))
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = loop {
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .expect("pushgate logs a listening line");
+        if line.contains("\"listening\"") {
+            break serde_json::from_str(&line).unwrap();
+        }
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    let event: serde_json::Value = serde_json::from_str(&line.expect("listening line")).unwrap();
-    // (1064 files - 64 reserved) / 2 files per proxied connection.
-    assert_eq!(event["max_connections"], 500);
+    (child, listening, lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connection_limit_defaults_from_the_open_file_limit() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("nofile");
+    let (child, event, _) = start_with_nofile(&app, &dir, 1064, "");
+    drop(child);
+    // 1064 files - 64 reserved, less the app's idle pool (at most a quarter):
+    // every client connection takes one file.
+    assert_eq!(event["max_connections"], 750);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn realtime_connections_cost_one_file() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = Upstream::start().await;
+    let dir = TempDir::new("files");
+    // 200 files: 136 after the reserve, 102 after the idle pool's quarter.
+    let (child, event, _) = start_with_nofile(&app, &dir, 200, "");
+    assert_eq!(event["max_connections"], 102);
+    let addr: std::net::SocketAddr = event["addr"].as_str().unwrap().parse().unwrap();
+
+    // 100 SSE streams at once: more than the 68 that two files per
+    // connection would allow. (Each shard's accept loop holds one file in
+    // hand while it waits, hence 100 of the 102.)
+    let mut streams = Vec::new();
+    for n in 0..100 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET /realtime/sse?channel=c{n} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut head))
+            .await
+            .expect("the stream starts in time")
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "stream {n}");
+        streams.push(stream);
+    }
+    drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_to_the_app_over_the_file_budget_answer_503_at_once() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("app-files");
+    // 102 files of budget, 100 kept for client connections: 2 for the app.
+    let (child, event, lines) =
+        start_with_nofile(&app, &dir, 200, "limits:\n  max_connections: 100\n");
+    assert_eq!(event["max_connections"], 100);
+    let addr: std::net::SocketAddr = event["addr"].as_str().unwrap().parse().unwrap();
+
+    // Two slow requests hold both files to the app once the app has them.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(common::get_raw(format!(
+                "http://{addr}/slow-headers?ms=4000"
+            )))
+        })
+        .collect();
+    let deadline = Instant::now() + PATIENCE;
+    while app.hits.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow requests never reached the app: {:?}",
+            slow.iter().map(|s| s.is_finished()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, refused) =
+        tokio::time::timeout(PATIENCE, common::get(&format!("http://{addr}/hello")))
+            .await
+            .expect("answered at once");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
+    assert!(refused.contains("open-file limit"), "{refused}");
+    let logged = std::iter::from_fn(|| lines.recv_timeout(PATIENCE).ok())
+        .any(|line| line.contains("limit: the open-file limit"));
+    assert!(logged, "the limit is logged");
+    for request in slow {
+        let (status, _) = request.await.unwrap().expect("the slow ones are answered");
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Their files came back with their answers.
+    let (status, _) = common::get(&format!("http://{addr}/hello")).await;
+    assert_eq!(status, StatusCode::OK);
+    drop(child);
 }
 
 #[tokio::test(flavor = "multi_thread")]

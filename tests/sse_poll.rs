@@ -1292,40 +1292,35 @@ async fn a_cursor_from_another_epoch_or_ahead_of_the_stream_is_reset() {
         "Zz9Zz9Zz"
     })
     .unwrap();
+    // Read the cursor through SSE and long-poll: the reset each gives.
+    let resets = |position: Position| {
+        let gate = &gate;
+        async move {
+            let mut cursor = Cursor::new();
+            cursor.set("ep", position);
+            let cursor = cursor.encode();
+            let mut stream = SseStream::open(
+                gate.addr,
+                "channel=ep",
+                &[("last-event-id", cursor.as_str())],
+            )
+            .await;
+            let event = stream.next_event().await;
+            assert_eq!(event.event.as_deref(), Some("pushgate.reset"), "{event:?}");
+            drop(stream);
+            let (status, body, took) =
+                poll(gate, &format!("channel=ep&timeout=10&since={cursor}")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body["messages"], json!([]), "{body}");
+            assert!(took < Duration::from_secs(5), "a reset answers at once");
+            (event.json(), body["reset"].clone())
+        }
+    };
+
+    let (sse, polled) = resets(Position::new(other, 2)).await;
     let reset = json!({"channel": "ep", "epoch": top.0, "offset": 3});
-    for (what, position) in [
-        ("another epoch", Position::new(other, 2)),
-        ("ahead of the stream", Position::new(epoch, 50)),
-    ] {
-        let mut cursor = Cursor::new();
-        cursor.set("ep", position);
-        let cursor = cursor.encode();
-
-        let mut stream = SseStream::open(
-            gate.addr,
-            "channel=ep",
-            &[("last-event-id", cursor.as_str())],
-        )
-        .await;
-        let event = stream.next_event().await;
-        assert_eq!(
-            event.event.as_deref(),
-            Some("pushgate.reset"),
-            "{what}: {event:?}"
-        );
-        assert_eq!(event.json(), reset, "{what}");
-        drop(stream);
-
-        let (status, body, took) =
-            poll(&gate, &format!("channel=ep&timeout=10&since={cursor}")).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["reset"], json!([reset]), "{what}: {body}");
-        assert_eq!(body["messages"], json!([]), "{what}: {body}");
-        assert!(
-            took < Duration::from_secs(5),
-            "{what}: a reset answers at once"
-        );
-    }
+    assert_eq!(sse, reset, "another epoch");
+    assert_eq!(polled, json!([reset]), "another epoch");
 
     // Offset 0 is "before the first publication" in any epoch: no reset.
     let mut cursor = Cursor::new();
@@ -1351,6 +1346,13 @@ async fn a_cursor_from_another_epoch_or_ahead_of_the_stream_is_reset() {
         .map(|m| &m["data"])
         .collect();
     assert_eq!(data, [&json!(1), &json!(2), &json!(3)], "{body}");
+
+    // Ahead of the stream: the store lost data, so the epoch moves and the
+    // offsets the reader claims are never handed out again in it.
+    let (sse, polled) = resets(Position::new(epoch, 50)).await;
+    assert_eq!(sse["offset"], 3, "{sse}");
+    assert_ne!(sse["epoch"], json!(top.0), "a new epoch: {sse}");
+    assert_eq!(polled, json!([sse]), "both transports agree");
 }
 
 #[tokio::test]

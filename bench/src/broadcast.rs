@@ -53,6 +53,10 @@ const MAX_SEQ: u64 = 1 << 24;
 pub enum Target {
     /// pushgate: `/realtime/sse`, `/realtime/ws`, `POST /api/publish`.
     Pushgate,
+    /// Nchan (nginx): `GET /sub/<channel>` for both transports, `POST
+    /// /pub/<channel>` to publish (`--public` and `--api` both name nginx);
+    /// subscribers receive the published body itself.
+    Nchan,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -129,6 +133,11 @@ pub struct Args {
     /// The API listener (publish, channel counts).
     #[arg(long)]
     api: SocketAddr,
+    /// API listeners whose subscriber counts add up to the total, when
+    /// subscribers are spread over several nodes (repeat it; default:
+    /// `--api`).
+    #[arg(long = "count-api")]
+    count_api: Vec<SocketAddr>,
     /// API key, sent as `Authorization: Bearer <key>`.
     #[arg(long)]
     key: String,
@@ -153,9 +162,10 @@ pub struct Args {
     /// (e.g. `127.0.0.2-127.0.0.9`); default: the kernel's choice.
     #[arg(long)]
     bind_ips: Option<BindIps>,
-    /// The server's PID, to report its RSS (and CPU).
+    /// The server's PIDs (repeat it for a server of several processes, such
+    /// as nginx's workers), to report their RSS and CPU, summed.
     #[arg(long)]
-    pid: Option<u32>,
+    pid: Vec<u32>,
     /// This process is shard `i` of `k` and opens its share of the
     /// subscribers; only shard 0 publishes.
     #[arg(long, default_value = "0/1")]
@@ -250,9 +260,13 @@ struct Dial {
     transport: Transport,
 }
 
+/// What a subscriber receives: pushgate's envelope, or (Nchan) the
+/// published body itself.
 #[derive(Deserialize)]
-struct Envelope {
-    data: Payload,
+#[serde(untagged)]
+enum Envelope {
+    Wrapped { data: Payload },
+    Bare(Payload),
 }
 
 #[derive(Deserialize)]
@@ -276,7 +290,10 @@ impl SeqCheck {
             shared.malformed.fetch_add(1, Relaxed);
             return;
         };
-        let Payload { seq, t } = envelope.data;
+        let (Envelope::Wrapped {
+            data: Payload { seq, t },
+        }
+        | Envelope::Bare(Payload { seq, t })) = envelope;
         shared.received.fetch_add(1, Relaxed);
         shared
             .latency
@@ -554,23 +571,33 @@ pub fn frame(buf: &[u8]) -> Option<(bool, u8, usize, usize)> {
     (buf.len() >= start + len).then_some((fin, opcode, start, len))
 }
 
-/// The server's process, read from `/proc`.
-struct Proc(Option<u32>);
+/// The server's processes, read from `/proc` and summed.
+struct Proc(Vec<u32>);
 
 impl Proc {
     fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0
+            .iter()
+            .map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
     }
 
     /// User + system CPU time in clock ticks (USER_HZ, 100 on Linux).
     fn cpu_ticks(&self) -> Option<u64> {
-        let path = match self.0 {
-            Some(pid) => format!("/proc/{pid}/stat"),
-            None => return None,
-        };
-        ticks(&path)
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0
+            .iter()
+            .map(|pid| ticks(&format!("/proc/{pid}/stat")))
+            .sum()
     }
 }
 
@@ -656,7 +683,23 @@ impl Api {
     }
 
     /// The channel's subscriber count on the server.
-    async fn subscribers(&mut self, channel: &str) -> io::Result<u64> {
+    async fn subscribers(&mut self, target: Target, channel: &str) -> io::Result<u64> {
+        if target == Target::Nchan {
+            // The publisher location answers a GET with the channel's info,
+            // `active subscribers: N` among its lines.
+            let (status, body) = self
+                .call(Method::GET, &format!("/pub/{channel}"), None)
+                .await?;
+            if status == StatusCode::NOT_FOUND {
+                return Ok(0); // No subscriber yet: no channel.
+            }
+            let text = String::from_utf8_lossy(&body);
+            return Ok(text
+                .lines()
+                .find_map(|line| line.split_once("subscribers:").map(|(_, n)| n))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0));
+        }
         let path = format!("/api/channels?prefix={channel}&limit=100000");
         let (status, body) = self.call(Method::GET, &path, None).await?;
         if status != StatusCode::OK {
@@ -677,14 +720,14 @@ impl Api {
 }
 
 async fn broadcast(args: Args) -> io::Result<()> {
-    let Target::Pushgate = args.target;
     let shard = args.shard;
     let mine =
         args.subscribers / shard.count + usize::from(shard.index < args.subscribers % shard.count);
     let publisher = shard.index == 0;
-    let path = match args.transport {
-        Transport::Sse => format!("/realtime/sse?channel={}", args.channel),
-        Transport::Ws => format!("/realtime/ws?channel={}", args.channel),
+    let path = match (args.target, args.transport) {
+        (Target::Pushgate, Transport::Sse) => format!("/realtime/sse?channel={}", args.channel),
+        (Target::Pushgate, Transport::Ws) => format!("/realtime/ws?channel={}", args.channel),
+        (Target::Nchan, _) => format!("/sub/{}", args.channel),
     };
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n", args.public);
     match args.transport {
@@ -712,7 +755,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
         seq_end: AtomicU64::new(0),
         first_error: Mutex::new(None),
     });
-    let server = Proc(args.pid);
+    let server = Proc(args.pid.clone());
     let mut api = Api::connect(args.api, &args.key).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -769,16 +812,34 @@ async fn broadcast(args: Args) -> io::Result<()> {
             .unwrap_or_default();
         eprintln!("broadcast: {failed} subscribers failed to connect; first: {first}");
     }
-    // Wait until the server counts them all on the channel (every shard's).
+    // Wait until the server counts them all on the channel (every shard's,
+    // on every node).
     let want = (args.subscribers - failed) as u64;
+    let mut counters = Vec::new();
+    for addr in &args.count_api {
+        counters.push(Api::connect(*addr, &args.key).await?);
+    }
     let mut counted = 0;
-    while Instant::now() < deadline {
-        counted = api.subscribers(&args.channel).await?;
+    // Nchan's channel info counts subscribers with a lag across its workers:
+    // there, a subscriber that got its response head counts (and the pause
+    // below lets the last registrations land).
+    if args.target == Target::Nchan {
+        counted = shared.connected.load(Relaxed) as u64;
+    }
+    while args.target == Target::Pushgate && Instant::now() < deadline {
+        counted = 0;
+        if counters.is_empty() {
+            counted = api.subscribers(args.target, &args.channel).await?;
+        }
+        for counter in &mut counters {
+            counted += counter.subscribers(args.target, &args.channel).await?;
+        }
         if counted >= want {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(counters);
     let connect_secs = connect_start.elapsed().as_secs_f64();
     eprintln!(
         "broadcast: {} connected here, {counted} counted on `{}` after {connect_secs:.1} s",
@@ -794,7 +855,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     // --- publish (shard 0) or listen (other shards) -----------------------
     let (sampler_tx, sampler_rx) = watch::channel(false);
     let sampler = {
-        let pid = args.pid;
+        let pid = args.pid.clone();
         tokio::spawn(async move {
             let server = Proc(pid);
             let mut max = server.rss_kib();
@@ -833,12 +894,28 @@ async fn broadcast(args: Args) -> io::Result<()> {
             }
             tokio::time::sleep_until(at.into()).await;
             let t = now_us();
-            let body = format!(
-                r#"{{"channel":"{}","data":{{"seq":{n},"t":{t}}}}}"#,
-                args.channel
-            );
+            let (path, body) = match args.target {
+                Target::Pushgate => (
+                    "/api/publish".to_owned(),
+                    format!(
+                        r#"{{"channel":"{}","data":{{"seq":{n},"t":{t}}}}}"#,
+                        args.channel
+                    ),
+                ),
+                Target::Nchan => (
+                    format!("/pub/{}", args.channel),
+                    format!(r#"{{"seq":{n},"t":{t}}}"#),
+                ),
+            };
             let sent = Instant::now();
-            match api.call(Method::POST, "/api/publish", Some(body)).await {
+            // Nchan answers 201 for a message with subscribers, 202 without.
+            match api.call(Method::POST, &path, Some(body)).await {
+                Ok((StatusCode::CREATED | StatusCode::ACCEPTED, _))
+                    if args.target == Target::Nchan =>
+                {
+                    published = n + 1;
+                    publish_ms.saturating_record(sent.elapsed().as_micros() as u64);
+                }
                 Ok((StatusCode::OK, _)) => {
                     published = n + 1;
                     publish_ms.saturating_record(sent.elapsed().as_micros() as u64);
@@ -945,7 +1022,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     let mib = |kib: Option<u64>| kib.map(|k| k as f64 / 1024.0);
     let report = serde_json::json!({
         "scenario": "broadcast",
-        "target": "pushgate",
+        "target": format!("{:?}", args.target).to_lowercase(),
         "transport": args.transport.name(),
         "subscribers": args.subscribers,
         "shard": format!("{}/{}", shard.index, shard.count),
@@ -986,14 +1063,15 @@ async fn broadcast(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<4} {:>6} {:>5} {:>5} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
-            "tr", "subs", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
+            "{:<8} {:<4} {:>6} {:>5} {:>5} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+            "server", "tr", "subs", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
             "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "pg%", "bench%", "other%"
         );
     }
     let _ = writeln!(
         table,
-        "{:<4} {:>6} {:>5} {:>5} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        "{:<8} {:<4} {:>6} {:>5} {:>5} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        format!("{:?}", args.target).to_lowercase(),
         args.transport.name(),
         connected,
         args.rate,

@@ -14,8 +14,8 @@ The app knows nothing about WebSockets. It:
 Run it as README.md beside this file says. Settings, from the environment:
 
   PORT               where the app listens on 127.0.0.1 (5000)
-  PUSHGATE_API_URL   pushgate's API (http://127.0.0.1:8081)
-  PUSHGATE_API_KEY   one of pushgate's api.keys (required to publish)
+  REALTIME_API_URL   pushgate's API (http://127.0.0.1:8081)
+  REALTIME_API_KEY   one of pushgate's api.keys (required to publish)
   SECRET_KEY         signs the session cookie (random: logins end at restart)
   GRANT_SECONDS      how long a realtime grant lasts before pushgate asks
                      /realtime/refresh (300)
@@ -39,8 +39,8 @@ app = Flask(__name__)
 app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(32)
 app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax")
 
-PUSHGATE_API_URL = os.environ.get("PUSHGATE_API_URL", "http://127.0.0.1:8081").rstrip("/")
-PUSHGATE_API_KEY = os.environ.get("PUSHGATE_API_KEY", "")
+REALTIME_API_URL = os.environ.get("REALTIME_API_URL", "http://127.0.0.1:8081").rstrip("/")
+REALTIME_API_KEY = os.environ.get("REALTIME_API_KEY", "")
 GRANT_SECONDS = int(os.environ.get("GRANT_SECONDS", "300"))
 
 LOBBY = "chat:lobby"
@@ -75,11 +75,11 @@ def current_user():
 def pushgate(path, body):
     """POSTs JSON to pushgate's API; returns the JSON answer."""
     call = urllib.request.Request(
-        PUSHGATE_API_URL + path,
+        REALTIME_API_URL + path,
         data=json.dumps(body).encode(),
         method="POST",
         headers={
-            "Authorization": f"Bearer {PUSHGATE_API_KEY}",
+            "Authorization": f"Bearer {REALTIME_API_KEY}",
             "Content-Type": "application/json",
         },
     )
@@ -299,6 +299,6 @@ def realtime_refresh():
 
 
 if __name__ == "__main__":
-    if not PUSHGATE_API_KEY:
-        print("warning: PUSHGATE_API_KEY is not set, so publishing will fail")
+    if not REALTIME_API_KEY:
+        print("warning: REALTIME_API_KEY is not set, so publishing will fail")
     app.run(host="127.0.0.1", port=int(os.environ.get("PORT", "5000")))

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    replay_from, Broker, BrokerError, EngineStats, History, Publish, PublishOutcome, Published,
+    replay_from, Broker, BrokerError, EngineStats, History, Member, Order, OrderHandler,
+    PresenceMode, Publish, PublishOutcome, Published, EPOCH_MOVE_INTERVAL,
 };
 use crate::cursor::{Epoch, Position};
 use crate::hub::Hub;
@@ -49,6 +50,8 @@ pub struct MemoryBroker {
     idempotency: Mutex<Idempotency>,
     /// Publications held in history across all channels, for /metrics.
     history_len: AtomicU64,
+    /// Who is on each channel with presence, by connection.
+    presence: Mutex<HashMap<ChannelName, HashMap<String, Member>>>,
 }
 
 struct Channel {
@@ -57,6 +60,8 @@ struct Channel {
     top: u64,
     /// Contiguous offsets, oldest first, ending at `top` (when not empty).
     history: VecDeque<Arc<Publication>>,
+    /// When a reader ahead of the stream last moved the epoch.
+    moved: Option<Instant>,
 }
 
 impl Channel {
@@ -65,7 +70,24 @@ impl Channel {
             epoch: Epoch::random(),
             top: 0,
             history: VecDeque::new(),
+            moved: None,
         }
+    }
+
+    /// A reader claims offsets past `top`: they cannot have come from this
+    /// stream, so its epoch moves (at most once per
+    /// [`EPOCH_MOVE_INTERVAL`]) and no offset is ever reused silently.
+    /// Returns how many publications went with the old epoch.
+    fn move_epoch(&mut self, now: Instant) -> usize {
+        if self
+            .moved
+            .is_some_and(|moved| now.duration_since(moved) < EPOCH_MOVE_INTERVAL)
+        {
+            return 0;
+        }
+        self.moved = Some(now);
+        self.epoch = Epoch::random();
+        std::mem::take(&mut self.history).len()
     }
 
     /// Drops publications beyond `size` or published before `cutoff_ms`;
@@ -129,6 +151,7 @@ impl MemoryBroker {
             options,
             idempotency: Mutex::default(),
             history_len: AtomicU64::new(0),
+            presence: Mutex::default(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(sweep(
@@ -280,12 +303,19 @@ impl Broker for MemoryBroker {
             return Ok(History {
                 publications: Vec::new(),
                 position: Position::new(Epoch::random(), 0),
-                recovered: since.map_or(true, |since| since.offset == 0),
+                recovered: since.is_none_or(|since| since.offset == 0),
             });
         };
         let dropped = state.trim(self.options.history_size, cutoff);
         self.history_len
             .fetch_sub(dropped as u64, Ordering::Relaxed);
+        if let Some(since) = since {
+            if since.epoch == state.epoch && since.offset > state.top {
+                let dropped = state.move_epoch(Instant::now());
+                self.history_len
+                    .fetch_sub(dropped as u64, Ordering::Relaxed);
+            }
+        }
         let position = state.position();
         let oldest = state.oldest();
 
@@ -293,13 +323,7 @@ impl Broker for MemoryBroker {
             None => (state.top.saturating_sub(limit as u64) + 1).max(oldest),
             Some(since) => match replay_from(since, state.epoch, state.top, oldest) {
                 Some(first) => first,
-                None => {
-                    return Ok(History {
-                        publications: Vec::new(),
-                        position,
-                        recovered: false,
-                    })
-                }
+                None => return Ok(History::lost(position)),
             },
         };
         let skip = first.saturating_sub(oldest) as usize;
@@ -332,6 +356,76 @@ impl Broker for MemoryBroker {
 
     async fn unsubscribe(&self, _channel: &ChannelName) {}
 
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        member: &Member,
+        mode: PresenceMode,
+    ) -> Result<(), BrokerError> {
+        if mode.listed {
+            self.presence
+                .lock()
+                .expect("presence lock")
+                .entry(channel.clone())
+                .or_default()
+                .insert(member.connection.clone(), member.clone());
+        }
+        if mode.announced {
+            self.hub.deliver(&Arc::new(Publication::presence_event(
+                channel.clone(),
+                true,
+                member.event_json(channel, true),
+            )));
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) {
+        if mode.listed {
+            let mut presence = self.presence.lock().expect("presence lock");
+            if let Some(members) = presence.get_mut(channel.as_str()) {
+                members.remove(&member.connection);
+                if members.is_empty() {
+                    presence.remove(channel.as_str());
+                }
+            }
+        }
+        if mode.announced {
+            self.hub.deliver(&Arc::new(Publication::presence_event(
+                channel.clone(),
+                false,
+                member.event_json(channel, false),
+            )));
+        }
+    }
+
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError> {
+        let presence = self.presence.lock().expect("presence lock");
+        let mut members: Vec<Member> = presence
+            .get(channel.as_str())
+            .map(|members| members.values().cloned().collect())
+            .unwrap_or_default();
+        members.sort_by(|a, b| a.connection.cmp(&b.connection));
+        Ok(members)
+    }
+
+    async fn broadcast(&self, _order: &Order) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn on_orders(&self, _handler: OrderHandler) {}
+
+    async fn claim_user_slot(
+        &self,
+        _user: &str,
+        _connection: &str,
+        _limit: usize,
+    ) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
+    async fn release_user_slot(&self, _user: &str, _connection: &str) {}
+
     async fn ready(&self) -> Result<(), BrokerError> {
         Ok(())
     }
@@ -344,6 +438,7 @@ impl Broker for MemoryBroker {
                 .map(|shard| shard.lock().expect("channel lock").len() as u64)
                 .sum(),
             history_publications: self.history_len.load(Ordering::Relaxed),
+            redis: None,
         }
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! A broker stores each publication in its channel's history and hands it to
 //! the local [`Hub`](crate::hub::Hub) for fan-out, in offset order per
-//! channel. `memory` serves one node; `redis` (a later step) many.
+//! channel. `memory` serves one node; `redis` many.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -67,6 +68,12 @@ impl Fnv64 {
     }
 }
 
+/// The least time between two epoch moves of one channel caused by readers
+/// ahead of its stream. Such a reader means the store lost data, and a new
+/// epoch stops offsets from being reused silently; the interval stops forged
+/// positions from resetting every subscriber again and again.
+pub const EPOCH_MOVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where a publication landed: `{"channel","epoch","offset"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Published {
@@ -111,6 +118,17 @@ pub struct History {
     pub recovered: bool,
 }
 
+impl History {
+    /// History cannot cover the reader's gap: it continues from `position`.
+    pub fn lost(position: Position) -> History {
+        History {
+            publications: Vec::new(),
+            position,
+            recovered: false,
+        }
+    }
+}
+
 /// Why the engine could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -127,13 +145,104 @@ pub enum BrokerError {
     KeyReused,
 }
 
+/// One connection's presence on a channel.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Member {
+    /// The user the app named, if any.
+    pub user: Option<String>,
+    /// The connection, unique across nodes.
+    pub connection: String,
+    /// The node the connection is on.
+    pub node: String,
+    /// The app's `info` for the connection.
+    pub info: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl Member {
+    /// The control push announcing that this member joined or left
+    /// `channel`: `{"op":"join"|"leave","channel","user","connection","info"}`.
+    pub fn event_json(&self, channel: &ChannelName, joined: bool) -> String {
+        #[derive(Serialize)]
+        struct Event<'a> {
+            op: &'static str,
+            channel: &'a ChannelName,
+            user: &'a Option<String>,
+            connection: &'a str,
+            info: &'a Option<Box<serde_json::value::RawValue>>,
+        }
+        serde_json::to_string(&Event {
+            op: if joined { "join" } else { "leave" },
+            channel,
+            user: &self.user,
+            connection: &self.connection,
+            info: &self.info,
+        })
+        .expect("serializing plain fields cannot fail")
+    }
+}
+
+/// An order from the API that every node carries out on its own sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Order {
+    /// Close every connection of `user`.
+    Disconnect {
+        user: String,
+        code: u16,
+        reason: String,
+    },
+    /// Remove `channel` from every connection of `user`.
+    Unsubscribe { user: String, channel: String },
+}
+
+/// Carries out orders that arrive from other nodes.
+pub type OrderHandler = Arc<dyn Fn(Order) + Send + Sync>;
+
+/// What a channel does about who is subscribed (from `channels` rules).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceMode {
+    /// Listed by `GET /api/presence`.
+    pub listed: bool,
+    /// Join and leave events go to the channel's subscribers.
+    pub announced: bool,
+}
+
+impl PresenceMode {
+    pub fn any(self) -> bool {
+        self.listed || self.announced
+    }
+}
+
 /// Engine totals for /metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EngineStats {
     /// Channels the engine holds state for.
     pub channels: u64,
-    /// Publications held in history.
+    /// Publications held in history (memory engine).
     pub history_publications: u64,
+    /// The Redis engine's connection state and counters.
+    pub redis: Option<RedisStats>,
+}
+
+/// The Redis engine's state, for /metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisStats {
+    /// The last command reached Redis.
+    pub up: bool,
+    /// The pub/sub connection is subscribed and in sync.
+    pub pubsub_up: bool,
+    /// Pub/sub reconnections after the first connection.
+    pub reconnects: u64,
+    pub commands: u64,
+    pub command_errors: u64,
+    /// Time spent waiting for commands, in seconds.
+    pub command_seconds: f64,
+    /// Publications received over pub/sub.
+    pub messages: u64,
+    /// Payloads from Redis that were not pushgate publications.
+    pub malformed: u64,
+    /// Channels whose local subscribers were reset after an outage.
+    pub resets: u64,
 }
 
 #[async_trait]
@@ -160,6 +269,40 @@ pub trait Broker: Send + Sync + 'static {
 
     /// This node's last local subscriber for `channel` left.
     async fn unsubscribe(&self, channel: &ChannelName);
+
+    /// `member` subscribed to `channel`: list it and/or announce it.
+    async fn join(
+        &self,
+        channel: &ChannelName,
+        member: &Member,
+        mode: PresenceMode,
+    ) -> Result<(), BrokerError>;
+
+    /// `member` left `channel` (unsubscribed or disconnected).
+    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode);
+
+    /// Who is on `channel`, across every node the engine spans.
+    async fn presence(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError>;
+
+    /// Hands `order` to every other node; the caller carries it out on
+    /// this one. The memory engine has no other node.
+    async fn broadcast(&self, order: &Order) -> Result<(), BrokerError>;
+
+    /// Where orders from other nodes go (set once, at start).
+    fn on_orders(&self, handler: OrderHandler);
+
+    /// Takes one of `user`'s `limit` connection places across every node
+    /// the engine spans, for `connection`. `Ok(false)`: all are taken. The
+    /// memory engine leaves the count to this node's registry.
+    async fn claim_user_slot(
+        &self,
+        user: &str,
+        connection: &str,
+        limit: usize,
+    ) -> Result<bool, BrokerError>;
+
+    /// Gives back a place taken by [`Broker::claim_user_slot`].
+    async fn release_user_slot(&self, user: &str, connection: &str);
 
     /// Whether the engine can serve (for /readyz).
     async fn ready(&self) -> Result<(), BrokerError>;

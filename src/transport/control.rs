@@ -109,6 +109,24 @@ pub struct Registration {
     /// refresh requests.
     pub id: u64,
     pub control: Arc<Control>,
+    /// Run when the registration ends (gives back an engine-wide place).
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Registration {
+    /// Runs `release` when this registration ends.
+    pub fn on_release(&mut self, release: Box<dyn FnOnce() + Send + Sync>) {
+        self.release = Some(release);
+    }
+}
+
+/// The refusal for a user over `limits.connections_per_user`.
+pub fn too_many_connections() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_connections",
+        "too many realtime connections for this user (limits.connections_per_user)",
+    )
 }
 
 impl Registry {
@@ -137,11 +155,7 @@ impl Registry {
                 if sessions.is_empty() {
                     users.remove(user);
                 }
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    "too many realtime connections for this user (limits.connections_per_user)",
-                ));
+                return Err(too_many_connections());
             }
             sessions.insert(id, control.clone());
         }
@@ -150,7 +164,13 @@ impl Registry {
             user: user.map(str::to_owned),
             id,
             control,
+            release: None,
         })
+    }
+
+    /// `limits.connections_per_user`; 0: unlimited.
+    pub fn per_user(&self) -> usize {
+        self.per_user
     }
 
     /// Orders every session of `user` to close; returns how many.
@@ -192,6 +212,9 @@ impl Registry {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
         if let Some(user) = &self.user {
             let mut users = self.registry.users.lock().expect("registry lock");
             if let Some(sessions) = users.get_mut(user) {

@@ -77,11 +77,17 @@ pub(super) async fn handle(
             }
             for publication in batch.drain(..) {
                 match session.admit(&publication) {
-                    Admit::Skip => {}
+                    // Join and leave events are for WebSocket and SSE,
+                    // which hold the connection; a poll answer carries
+                    // publications and resets only.
+                    Admit::Skip | Admit::Event => {}
                     Admit::Deliver => messages.push(publication),
                     Admit::ResetThenDeliver(position) => {
                         resets.push((publication.channel().clone(), position));
                         messages.push(publication);
+                    }
+                    Admit::Reset(position) => {
+                        resets.push((publication.channel().clone(), position));
                     }
                 }
             }

@@ -118,6 +118,10 @@ pub struct Realtime {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Sessions by user: the per-user limit, disconnect, unsubscribe.
     registry: Arc<control::Registry>,
+    /// This node's name in presence entries and connection ids.
+    node: String,
+    /// `channels` rules: presence and join/leave by prefix.
+    channel_rules: Vec<crate::config::ChannelRule>,
 }
 
 impl Realtime {
@@ -127,6 +131,7 @@ impl Realtime {
         broker: Arc<dyn Broker>,
         drain: Drain,
         gauges: Arc<Gauges>,
+        node: String,
     ) -> Realtime {
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
@@ -144,20 +149,88 @@ impl Realtime {
             gauges,
             per_ip: Mutex::default(),
             registry: control::Registry::new(config.limits.connections_per_user),
+            node,
+            channel_rules: config.channels.clone(),
         }
     }
 
+    /// What `channel` does about presence, from the `channels` rules.
+    pub fn presence_mode(&self, channel: &str) -> crate::broker::PresenceMode {
+        self.channel_rules
+            .iter()
+            .filter(|rule| channel.starts_with(rule.prefix.as_str()))
+            .max_by_key(|rule| rule.prefix.len())
+            .map_or_else(Default::default, |rule| crate::broker::PresenceMode {
+                listed: rule.presence,
+                announced: rule.join_leave,
+            })
+    }
+
     /// Closes every realtime connection of `user` with `code` and `reason`,
-    /// and forgets the user's cached grants. Returns how many were open.
-    pub fn disconnect_user(&self, user: &str, code: u16, reason: &str) -> usize {
+    /// and forgets the user's cached grants, on this node and (through the
+    /// engine) every other. Returns how many were open on this node.
+    pub async fn disconnect_user(
+        &self,
+        user: &str,
+        code: u16,
+        reason: &str,
+    ) -> Result<usize, crate::broker::BrokerError> {
+        let here = self.disconnect_here(user, code, reason);
+        self.broker
+            .broadcast(&crate::broker::Order::Disconnect {
+                user: user.to_owned(),
+                code,
+                reason: reason.to_owned(),
+            })
+            .await?;
+        Ok(here)
+    }
+
+    /// Removes `channel` from every live session of `user`, on this node and
+    /// every other. Returns how many sessions were told on this node.
+    pub async fn unsubscribe_user(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+    ) -> Result<usize, crate::broker::BrokerError> {
+        let here = self.registry.unsubscribe(user, channel);
+        self.broker
+            .broadcast(&crate::broker::Order::Unsubscribe {
+                user: user.to_owned(),
+                channel: channel.to_string(),
+            })
+            .await?;
+        Ok(here)
+    }
+
+    fn disconnect_here(&self, user: &str, code: u16, reason: &str) -> usize {
         self.auth.forget_user(user);
         self.registry.disconnect(user, code, reason)
     }
 
-    /// Removes `channel` from every live session of `user`. Returns how many
-    /// sessions were told.
-    pub fn unsubscribe_user(&self, user: &str, channel: &ChannelName) -> usize {
-        self.registry.unsubscribe(user, channel)
+    /// A connection's id across nodes: this node's name and its number here.
+    fn connection_id(&self, id: u64) -> String {
+        format!("{}-{id}", self.node)
+    }
+
+    /// Carries out an order another node's API gave.
+    pub fn obey(&self, order: crate::broker::Order) {
+        match order {
+            crate::broker::Order::Disconnect { user, code, reason } => {
+                let count = self.disconnect_here(&user, code, &reason);
+                tracing::info!(
+                    user,
+                    code,
+                    connections = count,
+                    "disconnected by another node's API"
+                );
+            }
+            crate::broker::Order::Unsubscribe { user, channel } => {
+                if let Ok(channel) = ChannelName::parse(&channel) {
+                    self.registry.unsubscribe(&user, &channel);
+                }
+            }
+        }
     }
 
     /// Auth outcomes, for /metrics.
@@ -264,7 +337,32 @@ impl Realtime {
                 format!("not allowed to hear `{refused}`"),
             ));
         }
-        let registration = self.registry.register(grant.user.as_deref())?;
+        let mut registration = self.registry.register(grant.user.as_deref())?;
+        let per_user = self.registry.per_user();
+        if let (Some(user), true) = (&grant.user, per_user > 0) {
+            // This node counted its own; the engine counts across nodes.
+            let connection = self.connection_id(registration.id);
+            if !self
+                .broker
+                .claim_user_slot(user, &connection, per_user)
+                .await?
+            {
+                tracing::info!(
+                    user,
+                    limit = per_user,
+                    "limit: limits.connections_per_user reached across nodes"
+                );
+                return Err(control::too_many_connections());
+            }
+            let broker = self.broker.clone();
+            let user = user.clone();
+            registration.on_release(Box::new(move || {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime
+                        .spawn(async move { broker.release_user_slot(&user, &connection).await });
+                }
+            }));
+        }
         Ok(Admission {
             credentials: self.auth.credentials(request.headers(), conn),
             grant,

@@ -15,6 +15,7 @@ use std::sync::Weak;
 use super::control::{Control, Registration};
 use super::{Admission, Realtime, Transport};
 use crate::auth::{Credentials, Grant};
+use crate::broker::Member;
 use crate::cursor::{Cursor, Position};
 use crate::error::ApiError;
 use crate::hub::Outbox;
@@ -46,9 +47,14 @@ pub enum Admit {
     Deliver,
     /// Already delivered (or not subscribed any more).
     Skip,
+    /// A join or leave event on a subscribed channel: send it as it is.
+    Event,
     /// The stream does not follow on from the session's position: announce a
     /// reset to this position, then deliver.
     ResetThenDeliver(Position),
+    /// The engine lost track of the stream (an outage longer than history):
+    /// announce a reset to this position; there is nothing to deliver.
+    Reset(Position),
 }
 
 pub struct Session {
@@ -65,6 +71,8 @@ pub struct Session {
     /// renewed by the client (a new token) moves its deadline.
     expiry: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     outbox: Arc<Outbox>,
+    /// This connection in presence entries and join/leave events.
+    member: Arc<Member>,
     subscriptions: Vec<Subscription>,
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
     /// and long-poll answers.
@@ -91,7 +99,18 @@ impl Session {
             ))
             .abort_handle()
         });
+        let member = Arc::new(Member {
+            user: admission.grant.user.clone(),
+            connection: realtime.connection_id(admission.registration.id),
+            node: realtime.node.clone(),
+            info: admission
+                .grant
+                .info
+                .clone()
+                .and_then(|info| serde_json::value::RawValue::from_string(info).ok()),
+        });
         Session {
+            member,
             realtime,
             transport,
             grant: admission.grant,
@@ -184,6 +203,15 @@ impl Session {
                 return Err(err.into());
             }
         };
+        let mode = realtime.presence_mode(channel.as_str());
+        if mode.any() {
+            if let Err(err) = realtime.broker.join(&channel, &self.member, mode).await {
+                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
+                    realtime.broker.unsubscribe(&channel).await;
+                }
+                return Err(err.into());
+            }
+        }
         // The replay runs up to the stream's end, so the subscription now
         // stands there whether it recovered or was reset.
         let position = history.position;
@@ -259,15 +287,25 @@ impl Session {
     /// Leaves the hub for `channel`; when this node has no subscriber left
     /// the engine may stop listening, which is async and needs no answer.
     fn leave(&self, channel: ChannelName) {
-        if self
+        let last = self
             .realtime
             .hub
-            .unsubscribe(channel.as_str(), &self.outbox)
-        {
-            let broker = self.realtime.broker.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { broker.unsubscribe(&channel).await });
-            }
+            .unsubscribe(channel.as_str(), &self.outbox);
+        let mode = self.realtime.presence_mode(channel.as_str());
+        if !last && !mode.any() {
+            return;
+        }
+        let broker = self.realtime.broker.clone();
+        let member = self.member.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if mode.any() {
+                    broker.leave(&channel, &member, mode).await;
+                }
+                if last {
+                    broker.unsubscribe(&channel).await;
+                }
+            });
         }
     }
 
@@ -281,8 +319,21 @@ impl Session {
         else {
             return Admit::Skip;
         };
+        if publication.is_presence_event() {
+            return Admit::Event;
+        }
         let at = subscription.position;
         let next = publication.position();
+        if publication.is_reset_marker() {
+            let there = (next.epoch == at.epoch && next.offset <= at.offset)
+                || (next.offset == 0 && at.offset == 0);
+            if there {
+                return Admit::Skip;
+            }
+            subscription.position = next;
+            self.cursor.set(publication.channel().as_str(), next);
+            return Admit::Reset(next);
+        }
         let verdict = if next.epoch == at.epoch || at.offset == 0 {
             if next.epoch == at.epoch && next.offset <= at.offset {
                 return Admit::Skip;
@@ -342,7 +393,7 @@ async fn refresh(
         };
         tokio::time::sleep_until(expires_at.into()).await;
         let now = *expiry.lock().expect("expiry lock");
-        if now.map_or(true, |later| later > expires_at) {
+        if now.is_none_or(|later| later > expires_at) {
             // Renewed meanwhile (a new token): wait for the new deadline.
             continue;
         }

@@ -243,6 +243,19 @@ impl State {
                 if verdict == Admit::Skip {
                     continue;
                 }
+                if verdict == Admit::Event {
+                    // No id: a join or leave event is not a position.
+                    self.frames.push_back(publication.sse_lines().clone());
+                    self.frames.push_back(Bytes::from_static(b"\n"));
+                    continue;
+                }
+                if let Admit::Reset(position) = verdict {
+                    // The cursor already stands at the reset.
+                    self.text.clear();
+                    self.session.cursor().encode_into(&mut self.text);
+                    self.push_reset(publication.channel(), position);
+                    continue;
+                }
                 if let Admit::ResetThenDeliver(position) = verdict {
                     // The reset's id stands at the reset, not past the
                     // publication that follows it: a drop between the two

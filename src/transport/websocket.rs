@@ -384,6 +384,18 @@ impl Connection {
                 Admit::ResetThenDeliver(position) => {
                     Some(reset_push(publication.channel(), position))
                 }
+                Admit::Event => {
+                    self.feed(Message::Text(publication.ws_text().clone()))
+                        .await?;
+                    fed = true;
+                    continue;
+                }
+                Admit::Reset(position) => {
+                    let reset = reset_push(publication.channel(), position);
+                    self.feed(Message::text(reset)).await?;
+                    fed = true;
+                    continue;
+                }
             };
             if let Some(reset) = message {
                 self.feed(Message::text(reset)).await?;

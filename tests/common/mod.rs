@@ -551,6 +551,90 @@ pub async fn get_raw(
 /// built with `python3 -m venv` from the pinned `integration/requirements.txt`
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/third_party.rs` builds: either test reuses what the other built.
+pub mod redis;
+
+/// A WebSocket client of pushgate's realtime endpoint.
+pub type WsClient =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long a test waits for any one thing to happen.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// Opens `ws://{addr}/realtime/ws{query}` (query with its `?`, or empty).
+pub async fn ws_connect(addr: SocketAddr, query: &str) -> WsClient {
+    let url = format!("ws://{addr}/realtime/ws{query}");
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+        .expect("handshake accepted")
+        .0
+}
+
+/// The next text frame, as JSON (pings and pongs skipped).
+pub async fn ws_next_json(client: &mut WsClient) -> serde_json::Value {
+    loop {
+        let message = tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("a message in time")
+            .expect("the connection is open")
+            .expect("a valid frame");
+        if let tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// Subscribes (from `since`, when given) and returns the command's reply,
+/// skipping anything pushed before it.
+pub async fn ws_subscribe(
+    client: &mut WsClient,
+    id: u64,
+    channel: &str,
+    since: Option<&str>,
+) -> serde_json::Value {
+    let mut command = serde_json::json!({"id": id, "op": "subscribe", "channel": channel});
+    if let Some(since) = since {
+        command["since"] = since.into();
+    }
+    client
+        .send(tungstenite::Message::text(command.to_string()))
+        .await
+        .unwrap();
+    loop {
+        let reply = ws_next_json(client).await;
+        if reply.get("id") == Some(&id.into()) {
+            return reply;
+        }
+    }
+}
+
+/// Calls the API with the test key: the status and the JSON body (`Null`
+/// when the body is not JSON).
+pub async fn api_call(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, serde_json::Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("http://{api}{path}"))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(match body {
+            Some(body) => self::body(body.to_string()),
+            None => empty_body(),
+        })
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 pub mod pyenv {
     use std::fs;
     use std::io;
