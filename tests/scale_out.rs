@@ -497,3 +497,62 @@ async fn disconnect_and_unsubscribe_through_one_node_reach_every_node() {
     assert_eq!(close_code(&mut on_a).await, Some(4000));
     assert!(still_open(&mut bob).await, "only that user");
 }
+
+/// The pub/sub connection is pinged every few seconds to notice a dead
+/// Redis; a subscribed connection answers that ping in its own form, and
+/// the answer must keep the connection, not drop and resubscribe it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pubsub_connection_outlives_its_keepalive_pings() {
+    let redis = Redis::start();
+    let app = Upstream::start().await;
+    let gate = node(&app, &redis).await;
+    let mut client = connect(&gate).await;
+    subscribe(&mut client, "kept", None).await;
+
+    // Redis's view of the node's subscribed connection: its id and last
+    // command.
+    let subscribed = || -> Option<(String, String)> {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "CLIENT", "LIST"])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let field = |name: &str| {
+                    line.split(' ')
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .map(str::to_owned)
+                };
+                let channels: u32 = field("sub=")?.parse().ok()?;
+                if channels == 0 {
+                return None;
+            }
+            Some((field("id=")?, field("cmd=")?))
+            })
+    };
+    let (id, _) = subscribed().expect("the node subscribed in Redis");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (now, cmd) = subscribed().expect("the subscribed connection stays");
+        assert_eq!(now, id, "the node dropped its pub/sub connection");
+        if cmd == "ping" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never pinged its pub/sub connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The answer was taken: the same connection carries the next publish.
+    publish(gate.api_addr, "kept", json!("still here")).await;
+    assert_eq!(next_json(&mut client).await["data"], json!("still here"));
+    let (still, _) = subscribed().expect("the subscribed connection stays");
+    assert_eq!(still, id, "the node dropped its pub/sub connection");
+    let (_, metrics) = common::get(&format!("http://{}/metrics", gate.api_addr)).await;
+    assert!(
+        metrics.contains("pushgate_redis_reconnects_total 0"),
+        "{metrics}"
+    );
+}

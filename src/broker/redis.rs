@@ -1569,7 +1569,9 @@ impl Listener {
                         return Ended::Stopped;
                     };
                     let timeout = shared.options.command_timeout;
-                    match tokio::time::timeout(timeout, sink.ping::<String>()).await {
+                    // A subscribed connection answers `["pong", ""]`, not
+                    // `PONG`: any answer will do.
+                    match tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(err)) => return Ended::Lost(err.to_string()),
                         Err(_) => return Ended::Lost("PING was not answered in time".into()),
