@@ -526,9 +526,9 @@ async fn the_pubsub_connection_outlives_its_keepalive_pings() {
                 };
                 let channels: u32 = field("sub=")?.parse().ok()?;
                 if channels == 0 {
-                return None;
-            }
-            Some((field("id=")?, field("cmd=")?))
+                    return None;
+                }
+                Some((field("id=")?, field("cmd=")?))
             })
     };
     let (id, _) = subscribed().expect("the node subscribed in Redis");
