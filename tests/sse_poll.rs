@@ -149,6 +149,9 @@ impl Event {
 #[derive(Debug, Clone, PartialEq)]
 enum Item {
     Retry(u64),
+    /// A block with an `id:` and no data: it moves the last event id
+    /// without dispatching an event.
+    Id(String),
     Comment(String),
     Event(Event),
 }
@@ -163,6 +166,8 @@ struct SseStream {
     items: VecDeque<Item>,
     partial: Event,
     partial_started: bool,
+    /// Whether the partial event has a `data:` line (else it is no event).
+    partial_data: bool,
     ended: bool,
     _sender: Box<dyn Any + Send>,
     task: Option<JoinHandle<()>>,
@@ -195,6 +200,7 @@ impl SseStream {
             items: VecDeque::new(),
             partial: Event::default(),
             partial_started: false,
+            partial_data: false,
             ended: false,
             _sender: sender,
             task,
@@ -234,7 +240,12 @@ impl SseStream {
             if self.partial_started {
                 self.partial_started = false;
                 let event = std::mem::take(&mut self.partial);
-                self.items.push_back(Item::Event(event));
+                if self.partial_data {
+                    self.items.push_back(Item::Event(event));
+                } else if let Some(id) = event.id {
+                    self.items.push_back(Item::Id(id));
+                }
+                self.partial_data = false;
             }
             return;
         }
@@ -263,6 +274,7 @@ impl SseStream {
                     self.partial.data.push('\n');
                 }
                 self.partial_started = true;
+                self.partial_data = true;
                 self.partial.data.push_str(value);
             }
             "id" => {
@@ -311,6 +323,20 @@ impl SseStream {
                     }
                 }
             }
+        }
+    }
+
+    /// The opening: the configured `retry:` (2 s) with the connection's
+    /// starting cursor as its id.
+    async fn opening(&mut self) -> Cursor {
+        let Some(Item::Retry(2000)) = self.next_item().await else {
+            panic!("the stream starts with the configured retry");
+        };
+        match self.next_item().await {
+            Some(Item::Id(id)) => {
+                Cursor::decode(&id).unwrap_or_else(|err| panic!("id {id:?} does not decode: {err}"))
+            }
+            other => panic!("the opening carries the starting cursor, not {other:?}"),
         }
     }
 
@@ -474,11 +500,8 @@ async fn sse_events_carry_the_envelope_the_event_name_and_a_cursor_id() {
         stream.headers
     );
     assert_eq!(stream.header("x-accel-buffering"), Some("no"));
-    assert_eq!(
-        stream.next_item().await,
-        Some(Item::Retry(2000)),
-        "the stream starts with the configured retry"
-    );
+    let opening = stream.opening().await;
+    assert_eq!(opening.len(), 1, "one channel: {opening:?}");
 
     let (epoch, offset) =
         publish(gate.api_addr, "news", json!({"title": "hi"}), Some("story")).await;
@@ -508,6 +531,36 @@ async fn sse_events_carry_the_envelope_the_event_name_and_a_cursor_id() {
         Position::new(Epoch::parse(&epoch2).unwrap(), offset2)
     );
     assert_eq!(offset2, offset + 1);
+}
+
+/// A stream that drops before its first event still resumes: the opening
+/// names where it started, and what was published meanwhile follows.
+#[tokio::test]
+async fn sse_resumes_from_the_opening_id_when_no_event_came() {
+    let (_app, gate) = start("").await;
+    for channel in ["fresh", "used"] {
+        if channel == "used" {
+            publish(gate.api_addr, channel, json!("before"), None).await;
+        }
+        let mut stream = SseStream::open(gate.addr, &format!("channel={channel}"), &[]).await;
+        let opening = stream.opening().await;
+        drop(stream);
+        for n in 0..3 {
+            publish(gate.api_addr, channel, json!(n), None).await;
+        }
+        let id = opening.encode();
+        let mut stream = SseStream::open(
+            gate.addr,
+            &format!("channel={channel}"),
+            &[("last-event-id", id.as_str())],
+        )
+        .await;
+        for n in 0..3 {
+            let event = stream.next_event().await;
+            assert_eq!(event.event, None, "{channel}: no reset, the message");
+            assert_eq!(event.json()["data"], json!(n), "{channel}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -661,7 +714,7 @@ async fn sse_sends_keepalive_comments_on_an_idle_stream() {
     while comments < 2 {
         match stream.next_item().await {
             Some(Item::Comment(_)) => comments += 1,
-            Some(Item::Retry(_)) => {}
+            Some(Item::Retry(_) | Item::Id(_)) => {}
             other => panic!("an idle stream sent {other:?}"),
         }
     }
@@ -844,7 +897,7 @@ async fn sse_and_poll_check_the_origin_and_answer_cors() {
 async fn sse_stream_ends_with_a_retry_at_shutdown() {
     let (_app, mut gate) = start("").await;
     let mut stream = SseStream::open(gate.addr, "channel=bye", &[]).await;
-    assert_eq!(stream.next_item().await, Some(Item::Retry(2000)));
+    stream.opening().await;
     let done = gate.shutdown();
     match stream.next_item().await {
         // Jittered in [retry/2, retry] so clients do not all come back at once.
@@ -880,7 +933,7 @@ async fn sse_works_over_http2() {
     assert_eq!(stream.version, Version::HTTP_2);
     assert_eq!(stream.status, StatusCode::OK);
     assert_eq!(stream.header("content-type"), Some("text/event-stream"));
-    assert_eq!(stream.next_item().await, Some(Item::Retry(2000)));
+    stream.opening().await;
 
     // The same connection carries a long-poll beside the open stream.
     let request = Request::get(format!(
@@ -933,7 +986,7 @@ async fn sse_connections_per_address_are_limited() {
     drop(first);
     wait_metric(&gate, SSE_CONNECTIONS, 1).await;
     let mut again = SseStream::open(gate.addr, "channel=lim", &[]).await;
-    assert_eq!(again.next_item().await, Some(Item::Retry(2000)));
+    again.opening().await;
 }
 
 #[tokio::test]
@@ -941,7 +994,7 @@ async fn metrics_count_open_sse_streams() {
     let (_app, gate) = start("").await;
     assert_eq!(metric(&gate, SSE_CONNECTIONS).await, 0);
     let mut stream = SseStream::open(gate.addr, "channel=m", &[]).await;
-    assert_eq!(stream.next_item().await, Some(Item::Retry(2000)));
+    stream.opening().await;
     assert_eq!(metric(&gate, SSE_CONNECTIONS).await, 1);
     assert_eq!(
         metric(&gate, "pushgate_subscriptions{transport=\"sse\"}").await,

@@ -79,7 +79,9 @@ pub(super) async fn handle(
 
     let retry = realtime.config.sse.retry;
     let mut stream = SseStream::new(realtime, session, gauge);
-    stream.push_static(format!("retry: {}\n\n", retry.as_millis()));
+    // The opening already names where the connection stands, so a stream
+    // that drops before its first event still resumes from here.
+    stream.push_opening(&ids, retry);
     for (channel, position) in resets {
         stream.push_reset(&ids, &channel, position);
     }
@@ -161,7 +163,17 @@ impl SseStream {
         }
     }
 
-    fn push_static(&mut self, text: String) {
+    /// `retry:` and, when the connection hears any channel, `id:` with
+    /// its starting cursor: a blank-data block, which sets the browser's
+    /// last event id without dispatching an event.
+    fn push_opening(&mut self, ids: &Cursor, retry: std::time::Duration) {
+        let mut text = format!("retry: {}\n", retry.as_millis());
+        if !ids.is_empty() {
+            text.push_str("id: ");
+            ids.encode_into(&mut text);
+            text.push('\n');
+        }
+        text.push('\n');
         self.state.push_static(text);
     }
 
