@@ -37,6 +37,8 @@ pub enum NameError {
     ChannelCharacter(char),
     #[error("event name must be 1-64 characters of A-Z a-z 0-9 and _ . : -")]
     Event,
+    #[error("event names starting with `pushgate.` are pushgate's own (reset, join, leave, …)")]
+    ReservedEvent,
 }
 
 impl ChannelName {
@@ -86,7 +88,12 @@ impl Serialize for ChannelName {
     }
 }
 
-/// A publisher-chosen event name: `[A-Za-z0-9_.:-]{1,64}`.
+/// Event names pushgate itself sends on SSE (`pushgate.reset`, …); a
+/// publication may not take one, or a client could not tell them apart.
+pub const RESERVED_EVENT_PREFIX: &str = "pushgate.";
+
+/// A publisher-chosen event name: `[A-Za-z0-9_.:-]{1,64}`, not starting
+/// with [`RESERVED_EVENT_PREFIX`].
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct EventName(Arc<str>);
 
@@ -96,7 +103,9 @@ impl EventName {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
-        if valid {
+        if name.starts_with(RESERVED_EVENT_PREFIX) {
+            Err(NameError::ReservedEvent)
+        } else if valid {
             Ok(EventName(name.into()))
         } else {
             Err(NameError::Event)
@@ -384,6 +393,12 @@ mod tests {
         assert!(EventName::parse(&"e".repeat(65)).is_err());
         assert!(EventName::parse("").is_err());
         assert!(EventName::parse("a/b").is_err());
+        assert_eq!(
+            EventName::parse("pushgate.reset"),
+            Err(NameError::ReservedEvent)
+        );
+        assert!(EventName::parse("pushgate").is_ok());
+        assert!(EventName::parse("app.pushgate.reset").is_ok());
         assert!(EventName::parse("a\nb").is_err());
     }
 

@@ -339,6 +339,15 @@ async fn whole_request_errors_say_what_was_wrong() {
             "bad_event",
         ),
         (
+            post(
+                r#"{"channel": "a", "data": 1, "event": "pushgate.reset"}"#,
+                json_type,
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "bad_event",
+        ),
+        (
             post(r#"{"channel": "a", "data": 1, "event": 5}"#, json_type).await,
             StatusCode::BAD_REQUEST,
             "bad_json",
