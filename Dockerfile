@@ -20,6 +20,10 @@ COPY benches ./benches
 RUN cargo build --release --locked --bin pushgate
 
 FROM debian:bookworm-slim
+# CA roots for https:// JWKS URLs and rediss:// Redis with a public CA.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pushgate
 COPY --from=build /src/target/release/pushgate /usr/local/bin/pushgate
 COPY config.example.yaml /etc/pushgate/pushgate.yaml
