@@ -84,9 +84,11 @@ pub const DEFAULT_WS_MAX_MESSAGE: ByteSize = ByteSize(64 * 1024);
 pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(25);
 /// How long a pong (or a write) may take before the peer counts as dead.
 pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(10);
-/// tungstenite's read buffer per connection; its default (128 KiB) is far
+/// tungstenite's read buffer per connection, held (and zero-filled) for the
+/// connection's life. Clients send small JSON commands; a larger frame grows
+/// the buffer while it is read. tungstenite's own default (128 KiB) is far
 /// too much for many idle connections.
-pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(4 * 1024);
+pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(1024);
 /// Bytes tungstenite gathers before writing; 0 writes each flush at once.
 pub const DEFAULT_WS_WRITE_BUFFER: ByteSize = ByteSize(0);
 /// Most bytes tungstenite may hold unwritten for one connection.

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -598,7 +599,13 @@ where
     let service = service_fn(move |request| {
         head_seen.received();
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(request, conn).await) }
+        // Boxed per request: hyper keeps room for the service's future for
+        // the connection's whole life, and an SSE stream or an idle
+        // keep-alive connection should not hold kilobytes of a finished
+        // request's state.
+        let answer: Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(async move { Ok::<_, Infallible>(handler.handle(request, conn).await) });
+        answer
     });
     let connection = shared
         .http

@@ -59,35 +59,22 @@ pub(super) async fn handle(
         .admit(Transport::WebSocket, &request, &query, conn)
         .await;
 
-    let upgrade = hyper::upgrade::on(&mut request);
-    let config = socket_config(realtime);
-    let drain = realtime.drain.clone();
-    let realtime = realtime.clone();
-    drain.spawn(async move {
-        let upgraded = match upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(err) => {
-                tracing::debug!(peer = %conn.peer, error = %err, "WebSocket upgrade failed");
-                return;
-            }
-        };
-        let mut socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        match admitted {
-            Err(refusal) => {
-                let code = refusal.close_code();
-                let _ = close(&mut socket, code, &refusal.message).await;
-            }
-            Ok(admission) => {
-                let _gauge = realtime.count(Transport::WebSocket);
-                let session = realtime.session(Transport::WebSocket, admission);
-                Connection::new(realtime.clone(), socket, session, conn)
-                    .run(query.channels)
-                    .await;
-            }
-        }
+    let opening = Box::new(Opening {
+        upgrade: hyper::upgrade::on(&mut request),
+        admitted,
+        config: socket_config(realtime),
+        realtime: realtime.clone(),
+        conn,
+        channels: query.channels,
     });
+    let task = async move {
+        // The opening is boxed and gone once the socket is open: an idle
+        // connection's task holds only what serves it.
+        if let Some((connection, channels)) = Box::pin(opening.open()).await {
+            connection.run(channels).await;
+        }
+    };
+    realtime.drain.spawn(task);
 
     let mut response = Response::new(crate::body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -100,6 +87,54 @@ pub(super) async fn handle(
             .expect("base64 is a valid header value"),
     );
     Ok(response)
+}
+
+/// What an accepted handshake needs until the socket is open.
+struct Opening {
+    upgrade: hyper::upgrade::OnUpgrade,
+    admitted: Result<super::Admission, ApiError>,
+    config: WebSocketConfig,
+    realtime: Arc<Realtime>,
+    conn: ConnInfo,
+    channels: Vec<ChannelName>,
+}
+
+impl Opening {
+    /// Waits for the upgrade; the connection (and the channels its query
+    /// names) when admitted, else closes with the refusal's code.
+    async fn open(self: Box<Self>) -> Option<(Box<Connection>, Vec<ChannelName>)> {
+        let Opening {
+            upgrade,
+            admitted,
+            config,
+            realtime,
+            conn,
+            channels,
+        } = *self;
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(peer = %conn.peer, error = %err, "WebSocket upgrade failed");
+                return None;
+            }
+        };
+        let mut socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        match admitted {
+            Err(refusal) => {
+                let code = refusal.close_code();
+                let _ = close(&mut socket, code, &refusal.message).await;
+                None
+            }
+            Ok(admission) => {
+                let gauge = realtime.count(Transport::WebSocket);
+                let session = realtime.session(Transport::WebSocket, admission);
+                let connection = Connection::new(realtime, socket, session, conn, gauge);
+                Some((Box::new(connection), channels))
+            }
+        }
+    }
 }
 
 /// Checks that this is a WebSocket handshake pushgate can accept; returns
@@ -233,6 +268,7 @@ struct Connection {
     bucket: Bucket,
     heartbeat: Heartbeat,
     batch: Vec<Arc<Publication>>,
+    _gauge: super::ConnectionGauge,
 }
 
 impl Connection {
@@ -241,6 +277,7 @@ impl Connection {
         socket: Socket,
         session: Session,
         conn: ConnInfo,
+        gauge: super::ConnectionGauge,
     ) -> Connection {
         let config = &realtime.config;
         let bucket = Bucket::new(config.commands_per_second, config.command_burst);
@@ -253,17 +290,24 @@ impl Connection {
             bucket,
             heartbeat,
             batch: Vec::new(),
+            _gauge: gauge,
         }
     }
 
-    async fn run(mut self, channels: Vec<ChannelName>) {
-        let end = match self.start(channels).await {
+    /// Serves the connection until it ends. Boxed: an async fn keeps its
+    /// arguments twice (as given and as locals), and the connection is the
+    /// largest thing an idle task holds.
+    async fn run(mut self: Box<Self>, channels: Vec<ChannelName>) {
+        // The cold paths (subscribing from the query, commands, closing)
+        // are boxed while they run, so the task of an idle connection holds
+        // only the serve loop.
+        let end = match Box::pin(self.start(channels)).await {
             Ok(()) => self.serve().await,
             Err(end) => end,
         };
         if let End::Close(code, reason) = end {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
-            let _ = close(&mut self.socket, code, &reason).await;
+            let _ = Box::pin(close(&mut self.socket, code, &reason)).await;
         }
     }
 
@@ -313,7 +357,7 @@ impl Connection {
                             return End::Gone;
                         }
                         Some(Ok(message)) => {
-                            if let Err(end) = self.on_message(message).await {
+                            if let Err(end) = Box::pin(self.on_message(message)).await {
                                 return end;
                             }
                         }
