@@ -322,24 +322,31 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> End {
-        let drain = self.realtime.drain.clone();
-        let outbox = self.session.outbox().clone();
-        let control = self.session.control().clone();
         let ping_interval = self.realtime.config.websocket.ping_interval;
         let ping_timeout = self.realtime.config.websocket.ping_timeout;
+        // The wake-ups live across turns of the loop and are re-armed only
+        // when they fire: making them afresh on every delivery (a waiter
+        // registered and dropped in three wait lists, a timer inserted and
+        // cleared) was a visible part of the fan-out's CPU profile.
+        let drain = self.realtime.drain.signalled_owned();
+        let ordered = self.session.control().ordered_owned();
+        let ready = self.session.outbox().ready_owned();
+        let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
+        tokio::pin!(drain, ordered, ready, heartbeat);
         loop {
-            let heartbeat_at = self.heartbeat.deadline();
             tokio::select! {
                 biased;
-                () = drain.signalled() => {
+                () = &mut drain => {
                     return End::Close(close::GOING_AWAY, "server shutting down; reconnect".into());
                 }
-                () = control.ordered() => {
+                () = &mut ordered => {
+                    ordered.set(self.session.control().ordered_owned());
                     if let Err(end) = self.obey().await {
                         return end;
                     }
                 }
-                () = outbox.ready() => {
+                () = &mut ready => {
+                    ready.set(self.session.outbox().ready_owned());
                     if let Err(end) = self.flush_outbox().await {
                         return end;
                     }
@@ -347,6 +354,7 @@ impl Connection {
                 message = self.socket.next() => {
                     // Any frame shows the peer is alive.
                     self.heartbeat = Heartbeat::PingAt(Instant::now() + ping_interval);
+                    heartbeat.as_mut().reset(self.heartbeat.deadline());
                     match message {
                         None => return End::Gone,
                         Some(Err(tungstenite::Error::Capacity(_))) => {
@@ -363,10 +371,11 @@ impl Connection {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(heartbeat_at) => {
+                () = &mut heartbeat => {
                     match self.heartbeat {
                         Heartbeat::PingAt(_) => {
                             self.heartbeat = Heartbeat::PongBy(Instant::now() + ping_timeout);
+                            heartbeat.as_mut().reset(self.heartbeat.deadline());
                             if self.write(Message::Ping(Default::default())).await.is_err() {
                                 return End::Gone;
                             }
