@@ -207,6 +207,9 @@ async function lobbyIs(page, expected) {
   check(JSON.stringify(shown) == JSON.stringify(expected), `lobby ${JSON.stringify(shown)} == ${JSON.stringify(expected)}`);
 }
 
+/** How many lobby publications the library delivered to the page. */
+const delivered = (page) => page.evaluate(() => Number(document.body.dataset.delivered || 0));
+
 const events = (page) => page.$$eval("#events li", (items) => items.map((li) => li.textContent).reverse());
 
 async function screenshot(page, name) {
@@ -292,6 +295,7 @@ const scenarios = {
     await burst("poll");
     await lobbyIs(page, expected);
 
+    check((await delivered(page)) == expected.length, "each publication delivered once");
     const seen = await events(page);
     check(seen.some((e) => e.endsWith("falling back to sse")), `a fallback to sse in ${JSON.stringify(seen)}`);
     check(seen.some((e) => e.endsWith("falling back to poll")), `a fallback to poll in ${JSON.stringify(seen)}`);
@@ -348,6 +352,7 @@ const scenarios = {
     expected.push("api: after");
     await lobbyIs(page, expected);
     check(!(await page.evaluate(() => document.body.dataset.resets)), "no reset on the Redis engine");
+    check((await delivered(page)) == expected.length, "each publication delivered once");
     await screenshot(page, "demo-restart-redis");
     await stop(demo.child);
     await stop(other.child);
