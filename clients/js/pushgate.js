@@ -354,7 +354,7 @@ export function connect(url = "/realtime", options = {}) {
       c.close();
       conn = undefined;
       clearTimeout(healthy);
-      open();
+      subs.size ? open() : setState("idle");
     };
     const failed = (error) => signal.aborted || done(1006, String(error));
 

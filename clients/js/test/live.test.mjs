@@ -143,6 +143,18 @@ test("sse: delivers named events too, and reopens without loss when a channel is
   await until(() => got.length == 4, "the publication made during the reopening and the new channel's");
   assert.deepEqual(got.slice(2).sort(), ["-:during", "b:new"]);
   assert.ok(states.every((s) => s.transport == "sse"));
+
+  // Leaving every channel closes the stream; a new channel opens it again.
+  client.unsubscribe(a);
+  client.unsubscribe(b);
+  assert.equal(client.state, "idle");
+  const c = unique("sse-c");
+  client.subscribe(c, (data) => got.push(`c:${data}`));
+  await until(() => client.state == "connected" && client.position(c), "the stream again");
+  await publish(c, "back");
+  await until(() => got.length == 5, "a publication on the new stream");
+  assert.equal(got[4], "c:back");
+  assert.ok(!states.some((s) => s.state == "closed" || s.state == "disconnected"), JSON.stringify(states));
 });
 
 test("a gap history cannot cover is a reset event", async () => {
