@@ -15,6 +15,8 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The browser client is built into the binary (/realtime/client.js).
+COPY clients/js/pushgate.js ./clients/js/pushgate.js
 COPY bench ./bench
 COPY benches ./benches
 RUN cargo build --release --locked --bin pushgate

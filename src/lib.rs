@@ -14,6 +14,8 @@
 //!   the request-head deadline, and the drain on shutdown.
 //! - [`proxy`]: the reverse proxy to the app: pooled, streaming, hop-by-hop
 //!   headers dropped, `X-Forwarded-*` set, WebSocket upgrades tunnelled.
+//! - [`demo`]: `pushgate demo`: a built-in chat app behind pushgate, for a
+//!   first look in a browser.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and
 //!   upgraded sessions join.
 //! - [`error`]: error types and the one mapping from error to HTTP answer.
@@ -39,6 +41,7 @@ pub mod body;
 pub mod broker;
 pub mod config;
 pub mod cursor;
+pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod jwks;

@@ -1,5 +1,6 @@
 //! The `pushgate` binary: parse arguments, load config, set up logs, run.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,6 +30,20 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Run a self-contained demo: pushgate in front of a built-in chat app,
+    /// on 127.0.0.1, with a page to open in a browser.
+    Demo {
+        /// Where the page is served (pushgate's public listener; loopback only).
+        #[arg(long, value_name = "ADDR", default_value = pushgate::demo::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// pushgate's publish API (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = pushgate::demo::DEFAULT_API_LISTEN)]
+        api_listen: SocketAddr,
+        /// Use the Redis engine at this URL (e.g. redis://127.0.0.1:6379)
+        /// instead of the memory engine.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +70,18 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        (
+            Some(Command::Demo {
+                listen,
+                api_listen,
+                redis,
+            }),
+            _,
+        ) => demo(pushgate::demo::DemoOptions {
+            listen,
+            api_listen,
+            redis,
+        }),
         (None, Some(file)) => {
             let config = match load(&file) {
                 Ok(config) => config,
@@ -65,7 +92,7 @@ fn main() -> ExitCode {
         }
         (None, None) => {
             eprintln!(
-                "pushgate: nothing to do\n\nrun:   pushgate --config FILE\ncheck: pushgate check-config FILE\n\nsee pushgate --help"
+                "pushgate: nothing to do\n\ntry:   pushgate demo\nrun:   pushgate --config FILE\ncheck: pushgate check-config FILE\n\nsee pushgate --help"
             );
             ExitCode::from(EXIT_USAGE)
         }
@@ -77,6 +104,43 @@ fn load(file: &std::path::Path) -> Result<pushgate::Config, ExitCode> {
         eprint!("pushgate: {err}");
         ExitCode::from(EXIT_USAGE)
     })
+}
+
+fn demo(options: pushgate::demo::DemoOptions) -> ExitCode {
+    if let Some(problem) = options.problem() {
+        eprintln!("pushgate demo: {problem}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("pushgate: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let config = options.config(SocketAddr::from(([127, 0, 0, 1], 0)), "unused");
+    pushgate::logging::init(&config.log);
+    let result = runtime.block_on(pushgate::demo::run(
+        options,
+        pushgate::shutdown::signal(),
+        |running| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(running.banner().as_bytes());
+            let _ = out.flush();
+        },
+    ));
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("pushgate demo: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn serve(config: pushgate::Config) -> ExitCode {

@@ -12,6 +12,7 @@
 //! are parsed, the `Origin` is checked ([`Origins`]), the per-address
 //! connection limit is taken ([`IpSlot`]), and [`Auth`] grants the channels.
 
+mod client_js;
 pub mod control;
 mod longpoll;
 mod session;
@@ -255,11 +256,12 @@ impl Realtime {
             "/ws" => websocket::handle(self, request, conn).await,
             "/sse" => sse::handle(self, request, conn).await,
             "/poll" => longpoll::handle(self, request, conn).await,
+            "/client.js" => client_js::serve(&request),
             _ => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!(
-                    "no such realtime endpoint; pushgate serves {0}/ws, {0}/sse and {0}/poll",
+                    "no such realtime endpoint; pushgate serves {0}/ws, {0}/sse, {0}/poll and {0}/client.js",
                     self.prefix
                 ),
             )),

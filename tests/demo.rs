@@ -1,0 +1,282 @@
+//! `pushgate demo` as a process, over HTTP: what it prints, the page and the
+//! client it serves, the toy login answering pushgate's auth request, a
+//! publish through the app reaching an SSE stream, the cross-site guard,
+//! logout closing the user's streams, and a clean exit on SIGTERM. (The page
+//! itself runs in Chromium in tests/browser.rs.)
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Demo {
+    child: Child,
+    url: String,
+    api: String,
+    key: String,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_demo() -> Demo {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut demo = Demo {
+        child,
+        url: String::new(),
+        api: String::new(),
+        key: String::new(),
+    };
+    let mut printed = Vec::new();
+    while demo.url.is_empty() || demo.api.is_empty() || demo.key.is_empty() {
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("the demo printed its addresses; it printed {printed:?}"));
+        let field = |prefix: &str| line.strip_prefix(prefix).map(|rest| rest.trim().to_owned());
+        if let Some(rest) = field("pushgate demo: open ") {
+            demo.url = rest.split(' ').next().unwrap().to_owned();
+        } else if let Some(api) = field("  api ") {
+            demo.api = api;
+        } else if let Some(key) = field("  key ") {
+            demo.key = key;
+        }
+        printed.push(line);
+    }
+    assert!(demo.url.starts_with("http://127.0.0.1:") && demo.url.ends_with('/'));
+    demo
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = common::client()
+        .request(
+            request
+                .body(common::body(Bytes::from(body.to_owned())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+#[test]
+fn the_demo_refuses_a_non_loopback_address() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .args(["demo", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--listen 0.0.0.0:0") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_demo_app_behind_pushgate() {
+    let mut demo = start_demo();
+    let url = |path: &str| format!("{}{}", demo.url, path.trim_start_matches('/'));
+
+    let page = call("GET", &url("/"), &[], "").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page
+        .body
+        .contains(r#"<script type="module" src="/demo.js">"#));
+    let script = call("GET", &url("/demo.js"), &[], "").await;
+    assert!(script.body.contains(r#"from "/realtime/client.js""#));
+    let client = call("GET", &url("/realtime/client.js"), &[], "").await;
+    assert_eq!(client.status, StatusCode::OK);
+    assert_eq!(
+        client.headers[header::CONTENT_TYPE],
+        "text/javascript; charset=utf-8"
+    );
+
+    // Not logged in: pushgate asked the app, which said no.
+    let refused = call(
+        "GET",
+        &url("/realtime/poll?channel=chat:lobby&timeout=0"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", refused.body);
+    assert!(refused.body.contains("not logged in"), "{}", refused.body);
+
+    let bad = call("POST", &url("/login"), &[FORM], "name=a:b").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let login = call("POST", &url("/login"), &[FORM], "name=ada").await;
+    assert_eq!(login.status, StatusCode::SEE_OTHER);
+    let cookie = login.headers[header::SET_COOKIE].to_str().unwrap();
+    assert!(cookie.starts_with("pushgate_demo_user=ada;") && cookie.contains("HttpOnly"));
+    let cookie = ("cookie", "pushgate_demo_user=ada");
+    let me = call("GET", &url("/me"), &[cookie], "").await;
+    assert_eq!(me.body, r#"{"user":"ada"}"#);
+
+    // The grant: the lobby and ada's own channels, not bob's.
+    let poll = call(
+        "GET",
+        &url("/realtime/poll?channel=chat:lobby&channel=user:ada:notifications&timeout=0"),
+        &[cookie],
+        "",
+    )
+    .await;
+    assert_eq!(poll.status, StatusCode::OK, "{}", poll.body);
+    let cursor = serde_json::from_str::<serde_json::Value>(&poll.body).unwrap()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = call(
+        "GET",
+        &url("/realtime/poll?channel=user:bob:notifications&timeout=0"),
+        &[cookie],
+        "",
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN, "{}", other.body);
+
+    // Say something through the app: it publishes with the API key.
+    let said = call("POST", &url("/say"), &[FORM, cookie], "text=hello+there").await;
+    assert_eq!(said.status, StatusCode::OK, "{}", said.body);
+    let notified = call("POST", &url("/notify"), &[FORM, cookie], "to=ada&text=note").await;
+    assert_eq!(notified.status, StatusCode::OK, "{}", notified.body);
+    let since = format!(
+        "/realtime/poll?channel=chat:lobby&channel=user:ada:notifications&timeout=0&since={cursor}"
+    );
+    let news = call("GET", &url(&since), &[cookie], "").await;
+    let news: serde_json::Value = serde_json::from_str(&news.body).unwrap();
+    let messages = news["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{news}");
+    assert_eq!(
+        messages[0]["data"],
+        serde_json::json!({"from": "ada", "text": "hello there"})
+    );
+    assert_eq!(messages[0]["event"], "message");
+    assert_eq!(messages[1]["channel"], "user:ada:notifications");
+    let history = call("GET", &url("/history"), &[cookie], "").await;
+    assert!(history.body.contains("hello there"), "{}", history.body);
+
+    // The printed key works on the printed API.
+    let published = call(
+        "POST",
+        &format!("{}/api/publish", demo.api),
+        &[
+            ("authorization", &format!("Bearer {}", demo.key)),
+            ("content-type", "application/json"),
+        ],
+        r#"{"channel": "chat:lobby", "data": {"from": "curl", "text": "hi"}}"#,
+    )
+    .await;
+    assert_eq!(published.status, StatusCode::OK, "{}", published.body);
+
+    // Another site's page cannot make ada speak, nor text nobody's.
+    let forged = call(
+        "POST",
+        &url("/say"),
+        &[FORM, cookie, ("origin", "http://evil.example")],
+        "text=x",
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let empty = call("POST", &url("/say"), &[FORM, cookie], "text=+").await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    let anonymous = call("POST", &url("/say"), &[FORM], "text=x").await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+
+    // Logout ends ada's open streams (the app disconnects her through the API).
+    let stream = common::client()
+        .request(
+            Request::get(url("/realtime/sse?channel=chat:lobby"))
+                .header(cookie.0, cookie.1)
+                .body(common::empty_body())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let logout = call("POST", &url("/logout"), &[cookie], "").await;
+    assert_eq!(logout.status, StatusCode::SEE_OTHER);
+    assert!(logout.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let rest = tokio::time::timeout(PATIENCE, stream.into_body().collect())
+        .await
+        .expect("the stream ends at logout")
+        .unwrap()
+        .to_bytes();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("event: pushgate.disconnect") && rest.contains("logged out"),
+        "{rest}"
+    );
+
+    // SIGTERM: a clean exit.
+    let status = Command::new("kill")
+        .args(["-TERM", &demo.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let code = loop {
+        if let Some(status) = demo.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo exits after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+}
