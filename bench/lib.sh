@@ -154,6 +154,16 @@ start_pushpin() {
     pushpin --config "$dir/pushpin.conf" >"$dir/out.log" 2>&1 &
     SERVER_PID=$!
     wait_http "Pushpin" "$SERVER_PID" "http://127.0.0.1:$http/"
+    # Passing a request through does not need the handler; a GRIP hold does,
+    # and is answered 500 until the proxy and the handler are connected.
+    local code=
+    for _ in $(seq 100); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 0.3 \
+            "http://127.0.0.1:$http/grip/sse?channel=probe" || true)
+        [[ $code == 200 ]] && break
+        sleep 0.1
+    done
+    [[ $code == 200 ]] || die "Pushpin did not hold a stream (answered $code)"
     wait_http "Pushpin's publish endpoint" "$SERVER_PID" -H 'Content-Type: application/json' \
         -d '{"items":[{"channel":"probe","formats":{"http-stream":{"content":"x"}}}]}' "http://127.0.0.1:$publish/publish/"
     PUBLIC=127.0.0.1:$http
