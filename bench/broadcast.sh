@@ -1,54 +1,90 @@
 #!/usr/bin/env bash
-# Broadcast benchmark: many SSE or WebSocket subscribers on one channel,
-# publications at a steady rate; pushgate, and Nchan beside it in the same
-# run (TARGETS="pushgate nchan"; Nchan from bench/nchan.conf, needs nginx and
-# libnginx-mod-nchan).
+# Broadcast benchmark: many SSE, WebSocket or long-poll subscribers on one
+# channel (or one channel each), publications at a steady rate; pushgate and
+# its peers in the same run, one after the other (TARGETS="pushgate nchan
+# pushpin"; Nchan from bench/nchan.conf, Pushpin from bench/pushpin/; both
+# are installed with apt-get when missing).
 #
 #   bench/broadcast.sh
+#   TARGETS="pushgate nchan pushpin" SUBSCRIBERS=10000 CHANNELS=10000 \
+#     RATES="2000 5000" TRANSPORTS=sse bench/broadcast.sh       # many channels
+#   SEARCH=1 RATES="5 10 20 40" bench/broadcast.sh             # rising rates
 #
 # Knobs (environment):
-#   TARGETS       "pushgate" (add nchan for the peer)
-#   TRANSPORTS    "sse ws"
+#   TARGETS       servers, in this order in every round     (default pushgate)
+#   TRANSPORTS    "sse ws" (poll: long-poll; Pushpin is measured on sse and
+#                 ws only and skipped for poll)
 #   SUBSCRIBERS   subscriber counts, one row set each      (default "1000 9900")
-#   RATES         publications per second                  (default "5 10 20")
+#   CHANNELS      channels; 1 = all subscribers on one     (default 1)
+#   PUBLISHERS    publishing connections (at most CHANNELS) (default 1, or 16
+#                 when CHANNELS > 1)
+#   RATES         publications per second, in all          (default "5 10 20")
 #   DURATION      seconds of publishing per run            (default 10)
 #   CONNECT_RATE  new connections per second               (default 2000)
+#   PUSHPIN_CONNECT_RATE  the same for Pushpin, whose every subscribe goes
+#                 through the upstream; at 1,000/s some WebSocket-over-HTTP
+#                 opens were answered 502                  (default 500)
+#   SEARCH        1: for each server, transport and subscriber count, run
+#                 RATES in rising order until a rate fails (delivery ratio
+#                 below MIN_RATIO, p99 above MAX_P99_MS, or publishing took
+#                 over 5 % longer than DURATION), then report the highest
+#                 rate that held                           (default 0)
+#   MIN_RATIO     (default 0.999)   MAX_P99_MS (default 50)
 #   BIND_IPS      client source addresses                  (default 127.0.0.2-127.0.0.9)
 #   THREADS       load generator runtime threads           (default 1)
 #   QUIET_WAIT    before each run, wait up to this many seconds for the
 #                 machine to be idle                       (default 60)
 #
 # Columns: deliveries per second over the publishing window (until the last
-# delivery); delivery ratio = received / (subscribers x published); latency
-# percentiles from publish (the payload's "t") to receipt, in ms; gaps, dups,
-# reorders in each subscriber's sequence; "drop" = subscribers that failed to
-# connect or were disconnected; pushgate's RSS (MiB) idle after connecting and
-# its peak under load; CPU in % of one core of pushgate, of the load generator,
-# and of everything else on the machine ("other%": well above a few %, other
-# work shared the 2 cores and the row is not comparable).
+# delivery); delivery ratio = received / (subscribers x publications on their
+# channel); latency percentiles from publish (the payload's "t") to receipt,
+# in ms; gaps, dups, reorders in each subscriber's sequence; "drop" =
+# subscribers that failed to connect or were disconnected; the server's RSS
+# (MiB) idle after connecting and its peak under load; CPU in % of one core of
+# the server (all its processes), of the load generator, and of everything
+# else on the machine ("other%": well above a few %, other work shared the 2
+# cores and the row is not comparable).
 #
-# Every run gets a fresh pushgate (so its RSS is that run's alone) and a fresh
-# set of subscribers. With the defaults: 12 runs, about 3 minutes once built
-# on a quiet machine (plus up to QUIET_WAIT per run on a busy one).
-# pushgate sizes its connection limit from the open-file limit (one file per
-# realtime connection, about 19,400 here); one load generator holds 9,900 easily.
+# Every run gets a fresh server (so its RSS is that run's alone) and a fresh
+# set of subscribers. pushgate sizes its connection limit from the open-file
+# limit (one file per realtime connection, about 19,400 here); one load
+# generator holds 10,000 easily.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+SCRIPT=broadcast.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 TARGETS=${TARGETS:-pushgate}
 TRANSPORTS=${TRANSPORTS:-"sse ws"}
 SUBSCRIBERS=${SUBSCRIBERS:-"1000 9900"}
+CHANNELS=${CHANNELS:-1}
+if ((CHANNELS > 1)); then PUBLISHERS=${PUBLISHERS:-16}; else PUBLISHERS=${PUBLISHERS:-1}; fi
 RATES=${RATES:-"5 10 20"}
 DURATION=${DURATION:-10}
 CONNECT_RATE=${CONNECT_RATE:-2000}
+PUSHPIN_CONNECT_RATE=${PUSHPIN_CONNECT_RATE:-500}
+SEARCH=${SEARCH:-0}
+MIN_RATIO=${MIN_RATIO:-0.999}
+MAX_P99_MS=${MAX_P99_MS:-50}
 BIND_IPS=${BIND_IPS:-127.0.0.2-127.0.0.9}
 THREADS=${THREADS:-1}
 QUIET_WAIT=${QUIET_WAIT:-60}
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "broadcast.sh: $*"; exit 1; }
+for target in $TARGETS; do
+    case $target in
+    pushgate) ;;
+    nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || need_packages=1 ;;
+    pushpin) command -v pushpin >/dev/null || need_packages=1 ;;
+    *) die "unknown target $target (pushgate, nchan, pushpin)" ;;
+    esac
+done
+if [[ -n ${need_packages:-} ]]; then
+    log "installing nginx, libnginx-mod-nchan and pushpin with apt-get"
+    apt-get install -y -qq nginx libnginx-mod-nchan pushpin >/dev/null
+fi
 
 log "building pushgate and pushgate-bench (release)"
 cargo build --release --quiet -p pushgate -p pushgate-bench
@@ -56,44 +92,16 @@ PUSHGATE=$ROOT/target/release/pushgate
 BENCH=$ROOT/target/release/pushgate-bench
 
 WORK=$(mktemp -d -t pushgate-broadcast.XXXXXX)
-pushgate_pid=
-
-stop_pushgate() {
-    if [[ -n $pushgate_pid ]] && kill -0 "$pushgate_pid" 2>/dev/null; then
-        # SIGQUIT: nginx's graceful stop; pushgate takes SIGTERM.
-        kill -QUIT "$pushgate_pid" 2>/dev/null || true
-        kill -TERM "$pushgate_pid" 2>/dev/null || true
-        wait "$pushgate_pid" 2>/dev/null || true
-    fi
-    pushgate_pid=
-}
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    stop_pushgate
+    cleanup_servers
     rm -rf "$WORK"
     exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-# wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
-# and prints it; fails if PID dies or 10 s pass.
-wait_for() {
-    local file=$1 regex=$2 pid=$3 what=$4 line
-    for _ in $(seq 200); do
-        if line=$(grep -m1 -E "$regex" "$file" 2>/dev/null); then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    log "$what did not start; its output:"
-    cat "$file" >&2 || true
-    return 1
-}
 
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 cat >"$WORK/pushgate.yaml" <<YAML
@@ -115,97 +123,118 @@ log:
   level: info                # warn would hide the "listening" line
 YAML
 
-# start_nchan: nginx with bench/nchan.conf; sets pushgate_pid (nginx's
-# master, stopped like pushgate), PUBLIC and API (both nginx), PIDS (master
-# and workers, whose RSS and CPU are summed).
-start_nchan() {
-    local port dir=$WORK/nchan
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    rm -rf "$dir" && mkdir -p "$dir"
-    sed "s|@DIR@|$dir|g; s|@LISTEN@|127.0.0.1:$port|" "$ROOT/bench/nchan.conf" >"$dir/nchan.conf"
-    nginx -p "$dir" -c "$dir/nchan.conf" >"$dir/out.log" 2>&1 &
-    pushgate_pid=$!
-    for _ in $(seq 100); do
-        [[ -s $dir/nginx.pid ]] && curl -s -o /dev/null "http://127.0.0.1:$port/pub/probe" && break
-        sleep 0.05
-    done
-    PUBLIC=127.0.0.1:$port
-    API=$PUBLIC
-    PIDS="$pushgate_pid $(pgrep -P "$pushgate_pid" | tr '\n' ' ')"
+start_target() {
+    case $1 in
+    pushgate) start_pushgate "$WORK/pushgate.yaml" ;;
+    nchan) start_nchan ;;
+    pushpin) start_pushpin ;;
+    esac
 }
 
-# start_pushgate: sets pushgate_pid, PUBLIC and API.
-start_pushgate() {
-    PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$WORK/pushgate.yaml" 2>"$WORK/pushgate.log" >&2 &
-    pushgate_pid=$!
-    local line
-    line=$(wait_for "$WORK/pushgate.log" '"message":"listening"' "$pushgate_pid" "pushgate")
-    PUBLIC=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
-    API=$(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")
-    PIDS=$pushgate_pid
-    [[ $PUBLIC =~ ^127\.0\.0\.1:[0-9]+$ && $API =~ ^127\.0\.0\.1:[0-9]+$ ]] ||
-        die "no addresses in pushgate's line: $line"
+versions() {
+    local commit
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
+        commit="$commit (with uncommitted changes in src/)"
+    fi
+    printf 'pushgate: %s (%s)\n' "$commit" "$PUSHGATE"
+    case " $TARGETS " in *" nchan "*) printf 'nchan:    %s, %s\n' "$(nginx -v 2>&1)" \
+        "libnginx-mod-nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null)" ;; esac
+    case " $TARGETS " in *" pushpin "*) printf 'pushpin:  %s\n' "$(pushpin --version 2>&1)" ;; esac
 }
-
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
-    commit="$commit (with uncommitted changes in src/)"
-fi
 cat <<INFO
-machine:  $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r), open files $(ulimit -n)
-pushgate: $commit ($PUSHGATE)
-runs:     transports "$TRANSPORTS", subscribers "$SUBSCRIBERS", rates "$RATES"/s, ${DURATION}s each,
-          connect rate $CONNECT_RATE/s, client addresses $BIND_IPS, $THREADS load-generator thread(s)
+machine:  $(machine_info)
+$(versions)
+runs:     targets "$TARGETS", transports "$TRANSPORTS", subscribers "$SUBSCRIBERS" on $CHANNELS channel(s),
+          rates "$RATES"/s over $PUBLISHERS publishing connection(s), ${DURATION}s each,
+          connect rate $CONNECT_RATE/s (Pushpin $PUSHPIN_CONNECT_RATE/s), client addresses $BIND_IPS,
+          $THREADS load-generator thread(s)$( ((SEARCH)) && printf '\n%s' "          search: rising rates until ratio < $MIN_RATIO, p99 > $MAX_P99_MS ms or the rate not kept")
 
 INFO
-
-# wait_quiet: waits (up to QUIET_WAIT seconds) until the machine is nearly
-# idle, since other work on the cores would take CPU from pushgate.
-HZ=$(getconf CLK_TCK)
-busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-wait_quiet() {
-    local waited=0 before after
-    while ((waited < QUIET_WAIT)); do
-        before=$(busy_ticks)
-        sleep 1
-        after=$(busy_ticks)
-        ((after - before <= HZ / 5)) && break
-        waited=$((waited + 1))
-    done
-    ((waited == 0)) || log "waited ${waited}s for the machine to be quiet"
-}
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
 header=true
 run=0
+
+# measure TARGET TRANSPORT SUBS RATE: one run on a fresh server; prints the
+# row, appends the JSON line to RESULTS and leaves it in LAST.
+measure() {
+    local target=$1 transport=$2 subs=$3 rate=$4 out connect_rate=$CONNECT_RATE pid_args=()
+    run=$((run + 1))
+    [[ $target == pushpin ]] && connect_rate=$PUSHPIN_CONNECT_RATE
+    wait_quiet
+    start_target "$target"
+    for pid in $PIDS; do pid_args+=(--pid "$pid"); done
+    out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$target" \
+        --public "$PUBLIC" --api "$API" --key "$api_key" \
+        --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
+        --channels "$CHANNELS" --publishers "$PUBLISHERS" \
+        --rate "$rate" --duration "$DURATION" --connect-rate "$connect_rate" \
+        --bind-ips "$BIND_IPS" "${pid_args[@]}" --threads "$THREADS" \
+        --header "$header" 2>"$WORK/bench.err") || {
+        cat "$WORK/bench.err" >&2
+        die "the load generator failed (run $run: $target, $transport, $subs subscribers, $rate/s)"
+    }
+    header=false
+    grep -v '^{' <<<"$out"
+    LAST=$(grep '^{' <<<"$out")
+    printf '%s\n' "$LAST" >>"$RESULTS"
+    sed -n 's/^broadcast: first problem: /    first problem: /p' "$WORK/bench.err"
+    stop_server
+}
+
+# held: whether the last run met the search's bar: the delivery ratio, the
+# p99, and the rate itself. pushgate and Nchan answer a publication once it
+# is handed to the subscribers, so a server that falls behind slows the
+# publisher down instead of losing anything; publishing that took over 5 %
+# longer than DURATION did not hold the rate either.
+held() {
+    jq -e --argjson r "$MIN_RATIO" --argjson p "$MAX_P99_MS" --argjson d "$DURATION" \
+        '.delivery_ratio >= $r and .latency_ms.p99 <= $p and .publish_secs <= $d * 1.05' \
+        <<<"$LAST" >/dev/null
+}
+
+SUMMARY=$WORK/search.txt
+: >"$SUMMARY"
 for transport in $TRANSPORTS; do
     for subs in $SUBSCRIBERS; do
-        for rate in $RATES; do
-          for target in $TARGETS; do
-            run=$((run + 1))
-            wait_quiet
-            "start_$target"
-            pid_args=()
-            for pid in $PIDS; do pid_args+=(--pid "$pid"); done
-            out=$("$BENCH" broadcast --target "$target" --public "$PUBLIC" --api "$API" --key "$api_key" \
-                --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
-                --rate "$rate" --duration "$DURATION" --connect-rate "$CONNECT_RATE" \
-                --bind-ips "$BIND_IPS" "${pid_args[@]}" --threads "$THREADS" \
-                --header "$header" 2>"$WORK/bench.err") || {
-                cat "$WORK/bench.err" >&2
-                die "the load generator failed (run $run: $target, $transport, $subs subscribers, $rate/s)"
-            }
-            header=false
-            grep -v '^{' <<<"$out"
-            grep '^{' <<<"$out" >>"$RESULTS"
-            grep -q 'first problem' "$WORK/bench.err" && sed -n 's/^broadcast: first problem: /    first problem: /p' "$WORK/bench.err"
-            stop_pushgate
-          done
-        done
+        if ((SEARCH)); then
+            # Every server that still holds gets the next rate, so the servers
+            # take turns at each rate as in the plain runs.
+            declare -A best=() failed=()
+            for rate in $(tr ' ' '\n' <<<"$RATES" | sort -g); do
+                for target in $TARGETS; do
+                    [[ $target == pushpin && $transport == poll ]] && continue
+                    [[ -n ${failed[$target]:-} ]] && continue
+                    measure "$target" "$transport" "$subs" "$rate"
+                    if held; then best[$target]=$rate; else failed[$target]=$rate; fi
+                done
+            done
+            for target in $TARGETS; do
+                [[ $target == pushpin && $transport == poll ]] && continue
+                printf '%-8s %-4s %6s subscribers: highest rate held %s/s (failed at %s)\n' \
+                    "$target" "$transport" "$subs" "${best[$target]:-none}" \
+                    "${failed[$target]:-none}" >>"$SUMMARY"
+            done
+            unset best failed
+        else
+            for rate in $RATES; do
+                for target in $TARGETS; do
+                    [[ $target == pushpin && $transport == poll ]] && continue
+                    measure "$target" "$transport" "$subs" "$rate"
+                done
+            done
+        fi
     done
 done
 
+if ((SEARCH)); then
+    echo
+    echo "Highest rate with delivery ratio >= $MIN_RATIO, p99 <= $MAX_P99_MS ms and the rate kept:"
+    cat "$SUMMARY"
+fi
 echo
+echo "load after the runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "JSON, one line per run:"
 cat "$RESULTS"

@@ -1,53 +1,49 @@
-//! `pushgate-bench broadcast`: one channel, many subscribers, a steady
-//! publish rate.
+//! `pushgate-bench broadcast`: many subscribers on one channel (or on many),
+//! a steady publish rate.
 //!
-//! 1. Opens `--subscribers` realtime connections (SSE or WebSocket) to one
-//!    channel, at most `--connect-rate` per second, each client socket bound to
-//!    the next of `--bind-ips` (for more source ports) before it connects.
-//! 2. Waits until the server's API (`GET /api/channels`) counts all of them
-//!    on the channel, and samples the server's RSS (`--pid`): "idle".
-//! 3. Publishes `{"seq": n, "t": <µs since the Unix epoch>}` through
-//!    `POST /api/publish` at `--rate` per second for `--duration` seconds,
-//!    sampling the server's RSS and CPU meanwhile.
+//! 1. Opens `--subscribers` subscribers (SSE, WebSocket or long-poll; see
+//!    [`crate::subscriber`]), at most `--connect-rate` per second, each client
+//!    socket bound to the next of `--bind-ips` (for more source ports) before
+//!    it connects. With `--channels N`, subscriber i is on channel i mod N.
+//! 2. Waits until pushgate's API (`GET /api/channels`) counts all of them (for
+//!    a peer, or for long-poll, until each has its answer head or first
+//!    cursor), waits 1 s and samples the server's RSS (`--pid`): "idle".
+//! 3. Publishes `{"seq": s, "t": <µs since the Unix epoch>}` at `--rate` per
+//!    second in all for `--duration` seconds, publication n on channel
+//!    n mod N with `s` that channel's own sequence, over `--publishers`
+//!    keep-alive connections (channel c always on connection c mod K, so a
+//!    channel's publications stay in order), sampling the server's RSS and
+//!    CPU meanwhile.
 //! 4. Waits (at most `--drain` seconds) for the last deliveries, then reports.
 //!
 //! Every subscriber checks its own sequence (gaps, duplicates, reordering) and
-//! records publish→receive latency into one shared histogram. Clients are
-//! hand-written on plain `TcpStream`s (HTTP/1.1 chunked SSE, RFC 6455 frames)
-//! with a 2 KiB read buffer each, one small task per connection.
+//! records publish→receive latency into one shared histogram.
 //!
 //! For more subscribers than one process may hold sockets, run several
 //! processes with `--shard i/k`: each opens its share, all wait for the whole
 //! count, and only shard 0 publishes; the others infer the publication count
-//! from the highest sequence they saw.
+//! from the highest sequence they saw on each channel.
 
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Args as ClapArgs, ValueEnum};
 use hdrhistogram::Histogram;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::header::{AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-/// Initial read buffer of one subscriber; grows only for a larger message.
-const READ_BUFFER: usize = 2048;
-/// Largest response head accepted from the server.
-const MAX_HEAD: usize = 16 * 1024;
-/// Highest sequence number a subscriber tracks (bounds its bitmap).
-const MAX_SEQ: u64 = 1 << 24;
+use crate::subscriber::{now_us, subscriber, Dial, Shared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -55,14 +51,33 @@ pub enum Target {
     Pushgate,
     /// Nchan (nginx): `GET /sub/<channel>` for both transports, `POST
     /// /pub/<channel>` to publish (`--public` and `--api` both name nginx);
-    /// subscribers receive the published body itself.
+    /// subscribers receive the published body itself. Long-poll follows
+    /// Nchan's `Last-Modified`/`Etag`.
     Nchan,
+    /// Pushpin: subscribers go through Pushpin to the test upstream
+    /// (`pushgate-bench upstream`), which answers GRIP holds
+    /// (`/grip/sse?channel=`, WebSocket-over-HTTP for `/grip/ws?channel=`);
+    /// `--api` is Pushpin's publish endpoint (`POST /publish/`). No
+    /// long-poll.
+    Pushpin,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Pushgate => "pushgate",
+            Target::Nchan => "nchan",
+            Target::Pushpin => "pushpin",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
     Sse,
     Ws,
+    /// Long-poll (`broadcast` only).
+    Poll,
 }
 
 impl Transport {
@@ -70,6 +85,7 @@ impl Transport {
         match self {
             Transport::Sse => "sse",
             Transport::Ws => "ws",
+            Transport::Poll => "poll",
         }
     }
 }
@@ -146,9 +162,21 @@ pub struct Args {
     /// Subscribers in all, over every shard.
     #[arg(long)]
     subscribers: usize,
-    /// The channel (letters, digits, `_.:-`).
+    /// The channel (letters, digits, `_.:-`); with `--channels` above 1, the
+    /// base of the names `<channel>-0` … `<channel>-<N-1>`.
     #[arg(long, default_value = "bench")]
     channel: String,
+    /// Channels: subscriber i listens on channel i mod N, publication n goes
+    /// to channel n mod N.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Publishing connections (at most `--channels`); channel c is published
+    /// on connection c mod K, so each channel's publications stay in order.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Seconds a pushgate long-poll waits for a publication (`timeout=`).
+    #[arg(long, default_value_t = 30)]
+    poll_timeout: u64,
     /// Publications per second.
     #[arg(long)]
     rate: f64,
@@ -190,6 +218,14 @@ pub fn run(args: Args) -> io::Result<()> {
             "--subscribers, --rate and --duration must be above 0",
         ));
     }
+    if args.channels == 0 || args.publishers == 0 {
+        return Err(invalid("--channels and --publishers must be above 0"));
+    }
+    if args.target == Target::Pushpin && args.transport == Transport::Poll {
+        return Err(invalid(
+            "pushpin: no long-poll here (SSE and WebSocket only)",
+        ));
+    }
     if args.connect_rate <= 0.0 {
         return Err(invalid("--connect-rate must be above 0"));
     }
@@ -216,359 +252,6 @@ pub fn run(args: Args) -> io::Result<()> {
 
 fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
-}
-
-/// Microseconds since the Unix epoch: the clock every shard shares.
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// What every subscriber adds to.
-struct Shared {
-    latency: Mutex<Histogram<u64>>,
-    received: AtomicU64,
-    connected: AtomicUsize,
-    failed: AtomicUsize,
-    /// Connections the server ended (or broke) before the end of the run.
-    closed: AtomicUsize,
-    /// Messages that were not a well-formed envelope with `seq` and `t`.
-    malformed: AtomicU64,
-    dups: AtomicU64,
-    reorders: AtomicU64,
-    gaps: AtomicU64,
-    /// Highest sequence number seen, plus one.
-    seq_end: AtomicU64,
-    first_error: Mutex<Option<String>>,
-}
-
-impl Shared {
-    fn error(&self, msg: String) {
-        let mut first = self.first_error.lock().unwrap();
-        if first.is_none() {
-            *first = Some(msg);
-        }
-    }
-}
-
-/// How to reach the server, shared by every subscriber.
-struct Dial {
-    public: SocketAddr,
-    request: Vec<u8>,
-    transport: Transport,
-}
-
-/// What a subscriber receives: pushgate's envelope, or (Nchan) the
-/// published body itself.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Envelope {
-    Wrapped { data: Payload },
-    Bare(Payload),
-}
-
-#[derive(Deserialize)]
-struct Payload {
-    seq: u64,
-    t: u64,
-}
-
-/// One subscriber's view of the sequence.
-#[derive(Default)]
-struct SeqCheck {
-    seen: Vec<u64>,
-    max: Option<u64>,
-    unique: u64,
-}
-
-impl SeqCheck {
-    fn on_message(&mut self, json: &[u8], shared: &Shared) {
-        let now = now_us();
-        let Ok(envelope) = serde_json::from_slice::<Envelope>(json) else {
-            shared.malformed.fetch_add(1, Relaxed);
-            return;
-        };
-        let (Envelope::Wrapped {
-            data: Payload { seq, t },
-        }
-        | Envelope::Bare(Payload { seq, t })) = envelope;
-        shared.received.fetch_add(1, Relaxed);
-        shared
-            .latency
-            .lock()
-            .unwrap()
-            .saturating_record(now.saturating_sub(t).max(1));
-        if seq >= MAX_SEQ {
-            shared.malformed.fetch_add(1, Relaxed);
-            return;
-        }
-        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
-        if word >= self.seen.len() {
-            self.seen.resize(word + 1, 0);
-        }
-        if self.seen[word] & bit != 0 {
-            shared.dups.fetch_add(1, Relaxed);
-            return;
-        }
-        self.seen[word] |= bit;
-        self.unique += 1;
-        match self.max {
-            Some(max) if seq < max => {
-                shared.reorders.fetch_add(1, Relaxed);
-            }
-            _ => self.max = Some(seq),
-        }
-        shared.seq_end.fetch_max(seq + 1, Relaxed);
-    }
-
-    /// Sequence numbers below the highest seen that never came.
-    fn gaps(&self) -> u64 {
-        self.max.map_or(0, |max| max + 1 - self.unique)
-    }
-}
-
-async fn subscriber(
-    index: usize,
-    bind: Option<IpAddr>,
-    dial: Arc<Dial>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut stream = match open(&dial, bind).await {
-        Ok(stream) => stream,
-        Err(err) => {
-            shared.failed.fetch_add(1, Relaxed);
-            shared.error(format!("subscriber {index}: {err}"));
-            return;
-        }
-    };
-    let mut buf = Vec::with_capacity(READ_BUFFER);
-    let head = match read_head(&mut stream, &mut buf).await {
-        Ok(head) => head,
-        Err(err) => {
-            shared.failed.fetch_add(1, Relaxed);
-            shared.error(format!("subscriber {index}: {err}"));
-            return;
-        }
-    };
-    let expected = match dial.transport {
-        Transport::Sse => "200",
-        Transport::Ws => "101",
-    };
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != expected {
-        shared.failed.fetch_add(1, Relaxed);
-        let first = head.lines().next().unwrap_or("");
-        shared.error(format!("subscriber {index}: answered `{first}`"));
-        return;
-    }
-    shared.connected.fetch_add(1, Relaxed);
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    let mut check = SeqCheck::default();
-    let result = tokio::select! {
-        r = async {
-            match dial.transport {
-                Transport::Sse => read_sse(&mut stream, buf, chunked, &mut check, &shared).await,
-                Transport::Ws => read_ws(&mut stream, buf, &mut check, &shared).await,
-            }
-        } => Some(r),
-        _ = stop.wait_for(|stop| *stop) => None,
-    };
-    if let Some(result) = result {
-        shared.closed.fetch_add(1, Relaxed);
-        let why = match result {
-            Ok(why) => why,
-            Err(err) => err.to_string(),
-        };
-        shared.error(format!("subscriber {index} ended early: {why}"));
-    }
-    shared.gaps.fetch_add(check.gaps(), Relaxed);
-}
-
-async fn open(dial: &Dial, bind: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = if dial.public.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(ip) = bind {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let mut stream = socket.connect(dial.public).await?;
-    stream.set_nodelay(true)?;
-    stream.write_all(&dial.request).await?;
-    Ok(stream)
-}
-
-/// Reads the response head into a string; what follows it stays in `buf`.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<String> {
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            buf.drain(..end + 4);
-            return Ok(head);
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(io::Error::other("response head too large"));
-        }
-        if read_more(stream, buf).await? == 0 {
-            return Err(io::Error::other("closed before the response head"));
-        }
-    }
-}
-
-/// Appends whatever the socket has to `buf`; 0 at end of stream.
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < 512 {
-        buf.reserve(READ_BUFFER);
-    }
-    stream.read_buf(buf).await
-}
-
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Reads an event stream until it ends; returns why it ended.
-async fn read_sse(
-    stream: &mut TcpStream,
-    mut raw: Vec<u8>,
-    chunked: bool,
-    check: &mut SeqCheck,
-    shared: &Shared,
-) -> io::Result<String> {
-    // `raw` holds undecoded bytes; `body` the decoded event stream.
-    let mut body = Vec::with_capacity(if chunked { 512 } else { 0 });
-    let mut chunk_left: Option<usize> = None;
-    loop {
-        let events = if chunked {
-            loop {
-                match chunk_left {
-                    Some(0) => {
-                        if raw.len() < 2 {
-                            break;
-                        }
-                        raw.drain(..2);
-                        chunk_left = None;
-                    }
-                    Some(n) => {
-                        if raw.is_empty() {
-                            break;
-                        }
-                        let take = n.min(raw.len());
-                        body.extend_from_slice(&raw[..take]);
-                        raw.drain(..take);
-                        chunk_left = Some(n - take);
-                    }
-                    None => {
-                        let Some(end) = find(&raw, b"\r\n") else {
-                            break;
-                        };
-                        let line = std::str::from_utf8(&raw[..end]).unwrap_or("");
-                        let size = line.split(';').next().unwrap_or("").trim();
-                        let size = usize::from_str_radix(size, 16)
-                            .map_err(|_| io::Error::other("bad chunk size"))?;
-                        raw.drain(..end + 2);
-                        if size == 0 {
-                            return Ok("the server ended the stream".into());
-                        }
-                        chunk_left = Some(size);
-                    }
-                }
-            }
-            &mut body
-        } else {
-            &mut raw
-        };
-        let mut start = 0;
-        while let Some(end) = find(&events[start..], b"\n\n") {
-            let event = &events[start..start + end];
-            for line in event.split(|&b| b == b'\n') {
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    let data = data.strip_prefix(b" ").unwrap_or(data);
-                    check.on_message(data, shared);
-                }
-            }
-            start += end + 2;
-        }
-        events.drain(..start);
-        if read_more(stream, &mut raw).await? == 0 {
-            return Ok("the server closed the connection".into());
-        }
-    }
-}
-
-/// Reads WebSocket frames until the connection ends; answers pings.
-async fn read_ws(
-    stream: &mut TcpStream,
-    mut buf: Vec<u8>,
-    check: &mut SeqCheck,
-    shared: &Shared,
-) -> io::Result<String> {
-    let mut fragments: Vec<u8> = Vec::new();
-    loop {
-        while let Some((fin, opcode, start, len)) = frame(&buf) {
-            let payload = &buf[start..start + len];
-            match opcode {
-                0x1 if fin => check.on_message(payload, shared),
-                0x1 | 0x0 => {
-                    fragments.extend_from_slice(payload);
-                    if fin {
-                        check.on_message(&fragments, shared);
-                        fragments = Vec::new();
-                    }
-                }
-                0x8 => {
-                    let code = if len >= 2 {
-                        u16::from_be_bytes([payload[0], payload[1]])
-                    } else {
-                        1005
-                    };
-                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or(&[]));
-                    return Ok(format!("closed by the server: {code} {reason}"));
-                }
-                0x9 => {
-                    // Pong with the same payload; a client frame is masked
-                    // (an all-zero key leaves the payload as is).
-                    let mut pong = vec![0x8A, 0x80 | len as u8, 0, 0, 0, 0];
-                    pong.extend_from_slice(payload);
-                    stream.write_all(&pong).await?;
-                }
-                _ => {}
-            }
-            buf.drain(..start + len);
-        }
-        if read_more(stream, &mut buf).await? == 0 {
-            return Ok("the server closed the connection".into());
-        }
-    }
-}
-
-/// A complete server frame at the start of `buf`:
-/// `(fin, opcode, payload start, payload length)`.
-pub fn frame(buf: &[u8]) -> Option<(bool, u8, usize, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let fin = buf[0] & 0x80 != 0;
-    let opcode = buf[0] & 0x0F;
-    let masked = buf[1] & 0x80 != 0;
-    let (len, mut start) = match buf[1] & 0x7F {
-        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
-        127 => {
-            let bytes: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
-            (u64::from_be_bytes(bytes) as usize, 10)
-        }
-        n => (n as usize, 2),
-    };
-    if masked {
-        start += 4; // servers do not mask; skip the key if one did
-    }
-    (buf.len() >= start + len).then_some((fin, opcode, start, len))
 }
 
 /// The server's processes, read from `/proc` and summed.
@@ -626,14 +309,29 @@ fn machine_busy_ticks() -> Option<u64> {
 }
 
 /// A keep-alive HTTP/1.1 connection to the API.
+/// Pushpin's publish endpoint answers every request with `Connection:
+/// close`; the next call then opens a new connection.
 struct Api {
+    addr: SocketAddr,
     sender: SendRequest<Full<Bytes>>,
     host: String,
     auth: String,
+    /// The server said it closes the connection after this answer.
+    closing: bool,
 }
 
 impl Api {
     async fn connect(addr: SocketAddr, key: &str) -> io::Result<Api> {
+        Ok(Api {
+            addr,
+            sender: Self::handshake(addr).await?,
+            host: addr.to_string(),
+            auth: format!("Bearer {key}"),
+            closing: false,
+        })
+    }
+
+    async fn handshake(addr: SocketAddr) -> io::Result<SendRequest<Full<Bytes>>> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -642,11 +340,7 @@ impl Api {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Api {
-            sender,
-            host: addr.to_string(),
-            auth: format!("Bearer {key}"),
-        })
+        Ok(sender)
     }
 
     async fn call(
@@ -666,12 +360,21 @@ impl Api {
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(io::Error::other)?;
+        if self.closing || self.sender.is_closed() {
+            self.sender = Self::handshake(self.addr).await?;
+            self.closing = false;
+        }
         self.sender.ready().await.map_err(io::Error::other)?;
         let response = self
             .sender
             .send_request(request)
             .await
             .map_err(io::Error::other)?;
+        self.closing = response
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let status = response.status();
         let body = response
             .into_body()
@@ -682,25 +385,10 @@ impl Api {
         Ok((status, body))
     }
 
-    /// The channel's subscriber count on the server.
-    async fn subscribers(&mut self, target: Target, channel: &str) -> io::Result<u64> {
-        if target == Target::Nchan {
-            // The publisher location answers a GET with the channel's info,
-            // `active subscribers: N` among its lines.
-            let (status, body) = self
-                .call(Method::GET, &format!("/pub/{channel}"), None)
-                .await?;
-            if status == StatusCode::NOT_FOUND {
-                return Ok(0); // No subscriber yet: no channel.
-            }
-            let text = String::from_utf8_lossy(&body);
-            return Ok(text
-                .lines()
-                .find_map(|line| line.split_once("subscribers:").map(|(_, n)| n))
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(0));
-        }
-        let path = format!("/api/channels?prefix={channel}&limit=100000");
+    /// Subscribers pushgate counts on the benchmark's channels: `base`
+    /// itself, or `base-<n>` for many channels.
+    async fn subscribers(&mut self, base: &str) -> io::Result<u64> {
+        let path = format!("/api/channels?prefix={base}&limit=100000");
         let (status, body) = self.call(Method::GET, &path, None).await?;
         if status != StatusCode::OK {
             return Err(io::Error::other(format!(
@@ -709,54 +397,149 @@ impl Api {
             )));
         }
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+        let ours = |name: &str| {
+            name.strip_prefix(base).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest
+                        .strip_prefix('-')
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
         Ok(value["channels"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|c| c["channel"] == channel)
-            .and_then(|c| c["subscribers"].as_u64())
-            .unwrap_or(0))
+            .filter(|c| c["channel"].as_str().is_some_and(ours))
+            .filter_map(|c| c["subscribers"].as_u64())
+            .sum())
     }
 }
 
+/// The name of channel `c` of `n`.
+fn channel_name(base: &str, channels: usize, c: usize) -> String {
+    if channels == 1 {
+        base.to_owned()
+    } else {
+        format!("{base}-{c}")
+    }
+}
+
+/// What one publishing connection did.
+struct Published {
+    answer_us: Histogram<u64>,
+    errors: u64,
+}
+
+/// One publishing connection: publication n, on channel n mod N, when its
+/// slot comes (n / rate seconds after `start`), for the channels that are
+/// this connection's (c mod K == `k`); each answer awaited before the next.
+async fn publish(
+    args: Arc<Args>,
+    k: usize,
+    start: Instant,
+    published: Arc<Vec<AtomicU64>>,
+    shared: Arc<Shared>,
+) -> io::Result<Published> {
+    let mut api = Api::connect(args.api, &args.key).await?;
+    let channels = args.channels;
+    let publishers = args.publishers.min(channels);
+    let end = start + Duration::from_secs_f64(args.duration);
+    let mut done = Published {
+        answer_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+        errors: 0,
+    };
+    for n in 0u64.. {
+        let at = start + Duration::from_secs_f64(n as f64 / args.rate);
+        if at >= end {
+            break;
+        }
+        let c = (n % channels as u64) as usize;
+        if c % publishers != k {
+            continue;
+        }
+        let seq = n / channels as u64;
+        tokio::time::sleep_until(at.into()).await;
+        let channel = channel_name(&args.channel, channels, c);
+        let payload = format!(r#"{{"seq":{seq},"t":{}}}"#, now_us());
+        let (path, body) = match args.target {
+            Target::Pushgate => (
+                "/api/publish".to_owned(),
+                format!(r#"{{"channel":"{channel}","data":{payload}}}"#),
+            ),
+            Target::Nchan => (format!("/pub/{channel}"), payload),
+            Target::Pushpin => {
+                let format = match args.transport {
+                    Transport::Ws => serde_json::json!({"ws-message": {"content": payload}}),
+                    _ => serde_json::json!({"http-stream": {
+                        "content": format!("event: message\ndata: {payload}\n\n")
+                    }}),
+                };
+                let items = serde_json::json!({"items": [{"channel": channel, "formats": format}]});
+                ("/publish/".to_owned(), items.to_string())
+            }
+        };
+        let sent = Instant::now();
+        match api.call(Method::POST, &path, Some(body)).await {
+            Ok((status, _)) if accepted(args.target, status) => {
+                published[c].fetch_add(1, Relaxed);
+                done.answer_us
+                    .saturating_record(sent.elapsed().as_micros() as u64);
+            }
+            Ok((status, body)) => {
+                done.errors += 1;
+                shared.error(format!(
+                    "publish {n}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+            Err(err) => {
+                done.errors += 1;
+                shared.error(format!("publish {n}: {err}"));
+                api = Api::connect(args.api, &args.key).await?;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Whether the server took a publication.
+fn accepted(target: Target, status: StatusCode) -> bool {
+    match target {
+        // Nchan answers 201 for a message with subscribers, 202 without.
+        Target::Nchan => status == StatusCode::CREATED || status == StatusCode::ACCEPTED,
+        Target::Pushgate | Target::Pushpin => status == StatusCode::OK,
+    }
+}
+
+/// Deliveries expected so far: per channel, its subscribers times its
+/// publications.
+fn expected(shared: &Shared, published: &[u64]) -> u64 {
+    shared
+        .connected_on
+        .iter()
+        .zip(published)
+        .map(|(subs, p)| subs.load(Relaxed) as u64 * p)
+        .sum()
+}
+
 async fn broadcast(args: Args) -> io::Result<()> {
+    let args = Arc::new(args);
     let shard = args.shard;
     let mine =
         args.subscribers / shard.count + usize::from(shard.index < args.subscribers % shard.count);
     let publisher = shard.index == 0;
-    let path = match (args.target, args.transport) {
-        (Target::Pushgate, Transport::Sse) => format!("/realtime/sse?channel={}", args.channel),
-        (Target::Pushgate, Transport::Ws) => format!("/realtime/ws?channel={}", args.channel),
-        (Target::Nchan, _) => format!("/sub/{}", args.channel),
-    };
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n", args.public);
-    match args.transport {
-        Transport::Sse => request.push_str("Accept: text/event-stream\r\n\r\n"),
-        Transport::Ws => request.push_str(
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        ),
-    }
+    let channels = args.channels;
     let dial = Arc::new(Dial {
         public: args.public,
-        request: request.into_bytes(),
+        target: args.target,
         transport: args.transport,
+        channels: (0..channels)
+            .map(|c| channel_name(&args.channel, channels, c))
+            .collect(),
+        poll_timeout: args.poll_timeout,
     });
-    let shared = Arc::new(Shared {
-        latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds")),
-        received: AtomicU64::new(0),
-        connected: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        closed: AtomicUsize::new(0),
-        malformed: AtomicU64::new(0),
-        dups: AtomicU64::new(0),
-        reorders: AtomicU64::new(0),
-        gaps: AtomicU64::new(0),
-        seq_end: AtomicU64::new(0),
-        first_error: Mutex::new(None),
-    });
+    let shared = Arc::new(Shared::new(channels));
     let server = Proc(args.pid.clone());
-    let mut api = Api::connect(args.api, &args.key).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // --- connect, at most connect_rate per second, in 10 ms steps ----------
@@ -766,7 +549,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
         .map(|b| b.0.as_slice())
         .unwrap_or(&[]);
     eprintln!(
-        "broadcast: shard {}/{}: opening {mine} {} subscribers at <= {}/s",
+        "broadcast: shard {}/{}: opening {mine} {} subscribers on {channels} channel(s) at <= {}/s",
         shard.index,
         shard.count,
         args.transport.name(),
@@ -786,13 +569,10 @@ async fn broadcast(args: Args) -> io::Result<()> {
             // Global index, so shards spread over the addresses alike.
             let global = n * shard.count + shard.index;
             let bind = (!ips.is_empty()).then(|| ips[global % ips.len()]);
-            tasks.push(tokio::spawn(subscriber(
-                global,
-                bind,
-                dial.clone(),
-                shared.clone(),
-                stop_rx.clone(),
-            )));
+            let (dial, shared, stop) = (dial.clone(), shared.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                subscriber(global, global % channels, bind, &dial, &shared, stop).await
+            }));
         }
     }
     let deadline = Instant::now() + Duration::from_secs_f64(args.subscribe_timeout);
@@ -804,42 +584,36 @@ async fn broadcast(args: Args) -> io::Result<()> {
     }
     let failed = shared.failed.load(Relaxed);
     if failed > 0 {
-        let first = shared
-            .first_error
-            .lock()
-            .unwrap()
-            .clone()
-            .unwrap_or_default();
+        let first = shared.first_error().unwrap_or_default();
         eprintln!("broadcast: {failed} subscribers failed to connect; first: {first}");
     }
-    // Wait until the server counts them all on the channel (every shard's,
-    // on every node).
+    // pushgate: wait until its API counts them all on the channels (every
+    // shard's, on every node). The peers have no such count that is up to
+    // date (Nchan's lags across its workers; Pushpin has none over HTTP), and
+    // a long-poll subscriber is counted only while a poll waits: there a
+    // subscriber counts once it has its answer head (or first cursor), and
+    // the pause below lets the last registrations land.
     let want = (args.subscribers - failed) as u64;
-    let mut counters = Vec::new();
-    for addr in &args.count_api {
-        counters.push(Api::connect(*addr, &args.key).await?);
-    }
-    let mut counted = 0;
-    // Nchan's channel info counts subscribers with a lag across its workers:
-    // there, a subscriber that got its response head counts (and the pause
-    // below lets the last registrations land).
-    if args.target == Target::Nchan {
-        counted = shared.connected.load(Relaxed) as u64;
-    }
-    while args.target == Target::Pushgate && Instant::now() < deadline {
-        counted = 0;
-        if counters.is_empty() {
-            counted = api.subscribers(args.target, &args.channel).await?;
+    let mut counted = shared.connected.load(Relaxed) as u64;
+    if args.target == Target::Pushgate && args.transport != Transport::Poll {
+        let mut counters = Vec::new();
+        for addr in args.count_api.iter().chain(
+            // Without --count-api, the API that publishes counts.
+            args.count_api.is_empty().then_some(&args.api),
+        ) {
+            counters.push(Api::connect(*addr, &args.key).await?);
         }
-        for counter in &mut counters {
-            counted += counter.subscribers(args.target, &args.channel).await?;
+        while Instant::now() < deadline {
+            counted = 0;
+            for counter in &mut counters {
+                counted += counter.subscribers(&args.channel).await?;
+            }
+            if counted >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if counted >= want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    drop(counters);
     let connect_secs = connect_start.elapsed().as_secs_f64();
     eprintln!(
         "broadcast: {} connected here, {counted} counted on `{}` after {connect_secs:.1} s",
@@ -875,65 +649,31 @@ async fn broadcast(args: Args) -> io::Result<()> {
         ticks("/proc/self/stat"),
         machine_busy_ticks(),
     );
-    let mut publish_ms = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+    let mut publish_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
     let mut publish_errors = 0u64;
-    let mut published = 0u64;
+    let published = Arc::new((0..channels).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
     let load_start = Instant::now();
     let received0 = shared.received.load(Relaxed);
     if publisher {
+        let publishers = args.publishers.min(channels);
         eprintln!(
-            "broadcast: publishing {}/s for {} s",
+            "broadcast: publishing {}/s for {} s over {publishers} connection(s)",
             args.rate, args.duration
         );
-        let end = load_start + Duration::from_secs_f64(args.duration);
-        let mut n = 0u64;
-        loop {
-            let at = load_start + Duration::from_secs_f64(n as f64 / args.rate);
-            if at >= end {
-                break;
-            }
-            tokio::time::sleep_until(at.into()).await;
-            let t = now_us();
-            let (path, body) = match args.target {
-                Target::Pushgate => (
-                    "/api/publish".to_owned(),
-                    format!(
-                        r#"{{"channel":"{}","data":{{"seq":{n},"t":{t}}}}}"#,
-                        args.channel
-                    ),
-                ),
-                Target::Nchan => (
-                    format!("/pub/{}", args.channel),
-                    format!(r#"{{"seq":{n},"t":{t}}}"#),
-                ),
-            };
-            let sent = Instant::now();
-            // Nchan answers 201 for a message with subscribers, 202 without.
-            match api.call(Method::POST, &path, Some(body)).await {
-                Ok((StatusCode::CREATED | StatusCode::ACCEPTED, _))
-                    if args.target == Target::Nchan =>
-                {
-                    published = n + 1;
-                    publish_ms.saturating_record(sent.elapsed().as_micros() as u64);
-                }
-                Ok((StatusCode::OK, _)) => {
-                    published = n + 1;
-                    publish_ms.saturating_record(sent.elapsed().as_micros() as u64);
-                }
-                Ok((status, body)) => {
-                    publish_errors += 1;
-                    shared.error(format!(
-                        "publish {n}: {status} {}",
-                        String::from_utf8_lossy(&body)
-                    ));
-                }
-                Err(err) => {
-                    publish_errors += 1;
-                    shared.error(format!("publish {n}: {err}"));
-                    api = Api::connect(args.api, &args.key).await?;
-                }
-            }
-            n += 1;
+        let mut publishing = Vec::new();
+        for k in 0..publishers {
+            publishing.push(tokio::spawn(publish(
+                args.clone(),
+                k,
+                load_start,
+                published.clone(),
+                shared.clone(),
+            )));
+        }
+        for task in publishing {
+            let done = task.await.map_err(io::Error::other)??;
+            publish_us.add(&done.answer_us).map_err(io::Error::other)?;
+            publish_errors += done.errors;
         }
     } else {
         eprintln!("broadcast: listening (shard 0 publishes)");
@@ -946,24 +686,28 @@ async fn broadcast(args: Args) -> io::Result<()> {
     let publish_secs = load_start.elapsed().as_secs_f64();
 
     // --- drain ------------------------------------------------------------
+    // Publications per channel: what shard 0 published, or (other shards)
+    // the highest sequence seen.
+    let counts = || -> Vec<u64> {
+        let source = if publisher {
+            &published[..]
+        } else {
+            &shared.seq_end[..]
+        };
+        source.iter().map(|p| p.load(Relaxed)).collect()
+    };
     let drain_end = Instant::now() + Duration::from_secs_f64(args.drain);
     let mut last = shared.received.load(Relaxed);
     let mut last_change = Instant::now();
     let mut last_delivery = load_start.elapsed();
     loop {
-        let connected = shared.connected.load(Relaxed) as u64;
         let now = shared.received.load(Relaxed);
         if now != last {
             last = now;
             last_change = Instant::now();
             last_delivery = load_start.elapsed();
         }
-        let expected = if publisher {
-            published
-        } else {
-            shared.seq_end.load(Relaxed)
-        };
-        if now - received0 >= connected * expected && (publisher || now > received0) {
+        if now - received0 >= expected(&shared, &counts()) && (publisher || now > received0) {
             break;
         }
         if Instant::now() >= drain_end
@@ -984,15 +728,14 @@ async fn broadcast(args: Args) -> io::Result<()> {
     for task in tasks {
         let _ = task.await;
     }
-    if !publisher {
-        published = shared.seq_end.load(Relaxed);
-    }
+    let counts = counts();
+    let published: u64 = counts.iter().sum();
 
     // --- report -----------------------------------------------------------
     let window = last_delivery.as_secs_f64().max(publish_secs).max(1e-3);
     let received = shared.received.load(Relaxed) - received0;
     let connected = shared.connected.load(Relaxed) as u64;
-    let expected = connected * published;
+    let expected = expected(&shared, &counts);
     let ratio = if expected > 0 {
         received as f64 / expected as f64
     } else {
@@ -1020,11 +763,14 @@ async fn broadcast(args: Args) -> io::Result<()> {
         _ => None,
     };
     let mib = |kib: Option<u64>| kib.map(|k| k as f64 / 1024.0);
+    let first_error = shared.first_error();
     let report = serde_json::json!({
         "scenario": "broadcast",
-        "target": format!("{:?}", args.target).to_lowercase(),
+        "target": args.target.name(),
         "transport": args.transport.name(),
         "subscribers": args.subscribers,
+        "channels": channels,
+        "publishers": args.publishers.min(channels),
         "shard": format!("{}/{}", shard.index, shard.count),
         "connected": connected,
         "connect_failed": shared.failed.load(Relaxed),
@@ -1033,8 +779,10 @@ async fn broadcast(args: Args) -> io::Result<()> {
         "duration": args.duration,
         "published": published,
         "publish_errors": publish_errors,
-        "publish_answer_p50_ms": round(publish_ms.value_at_quantile(0.5) as f64 / 1000.0, 3),
-        "publish_answer_max_ms": round(publish_ms.max() as f64 / 1000.0, 3),
+        "publish_secs": round(publish_secs, 2),
+        "publish_answer_p50_ms": round(publish_us.value_at_quantile(0.5) as f64 / 1000.0, 3),
+        "publish_answer_max_ms": round(publish_us.max() as f64 / 1000.0, 3),
+        "expected": expected,
         "received": received,
         "deliveries_per_sec": round(received as f64 / window, 0),
         "delivery_ratio": round(ratio, 6),
@@ -1053,7 +801,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
         "bench_cpu_pct": bench_cpu.map(|v| round(v, 0)),
         "other_cpu_pct": other_cpu.map(|v| round(v, 0)),
         "server_cpu_us_per_delivery": server_us_per_delivery.map(|v| round(v, 2)),
-        "first_error": shared.first_error.lock().unwrap().clone(),
+        "first_error": first_error,
     });
     let opt = |v: Option<f64>, digits: usize| match v {
         Some(v) => format!("{v:.digits$}"),
@@ -1063,17 +811,18 @@ async fn broadcast(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<8} {:<4} {:>6} {:>5} {:>5} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
-            "server", "tr", "subs", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
-            "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "pg%", "bench%", "other%"
+            "{:<8} {:<4} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+            "server", "tr", "subs", "chans", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
+            "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "srv%", "bench%", "other%"
         );
     }
     let _ = writeln!(
         table,
-        "{:<8} {:<4} {:>6} {:>5} {:>5} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
-        format!("{:?}", args.target).to_lowercase(),
+        "{:<8} {:<4} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        args.target.name(),
         args.transport.name(),
         connected,
+        channels,
         args.rate,
         published,
         received as f64 / window,
@@ -1094,7 +843,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     );
     print!("{table}");
     println!("{report}");
-    if let Some(err) = shared.first_error.lock().unwrap().as_ref() {
+    if let Some(err) = first_error {
         eprintln!("broadcast: first problem: {err}");
     }
     Ok(())

@@ -28,7 +28,8 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::broadcast::{find, frame, round, BindIps, Transport};
+use crate::broadcast::{round, BindIps, Transport};
+use crate::subscriber::{find, frame};
 
 /// Largest response head accepted from the server.
 const MAX_HEAD: usize = 16 * 1024;
@@ -78,6 +79,12 @@ pub fn run(args: Args) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "--connections, --concurrency and --timeout must be above 0",
+        ));
+    }
+    if args.transport == Transport::Poll {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--transport: sse or ws (a long-poll holds no connection to count)",
         ));
     }
     let runtime = if args.threads <= 1 {
@@ -271,7 +278,7 @@ async fn one(
         args.public
     );
     match args.transport {
-        Transport::Sse => request.push_str("Accept: text/event-stream\r\n\r\n"),
+        Transport::Sse | Transport::Poll => request.push_str("Accept: text/event-stream\r\n\r\n"),
         Transport::Ws => request.push_str(
             "Upgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -296,7 +303,7 @@ async fn one(
     buf.drain(..head_end + 4);
     let status = head.split(' ').nth(1).unwrap_or("");
     let expected = match args.transport {
-        Transport::Sse => "200",
+        Transport::Sse | Transport::Poll => "200",
         Transport::Ws => "101",
     };
     if status != expected {
@@ -305,7 +312,7 @@ async fn one(
     }
 
     match args.transport {
-        Transport::Sse => {
+        Transport::Sse | Transport::Poll => {
             // Chunked or not, the `retry:` line shows up in the raw bytes.
             while find(buf, b"retry:").is_none() {
                 read_more(&mut stream, buf).await?;

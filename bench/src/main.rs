@@ -4,9 +4,10 @@
 //! build only this crate and pushgate itself:
 //!
 //! - `upstream`: a fast stand-in for the app behind the proxy, answering every
-//!   request with a small JSON body (see [`upstream`]).
-//! - `broadcast`: one channel, many SSE or WebSocket subscribers, a steady
-//!   publish rate; reports delivery rate and ratio, latency percentiles,
+//!   request with a small JSON body (see [`upstream`]), and GRIP holds for
+//!   subscribers that come through Pushpin (see [`grip`]).
+//! - `broadcast`: many SSE, WebSocket or long-poll subscribers on one channel
+//!   or many, a steady publish rate; reports delivery rate and ratio, latency percentiles,
 //!   sequence faults and the server's memory (see [`broadcast`]).
 //! - `connect`: authenticated realtime connections opened and closed as fast
 //!   as the server takes them; reports connects per second and connect
@@ -18,6 +19,8 @@
 
 mod broadcast;
 mod connect;
+mod grip;
+mod subscriber;
 mod upstream;
 
 use std::process::ExitCode;
@@ -37,7 +40,7 @@ enum Command {
     /// Serve `{"ok":true,"n":42}` to every request (the app behind the proxy),
     /// and grants to `POST /realtime/auth`.
     Upstream(upstream::Args),
-    /// Many subscribers on one channel, publications at a steady rate.
+    /// Many subscribers on one channel or many, publications at a steady rate.
     Broadcast(broadcast::Args),
     /// Authenticated realtime connects per second.
     Connect(connect::Args),

@@ -11,6 +11,11 @@
 //! upstream` grant request): a `session=<name>` cookie is answered
 //! `200 {"user":"<name>","channels":["bench","user:<name>:*"],"expires_in":3600}`,
 //! no such cookie `401`.
+//!
+//! Behind Pushpin it also plays a GRIP app (see [`grip`]): `GET /grip/sse?channel=<name>`
+//! is answered with a stream hold on that channel, and WebSocket-over-HTTP
+//! events (`Content-Type: application/websocket-events`, Pushpin's `over_http`
+//! route) are answered by subscribing the connection to its `?channel=`.
 
 use std::convert::Infallible;
 use std::io::{self, Write};
@@ -27,6 +32,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::grip;
 
 /// The body of every response.
 pub const BODY: &[u8] = br#"{"ok":true,"n":42}"#;
@@ -94,6 +101,10 @@ pub const AUTH_PATH: &str = "/realtime/auth";
 /// Reads the request body (if any), so the connection stays reusable, and
 /// answers with [`BODY`], or with a grant for `POST` [`AUTH_PATH`].
 async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(hold) = grip::Hold::of(&request) {
+        let events = request.into_body().collect().await.map(|b| b.to_bytes());
+        return Ok(hold.answer(&events.unwrap_or_default()));
+    }
     let grant = (request.method() == Method::POST && request.uri().path() == AUTH_PATH)
         .then(|| grant(&request));
     // An error here means the client went away; the answer is moot then.

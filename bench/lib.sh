@@ -1,0 +1,172 @@
+# Shared by the bench/*.sh scripts: sourced, not run. Starts and stops the
+# servers under test (pushgate, Nchan, Pushpin, the test upstream) on free
+# ports in the foreground, each in its own folder under $WORK, and waits for a
+# quiet machine.
+#
+# The caller sets ROOT (the repository), WORK (a temporary folder it removes)
+# and SCRIPT (its name, for messages), and builds PUSHGATE and BENCH (the
+# release binaries). Every start_* sets SERVER_PID (what stop_server stops),
+# PUBLIC and API (host:port), and PIDS (the processes whose RSS and CPU the
+# load generator sums); cleanup_servers stops whatever is still running.
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "$SCRIPT: $*"; exit 1; }
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on (the kernel's
+# pick for port 0; released again before the server binds it).
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
+# and prints it; fails if PID dies or 10 s pass.
+wait_for() {
+    local file=$1 regex=$2 pid=$3 what=$4 line
+    for _ in $(seq 200); do
+        if line=$(grep -m1 -E "$regex" "$file" 2>/dev/null); then
+            printf '%s\n' "$line"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    log "$what did not start; its output:"
+    cat "$file" >&2 || true
+    return 1
+}
+
+# wait_http WHAT PID CURL-ARGS...: waits (10 s at most) until the server
+# answers anything.
+wait_http() {
+    local what=$1 pid=$2
+    shift 2
+    for _ in $(seq 200); do
+        curl -s -o /dev/null --max-time 1 "$@" && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    die "$what did not answer ($*)"
+}
+
+# wait_quiet: waits (up to QUIET_WAIT seconds) until the machine is nearly
+# idle (under 20 % of one core busy for a second), since other work on the
+# cores would take CPU from the server under test.
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+wait_quiet() {
+    local waited=0 before after hz
+    hz=$(getconf CLK_TCK)
+    while ((waited < ${QUIET_WAIT:-60})); do
+        before=$(busy_ticks)
+        sleep 1
+        after=$(busy_ticks)
+        ((after - before <= hz / 5)) && break
+        waited=$((waited + 1))
+    done
+    ((waited == 0)) || log "waited ${waited}s for the machine to be quiet"
+}
+
+# machine_info: one line on the machine, for the report.
+machine_info() {
+    printf '%s CPUs, %s, Linux %s, open files %s, load %s\n' "$(nproc)" \
+        "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" \
+        "$(uname -r)" "$(ulimit -n)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+SERVER_PID=
+UPSTREAM_PID=
+
+# stop_server: stops the server started last (nginx's graceful stop is
+# SIGQUIT; pushgate and Pushpin's runner take SIGTERM, and the runner stops
+# its children), and the test upstream if one was started for it.
+stop_server() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -QUIT "$SERVER_PID" 2>/dev/null || true
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=
+    if [[ -n $UPSTREAM_PID ]] && kill -0 "$UPSTREAM_PID" 2>/dev/null; then
+        kill -TERM "$UPSTREAM_PID" 2>/dev/null || true
+        wait "$UPSTREAM_PID" 2>/dev/null || true
+    fi
+    UPSTREAM_PID=
+}
+cleanup_servers() { stop_server; }
+
+# start_upstream: `pushgate-bench upstream` on a free port; sets UPSTREAM_PID
+# and UPSTREAM (host:port).
+start_upstream() {
+    local out=$WORK/upstream.out
+    : >"$out"
+    "$BENCH" upstream --listen 127.0.0.1:0 >"$out" 2>&1 &
+    UPSTREAM_PID=$!
+    local line
+    line=$(wait_for "$out" '^listening on ' "$UPSTREAM_PID" "the test upstream")
+    UPSTREAM=${line#listening on }
+}
+
+# start_pushgate CONFIG: pushgate with that config; its listeners on port 0,
+# read back from the "listening" log line.
+start_pushgate() {
+    PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$1" 2>"$WORK/pushgate.log" >&2 &
+    SERVER_PID=$!
+    local line
+    line=$(wait_for "$WORK/pushgate.log" '"message":"listening"' "$SERVER_PID" "pushgate")
+    PUBLIC=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
+    API=$(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")
+    PIDS=$SERVER_PID
+    [[ $PUBLIC =~ ^127\.0\.0\.1:[0-9]+$ && $API =~ ^127\.0\.0\.1:[0-9]+$ ]] ||
+        die "no addresses in pushgate's line: $line"
+}
+
+# start_nchan: nginx with bench/nchan.conf on a free port (publish and
+# subscribe on the same listener); PIDS are the master and its workers.
+start_nchan() {
+    local port dir=$WORK/nchan
+    port=$(free_port)
+    rm -rf "$dir" && mkdir -p "$dir"
+    sed "s|@DIR@|$dir|g; s|@LISTEN@|127.0.0.1:$port|" "$ROOT/bench/nchan.conf" >"$dir/nchan.conf"
+    nginx -p "$dir" -c "$dir/nchan.conf" >"$dir/out.log" 2>&1 &
+    SERVER_PID=$!
+    wait_http "nginx (Nchan)" "$SERVER_PID" "http://127.0.0.1:$port/pub/probe"
+    PUBLIC=127.0.0.1:$port
+    API=$PUBLIC
+    PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" | tr '\n' ' ')"
+}
+
+# start_pushpin: a fresh test upstream, then Pushpin from
+# bench/pushpin/pushpin.conf in the foreground with its own rundir, logdir,
+# ipc names and free ports (client port, publish port, ZeroMQ ports), routing
+# everything to that upstream. API is Pushpin's publish endpoint. PIDS are
+# the runner and its children (condure, zurl, pushpin-proxy,
+# pushpin-handler); the upstream is not counted: it works only while
+# subscribers connect.
+start_pushpin() {
+    local dir=$WORK/pushpin http publish
+    rm -rf "$dir" && mkdir -p "$dir/run" "$dir/log"
+    start_upstream
+    http=$(free_port)
+    publish=$(free_port)
+    sed "s|@DIR@|$dir|g; s|@HTTP_PORT@|$http|; s|@PUBLISH_PORT@|$publish|;
+         s|@PUSH_IN_PORT@|$(free_port)|; s|@PUSH_IN_SUB_PORT@|$(free_port)|;
+         s|@COMMAND_PORT@|$(free_port)|" "$ROOT/bench/pushpin/pushpin.conf" >"$dir/pushpin.conf"
+    sed "s|@UPSTREAM_PORT@|${UPSTREAM##*:}|" "$ROOT/bench/pushpin/routes" >"$dir/routes"
+    pushpin --config "$dir/pushpin.conf" >"$dir/out.log" 2>&1 &
+    SERVER_PID=$!
+    wait_http "Pushpin" "$SERVER_PID" "http://127.0.0.1:$http/"
+    # Passing a request through does not need the handler; a GRIP hold does,
+    # and is answered 500 until the proxy and the handler are connected.
+    local code=
+    for _ in $(seq 100); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 0.3 \
+            "http://127.0.0.1:$http/grip/sse?channel=probe" || true)
+        [[ $code == 200 ]] && break
+        sleep 0.1
+    done
+    [[ $code == 200 ]] || die "Pushpin did not hold a stream (answered $code)"
+    wait_http "Pushpin's publish endpoint" "$SERVER_PID" -H 'Content-Type: application/json' \
+        -d '{"items":[{"channel":"probe","formats":{"http-stream":{"content":"x"}}}]}' "http://127.0.0.1:$publish/publish/"
+    PUBLIC=127.0.0.1:$http
+    API=127.0.0.1:$publish
+    PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" | tr '\n' ' ')"
+}
