@@ -111,15 +111,9 @@ fn demo(options: pushgate::demo::DemoOptions) -> ExitCode {
         eprintln!("pushgate demo: {problem}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("pushgate: cannot start the runtime: {err}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     let config = options.config(SocketAddr::from(([127, 0, 0, 1], 0)), "unused");
     pushgate::logging::init(&config.log);
@@ -143,20 +137,26 @@ fn demo(options: pushgate::demo::DemoOptions) -> ExitCode {
     }
 }
 
+/// The main thread's runtime (current-thread; the public listener's other
+/// shards start their own), or the exit code when it cannot start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            eprintln!("pushgate: cannot start the runtime: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        })
+}
+
 fn serve(config: pushgate::Config) -> ExitCode {
     // One single-threaded runtime per core, each accepting on its own socket
     // (see Server::bind_sharded): measured faster than one work-stealing
     // runtime for proxying, since a request never changes threads.
     let shards = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("pushgate: cannot start the runtime: {err}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async move {
         pushgate::Server::bind_sharded(config, shards)
