@@ -35,7 +35,7 @@ async fn connect(gate: &Pushgate) -> Client {
     common::ws_connect(gate.addr, "").await
 }
 
-use common::ws_next_json as next_json;
+use common::{ws_close_code as close_code, ws_next_json as next_json};
 
 async fn subscribe(client: &mut Client, channel: &str, since: Option<&str>) -> Value {
     let reply = common::ws_subscribe(client, 1, channel, since).await;
@@ -387,20 +387,6 @@ fn token(user: &str) -> String {
 
 async fn connect_as(gate: &Pushgate, user: &str) -> Client {
     common::ws_connect(gate.addr, &format!("?token={}", token(user))).await
-}
-
-/// Reads until the server closes; the close code.
-async fn close_code(client: &mut Client) -> Option<u16> {
-    loop {
-        match tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
 }
 
 /// Whether the connection is still open: a ping is answered.

@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::{ws_close_code as close_code, ws_next_json as next_json};
 use common::{Pushgate, Upstream, API_KEY};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
@@ -27,36 +28,6 @@ async fn connect(gate: &Pushgate, query: &str) -> Client {
         .expect("handshake accepted");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     client
-}
-
-/// The next text frame, as JSON.
-async fn next_json(client: &mut Client) -> Value {
-    loop {
-        let message = tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("a message in time")
-            .expect("the connection is open")
-            .expect("a valid frame");
-        match message {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
-
-/// Reads until the server closes; returns the close code.
-async fn close_code(client: &mut Client) -> Option<u16> {
-    loop {
-        match tokio::time::timeout(PATIENCE, client.next())
-            .await
-            .expect("closed in time")
-        {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
-        }
-    }
 }
 
 async fn command(client: &mut Client, command: Value) -> Value {

@@ -571,7 +571,8 @@ pub async fn ws_connect(addr: SocketAddr, query: &str) -> WsClient {
         .0
 }
 
-/// The next text frame, as JSON (pings and pongs skipped).
+/// The next text frame, as JSON (pings and pongs skipped; any other frame
+/// fails the test).
 pub async fn ws_next_json(client: &mut WsClient) -> serde_json::Value {
     loop {
         let message = tokio::time::timeout(PATIENCE, client.next())
@@ -579,8 +580,26 @@ pub async fn ws_next_json(client: &mut WsClient) -> serde_json::Value {
             .expect("a message in time")
             .expect("the connection is open")
             .expect("a valid frame");
-        if let tungstenite::Message::Text(text) = message {
-            return serde_json::from_str(text.as_str()).unwrap();
+        match message {
+            tungstenite::Message::Text(text) => {
+                return serde_json::from_str(text.as_str()).unwrap()
+            }
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server closes; the close code.
+pub async fn ws_close_code(client: &mut WsClient) -> Option<u16> {
+    loop {
+        match tokio::time::timeout(PATIENCE, client.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(tungstenite::Message::Close(frame))) => return frame.map(|f| f.code.into()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
         }
     }
 }
