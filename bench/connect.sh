@@ -30,8 +30,9 @@ CONCURRENCY=${CONCURRENCY:-200}
 BIND_IPS=${BIND_IPS:-127.0.0.2-127.0.0.9}
 THREADS=${THREADS:-1}
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "connect.sh: $*"; exit 1; }
+SCRIPT=connect.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 log "building pushgate and pushgate-bench (release)"
 cargo build --release --quiet -p pushgate -p pushgate-bench
@@ -61,23 +62,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
-# and prints it; fails if PID dies or 10 s pass.
-wait_for() {
-    local file=$1 regex=$2 pid=$3 what=$4 line
-    for _ in $(seq 200); do
-        if line=$(grep -m1 -E "$regex" "$file" 2>/dev/null); then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    log "$what did not start; its output:"
-    cat "$file" >&2 || true
-    return 1
-}
-
 "$BENCH" upstream --listen 127.0.0.1:0 >"$WORK/upstream.out" 2>&1 &
 upstream_pid=$!
 line=$(wait_for "$WORK/upstream.out" '^listening on ' "$upstream_pid" "the test upstream")
@@ -85,8 +69,9 @@ UPSTREAM=${line#listening on }
 
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 
-# start_pushgate CACHE_TTL: sets pushgate_pid and PUBLIC.
-start_pushgate() {
+# start_with_cache CACHE_TTL: pushgate with that auth.upstream.cache_ttl;
+# sets pushgate_pid and PUBLIC.
+start_with_cache() {
     cat >"$WORK/pushgate.yaml" <<YAML
 listen: 127.0.0.1:0
 upstream:
@@ -133,7 +118,7 @@ header=true
 for cache in 30s 0s; do
     label=cache
     [[ $cache == 0s ]] && label=no-cache
-    start_pushgate "$cache"
+    start_with_cache "$cache"
     for users in same distinct; do
         flag=()
         [[ $users == distinct ]] && flag=(--distinct-users)

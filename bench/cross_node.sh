@@ -30,8 +30,9 @@ DURATION=${DURATION:-10}
 CONNECT_RATE=${CONNECT_RATE:-1000}
 BIND_IPS=${BIND_IPS:-127.0.0.2-127.0.0.9}
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "cross_node.sh: $*"; exit 1; }
+SCRIPT=cross_node.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 command -v redis-server >/dev/null || die "redis-server is needed (apt-get install redis-server)"
 log "building pushgate and pushgate-bench (release)"
@@ -54,8 +55,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --dir "$WORK" >"$WORK/redis.log" 2>&1 &
@@ -91,15 +90,8 @@ start_node() {
     local name=$1 line
     PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$WORK/pushgate.yaml" 2>"$WORK/$name.log" >&2 &
     local pid=$!
-    for _ in $(seq 200); do
-        if line=$(grep -m1 '"message":"listening"' "$WORK/$name.log" 2>/dev/null); then
-            echo "$pid $(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line") $(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")"
-            return 0
-        fi
-        sleep 0.05
-    done
-    cat "$WORK/$name.log" >&2
-    die "node $name did not start"
+    line=$(wait_for "$WORK/$name.log" '"message":"listening"' "$pid" "node $name") || die "node $name did not start"
+    echo "$pid $(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line") $(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")"
 }
 
 # stat NAME: the calls of one command in INFO commandstats (0 if none).

@@ -39,8 +39,9 @@ ROUNDS=${ROUNDS:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
 MAX_OTHER=${MAX_OTHER:-10}
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "passthrough.sh: $*"; exit 1; }
+SCRIPT=passthrough.sh
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # --- tools ------------------------------------------------------------------
 export PATH=$PATH:/usr/sbin:/sbin
@@ -86,28 +87,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-# wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
-# (extended) and prints the first match; fails if PID dies or 10 s pass.
-wait_for() {
-    local file=$1 regex=$2 pid=$3 what=$4 line
-    for _ in $(seq 200); do
-        if line=$(grep -m1 -E "$regex" "$file" 2>/dev/null); then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    log "$what did not start; its output:"
-    cat "$file" >&2 || true
-    return 1
-}
-
-# A free loopback port, for nginx (which cannot report the port it got).
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
 
 # --- the upstream -----------------------------------------------------------
 "$BENCH" upstream --listen 127.0.0.1:0 >"$WORK/upstream.out" 2>&1 &
@@ -216,10 +195,6 @@ declare -A TARGET_PIDS=(
     [nginx]="${NGINX_PIDS[*]}"
 )
 
-# busy_ticks: ticks the whole machine spent not idle. Interrupt and softirq
-# time counts: on loopback it is mostly the benchmark's own packets, and the
-# kernel charges it to the process it interrupted as well.
-busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 # ticks PID...: user + system ticks of these processes so far.
 ticks() {
     local pid total=0
@@ -239,20 +214,6 @@ child_ticks() {
         printf "%d", t * hz
     }' "$WORK/times")
 }
-# wait_quiet: waits (up to QUIET_WAIT seconds) until the machine is nearly
-# idle, since other work on the 2 cores would take CPU from the servers.
-wait_quiet() {
-    local waited=0 before after
-    while ((waited < QUIET_WAIT)); do
-        before=$(busy_ticks)
-        sleep 1
-        after=$(busy_ticks)
-        ((after - before <= HZ / 5)) && break
-        waited=$((waited + 1))
-    done
-    ((waited == 0)) || log "waited ${waited}s for the machine to be quiet"
-}
-
 RESULTS=$WORK/results
 : >"$RESULTS"
 printf '%-6s %-9s %-6s %10s %9s %9s %8s %8s %8s\n' conns target round 'req/s' 'p50 ms' 'p99 ms' 'cpu us' errors 'other %'
