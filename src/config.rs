@@ -78,6 +78,12 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
 pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 20;
 /// …and in a burst.
 pub const DEFAULT_COMMAND_BURST: u32 = 50;
+/// Messages for one connection that come faster than this are written
+/// together, at most one write per window; the first after a quiet spell is
+/// written at once.
+pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_millis(10);
+/// Longest `realtime.coalesce_window`: it is added latency under load.
+pub const MAX_COALESCE_WINDOW: Duration = Duration::from_secs(1);
 /// Largest WebSocket message a client may send.
 pub const DEFAULT_WS_MAX_MESSAGE: ByteSize = ByteSize(64 * 1024);
 /// How often an idle WebSocket is pinged.
@@ -222,6 +228,10 @@ pub struct RealtimeConfig {
     pub max_connections_per_ip: usize,
     pub commands_per_second: u32,
     pub command_burst: u32,
+    /// Messages for one connection closer together than this are written
+    /// in one go (at most one write per window); 0 writes each at once.
+    #[serde(with = "duration")]
+    pub coalesce_window: Duration,
     pub websocket: WebSocketConfig,
     pub sse: SseConfig,
     pub poll: PollConfig,
@@ -236,6 +246,7 @@ impl Default for RealtimeConfig {
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
             command_burst: DEFAULT_COMMAND_BURST,
+            coalesce_window: DEFAULT_COALESCE_WINDOW,
             websocket: WebSocketConfig::default(),
             sse: SseConfig::default(),
             poll: PollConfig::default(),
@@ -1449,6 +1460,17 @@ impl Config {
                     "see config.example.yaml for the default",
                 );
             }
+        }
+        if realtime.coalesce_window > MAX_COALESCE_WINDOW {
+            problem(
+                "realtime.coalesce_window",
+                format!(
+                    "{} is longer than {}",
+                    humantime::format_duration(realtime.coalesce_window),
+                    humantime::format_duration(MAX_COALESCE_WINDOW)
+                ),
+                "use e.g. 10ms, or 0s to write every message at once",
+            );
         }
         let ws = &realtime.websocket;
         if !(128..=64 << 20).contains(&ws.max_message_size.bytes()) {

@@ -1442,3 +1442,27 @@ async fn a_same_host_origin_is_allowed_over_http2() {
     task.abort();
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test]
+async fn sse_messages_closer_than_the_coalesce_window_wait_for_it_and_arrive_in_order() {
+    let window = Duration::from_millis(600);
+    let (_app, gate) = start("realtime:\n  coalesce_window: 600ms\n").await;
+    let mut stream = SseStream::open(gate.addr, "channel=c", &[]).await;
+    stream.opening().await;
+
+    // The first message after a quiet spell goes out at once…
+    let start = std::time::Instant::now();
+    publish(gate.api_addr, "c", json!(1), None).await;
+    assert_eq!(stream.next_event().await.json()["data"], 1);
+    // …the next ones, published right after, wait until a window has
+    // passed since that write, and then come together in order.
+    publish(gate.api_addr, "c", json!(2), None).await;
+    publish(gate.api_addr, "c", json!(3), None).await;
+    assert_eq!(stream.next_event().await.json()["data"], 2);
+    assert!(
+        start.elapsed() >= window,
+        "the second message came {:?} after the first was published, inside the window",
+        start.elapsed()
+    );
+    assert_eq!(stream.next_event().await.json()["data"], 3);
+}

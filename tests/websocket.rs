@@ -526,3 +526,28 @@ async fn a_plain_get_on_the_websocket_path_is_told_to_upgrade() {
         (StatusCode::OK, "hello from upstream")
     );
 }
+
+#[tokio::test]
+async fn messages_closer_than_the_coalesce_window_wait_for_it_and_arrive_in_order() {
+    let window = Duration::from_millis(600);
+    let (_app, gate) = start("realtime:\n  coalesce_window: 600ms\n").await;
+    let mut client = connect(&gate, "?channel=c").await;
+    let reply = command(&mut client, json!({"id": 1, "op": "ping"})).await;
+    assert_eq!(reply["id"], 1);
+
+    // The first message after a quiet spell goes out at once…
+    let start = Instant::now();
+    publish(gate.api_addr, "c", json!(1)).await;
+    assert_eq!(next_json(&mut client).await["data"], 1);
+    // …the next ones, published right after, wait until a window has
+    // passed since that write, and then come together in order.
+    publish(gate.api_addr, "c", json!(2)).await;
+    publish(gate.api_addr, "c", json!(3)).await;
+    assert_eq!(next_json(&mut client).await["data"], 2);
+    assert!(
+        start.elapsed() >= window,
+        "the second message came {:?} after the first was published, inside the window",
+        start.elapsed()
+    );
+    assert_eq!(next_json(&mut client).await["data"], 3);
+}

@@ -719,3 +719,67 @@ fn jittered(duration: Duration) -> Duration {
     let millis = duration.as_millis().max(2) as u64;
     Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
 }
+
+/// Paces one connection's writes (`realtime.coalesce_window`): when messages
+/// come closer together than the window, the next write waits until a window
+/// has passed since the last one and carries everything queued by then. The
+/// first message after a quiet spell is written at once, so pacing costs
+/// latency only under load, and at most one window.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    window: Duration,
+    last_write: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(window: Duration) -> Pace {
+        Pace {
+            window,
+            last_write: None,
+        }
+    }
+
+    /// Something is queued at `now`: `None` to write it at once, or the
+    /// instant to wait for.
+    fn hold_until(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let next = self.last_write? + self.window;
+        (next > now).then_some(next)
+    }
+
+    /// A write went out at `now`.
+    fn wrote(&mut self, now: tokio::time::Instant) {
+        if !self.window.is_zero() {
+            self.last_write = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::Pace;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn the_first_write_goes_at_once_and_the_next_waits_out_the_window() {
+        let mut pace = Pace::new(Duration::from_millis(10));
+        let start = Instant::now();
+        assert_eq!(pace.hold_until(start), None);
+        pace.wrote(start);
+        let soon = start + Duration::from_millis(3);
+        assert_eq!(
+            pace.hold_until(soon),
+            Some(start + Duration::from_millis(10))
+        );
+        assert_eq!(pace.hold_until(start + Duration::from_millis(10)), None);
+        assert_eq!(pace.hold_until(start + Duration::from_millis(25)), None);
+    }
+
+    #[test]
+    fn a_zero_window_never_holds() {
+        let mut pace = Pace::new(Duration::ZERO);
+        let now = Instant::now();
+        pace.wrote(now);
+        assert_eq!(pace.hold_until(now), None);
+    }
+}

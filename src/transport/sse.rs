@@ -115,6 +115,9 @@ pin_project_lite::pin_project! {
         shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
         #[pin]
         ordered: tokio::sync::futures::OwnedNotified,
+        // The pace's wait (see `State::holding`).
+        #[pin]
+        hold: tokio::time::Sleep,
         keepalive: tokio::time::Interval,
         state: State,
     }
@@ -133,6 +136,10 @@ struct State {
     /// The encoded cursor, reused.
     text: String,
     batch: Vec<Arc<Publication>>,
+    pace: super::Pace,
+    /// Waiting for the pace's window: the outbox is drained when `hold`
+    /// fires, with everything that came meanwhile.
+    holding: bool,
     done: bool,
     _gauge: super::ConnectionGauge,
 }
@@ -148,6 +155,7 @@ impl SseStream {
             ready,
             shutdown: realtime.drain.signalled_owned(),
             ordered,
+            hold: tokio::time::sleep_until(tokio::time::Instant::now()),
             keepalive,
             state: State {
                 session,
@@ -157,6 +165,8 @@ impl SseStream {
                 scratch: BytesMut::new(),
                 text: String::new(),
                 batch: Vec::new(),
+                pace: super::Pace::new(realtime.config.coalesce_window),
+                holding: false,
                 done: false,
                 _gauge: gauge,
             },
@@ -285,6 +295,9 @@ impl State {
         }
         batch.clear();
         self.batch = batch;
+        if !self.frames.is_empty() {
+            self.pace.wrote(tokio::time::Instant::now());
+        }
         open
     }
 }
@@ -318,9 +331,20 @@ impl http_body::Body for SseStream {
                 state.obey();
                 continue;
             }
-            if this.ready.as_mut().poll(cx).is_ready() {
+            if state.holding {
+                if this.hold.as_mut().poll(cx).is_ready() {
+                    state.holding = false;
+                    if !state.take_outbox() {
+                        state.done = true;
+                    }
+                    continue;
+                }
+            } else if this.ready.as_mut().poll(cx).is_ready() {
                 this.ready.set(state.session.outbox().ready_owned());
-                if !state.take_outbox() {
+                if let Some(until) = state.pace.hold_until(tokio::time::Instant::now()) {
+                    state.holding = true;
+                    this.hold.as_mut().reset(until);
+                } else if !state.take_outbox() {
                     state.done = true;
                 }
                 continue;

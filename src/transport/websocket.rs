@@ -267,6 +267,7 @@ struct Connection {
     conn: ConnInfo,
     bucket: Bucket,
     heartbeat: Heartbeat,
+    pace: super::Pace,
     batch: Vec<Arc<Publication>>,
     _gauge: super::ConnectionGauge,
 }
@@ -282,6 +283,7 @@ impl Connection {
         let config = &realtime.config;
         let bucket = Bucket::new(config.commands_per_second, config.command_burst);
         let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
+        let pace = super::Pace::new(config.coalesce_window);
         Connection {
             realtime,
             socket,
@@ -289,6 +291,7 @@ impl Connection {
             conn,
             bucket,
             heartbeat,
+            pace,
             batch: Vec::new(),
             _gauge: gauge,
         }
@@ -332,7 +335,11 @@ impl Connection {
         let ordered = self.session.control().ordered_owned();
         let ready = self.session.outbox().ready_owned();
         let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
-        tokio::pin!(drain, ordered, ready, heartbeat);
+        // While `holding`, the outbox waits for the pace's window to pass
+        // and is not drained: what arrives meanwhile goes out in one write.
+        let hold = tokio::time::sleep_until(Instant::now());
+        let mut holding = false;
+        tokio::pin!(drain, ordered, ready, heartbeat, hold);
         loop {
             tokio::select! {
                 biased;
@@ -345,8 +352,17 @@ impl Connection {
                         return end;
                     }
                 }
-                () = &mut ready => {
+                () = &mut ready, if !holding => {
                     ready.set(self.session.outbox().ready_owned());
+                    if let Some(until) = self.pace.hold_until(Instant::now()) {
+                        holding = true;
+                        hold.as_mut().reset(until);
+                    } else if let Err(end) = self.flush_outbox().await {
+                        return end;
+                    }
+                }
+                () = &mut hold, if holding => {
+                    holding = false;
                     if let Err(end) = self.flush_outbox().await {
                         return end;
                     }
@@ -459,6 +475,7 @@ impl Connection {
         }
         self.batch = batch;
         if fed {
+            self.pace.wrote(Instant::now());
             self.flush().await?;
         }
         Ok(())
