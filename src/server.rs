@@ -8,6 +8,7 @@
 //! `limits.header_timeout` to finish its TLS handshake and first request head
 //! ([`head_deadline`]); hyper's own header timeout covers later heads.
 
+pub mod detach;
 mod head_deadline;
 pub mod tls;
 
@@ -24,7 +25,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -42,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
+use detach::{DetachHandle, Detachable};
 use head_deadline::HeadDeadline;
 
 /// Open files kept aside for listeners, logs, the engine and the like when
@@ -517,7 +518,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                     tls: tls.clone(),
                     handler: handler.clone(),
                     shared: shared.clone(),
-                    _permit: permit,
+                    slot: permit,
                 };
                 shared.drain.spawn(connection.serve(stream));
             }
@@ -558,8 +559,9 @@ struct Connection {
     tls: Option<TlsAcceptor>,
     handler: Handler,
     shared: Arc<Shared>,
-    /// Returned to the listener's limit when the connection ends.
-    _permit: OwnedSemaphorePermit,
+    /// Returned to the listener's limit when the socket closes, wherever
+    /// it went (hyper, a WebSocket, a detached SSE stream).
+    slot: OwnedSemaphorePermit,
 }
 
 impl Connection {
@@ -570,13 +572,15 @@ impl Connection {
         match &self.tls {
             None => {
                 let conn = ConnInfo { peer, tls: false };
-                serve(stream, conn, deadline, &self.handler, &self.shared).await
+                let io = Detachable::new(stream, self.slot);
+                serve(io, conn, deadline, &self.handler, &self.shared).await
             }
             Some(acceptor) => {
                 match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let conn = ConnInfo { peer, tls: true };
-                        serve(stream, conn, deadline, &self.handler, &self.shared).await
+                        let io = Detachable::new(stream, self.slot);
+                        serve(io, conn, deadline, &self.handler, &self.shared).await
                     }
                     Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
                     Err(_) => tracing::info!(
@@ -589,15 +593,23 @@ impl Connection {
     }
 }
 
-async fn serve<I>(io: I, conn: ConnInfo, deadline: Instant, handler: &Handler, shared: &Shared)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+async fn serve<I: detach::Io>(
+    (io, detach): (Detachable<I>, DetachHandle),
+    conn: ConnInfo,
+    deadline: Instant,
+    handler: &Handler,
+    shared: &Shared,
+) {
     let (io, head) = HeadDeadline::new(io, deadline);
     let handler = handler.clone();
     let head_seen = head.clone();
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: Request<Incoming>| {
         head_seen.received();
+        // Only an HTTP/1 connection is one request at a time, and so can
+        // be handed over whole.
+        if request.version() < http::Version::HTTP_2 {
+            request.extensions_mut().insert(detach.clone());
+        }
         let handler = handler.clone();
         // Boxed per request: hyper keeps room for the service's future for
         // the connection's whole life, and an SSE stream or an idle

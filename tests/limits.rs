@@ -224,32 +224,7 @@ async fn connections_over_the_limit_wait_until_one_closes() {
         .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
 
-    // The second is left in the kernel's backlog: its request is not served
-    // while the first holds the only slot.
-    let second = Arc::new(tokio::sync::Mutex::new(
-        TcpStream::connect(gate.addr).await.unwrap(),
-    ));
-    second
-        .lock()
-        .await
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let early = tokio::time::timeout(Duration::from_millis(300), async {
-        second.lock().await.read(&mut [0u8; 16]).await
-    })
-    .await;
-    assert!(early.is_err(), "served beyond limits.max_connections");
-
-    // Closing the first frees the slot and the second is served.
-    drop(first);
-    let mut second = second.lock().await;
-    let (received, _) = read_until_closed(&mut *second).await;
-    assert!(
-        String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200 "),
-        "{}",
-        String::from_utf8_lossy(&received)
-    );
+    waits_until_dropped(&gate, first).await;
 }
 
 #[tokio::test]
@@ -295,4 +270,79 @@ async fn a_stalled_upload_is_cut_off_with_408() {
         elapsed >= Duration::from_millis(250),
         "cut off too early: {elapsed:?}"
     );
+}
+
+/// With `limits.max_connections: 1` and `first` holding the slot, a second
+/// connection is left in the kernel's backlog: its request is served only
+/// once `first` closes.
+async fn waits_until_dropped(gate: &Pushgate, first: TcpStream) {
+    // The second is left in the kernel's backlog: its request is not served
+    // while the first holds the only slot.
+    let second = Arc::new(tokio::sync::Mutex::new(
+        TcpStream::connect(gate.addr).await.unwrap(),
+    ));
+    second
+        .lock()
+        .await
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        second.lock().await.read(&mut [0u8; 16]).await
+    })
+    .await;
+    assert!(early.is_err(), "served beyond limits.max_connections");
+
+    // Closing the first frees the slot and the second is served.
+    drop(first);
+    let mut second = second.lock().await;
+    let (received, _) = read_until_closed(&mut *second).await;
+    assert!(
+        String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+}
+
+#[tokio::test]
+async fn realtime_connections_hold_their_slot_until_they_close() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "limits:\n  max_connections: 1\n").await;
+
+    // An SSE stream (which leaves hyper after its head)...
+    let mut sse = TcpStream::connect(gate.addr).await.unwrap();
+    sse.write_all(b"GET /realtime/sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut sse, "retry:").await;
+    waits_until_dropped(&gate, sse).await;
+
+    // ...and a WebSocket (which leaves it at the upgrade).
+    let mut ws = TcpStream::connect(gate.addr).await.unwrap();
+    ws.write_all(
+        b"GET /realtime/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    read_until(&mut ws, "HTTP/1.1 101 ").await;
+    waits_until_dropped(&gate, ws).await;
+}
+
+/// Reads until `needle` has arrived.
+async fn read_until(stream: &mut TcpStream, needle: &str) {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&received).contains(needle) {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(&received)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buf[..n]);
+    }
 }

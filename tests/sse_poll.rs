@@ -1466,3 +1466,50 @@ async fn sse_messages_closer_than_the_coalesce_window_wait_for_it_and_arrive_in_
     );
     assert_eq!(stream.next_event().await.json()["data"], 3);
 }
+
+/// On HTTP/1 the stream is written by pushgate itself once its head is out:
+/// the body ends with the connection (no chunk framing), and a stream that
+/// follows an ordinary request on a kept-alive connection works the same.
+#[tokio::test]
+async fn sse_after_a_request_on_a_kept_alive_connection_streams_to_the_end_of_it() {
+    let (_app, gate) = start("").await;
+    let tcp = within("connect", TcpStream::connect(gate.addr))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let get = |path: &str| {
+        Request::get(path)
+            .header(http::header::HOST, "x")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    let first = within("the app's answer", sender.send_request(get("/hello")))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    within("the app's body", first.into_body().collect())
+        .await
+        .unwrap();
+
+    let response = within(
+        "the stream's head",
+        sender.send_request(get("/realtime/sse?channel=k")),
+    )
+    .await
+    .unwrap();
+    let mut stream = SseStream::new(response, Box::new(sender), Some(task));
+    assert_eq!(stream.status, StatusCode::OK);
+    assert_eq!(stream.header("content-type"), Some("text/event-stream"));
+    assert_eq!(stream.header("connection"), Some("close"));
+    assert_eq!(stream.header("transfer-encoding"), None);
+    stream.opening().await;
+
+    publish(gate.api_addr, "k", json!("after keep-alive"), None).await;
+    assert_eq!(stream.next_event().await.json()["data"], "after keep-alive");
+}

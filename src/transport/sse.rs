@@ -12,9 +12,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
+use http_body::Body as _;
 use hyper::body::{Frame, Incoming};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 use super::{
     cors, jittered, open_http, parse_cursor, Admit, Opening, Realtime, Session, Transport,
@@ -25,6 +30,7 @@ use crate::error::ApiError;
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
 use crate::proxy::ConnInfo;
+use crate::server::detach::{DetachHandle, Detached};
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,
@@ -90,7 +96,16 @@ pub(super) async fn handle(
         stream.push_event(&ids, &publication);
     }
 
-    let mut response = Response::new(http_body_util::BodyExt::boxed(stream));
+    // On HTTP/1 the stream leaves hyper after its head, which frees hyper's
+    // buffers for the stream's life; on HTTP/2 it stays a hyper body.
+    let detach = request
+        .extensions()
+        .get::<DetachHandle>()
+        .and_then(DetachHandle::request);
+    let (mut response, detached) = match detach {
+        Some(socket) => (Response::new(crate::body::empty()), Some((stream, socket))),
+        None => (Response::new(http_body_util::BodyExt::boxed(stream)), None),
+    };
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -103,7 +118,153 @@ pub(super) async fn handle(
     // Tells nginx and similar proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     cors(&mut response, &origin);
+    if let Some((stream, socket)) = detached {
+        let head = detached_head(&response);
+        let write_timeout = realtime.config.sse.keepalive;
+        realtime
+            .drain
+            .spawn(serve_detached(head, stream, socket, write_timeout));
+        // What hyper writes of this is dropped; `close` makes it finish.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(response)
+}
+
+/// The head a detached stream writes itself: the response's status and
+/// headers, and `Connection: close`, which makes the end of the connection
+/// the end of the body (no chunk framing around every event).
+fn detached_head(response: &Response<Body>) -> Bytes {
+    let mut head = BytesMut::with_capacity(256);
+    head.put_slice(b"HTTP/1.1 ");
+    head.put_slice(response.status().as_str().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(
+        response
+            .status()
+            .canonical_reason()
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    head.put_slice(b"\r\n");
+    for (name, value) in response.headers() {
+        head.put_slice(name.as_str().as_bytes());
+        head.put_slice(b": ");
+        head.put_slice(value.as_bytes());
+        head.put_slice(b"\r\n");
+    }
+    head.put_slice(b"connection: close\r\n\r\n");
+    head.freeze()
+}
+
+/// Serves an SSE stream on a socket taken out of hyper: the head, then the
+/// events as they come, every frame ready at once in one write, until the
+/// stream ends or the client goes. Anything the client sends is read and
+/// dropped, which is how its leaving is noticed without waiting for a write
+/// to fail.
+async fn serve_detached(
+    head: Bytes,
+    stream: SseStream,
+    socket: oneshot::Receiver<Detached>,
+    write_timeout: Duration,
+) {
+    let Ok(mut detached) = socket.await else {
+        return;
+    };
+    let io = &mut detached.io;
+    tokio::pin!(stream);
+    let mut out = Frames::default();
+    out.0.push_back(head);
+    let mut ended = false;
+    let mut discard = [0u8; 64];
+    loop {
+        if out.has_remaining() {
+            match tokio::time::timeout(write_timeout, io.write_all_buf(&mut out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %err, "SSE write failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "SSE client read nothing within realtime.sse.keepalive; dropped"
+                    );
+                    return;
+                }
+            }
+        }
+        if ended {
+            let _ = tokio::time::timeout(write_timeout, io.shutdown()).await;
+            return;
+        }
+        let frames = std::future::poll_fn(|cx| out.gather(stream.as_mut(), cx));
+        tokio::select! {
+            more = frames => ended = !more,
+            read = io.read(&mut discard) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// Bytes waiting to be written, as one vectored write.
+#[derive(Default)]
+struct Frames(VecDeque<Bytes>);
+
+impl Frames {
+    /// Moves every frame the stream has ready into `self`. Ready once there
+    /// is at least one, or the stream ended (`false`).
+    fn gather(&mut self, mut stream: Pin<&mut SseStream>, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            match stream.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.0.push_back(data);
+                    }
+                }
+                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(false),
+                Poll::Pending if self.0.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(true),
+            }
+        }
+    }
+}
+
+impl Buf for Frames {
+    fn remaining(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.0.front().map_or(&[], |b| &b[..])
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, bytes) in dst.iter_mut().zip(&self.0) {
+            *slot = std::io::IoSlice::new(bytes);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut count: usize) {
+        while count > 0 {
+            let front = self.0.front_mut().expect("advance within remaining");
+            if count < front.len() {
+                front.advance(count);
+                return;
+            }
+            count -= front.len();
+            self.0.pop_front();
+        }
+    }
+
+    fn has_remaining(&self) -> bool {
+        !self.0.is_empty()
+    }
 }
 
 pin_project_lite::pin_project! {
