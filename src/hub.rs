@@ -95,13 +95,19 @@ impl Outbox {
             self.ready.notify_one();
             return Push::Overflowed;
         }
-        state.bytes = bytes;
         let was_empty = state.queue.is_empty();
+        // Past half of either bound, a session that holds its writes back
+        // (`realtime.coalesce_window`) is woken to write now, well before
+        // the queue would overflow.
+        let half_full = (state.queue.len() + 1) * 2 > self.limits.messages
+            && state.queue.len() * 2 <= self.limits.messages
+            || bytes * 2 > self.limits.bytes && state.bytes * 2 <= self.limits.bytes;
+        state.bytes = bytes;
         state.queue.push_back(publication.clone());
         drop(state);
         // One wake-up per batch: a session that has not drained yet will see
         // this publication with the ones before it.
-        if was_empty {
+        if was_empty || half_full {
             self.ready.notify_one();
         }
         Push::Queued
@@ -412,5 +418,46 @@ mod tests {
         outbox.close();
         assert_eq!(outbox.push(&publication("c", 2, "2")), Push::Refused);
         assert_eq!(outbox.drain_into(&mut Vec::new()), Drained::Closed);
+    }
+
+    /// Whether a wake-up is pending, without waiting for one.
+    fn woken(outbox: &Outbox) -> bool {
+        use std::future::Future;
+        let wait = outbox.ready();
+        let mut wait = std::pin::pin!(wait);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        wait.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn pushes_wake_the_session_when_its_queue_starts_and_when_it_is_half_full() {
+        let outbox = Outbox::new(QueueLimits {
+            messages: 6,
+            bytes: 1 << 20,
+        });
+        let wakes: Vec<bool> = (1..=6)
+            .map(|n| {
+                outbox.push(&publication("c", n, "x"));
+                woken(&outbox)
+            })
+            .collect();
+        // The first push, then the fourth (past half of 6); none between.
+        assert_eq!(wakes, [true, false, false, true, false, false]);
+
+        let big = "y".repeat(400);
+        let small_size = publication("c", 1, "x").size();
+        let big_size = publication("c", 2, &big).size();
+        // Half the bound lies between one small and one big publication,
+        // and one small and two big ones.
+        let outbox = Outbox::new(QueueLimits {
+            messages: 1000,
+            bytes: 2 * (small_size + big_size) + big_size,
+        });
+        outbox.push(&publication("c", 1, "x"));
+        assert!(woken(&outbox));
+        outbox.push(&publication("c", 2, &big));
+        assert!(!woken(&outbox), "under half the bytes");
+        outbox.push(&publication("c", 3, &big));
+        assert!(woken(&outbox), "past half the bytes");
     }
 }

@@ -594,6 +594,41 @@ async fn tls_serves_h2_and_http1_by_alpn() {
     assert_eq!(app_header(&seen, "x-forwarded-proto"), ["https"]);
     assert_eq!(app_header(&seen, "host"), ["localhost"]);
     assert_eq!(app.hits.load(Ordering::Relaxed), 2);
+
+    // An SSE stream over HTTP/1.1 on TLS, written by pushgate itself once
+    // its head is out, until the connection ends.
+    let request = Request::get("/realtime/sse?channel=t")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within("SSE over TLS", client.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["connection"], "close");
+    let mut body = response.into_body();
+    let mut text = String::new();
+    let mut published = false;
+    while !text.contains("\"over tls\"") {
+        if text.contains("retry:") && !published {
+            let (status, _) = common::api_call(
+                gate.api_addr,
+                "POST",
+                "/api/publish",
+                Some(serde_json::json!({"channel": "t", "data": "over tls"})),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            published = true;
+        }
+        let frame = within("an SSE frame over TLS", body.frame())
+            .await
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
 }
 
 #[tokio::test]

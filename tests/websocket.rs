@@ -551,3 +551,29 @@ async fn messages_closer_than_the_coalesce_window_wait_for_it_and_arrive_in_orde
     );
     assert_eq!(next_json(&mut client).await["data"], 3);
 }
+
+#[tokio::test]
+async fn a_burst_within_the_coalesce_window_is_written_early_rather_than_cut_off() {
+    let (_app, gate) = start(
+        "realtime:\n  coalesce_window: 1s\nlimits:\n  queue_messages: 4\nhistory:\n  size: 100\n",
+    )
+    .await;
+    let mut client = connect(&gate, "?channel=b").await;
+    let reply = command(&mut client, json!({"id": 1, "op": "ping"})).await;
+    assert_eq!(reply["id"], 1);
+
+    // Twelve messages within the window would overflow a queue of four if
+    // the connection waited the window out; past half full it writes now.
+    for n in 0..12 {
+        publish(gate.api_addr, "b", json!(n)).await;
+    }
+    for n in 0..12 {
+        assert_eq!(next_json(&mut client).await["data"], n);
+    }
+    let reply = command(&mut client, json!({"id": 2, "op": "ping"})).await;
+    assert_eq!(reply["id"], 2, "still open: not cut off as a slow consumer");
+    assert_eq!(
+        metric(gate.api_addr, "pushgate_slow_consumers_total").await,
+        0
+    );
+}

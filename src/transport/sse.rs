@@ -492,21 +492,23 @@ impl http_body::Body for SseStream {
                 state.obey();
                 continue;
             }
-            if state.holding {
-                if this.hold.as_mut().poll(cx).is_ready() {
+            // A wake-up while holding (the outbox half full, lagging or
+            // closed) writes at once.
+            let woken = this.ready.as_mut().poll(cx).is_ready();
+            if woken {
+                this.ready.set(state.session.outbox().ready_owned());
+            }
+            let held_out = state.holding && this.hold.as_mut().poll(cx).is_ready();
+            if woken || held_out {
+                let until = state.pace.hold_until(tokio::time::Instant::now());
+                if let (Some(until), false) = (until, state.holding) {
+                    state.holding = true;
+                    this.hold.as_mut().reset(until);
+                } else {
                     state.holding = false;
                     if !state.take_outbox() {
                         state.done = true;
                     }
-                    continue;
-                }
-            } else if this.ready.as_mut().poll(cx).is_ready() {
-                this.ready.set(state.session.outbox().ready_owned());
-                if let Some(until) = state.pace.hold_until(tokio::time::Instant::now()) {
-                    state.holding = true;
-                    this.hold.as_mut().reset(until);
-                } else if !state.take_outbox() {
-                    state.done = true;
                 }
                 continue;
             }

@@ -335,8 +335,9 @@ impl Connection {
         let ordered = self.session.control().ordered_owned();
         let ready = self.session.outbox().ready_owned();
         let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
-        // While `holding`, the outbox waits for the pace's window to pass
-        // and is not drained: what arrives meanwhile goes out in one write.
+        // While `holding`, the outbox waits for the pace's window to pass:
+        // what arrives meanwhile goes out in one write, unless the outbox
+        // wakes the session again (half full, lagging or closed).
         let hold = tokio::time::sleep_until(Instant::now());
         let mut holding = false;
         tokio::pin!(drain, ordered, ready, heartbeat, hold);
@@ -352,13 +353,17 @@ impl Connection {
                         return end;
                     }
                 }
-                () = &mut ready, if !holding => {
+                () = &mut ready => {
                     ready.set(self.session.outbox().ready_owned());
-                    if let Some(until) = self.pace.hold_until(Instant::now()) {
+                    let until = self.pace.hold_until(Instant::now());
+                    if let (Some(until), false) = (until, holding) {
                         holding = true;
                         hold.as_mut().reset(until);
-                    } else if let Err(end) = self.flush_outbox().await {
-                        return end;
+                    } else {
+                        holding = false;
+                        if let Err(end) = self.flush_outbox().await {
+                            return end;
+                        }
                     }
                 }
                 () = &mut hold, if holding => {
