@@ -231,7 +231,7 @@ for transport in $TRANSPORTS; do
                         other=$(pct $(((busy1 - busy0) - (srv1 - srv0) - (up1 - up0) - (gen1 - gen0))) "$secs")
                         stop_server
                         ((other <= MAX_OTHER)) && break
-                        ((attempt == 3)) || log "$target $transport $label $users: other work took ${other}% of a core; measuring again"
+                        ((attempt == 3)) || log "$target $transport $label c=$conc $users: other work took ${other}% of a core; measuring again"
                     done
                     LAST=$(jq -c --argjson s "$srv" --argjson u "$up" --argjson g "$gen" --argjson o "$other" \
                         '. + {cpu_pct: {server: $s, upstream: $u, generator: $g, other: $o}}' <<<"$LAST")
