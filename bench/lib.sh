@@ -14,8 +14,15 @@ die() { log "$SCRIPT: $*"; exit 1; }
 
 # free_port: a TCP port on 127.0.0.1 that nothing listens on (the kernel's
 # pick for port 0; released again before the server binds it).
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_port() { free_ports 1; }
+
+# free_ports N: N different such ports, one a line (all bound at once, so
+# the kernel cannot hand out the same one twice).
+free_ports() {
+    python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 # wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
@@ -147,14 +154,13 @@ start_nchan() {
 # are the runner and its children (condure, zurl, pushpin-proxy,
 # pushpin-handler); the upstream is not counted.
 start_pushpin() {
-    local dir=$WORK/pushpin http publish
+    local dir=$WORK/pushpin http publish push_in push_in_sub command
     rm -rf "$dir" && mkdir -p "$dir/run" "$dir/log"
     if [[ -n ${1:-} ]]; then UPSTREAM=$1; else start_upstream; fi
-    http=$(free_port)
-    publish=$(free_port)
+    { read -r http && read -r publish && read -r push_in && read -r push_in_sub && read -r command; } < <(free_ports 5)
     sed "s|@DIR@|$dir|g; s|@HTTP_PORT@|$http|; s|@PUBLISH_PORT@|$publish|;
-         s|@PUSH_IN_PORT@|$(free_port)|; s|@PUSH_IN_SUB_PORT@|$(free_port)|;
-         s|@COMMAND_PORT@|$(free_port)|" "$ROOT/bench/pushpin/pushpin.conf" >"$dir/pushpin.conf"
+         s|@PUSH_IN_PORT@|$push_in|; s|@PUSH_IN_SUB_PORT@|$push_in_sub|;
+         s|@COMMAND_PORT@|$command|" "$ROOT/bench/pushpin/pushpin.conf" >"$dir/pushpin.conf"
     sed "s|@UPSTREAM_PORT@|${UPSTREAM##*:}|" "$ROOT/bench/pushpin/routes" >"$dir/routes"
     pushpin --config "$dir/pushpin.conf" >"$dir/out.log" 2>&1 &
     SERVER_PID=$!
