@@ -14,8 +14,15 @@ die() { log "$SCRIPT: $*"; exit 1; }
 
 # free_port: a TCP port on 127.0.0.1 that nothing listens on (the kernel's
 # pick for port 0; released again before the server binds it).
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_port() { free_ports 1; }
+
+# free_ports N: N different such ports, one a line (all bound at once, so
+# the kernel cannot hand out the same one twice).
+free_ports() {
+    python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 # wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
@@ -108,6 +115,8 @@ start_upstream() {
 # start_pushgate CONFIG: pushgate with that config; its listeners on port 0,
 # read back from the "listening" log line.
 start_pushgate() {
+    # Emptied first: the wait below must not read an earlier run's line.
+    : >"$WORK/pushgate.log"
     PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$1" 2>"$WORK/pushgate.log" >&2 &
     SERVER_PID=$!
     local line
@@ -119,13 +128,16 @@ start_pushgate() {
         die "no addresses in pushgate's line: $line"
 }
 
-# start_nchan: nginx with bench/nchan.conf on a free port (publish and
-# subscribe on the same listener); PIDS are the master and its workers.
+# start_nchan [CONFIG [UPSTREAM]]: nginx with CONFIG (default
+# bench/nchan.conf) on a free port (publish and subscribe on the same
+# listener), @UPSTREAM@ in it replaced with UPSTREAM (host:port, the test
+# upstream the caller started); PIDS are the master and its workers.
 start_nchan() {
-    local port dir=$WORK/nchan
+    local port dir=$WORK/nchan conf=${1:-$ROOT/bench/nchan.conf} upstream=${2:-}
     port=$(free_port)
     rm -rf "$dir" && mkdir -p "$dir"
-    sed "s|@DIR@|$dir|g; s|@LISTEN@|127.0.0.1:$port|" "$ROOT/bench/nchan.conf" >"$dir/nchan.conf"
+    sed "s|@DIR@|$dir|g; s|@LISTEN@|127.0.0.1:$port|; s|@UPSTREAM@|$upstream|" "$conf" >"$dir/nchan.conf"
+    ! grep -q '@UPSTREAM@' "$conf" || [[ -n $upstream ]] || die "$conf needs an upstream"
     nginx -p "$dir" -c "$dir/nchan.conf" >"$dir/out.log" 2>&1 &
     SERVER_PID=$!
     wait_http "nginx (Nchan)" "$SERVER_PID" "http://127.0.0.1:$port/pub/probe"
@@ -134,22 +146,21 @@ start_nchan() {
     PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" | tr '\n' ' ')"
 }
 
-# start_pushpin: a fresh test upstream, then Pushpin from
-# bench/pushpin/pushpin.conf in the foreground with its own rundir, logdir,
-# ipc names and free ports (client port, publish port, ZeroMQ ports), routing
-# everything to that upstream. API is Pushpin's publish endpoint. PIDS are
-# the runner and its children (condure, zurl, pushpin-proxy,
-# pushpin-handler); the upstream is not counted: it works only while
-# subscribers connect.
+# start_pushpin [UPSTREAM]: Pushpin from bench/pushpin/pushpin.conf in the
+# foreground with its own rundir, logdir, ipc names and free ports (client
+# port, publish port, ZeroMQ ports), routing everything to the test upstream
+# at UPSTREAM (host:port), or to a fresh one started here (and stopped by
+# stop_server) when none is given. API is Pushpin's publish endpoint. PIDS
+# are the runner and its children (condure, zurl, pushpin-proxy,
+# pushpin-handler); the upstream is not counted.
 start_pushpin() {
-    local dir=$WORK/pushpin http publish
+    local dir=$WORK/pushpin http publish push_in push_in_sub command
     rm -rf "$dir" && mkdir -p "$dir/run" "$dir/log"
-    start_upstream
-    http=$(free_port)
-    publish=$(free_port)
+    if [[ -n ${1:-} ]]; then UPSTREAM=$1; else start_upstream; fi
+    { read -r http && read -r publish && read -r push_in && read -r push_in_sub && read -r command; } < <(free_ports 5)
     sed "s|@DIR@|$dir|g; s|@HTTP_PORT@|$http|; s|@PUBLISH_PORT@|$publish|;
-         s|@PUSH_IN_PORT@|$(free_port)|; s|@PUSH_IN_SUB_PORT@|$(free_port)|;
-         s|@COMMAND_PORT@|$(free_port)|" "$ROOT/bench/pushpin/pushpin.conf" >"$dir/pushpin.conf"
+         s|@PUSH_IN_PORT@|$push_in|; s|@PUSH_IN_SUB_PORT@|$push_in_sub|;
+         s|@COMMAND_PORT@|$command|" "$ROOT/bench/pushpin/pushpin.conf" >"$dir/pushpin.conf"
     sed "s|@UPSTREAM_PORT@|${UPSTREAM##*:}|" "$ROOT/bench/pushpin/routes" >"$dir/routes"
     pushpin --config "$dir/pushpin.conf" >"$dir/out.log" 2>&1 &
     SERVER_PID=$!

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Proxy pass-through benchmark: wrk against the test upstream directly,
-# through pushgate, and through nginx, in one run on one machine.
+# through pushgate, through nginx, and through Pushpin, in one run on one
+# machine, all in front of the same upstream process.
 #
 #   bench/passthrough.sh
+#   TARGETS="direct pushgate nginx" bench/passthrough.sh
 #
 # Knobs (environment):
+#   TARGETS      in this order in every round  (default "direct pushgate nginx pushpin")
 #   CONNECTIONS  wrk connection counts, one row set each   (default "64 256")
 #   DURATION     each measured wrk run                      (default 10s)
 #   WARMUP       unmeasured wrk run before each measurement (default 2s)
@@ -24,7 +27,10 @@
 # wrk and the servers during a run: well above a few %, other work shared the
 # cores and the row is not comparable.
 #
-# Installs wrk and nginx with apt-get when missing. Every port is ephemeral;
+# Installs wrk, nginx and pushpin with apt-get when missing. nginx runs
+# bench/nginx-passthrough.conf; Pushpin bench/pushpin/ (via bench/lib.sh),
+# whose route sends every request to the upstream (plain HTTP requests are
+# proxied as they are). Every port is ephemeral;
 # every process started here is stopped on exit.
 set -euo pipefail
 
@@ -38,6 +44,11 @@ THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
 MAX_OTHER=${MAX_OTHER:-10}
+read -r -a TARGETS <<<"${TARGETS:-direct pushgate nginx pushpin}"
+for target in "${TARGETS[@]}"; do
+    case $target in direct | pushgate | nginx | pushpin) ;; *) echo "unknown target $target" >&2 && exit 1 ;; esac
+done
+wants() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 
 SCRIPT=passthrough.sh
 # shellcheck source=bench/lib.sh
@@ -50,6 +61,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v python3 >/dev/null || missing+=(python3)
 command -v pgrep >/dev/null || missing+=(procps)
+if wants pushpin; then command -v pushpin >/dev/null || missing+=(pushpin); fi
 if ((${#missing[@]})); then
     sudo=()
     ((EUID == 0)) || sudo=(sudo)
@@ -81,6 +93,7 @@ cleanup() {
     for pid in $nginx_pid "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    cleanup_servers # Pushpin
     rm -rf "$WORK"
     exit "$status"
 }
@@ -143,13 +156,23 @@ for attempt in 1 2 3 4 5; do
 done
 [[ -n $NGINX_ADDR ]] || die "nginx would not start"
 
+# --- Pushpin ------------------------------------------------------------------
+# In front of the same upstream (bench/lib.sh; stopped by cleanup_servers).
+PUSHPIN_ADDR=
+PUSHPIN_PIDS=()
+if wants pushpin; then
+    start_pushpin "$UPSTREAM"
+    PUSHPIN_ADDR=$PUBLIC
+    read -r -a PUSHPIN_PIDS <<<"$PIDS"
+fi
+
 # --- sanity: every target answers the upstream's body -------------------------
 declare -A URL=(
     [direct]=http://$UPSTREAM/bench
     [pushgate]=http://$PUSHGATE_ADDR/bench
     [nginx]=http://$NGINX_ADDR/bench
+    [pushpin]=http://$PUSHPIN_ADDR/bench
 )
-TARGETS=(direct pushgate nginx)
 for target in "${TARGETS[@]}"; do
     body=$(python3 -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "${URL[$target]}") ||
         die "$target (${URL[$target]}) does not answer"
@@ -165,8 +188,10 @@ cat <<EOF
 machine:  $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r)
 pushgate: $commit ($PUSHGATE)
 nginx:    $(nginx -v 2>&1 | sed 's/^nginx version: //'), 2 workers, upstream keepalive 256
+pushpin:  $(if wants pushpin; then pushpin --version 2>&1; else echo "not run"; fi), bench/pushpin/ (runner, condure, zurl, pushpin-proxy, pushpin-handler)
 wrk:      $( (wrk --version 2>&1 || true) | head -1 | awk '{print $2}'), $THREADS threads, $DURATION per run after a $WARMUP warm-up
-upstream: $UPSTREAM  pushgate: $PUSHGATE_ADDR  nginx: $NGINX_ADDR
+upstream: $UPSTREAM  pushgate: $PUSHGATE_ADDR  nginx: $NGINX_ADDR  pushpin: ${PUSHPIN_ADDR:--}
+load:     $(cut -d' ' -f1-3 /proc/loadavg)
 
 EOF
 
@@ -187,12 +212,13 @@ to_ms() {
 HZ=$(getconf CLK_TCK)
 NGINX_PIDS=("$nginx_pid")
 mapfile -t -O 1 NGINX_PIDS < <(pgrep -P "$nginx_pid")
-SERVER_PIDS=("$upstream_pid" "$pushgate_pid" "${NGINX_PIDS[@]}")
+SERVER_PIDS=("$upstream_pid" "$pushgate_pid" "${NGINX_PIDS[@]}" "${PUSHPIN_PIDS[@]}")
 # The process(es) under test for each target, whose CPU per request is shown.
 declare -A TARGET_PIDS=(
     [direct]=$upstream_pid
     [pushgate]=$pushgate_pid
     [nginx]="${NGINX_PIDS[*]}"
+    [pushpin]="${PUSHPIN_PIDS[*]}"
 )
 
 # ticks PID...: user + system ticks of these processes so far.

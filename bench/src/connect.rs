@@ -1,19 +1,33 @@
 //! `pushgate-bench connect`: authenticated realtime connects per second.
 //!
-//! Opens `--connections` realtime connections (WebSocket or SSE) to
-//! `/realtime/{ws,sse}?channel=bench`, `--concurrency` at a time, each with a
-//! `Cookie: session=u<k>` header so that pushgate (`auth.mode: upstream`)
-//! asks the app who it is (`pushgate-bench upstream` answers the grant). All
-//! connections are user `u0` unless `--distinct-users`, when connection k is
-//! user `u<k>` and the grant cache cannot help.
+//! Opens `--connections` realtime connections (WebSocket or SSE),
+//! `--concurrency` at a time, each with a `Cookie: session=u<k>` header, to a
+//! server that asks the app (`pushgate-bench upstream`) whether that cookie
+//! may connect before it accepts the connection:
 //!
-//! A connection counts once it is usable: a WebSocket has answered a
-//! `{"id":1,"op":"ping"}` command with its reply, an SSE stream has sent its
-//! `retry:` line. It is then closed and the next one opened. Latency runs from
-//! the TCP connect to that moment. Sockets close with a reset (`SO_LINGER`
-//! 0), so runs in a row do not run out of client ports. Failures are counted by kind: `connect`
-//! (TCP), `status_<code>` (refused at the handshake), `close_<code>` (a
-//! WebSocket closed before the reply), `eof`, `io`, `timeout`.
+//! - pushgate (`auth.mode: upstream`): `/realtime/{ws,sse}?channel=bench`;
+//!   its grant request is `POST /realtime/auth`.
+//! - Nchan (`--target nchan`, `bench/nchan-auth.conf`): `/sub/bench`, with
+//!   `nchan_authorize_request` sending the same `POST /realtime/auth`.
+//! - Pushpin (`--target pushpin`): `/grip/auth/{sse,ws}?channel=bench`,
+//!   passed to the app, which answers a GRIP hold with the cookie and `401`
+//!   without (see [`crate::grip`]).
+//!
+//! All connections are user `u0` unless `--distinct-users`, when connection
+//! k is user `u<k>` and a grant cache cannot help. `--no-cookie` sends none,
+//! to check that every connect is refused.
+//!
+//! A connection counts once it is usable, the same way on every server: a
+//! WebSocket has been accepted (`101`) and has answered a ping frame with
+//! its pong; an SSE stream has been accepted (`200`, `text/event-stream`)
+//! and has sent its first block (pushgate's `retry:` line, Nchan's `: hi`
+//! comment, the opening the app gave Pushpin). It is then closed and the
+//! next one opened. Latency runs from the TCP connect to that moment; "head"
+//! latency to the response head. Sockets close with a reset (`SO_LINGER`
+//! 0), so runs in a row do not run out of client ports. Failures are counted
+//! by kind: `connect` (TCP), `status_<code>` (refused at the handshake),
+//! `close_<code>` (a WebSocket closed before the pong), `eof`, `io`,
+//! `timeout`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -28,19 +42,23 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::broadcast::{round, BindIps, Transport};
+use crate::broadcast::{round, BindIps, Target, Transport};
+use crate::grip;
 use crate::subscriber::{find, frame};
 
 /// Largest response head accepted from the server.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// `{"id":1,"op":"ping"}` as a masked client text frame (all-zero key).
-const PING: &[u8] = b"\x81\x94\0\0\0\0{\"id\":1,\"op\":\"ping\"}";
+/// A masked client ping frame (all-zero key) with the payload `bench`.
+const PING: &[u8] = b"\x89\x85\0\0\0\0bench";
 /// A masked client close frame, code 1000.
 const CLOSE: &[u8] = b"\x88\x82\0\0\0\0\x03\xe8";
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
+    /// The server under test: pushgate, nchan or pushpin.
+    #[arg(long, value_enum, default_value_t = Target::Pushgate)]
+    target: Target,
     /// The public listener (realtime endpoints).
     #[arg(long)]
     public: SocketAddr,
@@ -56,6 +74,9 @@ pub struct Args {
     /// without it every connection is user `u0`.
     #[arg(long)]
     distinct_users: bool,
+    /// Send no `session` cookie (every connect should be refused).
+    #[arg(long)]
+    no_cookie: bool,
     /// Source addresses for client sockets, used in turn
     /// (e.g. `127.0.0.2-127.0.0.9`); default: the kernel's choice.
     #[arg(long)]
@@ -105,6 +126,7 @@ struct Shared {
     next: AtomicUsize,
     ok: AtomicUsize,
     latency: Mutex<Histogram<u64>>,
+    head_latency: Mutex<Histogram<u64>>,
     failures: Mutex<BTreeMap<String, u64>>,
     first_error: Mutex<Option<String>>,
 }
@@ -125,6 +147,9 @@ async fn connect_all(args: Args) -> io::Result<()> {
         latency: Mutex::new(
             Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(io::Error::other)?,
         ),
+        head_latency: Mutex::new(
+            Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(io::Error::other)?,
+        ),
         failures: Mutex::new(BTreeMap::new()),
         first_error: Mutex::new(None),
     });
@@ -143,6 +168,8 @@ async fn connect_all(args: Args) -> io::Result<()> {
     let failed: u64 = failures.values().sum();
     let latency = shared.latency.lock().unwrap().clone();
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let head = shared.head_latency.lock().unwrap().clone();
+    let head_ms = |q: f64| head.value_at_quantile(q) as f64 / 1000.0;
     let users = if args.distinct_users {
         "distinct"
     } else {
@@ -150,7 +177,8 @@ async fn connect_all(args: Args) -> io::Result<()> {
     };
     let report = serde_json::json!({
         "scenario": "connect",
-        "target": "pushgate",
+        "target": args.target.name(),
+        "cookie": !args.no_cookie,
         "transport": args.transport.name(),
         "label": args.label,
         "users": users,
@@ -164,6 +192,7 @@ async fn connect_all(args: Args) -> io::Result<()> {
         "latency_ms": {
             "p50": ms(0.5), "p99": ms(0.99), "max": latency.max() as f64 / 1000.0,
         },
+        "head_latency_ms": { "p50": head_ms(0.5), "p99": head_ms(0.99) },
         "first_error": shared.first_error.lock().unwrap().clone(),
     });
     let kinds = if failures.is_empty() {
@@ -179,13 +208,26 @@ async fn connect_all(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<4} {:<9} {:<8} {:>6} {:>5} {:>6} {:>10} {:>7} {:>7} {:>7}  failures",
-            "tr", "label", "users", "conns", "conc", "ok", "connects/s", "p50ms", "p99ms", "maxms"
+            "{:<8} {:<4} {:<9} {:<8} {:>6} {:>5} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7}  failures",
+            "target",
+            "tr",
+            "label",
+            "users",
+            "conns",
+            "conc",
+            "ok",
+            "connects/s",
+            "p50ms",
+            "p99ms",
+            "maxms",
+            "head50",
+            "head99"
         );
     }
     let _ = writeln!(
         table,
-        "{:<4} {:<9} {:<8} {:>6} {:>5} {:>6} {:>10.0} {:>7.2} {:>7.2} {:>7.2}  {}",
+        "{:<8} {:<4} {:<9} {:<8} {:>6} {:>5} {:>6} {:>10.0} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2}  {}",
+        args.target.name(),
         args.transport.name(),
         if args.label.is_empty() {
             "-"
@@ -200,6 +242,8 @@ async fn connect_all(args: Args) -> io::Result<()> {
         ms(0.5),
         ms(0.99),
         latency.max() as f64 / 1000.0,
+        head_ms(0.5),
+        head_ms(0.99),
         kinds,
     );
     print!("{table}");
@@ -223,7 +267,16 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
         let start = Instant::now();
         buf.clear();
         let result = match tokio::time::timeout(timeout, one(&args, bind, user, &mut buf)).await {
-            Ok(result) => result,
+            Ok(Ok(head)) => {
+                let us = head.duration_since(start).as_micros() as u64;
+                shared
+                    .head_latency
+                    .lock()
+                    .unwrap()
+                    .saturating_record(us.max(1));
+                Ok(())
+            }
+            Ok(Err(failure)) => Err(failure),
             Err(_) => Err(Failure("timeout".into(), format!("over {timeout:?}"))),
         };
         match result {
@@ -243,13 +296,24 @@ async fn worker(args: Arc<Args>, shared: Arc<Shared>) {
     }
 }
 
+/// The path and query of a connection to the server under test.
+fn path(target: Target, transport: Transport) -> String {
+    match (target, transport) {
+        (Target::Pushgate, _) => format!("/realtime/{}?channel=bench", transport.name()),
+        (Target::Nchan, _) => "/sub/bench".into(),
+        (Target::Pushpin, Transport::Ws) => format!("{}?channel=bench", grip::AUTH_WS_PATH),
+        (Target::Pushpin, _) => format!("{}?channel=bench", grip::AUTH_SSE_PATH),
+    }
+}
+
 /// Opens one authenticated connection, waits until it is usable, closes it.
+/// Returns when the response head arrived.
 async fn one(
     args: &Args,
     bind: Option<IpAddr>,
     user: usize,
     buf: &mut Vec<u8>,
-) -> Result<(), Failure> {
+) -> Result<Instant, Failure> {
     let socket = if args.public.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -273,10 +337,13 @@ async fn one(
         .map_err(|e| Failure("connect".into(), e.to_string()))?;
     let _ = stream.set_nodelay(true);
     let mut request = format!(
-        "GET /realtime/{}?channel=bench HTTP/1.1\r\nHost: {}\r\nCookie: session=u{user}\r\n",
-        args.transport.name(),
+        "GET {} HTTP/1.1\r\nHost: {}\r\n",
+        path(args.target, args.transport),
         args.public
     );
+    if !args.no_cookie {
+        let _ = write!(request, "Cookie: session=u{user}\r\n");
+    }
     match args.transport {
         Transport::Sse | Transport::Poll => request.push_str("Accept: text/event-stream\r\n\r\n"),
         Transport::Ws => request.push_str(
@@ -299,6 +366,7 @@ async fn one(
         }
         read_more(&mut stream, buf).await?;
     };
+    let head_at = Instant::now();
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     buf.drain(..head_end + 4);
     let status = head.split(' ').nth(1).unwrap_or("");
@@ -313,8 +381,19 @@ async fn one(
 
     match args.transport {
         Transport::Sse | Transport::Poll => {
-            // Chunked or not, the `retry:` line shows up in the raw bytes.
-            while find(buf, b"retry:").is_none() {
+            let event_stream = head.lines().any(|line| {
+                let line = line.to_ascii_lowercase();
+                line.starts_with("content-type:") && line.contains("text/event-stream")
+            });
+            if !event_stream {
+                return Err(Failure(
+                    "not_sse".into(),
+                    format!("no text/event-stream content type: {head}"),
+                ));
+            }
+            // The first block ends with a blank line; chunked or not, it
+            // shows up in the raw bytes.
+            while find(buf, b"\n\n").is_none() {
                 read_more(&mut stream, buf).await?;
             }
         }
@@ -324,7 +403,7 @@ async fn one(
                 while let Some((_, opcode, start, len)) = frame(buf) {
                     let payload = &buf[start..start + len];
                     match opcode {
-                        0x1 if find(payload, b"\"id\":1").is_some() => break 'reply,
+                        0xA => break 'reply,
                         0x8 => {
                             let code = if len >= 2 {
                                 u16::from_be_bytes([payload[0], payload[1]])
@@ -334,7 +413,7 @@ async fn one(
                             let reason = String::from_utf8_lossy(&payload[2.min(len)..]);
                             return Err(Failure(
                                 format!("close_{code}"),
-                                format!("closed before the ping reply: {code} {reason}"),
+                                format!("closed before the pong: {code} {reason}"),
                             ));
                         }
                         _ => {}
@@ -347,7 +426,7 @@ async fn one(
             let _ = stream.write_all(CLOSE).await;
         }
     }
-    Ok(())
+    Ok(head_at)
 }
 
 /// Appends what the socket has to `buf`; end of stream is an `eof` failure.

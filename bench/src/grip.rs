@@ -12,8 +12,18 @@
 //!   `OPEN` and the control message
 //!   `c:{"type":"subscribe","channel":"<name>"}` (the `grip` extension,
 //!   accepted with `Sec-WebSocket-Extensions: grip`), `CLOSE` with `CLOSE`,
-//!   anything else with no event. The channel is the `?channel=` of the
+//!   `PING` with a `PONG` of the same content (Pushpin passes a client's
+//!   ping frames to the app), anything else with no event. The channel is the `?channel=` of the
 //!   WebSocket's own URL, which Pushpin forwards.
+//!
+//! - Authenticated (`pushgate-bench connect --target pushpin`): the same two
+//!   under `/grip/auth/sse` and `/grip/auth/ws`, decided like pushgate's grant
+//!   request ([`crate::upstream::session`]): a request (SSE) or an `OPEN`
+//!   (WebSocket) without a `session=<name>` cookie is answered `401`, which
+//!   Pushpin passes to the client; with one, the hold above. An SSE hold
+//!   there starts its stream with `retry: 3000` and a blank line, so the
+//!   client sees the stream open as it does on pushgate (`retry:`) and Nchan
+//!   (a `: hi` comment).
 //!
 //! Channel names are taken from the query as they are, without
 //! percent-decoding: the benchmark's names are letters, digits and `_.:-`.
@@ -30,13 +40,22 @@ pub const SSE_PATH: &str = "/grip/sse";
 /// The path of a WebSocket subscription through Pushpin (any path would do:
 /// the route's `over_http` decides).
 pub const WS_PATH: &str = "/grip/ws";
+/// The same, when the upstream decides from the `session` cookie.
+pub const AUTH_SSE_PATH: &str = "/grip/auth/sse";
+/// The same, when the upstream decides from the `session` cookie.
+pub const AUTH_WS_PATH: &str = "/grip/auth/ws";
 /// The media type of a WebSocket-over-HTTP request and answer.
 const EVENTS: &str = "application/websocket-events";
+/// The start of an authenticated SSE hold's stream.
+const OPENING: &[u8] = b"retry: 3000\n\n";
 
 /// A request that asks for a GRIP hold, and the channel it names.
 pub enum Hold {
-    Stream(Option<String>),
+    /// An SSE hold; `true` when it starts with [`OPENING`].
+    Stream(Option<String>, bool),
     WebSocket(Option<String>),
+    /// An authenticated path without a `session` cookie.
+    Unauthenticated,
 }
 
 impl Hold {
@@ -46,20 +65,30 @@ impl Hold {
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(EVENTS.as_bytes()));
         let channel = || channel(request.uri());
-        if request.method() == Method::POST && events {
-            Some(Hold::WebSocket(channel()))
-        } else if request.method() == Method::GET && request.uri().path() == SSE_PATH {
-            Some(Hold::Stream(channel()))
+        let path = request.uri().path();
+        let auth = path == AUTH_SSE_PATH || path == AUTH_WS_PATH;
+        let hold = if request.method() == Method::POST && events {
+            Hold::WebSocket(channel())
+        } else if request.method() == Method::GET && (path == SSE_PATH || path == AUTH_SSE_PATH) {
+            Hold::Stream(channel(), auth)
         } else {
-            None
+            return None;
+        };
+        // Pushpin sends the client's handshake headers, cookie included,
+        // with every WebSocket-over-HTTP request, so only a connection that
+        // had no cookie is refused, at its OPEN.
+        if auth && crate::upstream::session(request.headers()).is_none() {
+            return Some(Hold::Unauthenticated);
         }
+        Some(hold)
     }
 
     /// The answer to the request, given its body.
     pub fn answer(self, body: &[u8]) -> Response<Full<Bytes>> {
         match self {
-            Hold::Stream(Some(channel)) => {
-                let mut response = Response::new(Full::new(Bytes::new()));
+            Hold::Stream(Some(channel), opening) => {
+                let start = if opening { OPENING } else { b"" };
+                let mut response = Response::new(Full::new(Bytes::from_static(start)));
                 let headers = response.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                 headers.insert("grip-hold", HeaderValue::from_static("stream"));
@@ -71,7 +100,7 @@ impl Hold {
                     return refuse("malformed websocket events");
                 };
                 let mut out = Vec::new();
-                for (kind, _) in events {
+                for (kind, content) in events {
                     match (kind, &channel) {
                         (b"OPEN", Some(channel)) => {
                             out.extend_from_slice(b"OPEN\r\n");
@@ -83,6 +112,16 @@ impl Hold {
                         }
                         (b"OPEN", None) => return refuse("no ?channel= in the WebSocket's URL"),
                         (b"CLOSE", _) => out.extend_from_slice(b"CLOSE\r\n"),
+                        // Pushpin passes a client's ping to the app; the
+                        // app's PONG is what the client gets back.
+                        (b"PING", _) if content.is_empty() => out.extend_from_slice(b"PONG\r\n"),
+                        (b"PING", _) => {
+                            out.extend_from_slice(
+                                format!("PONG {:x}\r\n", content.len()).as_bytes(),
+                            );
+                            out.extend_from_slice(content);
+                            out.extend_from_slice(b"\r\n");
+                        }
                         _ => {}
                     }
                 }
@@ -92,7 +131,17 @@ impl Hold {
                 headers.insert("sec-websocket-extensions", HeaderValue::from_static("grip"));
                 response
             }
-            Hold::Stream(None) => refuse("no ?channel="),
+            Hold::Stream(None, _) => refuse("no ?channel="),
+            Hold::Unauthenticated => {
+                let mut response = Response::new(Full::new(Bytes::from_static(
+                    br#"{"error":"no session cookie"}"#,
+                )));
+                *response.status_mut() = StatusCode::UNAUTHORIZED;
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response
+            }
         }
     }
 }
@@ -173,6 +222,39 @@ mod tests {
         let control = r#"c:{"type":"subscribe","channel":"bench-1"}"#;
         let want = format!("OPEN\r\nTEXT {:x}\r\n{control}\r\n", control.len());
         assert_eq!(body, want.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn authenticated_holds_need_the_session_cookie() {
+        let refused = Request::get("/grip/auth/sse?channel=c").body(()).unwrap();
+        let response = Hold::of(&refused).unwrap().answer(b"");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let refused = Request::post("/grip/auth/ws?channel=c")
+            .header(CONTENT_TYPE, EVENTS)
+            .body(())
+            .unwrap();
+        let response = Hold::of(&refused).unwrap().answer(b"OPEN\r\n");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+        let allowed = Request::get("/grip/auth/sse?channel=c")
+            .header("cookie", "a=b; session=u7")
+            .body(())
+            .unwrap();
+        let response = Hold::of(&allowed).unwrap().answer(b"");
+        assert_eq!(response.headers()["grip-hold"], "stream");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, OPENING);
+        let allowed = Request::post("/grip/auth/ws?channel=c")
+            .header(CONTENT_TYPE, EVENTS)
+            .header("cookie", "session=u7")
+            .body(())
+            .unwrap();
+        let response = Hold::of(&allowed)
+            .unwrap()
+            .answer(b"PING 2\r\nhi\r\nPING\r\n");
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, &b"PONG 2\r\nhi\r\nPONG\r\n"[..]);
     }
 
     #[test]

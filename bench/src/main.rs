@@ -10,8 +10,9 @@
 //!   or many, a steady publish rate; reports delivery rate and ratio, latency percentiles,
 //!   sequence faults and the server's memory (see [`broadcast`]).
 //! - `connect`: authenticated realtime connections opened and closed as fast
-//!   as the server takes them; reports connects per second and connect
-//!   latency (see [`connect`]).
+//!   as the server (pushgate, Nchan or Pushpin) takes them, each one decided
+//!   by the upstream; reports connects per second and connect latency (see
+//!   [`connect`]).
 //!
 //! Load-generator scenarios (WebSocket/SSE fan-out, publish rate, …) are added
 //! here as further subcommands, each in its own module with its own `Args`.

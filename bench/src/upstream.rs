@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args as ClapArgs;
-use http::header::{HeaderValue, CONTENT_TYPE, COOKIE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -106,7 +106,7 @@ async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
         return Ok(hold.answer(&events.unwrap_or_default()));
     }
     let grant = (request.method() == Method::POST && request.uri().path() == AUTH_PATH)
-        .then(|| grant(&request));
+        .then(|| session(request.headers()));
     // An error here means the client went away; the answer is moot then.
     let _ = request.into_body().collect().await;
     let mut response = match grant {
@@ -133,10 +133,10 @@ async fn answer(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
     Ok(response)
 }
 
-/// The user named by the request's `session=<name>` cookie, if any.
-fn grant(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
+/// The user named by a `session=<name>` cookie among these headers, if any:
+/// the one decision behind every grant, pushgate's, Nchan's and Pushpin's.
+pub fn session(headers: &HeaderMap) -> Option<String> {
+    headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
