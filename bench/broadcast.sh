@@ -131,17 +131,6 @@ start_target() {
     esac
 }
 
-versions() {
-    local commit
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
-        commit="$commit (with uncommitted changes in src/)"
-    fi
-    printf 'pushgate: %s (%s)\n' "$commit" "$PUSHGATE"
-    case " $TARGETS " in *" nchan "*) printf 'nchan:    %s, %s\n' "$(nginx -v 2>&1)" \
-        "libnginx-mod-nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null)" ;; esac
-    case " $TARGETS " in *" pushpin "*) printf 'pushpin:  %s\n' "$(pushpin --version 2>&1)" ;; esac
-}
 cat <<INFO
 machine:  $(machine_info)
 $(versions)

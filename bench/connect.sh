@@ -137,17 +137,6 @@ start_target() {
     esac
 }
 
-versions() {
-    local commit
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
-        commit="$commit (with uncommitted changes in src/)"
-    fi
-    printf 'pushgate: %s (%s)\n' "$commit" "$PUSHGATE"
-    case " $TARGETS " in *" nchan "*) printf 'nchan:    %s, %s\n' "$(nginx -v 2>&1)" \
-        "libnginx-mod-nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null)" ;; esac
-    case " $TARGETS " in *" pushpin "*) printf 'pushpin:  %s\n' "$(pushpin --version 2>&1)" ;; esac
-}
 cat <<INFO
 machine:  $(machine_info)
 $(versions)
@@ -156,25 +145,6 @@ runs:     targets "$TARGETS", transports "$TRANSPORTS", $CONNECTIONS connections
 
 INFO
 
-HZ=$(getconf CLK_TCK)
-# ticks PID...: user + system ticks of these processes so far.
-ticks() {
-    local pid total=0
-    for pid in "$@"; do
-        [[ -r /proc/$pid/stat ]] && total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
-    done
-    echo "$total"
-}
-# child_ticks: sets CHILD_TICKS to the user + system ticks of this shell's
-# finished children (the load generator). `times` must run in this shell.
-child_ticks() {
-    times >"$WORK/times"
-    CHILD_TICKS=$(awk -v hz="$HZ" 'NR == 2 {
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
-        printf "%d", t * hz
-    }' "$WORK/times")
-}
 # irq_ticks: the machine's irq + softirq ticks so far.
 irq_ticks() { awk '/^cpu / {print $7 + $8}' /proc/stat; }
 pct() { awk -v t="$1" -v hz="$HZ" -v s="$2" 'BEGIN {v = 100 * t / hz / s; printf "%.0f", v < 0 ? 0 : v}'; }

@@ -181,3 +181,40 @@ start_pushpin() {
     API=127.0.0.1:$publish
     PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" | tr '\n' ' ')"
 }
+
+# versions: the commit of pushgate under test and the peers' versions, for
+# the head of a report (TARGETS names the peers run).
+versions() {
+    local commit
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then
+        commit="$commit (with uncommitted changes in src/)"
+    fi
+    printf 'pushgate: %s (%s)\n' "$commit" "$PUSHGATE"
+    case " $TARGETS " in *" nchan "*) printf 'nchan:    %s, %s\n' "$(nginx -v 2>&1)" \
+        "libnginx-mod-nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null)" ;; esac
+    case " $TARGETS " in *" pushpin "*) printf 'pushpin:  %s\n' "$(pushpin --version 2>&1)" ;; esac
+}
+
+HZ=$(getconf CLK_TCK)
+
+# ticks PID...: the user + system CPU ticks of these processes so far.
+ticks() {
+    local pid total=0
+    for pid in "$@"; do
+        [[ -r /proc/$pid/stat ]] && total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
+# child_ticks: sets CHILD_TICKS to the user + system ticks of this shell's
+# finished children (the load generator, wrk). `times` must run in this
+# shell, not in a $(...) subshell, whose children's times start at zero.
+child_ticks() {
+    times >"$WORK/times"
+    CHILD_TICKS=$(awk -v hz="$HZ" 'NR == 2 {
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
+        printf "%d", t * hz
+    }' "$WORK/times")
+}

@@ -209,7 +209,6 @@ to_ms() {
 # CPU accounting, so a run disturbed by other work on the machine shows it:
 # "other %" is the CPU (in % of one core) the machine spent outside wrk and
 # the three servers during a measured run.
-HZ=$(getconf CLK_TCK)
 NGINX_PIDS=("$nginx_pid")
 mapfile -t -O 1 NGINX_PIDS < <(pgrep -P "$nginx_pid")
 SERVER_PIDS=("$upstream_pid" "$pushgate_pid" "${NGINX_PIDS[@]}" "${PUSHPIN_PIDS[@]}")
@@ -221,25 +220,6 @@ declare -A TARGET_PIDS=(
     [pushpin]="${PUSHPIN_PIDS[*]}"
 )
 
-# ticks PID...: user + system ticks of these processes so far.
-ticks() {
-    local pid total=0
-    for pid in "$@"; do
-        [[ -r /proc/$pid/stat ]] && total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
-    done
-    echo "$total"
-}
-# child_ticks: sets CHILD_TICKS to the user + system ticks of this shell's
-# finished children (wrk). `times` must run in this shell, not in a $(...)
-# subshell, whose children's times start at zero.
-child_ticks() {
-    times >"$WORK/times"
-    CHILD_TICKS=$(awk -v hz="$HZ" 'NR == 2 {
-        t = 0
-        for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
-        printf "%d", t * hz
-    }' "$WORK/times")
-}
 RESULTS=$WORK/results
 : >"$RESULTS"
 printf '%-6s %-9s %-6s %10s %9s %9s %8s %8s %8s\n' conns target round 'req/s' 'p50 ms' 'p99 ms' 'cpu us' errors 'other %'
