@@ -121,9 +121,12 @@ pub(super) async fn handle(
     if let Some((stream, socket)) = detached {
         let head = detached_head(&response);
         let write_timeout = realtime.config.sse.keepalive;
-        realtime
-            .drain
-            .spawn(serve_detached(head, stream, socket, write_timeout));
+        realtime.drain.spawn(serve_detached(
+            head,
+            Box::pin(stream),
+            socket,
+            write_timeout,
+        ));
         // What hyper writes of this is dropped; `close` makes it finish.
         response
             .headers_mut()
@@ -162,10 +165,11 @@ fn detached_head(response: &Response<Body>) -> Bytes {
 /// events as they come, every frame ready at once in one write, until the
 /// stream ends or the client goes. Anything the client sends is read and
 /// dropped, which is how its leaving is noticed without waiting for a write
-/// to fail.
+/// to fail. The stream comes boxed: an async fn keeps its arguments twice,
+/// and this task lives as long as the connection.
 async fn serve_detached(
     head: Bytes,
-    stream: SseStream,
+    mut stream: Pin<Box<SseStream>>,
     socket: oneshot::Receiver<Detached>,
     write_timeout: Duration,
 ) {
@@ -173,7 +177,6 @@ async fn serve_detached(
         return;
     };
     let io = &mut detached.io;
-    tokio::pin!(stream);
     let mut out = Frames::default();
     out.0.push_back(head);
     let mut ended = false;
@@ -193,6 +196,10 @@ async fn serve_detached(
                     return;
                 }
             }
+            // A burst's worth of room is not kept for an idle stream.
+            if out.0.capacity() > IDLE_FRAMES {
+                out.0 = VecDeque::new();
+            }
         }
         if ended {
             let _ = tokio::time::timeout(write_timeout, io.shutdown()).await;
@@ -208,6 +215,9 @@ async fn serve_detached(
         }
     }
 }
+
+/// Frames a detached stream keeps room for between writes.
+const IDLE_FRAMES: usize = 4;
 
 /// Bytes waiting to be written, as one vectored write.
 #[derive(Default)]
