@@ -95,8 +95,11 @@ pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// the buffer while it is read. tungstenite's own default (128 KiB) is far
 /// too much for many idle connections.
 pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(1024);
-/// Bytes tungstenite gathers before writing; 0 writes each flush at once.
-pub const DEFAULT_WS_WRITE_BUFFER: ByteSize = ByteSize(0);
+/// Bytes tungstenite gathers before it writes. Below this, messages wait for
+/// the flush that ends their batch, so a batch is one write; 0 would write
+/// every message on its own as it is queued. Nothing is allocated for it up
+/// front: the buffer holds what one batch needs.
+pub const DEFAULT_WS_WRITE_BUFFER: ByteSize = ByteSize(8 * 1024);
 /// Most bytes tungstenite may hold unwritten for one connection.
 pub const DEFAULT_WS_MAX_WRITE_BUFFER: ByteSize = ByteSize(8 << 20);
 /// An idle SSE stream gets a comment line this often, so proxies keep it.
