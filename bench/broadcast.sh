@@ -73,18 +73,7 @@ BIND_IPS=${BIND_IPS:-127.0.0.2-127.0.0.9}
 THREADS=${THREADS:-1}
 QUIET_WAIT=${QUIET_WAIT:-60}
 
-for target in $TARGETS; do
-    case $target in
-    pushgate) ;;
-    nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || need_packages=1 ;;
-    pushpin) command -v pushpin >/dev/null || need_packages=1 ;;
-    *) die "unknown target $target (pushgate, nchan, pushpin)" ;;
-    esac
-done
-if [[ -n ${need_packages:-} ]]; then
-    log "installing nginx, libnginx-mod-nchan and pushpin with apt-get"
-    apt-get install -y -qq nginx libnginx-mod-nchan pushpin >/dev/null
-fi
+need_targets
 
 log "building pushgate and pushgate-bench (release)"
 cargo build --release --quiet -p pushgate -p pushgate-bench

@@ -63,18 +63,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 MAX_OTHER=${MAX_OTHER:-10}
 
 export PATH=$PATH:/usr/sbin:/sbin
-for target in $TARGETS; do
-    case $target in
-    pushgate) ;;
-    nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || need_packages=1 ;;
-    pushpin) command -v pushpin >/dev/null || need_packages=1 ;;
-    *) die "unknown target $target (pushgate, nchan, pushpin)" ;;
-    esac
-done
-if [[ -n ${need_packages:-} ]]; then
-    log "installing nginx, libnginx-mod-nchan and pushpin with apt-get"
-    apt-get install -y -qq nginx libnginx-mod-nchan pushpin >/dev/null
-fi
+need_targets
 
 log "building pushgate and pushgate-bench (release)"
 cargo build --release --quiet -p pushgate -p pushgate-bench

@@ -218,3 +218,29 @@ child_ticks() {
         printf "%d", t * hz
     }' "$WORK/times")
 }
+
+# install_missing PACKAGE...: installs these Debian packages with apt-get
+# (through sudo unless root); nothing when none is named.
+install_missing() {
+    (($#)) || return 0
+    local sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    log "installing $* with apt-get"
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# need_targets: checks that TARGETS names only pushgate, nchan and pushpin,
+# and installs the peers' packages when missing.
+need_targets() {
+    local target missing=()
+    for target in $TARGETS; do
+        case $target in
+        pushgate) ;;
+        nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || missing+=(nginx libnginx-mod-nchan) ;;
+        pushpin) command -v pushpin >/dev/null || missing+=(pushpin) ;;
+        *) die "unknown target $target (pushgate, nchan, pushpin)" ;;
+        esac
+    done
+    install_missing "${missing[@]}"
+}

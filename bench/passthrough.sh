@@ -62,13 +62,7 @@ command -v nginx >/dev/null || missing+=(nginx)
 command -v python3 >/dev/null || missing+=(python3)
 command -v pgrep >/dev/null || missing+=(procps)
 if wants pushpin; then command -v pushpin >/dev/null || missing+=(pushpin); fi
-if ((${#missing[@]})); then
-    sudo=()
-    ((EUID == 0)) || sudo=(sudo)
-    log "installing ${missing[*]}"
-    "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+install_missing "${missing[@]}"
 
 log "building pushgate and pushgate-bench (release)"
 cargo build --release --quiet -p pushgate -p pushgate-bench
