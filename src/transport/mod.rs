@@ -729,6 +729,8 @@ fn jittered(duration: Duration) -> Duration {
 struct Pace {
     window: Duration,
     last_write: Option<tokio::time::Instant>,
+    /// A write is being held back until the window has passed.
+    holding: bool,
 }
 
 impl Pace {
@@ -736,14 +738,25 @@ impl Pace {
         Pace {
             window,
             last_write: None,
+            holding: false,
         }
     }
 
-    /// Something is queued at `now`: `None` to write it at once, or the
-    /// instant to wait for.
-    fn hold_until(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    /// The outbox woke the connection, or the hold it asked for ended, at
+    /// `now`: `None` to write at once, or the instant to hold the write
+    /// until. A wake-up while holding (the outbox half full, lagging or
+    /// closed) ends the hold: write at once.
+    fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        if std::mem::take(&mut self.holding) {
+            return None;
+        }
         let next = self.last_write? + self.window;
-        (next > now).then_some(next)
+        self.holding = next > now;
+        self.holding.then_some(next)
+    }
+
+    fn holding(&self) -> bool {
+        self.holding
     }
 
     /// A write went out at `now`.
@@ -764,15 +777,16 @@ mod pace_tests {
     fn the_first_write_goes_at_once_and_the_next_waits_out_the_window() {
         let mut pace = Pace::new(Duration::from_millis(10));
         let start = Instant::now();
-        assert_eq!(pace.hold_until(start), None);
+        assert_eq!(pace.on_wake(start), None);
         pace.wrote(start);
         let soon = start + Duration::from_millis(3);
-        assert_eq!(
-            pace.hold_until(soon),
-            Some(start + Duration::from_millis(10))
-        );
-        assert_eq!(pace.hold_until(start + Duration::from_millis(10)), None);
-        assert_eq!(pace.hold_until(start + Duration::from_millis(25)), None);
+        assert_eq!(pace.on_wake(soon), Some(start + Duration::from_millis(10)));
+        assert!(pace.holding());
+        // The hold ends (its timer, or the outbox insisting): write.
+        assert_eq!(pace.on_wake(soon), None);
+        assert!(!pace.holding());
+        assert_eq!(pace.on_wake(start + Duration::from_millis(10)), None);
+        assert_eq!(pace.on_wake(start + Duration::from_millis(25)), None);
     }
 
     #[test]
@@ -780,6 +794,7 @@ mod pace_tests {
         let mut pace = Pace::new(Duration::ZERO);
         let now = Instant::now();
         pace.wrote(now);
-        assert_eq!(pace.hold_until(now), None);
+        assert_eq!(pace.on_wake(now), None);
+        assert!(!pace.holding());
     }
 }

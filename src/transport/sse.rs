@@ -286,7 +286,7 @@ pin_project_lite::pin_project! {
         shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
         #[pin]
         ordered: tokio::sync::futures::OwnedNotified,
-        // The pace's wait (see `State::holding`).
+        // The pace's wait (see `State::pace`).
         #[pin]
         hold: tokio::time::Sleep,
         keepalive: tokio::time::Interval,
@@ -307,10 +307,9 @@ struct State {
     /// The encoded cursor, reused.
     text: String,
     batch: Vec<Arc<Publication>>,
-    pace: super::Pace,
-    /// Waiting for the pace's window: the outbox is drained when `hold`
+    /// While it holds a write back, the outbox is drained when `hold`
     /// fires, with everything that came meanwhile.
-    holding: bool,
+    pace: super::Pace,
     done: bool,
     _gauge: super::ConnectionGauge,
 }
@@ -337,7 +336,6 @@ impl SseStream {
                 text: String::new(),
                 batch: Vec::new(),
                 pace: super::Pace::new(realtime.config.coalesce_window),
-                holding: false,
                 done: false,
                 _gauge: gauge,
             },
@@ -508,17 +506,11 @@ impl http_body::Body for SseStream {
             if woken {
                 this.ready.set(state.session.outbox().ready_owned());
             }
-            let held_out = state.holding && this.hold.as_mut().poll(cx).is_ready();
+            let held_out = state.pace.holding() && this.hold.as_mut().poll(cx).is_ready();
             if woken || held_out {
-                let until = state.pace.hold_until(tokio::time::Instant::now());
-                if let (Some(until), false) = (until, state.holding) {
-                    state.holding = true;
-                    this.hold.as_mut().reset(until);
-                } else {
-                    state.holding = false;
-                    if !state.take_outbox() {
-                        state.done = true;
-                    }
+                match state.pace.on_wake(tokio::time::Instant::now()) {
+                    Some(until) => this.hold.as_mut().reset(until),
+                    None => state.done |= !state.take_outbox(),
                 }
                 continue;
             }

@@ -7,6 +7,7 @@
 //! by accepting the upgrade and closing with a 4xxx code and a reason,
 //! because a browser cannot read a refused handshake's status.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -335,11 +336,10 @@ impl Connection {
         let ordered = self.session.control().ordered_owned();
         let ready = self.session.outbox().ready_owned();
         let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
-        // While `holding`, the outbox waits for the pace's window to pass:
-        // what arrives meanwhile goes out in one write, unless the outbox
-        // wakes the session again (half full, lagging or closed).
+        // While the pace holds a write back, what arrives meanwhile goes
+        // out with it when `hold` fires (or the outbox wakes the session
+        // again: half full, lagging or closed).
         let hold = tokio::time::sleep_until(Instant::now());
-        let mut holding = false;
         tokio::pin!(drain, ordered, ready, heartbeat, hold);
         loop {
             tokio::select! {
@@ -355,20 +355,12 @@ impl Connection {
                 }
                 () = &mut ready => {
                     ready.set(self.session.outbox().ready_owned());
-                    let until = self.pace.hold_until(Instant::now());
-                    if let (Some(until), false) = (until, holding) {
-                        holding = true;
-                        hold.as_mut().reset(until);
-                    } else {
-                        holding = false;
-                        if let Err(end) = self.flush_outbox().await {
-                            return end;
-                        }
+                    if let Err(end) = self.paced_flush(hold.as_mut()).await {
+                        return end;
                     }
                 }
-                () = &mut hold, if holding => {
-                    holding = false;
-                    if let Err(end) = self.flush_outbox().await {
+                () = &mut hold, if self.pace.holding() => {
+                    if let Err(end) = self.paced_flush(hold.as_mut()).await {
                         return end;
                     }
                 }
@@ -432,6 +424,18 @@ impl Connection {
         match tokio::time::timeout(timeout, self.socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(End::Gone),
+        }
+    }
+
+    /// Writes what the outbox holds now, or holds the write back until the
+    /// pace's window has passed (resetting `hold` to fire then).
+    async fn paced_flush(&mut self, hold: Pin<&mut tokio::time::Sleep>) -> Result<(), End> {
+        match self.pace.on_wake(Instant::now()) {
+            Some(until) => {
+                hold.reset(until);
+                Ok(())
+            }
+            None => self.flush_outbox().await,
         }
     }
 
