@@ -61,7 +61,7 @@ impl DetachHandle {
             return None;
         }
         let mut sender = self.0.sender.lock().expect("detach lock");
-        if sender.is_some() || self.0.requested.load(Ordering::Relaxed) {
+        if self.0.requested.load(Ordering::Relaxed) {
             return None;
         }
         let (tx, rx) = oneshot::channel();
@@ -110,10 +110,22 @@ impl<I: Io> Detachable<I> {
         self.io.as_mut()
     }
 
-    fn mark_dirty(&self) {
+    /// Writes with `write`, after which hyper has unflushed bytes again; or,
+    /// once the socket is handed over, drops what hyper writes (`dropped`
+    /// bytes).
+    fn write_with(
+        &mut self,
+        write: impl FnOnce(Pin<&mut I>) -> Poll<io::Result<usize>>,
+        dropped: impl FnOnce() -> usize,
+    ) -> Poll<io::Result<usize>> {
+        let Some(io) = self.io() else {
+            return Poll::Ready(Ok(dropped()));
+        };
+        let written = write(Pin::new(io));
         if self.shared.clean.load(Ordering::Relaxed) {
             self.shared.clean.store(false, Ordering::Release);
         }
+        written
     }
 }
 
@@ -146,15 +158,8 @@ impl<I: Io> AsyncWrite for Detachable<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match this.io() {
-            Some(io) => {
-                let written = Pin::new(io).poll_write(cx, buf);
-                this.mark_dirty();
-                written
-            }
-            None => Poll::Ready(Ok(buf.len())),
-        }
+        self.get_mut()
+            .write_with(|io| io.poll_write(cx, buf), || buf.len())
     }
 
     fn poll_write_vectored(
@@ -162,15 +167,10 @@ impl<I: Io> AsyncWrite for Detachable<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match this.io() {
-            Some(io) => {
-                let written = Pin::new(io).poll_write_vectored(cx, bufs);
-                this.mark_dirty();
-                written
-            }
-            None => Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum())),
-        }
+        self.get_mut().write_with(
+            |io| io.poll_write_vectored(cx, bufs),
+            || bufs.iter().map(|b| b.len()).sum(),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
