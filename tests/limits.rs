@@ -314,7 +314,7 @@ async fn realtime_connections_hold_their_slot_until_they_close() {
     sse.write_all(b"GET /realtime/sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    read_until(&mut sse, "retry:").await;
+    common::read_until(&mut sse, "retry:").await;
     waits_until_dropped(&gate, sse).await;
 
     // ...and a WebSocket (which leaves it at the upgrade).
@@ -325,24 +325,6 @@ async fn realtime_connections_hold_their_slot_until_they_close() {
     )
     .await
     .unwrap();
-    read_until(&mut ws, "HTTP/1.1 101 ").await;
+    common::read_until(&mut ws, "HTTP/1.1 101 ").await;
     waits_until_dropped(&gate, ws).await;
-}
-
-/// Reads until `needle` has arrived.
-async fn read_until(stream: &mut TcpStream, needle: &str) {
-    let mut received = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&received).contains(needle) {
-        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(&received)))
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before {needle:?}: {:?}",
-            String::from_utf8_lossy(&received)
-        );
-        received.extend_from_slice(&buf[..n]);
-    }
 }

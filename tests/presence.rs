@@ -167,27 +167,6 @@ async fn presence_spans_nodes_and_a_killed_node_vanishes_within_the_ttl() {
     );
 }
 
-/// Reads a raw SSE response until `needle` appears; the text read.
-async fn sse_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut seen = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !String::from_utf8_lossy(&seen).contains(needle) {
-        let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)))
-            .unwrap();
-        assert!(
-            read > 0,
-            "the stream ended: {}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buffer[..read]);
-    }
-    String::from_utf8_lossy(&seen).into_owned()
-}
-
 #[tokio::test]
 async fn sse_subscribers_hear_joins_and_leaves_as_named_events_without_ids() {
     use tokio::io::AsyncWriteExt;
@@ -204,11 +183,11 @@ async fn sse_subscribers_hear_joins_and_leaves_as_named_events_without_ids() {
     .await
     .unwrap();
     // Its own join first.
-    sse_until(&mut sse, "event: pushgate.join").await;
+    common::read_until(&mut sse, "event: pushgate.join").await;
     let mut other = connect(gate.addr).await;
     subscribe(&mut other, "room:s").await;
     drop(other);
-    let text = sse_until(&mut sse, "event: pushgate.leave").await;
+    let text = common::read_until(&mut sse, "event: pushgate.leave").await;
     let leave = text
         .split("\n\n")
         .find(|event| event.contains("event: pushgate.leave"))

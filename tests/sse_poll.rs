@@ -43,14 +43,15 @@ async fn start(extra: &str) -> (Upstream, Pushgate) {
 /// One request on its own HTTP/1.1 connection, so dropping the answer
 /// closes the socket. The connection task and the sender are handed back to
 /// keep alive as long as the answer is read.
-async fn send_h1(
+/// An HTTP/1.1 client connection of its own to `addr`, driven by a task.
+async fn connect_h1(
     addr: SocketAddr,
-    method: Method,
-    path_and_query: &str,
-    headers: &[(&str, &str)],
-) -> (Response<Incoming>, Box<dyn Any + Send>, JoinHandle<()>) {
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    JoinHandle<()>,
+) {
     let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
-    let (mut sender, connection) = within(
+    let (sender, connection) = within(
         "handshake",
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)),
     )
@@ -59,6 +60,16 @@ async fn send_h1(
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
+    (sender, task)
+}
+
+async fn send_h1(
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (Response<Incoming>, Box<dyn Any + Send>, JoinHandle<()>) {
+    let (mut sender, task) = connect_h1(addr).await;
     let mut request = Request::builder()
         .method(method)
         .uri(path_and_query)
@@ -1473,15 +1484,7 @@ async fn sse_messages_closer_than_the_coalesce_window_wait_for_it_and_arrive_in_
 #[tokio::test]
 async fn sse_after_a_request_on_a_kept_alive_connection_streams_to_the_end_of_it() {
     let (_app, gate) = start("").await;
-    let tcp = within("connect", TcpStream::connect(gate.addr))
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (mut sender, task) = connect_h1(gate.addr).await;
     let get = |path: &str| {
         Request::get(path)
             .header(http::header::HOST, "x")

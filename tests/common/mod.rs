@@ -832,3 +832,25 @@ pub mod pyenv {
         dir.join("bin/python")
     }
 }
+
+/// Reads a raw response from `stream` until `needle` appears; the text read.
+/// Fails the test when the stream ends first or nothing comes in time.
+pub async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)))
+            .unwrap();
+        assert!(
+            read > 0,
+            "the stream ended before {needle:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
