@@ -412,9 +412,10 @@ impl State {
         }
     }
 
-    /// Moves whatever the outbox holds into frames. Returns `false` when the
-    /// stream must end (the session lagged or was closed).
-    fn take_outbox(&mut self) -> bool {
+    /// Moves whatever the outbox holds into frames (the pace's write at
+    /// `now`). Returns `false` when the stream must end (the session lagged
+    /// or was closed).
+    fn take_outbox(&mut self, now: tokio::time::Instant) -> bool {
         let mut batch = std::mem::take(&mut self.batch);
         let drained = self.session.outbox().drain_into(&mut batch);
         let open = match drained {
@@ -465,7 +466,7 @@ impl State {
         batch.clear();
         self.batch = batch;
         if !self.frames.is_empty() {
-            self.pace.wrote(tokio::time::Instant::now());
+            self.pace.wrote(now);
         }
         open
     }
@@ -508,9 +509,10 @@ impl http_body::Body for SseStream {
             }
             let held_out = state.pace.holding() && this.hold.as_mut().poll(cx).is_ready();
             if woken || held_out {
-                match state.pace.on_wake(tokio::time::Instant::now()) {
+                let now = tokio::time::Instant::now();
+                match state.pace.on_wake(now) {
                     Some(until) => this.hold.as_mut().reset(until),
-                    None => state.done |= !state.take_outbox(),
+                    None => state.done |= !state.take_outbox(now),
                 }
                 continue;
             }

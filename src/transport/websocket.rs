@@ -430,17 +430,19 @@ impl Connection {
     /// Writes what the outbox holds now, or holds the write back until the
     /// pace's window has passed (resetting `hold` to fire then).
     async fn paced_flush(&mut self, hold: Pin<&mut tokio::time::Sleep>) -> Result<(), End> {
-        match self.pace.on_wake(Instant::now()) {
+        let now = Instant::now();
+        match self.pace.on_wake(now) {
             Some(until) => {
                 hold.reset(until);
                 Ok(())
             }
-            None => self.flush_outbox().await,
+            None => self.flush_outbox(now).await,
         }
     }
 
-    /// Writes everything the outbox holds, with one flush.
-    async fn flush_outbox(&mut self) -> Result<(), End> {
+    /// Writes everything the outbox holds, with one flush (the pace's write
+    /// at `now`).
+    async fn flush_outbox(&mut self, now: Instant) -> Result<(), End> {
         let mut batch = std::mem::take(&mut self.batch);
         let drained = self.session.outbox().drain_into(&mut batch);
         match drained {
@@ -484,7 +486,7 @@ impl Connection {
         }
         self.batch = batch;
         if fed {
-            self.pace.wrote(Instant::now());
+            self.pace.wrote(now);
             self.flush().await?;
         }
         Ok(())
