@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
-use detach::{DetachHandle, Detachable};
+use detach::Detachable;
 use head_deadline::HeadDeadline;
 
 /// Open files kept aside for listeners, logs, the engine and the like when
@@ -569,19 +569,11 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let peer = self.peer;
         let deadline = Instant::now() + self.shared.header_timeout;
-        match &self.tls {
-            None => {
-                let conn = ConnInfo { peer, tls: false };
-                let io = Detachable::new(stream, self.slot);
-                serve(io, conn, deadline, &self.handler, &self.shared).await
-            }
+        match self.tls.clone() {
+            None => self.serve_http(stream, false, deadline).await,
             Some(acceptor) => {
                 match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let conn = ConnInfo { peer, tls: true };
-                        let io = Detachable::new(stream, self.slot);
-                        serve(io, conn, deadline, &self.handler, &self.shared).await
-                    }
+                    Ok(Ok(stream)) => self.serve_http(stream, true, deadline).await,
                     Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
                     Err(_) => tracing::info!(
                         %peer,
@@ -591,72 +583,75 @@ impl Connection {
             }
         }
     }
-}
 
-async fn serve<I: detach::Io>(
-    (io, detach): (Detachable<I>, DetachHandle),
-    conn: ConnInfo,
-    deadline: Instant,
-    handler: &Handler,
-    shared: &Shared,
-) {
-    let (io, head) = HeadDeadline::new(io, deadline);
-    let handler = handler.clone();
-    let head_seen = head.clone();
-    let service = service_fn(move |mut request: Request<Incoming>| {
-        head_seen.received();
-        // Only an HTTP/1 connection is one request at a time, and so can
-        // be handed over whole.
-        if request.version() < http::Version::HTTP_2 {
-            request.extensions_mut().insert(detach.clone());
-        }
-        let handler = handler.clone();
-        // Boxed per request: hyper keeps room for the service's future for
-        // the connection's whole life, and an SSE stream or an idle
-        // keep-alive connection should not hold kilobytes of a finished
-        // request's state.
-        let answer: Pin<Box<dyn Future<Output = _> + Send>> =
-            Box::pin(async move { Ok::<_, Infallible>(handler.handle(request, conn).await) });
-        answer
-    });
-    let connection = shared
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shared.drain.signalled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
+    /// Serves HTTP on the (plain or TLS) socket until it closes or leaves
+    /// hyper (a WebSocket, a detached SSE stream), taking the connection's
+    /// slot along.
+    async fn serve_http<I: detach::Io>(self, io: I, tls: bool, deadline: Instant) {
+        let conn = ConnInfo {
+            peer: self.peer,
+            tls,
+        };
+        let (io, detach) = Detachable::new(io, self.slot);
+        let shared = &self.shared;
+        let (io, head) = HeadDeadline::new(io, deadline);
+        let handler = self.handler.clone();
+        let head_seen = head.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            head_seen.received();
+            // Only an HTTP/1 connection is one request at a time, and so can
+            // be handed over whole.
+            if request.version() < http::Version::HTTP_2 {
+                request.extensions_mut().insert(detach.clone());
+            }
+            let handler = handler.clone();
+            // Boxed per request: hyper keeps room for the service's future for
+            // the connection's whole life, and an SSE stream or an idle
+            // keep-alive connection should not hold kilobytes of a finished
+            // request's state.
+            let answer: Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(async move { Ok::<_, Infallible>(handler.handle(request, conn).await) });
+            answer
+        });
+        let connection = shared
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = shared.drain.signalled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
 
-    let peer = conn.peer;
-    if head.expired() {
-        if head.partial() {
-            tracing::info!(
-                %peer,
-                "limit: request head not complete within limits.header_timeout; closed"
-            );
-        } else {
-            // Browsers open sockets they may never use; not worth a log line.
-            tracing::debug!(%peer, "no request within limits.header_timeout; closed");
+        let peer = conn.peer;
+        if head.expired() {
+            if head.partial() {
+                tracing::info!(
+                    %peer,
+                    "limit: request head not complete within limits.header_timeout; closed"
+                );
+            } else {
+                // Browsers open sockets they may never use; not worth a log line.
+                tracing::debug!(%peer, "no request within limits.header_timeout; closed");
+            }
+            return;
         }
-        return;
-    }
-    if let Err(err) = result {
-        match err.downcast_ref::<hyper::Error>() {
-            Some(err) if err.is_parse_too_large() => tracing::info!(
-                %peer,
-                "limit: request head over limits.max_header_bytes or limits.max_headers; answered 431"
-            ),
-            // hyper's timer covers the wait for each later head too, so this
-            // is mostly an idle keep-alive connection being closed.
-            Some(err) if err.is_timeout() => tracing::debug!(
-                %peer,
-                "keep-alive connection idle, or its next head slow, past limits.header_timeout; closed"
-            ),
-            _ => tracing::debug!(%peer, error = %err, "connection ended with an error"),
+        if let Err(err) = result {
+            match err.downcast_ref::<hyper::Error>() {
+                Some(err) if err.is_parse_too_large() => tracing::info!(
+                    %peer,
+                    "limit: request head over limits.max_header_bytes or limits.max_headers; answered 431"
+                ),
+                // hyper's timer covers the wait for each later head too, so this
+                // is mostly an idle keep-alive connection being closed.
+                Some(err) if err.is_timeout() => tracing::debug!(
+                    %peer,
+                    "keep-alive connection idle, or its next head slow, past limits.header_timeout; closed"
+                ),
+                _ => tracing::debug!(%peer, error = %err, "connection ended with an error"),
+            }
         }
     }
 }
