@@ -32,11 +32,11 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("the upstream app refused the connection")]
-    UpstreamRefused(#[source] hyper_util::client::legacy::Error),
+    UpstreamRefused(#[source] body::BoxError),
     #[error("the upstream app sent no response headers within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
     #[error("the upstream app closed the connection without a valid response")]
-    UpstreamFailed(#[source] hyper_util::client::legacy::Error),
+    UpstreamFailed(#[source] body::BoxError),
     #[error("the upstream app accepted the upgrade but the tunnel could not be set up")]
     UpgradeFailed,
     #[error("pushgate does not forward CONNECT requests")]

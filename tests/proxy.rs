@@ -797,3 +797,265 @@ async fn sharded_listeners_all_serve_and_all_close() {
         "no shard is still listening"
     );
 }
+
+/// An app written at the socket, for answers a framework would not send:
+/// `serve(n, stream)` handles the `n`-th connection pushgate opens (from 0).
+struct RawApp {
+    addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RawApp {
+    async fn start<F, Fut>(serve: F) -> RawApp
+    where
+        F: Fn(usize, TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(n, stream));
+            }
+        });
+        RawApp { addr, accepted }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one request head off `stream`: its request line, or `None` when
+/// the connection closed first.
+async fn next_request_line(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+            return Some(head.lines().next().unwrap().to_owned());
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `request` on `client` and returns the status and the whole body.
+async fn send_collect(
+    client: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    request: Request<Empty<Bytes>>,
+) -> (StatusCode, Result<Bytes, hyper::Error>) {
+    within("connection ready", client.ready()).await.unwrap();
+    let response = within("answer", client.send_request(request))
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = within("body", response.into_body().collect())
+        .await
+        .map(|collected| collected.to_bytes());
+    (status, body)
+}
+
+fn get_request(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header("host", "app.example")
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn answers_framed_every_way_pass_through_on_one_kept_alive_connection() {
+    let app = RawApp::start(|_, mut stream| async move {
+        while let Some(line) = next_request_line(&mut stream).await {
+            let answer: &[u8] = match line.as_str() {
+                "GET /chunked HTTP/1.1" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Digest: abc\r\n\r\n",
+                "GET /length HTTP/1.1" => b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-App: raw\r\n\r\nsix ch",
+                "GET /no-content HTTP/1.1" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                "HEAD /length HTTP/1.1" => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                "GET /interim HTTP/1.1" => b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                other => panic!("unexpected request {other}"),
+            };
+            // In pieces, as a slow app would write it.
+            for piece in answer.chunks(7) {
+                stream.write_all(piece).await.unwrap();
+                stream.flush().await.unwrap();
+            }
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    let mut client = http1(gate.addr).await;
+
+    let (status, body) = send_collect(&mut client, get_request("/chunked")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), "hello, world");
+    let (status, body) = send_collect(&mut client, get_request("/length")).await;
+    assert_eq!(
+        (status, body.unwrap()),
+        (StatusCode::OK, Bytes::from("six ch"))
+    );
+    let (status, body) = send_collect(&mut client, get_request("/no-content")).await;
+    assert_eq!(
+        (status, body.unwrap()),
+        (StatusCode::NO_CONTENT, Bytes::new())
+    );
+
+    within("connection ready", client.ready()).await.unwrap();
+    let head = Request::head("/length")
+        .header("host", "app.example")
+        .body(Empty::new())
+        .unwrap();
+    let response = within("HEAD answer", client.send_request(head))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-length"], "1000");
+    assert!(within("HEAD body", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+
+    let (status, body) = send_collect(&mut client, get_request("/interim")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    // Every answer ended where its framing said, so one connection served all.
+    assert_eq!(app.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_ended_by_close_passes_whole_and_its_connection_is_not_reused() {
+    let app = RawApp::start(|n, mut stream| async move {
+        if next_request_line(&mut stream).await.is_some() {
+            let body = format!("connection {n} {}", "x".repeat(20_000));
+            stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+            stream.write_all(body.as_bytes()).await.unwrap();
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    for n in 0..2 {
+        let (status, body) = within("close-delimited answer", get(&gate.url("/"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.starts_with(&format!("connection {n} xxx")),
+            "{}",
+            &body[..20]
+        );
+        assert_eq!(body.len(), format!("connection {n} ").len() + 20_000);
+    }
+    assert_eq!(app.accepted(), 2);
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_the_app_dropped_is_retried_only_when_safe() {
+    // Every connection answers one request, then reads the next and hangs up
+    // without answering, as an app closing an idle connection at that
+    // moment would.
+    let app = RawApp::start(|_, mut stream| async move {
+        if next_request_line(&mut stream).await.is_some() {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            let _ = next_request_line(&mut stream).await;
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    let mut client = http1(gate.addr).await;
+
+    let (status, _) = send_collect(&mut client, get_request("/a")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Sent on the first connection, dropped there, sent again on a new one.
+    let (status, body) = send_collect(&mut client, get_request("/b")).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+    assert_eq!(app.accepted(), 2);
+
+    // A POST may have been acted on before the app hung up: not repeated.
+    let post = Request::post("/c")
+        .header("host", "app.example")
+        .body(Empty::new())
+        .unwrap();
+    let (status, body) = send_collect(&mut client, post).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8(body.unwrap().to_vec()).unwrap();
+    assert!(body.contains("without a valid response"), "{body}");
+    assert_eq!(app.accepted(), 2);
+}
+
+#[tokio::test]
+async fn invalid_answers_are_502_and_a_cut_body_is_not_passed_off_as_whole() {
+    let app = RawApp::start(|_, mut stream| async move {
+        // Whatever is wrong with an answer, its connection is done after it.
+        if let Some(line) = next_request_line(&mut stream).await {
+            let answer = match line.as_str() {
+                "GET /not-http HTTP/1.1" => b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec(),
+                "GET /bad-length HTTP/1.1" => {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello".to_vec()
+                }
+                "GET /huge-head HTTP/1.1" => {
+                    let filler = "a".repeat(1000);
+                    let fields: String = (0..70).map(|i| format!("X-F{i}: {filler}\r\n")).collect();
+                    format!("HTTP/1.1 200 OK\r\n{fields}\r\n").into_bytes()
+                }
+                "GET /cut HTTP/1.1" => {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b".to_vec()
+                }
+                other => panic!("unexpected request {other}"),
+            };
+            stream.write_all(&answer).await.unwrap();
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    for path in ["/not-http", "/bad-length", "/huge-head"] {
+        let (status, body) = within(path, get(&gate.url(path))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+        assert!(body.contains("without a valid response"), "{path}: {body}");
+    }
+    // The head may or may not have left before the body was found short;
+    // either way the client must see a failure, not a shorter body.
+    let mut client = http1(gate.addr).await;
+    within("connection ready", client.ready()).await.unwrap();
+    if let Ok(response) = within("answer", client.send_request(get_request("/cut"))).await {
+        let body = within("body", response.into_body().collect()).await;
+        assert!(body.is_err(), "a body cut short must fail");
+    }
+    assert_eq!(app.accepted(), 4);
+}
+
+#[tokio::test]
+async fn idle_connections_to_the_app_close_after_pool_idle_timeout() {
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let app = RawApp::start(move |_, mut stream| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            while next_request_line(&mut stream).await.is_some() {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+            let _ = closed_tx.send(Instant::now());
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), &upstream_keys(&["pool_idle_timeout: 300ms"])).await;
+    let (status, _) = get(&gate.url("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    let answered = Instant::now();
+    let closed_at = within("idle connection closed", closed.recv())
+        .await
+        .unwrap();
+    let idle = closed_at - answered;
+    assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
+}

@@ -29,6 +29,8 @@ use crate::config::Config;
 use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
 
+mod h1;
+
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -91,6 +93,9 @@ impl Upstream {
 /// Forwards requests to the app.
 #[derive(Clone)]
 pub struct Proxy {
+    /// Requests without a body (most of them).
+    app: h1::AppClient,
+    /// Uploads and upgrades.
     client: Client<HttpConnector, Body>,
     upstream: Upstream,
     timeout: Duration,
@@ -118,6 +123,11 @@ impl Proxy {
             .pool_max_idle_per_host(config.upstream.pool_max_idle)
             .build(connector);
         Proxy {
+            app: h1::AppClient::new(
+                &upstream.authority,
+                config.upstream.pool_max_idle,
+                config.upstream.pool_idle_timeout,
+            ),
             client,
             upstream,
             timeout: config.upstream.timeout,
@@ -147,7 +157,7 @@ impl Proxy {
             Err(err) => {
                 match &err {
                     ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
-                        tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause), "proxy error")
+                        tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause.as_ref()), "proxy error")
                     }
                     // The client's doing, not an error of pushgate or the app.
                     ProxyError::UploadAborted => {
@@ -210,9 +220,27 @@ impl Proxy {
             headers.insert(header::UPGRADE, protocol.clone());
         }
 
+        // Never wait for a file: a full budget means the process is at its
+        // open-file limit, and the client is better told at once.
+        let file = self
+            .app_files
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::OutOfFiles)?;
+
+        if upgrade.is_none() && incoming.is_end_stream() {
+            let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            let sent = self.app.send(&parts.method, target, &headers, file);
+            let mut response = tokio::time::timeout(self.timeout, sent)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))??;
+            remove_hop_by_hop(response.headers_mut());
+            return Ok(response);
+        }
+
         // The request body is paced by the client; `upstream.timeout` covers
         // connecting and, once the body is sent, the wait for the answer.
-        let (upload, progress) = if upgrade.is_some() || incoming.is_end_stream() {
+        let (upload, progress) = if upgrade.is_some() {
             (body::empty(), UploadProgress::done())
         } else {
             UploadBody::wrap(body::stream(incoming), self.body_timeout)
@@ -223,13 +251,6 @@ impl Proxy {
         *outgoing.version_mut() = Version::HTTP_11;
         *outgoing.headers_mut() = headers;
 
-        // Never wait for a file: a full budget means the process is at its
-        // open-file limit, and the client is better told at once.
-        let file = self
-            .app_files
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProxyError::OutOfFiles)?;
         let failure = progress.failure.clone();
         let answer = tokio::select! {
             answer = self.client.request(outgoing) => answer,
@@ -240,8 +261,8 @@ impl Proxy {
         let mut response = answer.map_err(|err| match failure.get() {
             Some(UploadFailure::Stalled) => ProxyError::UploadStalled(self.body_timeout),
             Some(UploadFailure::ClientError) => ProxyError::UploadAborted,
-            None if err.is_connect() => ProxyError::UpstreamRefused(err),
-            None => ProxyError::UpstreamFailed(err),
+            None if err.is_connect() => ProxyError::UpstreamRefused(err.into()),
+            None => ProxyError::UpstreamFailed(err.into()),
         })?;
 
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
@@ -306,7 +327,7 @@ pub fn forwarded_for(
     trusted_proxies: &[IpNet],
 ) -> HeaderValue {
     let peer_ip = conn.peer.ip().to_canonical();
-    let chain = is_trusted(trusted_proxies, conn)
+    is_trusted(trusted_proxies, conn)
         .then(|| {
             let earlier: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
@@ -315,13 +336,24 @@ pub fn forwarded_for(
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
                 .collect();
-            (!earlier.is_empty()).then(|| format!("{}, {peer_ip}", earlier.join(", ")))
+            (!earlier.is_empty())
+                .then(|| HeaderValue::from_str(&format!("{}, {peer_ip}", earlier.join(", "))).ok())
+                .flatten()
         })
         .flatten()
-        .unwrap_or_else(|| peer_ip.to_string());
-    HeaderValue::from_str(&chain).unwrap_or_else(|_| {
-        HeaderValue::from_str(&peer_ip.to_string()).expect("an IP address is header text")
-    })
+        .unwrap_or_else(|| ip_value(peer_ip))
+}
+
+/// An IP address as a header value, formatted without a heap `String` (this
+/// runs for every proxied request).
+fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write;
+    // The longest text form of an IPv6 address is 45 bytes.
+    let mut text = [0u8; 48];
+    let mut rest = &mut text[..];
+    write!(rest, "{ip}").expect("an IP address fits in 48 bytes");
+    let len = 48 - rest.len();
+    HeaderValue::from_bytes(&text[..len]).expect("an IP address is header text")
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

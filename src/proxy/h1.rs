@@ -1,0 +1,919 @@
+//! A lean HTTP/1.1 client for the app, for every proxied request that has no
+//! body and asks for no upgrade: page loads, API reads, most of an app's
+//! traffic.
+//!
+//! It does for such a request what a pooled hyper client does, with less
+//! machinery between the two sockets: the request's own task writes the head
+//! on a kept-alive connection, parses the answer's head with `httparse`, and
+//! the body is read straight off the app's socket as the client's connection
+//! asks for it. There is no connection task and no channel between tasks,
+//! and a body that arrived whole with its head is handed on as it is, the
+//! connection back in the pool before the response leaves. Requests with a
+//! body, and upgrades, go through hyper's client (see `super::Proxy`).
+//!
+//! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
+//! chunked when it is the last transfer coding; else `Content-Length`; else
+//! until the app closes. A connection is reused only when its answer was
+//! complete, framed by length or chunks, not marked `close`, and nothing
+//! followed it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::body::{self, Body, BoxError};
+use crate::error::ProxyError;
+
+/// Most header fields an answer (or its trailers) may carry, as hyper's client.
+const MAX_HEADERS: usize = 100;
+/// Longest answer head (status line and fields) taken from the app.
+const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4096;
+/// Longest trailer section.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Room made in the read buffer before each read from the app.
+const READ_SIZE: usize = 16 * 1024;
+
+fn failed(cause: impl Into<BoxError>) -> ProxyError {
+    ProxyError::UpstreamFailed(cause.into())
+}
+
+fn refused(cause: io::Error) -> ProxyError {
+    ProxyError::UpstreamRefused(cause.into())
+}
+
+/// Sends body-less requests to the app over a pool of kept-alive
+/// connections. One per shard, like the rest of the proxy.
+#[derive(Clone)]
+pub struct AppClient {
+    authority: Authority,
+    /// The app's address when `authority` names an IP; else resolved per
+    /// connect, as the system resolver answers.
+    addr: Option<SocketAddr>,
+    host: HeaderValue,
+    pool: Arc<Pool>,
+}
+
+impl AppClient {
+    pub fn new(authority: &Authority, max_idle: usize, idle_timeout: Duration) -> AppClient {
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, port));
+        AppClient {
+            authority: authority.clone(),
+            addr,
+            host: HeaderValue::from_str(authority.as_str()).expect("an authority is header text"),
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Idle::default()),
+                max_idle,
+                idle_timeout,
+            }),
+        }
+    }
+
+    /// Sends a request without a body and returns the app's answer, its body
+    /// streaming from the app's connection. `file` (the connection's place
+    /// in the open-file budget) is held until that body has been read or
+    /// dropped. The caller bounds the wait with `upstream.timeout`.
+    pub async fn send(
+        &self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        file: OwnedSemaphorePermit,
+    ) -> Result<Response<Body>, ProxyError> {
+        let request = encode_request(method, target, headers, &self.host);
+        let mut pooled = true;
+        loop {
+            let (mut conn, reused) = match pooled.then(|| self.pool.checkout()).flatten() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            // Whatever happens now, a second try is on a new connection.
+            pooled = false;
+            match exchange(&mut conn, &request).await {
+                Ok(head) => return Ok(self.respond(method, conn, head, file)),
+                // A kept-alive connection the app closed while it was idle:
+                // the request did not reach the app, or (for a method safe
+                // to repeat) got no answer at all. Another connection.
+                Err(Exchange::Unsent(_)) if reused => continue,
+                Err(Exchange::Unanswered(_)) if reused && method.is_idempotent() => continue,
+                Err(Exchange::Unsent(err) | Exchange::Unanswered(err)) => {
+                    return Err(failed(err));
+                }
+                Err(Exchange::Invalid(err)) => return Err(err),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ProxyError> {
+        let stream = match self.addr {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect(self.authority.as_str()).await,
+        }
+        .map_err(refused)?;
+        stream.set_nodelay(true).map_err(refused)?;
+        Ok(Conn {
+            stream,
+            buf: BytesMut::new(),
+        })
+    }
+
+    fn respond(
+        &self,
+        method: &Method,
+        mut conn: Conn,
+        head: Head,
+        file: OwnedSemaphorePermit,
+    ) -> Response<Body> {
+        let Head {
+            status,
+            mut headers,
+            framing,
+            keep_alive,
+        } = head;
+        let framing = if method == Method::HEAD {
+            Framing::Length(0)
+        } else {
+            framing
+        };
+        let reuse = keep_alive && !matches!(framing, Framing::Close);
+        let body = match framing {
+            // The common case: the whole body came with the head.
+            Framing::Length(len) if conn.buf.len() as u64 >= len => {
+                let data = conn.buf.split_to(len as usize).freeze();
+                if reuse {
+                    self.pool.checkin(conn);
+                }
+                drop(file);
+                if data.is_empty() {
+                    body::empty()
+                } else {
+                    body::full(data)
+                }
+            }
+            framing => body::stream(AppBody {
+                conn: Some(conn),
+                framing,
+                reuse,
+                pool: Arc::clone(&self.pool),
+                file: Some(file),
+            }),
+        };
+        if matches!(framing, Framing::Chunked(_)) {
+            // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3).
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = headers;
+        response
+    }
+}
+
+/// The request line and fields, written in one go.
+fn encode_request(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    default_host: &HeaderValue,
+) -> Vec<u8> {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let mut buf = Vec::with_capacity(method.as_str().len() + target.len() + fields + 64);
+    buf.put_slice(method.as_str().as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(target.as_bytes());
+    buf.put_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        put_field(&mut buf, header::HOST.as_str(), default_host);
+    }
+    for (name, value) in headers {
+        put_field(&mut buf, name.as_str(), value);
+    }
+    // A method that expects a body is told plainly that this one has none.
+    let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(method);
+    if expects_body && !headers.contains_key(header::CONTENT_LENGTH) {
+        buf.put_slice(b"content-length: 0\r\n");
+    }
+    buf.put_slice(b"\r\n");
+    buf
+}
+
+fn put_field(buf: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+    buf.put_slice(name.as_bytes());
+    buf.put_slice(b": ");
+    buf.put_slice(value.as_bytes());
+    buf.put_slice(b"\r\n");
+}
+
+/// One connection to the app and what has been read from it but not used.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Whether the app has closed (or written out of turn on) this idle
+    /// connection. Costs a system call only when the socket has news.
+    fn is_spent(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// How an exchange on one connection ended without an answer.
+enum Exchange {
+    /// Writing the request failed: the app saw at most part of it.
+    Unsent(io::Error),
+    /// The app closed or reset the connection before any byte of an answer.
+    Unanswered(io::Error),
+    /// The app answered something that is not a valid answer.
+    Invalid(ProxyError),
+}
+
+/// An answer's head, parsed.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Writes `request` and reads the answer's head; the body (or its start) is
+/// left in `conn.buf`.
+async fn exchange(conn: &mut Conn, request: &[u8]) -> Result<Head, Exchange> {
+    conn.stream
+        .write_all(request)
+        .await
+        .map_err(Exchange::Unsent)?;
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            if let Some(head) = parse_head(&mut conn.buf).map_err(Exchange::Invalid)? {
+                return Ok(head);
+            }
+        }
+        match conn.fill().await {
+            Ok(0) if !answered => {
+                return Err(Exchange::Unanswered(io::ErrorKind::UnexpectedEof.into()))
+            }
+            Ok(0) => {
+                return Err(Exchange::Invalid(failed(
+                    "the app closed the connection in the middle of its answer head",
+                )))
+            }
+            Ok(_) => {}
+            Err(err) if !answered => return Err(Exchange::Unanswered(err)),
+            Err(err) => return Err(Exchange::Invalid(failed(err))),
+        }
+    }
+}
+
+/// Parses a complete answer head off the front of `buf`, skipping interim
+/// (1xx) answers; `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut answer = httparse::Response::new(&mut fields);
+        let len = match answer.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+            Ok(_) => {
+                return Err(failed(format!(
+                    "the app's answer head is larger than {} KiB",
+                    MAX_HEAD / 1024
+                )))
+            }
+            Err(err) => return Err(failed(format!("the app's answer is not HTTP/1.1: {err}"))),
+        };
+        let code = answer.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| failed(format!("the app answered with status {code}")))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(failed("the app switched protocols without being asked to"));
+        }
+        if status.is_informational() {
+            buf.advance(len);
+            continue;
+        }
+        let http11 = answer.version == Some(1);
+        // Where each field lies, so that the values can share the head's
+        // bytes instead of each being copied.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = answer.headers.len();
+        for (span, field) in spans.iter_mut().zip(answer.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|err| failed(format!("the app sent a bad field name: {err}")))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|err| failed(format!("the app sent a bad value for {name}: {err}")))?;
+            headers.append(name, value);
+        }
+        let framing = framing(status, &headers)?;
+        let keep_alive = http11 && !crate::proxy::has_token(&headers, header::CONNECTION, "close");
+        return Ok(Some(Head {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// How the body of an answer with `status` and `headers` ends.
+fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, ProxyError> {
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Length(0));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|coding| !coding.is_empty());
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
+                Framing::Chunked(Chunked::Size)
+            }
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                .flatten();
+            match (parsed, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => {
+                    return Err(failed(format!(
+                        "the app sent an invalid Content-Length: {:?}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    )))
+                }
+            }
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// After this many more bytes.
+    Length(u64),
+    /// At the last chunk.
+    Chunked(Chunked),
+    /// When the app closes the connection.
+    Close,
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk, with this many bytes left.
+    Data(u64),
+    /// Before the CRLF that ends a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+    Done,
+}
+
+/// What the next step through a body gave.
+#[derive(Debug)]
+enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    /// Nothing more until more bytes arrive.
+    More,
+}
+
+impl Framing {
+    /// The next step through the body, taken from the front of `buf`. `eof`:
+    /// the app has closed the connection, and `buf` is all there will be.
+    fn step(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Step, BoxError> {
+        let step = match self {
+            Framing::Length(0) => Step::End,
+            Framing::Length(left) if !buf.is_empty() => {
+                let take = (*left).min(buf.len() as u64);
+                *left -= take;
+                Step::Data(buf.split_to(take as usize).freeze())
+            }
+            Framing::Length(_) => Step::More,
+            Framing::Close if !buf.is_empty() => Step::Data(buf.split().freeze()),
+            Framing::Close if eof => Step::End,
+            Framing::Close => Step::More,
+            Framing::Chunked(chunked) => chunked.step(buf)?,
+        };
+        match step {
+            Step::More if eof => {
+                Err("the app closed the connection before the end of the body".into())
+            }
+            step => Ok(step),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self, Framing::Length(0) | Framing::Chunked(Chunked::Done))
+    }
+}
+
+impl Chunked {
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BoxError> {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    *self = match size {
+                        0 => Chunked::Trailers,
+                        size => Chunked::Data(size),
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = left.min(buf.len() as u64);
+                    *self = match left - take {
+                        0 => Chunked::DataEnd,
+                        left => Chunked::Data(left),
+                    };
+                    return Ok(Step::Data(buf.split_to(take as usize).freeze()));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("a chunk of the app's body is longer than its size".into());
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            let mut trailers = HeaderMap::with_capacity(fields.len());
+                            for field in fields.iter() {
+                                let name = HeaderName::from_bytes(field.name.as_bytes())?;
+                                trailers.append(name, HeaderValue::from_bytes(field.value)?);
+                            }
+                            (len, trailers)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
+                            return Err(format!(
+                                "the app's trailers are larger than {} KiB",
+                                MAX_TRAILERS / 1024
+                            )
+                            .into())
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Step::More),
+                        Err(err) => return Err(format!("the app sent bad trailers: {err}").into()),
+                    };
+                    buf.advance(len);
+                    *self = Chunked::Done;
+                    if !trailers.is_empty() {
+                        return Ok(Step::Trailers(trailers));
+                    }
+                }
+                Chunked::Done => return Ok(Step::End),
+            }
+        }
+    }
+}
+
+/// Where the first CRLF in `buf` starts; an error when there is none within
+/// `limit` bytes.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, BoxError> {
+    match buf.windows(2).position(|pair| pair == b"\r\n") {
+        Some(end) => Ok(Some(end)),
+        None if buf.len() > limit => Err("a chunk-size line of the app's body is too long".into()),
+        None => Ok(None),
+    }
+}
+
+/// The size on a chunk-size line: hex digits, then optional extensions.
+fn chunk_size(line: &[u8]) -> Result<u64, BoxError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
+        return Err(format!(
+            "the app sent a bad chunk size: {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(32)])
+        )
+        .into());
+    }
+    let digits = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    Ok(u64::from_str_radix(digits, 16).expect("at most 16 hex digits fit a u64"))
+}
+
+/// An answer's body, read from the app's connection as it is asked for; the
+/// connection goes back to the pool when the body has ended cleanly.
+struct AppBody {
+    /// `None` once the body has ended.
+    conn: Option<Conn>,
+    framing: Framing,
+    reuse: bool,
+    pool: Arc<Pool>,
+    file: Option<OwnedSemaphorePermit>,
+}
+
+impl AppBody {
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.reuse && conn.buf.is_empty() {
+                self.pool.checkin(conn);
+            }
+        }
+        self.file = None;
+    }
+}
+
+impl http_body::Body for AppBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut eof = false;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let step = match this.framing.step(&mut conn.buf, eof) {
+                Ok(step) => step,
+                Err(err) => {
+                    this.reuse = false;
+                    this.finish();
+                    return Poll::Ready(Some(Err(err)));
+                }
+            };
+            let frame = match step {
+                Step::Data(data) => Frame::data(data),
+                Step::Trailers(trailers) => Frame::trailers(trailers),
+                Step::End => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::More => {
+                    match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => eof = true,
+                        Ok(_) => {}
+                        Err(err) => {
+                            this.reuse = false;
+                            this.finish();
+                            return Poll::Ready(Some(Err(err.into())));
+                        }
+                    }
+                    continue;
+                }
+            };
+            if this.framing.is_done() {
+                // Back in the pool now, not when the client asks again.
+                this.finish();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.conn.is_some(), self.framing) {
+            (false, _) => SizeHint::with_exact(0),
+            (true, Framing::Length(left)) => SizeHint::with_exact(left),
+            (true, _) => SizeHint::default(),
+        }
+    }
+}
+
+/// Idle kept-alive connections to the app, the most recently used first
+/// out. A reaper task closes those idle past `upstream.pool_idle_timeout`
+/// while there are any.
+struct Pool {
+    idle: Mutex<Idle>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Idle {
+    conns: Vec<(Conn, Instant)>,
+    reaping: bool,
+}
+
+impl Pool {
+    fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, since)) = idle.conns.pop() {
+            if now.duration_since(since) < self.idle_timeout && !conn.is_spent() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.conns.len() >= self.max_idle {
+            return;
+        }
+        idle.conns.push((conn, Instant::now()));
+        if !idle.reaping {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                idle.reaping = true;
+                runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
+            }
+        }
+    }
+}
+
+/// Closes idle connections past `idle_timeout` (or closed by the app) every
+/// half of it, until the pool is empty or gone.
+async fn reap(pool: Weak<Pool>, idle_timeout: Duration) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.conns
+            .retain(|(conn, since)| now.duration_since(*since) < idle_timeout && !conn.is_spent());
+        if idle.conns.is_empty() {
+            idle.reaping = false;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(framing: &mut Framing, input: &[u8], eof: bool) -> Result<Vec<Step>, BoxError> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match framing.step(&mut buf, eof)? {
+                Step::More => return Ok(out),
+                Step::End => {
+                    out.push(Step::End);
+                    return Ok(out);
+                }
+                step => out.push(step),
+            }
+        }
+    }
+
+    fn data(steps: &[Step]) -> Vec<u8> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Data(d) => Some(d.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let mut framing = Framing::Chunked(Chunked::Size);
+        let out = steps(
+            &mut framing,
+            b"5;name=value\r\nhello\r\nA \r\n, chunked!\r\n0\r\nx-digest: abc\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(data(&out), b"hello, chunked!");
+        let trailers = out.iter().find_map(|s| match s {
+            Step::Trailers(t) => Some(t.clone()),
+            _ => None,
+        });
+        assert_eq!(trailers.unwrap()["x-digest"], "abc");
+        assert!(matches!(out.last(), Some(Step::End)));
+        assert!(framing.is_done());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire: &[u8] = b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n";
+        for split in 0..wire.len() {
+            let mut framing = Framing::Chunked(Chunked::Size);
+            let mut buf = BytesMut::from(&wire[..split]);
+            let mut got = Vec::new();
+            let mut ended = false;
+            for more in [&wire[split..], &b""[..]] {
+                loop {
+                    match framing.step(&mut buf, false).unwrap() {
+                        Step::Data(d) => got.extend_from_slice(&d),
+                        Step::End => {
+                            ended = true;
+                            break;
+                        }
+                        Step::Trailers(_) => unreachable!("no trailers sent"),
+                        Step::More => break,
+                    }
+                }
+                buf.extend_from_slice(more);
+            }
+            assert!(ended, "split at {split}");
+            assert_eq!(got, b"abc0123456789abcdef", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for wire in [
+            &b"zz\r\nhello\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloX\r\n",
+            b"5 garbage\r\n",
+            b"11111111111111111\r\n",
+        ] {
+            let mut framing = Framing::Chunked(Chunked::Size);
+            assert!(steps(&mut framing, wire, false).is_err(), "{wire:?}");
+        }
+        let long_line = vec![b'1'; MAX_CHUNK_LINE + 1];
+        let mut framing = Framing::Chunked(Chunked::Size);
+        assert!(steps(&mut framing, &long_line, false).is_err());
+    }
+
+    #[test]
+    fn a_body_cut_short_by_the_app_is_an_error_but_one_framed_by_close_ends() {
+        let mut framing = Framing::Length(10);
+        assert!(steps(&mut framing, b"12345", true).is_err());
+        let mut framing = Framing::Chunked(Chunked::Size);
+        assert!(steps(&mut framing, b"5\r\nhel", true).is_err());
+        let mut framing = Framing::Close;
+        let out = steps(&mut framing, b"all of it", true).unwrap();
+        assert_eq!(data(&out), b"all of it");
+        assert!(matches!(out.last(), Some(Step::End)));
+    }
+
+    #[test]
+    fn a_length_framed_body_stops_at_its_length() {
+        let mut framing = Framing::Length(5);
+        let mut buf = BytesMut::from(&b"helloHTTP/1.1 200"[..]);
+        let Step::Data(first) = framing.step(&mut buf, false).unwrap() else {
+            panic!("data expected")
+        };
+        assert_eq!(first, "hello");
+        assert!(framing.is_done());
+        assert_eq!(buf, &b"HTTP/1.1 200"[..]);
+    }
+
+    fn head(wire: &str) -> Result<Option<Head>, ProxyError> {
+        parse_head(&mut BytesMut::from(wire))
+    }
+
+    #[test]
+    fn answer_heads_give_status_fields_framing_and_keep_alive() {
+        let parsed = head("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok")
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.status, StatusCode::OK);
+        assert_eq!(parsed.framing, Framing::Length(2));
+        assert!(parsed.keep_alive);
+        assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+
+        let chunked = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(chunked.framing, Framing::Chunked(Chunked::Size));
+
+        let closing = head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!closing.keep_alive);
+        let old = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(!old.keep_alive);
+        assert_eq!(old.framing, Framing::Close);
+        let unknown_coding = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(unknown_coding.framing, Framing::Close);
+        let not_modified = head("HTTP/1.1 304 Not Modified\r\nContent-Length: 40\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(not_modified.framing, Framing::Length(0));
+
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn interim_answers_are_skipped() {
+        let parsed = head(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(parsed.status, StatusCode::CREATED);
+        assert!(!parsed.headers.contains_key("link"));
+    }
+
+    #[test]
+    fn invalid_answer_heads_are_errors() {
+        for wire in [
+            "SSH-2.0-OpenSSH\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(head(wire).is_err(), "{wire}");
+        }
+        let agreeing = head("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(agreeing.framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn requests_are_written_with_host_and_an_explicit_empty_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
+        let host = HeaderValue::from_static("app:3000");
+        let get =
+            String::from_utf8(encode_request(&Method::GET, "/a?b=c", &headers, &host)).unwrap();
+        assert_eq!(
+            get,
+            "GET /a?b=c HTTP/1.1\r\nhost: app:3000\r\nx-forwarded-for: 127.0.0.1\r\n\r\n"
+        );
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        let post = String::from_utf8(encode_request(&Method::POST, "/", &headers, &host)).unwrap();
+        assert_eq!(
+            post,
+            "POST / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}
