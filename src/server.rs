@@ -42,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
-use detach::Detachable;
+use detach::{DetachHandle, Detachable};
 use head_deadline::HeadDeadline;
 
 /// Open files kept aside for listeners, logs, the engine and the like when
@@ -128,10 +128,21 @@ enum Handler {
 }
 
 impl Handler {
-    async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    /// `detach` (HTTP/1 only) lets a realtime handler take the socket; it
+    /// goes into the request's extensions only there, sparing every proxied
+    /// request the allocations.
+    async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        conn: ConnInfo,
+        detach: Option<DetachHandle>,
+    ) -> Response<Body> {
         match self {
             Handler::Public { realtime, proxy } => {
                 if realtime.owns(request.uri().path()) {
+                    if let Some(detach) = detach {
+                        request.extensions_mut().insert(detach);
+                    }
                     realtime.handle(request, conn).await
                 } else {
                     proxy.forward(request, conn).await
@@ -597,20 +608,19 @@ impl Connection {
         let (io, head) = HeadDeadline::new(io, deadline);
         let handler = self.handler.clone();
         let head_seen = head.clone();
-        let service = service_fn(move |mut request: Request<Incoming>| {
+        let service = service_fn(move |request: Request<Incoming>| {
             head_seen.received();
             // Only an HTTP/1 connection is one request at a time, and so can
             // be handed over whole.
-            if request.version() < http::Version::HTTP_2 {
-                request.extensions_mut().insert(detach.clone());
-            }
+            let detach = (request.version() < http::Version::HTTP_2).then(|| detach.clone());
             let handler = handler.clone();
             // Boxed per request: hyper keeps room for the service's future for
             // the connection's whole life, and an SSE stream or an idle
             // keep-alive connection should not hold kilobytes of a finished
             // request's state.
-            let answer: Pin<Box<dyn Future<Output = _> + Send>> =
-                Box::pin(async move { Ok::<_, Infallible>(handler.handle(request, conn).await) });
+            let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                Ok::<_, Infallible>(handler.handle(request, conn, detach).await)
+            });
             answer
         });
         let connection = shared

@@ -45,7 +45,7 @@ struct Shared {
     sender: Mutex<Option<oneshot::Sender<Detached>>>,
 }
 
-/// Put into every HTTP/1 request's extensions: lets its handler take the
+/// Put into an HTTP/1 realtime request's extensions: lets its handler take the
 /// connection's socket.
 #[derive(Clone)]
 pub struct DetachHandle(Arc<Shared>);
