@@ -35,6 +35,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::body::{self, Body, BoxError};
 use crate::error::ProxyError;
+use crate::proxy::Added;
 
 /// Most header fields an answer (or its trailers) may carry, as hyper's client.
 const MAX_HEADERS: usize = 100;
@@ -98,9 +99,10 @@ impl AppClient {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        added: &Added,
         file: OwnedSemaphorePermit,
     ) -> Result<Response<Body>, ProxyError> {
-        let request = encode_request(method, target, headers, &self.host);
+        let request = encode_request(method, target, headers, added, &self.host);
         let mut pooled = true;
         loop {
             let (mut conn, reused) = match pooled.then(|| self.pool.checkout()).flatten() {
@@ -195,10 +197,12 @@ fn encode_request(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    added: &Added,
     default_host: &HeaderValue,
 ) -> Vec<u8> {
     let fields: usize = headers
         .iter()
+        .chain(added.iter())
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     let mut buf = Vec::with_capacity(method.as_str().len() + target.len() + fields + 64);
@@ -206,10 +210,10 @@ fn encode_request(
     buf.put_u8(b' ');
     buf.put_slice(target.as_bytes());
     buf.put_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
+    if !headers.contains_key(header::HOST) && !added.iter().any(|(name, _)| name == header::HOST) {
         put_field(&mut buf, header::HOST.as_str(), default_host);
     }
-    for (name, value) in headers {
+    for (name, value) in headers.iter().chain(added.iter()) {
         put_field(&mut buf, name.as_str(), value);
     }
     // A method that expects a body is told plainly that this one has none.
@@ -903,14 +907,27 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
         let host = HeaderValue::from_static("app:3000");
-        let get =
-            String::from_utf8(encode_request(&Method::GET, "/a?b=c", &headers, &host)).unwrap();
+        let get = String::from_utf8(encode_request(
+            &Method::GET,
+            "/a?b=c",
+            &headers,
+            &Added::default(),
+            &host,
+        ))
+        .unwrap();
         assert_eq!(
             get,
             "GET /a?b=c HTTP/1.1\r\nhost: app:3000\r\nx-forwarded-for: 127.0.0.1\r\n\r\n"
         );
         headers.insert(header::HOST, HeaderValue::from_static("example.com"));
-        let post = String::from_utf8(encode_request(&Method::POST, "/", &headers, &host)).unwrap();
+        let post = String::from_utf8(encode_request(
+            &Method::POST,
+            "/",
+            &headers,
+            &Added::default(),
+            &host,
+        ))
+        .unwrap();
         assert_eq!(
             post,
             "POST / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"

@@ -146,7 +146,8 @@ impl Proxy {
     /// Sends `request` to the app and streams its answer back. Never fails:
     /// when the app cannot answer, the response says why (502/504).
     pub async fn forward(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-        let started = Instant::now();
+        // The clock is read only for the debug line that uses it.
+        let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         let method = request.method().clone();
         // The URI is reference-counted: kept for log lines without copying
         // the path on every request.
@@ -179,14 +180,16 @@ impl Proxy {
                 err.into_response()
             }
         };
-        tracing::debug!(
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            peer = %conn.peer,
-            "proxied"
-        );
+        if let Some(started) = started {
+            tracing::debug!(
+                %method,
+                %path,
+                status = response.status().as_u16(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                peer = %conn.peer,
+                "proxied"
+            );
+        }
         response
     }
 
@@ -211,13 +214,12 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         remove_hop_by_hop(&mut headers);
-        if let Some(host) = &host {
-            headers.insert(header::HOST, host.clone());
-        }
-        self.set_forwarded(&mut headers, conn, host.as_ref());
-        if let Some(protocol) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocol.clone());
+        let mut added = self.take_forwarded(&mut headers, conn, host.as_ref());
+        // One `Host`: the client's first, or (HTTP/2) its authority.
+        match (headers.get_all(header::HOST).iter().count(), &host) {
+            (0, Some(host)) => added.push(header::HOST, host.clone()),
+            (2.., Some(host)) => drop(headers.insert(header::HOST, host.clone())),
+            _ => {}
         }
 
         // Never wait for a file: a full budget means the process is at its
@@ -230,12 +232,20 @@ impl Proxy {
 
         if upgrade.is_none() && incoming.is_end_stream() {
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            let sent = self.app.send(&parts.method, target, &headers, file);
+            let sent = self.app.send(&parts.method, target, &headers, &added, file);
             let mut response = tokio::time::timeout(self.timeout, sent)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))??;
             remove_hop_by_hop(response.headers_mut());
             return Ok(response);
+        }
+
+        for (name, value) in added.drain() {
+            headers.insert(name, value);
+        }
+        if let Some(protocol) = &upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol.clone());
         }
 
         // The request body is paced by the client; `upstream.timeout` covers
@@ -287,30 +297,71 @@ impl Proxy {
         Ok(Response::from_parts(parts, body::stream(incoming)))
     }
 
-    /// Sets `X-Forwarded-For/-Proto/-Host`. A chain that came with the request
-    /// is kept only when the peer is a trusted proxy; anyone else could have
-    /// written it, so it is replaced.
-    fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: Option<&HeaderValue>) {
+    /// Takes the client's `X-Forwarded-For/-Proto/-Host` out of `headers` and
+    /// returns the values to send instead. A chain that came with the
+    /// request is kept (and extended) only when the peer is a trusted proxy;
+    /// anyone else could have written it, so it is replaced. The new values
+    /// are returned rather than inserted so that the lean client can write
+    /// them without growing the map.
+    fn take_forwarded(
+        &self,
+        headers: &mut HeaderMap,
+        conn: ConnInfo,
+        host: Option<&HeaderValue>,
+    ) -> Added {
         let trusted = is_trusted(&self.trusted_proxies, conn);
-        // `insert` replaces every earlier value.
-        let chain = forwarded_for(headers, conn, &self.trusted_proxies);
-        headers.insert(X_FORWARDED_FOR, chain);
-
+        let mut added = Added::default();
+        added.push(
+            X_FORWARDED_FOR,
+            forwarded_for(headers, conn, &self.trusted_proxies),
+        );
+        headers.remove(X_FORWARDED_FOR);
         if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
             let proto = if conn.tls { "https" } else { "http" };
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+            headers.remove(X_FORWARDED_PROTO);
+            added.push(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
         if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-            match host {
-                Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-                None => headers.remove(X_FORWARDED_HOST),
-            };
+            headers.remove(X_FORWARDED_HOST);
+            if let Some(host) = host {
+                added.push(X_FORWARDED_HOST, host.clone());
+            }
         }
         if !trusted {
             // Other spellings of the same claims, which we do not write.
             headers.remove(header::FORWARDED);
             headers.remove(X_REAL_IP);
         }
+        added
+    }
+}
+
+/// Fields pushgate adds to a request for the app: the forwarding headers,
+/// and `Host` where the client gave it only as an HTTP/2 authority.
+#[derive(Default)]
+pub struct Added {
+    fields: [Option<(HeaderName, HeaderValue)>; 4],
+}
+
+impl Added {
+    fn push(&mut self, name: HeaderName, value: HeaderValue) {
+        let free = self
+            .fields
+            .iter_mut()
+            .find(|field| field.is_none())
+            .expect("at most four fields are added");
+        *free = Some((name, value));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.fields
+            .iter()
+            .flatten()
+            .map(|(name, value)| (name, value))
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        self.fields.iter_mut().filter_map(Option::take)
     }
 }
 
