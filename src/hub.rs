@@ -19,11 +19,14 @@
 //! stall everyone on the channel).
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::message::{ChannelName, Publication};
 
@@ -48,8 +51,50 @@ pub enum Push {
 pub struct Outbox {
     state: Mutex<OutboxState>,
     /// In an `Arc` so a body can hold an owned wait ([`Outbox::ready_owned`]).
-    ready: Arc<Notify>,
+    ready: Arc<Signal>,
     limits: QueueLimits,
+}
+
+/// Wakes the one task that drains an outbox: a flag and a waker, no lock and
+/// no list of waiters (a `Notify` took a lock on every wake and every wait,
+/// once per subscriber per publication).
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    fn notify(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.set.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A notify between the check and the registration woke no one.
+        if self.set.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// A wait for an outbox's next wake-up that a hand-written stream or a
+/// `select!` loop keeps across wake-ups: it resolves once per wake-up and can
+/// be polled again after that.
+pub struct Ready(Arc<Signal>);
+
+impl Future for Ready {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll(cx)
+    }
 }
 
 #[derive(Default)]
@@ -75,7 +120,7 @@ impl Outbox {
     pub fn new(limits: QueueLimits) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(OutboxState::default()),
-            ready: Arc::new(Notify::new()),
+            ready: Arc::default(),
             limits,
         })
     }
@@ -92,7 +137,7 @@ impl Outbox {
             state.bytes = 0;
             state.queue = VecDeque::new();
             drop(state);
-            self.ready.notify_one();
+            self.ready.notify();
             return Push::Overflowed;
         }
         let was_empty = state.queue.is_empty();
@@ -108,7 +153,7 @@ impl Outbox {
         // One wake-up per batch: a session that has not drained yet will see
         // this publication with the ones before it.
         if was_empty || half_full {
-            self.ready.notify_one();
+            self.ready.notify();
         }
         Push::Queued
     }
@@ -132,13 +177,14 @@ impl Outbox {
     /// Waits until something was pushed, the session lags, or it is closed
     /// since the last drain.
     pub async fn ready(&self) {
-        self.ready.notified().await
+        std::future::poll_fn(|cx| self.ready.poll(cx)).await
     }
 
     /// Like [`Outbox::ready`], as an owned future that a hand-written stream
-    /// can keep between polls (no allocation).
-    pub fn ready_owned(&self) -> tokio::sync::futures::OwnedNotified {
-        self.ready.clone().notified_owned()
+    /// can keep and poll again after each wake-up. One session waits on its
+    /// outbox at a time.
+    pub fn ready_owned(&self) -> Ready {
+        Ready(self.ready.clone())
     }
 
     /// Closes the outbox: later pushes are refused and the session is woken.
@@ -148,7 +194,7 @@ impl Outbox {
         state.queue = VecDeque::new();
         state.bytes = 0;
         drop(state);
-        self.ready.notify_one();
+        self.ready.notify();
     }
 
     pub fn is_lagging(&self) -> bool {
@@ -427,6 +473,45 @@ mod tests {
         let mut wait = std::pin::pin!(wait);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         wait.as_mut().poll(&mut cx).is_ready()
+    }
+
+    /// Counts how often it is woken.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_kept_wait_wakes_its_task_once_per_wake_up_and_keeps_an_early_one() {
+        let outbox = Outbox::new(LIMITS);
+        let counter = Arc::new(CountingWaker(Default::default()));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut ready = outbox.ready_owned();
+
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
+        outbox.push(&publication("c", 1, "1"));
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "the waiting task is woken"
+        );
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_ready());
+        // Fired once; the same wait can be polled again.
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
+
+        // A wake-up while nobody waits is kept for the next poll, and two
+        // of them make one.
+        outbox.drain_into(&mut Vec::new());
+        drop(ready);
+        outbox.push(&publication("c", 2, "2"));
+        outbox.close();
+        let mut ready = outbox.ready_owned();
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_ready());
+        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
     }
 
     #[test]

@@ -280,8 +280,7 @@ impl Buf for Frames {
 pin_project_lite::pin_project! {
     /// An SSE response body driven by its session.
     pub struct SseStream {
-        #[pin]
-        ready: tokio::sync::futures::OwnedNotified,
+        ready: crate::hub::Ready,
         #[pin]
         shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
         #[pin]
@@ -503,10 +502,7 @@ impl http_body::Body for SseStream {
             }
             // A wake-up while holding (the outbox half full, lagging or
             // closed) writes at once.
-            let woken = this.ready.as_mut().poll(cx).is_ready();
-            if woken {
-                this.ready.set(state.session.outbox().ready_owned());
-            }
+            let woken = Pin::new(&mut *this.ready).poll(cx).is_ready();
             let held_out = state.pace.holding() && this.hold.as_mut().poll(cx).is_ready();
             if woken || held_out {
                 let now = tokio::time::Instant::now();

@@ -354,7 +354,6 @@ impl Connection {
                     }
                 }
                 () = &mut ready => {
-                    ready.set(self.session.outbox().ready_owned());
                     if let Err(end) = self.paced_flush(hold.as_mut()).await {
                         return end;
                     }
