@@ -19,14 +19,11 @@
 //! stall everyone on the channel).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 
-use futures_util::task::AtomicWaker;
+use crate::signal::{Signal, Wait};
 
 use crate::message::{ChannelName, Publication};
 
@@ -53,48 +50,6 @@ pub struct Outbox {
     /// In an `Arc` so a body can hold an owned wait ([`Outbox::ready_owned`]).
     ready: Arc<Signal>,
     limits: QueueLimits,
-}
-
-/// Wakes the one task that drains an outbox: a flag and a waker, no lock and
-/// no list of waiters (a `Notify` took a lock on every wake and every wait,
-/// once per subscriber per publication).
-#[derive(Default)]
-struct Signal {
-    set: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Signal {
-    fn notify(&self) {
-        self.set.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.set.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        // A notify between the check and the registration woke no one.
-        if self.set.swap(false, Ordering::AcqRel) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-}
-
-/// A wait for an outbox's next wake-up that a hand-written stream or a
-/// `select!` loop keeps across wake-ups: it resolves once per wake-up and can
-/// be polled again after that.
-pub struct Ready(Arc<Signal>);
-
-impl Future for Ready {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.poll(cx)
-    }
 }
 
 #[derive(Default)]
@@ -177,14 +132,14 @@ impl Outbox {
     /// Waits until something was pushed, the session lags, or it is closed
     /// since the last drain.
     pub async fn ready(&self) {
-        std::future::poll_fn(|cx| self.ready.poll(cx)).await
+        self.ready.wait().await
     }
 
     /// Like [`Outbox::ready`], as an owned future that a hand-written stream
     /// can keep and poll again after each wake-up. One session waits on its
     /// outbox at a time.
-    pub fn ready_owned(&self) -> Ready {
-        Ready(self.ready.clone())
+    pub fn ready_owned(&self) -> Wait {
+        Wait::new(self.ready.clone())
     }
 
     /// Closes the outbox: later pushes are refused and the session is woken.
@@ -473,45 +428,6 @@ mod tests {
         let mut wait = std::pin::pin!(wait);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         wait.as_mut().poll(&mut cx).is_ready()
-    }
-
-    /// Counts how often it is woken.
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn a_kept_wait_wakes_its_task_once_per_wake_up_and_keeps_an_early_one() {
-        let outbox = Outbox::new(LIMITS);
-        let counter = Arc::new(CountingWaker(Default::default()));
-        let waker = std::task::Waker::from(counter.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut ready = outbox.ready_owned();
-
-        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
-        outbox.push(&publication("c", 1, "1"));
-        assert_eq!(
-            counter.0.load(Ordering::SeqCst),
-            1,
-            "the waiting task is woken"
-        );
-        assert!(Pin::new(&mut ready).poll(&mut cx).is_ready());
-        // Fired once; the same wait can be polled again.
-        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
-
-        // A wake-up while nobody waits is kept for the next poll, and two
-        // of them make one.
-        outbox.drain_into(&mut Vec::new());
-        drop(ready);
-        outbox.push(&publication("c", 2, "2"));
-        outbox.close();
-        let mut ready = outbox.ready_owned();
-        assert!(Pin::new(&mut ready).poll(&mut cx).is_ready());
-        assert!(Pin::new(&mut ready).poll(&mut cx).is_pending());
     }
 
     #[test]

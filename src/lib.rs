@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
+pub mod signal;
 pub mod transport;
 
 pub use config::Config;

@@ -11,16 +11,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::StatusCode;
-use tokio::sync::Notify;
 
 use crate::auth::Grant;
 use crate::error::ApiError;
 use crate::message::ChannelName;
+use crate::signal::{Signal, Wait};
 
 /// Orders for one session, set by the API.
 pub struct Control {
     /// Wakes the session when an order arrives.
-    wake: Arc<Notify>,
+    wake: Arc<Signal>,
     orders: Mutex<Orders>,
 }
 
@@ -45,7 +45,7 @@ pub struct Taken {
 impl Control {
     fn new() -> Arc<Control> {
         Arc::new(Control {
-            wake: Arc::new(Notify::new()),
+            wake: Arc::default(),
             orders: Mutex::default(),
         })
     }
@@ -53,13 +53,13 @@ impl Control {
     /// Orders the session to close (also used when its grant runs out).
     pub fn disconnect(&self, code: u16, reason: &str) {
         self.orders.lock().expect("control lock").disconnect = Some((code, reason.to_owned()));
-        self.wake.notify_one();
+        self.wake.notify();
     }
 
     /// Hands the session a renewed grant.
     pub fn regrant(&self, grant: Grant) {
         self.orders.lock().expect("control lock").regrant = Some(grant);
-        self.wake.notify_one();
+        self.wake.notify();
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
@@ -68,18 +68,18 @@ impl Control {
             .expect("control lock")
             .unsubscribe
             .push(channel.clone());
-        self.wake.notify_one();
+        self.wake.notify();
     }
 
     /// Waits for an order.
     pub async fn ordered(&self) {
-        self.wake.notified().await
+        self.wake.wait().await
     }
 
     /// Like [`Control::ordered`], as an owned future for a hand-written
     /// stream.
-    pub fn ordered_owned(&self) -> tokio::sync::futures::OwnedNotified {
-        self.wake.clone().notified_owned()
+    pub fn ordered_owned(&self) -> Wait {
+        Wait::new(self.wake.clone())
     }
 
     /// Takes the orders waiting.

@@ -280,11 +280,10 @@ impl Buf for Frames {
 pin_project_lite::pin_project! {
     /// An SSE response body driven by its session.
     pub struct SseStream {
-        ready: crate::hub::Ready,
+        ready: crate::signal::Wait,
         #[pin]
         shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
-        #[pin]
-        ordered: tokio::sync::futures::OwnedNotified,
+        ordered: crate::signal::Wait,
         // The pace's wait (see `State::pace`).
         #[pin]
         hold: tokio::time::Sleep,
@@ -495,8 +494,7 @@ impl http_body::Body for SseStream {
                 state.done = true;
                 continue;
             }
-            if this.ordered.as_mut().poll(cx).is_ready() {
-                this.ordered.set(state.session.control().ordered_owned());
+            if Pin::new(&mut *this.ordered).poll(cx).is_ready() {
                 state.obey();
                 continue;
             }

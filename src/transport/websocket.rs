@@ -348,7 +348,6 @@ impl Connection {
                     return End::Close(close::GOING_AWAY, "server shutting down; reconnect".into());
                 }
                 () = &mut ordered => {
-                    ordered.set(self.session.control().ordered_owned());
                     if let Err(end) = self.obey().await {
                         return end;
                     }
