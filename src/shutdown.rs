@@ -11,9 +11,14 @@
 //! connection future when they upgrade, so they hold a [`DrainGuard`] of their
 //! own for as long as they live.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +26,8 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Drain {
     signal: CancellationToken,
+    /// Set before `signal` is cancelled: what a kept wait checks.
+    signalled: Arc<AtomicBool>,
     tracker: TaskTracker,
 }
 
@@ -56,10 +63,14 @@ impl Drain {
         self.signal.cancelled().await
     }
 
-    /// Like [`Drain::signalled`], as an owned future a hand-written stream
-    /// can keep between polls.
-    pub fn signalled_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.signal.clone().cancelled_owned()
+    /// Like [`Drain::signalled`], as an owned future that a session's loop
+    /// keeps and polls on every turn (see [`Signalled`]).
+    pub fn signalled_owned(&self) -> Signalled {
+        Signalled {
+            signalled: self.signalled.clone(),
+            wait: self.signal.clone().cancelled_owned(),
+            registered: None,
+        }
     }
 
     pub fn is_signalled(&self) -> bool {
@@ -68,6 +79,7 @@ impl Drain {
 
     /// Starts shutdown: every [`Drain::signalled`] resolves.
     pub fn signal(&self) {
+        self.signalled.store(true, Ordering::Release);
         self.signal.cancel();
         self.tracker.close();
     }
@@ -83,6 +95,44 @@ impl Drain {
         tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_ok()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A kept wait for shutdown. A session's loop polls its waits on every
+    /// turn, once per delivery; the token's own wait takes a lock each time.
+    /// This one registers with the token once per waker and otherwise reads
+    /// one flag.
+    pub struct Signalled {
+        signalled: Arc<AtomicBool>,
+        #[pin]
+        wait: WaitForCancellationFutureOwned,
+        // The waker the token will wake; the token is asked again only for
+        // another one.
+        registered: Option<Waker>,
+    }
+}
+
+impl Future for Signalled {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.signalled.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if let Some(waker) = this.registered {
+            if waker.will_wake(cx.waker()) {
+                return Poll::Pending;
+            }
+        }
+        match this.wait.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(()),
+            Poll::Pending => {
+                *this.registered = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -117,5 +167,43 @@ mod tests {
         drop(guard);
         assert!(drain.wait(Duration::from_secs(5)).await);
         assert_eq!(drain.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_kept_wait_polled_many_times_ends_on_the_signal() {
+        let drain = Drain::new();
+        let mut wait = Box::pin(drain.signalled_owned());
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..3 {
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+        }
+        // The same wait, now kept by a task (another waker than the polls
+        // above), polled on every turn of its loop as a session's is: the
+        // signal must wake that task.
+        let turns = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = turns.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let turn = counted.load(Ordering::SeqCst);
+                tokio::select! {
+                    biased;
+                    () = &mut wait => return,
+                    () = tokio::task::yield_now(), if turn < 3 => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        // Signal only once the task has polled the wait with its own waker
+        // and gone quiet on it.
+        while turns.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        drain.signal();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("woken by the signal")
+            .unwrap();
     }
 }

@@ -282,7 +282,7 @@ pin_project_lite::pin_project! {
     pub struct SseStream {
         ready: crate::signal::Wait,
         #[pin]
-        shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
+        shutdown: crate::shutdown::Signalled,
         ordered: crate::signal::Wait,
         // The pace's wait (see `State::pace`).
         #[pin]
