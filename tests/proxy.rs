@@ -1059,3 +1059,26 @@ async fn idle_connections_to_the_app_close_after_pool_idle_timeout() {
     let idle = closed_at - answered;
     assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
 }
+
+#[tokio::test]
+async fn bytes_after_an_answer_never_answer_the_next_request() {
+    let app = RawApp::start(|n, mut stream| async move {
+        while next_request_line(&mut stream).await.is_some() {
+            let answer: &[u8] = if n == 0 {
+                // One answer and, stuck to it, a second nobody asked for.
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfine"
+            };
+            stream.write_all(answer).await.unwrap();
+        }
+    })
+    .await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    let mut client = http1(gate.addr).await;
+    let (_, first) = send_collect(&mut client, get_request("/one")).await;
+    assert_eq!(first.unwrap(), "ok");
+    let (_, second) = send_collect(&mut client, get_request("/two")).await;
+    assert_eq!(second.unwrap(), "fine");
+    assert_eq!(app.accepted(), 2);
+}

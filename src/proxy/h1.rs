@@ -162,7 +162,9 @@ impl AppClient {
             // The common case: the whole body came with the head.
             Framing::Length(len) if conn.buf.len() as u64 >= len => {
                 let data = conn.buf.split_to(len as usize).freeze();
-                if reuse {
+                // Bytes after the answer are not an answer to anything we
+                // sent: such a connection is not trusted again.
+                if reuse && conn.buf.is_empty() {
                     self.pool.checkin(conn);
                 }
                 drop(file);
