@@ -659,7 +659,7 @@ impl http_body::Body for AppBody {
 }
 
 /// Idle kept-alive connections to the app, the most recently used first
-/// out. A reaper task closes those idle past `upstream.pool_idle_timeout`
+/// out. A reaper task closes each as it passes `upstream.pool_idle_timeout`,
 /// while there are any.
 struct Pool {
     idle: Mutex<Idle>,
@@ -700,20 +700,24 @@ impl Pool {
     }
 }
 
-/// Closes idle connections past `idle_timeout` (or closed by the app) every
-/// half of it, until the pool is empty or gone.
+/// Closes idle connections as they pass `idle_timeout` (and any the app
+/// closed meanwhile), until the pool is empty or gone.
 async fn reap(pool: Weak<Pool>, idle_timeout: Duration) {
-    let period = (idle_timeout / 2).max(Duration::from_millis(10));
+    let mut next = Instant::now() + idle_timeout;
     loop {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.conns
             .retain(|(conn, since)| now.duration_since(*since) < idle_timeout && !conn.is_spent());
-        if idle.conns.is_empty() {
-            idle.reaping = false;
-            return;
+        // Checked in at the end, so the first is the oldest.
+        match idle.conns.first() {
+            Some((_, since)) => next = *since + idle_timeout,
+            None => {
+                idle.reaping = false;
+                return;
+            }
         }
     }
 }
