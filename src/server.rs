@@ -626,10 +626,13 @@ impl Connection {
         let connection = shared
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(connection);
+        // Polled each time the connection wakes: the kept wait reads a flag
+        // where the token's own wait would take a lock.
+        let drain = shared.drain.signalled_owned();
+        tokio::pin!(connection, drain);
         let result = tokio::select! {
             result = connection.as_mut() => result,
-            () = shared.drain.signalled() => {
+            () = drain => {
                 connection.as_mut().graceful_shutdown();
                 connection.await
             }
