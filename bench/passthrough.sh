@@ -12,6 +12,10 @@
 #   DURATION     each measured wrk run                      (default 10s)
 #   WARMUP       unmeasured wrk run before each measurement (default 2s)
 #   THREADS      wrk threads                                (default 2)
+#   TLS          1: pushgate and nginx terminate TLS (a self-signed
+#                certificate made here with openssl; wrk keeps each
+#                connection, so this measures the records, not handshakes);
+#                direct stays plain and Pushpin is not run  (default 0)
 #   ROUNDS       repeat the three targets this many times; with more than
 #                one, medians per target follow, over the undisturbed
 #                rounds                                     (default 1)
@@ -44,11 +48,19 @@ THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
 MAX_OTHER=${MAX_OTHER:-10}
-read -r -a TARGETS <<<"${TARGETS:-direct pushgate nginx pushpin}"
+TLS=${TLS:-0}
+if [[ $TLS == 1 ]]; then
+    read -r -a TARGETS <<<"${TARGETS:-direct pushgate nginx}"
+else
+    read -r -a TARGETS <<<"${TARGETS:-direct pushgate nginx pushpin}"
+fi
 for target in "${TARGETS[@]}"; do
     case $target in direct | pushgate | nginx | pushpin) ;; *) echo "unknown target $target" >&2 && exit 1 ;; esac
 done
 wants() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
+if [[ $TLS == 1 ]] && wants pushpin; then
+    echo "TLS=1 measures pushgate and nginx; leave pushpin out of TARGETS" >&2 && exit 1
+fi
 
 SCRIPT=passthrough.sh
 # shellcheck source=bench/lib.sh
@@ -61,6 +73,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx)
 command -v python3 >/dev/null || missing+=(python3)
 command -v pgrep >/dev/null || missing+=(procps)
+if [[ $TLS == 1 ]]; then command -v openssl >/dev/null || missing+=(openssl); fi
 if wants pushpin; then command -v pushpin >/dev/null || missing+=(pushpin); fi
 install_missing "${missing[@]}"
 
@@ -115,6 +128,18 @@ api:
 log:
   level: info   # warn would hide the "listening" line this script reads
 EOF
+SCHEME=http
+if [[ $TLS == 1 ]]; then
+    SCHEME=https
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+        -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
+    cat >>"$WORK/pushgate.yaml" <<EOF
+tls:
+  cert: $WORK/tls.crt
+  key: $WORK/tls.key
+EOF
+fi
 PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$WORK/pushgate.yaml" 2>"$WORK/pushgate.log" >&2 &
 pushgate_pid=$!
 pids+=("$pushgate_pid")
@@ -127,7 +152,11 @@ PUSHGATE_ADDR=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
 NGINX_ADDR=
 for attempt in 1 2 3 4 5; do
     port=$(free_port)
-    sed -e "s|@DIR@|$WORK|g" -e "s|@UPSTREAM@|$UPSTREAM|g" -e "s|@LISTEN@|127.0.0.1:$port|g" \
+    listen="127.0.0.1:$port"
+    if [[ $TLS == 1 ]]; then
+        listen="$listen ssl; ssl_certificate $WORK/tls.crt; ssl_certificate_key $WORK/tls.key"
+    fi
+    sed -e "s|@DIR@|$WORK|g" -e "s|@UPSTREAM@|$UPSTREAM|g" -e "s|@LISTEN@|$listen|g" \
         "$ROOT/bench/nginx-passthrough.conf" >"$WORK/nginx.conf"
     : >"$WORK/nginx-error.log"
     nginx -p "$WORK" -e "$WORK/nginx-error.log" -c "$WORK/nginx.conf" &
@@ -163,12 +192,13 @@ fi
 # --- sanity: every target answers the upstream's body -------------------------
 declare -A URL=(
     [direct]=http://$UPSTREAM/bench
-    [pushgate]=http://$PUSHGATE_ADDR/bench
-    [nginx]=http://$NGINX_ADDR/bench
+    [pushgate]=$SCHEME://$PUSHGATE_ADDR/bench
+    [nginx]=$SCHEME://$NGINX_ADDR/bench
     [pushpin]=http://$PUSHPIN_ADDR/bench
 )
 for target in "${TARGETS[@]}"; do
-    body=$(python3 -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" "${URL[$target]}") ||
+    # The certificate is self-signed: not checked here (nor by wrk).
+    body=$(python3 -c "import ssl, sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5, context=ssl._create_unverified_context()).read().decode())" "${URL[$target]}") ||
         die "$target (${URL[$target]}) does not answer"
     [[ $body == '{"ok":true,"n":42}' ]] || die "$target answered an unexpected body: $body"
 done
@@ -182,6 +212,7 @@ cat <<EOF
 machine:  $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r)
 pushgate: $commit ($PUSHGATE)
 nginx:    $(nginx -v 2>&1 | sed 's/^nginx version: //'), 2 workers, upstream keepalive 256
+tls:      $(if [[ $TLS == 1 ]]; then echo "pushgate and nginx terminate TLS (self-signed P-256 certificate; $(openssl version | cut -d" " -f1-2))"; else echo "off"; fi)
 pushpin:  $(if wants pushpin; then pushpin --version 2>&1; else echo "not run"; fi), bench/pushpin/ (runner, condure, zurl, pushpin-proxy, pushpin-handler)
 wrk:      $( (wrk --version 2>&1 || true) | head -1 | awk '{print $2}'), $THREADS threads, $DURATION per run after a $WARMUP warm-up
 upstream: $UPSTREAM  pushgate: $PUSHGATE_ADDR  nginx: $NGINX_ADDR  pushpin: ${PUSHPIN_ADDR:--}
