@@ -162,11 +162,7 @@ impl AppClient {
             // The common case: the whole body came with the head.
             Framing::Length(len) if conn.buf.len() as u64 >= len => {
                 let data = conn.buf.split_to(len as usize).freeze();
-                // Bytes after the answer are not an answer to anything we
-                // sent: such a connection is not trusted again.
-                if reuse && conn.buf.is_empty() {
-                    self.pool.checkin(conn);
-                }
+                self.pool.release(conn, reuse);
                 drop(file);
                 if data.is_empty() {
                     body::empty()
@@ -587,9 +583,7 @@ struct AppBody {
 impl AppBody {
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if self.reuse && conn.buf.is_empty() {
-                self.pool.checkin(conn);
-            }
+            self.pool.release(conn, self.reuse);
         }
         self.file = None;
     }
@@ -685,7 +679,13 @@ impl Pool {
         None
     }
 
-    fn checkin(self: &Arc<Self>, conn: Conn) {
+    /// Takes back a connection whose answer has ended: kept when the answer
+    /// allowed it (`reuse`) and nothing followed the answer — bytes after
+    /// it answer nothing we sent — else closed.
+    fn release(self: &Arc<Self>, conn: Conn, reuse: bool) {
+        if !reuse || !conn.buf.is_empty() {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.conns.len() >= self.max_idle {
             return;
