@@ -333,12 +333,32 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
             continue;
         }
         let http11 = answer.version == Some(1);
-        // Where each field lies, so that the values can share the head's
-        // bytes instead of each being copied.
+        let spans = Spans::of(buf, answer.headers);
+        let headers = spans.take(buf, len).map_err(failed)?;
+        let framing = framing(status, &headers)?;
+        let keep_alive = http11 && !crate::proxy::has_token(&headers, header::CONNECTION, "close");
+        return Ok(Some(Head {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// Where each parsed field lies in the buffer it was parsed from, so that
+/// the map made of them shares those bytes instead of copying each value.
+struct Spans {
+    /// Name start and end, value start and end.
+    spans: [(usize, usize, usize, usize); MAX_HEADERS],
+    count: usize,
+}
+
+impl Spans {
+    fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = answer.headers.len();
-        for (span, field) in spans.iter_mut().zip(answer.headers.iter()) {
+        let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
+        for (span, field) in spans.iter_mut().zip(fields) {
             let name = field.name.as_ptr() as usize - base;
             let value = field.value.as_ptr() as usize - base;
             *span = (
@@ -348,23 +368,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
                 value + field.value.len(),
             );
         }
-        let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(name_start, name_end, value_start, value_end) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
-                .map_err(|err| failed(format!("the app sent a bad field name: {err}")))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-                .map_err(|err| failed(format!("the app sent a bad value for {name}: {err}")))?;
-            headers.append(name, value);
+        Spans {
+            spans,
+            count: fields.len().min(MAX_HEADERS),
         }
-        let framing = framing(status, &headers)?;
-        let keep_alive = http11 && !crate::proxy::has_token(&headers, header::CONNECTION, "close");
-        return Ok(Some(Head {
-            status,
-            headers,
-            framing,
-            keep_alive,
-        }));
+    }
+
+    /// Takes the parsed section (`len` bytes) off the front of `buf` and
+    /// returns its fields.
+    fn take(&self, buf: &mut BytesMut, len: usize) -> Result<HeaderMap, String> {
+        let section = buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(self.count);
+        for &(name_start, name_end, value_start, value_end) in &self.spans[..self.count] {
+            let name = HeaderName::from_bytes(&section[name_start..name_end])
+                .map_err(|err| format!("the app sent a bad field name: {err}"))?;
+            let value = HeaderValue::from_maybe_shared(section.slice(value_start..value_end))
+                .map_err(|err| format!("the app sent a bad value for {name}: {err}"))?;
+            map.append(name, value);
+        }
+        Ok(map)
     }
 }
 
@@ -513,14 +535,9 @@ impl Chunked {
                 }
                 Chunked::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                    let (len, spans) = match httparse::parse_headers(buf, &mut fields) {
                         Ok(httparse::Status::Complete((len, fields))) => {
-                            let mut trailers = HeaderMap::with_capacity(fields.len());
-                            for field in fields.iter() {
-                                let name = HeaderName::from_bytes(field.name.as_bytes())?;
-                                trailers.append(name, HeaderValue::from_bytes(field.value)?);
-                            }
-                            (len, trailers)
+                            (len, Spans::of(buf, fields))
                         }
                         Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
                             return Err(format!(
@@ -532,7 +549,7 @@ impl Chunked {
                         Ok(httparse::Status::Partial) => return Ok(Step::More),
                         Err(err) => return Err(format!("the app sent bad trailers: {err}").into()),
                     };
-                    buf.advance(len);
+                    let trailers = spans.take(buf, len)?;
                     *self = Chunked::Done;
                     if !trailers.is_empty() {
                         return Ok(Step::Trailers(trailers));
