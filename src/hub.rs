@@ -17,8 +17,31 @@
 //! explicitly that history no longer covers it. We never drop only some
 //! messages (a silent gap) and never block the fan-out (one slow client would
 //! stall everyone on the channel).
+//!
+//! # Lanes
+//!
+//! The public listener runs on several threads, each with its own
+//! single-threaded runtime (see `Server::bind_sharded`). Waking a task from
+//! another thread costs that runtime a locked queue push and a system call
+//! (an `eventfd` write), so waking thousands of sessions one by one from the
+//! thread a publication arrives on was a system call per subscriber. Each
+//! such thread is a **lane** of the hub: a channel's subscribers are kept by
+//! the lane their session runs on, and a publication is handed to each lane
+//! that has subscribers with one queue push and at most one wake-up; the
+//! lane's own fan-out task, on that thread, then fills its sessions' outboxes
+//! with local wake-ups. A publication that arrives on a lane's own thread
+//! while that lane's queue is empty is handed to its sessions at once, which
+//! keeps the lane's order. Sessions outside any lane (an embedding runtime,
+//! tests) are handed publications directly, as before.
+//!
+//! A lane's queue is bounded ([`LANE_QUEUE_MAX`]). A lane so far behind that
+//! it fills is behind for all its sessions: the queue is dropped and every
+//! session of the lane is cut off as a slow consumer, to recover from history
+//! when it comes back — the lag policy above, applied to the whole thread.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,6 +73,9 @@ pub struct Outbox {
     /// In an `Arc` so a body can hold an owned wait ([`Outbox::ready_owned`]).
     ready: Arc<Signal>,
     limits: QueueLimits,
+    /// The lane of the thread the outbox was made on: its session's task
+    /// runs there.
+    home: Option<Home>,
 }
 
 #[derive(Default)]
@@ -77,6 +103,7 @@ impl Outbox {
             state: Mutex::new(OutboxState::default()),
             ready: Arc::default(),
             limits,
+            home: LANE.get(),
         })
     }
 
@@ -142,6 +169,22 @@ impl Outbox {
         Wait::new(self.ready.clone())
     }
 
+    /// Marks the session lagging (its lane fell behind): it holds nothing,
+    /// refuses pushes and is woken to close as a slow consumer. Says whether
+    /// it was not lagging already.
+    fn lag(&self) -> bool {
+        let mut state = self.state.lock().expect("outbox lock");
+        if state.lagging || state.closed {
+            return false;
+        }
+        state.lagging = true;
+        state.queue = VecDeque::new();
+        state.bytes = 0;
+        drop(state);
+        self.ready.notify();
+        true
+    }
+
     /// Closes the outbox: later pushes are refused and the session is woken.
     pub fn close(&self) {
         let mut state = self.state.lock().expect("outbox lock");
@@ -166,16 +209,97 @@ impl Outbox {
     }
 }
 
-/// Shards of the channel map: subscribing to one channel does not block
+/// Buckets of the channel map: subscribing to one channel does not block
 /// fan-out on the others.
-const SHARDS: usize = 64;
+const BUCKETS: usize = 64;
 
-type Subscribers = Vec<Arc<Outbox>>;
+/// Publications a lane may hold before it counts as hopelessly behind (see
+/// the module's "Lanes").
+pub const LANE_QUEUE_MAX: usize = 65_536;
+
+/// Where a session's task runs: one lane of one hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Home {
+    hub: u64,
+    lane: usize,
+}
+
+thread_local! {
+    /// The lane served by this thread, if it serves one.
+    static LANE: Cell<Option<Home>> = const { Cell::new(None) };
+}
+
+/// Tells hubs apart in [`Home`].
+static NEXT_HUB_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A channel's local subscribers: one list per lane, then one for the
+/// sessions that run outside any lane.
+struct Subscribers(Box<[Vec<Arc<Outbox>>]>);
+
+impl Subscribers {
+    fn new(lanes: usize) -> Subscribers {
+        Subscribers((0..=lanes).map(|_| Vec::new()).collect())
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(Vec::len).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Vec::is_empty)
+    }
+}
+
+/// One lane's publications, waiting for its fan-out task.
+#[derive(Default)]
+struct Lane {
+    queue: Mutex<LaneQueue>,
+    ready: Signal,
+}
+
+#[derive(Default)]
+struct LaneQueue {
+    publications: VecDeque<Arc<Publication>>,
+    /// The queue filled: the lane drops it and cuts its sessions off.
+    overflowed: bool,
+}
+
+impl Lane {
+    /// Queues `publication`, waking the lane's task when the queue starts.
+    fn send(&self, publication: &Arc<Publication>) {
+        let mut queue = self.queue.lock().expect("lane lock");
+        if queue.overflowed {
+            return;
+        }
+        if queue.publications.len() >= LANE_QUEUE_MAX {
+            queue.overflowed = true;
+            queue.publications = VecDeque::new();
+            drop(queue);
+            self.ready.notify();
+            return;
+        }
+        let was_empty = queue.publications.is_empty();
+        queue.publications.push_back(publication.clone());
+        drop(queue);
+        if was_empty {
+            self.ready.notify();
+        }
+    }
+
+    /// Nothing queued: a publication handed to the lane's sessions now
+    /// overtakes none.
+    fn is_idle(&self) -> bool {
+        let queue = self.queue.lock().expect("lane lock");
+        queue.publications.is_empty() && !queue.overflowed
+    }
+}
 
 /// Who on this node hears which channel.
 pub struct Hub {
-    shards: Box<[RwLock<HashMap<ChannelName, Subscribers>>]>,
+    id: u64,
+    buckets: Box<[RwLock<HashMap<ChannelName, Subscribers>>]>,
     hasher: RandomState,
+    lanes: Box<[Lane]>,
     /// Sessions cut off as slow consumers, for /metrics.
     lagged: AtomicU64,
     /// Publications handed to sessions, for /metrics.
@@ -189,28 +313,113 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// A hub without lanes: every session is handed publications directly.
     pub fn new() -> Hub {
+        Hub::with_lanes(0)
+    }
+
+    /// A hub with `lanes` lanes, each to be served by its own thread
+    /// ([`Hub::serve_lane`]).
+    pub fn with_lanes(lanes: usize) -> Hub {
         Hub {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            id: NEXT_HUB_ID.fetch_add(1, Ordering::Relaxed),
+            buckets: (0..BUCKETS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
             lagged: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Subscribers>> {
-        let index = self.hasher.hash_one(channel) as usize % SHARDS;
-        &self.shards[index]
+    fn bucket(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Subscribers>> {
+        let index = self.hasher.hash_one(channel) as usize % BUCKETS;
+        &self.buckets[index]
+    }
+
+    /// The lane served by the calling thread, if it is one of this hub's.
+    fn current_lane(&self) -> Option<usize> {
+        self.lane_of(LANE.get())
+    }
+
+    fn lane_of(&self, home: Option<Home>) -> Option<usize> {
+        home.filter(|home| home.hub == self.id && home.lane < self.lanes.len())
+            .map(|home| home.lane)
+    }
+
+    /// Which of a channel's lists holds `outbox`.
+    fn slot(&self, outbox: &Outbox) -> usize {
+        self.lane_of(outbox.home).unwrap_or(self.lanes.len())
+    }
+
+    /// Makes the calling thread lane `index` of this hub and returns the
+    /// lane's fan-out task, which must run on this thread's (single-threaded)
+    /// runtime for as long as the thread serves sessions. Outboxes made on
+    /// this thread from now on belong to the lane.
+    ///
+    /// # Panics
+    ///
+    /// When the hub has no lane `index`.
+    pub fn serve_lane(self: Arc<Hub>, index: usize) -> impl Future<Output = ()> {
+        assert!(index < self.lanes.len(), "the hub has no lane {index}");
+        LANE.set(Some(Home {
+            hub: self.id,
+            lane: index,
+        }));
+        async move {
+            let lane = &self.lanes[index];
+            let mut batch = VecDeque::new();
+            loop {
+                lane.ready.wait().await;
+                let overflowed = {
+                    let mut queue = lane.queue.lock().expect("lane lock");
+                    std::mem::swap(&mut batch, &mut queue.publications);
+                    std::mem::take(&mut queue.overflowed)
+                };
+                if overflowed {
+                    batch.clear();
+                    self.lag_lane(index);
+                    continue;
+                }
+                for publication in batch.drain(..) {
+                    let bucket = self
+                        .bucket(publication.channel().as_str())
+                        .read()
+                        .expect("hub lock");
+                    if let Some(subscribers) = bucket.get(publication.channel().as_str()) {
+                        self.push_all(&subscribers.0[index], &publication);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts off every session of lane `index` as a slow consumer.
+    fn lag_lane(&self, index: usize) {
+        let mut lagged = 0;
+        for bucket in self.buckets.iter() {
+            for subscribers in bucket.read().expect("hub lock").values() {
+                lagged += subscribers.0[index].iter().filter(|o| o.lag()).count();
+            }
+        }
+        tracing::warn!(
+            lane = index,
+            sessions = lagged,
+            "a fan-out lane fell {LANE_QUEUE_MAX} publications behind; its sessions were cut off as slow consumers"
+        );
+        self.lagged.fetch_add(lagged as u64, Ordering::Relaxed);
     }
 
     /// Adds `outbox` to `channel`. Returns `true` when it is the channel's
     /// first subscriber on this node (the engine may need to listen for it).
     pub fn subscribe(&self, channel: &ChannelName, outbox: &Arc<Outbox>) -> bool {
-        let mut shard = self.shard(channel.as_str()).write().expect("hub lock");
-        let subscribers = shard.entry(channel.clone()).or_default();
+        let mut bucket = self.bucket(channel.as_str()).write().expect("hub lock");
+        let subscribers = bucket
+            .entry(channel.clone())
+            .or_insert_with(|| Subscribers::new(self.lanes.len()));
         let first = subscribers.is_empty();
-        if !subscribers.iter().any(|s| Arc::ptr_eq(s, outbox)) {
-            subscribers.push(outbox.clone());
+        let list = &mut subscribers.0[self.slot(outbox)];
+        if !list.iter().any(|s| Arc::ptr_eq(s, outbox)) {
+            list.push(outbox.clone());
         }
         first
     }
@@ -218,33 +427,56 @@ impl Hub {
     /// Removes `outbox` from `channel`. Returns `true` when no subscriber is
     /// left on this node.
     pub fn unsubscribe(&self, channel: &str, outbox: &Arc<Outbox>) -> bool {
-        let mut shard = self.shard(channel).write().expect("hub lock");
-        let Some(subscribers) = shard.get_mut(channel) else {
+        let mut bucket = self.bucket(channel).write().expect("hub lock");
+        let Some(subscribers) = bucket.get_mut(channel) else {
             return false;
         };
-        if let Some(index) = subscribers.iter().position(|s| Arc::ptr_eq(s, outbox)) {
-            subscribers.swap_remove(index);
+        let list = &mut subscribers.0[self.slot(outbox)];
+        if let Some(index) = list.iter().position(|s| Arc::ptr_eq(s, outbox)) {
+            list.swap_remove(index);
         }
         if subscribers.is_empty() {
-            shard.remove(channel);
+            bucket.remove(channel);
             true
         } else {
             false
         }
     }
 
-    /// Hands `publication` to every local subscriber of its channel; returns
-    /// how many got it. Never waits on a session.
+    /// Hands `publication` to every local subscriber of its channel: at once
+    /// to sessions outside any lane (and to the calling thread's own lane
+    /// when nothing waits there), queued for the other lanes. Returns how
+    /// many sessions got it now; lanes count theirs in
+    /// [`Hub::delivered_total`] as they run. Never waits on a session.
     pub fn deliver(&self, publication: &Arc<Publication>) -> usize {
-        let shard = self
-            .shard(publication.channel().as_str())
+        let bucket = self
+            .bucket(publication.channel().as_str())
             .read()
             .expect("hub lock");
-        let Some(subscribers) = shard.get(publication.channel().as_str()) else {
+        let Some(subscribers) = bucket.get(publication.channel().as_str()) else {
             return 0;
         };
+        let (lanes, elsewhere) = subscribers.0.split_at(self.lanes.len());
+        let here = self.current_lane();
         let mut delivered = 0;
-        for outbox in subscribers {
+        for (index, outboxes) in lanes.iter().enumerate() {
+            if outboxes.is_empty() {
+                continue;
+            }
+            let lane = &self.lanes[index];
+            if here == Some(index) && lane.is_idle() {
+                delivered += self.push_all(outboxes, publication);
+            } else {
+                lane.send(publication);
+            }
+        }
+        delivered + self.push_all(&elsewhere[0], publication)
+    }
+
+    /// Pushes `publication` into each of `outboxes`; returns how many took it.
+    fn push_all(&self, outboxes: &[Arc<Outbox>], publication: &Arc<Publication>) -> usize {
+        let mut delivered = 0;
+        for outbox in outboxes {
             match outbox.push(publication) {
                 Push::Queued => delivered += 1,
                 Push::Overflowed => {
@@ -253,18 +485,20 @@ impl Hub {
                 Push::Refused => {}
             }
         }
-        self.delivered
-            .fetch_add(delivered as u64, Ordering::Relaxed);
+        if delivered > 0 {
+            self.delivered
+                .fetch_add(delivered as u64, Ordering::Relaxed);
+        }
         delivered
     }
 
     /// Local subscribers of `channel`.
     pub fn subscribers(&self, channel: &str) -> usize {
-        self.shard(channel)
+        self.bucket(channel)
             .read()
             .expect("hub lock")
             .get(channel)
-            .map_or(0, Vec::len)
+            .map_or(0, Subscribers::len)
     }
 
     pub fn has_subscribers(&self, channel: &str) -> bool {
@@ -274,10 +508,10 @@ impl Hub {
     /// Every channel with local subscribers, and how many, sorted by name.
     pub fn channels(&self) -> Vec<(ChannelName, usize)> {
         let mut channels: Vec<(ChannelName, usize)> = self
-            .shards
+            .buckets
             .iter()
-            .flat_map(|shard| {
-                shard
+            .flat_map(|bucket| {
+                bucket
                     .read()
                     .expect("hub lock")
                     .iter()
@@ -291,9 +525,9 @@ impl Hub {
 
     /// Channels with local subscribers.
     pub fn channel_count(&self) -> usize {
-        self.shards
+        self.buckets
             .iter()
-            .map(|shard| shard.read().expect("hub lock").len())
+            .map(|bucket| bucket.read().expect("hub lock").len())
             .sum()
     }
 
@@ -312,6 +546,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::cursor::{Epoch, Position};
+    use std::pin::Pin;
 
     const LIMITS: QueueLimits = QueueLimits {
         messages: 3,
@@ -460,5 +695,151 @@ mod tests {
         assert!(!woken(&outbox), "under half the bytes");
         outbox.push(&publication("c", 3, &big));
         assert!(woken(&outbox), "past half the bytes");
+    }
+
+    type LaneTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// Runs `body` on a new thread that serves lane 0 of `hub`, inside a
+    /// current-thread runtime; the lane's fan-out task is spawned only when
+    /// `body` awaits, so what `body` does before that is seen before it.
+    fn on_lane<T: Send + 'static>(
+        hub: &Arc<Hub>,
+        body: impl FnOnce(LaneTask) -> Pin<Box<dyn Future<Output = T>>> + Send + 'static,
+    ) -> T {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let lane = Box::pin(hub.serve_lane(0));
+            runtime.block_on(body(lane))
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// From a thread outside any lane.
+    fn deliver_from_outside(hub: &Arc<Hub>, publication: Arc<Publication>) -> usize {
+        let hub = hub.clone();
+        std::thread::spawn(move || hub.deliver(&publication))
+            .join()
+            .unwrap()
+    }
+
+    async fn drained(outbox: &Outbox) -> Vec<u64> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.ready())
+            .await
+            .expect("the lane fills the outbox");
+        let mut batch = Vec::new();
+        assert_eq!(outbox.drain_into(&mut batch), Drained::Open);
+        batch.iter().map(|p| p.offset()).collect()
+    }
+
+    #[test]
+    fn a_lane_fills_its_sessions_outboxes_in_order_and_its_own_thread_never_overtakes_it() {
+        let hub = Arc::new(Hub::with_lanes(1));
+        let outside = Outbox::new(LIMITS);
+        let chat = ChannelName::parse("chat").unwrap();
+        hub.subscribe(&chat, &outside);
+        let hub2 = hub.clone();
+        let lane_offsets = on_lane(&hub, move |lane| {
+            Box::pin(async move {
+                let hub = hub2;
+                let chat = ChannelName::parse("chat").unwrap();
+                // Made on the lane's thread: the outbox belongs to the lane.
+                let outbox = Outbox::new(LIMITS);
+                hub.subscribe(&chat, &outbox);
+                assert_eq!(hub.subscribers("chat"), 2);
+
+                // From outside: queued for the lane, handed at once to the
+                // session outside any lane.
+                assert_eq!(deliver_from_outside(&hub, publication("chat", 1, "1")), 1);
+                assert!(outbox.is_empty(), "the lane has not run yet");
+                // On the lane's own thread while the lane still holds
+                // offset 1: queued behind it, not handed over first.
+                assert_eq!(hub.deliver(&publication("chat", 2, "2")), 1);
+                assert!(outbox.is_empty());
+
+                tokio::spawn(lane);
+                let first = drained(&outbox).await;
+                // Nothing waits in the lane now: its own thread hands
+                // publications over at once.
+                assert_eq!(hub.deliver(&publication("chat", 3, "3")), 2);
+                let mut batch = Vec::new();
+                outbox.drain_into(&mut batch);
+                (first, batch.iter().map(|p| p.offset()).collect::<Vec<_>>())
+            })
+        });
+        assert_eq!(lane_offsets, (vec![1, 2], vec![3]));
+        let mut batch = Vec::new();
+        outside.drain_into(&mut batch);
+        let offsets: Vec<u64> = batch.iter().map(|p| p.offset()).collect();
+        assert_eq!(offsets, [1, 2, 3]);
+        assert_eq!(hub.delivered_total(), 6);
+    }
+
+    #[test]
+    fn a_lane_whose_queue_fills_cuts_off_every_session_on_it() {
+        let hub = Arc::new(Hub::with_lanes(1));
+        let outside = Outbox::new(QueueLimits {
+            messages: LANE_QUEUE_MAX + 10,
+            bytes: usize::MAX,
+        });
+        let chat = ChannelName::parse("chat").unwrap();
+        hub.subscribe(&chat, &outside);
+        let hub2 = hub.clone();
+        let lane_sessions_lagged = on_lane(&hub, move |lane| {
+            Box::pin(async move {
+                let hub = hub2;
+                let roomy = QueueLimits {
+                    messages: LANE_QUEUE_MAX + 10,
+                    bytes: usize::MAX,
+                };
+                let chat = ChannelName::parse("chat").unwrap();
+                let other = ChannelName::parse("other").unwrap();
+                let (a, b) = (Outbox::new(roomy), Outbox::new(roomy));
+                hub.subscribe(&chat, &a);
+                hub.subscribe(&other, &b);
+                let one = publication("chat", 1, "1");
+                let sender = hub.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..=LANE_QUEUE_MAX {
+                        sender.deliver(&one);
+                    }
+                })
+                .join()
+                .unwrap();
+                tokio::spawn(lane);
+                for outbox in [&a, &b] {
+                    tokio::time::timeout(std::time::Duration::from_secs(5), outbox.ready())
+                        .await
+                        .expect("woken");
+                }
+                [a.is_lagging(), b.is_lagging()]
+            })
+        });
+        // Both of the lane's sessions, even the one on another channel; the
+        // session outside the lane kept everything.
+        assert_eq!(lane_sessions_lagged, [true, true]);
+        assert!(!outside.is_lagging());
+        assert_eq!(outside.len(), LANE_QUEUE_MAX + 1);
+        assert_eq!(hub.lagged_total(), 2);
+    }
+
+    #[test]
+    fn outboxes_of_another_hubs_lane_are_handed_publications_directly() {
+        let theirs = Arc::new(Hub::with_lanes(1));
+        let ours = Arc::new(Hub::with_lanes(1));
+        let ours2 = ours.clone();
+        let delivered = on_lane(&theirs, move |_lane| {
+            Box::pin(async move {
+                let outbox = Outbox::new(LIMITS);
+                ours2.subscribe(&ChannelName::parse("chat").unwrap(), &outbox);
+                let delivered = ours2.deliver(&publication("chat", 1, "1"));
+                (delivered, outbox.len())
+            })
+        });
+        assert_eq!(delivered, (1, 1));
     }
 }

@@ -228,7 +228,7 @@ impl Server {
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
 
         let drain = Drain::new();
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::with_lanes(shards));
         // This node's name in presence, connection ids and orders.
         let node = crate::cursor::Epoch::random().to_string();
         let broker: Arc<dyn Broker> = match config.engine.kind {
@@ -353,6 +353,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// work finish within `shutdown.grace`, and returns.
+    ///
+    /// The public listener is served by `shards` threads of its own (each a
+    /// lane of the hub); the caller's runtime serves the API and the engine,
+    /// so a publish is answered promptly however busy the fan-out is.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
             public,
@@ -361,6 +365,7 @@ impl Server {
             grace,
             config,
             shards,
+            hub,
             ..
         } = self;
         tracing::info!(
@@ -371,14 +376,34 @@ impl Server {
             shards,
             "listening"
         );
+        let addr = public.addr;
+        let first = public
+            .tcp
+            .into_std()
+            .map_err(|source| Error::Bind { addr, source })?;
+        let (realtime, app_files) = match &public.handler {
+            Handler::Public { realtime, proxy } => (realtime.clone(), proxy.app_files()),
+            Handler::Api(_) => unreachable!("the public listener serves realtime and the app"),
+        };
         // Shards keep their runtimes turning until the drain is decided here,
         // so their connections are neither cut early nor counted as done
         // because their runtime went away.
-        let finished = tokio_util::sync::CancellationToken::new();
-        let (extra_shards, stopped): (Vec<_>, Vec<_>) = (1..shards)
-            .map(|index| spawn_shard(index, &public, &config, shared.clone(), finished.clone()))
+        let shard = Shard {
+            addr,
+            tls: public.tls,
+            max_connections: public.max_connections,
+            permits: public.permits,
+            realtime,
+            app_files,
+            hub,
+            config,
+            shared: shared.clone(),
+            finished: tokio_util::sync::CancellationToken::new(),
+        };
+        let mut first = Some(first);
+        let (threads, stopped): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|index| shard.spawn(index, first.take()))
             .unzip();
-        let public_loop = tokio::spawn(accept_loop(public, shared.clone()));
         let api_loop = tokio::spawn(accept_loop(api, shared.clone()));
         shutdown.await;
 
@@ -386,9 +411,9 @@ impl Server {
         drain.signal();
         // The loops end on the signal and drop their listeners: from here on
         // new connections are refused.
-        let _ = tokio::join!(public_loop, api_loop);
-        for shard in stopped {
-            let _ = shard.await;
+        let _ = api_loop.await;
+        for stopped in stopped {
+            let _ = stopped.await;
         }
         tracing::info!(
             in_flight = drain.in_flight(),
@@ -403,76 +428,102 @@ impl Server {
                 "shutdown.grace passed with work in flight; closing it"
             );
         }
-        finished.cancel();
-        for shard in extra_shards {
-            let _ = tokio::task::spawn_blocking(move || shard.join()).await;
+        shard.finished.cancel();
+        for thread in threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         Ok(())
     }
 }
 
-/// Starts one more public shard: a thread with a single-threaded runtime,
-/// its own `SO_REUSEPORT` socket on the public address, and its own pool to
-/// the app. It accepts until shutdown begins, then runs its connections
-/// until the server says the drain is over (`finished`).
-fn spawn_shard(
-    index: usize,
-    public: &Listener,
-    config: &Config,
+/// What every thread of the public listener is started with.
+struct Shard {
+    addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    /// The listener's connection limit, shared by all shards.
+    permits: Arc<Semaphore>,
+    realtime: Arc<Realtime>,
+    app_files: Arc<Semaphore>,
+    hub: Arc<Hub>,
+    config: Config,
     shared: Arc<Shared>,
+    /// Cancelled when the drain is over: the shards' runtimes may stop.
     finished: tokio_util::sync::CancellationToken,
-) -> (std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
-    // Told when the shard's socket is closed, so shutdown can say "no longer
-    // accepting" only once it is true of every shard.
-    let (stopped_tx, stopped) = oneshot::channel();
-    let addr = public.addr;
-    let tls = public.tls.clone();
-    let permits = public.permits.clone();
-    let max_connections = public.max_connections;
-    let (realtime, app_files) = match &public.handler {
-        Handler::Public { realtime, proxy } => (realtime.clone(), proxy.app_files()),
-        Handler::Api(_) => unreachable!("shards serve the public listener"),
-    };
-    let config = config.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("pushgate-shard-{index}"))
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    tracing::warn!(index, error = %err, "shard runtime failed to start");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let tcp = match reuseport_listener(addr) {
-                    Ok(tcp) => tcp,
+}
+
+impl Shard {
+    /// Starts shard `index` of the public listener: a thread with a
+    /// single-threaded runtime that serves lane `index` of the hub, accepts
+    /// on `tcp` (the socket bound first) or on its own `SO_REUSEPORT`
+    /// socket on the public address, and has its own pool to the app. It
+    /// accepts until shutdown begins, then runs its connections until the
+    /// server says the drain is over.
+    fn spawn(
+        &self,
+        index: usize,
+        tcp: Option<std::net::TcpListener>,
+    ) -> (std::thread::JoinHandle<()>, oneshot::Receiver<()>) {
+        // Told when the shard's socket is closed, so shutdown can say "no
+        // longer accepting" only once it is true of every shard.
+        let (stopped_tx, stopped) = oneshot::channel();
+        let addr = self.addr;
+        let tls = self.tls.clone();
+        let max_connections = self.max_connections;
+        let permits = self.permits.clone();
+        let realtime = self.realtime.clone();
+        let app_files = self.app_files.clone();
+        let hub = self.hub.clone();
+        let config = self.config.clone();
+        let shared = self.shared.clone();
+        let finished = self.finished.clone();
+        std::thread::Builder::new()
+            .name(format!("pushgate-shard-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
                     Err(err) => {
-                        tracing::warn!(index, %addr, error = %err, "shard could not listen; the others serve");
+                        tracing::warn!(index, error = %err, "shard runtime failed to start");
                         return;
                     }
                 };
-                let proxy = Arc::new(Proxy::new(&config, shared.drain.clone(), app_files));
-                let listener = Listener {
-                    tcp,
-                    addr,
-                    tls,
-                    max_connections,
-                    permits,
-                    limit_key: "limits.max_connections",
-                    handler: Handler::Public { realtime, proxy },
-                };
-                accept_loop(listener, shared).await;
-                let _ = stopped_tx.send(());
-                // Keep this runtime turning while its connections drain.
-                finished.cancelled().await;
-            });
-        })
-        .expect("spawn a shard thread");
-    (thread, stopped)
+                runtime.block_on(async move {
+                    tokio::spawn(hub.serve_lane(index));
+                    let tcp = match tcp {
+                        Some(tcp) => TcpListener::from_std(tcp),
+                        None => reuseport_listener(addr),
+                    };
+                    let tcp = match tcp {
+                        Ok(tcp) => tcp,
+                        Err(err) => {
+                            tracing::warn!(index, %addr, error = %err, "shard could not listen; the others serve");
+                            let _ = stopped_tx.send(());
+                            finished.cancelled().await;
+                            return;
+                        }
+                    };
+                    let proxy = Arc::new(Proxy::new(&config, shared.drain.clone(), app_files));
+                    let listener = Listener {
+                        tcp,
+                        addr,
+                        tls,
+                        max_connections,
+                        permits,
+                        limit_key: "limits.max_connections",
+                        handler: Handler::Public { realtime, proxy },
+                    };
+                    accept_loop(listener, shared).await;
+                    let _ = stopped_tx.send(());
+                    // Keep this runtime turning while its connections drain.
+                    finished.cancelled().await;
+                });
+            })
+            .map(|thread| (thread, stopped))
+            .expect("spawn a shard thread")
+    }
 }
 
 /// A listening socket on `addr` that shares the port with the others
