@@ -11,7 +11,9 @@
 #   SEARCH=1 RATES="5 10 20 40" bench/broadcast.sh             # rising rates
 #
 # Knobs (environment):
-#   TARGETS       servers, in this order in every round     (default pushgate)
+#   TARGETS       servers, in this order in every round     (default pushgate);
+#                 "baseline" is pushgate run from the binary BASELINE names
+#                 (another build, to take turns with this tree's)
 #   TRANSPORTS    "sse ws" (poll: long-poll; Pushpin is measured on sse and
 #                 ws only and skipped for poll)
 #   SUBSCRIBERS   subscriber counts, one row set each      (default "1000 9900")
@@ -115,6 +117,7 @@ YAML
 start_target() {
     case $1 in
     pushgate) start_pushgate "$WORK/pushgate.yaml" ;;
+    baseline) PUSHGATE=$BASELINE start_pushgate "$WORK/pushgate.yaml" ;;
     nchan) start_nchan ;;
     pushpin) start_pushpin ;;
     esac
@@ -144,7 +147,9 @@ measure() {
     wait_quiet
     start_target "$target"
     for pid in $PIDS; do pid_args+=(--pid "$pid"); done
-    out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$target" \
+    local kind=$target
+    [[ $target == baseline ]] && kind=pushgate
+    out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$kind" --label "$target" \
         --public "$PUBLIC" --api "$API" --key "$api_key" \
         --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
         --channels "$CHANNELS" --publishers "$PUBLISHERS" \

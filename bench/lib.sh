@@ -191,6 +191,7 @@ versions() {
         commit="$commit (with uncommitted changes in src/)"
     fi
     printf 'pushgate: %s (%s)\n' "$commit" "$PUSHGATE"
+    case " $TARGETS " in *" baseline "*) printf 'baseline: %s\n' "$BASELINE" ;; esac
     case " $TARGETS " in *" nchan "*) printf 'nchan:    %s, %s\n' "$(nginx -v 2>&1)" \
         "libnginx-mod-nchan $(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null)" ;; esac
     case " $TARGETS " in *" pushpin "*) printf 'pushpin:  %s\n' "$(pushpin --version 2>&1)" ;; esac
@@ -230,16 +231,17 @@ install_missing() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# need_targets: checks that TARGETS names only pushgate, nchan and pushpin,
+# need_targets: checks that TARGETS names only pushgate, baseline, nchan and pushpin,
 # and installs the peers' packages when missing.
 need_targets() {
     local target missing=()
     for target in $TARGETS; do
         case $target in
         pushgate) ;;
+        baseline) [[ -x ${BASELINE:-} ]] || die "target baseline needs BASELINE=<a pushgate binary>" ;;
         nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || missing+=(nginx libnginx-mod-nchan) ;;
         pushpin) command -v pushpin >/dev/null || missing+=(pushpin) ;;
-        *) die "unknown target $target (pushgate, nchan, pushpin)" ;;
+        *) die "unknown target $target (pushgate, baseline, nchan, pushpin)" ;;
         esac
     done
     install_missing "${missing[@]}"

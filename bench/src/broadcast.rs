@@ -143,6 +143,10 @@ pub struct Args {
     /// The server under test (its URLs and publish API).
     #[arg(long, value_enum, default_value_t = Target::Pushgate)]
     target: Target,
+    /// The server's name in the row and the JSON line (default: the
+    /// target's), to tell two builds of one server apart.
+    #[arg(long)]
+    label: Option<String>,
     /// The public listener (realtime endpoints).
     #[arg(long)]
     public: SocketAddr,
@@ -764,9 +768,10 @@ async fn broadcast(args: Args) -> io::Result<()> {
     };
     let mib = |kib: Option<u64>| kib.map(|k| k as f64 / 1024.0);
     let first_error = shared.first_error();
+    let label = args.label.as_deref().unwrap_or(args.target.name());
     let report = serde_json::json!({
         "scenario": "broadcast",
-        "target": args.target.name(),
+        "target": label,
         "transport": args.transport.name(),
         "subscribers": args.subscribers,
         "channels": channels,
@@ -819,7 +824,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     let _ = writeln!(
         table,
         "{:<8} {:<4} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
-        args.target.name(),
+        label,
         args.transport.name(),
         connected,
         channels,
