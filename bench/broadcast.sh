@@ -13,7 +13,10 @@
 # Knobs (environment):
 #   TARGETS       servers, in this order in every round     (default pushgate);
 #                 "baseline" is pushgate run from the binary BASELINE names
-#                 (another build, to take turns with this tree's)
+#                 (another build, to take turns with this tree's); "floor"
+#                 is `pushgate-bench floor`, the least a server can do (one
+#                 write per subscriber, no queues; SSE only): what the
+#                 machine itself allows
 #   TRANSPORTS    "sse ws" (poll: long-poll; Pushpin is measured on sse and
 #                 ws only and skipped for poll)
 #   SUBSCRIBERS   subscriber counts, one row set each      (default "1000 9900")
@@ -118,6 +121,7 @@ start_target() {
     case $1 in
     pushgate) start_pushgate "$WORK/pushgate.yaml" ;;
     baseline) PUSHGATE=$BASELINE start_pushgate "$WORK/pushgate.yaml" ;;
+    floor) start_floor ;;
     nchan) start_nchan ;;
     pushpin) start_pushpin ;;
     esac
@@ -149,6 +153,7 @@ measure() {
     for pid in $PIDS; do pid_args+=(--pid "$pid"); done
     local kind=$target
     [[ $target == baseline ]] && kind=pushgate
+    [[ $target == floor ]] && kind=nchan
     out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$kind" --label "$target" \
         --public "$PUBLIC" --api "$API" --key "$api_key" \
         --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
@@ -178,6 +183,12 @@ held() {
         <<<"$LAST" >/dev/null
 }
 
+# skip TARGET TRANSPORT: whether the target does not speak the transport
+# (Pushpin long-poll, the floor anything but SSE).
+skip() {
+    [[ $1 == pushpin && $2 == poll ]] || [[ $1 == floor && $2 != sse ]]
+}
+
 SUMMARY=$WORK/search.txt
 : >"$SUMMARY"
 for transport in $TRANSPORTS; do
@@ -188,14 +199,14 @@ for transport in $TRANSPORTS; do
             declare -A best=() failed=()
             for rate in $(tr ' ' '\n' <<<"$RATES" | sort -g); do
                 for target in $TARGETS; do
-                    [[ $target == pushpin && $transport == poll ]] && continue
+                    skip "$target" "$transport" && continue
                     [[ -n ${failed[$target]:-} ]] && continue
                     measure "$target" "$transport" "$subs" "$rate"
                     if held; then best[$target]=$rate; else failed[$target]=$rate; fi
                 done
             done
             for target in $TARGETS; do
-                [[ $target == pushpin && $transport == poll ]] && continue
+                skip "$target" "$transport" && continue
                 printf '%-8s %-4s %6s subscribers: highest rate held %s/s (failed at %s)\n' \
                     "$target" "$transport" "$subs" "${best[$target]:-none}" \
                     "${failed[$target]:-none}" >>"$SUMMARY"
@@ -204,7 +215,7 @@ for transport in $TRANSPORTS; do
         else
             for rate in $RATES; do
                 for target in $TARGETS; do
-                    [[ $target == pushpin && $transport == poll ]] && continue
+                    skip "$target" "$transport" && continue
                     measure "$target" "$transport" "$subs" "$rate"
                 done
             done

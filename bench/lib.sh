@@ -112,6 +112,20 @@ start_upstream() {
     UPSTREAM=${line#listening on }
 }
 
+# start_floor: `pushgate-bench floor` (the least a server can do to
+# broadcast over SSE, on Nchan's wire) on a free port.
+start_floor() {
+    local out=$WORK/floor.out
+    : >"$out"
+    "$BENCH" floor --listen 127.0.0.1:0 >"$out" 2>&1 &
+    SERVER_PID=$!
+    local line
+    line=$(wait_for "$out" '^listening on ' "$SERVER_PID" "the floor server")
+    PUBLIC=${line#listening on }
+    API=$PUBLIC
+    PIDS=$SERVER_PID
+}
+
 # start_pushgate CONFIG: pushgate with that config; its listeners on port 0,
 # read back from the "listening" log line.
 start_pushgate() {
@@ -231,7 +245,8 @@ install_missing() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# need_targets: checks that TARGETS names only pushgate, baseline, nchan and pushpin,
+# need_targets: checks that TARGETS names only pushgate, baseline, floor, nchan
+# and pushpin,
 # and installs the peers' packages when missing.
 need_targets() {
     local target missing=()
@@ -239,9 +254,10 @@ need_targets() {
         case $target in
         pushgate) ;;
         baseline) [[ -x ${BASELINE:-} ]] || die "target baseline needs BASELINE=<a pushgate binary>" ;;
+        floor) ;;
         nchan) [[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]] || missing+=(nginx libnginx-mod-nchan) ;;
         pushpin) command -v pushpin >/dev/null || missing+=(pushpin) ;;
-        *) die "unknown target $target (pushgate, baseline, nchan, pushpin)" ;;
+        *) die "unknown target $target (pushgate, baseline, floor, nchan, pushpin)" ;;
         esac
     done
     install_missing "${missing[@]}"

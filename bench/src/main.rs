@@ -9,6 +9,9 @@
 //! - `broadcast`: many SSE, WebSocket or long-poll subscribers on one channel
 //!   or many, a steady publish rate; reports delivery rate and ratio, latency percentiles,
 //!   sequence faults and the server's memory (see [`broadcast`]).
+//! - `floor`: the least a server can do to broadcast over SSE (one write per
+//!   subscriber, no queues, a thread per core), to show what the machine
+//!   allows (see [`floor`]).
 //! - `connect`: authenticated realtime connections opened and closed as fast
 //!   as the server (pushgate, Nchan or Pushpin) takes them, each one decided
 //!   by the upstream; reports connects per second and connect latency (see
@@ -20,6 +23,7 @@
 
 mod broadcast;
 mod connect;
+mod floor;
 mod grip;
 mod subscriber;
 mod upstream;
@@ -45,6 +49,8 @@ enum Command {
     Broadcast(broadcast::Args),
     /// Authenticated realtime connects per second.
     Connect(connect::Args),
+    /// The least a server can do to broadcast over SSE: the machine's floor.
+    Floor(floor::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
         Command::Upstream(args) => upstream::run(args),
         Command::Broadcast(args) => broadcast::run(args),
         Command::Connect(args) => connect::run(args),
+        Command::Floor(args) => floor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
