@@ -61,10 +61,22 @@ pub struct QueueLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
     Queued,
+    /// Queued, and the queue is now past half of a bound: the session was
+    /// woken to write at once, and whoever fills it should let it run.
+    Urged,
     /// This push overflowed the queue: the session is now lagging.
     Overflowed,
     /// The session was already lagging or closed; nothing was queued.
     Refused,
+}
+
+/// What [`Hub::push_all`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pushed {
+    /// Sessions that took the publication.
+    delivered: usize,
+    /// Whether one of them is past half full ([`Push::Urged`]).
+    urged: bool,
 }
 
 /// One session's queue of publications waiting to be written.
@@ -126,9 +138,8 @@ impl Outbox {
         // Past half of either bound, a session that holds its writes back
         // (`realtime.coalesce_window`) is woken to write now, well before
         // the queue would overflow.
-        let half_full = (state.queue.len() + 1) * 2 > self.limits.messages
-            && state.queue.len() * 2 <= self.limits.messages
-            || bytes * 2 > self.limits.bytes && state.bytes * 2 <= self.limits.bytes;
+        let half_full = self.past_half(state.queue.len() + 1, bytes)
+            && !self.past_half(state.queue.len(), state.bytes);
         state.bytes = bytes;
         state.queue.push_back(publication.clone());
         drop(state);
@@ -137,7 +148,11 @@ impl Outbox {
         if was_empty || half_full {
             self.ready.notify();
         }
-        Push::Queued
+        if half_full {
+            Push::Urged
+        } else {
+            Push::Queued
+        }
     }
 
     /// Moves every waiting publication into `batch` (in order) and says
@@ -193,6 +208,20 @@ impl Outbox {
         state.bytes = 0;
         drop(state);
         self.ready.notify();
+    }
+
+    /// Whether the session should write at once rather than hold its writes
+    /// back: its queue is past half of a bound, it lags, or it is closed.
+    /// Wake-ups coalesce (the one for the first publication of a batch and
+    /// the one for passing half full may arrive as one), so a session asks
+    /// this on every wake-up instead of counting them.
+    pub fn is_urgent(&self) -> bool {
+        let state = self.state.lock().expect("outbox lock");
+        state.lagging || state.closed || self.past_half(state.queue.len(), state.bytes)
+    }
+
+    fn past_half(&self, messages: usize, bytes: usize) -> bool {
+        messages * 2 > self.limits.messages || bytes * 2 > self.limits.bytes
     }
 
     pub fn is_lagging(&self) -> bool {
@@ -262,6 +291,9 @@ struct LaneQueue {
     publications: VecDeque<Arc<Publication>>,
     /// The queue filled: the lane drops it and cuts its sessions off.
     overflowed: bool,
+    /// The lane's task let its sessions run with part of a batch still in
+    /// hand.
+    paused: bool,
 }
 
 impl Lane {
@@ -290,7 +322,7 @@ impl Lane {
     /// overtakes none.
     fn is_idle(&self) -> bool {
         let queue = self.queue.lock().expect("lane lock");
-        queue.publications.is_empty() && !queue.overflowed
+        queue.publications.is_empty() && !queue.overflowed && !queue.paused
     }
 }
 
@@ -380,15 +412,38 @@ impl Hub {
                     self.lag_lane(index);
                     continue;
                 }
-                for publication in batch.drain(..) {
-                    let bucket = self
-                        .bucket(publication.channel().as_str())
-                        .read()
-                        .expect("hub lock");
-                    if let Some(subscribers) = bucket.get(publication.channel().as_str()) {
-                        self.push_all(&subscribers.0[index], &publication);
+                // The lane's sessions run on this thread, so they write only
+                // when this task lets them: a burst pushed in one go would
+                // fill queues their sessions never got to drain. When one is
+                // past half full, it writes before the rest of the batch,
+                // and every batch is written before the next is taken.
+                let mut paused = false;
+                while let Some(publication) = batch.pop_front() {
+                    let urged = {
+                        let bucket = self
+                            .bucket(publication.channel().as_str())
+                            .read()
+                            .expect("hub lock");
+                        bucket
+                            .get(publication.channel().as_str())
+                            .is_some_and(|subscribers| {
+                                self.push_all(&subscribers.0[index], &publication).urged
+                            })
+                    };
+                    if urged && !batch.is_empty() {
+                        if !paused {
+                            // What this task holds is still to come: the
+                            // thread may not hand publications over past it.
+                            lane.queue.lock().expect("lane lock").paused = true;
+                            paused = true;
+                        }
+                        tokio::task::yield_now().await;
                     }
                 }
+                if paused {
+                    lane.queue.lock().expect("lane lock").paused = false;
+                }
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -465,31 +520,35 @@ impl Hub {
             }
             let lane = &self.lanes[index];
             if here == Some(index) && lane.is_idle() {
-                delivered += self.push_all(outboxes, publication);
+                delivered += self.push_all(outboxes, publication).delivered;
             } else {
                 lane.send(publication);
             }
         }
-        delivered + self.push_all(&elsewhere[0], publication)
+        delivered + self.push_all(&elsewhere[0], publication).delivered
     }
 
-    /// Pushes `publication` into each of `outboxes`; returns how many took it.
-    fn push_all(&self, outboxes: &[Arc<Outbox>], publication: &Arc<Publication>) -> usize {
-        let mut delivered = 0;
+    /// Pushes `publication` into each of `outboxes`.
+    fn push_all(&self, outboxes: &[Arc<Outbox>], publication: &Arc<Publication>) -> Pushed {
+        let mut pushed = Pushed::default();
         for outbox in outboxes {
             match outbox.push(publication) {
-                Push::Queued => delivered += 1,
+                Push::Queued => pushed.delivered += 1,
+                Push::Urged => {
+                    pushed.delivered += 1;
+                    pushed.urged = true;
+                }
                 Push::Overflowed => {
                     self.lagged.fetch_add(1, Ordering::Relaxed);
                 }
                 Push::Refused => {}
             }
         }
-        if delivered > 0 {
+        if pushed.delivered > 0 {
             self.delivered
-                .fetch_add(delivered as u64, Ordering::Relaxed);
+                .fetch_add(pushed.delivered as u64, Ordering::Relaxed);
         }
-        delivered
+        pushed
     }
 
     /// Local subscribers of `channel`.
@@ -626,7 +685,7 @@ mod tests {
             bytes: 200,
         });
         let big = publication("c", 1, &format!("\"{}\"", "x".repeat(120)));
-        assert_eq!(outbox.push(&big), Push::Queued);
+        assert_eq!(outbox.push(&big), Push::Urged);
         assert_eq!(outbox.push(&big), Push::Overflowed);
         assert_eq!(outbox.push(&big), Push::Refused);
         assert!(outbox.is_lagging());
@@ -671,14 +730,28 @@ mod tests {
             messages: 6,
             bytes: 1 << 20,
         });
-        let wakes: Vec<bool> = (1..=6)
+        let wakes: Vec<(bool, bool)> = (1..=6)
             .map(|n| {
                 outbox.push(&publication("c", n, "x"));
-                woken(&outbox)
+                (woken(&outbox), outbox.is_urgent())
             })
             .collect();
         // The first push, then the fourth (past half of 6); none between.
-        assert_eq!(wakes, [true, false, false, true, false, false]);
+        // From the fourth on, the queue stays urgent, woken or not.
+        assert_eq!(
+            wakes,
+            [
+                (true, false),
+                (false, false),
+                (false, false),
+                (true, true),
+                (false, true),
+                (false, true)
+            ]
+        );
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        assert!(!outbox.is_urgent(), "drained");
 
         let big = "y".repeat(400);
         let small_size = publication("c", 1, "x").size();
@@ -825,6 +898,55 @@ mod tests {
         assert!(!outside.is_lagging());
         assert_eq!(outside.len(), LANE_QUEUE_MAX + 1);
         assert_eq!(hub.lagged_total(), 2);
+    }
+
+    /// A burst queued for a lane is larger than a session's queue: the lane
+    /// lets the session (on the same thread) drain past half full rather
+    /// than filling its queue in one go and cutting it off. What the thread
+    /// publishes meanwhile waits behind the rest of the burst.
+    #[test]
+    fn a_lane_lets_its_sessions_drain_during_a_burst_larger_than_their_queues() {
+        let hub = Arc::new(Hub::with_lanes(1));
+        let hub2 = hub.clone();
+        let (offsets, lagging) = on_lane(&hub, move |lane| {
+            Box::pin(async move {
+                let hub = hub2;
+                let small = QueueLimits {
+                    messages: 4,
+                    bytes: usize::MAX,
+                };
+                let outbox = Outbox::new(small);
+                hub.subscribe(&ChannelName::parse("chat").unwrap(), &outbox);
+                let sender = hub.clone();
+                std::thread::spawn(move || {
+                    for offset in 1..=12 {
+                        sender.deliver(&publication("chat", offset, "x"));
+                    }
+                })
+                .join()
+                .unwrap();
+                tokio::spawn(lane);
+                let mut offsets = Vec::new();
+                while offsets.len() < 13 {
+                    tokio::time::timeout(std::time::Duration::from_secs(5), outbox.ready())
+                        .await
+                        .expect("the lane fills the outbox");
+                    let mut batch = Vec::new();
+                    if outbox.drain_into(&mut batch) != Drained::Open {
+                        break;
+                    }
+                    if offsets.is_empty() {
+                        // Mid-burst, from the lane's own thread.
+                        hub.deliver(&publication("chat", 13, "x"));
+                    }
+                    offsets.extend(batch.iter().map(|p| p.offset()));
+                }
+                (offsets, outbox.is_lagging())
+            })
+        });
+        assert!(!lagging, "cut off after {offsets:?}");
+        assert_eq!(offsets, (1..=13).collect::<Vec<_>>());
+        assert_eq!(hub.lagged_total(), 0);
     }
 
     #[test]

@@ -745,9 +745,10 @@ impl Pace {
     /// The outbox woke the connection, or the hold it asked for ended, at
     /// `now`: `None` to write at once, or the instant to hold the write
     /// until. A wake-up while holding (the outbox half full, lagging or
-    /// closed) ends the hold: write at once.
-    fn on_wake(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-        if std::mem::take(&mut self.holding) {
+    /// closed) ends the hold, and an `urgent` outbox
+    /// ([`crate::hub::Outbox::is_urgent`]) is never held: write at once.
+    fn on_wake(&mut self, now: tokio::time::Instant, urgent: bool) -> Option<tokio::time::Instant> {
+        if std::mem::take(&mut self.holding) || urgent {
             return None;
         }
         let next = self.last_write? + self.window;
@@ -777,16 +778,32 @@ mod pace_tests {
     fn the_first_write_goes_at_once_and_the_next_waits_out_the_window() {
         let mut pace = Pace::new(Duration::from_millis(10));
         let start = Instant::now();
-        assert_eq!(pace.on_wake(start), None);
+        assert_eq!(pace.on_wake(start, false), None);
         pace.wrote(start);
         let soon = start + Duration::from_millis(3);
-        assert_eq!(pace.on_wake(soon), Some(start + Duration::from_millis(10)));
+        assert_eq!(
+            pace.on_wake(soon, false),
+            Some(start + Duration::from_millis(10))
+        );
         assert!(pace.holding());
         // The hold ends (its timer, or the outbox insisting): write.
-        assert_eq!(pace.on_wake(soon), None);
+        assert_eq!(pace.on_wake(soon, false), None);
         assert!(!pace.holding());
-        assert_eq!(pace.on_wake(start + Duration::from_millis(10)), None);
-        assert_eq!(pace.on_wake(start + Duration::from_millis(25)), None);
+        assert_eq!(pace.on_wake(start + Duration::from_millis(10), false), None);
+        assert_eq!(pace.on_wake(start + Duration::from_millis(25), false), None);
+    }
+
+    /// The wake-up for a batch's first publication and the one for passing
+    /// half full can arrive as one: an outbox already past half full is
+    /// written at once, not held for the window.
+    #[test]
+    fn an_urgent_outbox_is_written_within_the_window() {
+        let mut pace = Pace::new(Duration::from_secs(1));
+        let start = Instant::now();
+        pace.wrote(start);
+        let soon = start + Duration::from_millis(3);
+        assert_eq!(pace.on_wake(soon, true), None);
+        assert!(!pace.holding());
     }
 
     #[test]
@@ -794,7 +811,7 @@ mod pace_tests {
         let mut pace = Pace::new(Duration::ZERO);
         let now = Instant::now();
         pace.wrote(now);
-        assert_eq!(pace.on_wake(now), None);
+        assert_eq!(pace.on_wake(now, false), None);
         assert!(!pace.holding());
     }
 }
