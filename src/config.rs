@@ -94,7 +94,7 @@ pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// connection's life. Clients send small JSON commands; a larger frame grows
 /// the buffer while it is read. tungstenite's own default (128 KiB) is far
 /// too much for many idle connections.
-pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(1024);
+pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(256);
 /// Bytes tungstenite gathers before it writes. Below this, messages wait for
 /// the flush that ends their batch, so a batch is one write; 0 would write
 /// every message on its own as it is queued. Nothing is allocated for it up

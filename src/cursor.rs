@@ -344,7 +344,14 @@ impl Cursor {
         let hash = channel_hash(channel);
         match self.entries.iter_mut().find(|(h, _)| *h == hash) {
             Some(entry) => entry.1 = position,
-            None => self.entries.push((hash, position)),
+            None => {
+                // Room for one entry first (a Vec's first growth is to four):
+                // most connections hear one channel.
+                if self.entries.is_empty() {
+                    self.entries.reserve_exact(1);
+                }
+                self.entries.push((hash, position))
+            }
         }
     }
 

@@ -294,6 +294,43 @@ async fn malformed_input_gets_error_replies_and_the_connection_stays() {
     assert_eq!(twice["error"]["code"], "already_subscribed");
 }
 
+/// The read buffer is small (an idle connection holds it for good), so a
+/// command over it must still arrive whole: a long channel name, a frame
+/// bigger than the buffer, and a message in several fragments.
+#[tokio::test]
+async fn commands_bigger_than_the_read_buffer_arrive_whole() {
+    let (_app, gate) = start("").await;
+    let mut client = connect(&gate, "").await;
+    let channel = format!("long:{}", "x".repeat(250));
+    let reply = command(
+        &mut client,
+        json!({"id": 1, "op": "subscribe", "channel": channel, "pad": "y".repeat(4000)}),
+    )
+    .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+
+    // One text message in three frames, each over the buffer.
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let text = json!({"id": 2, "op": "ping", "pad": "z".repeat(3000)}).to_string();
+    let (a, rest) = text.as_bytes().split_at(1000);
+    let (b, c) = rest.split_at(1000);
+    let frames = [
+        Frame::message(a.to_vec(), OpCode::Data(Data::Text), false),
+        Frame::message(b.to_vec(), OpCode::Data(Data::Continue), false),
+        Frame::message(c.to_vec(), OpCode::Data(Data::Continue), true),
+    ];
+    for frame in frames {
+        client.send(Message::Frame(frame)).await.unwrap();
+    }
+    let pong = next_json(&mut client).await;
+    assert_eq!(pong, json!({"id": 2, "result": {}}));
+
+    publish(gate.api_addr, &channel, json!("after")).await;
+    let envelope = next_json(&mut client).await;
+    assert_eq!(envelope["data"], "after");
+}
+
 #[tokio::test]
 async fn a_message_over_the_size_limit_closes_with_1009() {
     let (_app, gate) = start("realtime:\n  websocket:\n    max_message_size: 1KiB\n").await;

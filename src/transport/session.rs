@@ -216,6 +216,11 @@ impl Session {
         // stands there whether it recovered or was reset.
         let position = history.position;
         self.cursor.set(channel.as_str(), position);
+        // Most connections hear one channel: room for just it (a Vec's
+        // first growth is to four), held for the connection's life.
+        if self.subscriptions.is_empty() {
+            self.subscriptions.reserve_exact(1);
+        }
         self.subscriptions.push(Subscription { channel, position });
         realtime.gauges.add_subscriptions(self.transport, 1);
         Ok(Subscribed {

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -328,6 +328,10 @@ impl Connection {
     async fn serve(&mut self) -> End {
         let ping_interval = self.realtime.config.websocket.ping_interval;
         let ping_timeout = self.realtime.config.websocket.ping_timeout;
+        // The task of an idle connection holds this future at its largest
+        // state, so what the branches await (a flush, an order, a ping) is
+        // boxed while it runs: one short-lived allocation per write, against
+        // about half a KiB held by every connection for good.
         // The wake-ups live across turns of the loop and are re-armed only
         // when they fire: making them afresh on every delivery (a waiter
         // registered and dropped in three wait lists, a timer inserted and
@@ -348,34 +352,38 @@ impl Connection {
                     return End::Close(close::GOING_AWAY, "server shutting down; reconnect".into());
                 }
                 () = &mut ordered => {
-                    if let Err(end) = self.obey().await {
+                    if let Err(end) = Box::pin(self.obey()).await {
                         return end;
                     }
                 }
                 () = &mut ready => {
-                    if let Err(end) = self.paced_flush(hold.as_mut()).await {
+                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
                         return end;
                     }
                 }
                 () = &mut hold, if self.pace.holding() => {
-                    if let Err(end) = self.paced_flush(hold.as_mut()).await {
+                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
                         return end;
                     }
                 }
-                message = self.socket.next() => {
+                // Boxed, like the writes above: what a branch holds while it
+                // runs is held by the task of every idle connection too.
+                message = self.socket.next().map(|message| message.map(Box::new)) => {
                     // Any frame shows the peer is alive.
                     self.heartbeat = Heartbeat::PingAt(Instant::now() + ping_interval);
                     heartbeat.as_mut().reset(self.heartbeat.deadline());
-                    match message {
-                        None => return End::Gone,
-                        Some(Err(tungstenite::Error::Capacity(_))) => {
+                    let Some(message) = message else {
+                        return End::Gone;
+                    };
+                    match *message {
+                        Err(tungstenite::Error::Capacity(_)) => {
                             return End::Close(close::TOO_BIG, "message over realtime.websocket.max_message_size".into());
                         }
-                        Some(Err(err)) => {
+                        Err(err) => {
                             tracing::debug!(peer = %self.conn.peer, error = %err, "WebSocket read failed");
                             return End::Gone;
                         }
-                        Some(Ok(message)) => {
+                        Ok(message) => {
                             if let Err(end) = Box::pin(self.on_message(message)).await {
                                 return end;
                             }
@@ -387,7 +395,7 @@ impl Connection {
                         Heartbeat::PingAt(_) => {
                             self.heartbeat = Heartbeat::PongBy(Instant::now() + ping_timeout);
                             heartbeat.as_mut().reset(self.heartbeat.deadline());
-                            if self.write(Message::Ping(Default::default())).await.is_err() {
+                            if Box::pin(self.write(Message::Ping(Default::default()))).await.is_err() {
                                 return End::Gone;
                             }
                         }
