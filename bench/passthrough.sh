@@ -7,7 +7,9 @@
 #   TARGETS="direct pushgate nginx" bench/passthrough.sh
 #
 # Knobs (environment):
-#   TARGETS      in this order in every round  (default "direct pushgate nginx pushpin")
+#   TARGETS      in this order in every round  (default "direct pushgate nginx pushpin");
+#                "baseline" is pushgate run from the binary BASELINE names
+#                (another build, to take turns with this tree's)
 #   CONNECTIONS  wrk connection counts, one row set each   (default "64 256")
 #   DURATION     each measured wrk run                      (default 10s)
 #   WARMUP       unmeasured wrk run before each measurement (default 2s)
@@ -55,7 +57,10 @@ else
     read -r -a TARGETS <<<"${TARGETS:-direct pushgate nginx pushpin}"
 fi
 for target in "${TARGETS[@]}"; do
-    case $target in direct | pushgate | nginx | pushpin) ;; *) echo "unknown target $target" >&2 && exit 1 ;; esac
+    case $target in direct | pushgate | nginx | pushpin) ;;
+    baseline) [[ -x ${BASELINE:-} ]] || { echo "target baseline needs BASELINE=<a pushgate binary>" >&2 && exit 1; } ;;
+    *) echo "unknown target $target" >&2 && exit 1 ;;
+    esac
 done
 wants() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
 if [[ $TLS == 1 ]] && wants pushpin; then
@@ -140,12 +145,28 @@ tls:
   key: $WORK/tls.key
 EOF
 fi
-PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$WORK/pushgate.yaml" 2>"$WORK/pushgate.log" >&2 &
-pushgate_pid=$!
-pids+=("$pushgate_pid")
-line=$(wait_for "$WORK/pushgate.log" '"message":"listening"' "$pushgate_pid" "pushgate")
-PUSHGATE_ADDR=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
-[[ $PUSHGATE_ADDR =~ ^127\.0\.0\.1:[0-9]+$ ]] || die "no address in pushgate's line: $line"
+# run_pushgate BINARY NAME: that pushgate on the config above; prints its
+# public address and leaves its pid in PG_PID.
+run_pushgate() {
+    PUSHGATE_LOG__FORMAT=json "$1" --config "$WORK/pushgate.yaml" 2>"$WORK/$2.log" >&2 &
+    PG_PID=$!
+    pids+=("$PG_PID")
+    local line addr
+    line=$(wait_for "$WORK/$2.log" '"message":"listening"' "$PG_PID" "$2")
+    addr=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
+    [[ $addr =~ ^127\.0\.0\.1:[0-9]+$ ]] || die "no address in $2's line: $line"
+    PG_ADDR=$addr
+}
+run_pushgate "$PUSHGATE" pushgate
+pushgate_pid=$PG_PID
+PUSHGATE_ADDR=$PG_ADDR
+BASELINE_ADDR=
+baseline_pid=
+if wants baseline; then
+    run_pushgate "$BASELINE" baseline
+    baseline_pid=$PG_PID
+    BASELINE_ADDR=$PG_ADDR
+fi
 
 # --- nginx --------------------------------------------------------------------
 # The port is free when asked but could be taken before nginx binds it: retry.
@@ -193,6 +214,7 @@ fi
 declare -A URL=(
     [direct]=http://$UPSTREAM/bench
     [pushgate]=$SCHEME://$PUSHGATE_ADDR/bench
+    [baseline]=$SCHEME://$BASELINE_ADDR/bench
     [nginx]=$SCHEME://$NGINX_ADDR/bench
     [pushpin]=http://$PUSHPIN_ADDR/bench
 )
@@ -236,11 +258,12 @@ to_ms() {
 # the three servers during a measured run.
 NGINX_PIDS=("$nginx_pid")
 mapfile -t -O 1 NGINX_PIDS < <(pgrep -P "$nginx_pid")
-SERVER_PIDS=("$upstream_pid" "$pushgate_pid" "${NGINX_PIDS[@]}" "${PUSHPIN_PIDS[@]}")
+SERVER_PIDS=("$upstream_pid" "$pushgate_pid" ${baseline_pid:+"$baseline_pid"} "${NGINX_PIDS[@]}" "${PUSHPIN_PIDS[@]}")
 # The process(es) under test for each target, whose CPU per request is shown.
 declare -A TARGET_PIDS=(
     [direct]=$upstream_pid
     [pushgate]=$pushgate_pid
+    [baseline]=$baseline_pid
     [nginx]="${NGINX_PIDS[*]}"
     [pushpin]="${PUSHPIN_PIDS[*]}"
 )
