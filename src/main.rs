@@ -6,6 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, for the memory an idle connection holds: see Cargo.toml.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for bad usage or a bad config (sysexits' EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 /// Exit status when the server could not run (e.g. the port is taken).
