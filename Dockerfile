@@ -12,6 +12,10 @@
 # backend reaches the API from another container.
 
 FROM rust:1-slim-bookworm AS build
+# make, for jemalloc (the binary's allocator), which builds from C.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
