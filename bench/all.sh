@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every scenario of docs/benchmarks.md's "Current numbers", in one run, one
 # after the other, so the tables come from one machine on one day. Each
-# scenario's report goes to its own file in OUT; about 80 minutes on a quiet
+# scenario's report goes to its own file in OUT; about 50 minutes on a quiet
 # 2-core machine, most of it Pushpin and the 9,900-subscriber runs.
 #
 #   bench/all.sh                    # every scenario
 #   SCENARIOS="c e" bench/all.sh    # some of them
+#   bench/tables.py "$OUT"          # the tables of docs/benchmarks.md
 #
 # Knobs (environment):
 #   SCENARIOS   any of a1 a2 b c d e, in this order      (default all)
@@ -50,9 +51,11 @@ for name in $SCENARIOS; do
     # (b) 10,000 subscribers on 10,000 channels.
     b) scenario b broadcast.sh TARGETS="pushgate nchan pushpin" TRANSPORTS="sse ws" \
         SUBSCRIBERS=10000 CHANNELS=10000 RATES="2000 5000" DURATION=10 ;;
-    # (c) idle memory per connection at 15,000 connections.
+    # (c) idle memory per connection at 15,000 connections, and at 5,000
+    # for the slope (what one more connection costs, without the server's
+    # own idle footprint).
     c) scenario c broadcast.sh TARGETS="pushgate nchan pushpin" TRANSPORTS="sse ws" \
-        SUBSCRIBERS=15000 RATES=1 DURATION=3 ;;
+        SUBSCRIBERS="5000 15000" RATES=1 DURATION=3 ;;
     # (d) authenticated connects per second.
     d) scenario d connect.sh TARGETS="pushgate nchan pushpin" TRANSPORTS="ws sse" \
         CONCURRENCY="200 20" ;;
