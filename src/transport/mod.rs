@@ -747,12 +747,18 @@ impl Pace {
     /// until. A wake-up while holding (the outbox half full, lagging or
     /// closed) ends the hold, and an `urgent` outbox
     /// ([`crate::hub::Outbox::is_urgent`]) is never held: write at once.
-    fn on_wake(&mut self, now: tokio::time::Instant, urgent: bool) -> Option<tokio::time::Instant> {
-        if std::mem::take(&mut self.holding) || urgent {
+    /// `urgent` is asked only when the write would otherwise be held, so a
+    /// wake-up outside the window costs no look at the outbox.
+    fn on_wake(
+        &mut self,
+        now: tokio::time::Instant,
+        urgent: impl FnOnce() -> bool,
+    ) -> Option<tokio::time::Instant> {
+        if std::mem::take(&mut self.holding) {
             return None;
         }
         let next = self.last_write? + self.window;
-        self.holding = next > now;
+        self.holding = next > now && !urgent();
         self.holding.then_some(next)
     }
 
@@ -778,19 +784,25 @@ mod pace_tests {
     fn the_first_write_goes_at_once_and_the_next_waits_out_the_window() {
         let mut pace = Pace::new(Duration::from_millis(10));
         let start = Instant::now();
-        assert_eq!(pace.on_wake(start, false), None);
+        assert_eq!(pace.on_wake(start, || false), None);
         pace.wrote(start);
         let soon = start + Duration::from_millis(3);
         assert_eq!(
-            pace.on_wake(soon, false),
+            pace.on_wake(soon, || false),
             Some(start + Duration::from_millis(10))
         );
         assert!(pace.holding());
         // The hold ends (its timer, or the outbox insisting): write.
-        assert_eq!(pace.on_wake(soon, false), None);
+        assert_eq!(pace.on_wake(soon, || false), None);
         assert!(!pace.holding());
-        assert_eq!(pace.on_wake(start + Duration::from_millis(10), false), None);
-        assert_eq!(pace.on_wake(start + Duration::from_millis(25), false), None);
+        assert_eq!(
+            pace.on_wake(start + Duration::from_millis(10), || false),
+            None
+        );
+        assert_eq!(
+            pace.on_wake(start + Duration::from_millis(25), || false),
+            None
+        );
     }
 
     /// The wake-up for a batch's first publication and the one for passing
@@ -802,8 +814,14 @@ mod pace_tests {
         let start = Instant::now();
         pace.wrote(start);
         let soon = start + Duration::from_millis(3);
-        assert_eq!(pace.on_wake(soon, true), None);
+        assert_eq!(pace.on_wake(soon, || true), None);
         assert!(!pace.holding());
+        // Outside the window the outbox is not asked at all.
+        let later = start + Duration::from_secs(2);
+        assert_eq!(
+            pace.on_wake(later, || unreachable!("asked outside the window")),
+            None
+        );
     }
 
     #[test]
@@ -811,7 +829,7 @@ mod pace_tests {
         let mut pace = Pace::new(Duration::ZERO);
         let now = Instant::now();
         pace.wrote(now);
-        assert_eq!(pace.on_wake(now, false), None);
+        assert_eq!(pace.on_wake(now, || false), None);
         assert!(!pace.holding());
     }
 }

@@ -504,7 +504,10 @@ impl http_body::Body for SseStream {
             let held_out = state.pace.holding() && this.hold.as_mut().poll(cx).is_ready();
             if woken || held_out {
                 let now = tokio::time::Instant::now();
-                match state.pace.on_wake(now, state.session.outbox().is_urgent()) {
+                match state
+                    .pace
+                    .on_wake(now, || state.session.outbox().is_urgent())
+                {
                     Some(until) => this.hold.as_mut().reset(until),
                     None => state.done |= !state.take_outbox(now),
                 }

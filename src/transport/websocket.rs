@@ -437,7 +437,7 @@ impl Connection {
     /// pace's window has passed (resetting `hold` to fire then).
     async fn paced_flush(&mut self, hold: Pin<&mut tokio::time::Sleep>) -> Result<(), End> {
         let now = Instant::now();
-        match self.pace.on_wake(now, self.session.outbox().is_urgent()) {
+        match self.pace.on_wake(now, || self.session.outbox().is_urgent()) {
             Some(until) => {
                 hold.reset(until);
                 Ok(())
