@@ -415,8 +415,8 @@ impl Hub {
                 // The lane's sessions run on this thread, so they write only
                 // when this task lets them: a burst pushed in one go would
                 // fill queues their sessions never got to drain. When one is
-                // past half full, it writes before the rest of the batch,
-                // and every batch is written before the next is taken.
+                // past half full, it runs before the rest of the batch, and
+                // the sessions a batch woke run before the next is taken.
                 let mut paused = false;
                 while let Some(publication) = batch.pop_front() {
                     let urged = {

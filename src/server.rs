@@ -538,8 +538,9 @@ const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
 /// request (`limits.header_timeout`, also the keep-alive idle timeout), and
 /// with nothing earlier in the wheel each one paid that system call: about
 /// 0.4 per proxied request and one per new connection. With this timer
-/// always nearer, none of those is the earliest; it costs one wake-up a
-/// second.
+/// always nearer, none of those is the earliest (for any
+/// `limits.header_timeout` over the period; a shorter one only loses the
+/// saving); it costs one wake-up a second.
 async fn timer_anchor() {
     let mut tick = tokio::time::interval(TIMER_ANCHOR_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
