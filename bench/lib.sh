@@ -126,15 +126,17 @@ start_floor() {
     PIDS=$SERVER_PID
 }
 
-# start_pushgate CONFIG: pushgate with that config; its listeners on port 0,
-# read back from the "listening" log line.
+# start_pushgate CONFIG [NAME]: pushgate with that config; its listeners on
+# port 0, read back from the "listening" line of its log, WORK/NAME.log
+# (default pushgate: give each of two pushgates running at once its own).
 start_pushgate() {
+    local log=$WORK/${2:-pushgate}.log
     # Emptied first: the wait below must not read an earlier run's line.
-    : >"$WORK/pushgate.log"
-    PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$1" 2>"$WORK/pushgate.log" >&2 &
+    : >"$log"
+    PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$1" 2>"$log" >&2 &
     SERVER_PID=$!
     local line
-    line=$(wait_for "$WORK/pushgate.log" '"message":"listening"' "$SERVER_PID" "pushgate")
+    line=$(wait_for "$log" '"message":"listening"' "$SERVER_PID" "${2:-pushgate}")
     PUBLIC=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
     API=$(sed -E 's/.*"api_addr":"([^"]+)".*/\1/' <<<"$line")
     PIDS=$SERVER_PID

@@ -145,27 +145,18 @@ tls:
   key: $WORK/tls.key
 EOF
 fi
-# run_pushgate BINARY NAME: that pushgate on the config above; prints its
-# public address and leaves its pid in PG_PID.
-run_pushgate() {
-    PUSHGATE_LOG__FORMAT=json "$1" --config "$WORK/pushgate.yaml" 2>"$WORK/$2.log" >&2 &
-    PG_PID=$!
-    pids+=("$PG_PID")
-    local line addr
-    line=$(wait_for "$WORK/$2.log" '"message":"listening"' "$PG_PID" "$2")
-    addr=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
-    [[ $addr =~ ^127\.0\.0\.1:[0-9]+$ ]] || die "no address in $2's line: $line"
-    PG_ADDR=$addr
-}
-run_pushgate "$PUSHGATE" pushgate
-pushgate_pid=$PG_PID
-PUSHGATE_ADDR=$PG_ADDR
+# bench/lib.sh's start_pushgate sets SERVER_PID and PUBLIC.
+start_pushgate "$WORK/pushgate.yaml"
+pushgate_pid=$SERVER_PID
+pids+=("$pushgate_pid")
+PUSHGATE_ADDR=$PUBLIC
 BASELINE_ADDR=
 baseline_pid=
 if wants baseline; then
-    run_pushgate "$BASELINE" baseline
-    baseline_pid=$PG_PID
-    BASELINE_ADDR=$PG_ADDR
+    PUSHGATE=$BASELINE start_pushgate "$WORK/pushgate.yaml" baseline
+    baseline_pid=$SERVER_PID
+    pids+=("$baseline_pid")
+    BASELINE_ADDR=$PUBLIC
 fi
 
 # --- nginx --------------------------------------------------------------------
