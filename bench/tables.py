@@ -32,7 +32,21 @@ def runs(folder, name):
     path = folder / f"{name}.txt"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    found = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.startswith("{"):
+            continue
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            sys.exit(f"{path}:{number}: not a JSON line of a run ({err})")
+    return found
+
+
+def name(table, key):
+    """A server's or transport's name as the docs write it; any other as given
+    (TARGETS=baseline, say)."""
+    return table.get(key, key)
 
 
 def kept(run):
@@ -70,8 +84,8 @@ def broadcast_rates(runs_):
     for run in sorted(runs_, key=lambda r: (r["transport"], r["rate"], r["target"])):
         lat = run["latency_ms"]
         rows.append([
-            TRANSPORTS[run["transport"]],
-            NAMES[run["target"]],
+            name(TRANSPORTS, run["transport"]),
+            name(NAMES, run["target"]),
             n(run["rate"]),
             n(run["deliveries_per_sec"]),
             f"{run['delivery_ratio']:.4f}",
@@ -94,7 +108,7 @@ def broadcast_bars(runs_, bars):
             best = highest(group, bar)
             cells.append("none" if best is None else
                          f"{n(best['rate'])}/s ({n(best['deliveries_per_sec'])})")
-        rows.append([TRANSPORTS[transport], NAMES[target], *cells])
+        rows.append([name(TRANSPORTS, transport), name(NAMES, target), *cells])
     table(["transport", "server", *[f"p99 ≤ {bar} ms: rate (deliveries/s)" for bar in bars]],
           rows)
 
@@ -112,8 +126,8 @@ def idle_memory(runs_):
             grown = high["server_rss_idle_mib"] - low["server_rss_idle_mib"]
             slope = f"{grown * 1024 / (high['connected'] - low['connected']):.1f}"
         rows.append([
-            TRANSPORTS[transport],
-            NAMES[target],
+            name(TRANSPORTS, transport),
+            name(NAMES, target),
             " / ".join(f"{r['server_rss_idle_mib']:.1f}" for r in group),
             " / ".join(n(r["connected"]) for r in group),
             f"{high['server_rss_idle_mib'] * 1024 / high['connected']:.1f}",
@@ -131,8 +145,8 @@ def connects(runs_):
                                             r["label"] or "", r["target"])):
         lat = run["latency_ms"]
         rows.append([
-            TRANSPORTS.get(run["transport"], run["transport"]),
-            NAMES[run["target"]],
+            name(TRANSPORTS, run["transport"]),
+            name(NAMES, run["target"]),
             run["label"] or "-",
             run["users"],
             n(run["concurrency"]),
@@ -160,7 +174,7 @@ def passthrough(folder):
         if len(fields) != 6 or not fields[0].isdigit():
             continue
         conns, target, rps, p50, p99, cpu = fields
-        rows.append([conns, NAMES.get(target, target), n(float(rps)), p50, p99, cpu])
+        rows.append([conns, name(NAMES, target), n(float(rps)), p50, p99, cpu])
     print("### Scenario e: pass-through\n")
     print(lines[start] + "\n")
     table(["connections", "target", "req/s", "p50 ms", "p99 ms", "CPU µs/request"], rows)
