@@ -10,6 +10,7 @@
 
 pub mod detach;
 mod head_deadline;
+mod read_ahead;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -44,6 +45,7 @@ use crate::shutdown::Drain;
 use crate::transport::Realtime;
 use detach::{DetachHandle, Detachable};
 use head_deadline::HeadDeadline;
+use read_ahead::ReadAhead;
 
 /// Open files kept aside for listeners, logs, the engine and the like when
 /// sizing the connection limit from the open-file limit.
@@ -655,7 +657,11 @@ impl Connection {
         let peer = self.peer;
         let deadline = Instant::now() + self.shared.header_timeout;
         match self.tls.clone() {
-            None => self.serve_http(stream, false, deadline).await,
+            // TLS reads the socket through its own buffer already.
+            None => {
+                self.serve_http(ReadAhead::new(stream), false, deadline)
+                    .await
+            }
             Some(acceptor) => {
                 match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => self.serve_http(stream, true, deadline).await,

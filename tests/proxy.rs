@@ -677,6 +677,36 @@ async fn connect_is_refused_with_405() {
     assert_eq!(app.hits.load(Ordering::Relaxed), 0);
 }
 
+/// A connection's first bytes are read in one go, more than the request
+/// line: a body and a pipelined request that came with the first head must
+/// still reach the app, in order and whole.
+#[tokio::test]
+async fn a_body_and_a_pipelined_request_in_the_first_segment_lose_nothing() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+
+    let body = "x".repeat(1000);
+    let segment = format!(
+        "POST /echo HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n\r\n{body}\
+         GET /headers HTTP/1.1\r\nHost: app.example\r\nX-Second: yes\r\n\r\n",
+        body.len()
+    );
+    within("pipelined exchange", async {
+        let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+        stream.write_all(segment.as_bytes()).await.unwrap();
+        let echoed = read_raw_response(&mut stream).await;
+        assert_eq!(echoed.status, 200);
+        assert_eq!(String::from_utf8(echoed.body).unwrap(), body);
+        let second = read_raw_response(&mut stream).await;
+        assert_eq!(second.status, 200);
+        let seen = second.json();
+        assert_eq!(seen["method"], "GET");
+        assert_eq!(app_header(&seen, "x-second"), ["yes"]);
+    })
+    .await;
+    assert_eq!(app.hits.load(Ordering::Relaxed), 2);
+}
+
 #[tokio::test]
 async fn keep_alive_requests_share_one_client_connection() {
     let app = Upstream::start().await;
