@@ -25,7 +25,9 @@
 # all be refused (the upstream decides, not a default).
 #
 # Knobs (environment):
-#   TARGETS       servers, in this order                 (default pushgate)
+#   TARGETS       servers, in this order                 (default pushgate);
+#                 "baseline" is pushgate run from the binary BASELINE names
+#                 (another build, measured the same way as this tree's)
 #   TRANSPORTS    ws and/or sse                          (default $TRANSPORT or ws)
 #   CONNECTIONS   connections per run                    (default 20000)
 #   CONCURRENCY   connections in progress at once; a list gives one row
@@ -118,6 +120,11 @@ start_target() {
         pushgate_config "$2"
         start_pushgate "$WORK/pushgate.yaml"
         ;;
+    baseline)
+        start_upstream
+        pushgate_config "$2"
+        PUSHGATE=$BASELINE start_pushgate "$WORK/pushgate.yaml" baseline
+        ;;
     nchan)
         start_upstream
         start_nchan "$ROOT/bench/nchan-auth.conf" "$UPSTREAM"
@@ -141,15 +148,15 @@ pct() { awk -v t="$1" -v hz="$HZ" -v s="$2" 'BEGIN {v = 100 * t / hz / s; printf
 # connect ARGS...: one run of the load generator against $PUBLIC; leaves its
 # JSON line in LAST.
 connect() {
-    local out
-    # shellcheck disable=SC2086 # a list of PIDs
-    out=$(timeout 300 "$BENCH" connect --target "$target" --public "$PUBLIC" \
+    local out kind=$target
+    [[ $target == baseline ]] && kind=pushgate
+    out=$(timeout 300 "$BENCH" connect --target "$kind" --public "$PUBLIC" \
         --transport "$transport" --concurrency "$conc" --bind-ips "$BIND_IPS" \
         --threads "$THREADS" --header false "$@" 2>"$WORK/bench.err") || {
         cat "$WORK/bench.err" >&2
         die "the load generator failed ($target, $transport, $*)"
     }
-    LAST=$(grep '^{' <<<"$out")
+    LAST=$(grep '^{' <<<"$out" | jq -c --arg target "$target" '.target = $target')
 }
 
 RESULTS=$WORK/results.jsonl
@@ -159,7 +166,7 @@ printf '%-8s %-4s %-8s %-8s %6s %5s %6s %10s %7s %7s %7s %7s %7s %5s %5s %5s %5s
 for transport in $TRANSPORTS; do
     for target in $TARGETS; do
         caches=none
-        [[ $target == pushgate ]] && caches="30s 0s"
+        [[ $target == pushgate || $target == baseline ]] && caches="30s 0s"
         for cache in $caches; do
             for conc in $CONCURRENCY; do
                 label=$cache
