@@ -25,18 +25,21 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
+use http_body_util::BodyExt;
 use ipnet::IpNet;
 use serde::Deserialize;
+use thread_local::ThreadLocal;
+use tokio::sync::Semaphore;
 
+use crate::body::Body;
 use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
-use crate::error::ApiError;
+use crate::error::{error_chain, ApiError};
 use crate::message::ChannelName;
-use crate::proxy::{forwarded_for, ConnInfo, Upstream};
+use crate::proxy::{forwarded_for, AppClient, ConnInfo, Upstream};
 
 /// Longest reason from the app passed on to a client.
 pub const MAX_REASON_BYTES: usize = 200;
@@ -135,10 +138,12 @@ enum Mode {
 }
 
 impl Auth {
-    pub fn new(config: &Config) -> Auth {
+    /// Requests to the app (`auth.mode: upstream`) draw on `app_files`, the
+    /// proxy's budget of files for connections to the app.
+    pub fn new(config: &Config, app_files: Arc<Semaphore>) -> Auth {
         let mode = match config.auth.mode {
             AuthMode::None => Mode::None,
-            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config))),
+            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config, app_files))),
             AuthMode::Jwt => Mode::Jwt(Box::new(JwtAuth::new(&config.auth.jwt))),
         };
         Auth { mode }
@@ -294,7 +299,15 @@ pub struct AuthStats {
 
 /// `auth.mode: upstream`.
 struct AppAuth {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Connections to the app, a pool per thread as the proxy keeps them:
+    /// a connect's request to the app is written and answered on the
+    /// thread that serves the connect, with no hand-off between threads.
+    clients: ThreadLocal<AppClient>,
+    authority: Authority,
+    pool_max_idle: usize,
+    pool_idle_timeout: Duration,
+    /// The budget of files for connections to the app, shared with the proxy.
+    app_files: Arc<Semaphore>,
     url: Uri,
     refresh_url: Option<Uri>,
     subscribe_url: Option<Uri>,
@@ -317,15 +330,15 @@ struct AppGrant {
 }
 
 impl AppAuth {
-    fn new(config: &Config) -> AppAuth {
+    fn new(config: &Config, app_files: Arc<Semaphore>) -> AppAuth {
         let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
         let settings = &config.auth.upstream;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
         AppAuth {
-            client: Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(config.upstream.pool_max_idle)
-                .build(connector),
+            clients: ThreadLocal::new(),
+            authority: upstream.authority().clone(),
+            pool_max_idle: config.upstream.pool_max_idle,
+            pool_idle_timeout: config.upstream.pool_idle_timeout,
+            app_files,
             url: upstream.uri(Some(
                 &settings.path.parse().expect("validated auth.upstream.path"),
             )),
@@ -415,29 +428,32 @@ impl AppAuth {
         credentials: &Credentials,
         body: &serde_json::Value,
     ) -> Result<(StatusCode, Bytes), ApiError> {
-        let mut outgoing = Request::builder()
-            .method(Method::POST)
-            .uri(url.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("a valid auth request");
+        let mut headers = HeaderMap::with_capacity(credentials.headers.len() + 2);
+        let json = HeaderValue::from_static("application/json");
+        headers.insert(header::CONTENT_TYPE, json.clone());
+        headers.insert(header::ACCEPT, json);
         for (name, value) in &credentials.headers {
-            outgoing.headers_mut().append(name.clone(), value.clone());
+            headers.append(name.clone(), value.clone());
         }
-        let response = match tokio::time::timeout(self.timeout, self.client.request(outgoing)).await
-        {
+        let Ok(file) = self.app_files.clone().try_acquire_owned() else {
+            return Err(self.unavailable(url, "the open-file limit is spent on connections"));
+        };
+        let client = self
+            .clients
+            .get_or(|| AppClient::new(&self.authority, self.pool_max_idle, self.pool_idle_timeout));
+        let target = url.path_and_query().map_or("/", |target| target.as_str());
+        let body = serde_json::to_vec(body).expect("a JSON value serializes");
+        let sent = client.send_full(&Method::POST, target, &headers, &body, file);
+        let response = match tokio::time::timeout(self.timeout, sent).await {
             Err(_) => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
-            Ok(Err(err)) => return Err(self.unavailable(url, &format!("{err}"))),
+            Ok(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        let read = Limited::new(response.into_body(), MAX_GRANT_BYTES).collect();
+        let read = read_at_most(response.into_body(), MAX_GRANT_BYTES);
         match tokio::time::timeout(self.timeout, read).await {
-            Ok(Ok(collected)) => Ok((status, collected.to_bytes())),
-            Ok(Err(_)) => {
-                Err(self.unavailable(url, "the answer could not be read or was too large"))
-            }
+            Ok(Some(answer)) => Ok((status, answer)),
+            Ok(None) => Err(self.unavailable(url, "the answer could not be read or was too large")),
             Err(_) => Err(self.unavailable(url, "the answer's body did not arrive in time")),
         }
     }
@@ -450,6 +466,22 @@ impl AppAuth {
             "the app could not confirm this connection; try again later",
         )
     }
+}
+
+/// A whole body of at most `max` bytes; `None` when it is longer or could
+/// not be read.
+async fn read_at_most(mut body: Body, max: usize) -> Option<Bytes> {
+    let mut whole = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue; // trailers
+        };
+        if whole.len() + data.len() > max {
+            return None;
+        }
+        whole.extend_from_slice(&data);
+    }
+    Some(whole.freeze())
 }
 
 /// Why the JWT settings cannot be used.

@@ -263,6 +263,21 @@ impl Server {
                 .map_err(Error::Engine)?
             }
         };
+        // Client connections and requests to the app (proxied, and the auth
+        // requests) draw on one budget of files, unless
+        // limits.max_connections caps the connections apart.
+        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
+        let (public_max, public_permits, app_files) = match limits.max_connections {
+            0 => {
+                let files = Arc::new(Semaphore::new(budget));
+                (budget, files.clone(), files)
+            }
+            n => (
+                n,
+                Arc::new(Semaphore::new(n)),
+                Arc::new(Semaphore::new(budget.saturating_sub(n).max(1))),
+            ),
+        };
         let metrics = Arc::new(Metrics::default());
         let realtime = Arc::new(Realtime::new(
             &config,
@@ -271,6 +286,7 @@ impl Server {
             drain.clone(),
             metrics.realtime.clone(),
             node,
+            app_files.clone(),
         ));
         let orders = Arc::downgrade(&realtime);
         broker.on_orders(Arc::new(move |order| {
@@ -285,20 +301,6 @@ impl Server {
             realtime.clone(),
             metrics,
         ));
-        // Client connections and requests to the app draw on one budget of
-        // files, unless limits.max_connections caps the connections apart.
-        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
-        let (public_max, public_permits, app_files) = match limits.max_connections {
-            0 => {
-                let files = Arc::new(Semaphore::new(budget));
-                (budget, files.clone(), files)
-            }
-            n => (
-                n,
-                Arc::new(Semaphore::new(n)),
-                Arc::new(Semaphore::new(budget.saturating_sub(n).max(1))),
-            ),
-        };
         let proxy = Arc::new(Proxy::new(&config, drain.clone(), app_files.clone()));
 
         Ok(Server {

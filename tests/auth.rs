@@ -32,6 +32,8 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// anything else → 401.
 struct App {
     addr: SocketAddr,
+    /// Connections pushgate opened to the app.
+    connections: Arc<AtomicU64>,
     auth_requests: Arc<AtomicU64>,
     last_request: Arc<Mutex<Option<(http::HeaderMap, Value)>>>,
 }
@@ -42,10 +44,16 @@ impl App {
         let addr = listener.local_addr().unwrap();
         let auth_requests = Arc::new(AtomicU64::new(0));
         let last_request = Arc::new(Mutex::new(None));
-        let (count, last) = (auth_requests.clone(), last_request.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let (count, last, opened) = (
+            auth_requests.clone(),
+            last_request.clone(),
+            connections.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
+                opened.fetch_add(1, Ordering::SeqCst);
                 let (count, last) = (count.clone(), last.clone());
                 tokio::spawn(async move {
                     let service =
@@ -58,6 +66,7 @@ impl App {
         });
         App {
             addr,
+            connections,
             auth_requests,
             last_request,
         }
@@ -450,6 +459,32 @@ async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
         get_with_cookie(&url, Some("session=alice")).await;
     }
     assert_eq!(app.requests(), 3);
+}
+
+/// Auth requests go over kept-alive connections, as proxied requests do:
+/// one connect after another does not open a connection to the app each.
+#[tokio::test]
+async fn auth_requests_share_kept_alive_connections_to_the_app() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 0s\n").await;
+    let url = format!(
+        "http://{}/realtime/poll?channel=chat:1&timeout=0",
+        gate.addr
+    );
+    for user in [
+        "session=alice",
+        "session=nobody",
+        "session=alice",
+        "session=banned",
+    ] {
+        get_with_cookie(&url, Some(user)).await;
+    }
+    assert_eq!(app.requests(), 4);
+    let opened = app.connections.load(Ordering::SeqCst);
+    assert_eq!(
+        opened, 1,
+        "{opened} connections to the app for 4 auth requests"
+    );
 }
 
 #[tokio::test]

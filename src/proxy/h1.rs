@@ -9,7 +9,9 @@
 //! asks for it. There is no connection task and no channel between tasks,
 //! and a body that arrived whole with its head is handed on as it is, the
 //! connection back in the pool before the response leaves. Requests with a
-//! body, and upgrades, go through hyper's client (see `super::Proxy`).
+//! body streaming from a client, and upgrades, go through hyper's client
+//! (see `super::Proxy`); a small body pushgate wrote itself (the auth
+//! request's JSON) goes here, written with the head in one go.
 //!
 //! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
 //! chunked when it is the last transfer coding; else `Content-Length`; else
@@ -102,7 +104,32 @@ impl AppClient {
         added: &Added,
         file: OwnedSemaphorePermit,
     ) -> Result<Response<Body>, ProxyError> {
-        let request = encode_request(method, target, headers, added, &self.host);
+        let request = encode_request(method, target, headers, added, &self.host, None);
+        self.send_encoded(method, &request, file).await
+    }
+
+    /// Sends a request whose whole body is `body`, head and body in one
+    /// write; otherwise as [`AppClient::send`]. `headers` must not carry a
+    /// `Content-Length` or `Transfer-Encoding` of their own.
+    pub async fn send_full(
+        &self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        file: OwnedSemaphorePermit,
+    ) -> Result<Response<Body>, ProxyError> {
+        let added = Added::default();
+        let request = encode_request(method, target, headers, &added, &self.host, Some(body));
+        self.send_encoded(method, &request, file).await
+    }
+
+    async fn send_encoded(
+        &self,
+        method: &Method,
+        request: &[u8],
+        file: OwnedSemaphorePermit,
+    ) -> Result<Response<Body>, ProxyError> {
         let mut pooled = true;
         loop {
             let (mut conn, reused) = match pooled.then(|| self.pool.checkout()).flatten() {
@@ -111,7 +138,7 @@ impl AppClient {
             };
             // Whatever happens now, a second try is on a new connection.
             pooled = false;
-            match exchange(&mut conn, &request).await {
+            match exchange(&mut conn, request).await {
                 Ok(head) => return Ok(self.respond(method, conn, head, file)),
                 // A kept-alive connection the app closed while it was idle:
                 // the request did not reach the app, or (for a method safe
@@ -190,20 +217,23 @@ impl AppClient {
     }
 }
 
-/// The request line and fields, written in one go.
+/// The request line and fields, and `body` when there is one, written in
+/// one go.
 fn encode_request(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     added: &Added,
     default_host: &HeaderValue,
+    body: Option<&[u8]>,
 ) -> Vec<u8> {
     let fields: usize = headers
         .iter()
         .chain(added.iter())
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    let mut buf = Vec::with_capacity(method.as_str().len() + target.len() + fields + 64);
+    let body_len = body.map_or(0, <[u8]>::len);
+    let mut buf = Vec::with_capacity(method.as_str().len() + target.len() + fields + body_len + 96);
     buf.put_slice(method.as_str().as_bytes());
     buf.put_u8(b' ');
     buf.put_slice(target.as_bytes());
@@ -214,12 +244,20 @@ fn encode_request(
     for (name, value) in headers.iter().chain(added.iter()) {
         put_field(&mut buf, name.as_str(), value);
     }
-    // A method that expects a body is told plainly that this one has none.
-    let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(method);
-    if expects_body && !headers.contains_key(header::CONTENT_LENGTH) {
-        buf.put_slice(b"content-length: 0\r\n");
+    match body {
+        Some(body) => {
+            buf.put_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            buf.put_slice(body);
+        }
+        None => {
+            // A method that expects a body is told plainly that this one has none.
+            let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(method);
+            if expects_body && !headers.contains_key(header::CONTENT_LENGTH) {
+                buf.put_slice(b"content-length: 0\r\n");
+            }
+            buf.put_slice(b"\r\n");
+        }
     }
-    buf.put_slice(b"\r\n");
     buf
 }
 
@@ -936,6 +974,7 @@ mod tests {
             &headers,
             &Added::default(),
             &host,
+            None,
         ))
         .unwrap();
         assert_eq!(
@@ -949,11 +988,35 @@ mod tests {
             &headers,
             &Added::default(),
             &host,
+            None,
         ))
         .unwrap();
         assert_eq!(
             post,
             "POST / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_whole_body_follows_its_length_in_the_same_buffer() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let host = HeaderValue::from_static("app:3000");
+        let post = String::from_utf8(encode_request(
+            &Method::POST,
+            "/auth",
+            &headers,
+            &Added::default(),
+            &host,
+            Some(br#"{"a":1}"#),
+        ))
+        .unwrap();
+        assert_eq!(
+            post,
+            "POST /auth HTTP/1.1\r\nhost: app:3000\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
     }
 }

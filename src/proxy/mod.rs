@@ -31,6 +31,8 @@ use crate::shutdown::Drain;
 
 mod h1;
 
+pub use h1::AppClient;
+
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -73,6 +75,11 @@ impl Upstream {
             scheme: Scheme::HTTP,
             authority,
         })
+    }
+
+    /// The app's host and port.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
     }
 
     /// The app's URI for a request's path and query.
