@@ -36,7 +36,7 @@ use crate::body::Body;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::config::{Config, ConfigError, EngineKind};
+use crate::config::{AuthMode, Config, ConfigError, EngineKind};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -82,10 +82,11 @@ pub fn connection_capacity() -> usize {
 }
 
 /// The files connections may spend: the open-file limit less the reserve and
-/// the app's idle pool (`idle_pool` files, at most a quarter of the rest).
-/// A client connection takes one; a proxied request (or tunnel) one more
-/// while it uses a connection to the app. Realtime connections, which never
-/// talk to the app once authorized, so cost one file, not two.
+/// the app's idle pools (`idle_pool` files, at most a quarter of the rest).
+/// A client connection takes one; a proxied request (or tunnel), and a
+/// request asking the app about a realtime connection (its auth, refresh or
+/// subscribe check), one more while it uses a connection to the app. A
+/// realtime connection asks only now and then, so costs one file, not two.
 pub fn file_budget(idle_pool: usize) -> usize {
     let files = connection_capacity();
     files.saturating_sub(idle_pool.min(files / 4)).max(2)
@@ -266,7 +267,13 @@ impl Server {
         // Client connections and requests to the app (proxied, and the auth
         // requests) draw on one budget of files, unless
         // limits.max_connections caps the connections apart.
-        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
+        // Idle connections to the app: a pool per shard for proxied requests
+        // and, asking the app about connects, one per shard for that.
+        let pools = match config.auth.mode {
+            AuthMode::Upstream => 2 * shards,
+            AuthMode::None | AuthMode::Jwt => shards,
+        };
+        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(pools));
         let (public_max, public_permits, app_files) = match limits.max_connections {
             0 => {
                 let files = Arc::new(Semaphore::new(budget));
