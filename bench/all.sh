@@ -56,9 +56,11 @@ for name in $SCENARIOS; do
     # own idle footprint).
     c) scenario c broadcast.sh TARGETS="pushgate nchan pushpin" TRANSPORTS="sse ws" \
         SUBSCRIBERS="5000 15000" RATES=1 DURATION=3 ;;
-    # (d) authenticated connects per second.
+    # (d) authenticated connects per second: 60,000 per row, a few seconds
+    # for pushgate and Nchan (20,000 swing by up to a third between rows),
+    # 20,000 for Pushpin (a minute).
     d) scenario d connect.sh TARGETS="pushgate nchan pushpin" TRANSPORTS="ws sse" \
-        CONCURRENCY="200 20" ;;
+        CONCURRENCY="200 20" CONNECTIONS=60000 PUSHPIN_CONNECTIONS=20000 ;;
     # (e) pass-through beside direct, nginx and Pushpin.
     e) scenario e passthrough.sh ROUNDS=3 ;;
     *) echo "all.sh: unknown scenario $name (a1 a2 b c d e)" >&2; exit 64 ;;

@@ -30,6 +30,8 @@
 #                 (another build, measured the same way as this tree's)
 #   TRANSPORTS    ws and/or sse                          (default $TRANSPORT or ws)
 #   CONNECTIONS   connections per run                    (default 20000)
+#   PUSHPIN_CONNECTIONS  the same for Pushpin, which takes about a
+#                 minute for 20,000                      (default $CONNECTIONS)
 #   CONCURRENCY   connections in progress at once; a list gives one row
 #                 set each, on a fresh server            (default 200)
 #   BIND_IPS      client source addresses                (default 127.0.0.2-127.0.0.9)
@@ -58,6 +60,7 @@ SCRIPT=connect.sh
 TARGETS=${TARGETS:-pushgate}
 TRANSPORTS=${TRANSPORTS:-${TRANSPORT:-ws}}
 CONNECTIONS=${CONNECTIONS:-20000}
+PUSHPIN_CONNECTIONS=${PUSHPIN_CONNECTIONS:-$CONNECTIONS}
 CONCURRENCY=${CONCURRENCY:-200}
 BIND_IPS=${BIND_IPS:-127.0.0.2-127.0.0.9}
 THREADS=${THREADS:-1}
@@ -136,7 +139,7 @@ start_target() {
 cat <<INFO
 machine:  $(machine_info)
 $(versions)
-runs:     targets "$TARGETS", transports "$TRANSPORTS", $CONNECTIONS connections, "$CONCURRENCY" at a time,
+runs:     targets "$TARGETS", transports "$TRANSPORTS", $CONNECTIONS connections (Pushpin $PUSHPIN_CONNECTIONS), "$CONCURRENCY" at a time,
           client addresses $BIND_IPS, $THREADS load-generator thread(s)
 
 INFO
@@ -189,7 +192,9 @@ for transport in $TRANSPORTS; do
                         gen0=$CHILD_TICKS
                         # shellcheck disable=SC2086
                         busy0=$(busy_ticks) irq0=$(irq_ticks) srv0=$(ticks $PIDS) up0=$(ticks "$UPSTREAM_PID")
-                        connect --connections "$CONNECTIONS" "${flag[@]}" --label "$label"
+                        conns=$CONNECTIONS
+                        [[ $target == pushpin ]] && conns=$PUSHPIN_CONNECTIONS
+                        connect --connections "$conns" "${flag[@]}" --label "$label"
                         child_ticks
                         gen1=$CHILD_TICKS
                         # shellcheck disable=SC2086
