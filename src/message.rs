@@ -10,12 +10,12 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::io::Write;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::cursor::Position;
+use crate::cursor::{Cursor, Position};
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;
@@ -141,6 +141,9 @@ pub struct Publication {
     /// `event: …\n` (when named) and `data: <envelope>\n`: an SSE event
     /// without its `id:` line and closing blank line, which are per connection.
     sse: Bytes,
+    /// `id: <cursor>\n\n` for a connection that hears this channel alone:
+    /// the same for every such connection, so made once, when first asked.
+    sse_sole_id: OnceLock<Bytes>,
     kind: Kind,
 }
 
@@ -206,6 +209,7 @@ impl Publication {
             envelope,
             data: data_range,
             sse: Bytes::from(sse),
+            sse_sole_id: OnceLock::new(),
             kind: Kind::Message,
         }
     }
@@ -224,6 +228,7 @@ impl Publication {
             data: 0..0,
             ws_text: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(""),
             sse: Bytes::new(),
+            sse_sole_id: OnceLock::new(),
             kind: Kind::Reset,
         }
     }
@@ -251,6 +256,7 @@ impl Publication {
             ws_text,
             envelope,
             sse: Bytes::from(sse),
+            sse_sole_id: OnceLock::new(),
             kind: Kind::Presence,
         }
     }
@@ -299,6 +305,23 @@ impl Publication {
     /// the blank line.
     pub fn sse_lines(&self) -> &Bytes {
         &self.sse
+    }
+
+    /// The `id:` line and blank line that end this event for a connection
+    /// whose cursor is `cursor`, when that cursor holds this channel alone
+    /// at this publication's position (most SSE connections hear one
+    /// channel): shared by all of them. `None` for any other cursor, whose
+    /// line is the connection's own.
+    pub fn sse_sole_id(&self, cursor: &Cursor) -> Option<&Bytes> {
+        if cursor.len() != 1 || cursor.position_of(self.channel.as_str()) != Some(self.position) {
+            return None;
+        }
+        Some(self.sse_sole_id.get_or_init(|| {
+            let mut line = String::from("id: ");
+            cursor.encode_into(&mut line);
+            line.push_str("\n\n");
+            Bytes::from(line)
+        }))
     }
 
     /// What holding this publication in a queue costs, for byte bounds.
@@ -424,6 +447,36 @@ mod tests {
         );
         let sse = std::str::from_utf8(publication.sse_lines()).unwrap();
         assert_eq!(sse, format!("event: msg\ndata: {envelope}\n"));
+    }
+
+    #[test]
+    fn the_sole_channel_id_line_is_shared_and_only_for_that_cursor() {
+        let publication = Publication::new(
+            ChannelName::parse("chat:1").unwrap(),
+            position(7),
+            None,
+            "1",
+            1,
+        );
+        let mut alone = Cursor::new();
+        alone.set("chat:1", position(7));
+        let line = publication
+            .sse_sole_id(&alone)
+            .expect("one channel, at this position");
+        assert_eq!(&line[..], format!("id: {}\n\n", alone.encode()).as_bytes());
+        // Made once: the next connection gets the same bytes.
+        let again = publication.sse_sole_id(&alone.clone()).unwrap();
+        assert_eq!(again.as_ptr(), line.as_ptr());
+
+        let mut elsewhere = Cursor::new();
+        elsewhere.set("chat:1", position(6));
+        assert!(publication.sse_sole_id(&elsewhere).is_none());
+        let mut two = alone.clone();
+        two.set("news", position(3));
+        assert!(publication.sse_sole_id(&two).is_none());
+        let mut other = Cursor::new();
+        other.set("chat:2", position(7));
+        assert!(publication.sse_sole_id(&other).is_none());
     }
 
     #[test]

@@ -355,9 +355,7 @@ impl SseStream {
     }
 
     fn push_event(&mut self, ids: &Cursor, publication: &Publication) {
-        self.state.text.clear();
-        ids.encode_into(&mut self.state.text);
-        self.state.push_event(publication);
+        self.state.push_event(ids, publication);
     }
 
     fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
@@ -372,17 +370,15 @@ impl State {
         self.frames.push_back(Bytes::from(text));
     }
 
-    /// The shared event lines, then `id: <cursor in self.text>` and the
-    /// blank line.
-    fn push_event(&mut self, publication: &Publication) {
+    fn push_event(&mut self, ids: &Cursor, publication: &Publication) {
         self.active = true;
-        self.frames.push_back(publication.sse_lines().clone());
-        self.scratch.reserve(self.text.len() + 6);
-        self.scratch.put_slice(b"id: ");
-        self.scratch.put_slice(self.text.as_bytes());
-        self.scratch.put_slice(b"\n\n");
-        let line = self.scratch.split().freeze();
-        self.frames.push_back(line);
+        push_event(
+            &mut self.frames,
+            &mut self.scratch,
+            &mut self.text,
+            ids,
+            publication,
+        );
     }
 
     /// A `pushgate.reset` event, with `id: <cursor in self.text>`.
@@ -456,9 +452,15 @@ impl State {
                     at_reset.encode_into(&mut self.text);
                     self.push_reset(publication.channel(), position);
                 }
-                self.text.clear();
-                self.session.cursor().encode_into(&mut self.text);
-                self.push_event(&publication);
+                self.active = true;
+                let ids = self.session.cursor();
+                push_event(
+                    &mut self.frames,
+                    &mut self.scratch,
+                    &mut self.text,
+                    ids,
+                    &publication,
+                );
             }
         }
         batch.clear();
@@ -468,6 +470,30 @@ impl State {
         }
         open
     }
+}
+
+/// Queues `publication`'s event lines, then `id: <ids>` and the blank line:
+/// shared too when `ids` holds the publication's channel alone, else
+/// written for this connection (in `scratch`, through `text`).
+fn push_event(
+    frames: &mut VecDeque<Bytes>,
+    scratch: &mut BytesMut,
+    text: &mut String,
+    ids: &Cursor,
+    publication: &Publication,
+) {
+    frames.push_back(publication.sse_lines().clone());
+    if let Some(id) = publication.sse_sole_id(ids) {
+        frames.push_back(id.clone());
+        return;
+    }
+    text.clear();
+    ids.encode_into(text);
+    scratch.reserve(text.len() + 6);
+    scratch.put_slice(b"id: ");
+    scratch.put_slice(text.as_bytes());
+    scratch.put_slice(b"\n\n");
+    frames.push_back(scratch.split().freeze());
 }
 
 impl http_body::Body for SseStream {
