@@ -27,12 +27,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
-use http::uri::Authority;
 use http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use ipnet::IpNet;
 use serde::Deserialize;
-use thread_local::ThreadLocal;
 use tokio::sync::Semaphore;
 
 use crate::body::Body;
@@ -138,12 +136,13 @@ enum Mode {
 }
 
 impl Auth {
-    /// Requests to the app (`auth.mode: upstream`) draw on `app_files`, the
-    /// proxy's budget of files for connections to the app.
-    pub fn new(config: &Config, app_files: Arc<Semaphore>) -> Auth {
+    /// Requests to the app (`auth.mode: upstream`) go through `app`, the
+    /// proxy's client, and draw on `app_files`, its budget of files for
+    /// connections to the app.
+    pub fn new(config: &Config, app: AppClient, app_files: Arc<Semaphore>) -> Auth {
         let mode = match config.auth.mode {
             AuthMode::None => Mode::None,
-            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config, app_files))),
+            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config, app, app_files))),
             AuthMode::Jwt => Mode::Jwt(Box::new(JwtAuth::new(&config.auth.jwt))),
         };
         Auth { mode }
@@ -299,13 +298,10 @@ pub struct AuthStats {
 
 /// `auth.mode: upstream`.
 struct AppAuth {
-    /// Connections to the app, a pool per thread as the proxy keeps them:
-    /// a connect's request to the app is written and answered on the
-    /// thread that serves the connect, with no hand-off between threads.
-    clients: ThreadLocal<AppClient>,
-    authority: Authority,
-    pool_max_idle: usize,
-    pool_idle_timeout: Duration,
+    /// The proxy's client: a connect's request to the app is written and
+    /// answered on the thread that serves the connect, over that thread's
+    /// kept-alive connections.
+    app: AppClient,
     /// The budget of files for connections to the app, shared with the proxy.
     app_files: Arc<Semaphore>,
     url: Uri,
@@ -330,14 +326,11 @@ struct AppGrant {
 }
 
 impl AppAuth {
-    fn new(config: &Config, app_files: Arc<Semaphore>) -> AppAuth {
+    fn new(config: &Config, app: AppClient, app_files: Arc<Semaphore>) -> AppAuth {
         let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
         let settings = &config.auth.upstream;
         AppAuth {
-            clients: ThreadLocal::new(),
-            authority: upstream.authority().clone(),
-            pool_max_idle: config.upstream.pool_max_idle,
-            pool_idle_timeout: config.upstream.pool_idle_timeout,
+            app,
             app_files,
             url: upstream.uri(Some(
                 &settings.path.parse().expect("validated auth.upstream.path"),
@@ -438,12 +431,11 @@ impl AppAuth {
         let Ok(file) = self.app_files.clone().try_acquire_owned() else {
             return Err(self.unavailable(url, "the open-file limit is spent on connections"));
         };
-        let client = self
-            .clients
-            .get_or(|| AppClient::new(&self.authority, self.pool_max_idle, self.pool_idle_timeout));
         let target = url.path_and_query().map_or("/", |target| target.as_str());
         let body = serde_json::to_vec(body).expect("a JSON value serializes");
-        let sent = client.send_full(&Method::POST, target, &headers, &body, file);
+        let sent = self
+            .app
+            .send_full(&Method::POST, target, &headers, &body, file);
         let response = match tokio::time::timeout(self.timeout, sent).await {
             Err(_) => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
             Ok(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),

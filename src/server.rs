@@ -74,15 +74,16 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
+use crate::auth::Auth;
 use crate::body::Body;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::config::{AuthMode, Config, ConfigError, EngineKind};
+use crate::config::{Config, ConfigError, EngineKind};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{self, AppClient, ConnInfo, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
 use detach::{DetachHandle, Detachable};
@@ -143,7 +144,7 @@ pub struct Server {
     grace: Duration,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
-    /// Kept to build each shard's own pool of connections to the app.
+    /// Kept to build each shard's proxy.
     config: Config,
     shards: usize,
 }
@@ -308,14 +309,10 @@ impl Server {
         };
         // Client connections and requests to the app (proxied, and the auth
         // requests) draw on one budget of files, unless
-        // limits.max_connections caps the connections apart.
-        // Idle connections to the app: a pool per shard for proxied requests
-        // and, asking the app about connects, one per shard for that.
-        let pools = match config.auth.mode {
-            AuthMode::Upstream => 2 * shards,
-            AuthMode::None | AuthMode::Jwt => shards,
-        };
-        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(pools));
+        // limits.max_connections caps the connections apart. The idle
+        // connections to the app are one pool per shard, shared by both.
+        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
+        let app = proxy::app_client(&config);
         let (public_max, public_permits, app_files) = match limits.max_connections {
             0 => {
                 let files = Arc::new(Semaphore::new(budget));
@@ -335,7 +332,7 @@ impl Server {
             drain.clone(),
             metrics.realtime.clone(),
             node,
-            app_files.clone(),
+            Auth::new(&config, app.clone(), app_files.clone()),
         ));
         let orders = Arc::downgrade(&realtime);
         broker.on_orders(Arc::new(move |order| {
@@ -350,7 +347,7 @@ impl Server {
             realtime.clone(),
             metrics,
         ));
-        let proxy = Arc::new(Proxy::new(&config, drain.clone(), app_files.clone()));
+        let proxy = Arc::new(Proxy::new(&config, drain.clone(), app_files.clone(), app));
 
         Ok(Server {
             public: Listener {
@@ -434,8 +431,10 @@ impl Server {
             .tcp
             .into_std()
             .map_err(|source| Error::Bind { addr, source })?;
-        let (realtime, app_files) = match &public.handler {
-            Handler::Public { realtime, proxy } => (realtime.clone(), proxy.app_files()),
+        let (realtime, app_files, app) = match &public.handler {
+            Handler::Public { realtime, proxy } => {
+                (realtime.clone(), proxy.app_files(), proxy.app())
+            }
             Handler::Api(_) => unreachable!("the public listener serves realtime and the app"),
         };
         // Shards keep their runtimes turning until the drain is decided here,
@@ -448,6 +447,7 @@ impl Server {
             permits: public.permits,
             realtime,
             app_files,
+            app,
             hub,
             config,
             shared: shared.clone(),
@@ -498,6 +498,7 @@ struct Shard {
     permits: Arc<Semaphore>,
     realtime: Arc<Realtime>,
     app_files: Arc<Semaphore>,
+    app: AppClient,
     hub: Arc<Hub>,
     config: Config,
     shared: Arc<Shared>,
@@ -526,6 +527,7 @@ impl Shard {
         let permits = self.permits.clone();
         let realtime = self.realtime.clone();
         let app_files = self.app_files.clone();
+        let app = self.app.clone();
         let hub = self.hub.clone();
         let config = self.config.clone();
         let shared = self.shared.clone();
@@ -559,7 +561,8 @@ impl Shard {
                             return;
                         }
                     };
-                    let proxy = Arc::new(Proxy::new(&config, shared.drain.clone(), app_files));
+                    let proxy =
+                        Arc::new(Proxy::new(&config, shared.drain.clone(), app_files, app));
                     let listener = Listener {
                         tcp,
                         addr,

@@ -173,6 +173,15 @@ async fn subscribe(request: Request<Incoming>) -> Response<BoxBody<Bytes, Infall
     }
 }
 
+/// A long-poll for `chat:1` on `gate` that answers at once: one connect,
+/// one auth decision.
+fn poll_url(gate: &Pushgate) -> String {
+    format!(
+        "http://{}/realtime/poll?channel=chat:1&timeout=0",
+        gate.addr
+    )
+}
+
 async fn start(app_url: &str, extra: &str) -> Pushgate {
     let auth = format!("auth:\n  mode: upstream\n  upstream:\n    timeout: 500ms\n{extra}");
     Pushgate::start(app_url, &auth).await
@@ -243,14 +252,7 @@ async fn websocket_outcome(gate: &Pushgate, query: &str, cookie: &str) -> Option
 async fn the_app_gets_the_forwarded_headers_and_the_connection_facts() {
     let app = App::start().await;
     let gate = start(&format!("http://{}", app.addr), "").await;
-    let (status, _) = get_with_cookie(
-        &format!(
-            "http://{}/realtime/poll?channel=chat:1&timeout=0",
-            gate.addr
-        ),
-        Some("session=alice"),
-    )
-    .await;
+    let (status, _) = get_with_cookie(&poll_url(&gate), Some("session=alice")).await;
     assert_eq!(status, StatusCode::OK);
     let (headers, body) = app.last_request.lock().unwrap().clone().unwrap();
     assert_eq!(headers["cookie"], "session=alice");
@@ -425,10 +427,7 @@ async fn grants_are_enforced_with_exact_names_and_prefixes() {
 async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
     let app = App::start().await;
     let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 1m\n").await;
-    let url = format!(
-        "http://{}/realtime/poll?channel=chat:1&timeout=0",
-        gate.addr
-    );
+    let url = poll_url(&gate);
     for _ in 0..5 {
         let (status, _) = get_with_cookie(&url, Some("session=alice")).await;
         assert_eq!(status, StatusCode::OK);
@@ -451,26 +450,21 @@ async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
     // With the cache off every connection asks.
     let app = App::start().await;
     let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 0s\n").await;
-    let url = format!(
-        "http://{}/realtime/poll?channel=chat:1&timeout=0",
-        gate.addr
-    );
+    let url = poll_url(&gate);
     for _ in 0..3 {
         get_with_cookie(&url, Some("session=alice")).await;
     }
     assert_eq!(app.requests(), 3);
 }
 
-/// Auth requests go over kept-alive connections, as proxied requests do:
-/// one connect after another does not open a connection to the app each.
+/// Auth requests go over kept-alive connections, the same the proxy uses:
+/// one connect after another does not open a connection to the app each,
+/// and a proxied page after them needs none of its own.
 #[tokio::test]
-async fn auth_requests_share_kept_alive_connections_to_the_app() {
+async fn auth_requests_share_kept_alive_connections_with_the_proxy() {
     let app = App::start().await;
     let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 0s\n").await;
-    let url = format!(
-        "http://{}/realtime/poll?channel=chat:1&timeout=0",
-        gate.addr
-    );
+    let url = poll_url(&gate);
     for user in [
         "session=alice",
         "session=nobody",
@@ -485,6 +479,11 @@ async fn auth_requests_share_kept_alive_connections_to_the_app() {
         opened, 1,
         "{opened} connections to the app for 4 auth requests"
     );
+    // A page of the app, proxied, takes the same kept-alive connection.
+    let (status, _) = get_with_cookie(&format!("http://{}/page", gate.addr), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let opened = app.connections.load(Ordering::SeqCst);
+    assert_eq!(opened, 1, "the proxy opened its own connection to the app");
 }
 
 #[tokio::test]
@@ -612,14 +611,7 @@ async fn the_per_user_limit_refuses_one_connection_too_many() {
             .map(|c| c.0),
         Some(4029)
     );
-    let (status, body) = get_with_cookie(
-        &format!(
-            "http://{}/realtime/poll?channel=chat:1&timeout=0",
-            gate.addr
-        ),
-        Some("session=alice"),
-    )
-    .await;
+    let (status, body) = get_with_cookie(&poll_url(&gate), Some("session=alice")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(body["error"]["code"], "too_many_connections");
     drop(_one);
@@ -684,14 +676,7 @@ async fn the_api_disconnects_a_user_everywhere_and_forgets_their_grants() {
     );
 
     // The cached grant is gone: the next connection asks the app.
-    get_with_cookie(
-        &format!(
-            "http://{}/realtime/poll?channel=chat:1&timeout=0",
-            gate.addr
-        ),
-        Some("session=alice"),
-    )
-    .await;
+    get_with_cookie(&poll_url(&gate), Some("session=alice")).await;
     assert_eq!(app.requests(), asked + 1);
 
     for (body, code) in [

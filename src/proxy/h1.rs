@@ -31,6 +31,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
+use thread_local::ThreadLocal;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -58,8 +59,10 @@ fn refused(cause: io::Error) -> ProxyError {
     ProxyError::UpstreamRefused(cause.into())
 }
 
-/// Sends body-less requests to the app over a pool of kept-alive
-/// connections. One per shard, like the rest of the proxy.
+/// Sends requests to the app over kept-alive connections, a pool per
+/// thread: a request is written and answered on the thread that serves it,
+/// with no hand-off between threads. One for the whole server, shared by
+/// the proxy and the auth requests.
 #[derive(Clone)]
 pub struct AppClient {
     authority: Authority,
@@ -67,7 +70,14 @@ pub struct AppClient {
     /// connect, as the system resolver answers.
     addr: Option<SocketAddr>,
     host: HeaderValue,
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
+}
+
+/// Each thread's pool, made when the thread first asks.
+struct Pools {
+    per_thread: ThreadLocal<Arc<Pool>>,
+    max_idle: usize,
+    idle_timeout: Duration,
 }
 
 impl AppClient {
@@ -84,12 +94,28 @@ impl AppClient {
             authority: authority.clone(),
             addr,
             host: HeaderValue::from_str(authority.as_str()).expect("an authority is header text"),
-            pool: Arc::new(Pool {
-                idle: Mutex::new(Idle::default()),
+            pools: Arc::new(Pools {
+                per_thread: ThreadLocal::new(),
                 max_idle,
                 idle_timeout,
             }),
         }
+    }
+
+    /// This thread's pool.
+    fn pool(&self) -> &Arc<Pool> {
+        let Pools {
+            per_thread,
+            max_idle,
+            idle_timeout,
+        } = &*self.pools;
+        per_thread.get_or(|| {
+            Arc::new(Pool {
+                idle: Mutex::new(Idle::default()),
+                max_idle: *max_idle,
+                idle_timeout: *idle_timeout,
+            })
+        })
     }
 
     /// Sends a request without a body and returns the app's answer, its body
@@ -132,7 +158,7 @@ impl AppClient {
     ) -> Result<Response<Body>, ProxyError> {
         let mut pooled = true;
         loop {
-            let (mut conn, reused) = match pooled.then(|| self.pool.checkout()).flatten() {
+            let (mut conn, reused) = match pooled.then(|| self.pool().checkout()).flatten() {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
@@ -189,7 +215,7 @@ impl AppClient {
             // The common case: the whole body came with the head.
             Framing::Length(len) if conn.buf.len() as u64 >= len => {
                 let data = conn.buf.split_to(len as usize).freeze();
-                self.pool.release(conn, reuse);
+                self.pool().release(conn, reuse);
                 drop(file);
                 if data.is_empty() {
                     body::empty()
@@ -201,7 +227,7 @@ impl AppClient {
                 conn: Some(conn),
                 framing,
                 reuse,
-                pool: Arc::clone(&self.pool),
+                pool: Arc::clone(self.pool()),
                 file: Some(file),
             }),
         };

@@ -97,11 +97,23 @@ impl Upstream {
     }
 }
 
+/// The server's one client for requests to the app, from a validated
+/// config: `upstream.url`, `upstream.pool_max_idle` (per thread) and
+/// `upstream.pool_idle_timeout`.
+pub fn app_client(config: &Config) -> AppClient {
+    let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
+    AppClient::new(
+        &upstream.authority,
+        config.upstream.pool_max_idle,
+        config.upstream.pool_idle_timeout,
+    )
+}
+
 /// Forwards requests to the app.
 #[derive(Clone)]
 pub struct Proxy {
     /// Requests without a body (most of them).
-    app: h1::AppClient,
+    app: AppClient,
     /// Uploads and upgrades.
     client: Client<HttpConnector, Body>,
     upstream: Upstream,
@@ -117,8 +129,9 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the proxy from a validated config. Tunnels join `drain`;
-    /// requests to the app draw on `app_files`.
-    pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>) -> Proxy {
+    /// requests to the app draw on `app_files`; those without a body go
+    /// through `app` (see [`app_client`]).
+    pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>, app: AppClient) -> Proxy {
         let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -130,11 +143,7 @@ impl Proxy {
             .pool_max_idle_per_host(config.upstream.pool_max_idle)
             .build(connector);
         Proxy {
-            app: h1::AppClient::new(
-                &upstream.authority,
-                config.upstream.pool_max_idle,
-                config.upstream.pool_idle_timeout,
-            ),
+            app,
             client,
             upstream,
             timeout: config.upstream.timeout,
@@ -148,6 +157,11 @@ impl Proxy {
     /// The budget of files for connections to the app (shared by shards).
     pub fn app_files(&self) -> Arc<Semaphore> {
         self.app_files.clone()
+    }
+
+    /// The client for requests to the app (shared by shards).
+    pub fn app(&self) -> AppClient {
+        self.app.clone()
     }
 
     /// Sends `request` to the app and streams its answer back. Never fails:

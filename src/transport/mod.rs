@@ -133,14 +133,14 @@ impl Realtime {
         drain: Drain,
         gauges: Arc<Gauges>,
         node: String,
-        app_files: Arc<tokio::sync::Semaphore>,
+        auth: Auth,
     ) -> Realtime {
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
             prefix: config.realtime.prefix.clone(),
             config: config.realtime.clone(),
             origins: Origins::new(&config.realtime.allowed_origins),
-            auth: Auth::new(config, app_files),
+            auth,
             hub,
             broker,
             queue: QueueLimits {
