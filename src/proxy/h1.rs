@@ -19,7 +19,7 @@
 //! complete, framed by length or chunks, not marked `close`, and nothing
 //! followed it.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -135,8 +135,9 @@ impl AppClient {
     }
 
     /// Sends a request whose whole body is `body`, head and body in one
-    /// write; otherwise as [`AppClient::send`]. `headers` must not carry a
-    /// `Content-Length` or `Transfer-Encoding` of their own.
+    /// write; otherwise as [`AppClient::send`]. The body's length frames
+    /// it: a `Content-Length` or `Transfer-Encoding` in `headers` (a
+    /// forwarded one, say) is left out.
     pub async fn send_full(
         &self,
         method: &Method,
@@ -267,12 +268,17 @@ fn encode_request(
     if !headers.contains_key(header::HOST) && !added.iter().any(|(name, _)| name == header::HOST) {
         put_field(&mut buf, header::HOST.as_str(), default_host);
     }
+    let frames_it = |name: &HeaderName| {
+        body.is_some() && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING)
+    };
     for (name, value) in headers.iter().chain(added.iter()) {
-        put_field(&mut buf, name.as_str(), value);
+        if !frames_it(name) {
+            put_field(&mut buf, name.as_str(), value);
+        }
     }
     match body {
         Some(body) => {
-            buf.put_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            write!(buf, "content-length: {}\r\n\r\n", body.len()).expect("a Vec takes every write");
             buf.put_slice(body);
         }
         None => {
@@ -1029,6 +1035,12 @@ mod tests {
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
+        );
+        // Framing that came with the headers gives way to the body's own.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
         );
         let host = HeaderValue::from_static("app:3000");
         let post = String::from_utf8(encode_request(
