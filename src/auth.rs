@@ -20,20 +20,21 @@
 //! of at most `auth.upstream.cache_size` entries.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Collected, Limited};
 use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
 use crate::error::{error_chain, ApiError};
 use crate::message::ChannelName;
@@ -442,10 +443,12 @@ impl AppAuth {
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        let read = read_at_most(response.into_body(), MAX_GRANT_BYTES);
+        let read = collect_at_most(response.into_body(), MAX_GRANT_BYTES);
         match tokio::time::timeout(self.timeout, read).await {
-            Ok(Some(answer)) => Ok((status, answer)),
-            Ok(None) => Err(self.unavailable(url, "the answer could not be read or was too large")),
+            Ok(Ok(collected)) => Ok((status, collected.to_bytes())),
+            Ok(Err(_)) => {
+                Err(self.unavailable(url, "the answer could not be read or was too large"))
+            }
             Err(_) => Err(self.unavailable(url, "the answer's body did not arrive in time")),
         }
     }
@@ -460,20 +463,14 @@ impl AppAuth {
     }
 }
 
-/// A whole body of at most `max` bytes; `None` when it is longer or could
-/// not be read.
-async fn read_at_most(mut body: Body, max: usize) -> Option<Bytes> {
-    let mut whole = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.ok()?.into_data() else {
-            continue; // trailers
-        };
-        if whole.len() + data.len() > max {
-            return None;
-        }
-        whole.extend_from_slice(&data);
-    }
-    Some(whole.freeze())
+/// The whole of `body`, failing past `max` bytes. Named, with `Send` in
+/// its type: rustc cannot prove `Limited`'s future `Send` for every
+/// lifetime when it is written inside the spawned future that awaits it.
+fn collect_at_most(
+    body: Body,
+    max: usize,
+) -> impl Future<Output = Result<Collected<Bytes>, BoxError>> + Send {
+    Limited::new(body, max).collect()
 }
 
 /// Why the JWT settings cannot be used.

@@ -29,6 +29,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// `session=alice` → alice may hear `chat:1` and `user:alice:*`;
 /// `session=banned` → 403; `session=slow` → no answer for 5 s;
 /// `session=redirect|crash|garbage` → 302, 500, a 200 that is not a grant;
+/// `session=huge` → a grant too large to read;
 /// anything else → 401.
 struct App {
     addr: SocketAddr,
@@ -127,6 +128,11 @@ async fn answer(
         }
         "session=crash" => reply(StatusCode::INTERNAL_SERVER_ERROR, "boom"),
         "session=garbage" => reply(StatusCode::OK, "<html>welcome</html>"),
+        // A grant whose body is past what pushgate reads of one (256 KiB).
+        "session=huge" => reply(
+            StatusCode::OK,
+            json!({"user": "h", "channels": ["x".repeat(300 * 1024)]}).to_string(),
+        ),
         _ => reply(StatusCode::UNAUTHORIZED, "please log in"),
     })
 }
@@ -295,6 +301,11 @@ async fn every_refusal_has_its_status_on_sse_and_poll() {
             ),
             (
                 Some("session=garbage"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+            ),
+            (
+                Some("session=huge"),
                 StatusCode::SERVICE_UNAVAILABLE,
                 "auth_unavailable",
             ),
