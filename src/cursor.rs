@@ -367,6 +367,15 @@ impl Cursor {
         self.entries.len()
     }
 
+    /// The one entry, `(channel_hash, position)`, of a cursor that holds
+    /// exactly one channel.
+    pub fn sole(&self) -> Option<(u32, &Position)> {
+        match self.entries.as_slice() {
+            [(hash, position)] => Some((*hash, position)),
+            _ => None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::cursor::{Cursor, Position};
+use crate::cursor::{channel_hash, Cursor, Position};
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;
@@ -143,8 +143,15 @@ pub struct Publication {
     sse: Bytes,
     /// `id: <cursor>\n\n` for a connection that hears this channel alone:
     /// the same for every such connection, so made once, when first asked.
-    sse_sole_id: OnceLock<Bytes>,
+    sse_sole_id: OnceLock<SoleId>,
     kind: Kind,
+}
+
+/// A publication's `id:` line for connections hearing its channel alone,
+/// with the channel's hash to recognise their cursors by.
+struct SoleId {
+    hash: u32,
+    line: Bytes,
 }
 
 /// What travels through the hub besides publications.
@@ -312,16 +319,22 @@ impl Publication {
     /// at this publication's position (most SSE connections hear one
     /// channel): shared by all of them. `None` for any other cursor, whose
     /// line is the connection's own.
+    /// Each call costs a comparison: the channel's hash and the line are
+    /// worked out once, by the first caller.
     pub fn sse_sole_id(&self, cursor: &Cursor) -> Option<&Bytes> {
-        if cursor.len() != 1 || cursor.position_of(self.channel.as_str()) != Some(self.position) {
-            return None;
-        }
-        Some(self.sse_sole_id.get_or_init(|| {
+        let (hash, position) = cursor.sole()?;
+        let sole = self.sse_sole_id.get_or_init(|| {
+            let mut alone = Cursor::new();
+            alone.set(self.channel.as_str(), self.position);
             let mut line = String::from("id: ");
-            cursor.encode_into(&mut line);
+            alone.encode_into(&mut line);
             line.push_str("\n\n");
-            Bytes::from(line)
-        }))
+            SoleId {
+                hash: channel_hash(self.channel.as_str()),
+                line: Bytes::from(line),
+            }
+        });
+        (hash == sole.hash && *position == self.position).then_some(&sole.line)
     }
 
     /// What holding this publication in a queue costs, for byte bounds.
