@@ -295,15 +295,8 @@ pin_project_lite::pin_project! {
 /// The stream's unpinned part.
 struct State {
     session: Session,
-    /// Whether an event was sent since the last keep-alive tick.
-    active: bool,
     retry: std::time::Duration,
-    frames: VecDeque<Bytes>,
-    /// Per-connection bytes (id lines) are written here and split off, so
-    /// steady streaming reuses one allocation.
-    scratch: BytesMut,
-    /// The encoded cursor, reused.
-    text: String,
+    out: Out,
     batch: Vec<Arc<Publication>>,
     /// While it holds a write back, the outbox is drained when `hold`
     /// fires, with everything that came meanwhile.
@@ -327,11 +320,8 @@ impl SseStream {
             keepalive,
             state: State {
                 session,
-                active: false,
                 retry: realtime.config.sse.retry,
-                frames: VecDeque::new(),
-                scratch: BytesMut::new(),
-                text: String::new(),
+                out: Out::default(),
                 batch: Vec::new(),
                 pace: super::Pace::new(realtime.config.coalesce_window),
                 done: false,
@@ -351,38 +341,64 @@ impl SseStream {
             text.push('\n');
         }
         text.push('\n');
-        self.state.push_static(text);
+        self.state.out.push_static(text);
     }
 
     fn push_event(&mut self, ids: &Cursor, publication: &Publication) {
-        self.state.push_event(ids, publication);
+        self.state.out.push_event(ids, publication);
     }
 
     fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
-        self.state.text.clear();
-        ids.encode_into(&mut self.state.text);
-        self.state.push_reset(channel, position);
+        self.state.out.push_reset(ids, channel, position);
     }
 }
 
-impl State {
+/// What the stream has queued to send, and the buffers it writes a
+/// connection's own lines with.
+#[derive(Default)]
+struct Out {
+    frames: VecDeque<Bytes>,
+    /// Whether an event was sent since the last keep-alive tick.
+    active: bool,
+    /// Per-connection bytes (id lines) are written here and split off, so
+    /// steady streaming reuses one allocation.
+    scratch: BytesMut,
+    /// The encoded cursor, reused.
+    text: String,
+}
+
+impl Out {
     fn push_static(&mut self, text: String) {
         self.frames.push_back(Bytes::from(text));
     }
 
+    /// `publication`'s event lines, then `id: <ids>` and the blank line:
+    /// shared too when `ids` holds the publication's channel alone, else
+    /// written for this connection.
     fn push_event(&mut self, ids: &Cursor, publication: &Publication) {
         self.active = true;
-        push_event(
-            &mut self.frames,
-            &mut self.scratch,
-            &mut self.text,
-            ids,
-            publication,
-        );
+        self.frames.push_back(publication.sse_lines().clone());
+        if let Some(id) = publication.sse_sole_id(ids) {
+            self.frames.push_back(id.clone());
+            return;
+        }
+        self.encode(ids);
+        self.scratch.reserve(self.text.len() + 6);
+        self.scratch.put_slice(b"id: ");
+        self.scratch.put_slice(self.text.as_bytes());
+        self.scratch.put_slice(b"\n\n");
+        self.frames.push_back(self.scratch.split().freeze());
     }
 
-    /// A `pushgate.reset` event, with `id: <cursor in self.text>`.
-    fn push_reset(&mut self, channel: &ChannelName, position: Position) {
+    /// A join or leave event: no id, as it is not a position.
+    fn push_presence(&mut self, publication: &Publication) {
+        self.frames.push_back(publication.sse_lines().clone());
+        self.frames.push_back(Bytes::from_static(b"\n"));
+    }
+
+    /// A `pushgate.reset` event, with `id: <ids>`.
+    fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
+        self.encode(ids);
         let event = format!(
             "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {}\n\n",
             position.epoch, position.offset, self.text
@@ -390,6 +406,14 @@ impl State {
         self.frames.push_back(Bytes::from(event));
     }
 
+    /// `ids`, encoded into `text`.
+    fn encode(&mut self, ids: &Cursor) {
+        self.text.clear();
+        ids.encode_into(&mut self.text);
+    }
+}
+
+impl State {
     /// Carries out the API's orders. SSE has no close codes: a disconnect is
     /// a `pushgate.disconnect` event, then the end of the stream; an
     /// unsubscribe is a `pushgate.unsubscribed` event.
@@ -397,11 +421,13 @@ impl State {
         let (left, disconnect) = self.session.obey();
         for channel in left {
             let data = serde_json::json!({ "channel": channel });
-            self.push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
+            self.out
+                .push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
         }
         if let Some((code, reason)) = disconnect {
             let data = serde_json::json!({ "code": code, "reason": reason });
-            self.push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
+            self.out
+                .push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
             self.done = true;
         }
     }
@@ -417,7 +443,8 @@ impl State {
                 tracing::info!(
                     "slow consumer: SSE stream ended; the client resumes from its last id"
                 );
-                self.push_static(": slow consumer; reconnect to resume\n\n".into());
+                self.out
+                    .push_static(": slow consumer; reconnect to resume\n\n".into());
                 false
             }
             Drained::Closed => false,
@@ -430,16 +457,13 @@ impl State {
                     continue;
                 }
                 if verdict == Admit::Event {
-                    // No id: a join or leave event is not a position.
-                    self.frames.push_back(publication.sse_lines().clone());
-                    self.frames.push_back(Bytes::from_static(b"\n"));
+                    self.out.push_presence(&publication);
                     continue;
                 }
                 if let Admit::Reset(position) = verdict {
                     // The cursor already stands at the reset.
-                    self.text.clear();
-                    self.session.cursor().encode_into(&mut self.text);
-                    self.push_reset(publication.channel(), position);
+                    let ids = self.session.cursor();
+                    self.out.push_reset(ids, publication.channel(), position);
                     continue;
                 }
                 if let Admit::ResetThenDeliver(position) = verdict {
@@ -448,52 +472,19 @@ impl State {
                     // must not skip that publication. Rare, so a copy.
                     let mut at_reset = self.session.cursor().clone();
                     at_reset.set(publication.channel().as_str(), position);
-                    self.text.clear();
-                    at_reset.encode_into(&mut self.text);
-                    self.push_reset(publication.channel(), position);
+                    self.out
+                        .push_reset(&at_reset, publication.channel(), position);
                 }
-                self.active = true;
-                let ids = self.session.cursor();
-                push_event(
-                    &mut self.frames,
-                    &mut self.scratch,
-                    &mut self.text,
-                    ids,
-                    &publication,
-                );
+                self.out.push_event(self.session.cursor(), &publication);
             }
         }
         batch.clear();
         self.batch = batch;
-        if !self.frames.is_empty() {
+        if !self.out.frames.is_empty() {
             self.pace.wrote(now);
         }
         open
     }
-}
-
-/// Queues `publication`'s event lines, then `id: <ids>` and the blank line:
-/// shared too when `ids` holds the publication's channel alone, else
-/// written for this connection (in `scratch`, through `text`).
-fn push_event(
-    frames: &mut VecDeque<Bytes>,
-    scratch: &mut BytesMut,
-    text: &mut String,
-    ids: &Cursor,
-    publication: &Publication,
-) {
-    frames.push_back(publication.sse_lines().clone());
-    if let Some(id) = publication.sse_sole_id(ids) {
-        frames.push_back(id.clone());
-        return;
-    }
-    text.clear();
-    ids.encode_into(text);
-    scratch.reserve(text.len() + 6);
-    scratch.put_slice(b"id: ");
-    scratch.put_slice(text.as_bytes());
-    scratch.put_slice(b"\n\n");
-    frames.push_back(scratch.split().freeze());
 }
 
 impl http_body::Body for SseStream {
@@ -507,7 +498,7 @@ impl http_body::Body for SseStream {
         let mut this = self.project();
         loop {
             let state = &mut *this.state;
-            if let Some(bytes) = state.frames.pop_front() {
+            if let Some(bytes) = state.out.frames.pop_front() {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             if state.done {
@@ -516,7 +507,9 @@ impl http_body::Body for SseStream {
             if this.shutdown.as_mut().poll(cx).is_ready() {
                 // Come back soon, but not all at once.
                 let retry = jittered(state.retry);
-                state.push_static(format!("retry: {}\n\n", retry.as_millis()));
+                state
+                    .out
+                    .push_static(format!("retry: {}\n\n", retry.as_millis()));
                 state.done = true;
                 continue;
             }
@@ -540,8 +533,8 @@ impl http_body::Body for SseStream {
                 continue;
             }
             if this.keepalive.poll_tick(cx).is_ready() {
-                if !std::mem::take(&mut state.active) {
-                    state.push_static(": keepalive\n\n".into());
+                if !std::mem::take(&mut state.out.active) {
+                    state.out.push_static(": keepalive\n\n".into());
                 }
                 continue;
             }
