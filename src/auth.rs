@@ -117,9 +117,10 @@ pub struct AuthRequest<'a> {
     pub conn: ConnInfo,
 }
 
-/// The client headers sent to the app on a connection's behalf (the
-/// configured ones and `X-Forwarded-For`), kept for refresh and subscribe
-/// requests later in the connection's life.
+/// The headers sent to the app on a connection's behalf (the client's
+/// configured ones, `X-Forwarded-For`, and the JSON content type and
+/// accept of every such request), kept for refresh and subscribe requests
+/// later in the connection's life.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     headers: HeaderMap,
@@ -410,6 +411,10 @@ impl AppAuth {
             "x-forwarded-for",
             forwarded_for(headers, conn, &self.trusted_proxies),
         );
+        // Every request to the app carries a JSON body and wants JSON back.
+        let json = HeaderValue::from_static("application/json");
+        forwarded.insert(header::CONTENT_TYPE, json.clone());
+        forwarded.insert(header::ACCEPT, json);
         Credentials { headers: forwarded }
     }
 
@@ -422,13 +427,6 @@ impl AppAuth {
         credentials: &Credentials,
         body: &serde_json::Value,
     ) -> Result<(StatusCode, Bytes), ApiError> {
-        let mut headers = HeaderMap::with_capacity(credentials.headers.len() + 2);
-        let json = HeaderValue::from_static("application/json");
-        headers.insert(header::CONTENT_TYPE, json.clone());
-        headers.insert(header::ACCEPT, json);
-        for (name, value) in &credentials.headers {
-            headers.append(name.clone(), value.clone());
-        }
         let Ok(file) = self.app_files.clone().try_acquire_owned() else {
             return Err(self.unavailable(url, "the open-file limit is spent on connections"));
         };
@@ -436,7 +434,7 @@ impl AppAuth {
         let body = serde_json::to_vec(body).expect("a JSON value serializes");
         let sent = self
             .app
-            .send_full(&Method::POST, target, &headers, &body, file);
+            .send_full(&Method::POST, target, &credentials.headers, &body, file);
         let response = match tokio::time::timeout(self.timeout, sent).await {
             Err(_) => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
             Ok(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
