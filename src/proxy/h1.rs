@@ -20,6 +20,7 @@
 //! followed it.
 
 use std::io::{self, Write};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -31,6 +32,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
+use smallvec::SmallVec;
 use thread_local::ThreadLocal;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -379,9 +381,16 @@ async fn exchange(conn: &mut Conn, request: &[u8]) -> Result<Head, Exchange> {
 /// (1xx) answers; `None` when more bytes are needed.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut answer = httparse::Response::new(&mut fields);
-        let len = match answer.parse(buf) {
+        // Left uninitialised: httparse writes only the fields it finds, and
+        // zeroing room for a hundred on every answer costs more than parsing.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut answer = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut answer,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
             Ok(_) => {
@@ -418,41 +427,46 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
 
 /// Where each parsed field lies in the buffer it was parsed from, so that
 /// the map made of them shares those bytes instead of copying each value.
+/// Offsets fit in `u32` (a head is at most [`MAX_HEAD`] bytes); room for a
+/// typical answer's fields is kept inline, not zeroed, and more spill over.
 struct Spans {
     /// Name start and end, value start and end.
-    spans: [(usize, usize, usize, usize); MAX_HEADERS],
-    count: usize,
+    spans: SmallVec<[[u32; 4]; 16]>,
 }
 
 impl Spans {
     fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0, 0, 0, 0); MAX_HEADERS];
-        for (span, field) in spans.iter_mut().zip(fields) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *span = (
-                name,
-                name + field.name.len(),
-                value,
-                value + field.value.len(),
-            );
-        }
-        Spans {
-            spans,
-            count: fields.len().min(MAX_HEADERS),
-        }
+        let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+        let spans = fields
+            .iter()
+            .map(|field| {
+                let name = offset(field.name.as_bytes());
+                let value = offset(field.value);
+                [
+                    name,
+                    name + field.name.len() as u32,
+                    value,
+                    value + field.value.len() as u32,
+                ]
+            })
+            .collect();
+        Spans { spans }
     }
 
     /// Takes the parsed section (`len` bytes) off the front of `buf` and
     /// returns its fields.
     fn take(&self, buf: &mut BytesMut, len: usize) -> Result<HeaderMap, String> {
         let section = buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(self.count);
-        for &(name_start, name_end, value_start, value_end) in &self.spans[..self.count] {
-            let name = HeaderName::from_bytes(&section[name_start..name_end])
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for &[name_start, name_end, value_start, value_end] in &self.spans {
+            let (name, value) = (
+                name_start as usize..name_end as usize,
+                value_start as usize..value_end as usize,
+            );
+            let name = HeaderName::from_bytes(&section[name])
                 .map_err(|err| format!("the app sent a bad field name: {err}"))?;
-            let value = HeaderValue::from_maybe_shared(section.slice(value_start..value_end))
+            let value = HeaderValue::from_maybe_shared(section.slice(value))
                 .map_err(|err| format!("the app sent a bad value for {name}: {err}"))?;
             map.append(name, value);
         }
@@ -964,6 +978,26 @@ mod tests {
         assert_eq!(not_modified.framing, Framing::Length(0));
 
         assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn every_field_of_a_long_answer_head_is_kept_up_to_the_limit() {
+        let wire = |count: usize| {
+            let fields: String = (0..count).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+            format!("HTTP/1.1 200 OK\r\n{fields}\r\n")
+        };
+        // More fields than the spans keep inline, and the most accepted.
+        for count in [40, MAX_HEADERS] {
+            let parsed = head(&wire(count)).unwrap().unwrap();
+            assert_eq!(parsed.headers.len(), count);
+            for i in 0..count {
+                assert_eq!(
+                    parsed.headers[format!("x-f{i}").as_str()],
+                    format!("v{i}").as_str()
+                );
+            }
+        }
+        assert!(head(&wire(MAX_HEADERS + 1)).is_err());
     }
 
     #[test]
