@@ -476,6 +476,27 @@ async fn forwarded_for_chain_is_extended_for_a_trusted_proxy() {
         app_header(&seen, "x-forwarded-for"),
         ["1.2.3.4, 5.6.7.8, 127.0.0.1"]
     );
+
+    // The trusted proxy's word on scheme and host stands, once; a claim it
+    // did not make is pushgate's own.
+    let seen = raw_exchange(
+        gate.addr,
+        "GET /headers HTTP/1.1\r\nHost: app.internal\r\n\
+         X-Forwarded-Proto: https\r\nX-Forwarded-Host: public.example\r\n\r\n",
+    )
+    .await
+    .json();
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["https"]);
+    assert_eq!(app_header(&seen, "x-forwarded-host"), ["public.example"]);
+    assert_eq!(app_header(&seen, "x-forwarded-for"), ["127.0.0.1"]);
+    let seen = raw_exchange(
+        gate.addr,
+        "GET /headers HTTP/1.1\r\nHost: app.internal\r\nX-Forwarded-Proto: https\r\n\r\n",
+    )
+    .await
+    .json();
+    assert_eq!(app_header(&seen, "x-forwarded-proto"), ["https"]);
+    assert_eq!(app_header(&seen, "x-forwarded-host"), ["app.internal"]);
 }
 
 #[tokio::test]

@@ -336,22 +336,33 @@ impl Proxy {
             X_FORWARDED_FOR,
             forwarded_for(headers, conn, &self.trusted_proxies),
         );
-        headers.remove(X_FORWARDED_FOR);
-        if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        // Most requests come with none of these: one pass over the fields
+        // spares a lookup for each.
+        let claims = headers
+            .keys()
+            .any(|name| FORWARDING.contains(&name.as_str()));
+        let kept = |name| trusted && claims && headers.contains_key(name);
+        let (keep_proto, keep_host) = (kept(X_FORWARDED_PROTO), kept(X_FORWARDED_HOST));
+        if !keep_proto {
             let proto = if conn.tls { "https" } else { "http" };
-            headers.remove(X_FORWARDED_PROTO);
             added.push(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
-        if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-            headers.remove(X_FORWARDED_HOST);
-            if let Some(host) = host {
-                added.push(X_FORWARDED_HOST, host.clone());
-            }
+        if let (false, Some(host)) = (keep_host, host) {
+            added.push(X_FORWARDED_HOST, host.clone());
         }
-        if !trusted {
-            // Other spellings of the same claims, which we do not write.
-            headers.remove(header::FORWARDED);
-            headers.remove(X_REAL_IP);
+        if claims {
+            headers.remove(X_FORWARDED_FOR);
+            if !keep_proto {
+                headers.remove(X_FORWARDED_PROTO);
+            }
+            if !keep_host {
+                headers.remove(X_FORWARDED_HOST);
+            }
+            if !trusted {
+                // Other spellings of the same claims, which we do not write.
+                headers.remove(header::FORWARDED);
+                headers.remove(X_REAL_IP);
+            }
         }
         added
     }
@@ -458,27 +469,38 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Every field that claims where a request came from.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-/// A `static`: a `const` array would be built and dropped at every use, and
-/// it is used for every field of every proxied message.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Compared as text: every field of every proxied message is checked
+/// against these, and unequal lengths settle most comparisons at once.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// Drops hop-by-hop headers, including every header the `Connection` header
 /// names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: check before allocating or removing.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -488,7 +510,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
