@@ -52,6 +52,7 @@ pub mod proxy;
 pub mod server;
 pub mod shutdown;
 pub mod signal;
+pub mod timer;
 pub mod transport;
 
 pub use config::Config;

@@ -261,7 +261,8 @@ impl Server {
         let mut http = auto::Builder::new(TokioExecutor::new());
         let mut http1 = http.http1();
         http1
-            .timer(TokioTimer::new())
+            // Head deadlines on timers each shard thread reuses (crate::timer).
+            .timer(crate::timer::HyperTimer)
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(header_bytes);
         // Only when it differs from hyper's own default: set explicitly,
@@ -545,6 +546,8 @@ impl Shard {
                         return;
                     }
                 };
+                // This thread runs this one runtime for its whole life.
+                crate::timer::keep_on_this_thread();
                 runtime.block_on(async move {
                     tokio::spawn(hub.serve_lane(index));
                     tokio::spawn(timer_anchor());
@@ -577,6 +580,7 @@ impl Shard {
                     // Keep this runtime turning while its connections drain.
                     finished.cancelled().await;
                 });
+                crate::timer::release_kept();
             })
             .map(|thread| (thread, stopped))
             .expect("spawn a shard thread")
