@@ -26,10 +26,10 @@ print("\n".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
 # wait_for FILE REGEX PID WHAT: waits until FILE has a line matching REGEX
-# and prints it; fails if PID dies or 10 s pass.
+# and prints it; fails if PID dies or 10 s pass (WAIT_TRIES=n: n / 20 s).
 wait_for() {
     local file=$1 regex=$2 pid=$3 what=$4 line
-    for _ in $(seq 200); do
+    for _ in $(seq "${WAIT_TRIES:-200}"); do
         if line=$(grep -m1 -E "$regex" "$file" 2>/dev/null); then
             printf '%s\n' "$line"
             return 0
