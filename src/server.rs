@@ -173,28 +173,42 @@ enum Handler {
     Api(Arc<Api>),
 }
 
+/// A request's answer, as hyper's service wants it.
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
 impl Handler {
+    /// Starts answering `request`, boxed per request: hyper keeps room for
+    /// the service's future for the connection's whole life, and an SSE
+    /// stream or an idle keep-alive connection should not hold kilobytes of
+    /// a finished request's state. Each kind of request gets a box of its
+    /// own future's size, so a proxied request neither moves nor allocates
+    /// room for a realtime session's state.
+    ///
     /// `detach` (HTTP/1 only) lets a realtime handler take the socket; it
     /// goes into the request's extensions only there, sparing every proxied
     /// request the allocations.
-    async fn handle(
+    fn handle(
         &self,
         mut request: Request<Incoming>,
         conn: ConnInfo,
         detach: Option<DetachHandle>,
-    ) -> Response<Body> {
+    ) -> Answer {
         match self {
-            Handler::Public { realtime, proxy } => {
-                if realtime.owns(request.uri().path()) {
-                    if let Some(detach) = detach {
-                        request.extensions_mut().insert(detach);
-                    }
-                    realtime.handle(request, conn).await
-                } else {
-                    proxy.forward(request, conn).await
+            Handler::Public { realtime, .. } if realtime.owns(request.uri().path()) => {
+                if let Some(detach) = detach {
+                    request.extensions_mut().insert(detach);
                 }
+                let realtime = realtime.clone();
+                Box::pin(async move { Ok(realtime.handle(request, conn).await) })
             }
-            Handler::Api(api) => api.handle(request).await,
+            Handler::Public { proxy, .. } => {
+                let proxy = proxy.clone();
+                Box::pin(async move { Ok(proxy.forward(request, conn).await) })
+            }
+            Handler::Api(api) => {
+                let api = api.clone();
+                Box::pin(async move { Ok(api.handle(request).await) })
+            }
         }
     }
 }
@@ -751,15 +765,7 @@ impl Connection {
             // Only an HTTP/1 connection is one request at a time, and so can
             // be handed over whole.
             let detach = (request.version() < http::Version::HTTP_2).then(|| detach.clone());
-            let handler = handler.clone();
-            // Boxed per request: hyper keeps room for the service's future for
-            // the connection's whole life, and an SSE stream or an idle
-            // keep-alive connection should not hold kilobytes of a finished
-            // request's state.
-            let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
-                Ok::<_, Infallible>(handler.handle(request, conn, detach).await)
-            });
-            answer
+            handler.handle(request, conn, detach)
         });
         let connection = shared
             .http
