@@ -39,6 +39,7 @@ use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
 use crate::error::{error_chain, ApiError};
 use crate::message::ChannelName;
 use crate::proxy::{forwarded_for, AppClient, ConnInfo, Upstream};
+use crate::timer;
 
 /// Longest reason from the app passed on to a client.
 pub const MAX_REASON_BYTES: usize = 200;
@@ -435,19 +436,19 @@ impl AppAuth {
         let sent = self
             .app
             .send_full(&Method::POST, target, &credentials.headers, &body, file);
-        let response = match tokio::time::timeout(self.timeout, sent).await {
-            Err(_) => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
-            Ok(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
-            Ok(Ok(response)) => response,
+        let response = match timer::within(self.timeout, sent).await {
+            None => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
+            Some(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
+            Some(Ok(response)) => response,
         };
         let status = response.status();
         let read = collect_at_most(response.into_body(), MAX_GRANT_BYTES);
-        match tokio::time::timeout(self.timeout, read).await {
-            Ok(Ok(collected)) => Ok((status, collected.to_bytes())),
-            Ok(Err(_)) => {
+        match timer::within(self.timeout, read).await {
+            Some(Ok(collected)) => Ok((status, collected.to_bytes())),
+            Some(Err(_)) => {
                 Err(self.unavailable(url, "the answer could not be read or was too large"))
             }
-            Err(_) => Err(self.unavailable(url, "the answer's body did not arrive in time")),
+            None => Err(self.unavailable(url, "the answer's body did not arrive in time")),
         }
     }
 

@@ -608,10 +608,12 @@ const TIMER_ANCHOR_PERIOD: Duration = Duration::from_secs(1);
 ///
 /// When a timer is set earlier than every timer tokio's driver held when it
 /// last parked, tokio wakes the driver with an eventfd write, even from the
-/// driver's own thread while it runs. hyper sets a new head timer for every
+/// driver's own thread while it runs. hyper sets a head timer for every
 /// request (`limits.header_timeout`, also the keep-alive idle timeout), and
 /// with nothing earlier in the wheel each one paid that system call: about
-/// 0.4 per proxied request and one per new connection. With this timer
+/// 0.4 per proxied request and one per new connection. (A kept timer moved
+/// later, see `crate::timer`, does not reach the driver; a new one, or one
+/// moved earlier, does.) With this timer
 /// always nearer, none of those is the earliest (for any
 /// `limits.header_timeout` over the period; a shorter one only loses the
 /// saving); it costs one wake-up a second.

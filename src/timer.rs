@@ -94,25 +94,40 @@ impl Deadline {
 
     /// Moves the deadline.
     pub fn reset(&mut self, deadline: Instant) {
-        if let Some(sleep) = &mut self.sleep {
-            sleep.as_mut().reset(deadline);
-        }
+        self.timer().reset(deadline);
     }
 
     /// When it resolves.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.sleep.as_ref().map(|sleep| sleep.deadline())
+    pub fn deadline(&self) -> Instant {
+        self.sleep.as_ref().expect(TAKEN_ON_DROP).deadline()
+    }
+
+    fn timer(&mut self) -> Pin<&mut Sleep> {
+        self.sleep.as_mut().expect(TAKEN_ON_DROP).as_mut()
     }
 }
+
+/// Why a [`Deadline`]'s timer is always there: it is an `Option` only so
+/// that `drop` can hand it back.
+const TAKEN_ON_DROP: &str = "a deadline's timer is taken only when it is dropped";
 
 impl Future for Deadline {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => Poll::Ready(()),
-        }
+        self.timer().poll(cx)
+    }
+}
+
+/// `future`'s output, or `None` when `duration` passes first:
+/// `tokio::time::timeout` on a [`Deadline`], so that a deadline set for
+/// every request or connect takes a kept timer.
+pub async fn within<F: Future>(duration: Duration, future: F) -> Option<F::Output> {
+    let deadline = Deadline::after(duration);
+    tokio::select! {
+        biased;
+        output = future => Some(output),
+        () = deadline => None,
     }
 }
 
@@ -223,7 +238,7 @@ mod tests {
         assert_eq!(kept(), 0);
         assert_eq!(timer_of(&at_20), due_10);
         assert_eq!(timer_of(&at_35), due_30);
-        assert_eq!(at_20.deadline(), Some(now + Duration::from_secs(20)));
+        assert_eq!(at_20.deadline(), now + Duration::from_secs(20));
         drop(at_35);
         drop(at_20);
         // None is due before 5 s: the top one is taken and filed earlier.
@@ -241,6 +256,18 @@ mod tests {
             .collect();
         drop(deadlines);
         assert_eq!(kept(), MAX_KEPT);
+        release_kept();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_gives_the_output_or_none_at_the_deadline() {
+        keep_on_this_thread();
+        let start = Instant::now();
+        assert_eq!(within(Duration::from_secs(5), async { 7 }).await, Some(7));
+        let late = tokio::time::sleep(Duration::from_secs(10));
+        assert_eq!(within(Duration::from_secs(5), late).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(kept(), 1, "both deadlines ran on one kept timer");
         release_kept();
     }
 

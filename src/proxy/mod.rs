@@ -28,7 +28,7 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
-use crate::timer::Deadline;
+use crate::timer;
 
 mod h1;
 
@@ -255,12 +255,9 @@ impl Proxy {
         if upgrade.is_none() && incoming.is_end_stream() {
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
             let sent = self.app.send(&parts.method, target, &headers, &added, file);
-            let deadline = Deadline::after(self.timeout);
-            let mut response = tokio::select! {
-                biased;
-                answer = sent => answer?,
-                () = deadline => return Err(ProxyError::UpstreamTimeout(self.timeout)),
-            };
+            let mut response = timer::within(self.timeout, sent)
+                .await
+                .ok_or(ProxyError::UpstreamTimeout(self.timeout))??;
             remove_hop_by_hop(response.headers_mut());
             return Ok(response);
         }
