@@ -80,10 +80,7 @@ QUIET_WAIT=${QUIET_WAIT:-60}
 
 need_targets
 
-log "building pushgate and pushgate-bench (release)"
-cargo build --release --quiet -p pushgate -p pushgate-bench
-PUSHGATE=$ROOT/target/release/pushgate
-BENCH=$ROOT/target/release/pushgate-bench
+build_release
 
 WORK=$(mktemp -d -t pushgate-broadcast.XXXXXX)
 cleanup() {

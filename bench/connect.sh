@@ -70,10 +70,7 @@ MAX_OTHER=${MAX_OTHER:-10}
 export PATH=$PATH:/usr/sbin:/sbin
 need_targets
 
-log "building pushgate and pushgate-bench (release)"
-cargo build --release --quiet -p pushgate -p pushgate-bench
-PUSHGATE=$ROOT/target/release/pushgate
-BENCH=$ROOT/target/release/pushgate-bench
+build_release
 
 WORK=$(mktemp -d -t pushgate-connect.XXXXXX)
 cleanup() {

@@ -35,10 +35,7 @@ SCRIPT=cross_node.sh
 . "$ROOT/bench/lib.sh"
 
 command -v redis-server >/dev/null || die "redis-server is needed (apt-get install redis-server)"
-log "building pushgate and pushgate-bench (release)"
-cargo build --release --quiet -p pushgate -p pushgate-bench
-PUSHGATE=$ROOT/target/release/pushgate
-BENCH=$ROOT/target/release/pushgate-bench
+build_release
 
 WORK=$(mktemp -d -t pushgate-cross.XXXXXX)
 pids=()

@@ -45,10 +45,7 @@ command -v python3 >/dev/null || missing+=(python3)
 if [[ " ${TARGETS[*]} " == *" nginx "* ]]; then command -v nginx >/dev/null || missing+=(nginx); fi
 install_missing "${missing[@]}"
 
-log "building pushgate and pushgate-bench (release)"
-cargo build --release --quiet -p pushgate -p pushgate-bench
-PUSHGATE=$ROOT/target/release/pushgate
-BENCH=$ROOT/target/release/pushgate-bench
+build_release
 
 WORK=$(mktemp -d -t pushgate-instructions.XXXXXX)
 pids=()
@@ -64,10 +61,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$BENCH" upstream --listen 127.0.0.1:0 >"$WORK/upstream.out" 2>&1 &
-pids+=($!)
-line=$(wait_for "$WORK/upstream.out" '^listening on ' "$!" "the upstream")
-UPSTREAM=${line#listening on }
+start_upstream
+pids+=("$UPSTREAM_PID")
 
 # load ADDR COUNT: COUNT GETs over CLIENTS keep-alive connections, each
 # answer read whole and checked.
@@ -114,8 +109,6 @@ printf '%-10s %12s %14s\n' target requests instr/request
 for target in "${TARGETS[@]}"; do
     case $target in
     pushgate | baseline)
-        binary=$PUSHGATE
-        [[ $target == baseline ]] && binary=$BASELINE
         cat >"$WORK/$target.yaml" <<EOF
 listen: 127.0.0.1:0
 upstream:
@@ -126,14 +119,15 @@ api:
 log:
   level: info   # warn would hide the "listening" line read here
 EOF
-        PUSHGATE_LOG__FORMAT=json valgrind --tool=callgrind \
-            --callgrind-out-file="$WORK/$target.callgrind.%p" \
-            "$binary" --config "$WORK/$target.yaml" >"$WORK/$target.out" 2>&1 &
-        pid=$!
-        pids+=("$pid")
+        binary=$PUSHGATE
+        [[ $target == baseline ]] && binary=$BASELINE
         # Under valgrind pushgate takes some seconds to start.
-        line=$(WAIT_TRIES=600 wait_for "$WORK/$target.out" '"message":"listening"' "$pid" "$target")
-        addr=$(sed -E 's/.*"addr":"([^"]+)".*/\1/' <<<"$line")
+        PUSHGATE=$binary WAIT_TRIES=600 \
+            RUN_UNDER="valgrind --tool=callgrind --callgrind-out-file=$WORK/$target.callgrind.%p" \
+            start_pushgate "$WORK/$target.yaml" "$target"
+        pid=$SERVER_PID
+        pids+=("$pid")
+        addr=$PUBLIC
         ;;
     nginx)
         port=$(free_port)

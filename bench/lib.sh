@@ -126,14 +126,27 @@ start_floor() {
     PIDS=$SERVER_PID
 }
 
+# build_release: builds pushgate and pushgate-bench (release) and sets
+# PUSHGATE and BENCH to them.
+build_release() {
+    log "building pushgate and pushgate-bench (release)"
+    cargo build --release --quiet -p pushgate -p pushgate-bench
+    PUSHGATE=$ROOT/target/release/pushgate
+    BENCH=$ROOT/target/release/pushgate-bench
+}
+
 # start_pushgate CONFIG [NAME]: pushgate with that config; its listeners on
 # port 0, read back from the "listening" line of its log, WORK/NAME.log
 # (default pushgate: give each of two pushgates running at once its own).
+# RUN_UNDER, when set, is a command line pushgate runs under (valgrind's,
+# say); SERVER_PID is then that command's.
 start_pushgate() {
     local log=$WORK/${2:-pushgate}.log
+    local -a under
+    read -r -a under <<<"${RUN_UNDER:-}"
     # Emptied first: the wait below must not read an earlier run's line.
     : >"$log"
-    PUSHGATE_LOG__FORMAT=json "$PUSHGATE" --config "$1" 2>"$log" >&2 &
+    PUSHGATE_LOG__FORMAT=json "${under[@]}" "$PUSHGATE" --config "$1" 2>"$log" >&2 &
     SERVER_PID=$!
     local line
     line=$(wait_for "$log" '"message":"listening"' "$SERVER_PID" "${2:-pushgate}")

@@ -82,10 +82,7 @@ if [[ $TLS == 1 ]]; then command -v openssl >/dev/null || missing+=(openssl); fi
 if wants pushpin; then command -v pushpin >/dev/null || missing+=(pushpin); fi
 install_missing "${missing[@]}"
 
-log "building pushgate and pushgate-bench (release)"
-cargo build --release --quiet -p pushgate -p pushgate-bench
-PUSHGATE=$ROOT/target/release/pushgate
-BENCH=$ROOT/target/release/pushgate-bench
+build_release
 
 # --- processes and cleanup --------------------------------------------------
 WORK=$(mktemp -d -t pushgate-passthrough.XXXXXX)
