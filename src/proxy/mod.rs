@@ -333,10 +333,7 @@ impl Proxy {
     ) -> Added {
         let trusted = is_trusted(&self.trusted_proxies, conn);
         let mut added = Added::default();
-        added.push(
-            X_FORWARDED_FOR,
-            forwarded_for(headers, conn, &self.trusted_proxies),
-        );
+        added.push(X_FORWARDED_FOR, chain_for(headers, conn, trusted));
         // Most requests come with none of these: one pass over the fields
         // spares a lookup for each.
         let claims = headers
@@ -410,8 +407,14 @@ pub fn forwarded_for(
     conn: ConnInfo,
     trusted_proxies: &[IpNet],
 ) -> HeaderValue {
+    chain_for(headers, conn, is_trusted(trusted_proxies, conn))
+}
+
+/// [`forwarded_for`], for a caller that has asked whether the peer is
+/// trusted already.
+fn chain_for(headers: &HeaderMap, conn: ConnInfo, trusted: bool) -> HeaderValue {
     let peer_ip = conn.peer.ip().to_canonical();
-    is_trusted(trusted_proxies, conn)
+    trusted
         .then(|| {
             let earlier: Vec<&str> = headers
                 .get_all(X_FORWARDED_FOR)
