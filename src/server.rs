@@ -201,10 +201,7 @@ impl Handler {
                 let realtime = realtime.clone();
                 Box::pin(async move { Ok(realtime.handle(request, conn).await) })
             }
-            Handler::Public { proxy, .. } => {
-                let proxy = proxy.clone();
-                Box::pin(async move { Ok(proxy.forward(request, conn).await) })
-            }
+            Handler::Public { proxy, .. } => Box::pin(proxy.forward(request, conn)),
             Handler::Api(api) => {
                 let api = api.clone();
                 Box::pin(async move { Ok(api.handle(request).await) })

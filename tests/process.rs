@@ -462,3 +462,30 @@ async fn limits_are_logged_when_they_bite() {
     gate.wait_log("limits.max_header_bytes", PATIENCE)
         .expect("the header size limit is logged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_app_cannot_take_is_logged_with_its_method_and_path() {
+    // A port nothing listens on: every request to the app is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = TempDir::new("proxy-error-log");
+    let gate = Process::start(
+        &dir.0,
+        &format!("listen: 127.0.0.1:0\nupstream:\n  url: http://127.0.0.1:{port}\n"),
+        &[],
+    );
+    // One path kept inline for the log line, one longer than that.
+    let long = format!("/reports/{}/summary", "q".repeat(120));
+    for path in ["/short", long.as_str()] {
+        let (status, _) = common::get(&format!("http://{}{path}?page=2", gate.addr)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let line = gate
+            .wait_log("\"proxy error\"", PATIENCE)
+            .expect("the failure is logged");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["level"], "WARN", "{line}");
+        assert_eq!(event["method"], "GET", "{line}");
+        assert_eq!(event["path"], path, "{line}");
+    }
+}

@@ -120,24 +120,19 @@ impl AppClient {
         })
     }
 
-    /// Sends a request without a body and returns the app's answer, its body
-    /// streaming from the app's connection. `file` (the connection's place
-    /// in the open-file budget) is held until that body has been read or
-    /// dropped. The caller bounds the wait with `upstream.timeout`.
-    pub async fn send(
+    /// A request without a body, encoded for [`AppClient::send_encoded`].
+    pub fn encode(
         &self,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         added: &Added,
-        file: OwnedSemaphorePermit,
-    ) -> Result<Response<Body>, ProxyError> {
-        let request = encode_request(method, target, headers, added, &self.host, None);
-        self.send_encoded(method, &request, file).await
+    ) -> Vec<u8> {
+        encode_request(method, target, headers, added, &self.host, None)
     }
 
     /// Sends a request whose whole body is `body`, head and body in one
-    /// write; otherwise as [`AppClient::send`]. The body's length frames
+    /// write; otherwise as [`AppClient::send_encoded`]. The body's length frames
     /// it: a `Content-Length` or `Transfer-Encoding` in `headers` (a
     /// forwarded one, say) is left out.
     pub async fn send_full(
@@ -153,7 +148,12 @@ impl AppClient {
         self.send_encoded(method, &request, file).await
     }
 
-    async fn send_encoded(
+    /// Sends an encoded request (see [`AppClient::encode`]) and returns
+    /// the app's answer, its body streaming from the app's connection.
+    /// `file` (the connection's place in the open-file budget) is held
+    /// until that body has been read or dropped. The caller bounds the wait
+    /// with `upstream.timeout`.
+    pub async fn send_encoded(
         &self,
         method: &Method,
         request: &[u8],

@@ -7,6 +7,7 @@
 //! WebSocket upgrades are tunnelled: once the app answers `101`, bytes are
 //! copied both ways until either side closes.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,7 +23,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
-use tokio::sync::{oneshot, Semaphore};
+use smallvec::SmallVec;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, Body};
 use crate::config::Config;
@@ -165,69 +167,54 @@ impl Proxy {
         self.app.clone()
     }
 
-    /// Sends `request` to the app and streams its answer back. Never fails:
-    /// when the app cannot answer, the response says why (502/504).
-    pub async fn forward(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    /// Sends `request` to the app and streams its answer back. Never fails
+    /// (the `Infallible` is for hyper's service, which boxes this future as
+    /// it is): when the app cannot answer, the response says why (502/504).
+    ///
+    /// The request's head is read, and for a request without a body the
+    /// app's request encoded, before the future is made: that future holds
+    /// the encoding, not the request, so it is small to box and to move
+    /// (a few hundred bytes, against kilobytes for one that could also
+    /// stream an upload). Uploads and upgrades wait on a future boxed on
+    /// its own.
+    pub fn forward(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         // The clock is read only for the debug line that uses it.
         let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         let method = request.method().clone();
-        // The URI is reference-counted: kept for log lines without copying
-        // the path on every request.
-        let uri = request.uri().clone();
-        let path = uri.path();
-        let response = match self.try_forward(request, conn).await {
-            Ok(response) => response,
-            Err(err) => {
-                match &err {
-                    ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
-                        tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause.as_ref()), "proxy error")
-                    }
-                    // The client's doing, not an error of pushgate or the app.
-                    ProxyError::UploadAborted => {
-                        tracing::debug!(%method, %path, peer = %conn.peer, "client went away mid-upload")
-                    }
-                    ProxyError::UploadStalled(_) => tracing::info!(
-                        %method,
-                        %path,
-                        peer = %conn.peer,
-                        "limit: request body stalled past limits.body_timeout; answered 408"
-                    ),
-                    ProxyError::OutOfFiles => tracing::info!(
-                        %method,
-                        %path,
-                        "limit: the open-file limit is spent on connections; answered 503"
-                    ),
-                    _ => tracing::warn!(%method, %path, error = %err, "proxy error"),
+        let path = LoggedPath::of(request.uri());
+        let proxy = Arc::clone(self);
+        let prepared = proxy.prepare(request, conn);
+        async move {
+            let answer = match prepared {
+                Ok(Prepared::Bodiless { request, file }) => {
+                    proxy.send_bodiless(&method, &request, file).await
                 }
-                err.into_response()
-            }
-        };
-        if let Some(started) = started {
-            tracing::debug!(
-                %method,
-                %path,
-                status = response.status().as_u16(),
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                peer = %conn.peer,
-                "proxied"
-            );
+                Ok(Prepared::Streamed(streamed)) => Box::pin(proxy.send_streamed(*streamed)).await,
+                Err(err) => Err(err),
+            };
+            Ok(answer_for(answer, &method, path.as_str(), conn, started))
         }
-        response
     }
 
-    async fn try_forward(
+    /// Everything a request needs before anything is sent: its fields for
+    /// the app, and a file for the connection to it.
+    fn prepare(
         &self,
         mut request: Request<Incoming>,
         conn: ConnInfo,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Prepared, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectRefused);
         }
         let upgrade = websocket_upgrade(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
-        let (parts, incoming) = request.into_parts();
-        let mut headers = parts.headers;
+        let (mut parts, incoming) = request.into_parts();
+        let headers = &mut parts.headers;
         let host = headers.get(header::HOST).cloned().or_else(|| {
             // HTTP/2 carries the host in `:authority`, not a header.
             parts
@@ -235,8 +222,8 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        remove_hop_by_hop(&mut headers);
-        let mut added = self.take_forwarded(&mut headers, conn, host.as_ref());
+        remove_hop_by_hop(headers);
+        let mut added = self.take_forwarded(headers, conn, host.as_ref());
         // One `Host`: the client's first, or (HTTP/2) its authority.
         match (headers.get_all(header::HOST).iter().count(), &host) {
             (0, Some(host)) => added.push(header::HOST, host.clone()),
@@ -254,14 +241,49 @@ impl Proxy {
 
         if upgrade.is_none() && incoming.is_end_stream() {
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            let sent = self.app.send(&parts.method, target, &headers, &added, file);
-            let mut response = timer::within(self.timeout, sent)
-                .await
-                .ok_or(ProxyError::UpstreamTimeout(self.timeout))??;
-            remove_hop_by_hop(response.headers_mut());
-            return Ok(response);
+            let request = self
+                .app
+                .encode(&parts.method, target, &parts.headers, &added);
+            return Ok(Prepared::Bodiless { request, file });
         }
+        Ok(Prepared::Streamed(Box::new(Streamed {
+            parts,
+            added,
+            incoming,
+            upgrade,
+            client_upgrade,
+            file,
+        })))
+    }
 
+    /// A request without a body, encoded by [`Proxy::prepare`], over the
+    /// lean client.
+    async fn send_bodiless(
+        &self,
+        method: &Method,
+        request: &[u8],
+        file: OwnedSemaphorePermit,
+    ) -> Result<Response<Body>, ProxyError> {
+        let sent = self.app.send_encoded(method, request, file);
+        let mut response = timer::within(self.timeout, sent)
+            .await
+            .ok_or(ProxyError::UpstreamTimeout(self.timeout))??;
+        remove_hop_by_hop(response.headers_mut());
+        Ok(response)
+    }
+
+    /// An upload or an upgrade, over hyper's client: the body streams to
+    /// the app as the client sends it, an upgrade becomes a tunnel.
+    async fn send_streamed(&self, streamed: Streamed) -> Result<Response<Body>, ProxyError> {
+        let Streamed {
+            mut parts,
+            mut added,
+            incoming,
+            upgrade,
+            client_upgrade,
+            file,
+        } = streamed;
+        let mut headers = std::mem::take(&mut parts.headers);
         for (name, value) in added.drain() {
             headers.insert(name, value);
         }
@@ -364,6 +386,93 @@ impl Proxy {
         }
         added
     }
+}
+
+/// A request made ready by [`Proxy::prepare`].
+enum Prepared {
+    /// No body and no upgrade (most requests): the app's request, encoded.
+    Bodiless {
+        request: Vec<u8>,
+        file: OwnedSemaphorePermit,
+    },
+    /// An upload or an upgrade, for hyper's client.
+    Streamed(Box<Streamed>),
+}
+
+/// An upload or an upgrade, its fields ready for the app.
+struct Streamed {
+    parts: http::request::Parts,
+    added: Added,
+    incoming: Incoming,
+    /// The protocol asked for, when the request is a WebSocket upgrade.
+    upgrade: Option<HeaderValue>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    file: OwnedSemaphorePermit,
+}
+
+/// A request's path, copied for its log lines. Not the request's `Uri`:
+/// that shares hyper's read buffer, and a buffer still shared when hyper
+/// reads the connection's next request is set aside for a new one, an
+/// 8 KiB allocation per request. Paths up to 64 bytes stay inline.
+struct LoggedPath(SmallVec<[u8; 64]>);
+
+impl LoggedPath {
+    fn of(uri: &Uri) -> LoggedPath {
+        LoggedPath(SmallVec::from_slice(uri.path().as_bytes()))
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("copied from a str")
+    }
+}
+
+/// The client's answer: the app's, or one that says why there is none,
+/// with a log line for the failure.
+fn answer_for(
+    answer: Result<Response<Body>, ProxyError>,
+    method: &Method,
+    path: &str,
+    conn: ConnInfo,
+    started: Option<Instant>,
+) -> Response<Body> {
+    let response = match answer {
+        Ok(response) => response,
+        Err(err) => {
+            match &err {
+                ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
+                    tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause.as_ref()), "proxy error")
+                }
+                // The client's doing, not an error of pushgate or the app.
+                ProxyError::UploadAborted => {
+                    tracing::debug!(%method, %path, peer = %conn.peer, "client went away mid-upload")
+                }
+                ProxyError::UploadStalled(_) => tracing::info!(
+                    %method,
+                    %path,
+                    peer = %conn.peer,
+                    "limit: request body stalled past limits.body_timeout; answered 408"
+                ),
+                ProxyError::OutOfFiles => tracing::info!(
+                    %method,
+                    %path,
+                    "limit: the open-file limit is spent on connections; answered 503"
+                ),
+                _ => tracing::warn!(%method, %path, error = %err, "proxy error"),
+            }
+            err.into_response()
+        }
+    };
+    if let Some(started) = started {
+        tracing::debug!(
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            peer = %conn.peer,
+            "proxied"
+        );
+    }
+    response
 }
 
 /// Fields pushgate adds to a request for the app: the forwarding headers,
