@@ -11,12 +11,16 @@
 #   TARGETS    any of pushgate, baseline, nginx  (default "pushgate nginx")
 #   REQUESTS   requests counted per target       (default 20000)
 #   CLIENTS    keep-alive client connections     (default 4)
+#   KEEP       a folder to copy each target's callgrind dump into, as
+#              TARGET.callgrind, for callgrind_annotate (default: not kept)
 #
 # Each target runs under callgrind in front of `pushgate-bench upstream`
 # (nginx as one process, `master_process off`, from
 # bench/nginx-passthrough.conf). A Python client sends REQUESTS / 10
-# unmeasured GETs, callgrind's counters are zeroed, REQUESTS more are sent
-# over CLIENTS connections, and the counters are dumped: every thread's
+# unmeasured GETs of /bench (the path bench/passthrough.sh asks for; "/"
+# is special to hyper's URI parser and would hide what a held path costs),
+# callgrind's counters are zeroed, REQUESTS more are sent over CLIENTS
+# connections, and the counters are dumped: every thread's
 # instructions over those requests, divided by their number. Only user space
 # is counted (the system calls' kernel side is not), and a `rep movs`/`stos`
 # counts once per repetition, so large copies weigh more than their time.
@@ -28,6 +32,7 @@ ROOT=$PWD
 SCRIPT=instructions.sh
 REQUESTS=${REQUESTS:-20000}
 CLIENTS=${CLIENTS:-4}
+KEEP=${KEEP:-}
 read -r -a TARGETS <<<"${TARGETS:-pushgate nginx}"
 for target in "${TARGETS[@]}"; do
     case $target in pushgate | nginx) ;;
@@ -75,7 +80,7 @@ failed = []
 def run(n):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     for _ in range(n):
-        conn.request("GET", "/", headers={"User-Agent": "instructions", "Accept": "*/*"})
+        conn.request("GET", "/bench", headers={"User-Agent": "instructions", "Accept": "*/*"})
         answer = conn.getresponse()
         answer.read()
         if answer.status != 200:
@@ -101,6 +106,10 @@ measure() {
         sleep 0.1
     done
     [[ -n $dump ]] || die "$name: callgrind wrote no dump"
+    if [[ -n $KEEP ]]; then
+        mkdir -p "$KEEP"
+        cp "$dump" "$KEEP/$name.callgrind"
+    fi
     # The dump's totals line: instructions over the counted requests.
     awk '/^(summary|totals):/ {print $2; exit}' "$dump"
 }
