@@ -11,6 +11,9 @@
 #   TARGETS    any of pushgate, baseline, nginx  (default "pushgate nginx")
 #   REQUESTS   requests counted per target       (default 20000)
 #   CLIENTS    keep-alive client connections     (default 4)
+#   FIELDS     minimal: User-Agent and Accept; browser: the eight fields
+#              a browser sends with a page request (Connection: keep-alive,
+#              a cookie, Accept-Language...)                 (default minimal)
 #   KEEP       a folder to copy each target's callgrind dump into, as
 #              TARGET.callgrind, for callgrind_annotate (default: not kept)
 #
@@ -33,6 +36,8 @@ SCRIPT=instructions.sh
 REQUESTS=${REQUESTS:-20000}
 CLIENTS=${CLIENTS:-4}
 KEEP=${KEEP:-}
+FIELDS=${FIELDS:-minimal}
+case $FIELDS in minimal | browser) ;; *) echo "FIELDS is minimal or browser" >&2 && exit 1 ;; esac
 read -r -a TARGETS <<<"${TARGETS:-pushgate nginx}"
 for target in "${TARGETS[@]}"; do
     case $target in pushgate | nginx) ;;
@@ -72,15 +77,27 @@ pids+=("$UPSTREAM_PID")
 # load ADDR COUNT: COUNT GETs over CLIENTS keep-alive connections, each
 # answer read whole and checked.
 load() {
-    python3 - "$1" "$2" "$CLIENTS" <<'EOF'
+    python3 - "$1" "$2" "$CLIENTS" "$FIELDS" <<'EOF'
 import http.client, sys, threading
 host, port = sys.argv[1].rsplit(":", 1)
 count, clients = int(sys.argv[2]), int(sys.argv[3])
+fields = {"User-Agent": "instructions", "Accept": "*/*"}
+if sys.argv[4] == "browser":
+    fields = {
+        "User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        "Accept-Language": "en-US,en;q=0.5",
+        "Accept-Encoding": "gzip, deflate, br",
+        "Connection": "keep-alive",
+        "Cookie": "session=abc123; theme=dark",
+        "Referer": "http://localhost/",
+        "Upgrade-Insecure-Requests": "1",
+    }
 failed = []
 def run(n):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     for _ in range(n):
-        conn.request("GET", "/bench", headers={"User-Agent": "instructions", "Accept": "*/*"})
+        conn.request("GET", "/bench", headers=fields)
         answer = conn.getresponse()
         answer.read()
         if answer.status != 200:
