@@ -617,7 +617,8 @@ const HOP_BY_HOP_CONNECTION: usize = 0;
 /// `Connection: keep-alive`, costs one removal rather than one per name
 /// (each a hash and a probe, 10 of them about 2,900 instructions). A
 /// token that is itself hop-by-hop (`keep-alive`, `upgrade`) is removed
-/// as such, not looked up again.
+/// as such, not looked up again, and nothing is collected unless some
+/// other token is there.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let present = headers.keys().fold(0u16, |present, name| {
         HOP_BY_HOP
@@ -628,14 +629,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & 1 << HOP_BY_HOP_CONNECTION != 0 {
-        let named: SmallVec<[HeaderName; 2]> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| !HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop)))
+    if present & 1 << HOP_BY_HOP_CONNECTION != 0 && connection_options(headers).next().is_some() {
+        let named: Vec<HeaderName> = connection_options(headers)
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in &named {
@@ -649,14 +644,30 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The tokens of the `Connection` fields that are not hop-by-hop names
+/// themselves: the fields they name are hop-by-hop too.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.is_empty() && !HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop))
+        })
+}
+
 /// The `Upgrade` value when this is an HTTP/1.1 WebSocket upgrade request.
 fn websocket_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 {
         return None;
     }
     let headers = request.headers();
-    (has_token(headers, header::CONNECTION, "upgrade")
-        && has_token(headers, header::UPGRADE, "websocket"))
+    // `Upgrade` first: most requests have none, and a browser's every
+    // request has a `Connection` to read through.
+    (has_token(headers, header::UPGRADE, "websocket")
+        && has_token(headers, header::CONNECTION, "upgrade"))
     .then(|| request.headers().get(header::UPGRADE).cloned())
     .flatten()
 }
