@@ -121,13 +121,36 @@ impl Future for Deadline {
 
 /// `future`'s output, or `None` when `duration` passes first:
 /// `tokio::time::timeout` on a [`Deadline`], so that a deadline set for
-/// every request or connect takes a kept timer.
-pub async fn within<F: Future>(duration: Duration, future: F) -> Option<F::Output> {
-    let deadline = Deadline::after(duration);
-    tokio::select! {
-        biased;
-        output = future => Some(output),
-        () = deadline => None,
+/// every request or connect takes a kept timer. The deadline is set when
+/// this is called. A plain struct rather than an `async fn`, which would
+/// hold `future` twice (as its argument and as what it awaits): this sits
+/// in every proxied request's future.
+pub fn within<F: Future>(duration: Duration, future: F) -> Within<F> {
+    Within {
+        future,
+        deadline: Deadline::after(duration),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`within`] returns.
+    pub struct Within<F> {
+        #[pin]
+        future: F,
+        deadline: Deadline,
+    }
+}
+
+impl<F: Future> Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // The future first: an output ready at the deadline is not lost.
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        Pin::new(this.deadline).poll(cx).map(|()| None)
     }
 }
 
@@ -268,6 +291,10 @@ mod tests {
         assert_eq!(within(Duration::from_secs(5), late).await, None);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         assert_eq!(kept(), 1, "both deadlines ran on one kept timer");
+        // Ready at the deadline itself: the output wins.
+        let on_time = tokio::time::sleep(Duration::from_secs(5));
+        assert_eq!(within(Duration::from_secs(5), on_time).await, Some(()));
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
         release_kept();
     }
 
