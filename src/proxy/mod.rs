@@ -174,8 +174,7 @@ impl Proxy {
     /// The request's head is read, and for a request without a body the
     /// app's request encoded, before the future is made: that future holds
     /// the encoding, not the request, so it is small to box and to move
-    /// (a few hundred bytes, against kilobytes for one that could also
-    /// stream an upload). Uploads and upgrades wait on a future boxed on
+    /// (656 bytes, against 3,352 when it could also stream an upload). Uploads and upgrades wait on a future boxed on
     /// its own.
     pub fn forward(
         self: &Arc<Self>,
