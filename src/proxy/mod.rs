@@ -174,8 +174,8 @@ impl Proxy {
     /// The request's head is read, and for a request without a body the
     /// app's request encoded, before the future is made: that future holds
     /// the encoding, not the request, so it is small to box and to move
-    /// (656 bytes, against 3,352 when it could also stream an upload). Uploads and upgrades wait on a future boxed on
-    /// its own.
+    /// (656 bytes, against 3,352 when it could also stream an upload).
+    /// Uploads and upgrades wait on a future boxed on its own.
     pub fn forward(
         self: &Arc<Self>,
         request: Request<Incoming>,
@@ -616,8 +616,7 @@ const HOP_BY_HOP_CONNECTION: usize = 0;
 /// `Connection: keep-alive`, costs one removal rather than one per name
 /// (each a hash and a probe, 10 of them about 2,900 instructions). A
 /// token that is itself hop-by-hop (`keep-alive`, `upgrade`) is removed
-/// as such, not looked up again, and nothing is collected unless some
-/// other token is there.
+/// as such, not looked up again.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let present = headers.keys().fold(0u16, |present, name| {
         HOP_BY_HOP
@@ -628,7 +627,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & 1 << HOP_BY_HOP_CONNECTION != 0 && connection_options(headers).next().is_some() {
+    if present & 1 << HOP_BY_HOP_CONNECTION != 0 {
+        // Empty, and so never allocated, when every token is a hop-by-hop
+        // name itself (a browser's `keep-alive`).
         let named: Vec<HeaderName> = connection_options(headers)
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
