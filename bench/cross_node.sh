@@ -42,10 +42,7 @@ pids=()
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_pids "${pids[@]}"
     rm -rf "$WORK"
     exit "$status"
 }
@@ -143,8 +140,5 @@ for rate in $RATES; do
     printf 'redis per publication (100 publications): %s round trip(s) (EVALSHA), %s commands executed in all\n\n' \
         "$(awk -v n="$(stat evalsha)" 'BEGIN {print n / 100}')" \
         "$(awk -v n="$(total_calls)" 'BEGIN {print n / 100}')"
-    for pid in "$a_pid" "$b_pid"; do
-        kill -TERM "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_pids "$a_pid" "$b_pid"
 done

@@ -62,8 +62,7 @@ pids=()
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_pids "${pids[@]}"
     rm -rf "$WORK"
     exit "$status"
 }
@@ -174,6 +173,5 @@ EOF
     esac
     total=$(measure "$target" "$addr" "$pid")
     printf '%-10s %12d %14d\n' "$target" "$REQUESTS" $((total / REQUESTS))
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    stop_pids "$pid"
 done

@@ -100,6 +100,14 @@ stop_server() {
 }
 cleanup_servers() { stop_server; }
 
+# stop_pids PID...: SIGTERM to each (one already gone is no error), then
+# waits for each, so that no process outlives the script.
+stop_pids() {
+    local pid
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
 # start_upstream: `pushgate-bench upstream` on a free port; sets UPSTREAM_PID
 # and UPSTREAM (host:port).
 start_upstream() {

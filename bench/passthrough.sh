@@ -96,12 +96,8 @@ cleanup() {
     if [[ -n $nginx_pid ]] && kill -0 "$nginx_pid" 2>/dev/null; then
         kill -QUIT "$nginx_pid" 2>/dev/null || true
     fi
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in $nginx_pid "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_pids "${pids[@]}"
+    [[ -z $nginx_pid ]] || wait "$nginx_pid" 2>/dev/null || true
     cleanup_servers # Pushpin
     rm -rf "$WORK"
     exit "$status"
