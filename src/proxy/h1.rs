@@ -411,11 +411,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
             buf.advance(len);
             continue;
         }
-        let http11 = answer.version == Some(1);
-        let spans = Spans::of(buf, answer.headers);
+        // Framing and keep-alive come from the raw fields, one pass of
+        // length-first name comparisons, not from lookups in the map.
+        let fields: &[httparse::Header<'_>] = answer.headers;
+        let framing = framing(status, fields)?;
+        let keep_alive = answer.version == Some(1)
+            && !tokens(fields, "connection").any(|t| t.eq_ignore_ascii_case(b"close"));
+        let spans = Spans::of(buf, fields);
         let headers = spans.take(buf, len).map_err(failed)?;
-        let framing = framing(status, &headers)?;
-        let keep_alive = http11 && !crate::proxy::has_token(&headers, header::CONNECTION, "close");
         return Ok(Some(Head {
             status,
             headers,
@@ -474,29 +477,48 @@ impl Spans {
     }
 }
 
-/// How the body of an answer with `status` and `headers` ends.
-fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, ProxyError> {
+/// The values of the fields called `name` (lower case), in order.
+fn values<'a>(
+    fields: &'a [httparse::Header<'a>],
+    name: &'static str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields
+        .iter()
+        .filter(move |field| field.name.eq_ignore_ascii_case(name))
+        .map(|field| field.value)
+}
+
+/// The comma-separated elements of the fields called `name`, trimmed, the
+/// empty ones left out.
+fn tokens<'a>(
+    fields: &'a [httparse::Header<'a>],
+    name: &'static str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    values(fields, name)
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
+/// How the body of an answer with `status` and these fields ends.
+fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framing, ProxyError> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|coding| !coding.is_empty());
+    if values(fields, "transfer-encoding").next().is_some() {
+        // Chunked only when it is the last coding; any other last coding
+        // (or one that is not text) leaves the body to end at close.
+        let last = tokens(fields, "transfer-encoding").last();
         return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => {
+            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
                 Framing::Chunked(Chunked::Size)
             }
             _ => Framing::Close,
         });
     }
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
+    for value in values(fields, "content-length") {
+        for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
@@ -507,7 +529,7 @@ fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, ProxyErro
                 _ => {
                     return Err(failed(format!(
                         "the app sent an invalid Content-Length: {:?}",
-                        String::from_utf8_lossy(value.as_bytes())
+                        String::from_utf8_lossy(value)
                     )))
                 }
             }
@@ -978,6 +1000,47 @@ mod tests {
         assert_eq!(not_modified.framing, Framing::Length(0));
 
         assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn framing_and_keep_alive_read_every_field_of_their_name_in_any_case() {
+        let framing = |wire: &str| head(wire).unwrap().unwrap().framing;
+        // The last coding over all Transfer-Encoding fields decides.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTRANSFER-encoding: gzip\r\ntransfer-encoding: ,Chunked ,\r\n\r\n"),
+            Framing::Chunked(Chunked::Size)
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n"
+            ),
+            Framing::Close
+        );
+        // A Transfer-Encoding with no coding in it still rules out a length.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\nContent-Length: 3\r\n\r\n"),
+            Framing::Close
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-LENGTH: 7\r\n\r\n"),
+            Framing::Length(7)
+        );
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 7\r\ncontent-length: 8\r\n\r\n").is_err());
+
+        let keep_alive = |wire: &str| head(wire).unwrap().unwrap().keep_alive;
+        assert!(!keep_alive(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, CLOSE\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!keep_alive(
+            "HTTP/1.1 200 OK\r\nConnection: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(keep_alive(
+            "HTTP/1.1 200 OK\r\nConnection: closed, keep-alive\r\nContent-Length: 0\r\n\r\n"
+        ));
+        // A field merely ending in the name is another field.
+        assert!(keep_alive(
+            "HTTP/1.1 200 OK\r\nX-Connection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
     }
 
     #[test]
