@@ -263,8 +263,10 @@ pub trait Broker: Send + Sync + 'static {
     /// The channel's newest position (offset 0 when nothing was published).
     async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError>;
 
-    /// This node has its first local subscriber for `channel`: make sure its
-    /// publications reach the hub.
+    /// A local subscriber of `channel` is in the hub and is about to read
+    /// history: returns once every publication on `channel` after that
+    /// read will reach the hub. Called for every subscriber, not only the
+    /// node's first; quick when the channel is heard already.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError>;
 
     /// This node's last local subscriber for `channel` left.

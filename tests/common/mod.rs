@@ -552,6 +552,7 @@ pub async fn get_raw(
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/third_party.rs` builds: either test reuses what the other built.
 pub mod node;
+pub mod realtime;
 pub mod redis;
 
 /// A WebSocket client of pushgate's realtime endpoint.
