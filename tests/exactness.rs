@@ -112,3 +112,119 @@ async fn lock_step_long_polls_on_a_redis_node_get_everything_and_no_reset() {
         );
     }
 }
+
+/// POSTs `body` to the publish API as it is written: the status and JSON
+/// answer.
+async fn publish_text(api: SocketAddr, body: String) -> (StatusCode, Value) {
+    use http_body_util::BodyExt;
+    let request = http::Request::post(format!("http://{api}/api/publish"))
+        .header("authorization", format!("Bearer {}", common::API_KEY))
+        .header("content-type", "application/json")
+        .body(common::body(body))
+        .unwrap();
+    let response = tokio::time::timeout(PATIENCE, common::client().request(request))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Pairs of `data` as first sent and as retried, and whether they are the
+/// same JSON value (so the same publish).
+const RETRIES: &[(&str, &str, bool)] = &[
+    (
+        r#"{"a":1,"b":[1,2]}"#,
+        "{ \"a\" : 1 ,\n\t\"b\" : [ 1 , 2 ] }\r\n",
+        true,
+    ),
+    (
+        r#"{"a":1,"b":{"c":null,"d":true}}"#,
+        r#"{"b":{"d":true,"c":null},"a":1}"#,
+        true,
+    ),
+    (r#""caf\u00e9 \ud83d\ude00""#, "\"café 😀\"", true),
+    (r#""a\/b\n""#, r#""a/b\u000a""#, true),
+    ("1e2", "100.0", true),
+    ("[ ]", "[]", true),
+    (" null ", "null", true),
+    ("1", "1.0", false),
+    ("[1,2]", "[2,1]", false),
+    (r#"{"a":1}"#, r#"{"a":1,"b":null}"#, false),
+    (r#""x""#, r#""x ""#, false),
+];
+
+/// A retry whose `data` is the same JSON value written another way is
+/// answered with the first publish's results and publishes nothing; a
+/// different value under the same key is refused.
+async fn retries_compare_json_values(api: SocketAddr) {
+    let mut stored = 0;
+    for (index, (first, retry, same)) in RETRIES.iter().enumerate() {
+        let key = format!("retry-{index}");
+        let (status, answer) = publish_text(
+            api,
+            format!(r#"{{"channel":"idem","data":{first},"idempotency_key":"{key}"}}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{first}: {answer}");
+        stored += 1;
+        // The retry also writes the publish object itself another way.
+        let (status, again) = publish_text(
+            api,
+            format!("{{ \"idempotency_key\" : \"{key}\",\n  \"data\" : {retry} ,\"channel\":\"idem\" }}"),
+        )
+        .await;
+        if *same {
+            assert_eq!(status, StatusCode::OK, "{first} then {retry}: {again}");
+            assert_eq!(
+                again, answer,
+                "{first} then {retry}: the first publish's results"
+            );
+        } else {
+            assert_eq!(
+                status,
+                StatusCode::BAD_REQUEST,
+                "{first} then {retry}: {again}"
+            );
+            assert_eq!(again["error"]["code"], "idempotency_key_reused", "{again}");
+        }
+    }
+    let (status, history) =
+        common::api_call(api, "GET", "/api/history?channel=idem&limit=1000", None).await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    assert_eq!(
+        history["messages"].as_array().map(Vec::len),
+        Some(stored),
+        "each publish stored once: {history}"
+    );
+}
+
+#[tokio::test]
+async fn memory_engine_retries_compare_json_values() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    retries_compare_json_values(gate.api_addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_engine_retries_compare_json_values() {
+    let redis = Redis::start();
+    let app = Upstream::start().await;
+    let a = redis_node(&app, &redis).await;
+    retries_compare_json_values(a.api_addr).await;
+    // Another node compares the same way: the key was claimed through A.
+    let b = redis_node(&app, &redis).await;
+    let (status, again) = publish_text(
+        b.api_addr,
+        format!(
+            r#"{{"channel":"idem","data":{},"idempotency_key":"retry-0"}}"#,
+            RETRIES[0].1
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+}

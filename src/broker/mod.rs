@@ -30,9 +30,21 @@ pub struct Publish {
 }
 
 impl Publish {
-    /// A stable digest of what is published (channels, event, data), stored
-    /// with an idempotency key: reusing a key for a different publish is an
-    /// error, not a silent drop. FNV-1a 64, so every node computes the same.
+    /// A stable digest of what is published, stored with an idempotency
+    /// key: a retry carrying the same digest is answered with the first
+    /// result, a different one is refused (`idempotency_key_reused`), never
+    /// silently dropped. FNV-1a 64, so every node computes the same.
+    ///
+    /// The invariant, enforced here for both engines: two publishes are
+    /// the same request iff their channel lists, events and data are equal
+    /// as JSON values. The channel list is compared in order (`channel: "a"`
+    /// is the list `["a"]`); data is hashed in a canonical form, so
+    /// whitespace, the order of object keys and the escaping of strings
+    /// never tell two requests apart. Numbers compare as serde_json reads
+    /// them: an integer and a number with a fraction or exponent differ
+    /// (`1` is not `1.0`), while `1e2` and `100.0` are equal; of an
+    /// object's repeated key the last counts. Data nested deeper than 128
+    /// levels compares by its text without whitespace.
     pub fn fingerprint(&self) -> u64 {
         let mut hash = Fnv64::new();
         for channel in &self.channels {
@@ -44,9 +56,62 @@ impl Publish {
             hash.write(event.as_str().as_bytes());
         }
         hash.write(b"\0");
-        hash.write(self.data.get().as_bytes());
+        match serde_json::from_str::<serde_json::Value>(self.data.get()) {
+            Ok(value) => hash_canonical(&value, &mut hash),
+            // Nested deeper than serde_json builds values for (128
+            // levels; the API accepts any depth): such data compares by
+            // its text without whitespace.
+            Err(_) => {
+                let mut compact = Vec::with_capacity(self.data.get().len());
+                crate::message::compact_json(self.data.get(), &mut compact);
+                hash.write(&compact);
+            }
+        }
         hash.finish()
     }
+}
+
+/// Feeds `value` to `hash` as compact JSON with object keys in byte order
+/// and strings in serde_json's escaping: one text per JSON value, whatever
+/// the map type's own order.
+fn hash_canonical(value: &serde_json::Value, hash: &mut Fnv64) {
+    use serde_json::Value;
+    match value {
+        Value::Null => hash.write(b"null"),
+        Value::Bool(true) => hash.write(b"true"),
+        Value::Bool(false) => hash.write(b"false"),
+        Value::Number(number) => hash.write(number.to_string().as_bytes()),
+        Value::String(text) => hash_string(text, hash),
+        Value::Array(items) => {
+            hash.write(b"[");
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    hash.write(b",");
+                }
+                hash_canonical(item, hash);
+            }
+            hash.write(b"]");
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            hash.write(b"{");
+            for (index, (key, item)) in entries.into_iter().enumerate() {
+                if index > 0 {
+                    hash.write(b",");
+                }
+                hash_string(key, hash);
+                hash.write(b":");
+                hash_canonical(item, hash);
+            }
+            hash.write(b"}");
+        }
+    }
+}
+
+fn hash_string(text: &str, hash: &mut Fnv64) {
+    let quoted = serde_json::to_string(text).expect("a string serializes");
+    hash.write(quoted.as_bytes());
 }
 
 struct Fnv64(u64);
@@ -338,6 +403,206 @@ pub fn replay_from(since: Position, epoch: Epoch, top: u64, oldest: u64) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn publish(data: &str) -> Publish {
+        Publish {
+            channels: vec![ChannelName::parse("c").unwrap()],
+            data: serde_json::value::RawValue::from_string(data.to_owned()).unwrap(),
+            event: None,
+            idempotency_key: Some("k".into()),
+        }
+    }
+
+    fn fingerprint(data: &str) -> u64 {
+        publish(data).fingerprint()
+    }
+
+    #[test]
+    fn equal_json_values_are_the_same_publish() {
+        for (a, b) in [
+            (
+                r#"{"a":1,"b":[1,2]}"#,
+                "{ \"a\" : 1 ,\n\t\"b\" : [ 1 , 2 ] }\r\n",
+            ),
+            (r#"{"a":1,"b":2}"#, r#"{"b":2,"a":1}"#),
+            (
+                r#"{"x":{"z":null,"y":true}}"#,
+                r#"{"x":{"y":true,"z":null}}"#,
+            ),
+            (r#""A\n""#, r#""\u0041\u000a""#),
+            (r#""\/""#, r#""/""#),
+            (r#""é""#, r#""\u00e9""#),
+            (r#""😀""#, r#""\ud83d\ude00""#),
+            ("1e2", "100.0"),
+            ("1.5", "15e-1"),
+            ("-0.0", "-0e0"),
+            ("[]", "[ ]"),
+            ("{}", "{ }"),
+            (r#"{"a":1,"a":2}"#, r#"{"a":2}"#),
+        ] {
+            assert_eq!(fingerprint(a), fingerprint(b), "{a} and {b} are one value");
+        }
+    }
+
+    #[test]
+    fn different_json_values_are_different_publishes() {
+        for (a, b) in [
+            ("1", "1.0"),
+            ("1", "\"1\""),
+            ("0", "-0.0"),
+            ("null", "\"null\""),
+            ("[1,2]", "[2,1]"),
+            (r#"{"a":1}"#, r#"{"a":1,"b":null}"#),
+            (r#"{"a":{"b":1}}"#, r#"{"a":[{"b":1}]}"#),
+            (r#""a b""#, r#""ab""#),
+            ("true", "false"),
+        ] {
+            assert_ne!(fingerprint(a), fingerprint(b), "{a} and {b} differ");
+        }
+        let base = publish("1");
+        let mut other_channel = base.clone();
+        other_channel.channels = vec![ChannelName::parse("d").unwrap()];
+        let mut with_event = base.clone();
+        with_event.event = Some(EventName::parse("e").unwrap());
+        let mut two_channels = base.clone();
+        two_channels.channels.push(ChannelName::parse("d").unwrap());
+        let mut swapped = two_channels.clone();
+        swapped.channels.reverse();
+        let all = [base, other_channel, with_event, two_channels, swapped];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a.fingerprint(), b.fingerprint(), "{a:?} and {b:?}");
+            }
+        }
+    }
+
+    /// Any JSON value; floats are finite, not integral (so they print with
+    /// a fraction and read back as floats) and read back exactly.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from).prop_filter(
+                "a fraction that serde_json reads back exactly",
+                |v| {
+                    v.as_f64().is_some_and(|f| f.fract() != 0.0)
+                        && serde_json::from_str::<Value>(&v.to_string()).ok().as_ref() == Some(v)
+                }
+            ),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(any::<String>(), inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Writes `value` as JSON text in one of many equivalent ways, chosen
+    /// by `choices`: whitespace around every token, object keys in any
+    /// order, characters escaped or not, floats with an exponent or not.
+    fn write_any_way(value: &Value, choices: &mut impl Iterator<Item = u8>, out: &mut String) {
+        let mut pick = || choices.next().unwrap_or(0);
+        let space = |choice: u8, out: &mut String| {
+            out.push_str(["", " ", "\n", "\t ", "\r\n  "][usize::from(choice % 5)]);
+        };
+        space(pick(), out);
+        match value {
+            Value::Number(number) => {
+                // serde_json reads some exponent forms one bit off: those
+                // are other values, and are written plainly.
+                let exponent = number
+                    .as_f64()
+                    .filter(|_| number.is_f64())
+                    .map(|float| format!("{float:e}"))
+                    .filter(|text| serde_json::from_str::<Value>(text).ok() == Some(value.clone()));
+                match exponent {
+                    Some(text) if pick() % 2 == 0 => out.push_str(&text),
+                    _ => out.push_str(&number.to_string()),
+                }
+            }
+            Value::String(text) => {
+                out.push('"');
+                for c in text.chars() {
+                    let must = c == '"' || c == '\\' || c < ' ';
+                    if must || pick() % 3 == 0 {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            out.push_str(&format!("\\u{unit:04x}"));
+                        }
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out.push('"');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (index, item) in items.iter().enumerate() {
+                    if index > 0 {
+                        out.push(',');
+                    }
+                    write_any_way(item, choices, out);
+                }
+                space(choices.next().unwrap_or(0), out);
+                out.push(']');
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                // A rotation and maybe a reversal: another order of keys.
+                let turn = usize::from(pick()) % entries.len().max(1);
+                entries.rotate_left(turn);
+                if pick() % 2 == 0 {
+                    entries.reverse();
+                }
+                out.push('{');
+                for (index, (key, item)) in entries.into_iter().enumerate() {
+                    if index > 0 {
+                        out.push(',');
+                    }
+                    write_any_way(&Value::String(key.clone()), choices, out);
+                    space(choices.next().unwrap_or(0), out);
+                    out.push(':');
+                    write_any_way(item, choices, out);
+                }
+                space(choices.next().unwrap_or(0), out);
+                out.push('}');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+        space(choices.next().unwrap_or(0), out);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn prop_one_value_written_two_ways_is_one_publish(
+            value in any_json(),
+            first in proptest::collection::vec(any::<u8>(), 0..512),
+            second in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let (mut a, mut b) = (String::new(), String::new());
+            write_any_way(&value, &mut first.into_iter(), &mut a);
+            write_any_way(&value, &mut second.into_iter(), &mut b);
+            // The writer is right: both texts read back as the value.
+            prop_assert_eq!(&serde_json::from_str::<Value>(&a).unwrap(), &value);
+            prop_assert_eq!(&serde_json::from_str::<Value>(&b).unwrap(), &value);
+            prop_assert_eq!(fingerprint(&a), fingerprint(&b), "{} / {}", a, b);
+        }
+
+        #[test]
+        fn prop_different_values_are_different_publishes(a in any_json(), b in any_json()) {
+            prop_assume!(a != b);
+            prop_assert_ne!(fingerprint(&a.to_string()), fingerprint(&b.to_string()));
+        }
+    }
 
     #[test]
     fn recovery_decisions() {

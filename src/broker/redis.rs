@@ -1133,7 +1133,11 @@ fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
 impl Broker for RedisBroker {
     async fn publish(&self, publish: Publish) -> Result<PublishOutcome, BrokerError> {
         let shared = &self.shared;
-        let fingerprint = format!("{:016x}", publish.fingerprint());
+        // Only a publish with a key is compared with another.
+        let fingerprint = match &publish.idempotency_key {
+            Some(_) => format!("{:016x}", publish.fingerprint()),
+            None => String::new(),
+        };
         if let Some(key) = &publish.idempotency_key {
             // Claim the key for this publish before anything is published:
             // a key reused for a different publish then publishes nothing.
