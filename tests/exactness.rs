@@ -228,3 +228,103 @@ async fn redis_engine_retries_compare_json_values() {
     .await;
     assert_eq!(status, StatusCode::OK, "{again}");
 }
+
+/// Long-polls waiting on a node when it gets SIGTERM are each answered
+/// `200` with no messages and their cursor before their connections close
+/// (`Connection: close`, so no client sends its next poll down a
+/// connection the drain is closing), and that cursor resumes exactly on
+/// another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
+    const POLLERS: usize = 12;
+    let redis = Redis::start();
+    let app = Upstream::start().await;
+    let survivor = redis_node(&app, &redis).await;
+    let dir = common::TempDir::new("drain-polls");
+    let mut draining = common::Process::start(
+        &dir.0,
+        &format!(
+            "listen: 127.0.0.1:0\nupstream:\n  url: {}\nengine:\n  kind: redis\n  redis:\n    url: {}\nshutdown:\n  grace: 10s\n",
+            app.url(),
+            redis.url()
+        ),
+        &[],
+    );
+    let mut at = None;
+    for n in 1..=3 {
+        let (status, body) = publish(survivor.api_addr, json!({"channel": "dr", "data": n})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        at = Some(body["results"][0].clone());
+    }
+    let at = at.unwrap();
+    let mut cursor = pushgate::cursor::Cursor::new();
+    let position = pushgate::cursor::Position::new(
+        pushgate::cursor::Epoch::parse(at["epoch"].as_str().unwrap()).unwrap(),
+        at["offset"].as_u64().unwrap(),
+    );
+    cursor.set("dr", position);
+    let cursor = cursor.encode();
+
+    let addr = draining.addr;
+    let pollers: Vec<_> = (0..POLLERS)
+        .map(|_| {
+            let cursor = cursor.clone();
+            tokio::spawn(async move { poll(addr, &["dr"], Some(&cursor), 30).await })
+        })
+        .collect();
+    let waiting = "pushgate_connections{transport=\"poll\"} ";
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = common::get(&format!("http://{}/metrics", draining.api_addr)).await;
+        let count = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(waiting))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        if count == Some(POLLERS) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the polls never all waited: {count:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    draining.signal("TERM");
+    let mut cursors = Vec::new();
+    for (index, poller) in pollers.into_iter().enumerate() {
+        let polled = tokio::time::timeout(PATIENCE, poller)
+            .await
+            .expect("answered in time")
+            .unwrap()
+            .unwrap_or_else(|err| panic!("poll {index} was not answered: {err}"));
+        assert!(polled.got.is_empty(), "poll {index}: {:?}", polled.got);
+        assert!(
+            polled.closes,
+            "poll {index}: the drain's answer says the connection closes, so the next poll goes elsewhere"
+        );
+        let resumed = pushgate::cursor::Cursor::decode(&polled.cursor).unwrap();
+        assert_eq!(resumed.position_of("dr"), Some(position), "poll {index}");
+        cursors.push(polled.cursor);
+    }
+    assert_eq!(draining.wait_exit(PATIENCE), Some(0));
+
+    for n in 4..=5 {
+        let (status, body) = publish(survivor.api_addr, json!({"channel": "dr", "data": n})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for cursor in cursors {
+        let polled = poll(survivor.addr, &["dr"], Some(&cursor), 5)
+            .await
+            .unwrap_or_else(|err| panic!("resuming failed: {err}"));
+        let data: Vec<&Value> = polled
+            .got
+            .iter()
+            .map(|g| match g {
+                Got::Message { data, .. } => data,
+                Got::Reset { .. } => panic!("resumed with a reset: {:?}", polled.got),
+            })
+            .collect();
+        assert_eq!(data, [&json!(4), &json!(5)], "exactly what came after");
+    }
+}

@@ -171,6 +171,8 @@ async fn send_alone(
 pub struct Polled {
     pub got: Vec<Got>,
     pub cursor: String,
+    /// The answer said `Connection: close`.
+    pub closes: bool,
 }
 
 /// One long-poll of `channels` from `cursor` (from now without one), on a
@@ -191,6 +193,10 @@ pub async fn poll(
     }
     let (response, task) = send_alone(addr, &path, &[]).await?;
     let status = response.status();
+    let closes = response
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let body = response.into_body().collect().await;
     task.abort();
     let body = body
@@ -200,7 +206,10 @@ pub async fn poll(
     if status != StatusCode::OK {
         return Err(Failure::Refused(status, text));
     }
-    parse_poll_answer(&text).map_err(|why| Failure::Broken(format!("{why}: {text}")))
+    let mut polled =
+        parse_poll_answer(&text).map_err(|why| Failure::Broken(format!("{why}: {text}")))?;
+    polled.closes = closes;
+    Ok(polled)
 }
 
 /// Orders a poll answer's resets among its messages: a reset of a channel
@@ -230,7 +239,11 @@ pub fn parse_poll_answer(text: &str) -> Result<Polled, String> {
             .unwrap_or(got.len());
         got.insert(index, reset);
     }
-    Ok(Polled { got, cursor })
+    Ok(Polled {
+        got,
+        cursor,
+        closes: false,
+    })
 }
 
 /// An open SSE stream on a connection of its own.
