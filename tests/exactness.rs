@@ -237,6 +237,7 @@ async fn redis_engine_retries_compare_json_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
     const POLLERS: usize = 12;
+    const KEPT_ALIVE: usize = 4;
     let redis = Redis::start();
     let app = Upstream::start().await;
     let survivor = redis_node(&app, &redis).await;
@@ -266,6 +267,17 @@ async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
     let cursor = cursor.encode();
 
     let addr = draining.addr;
+    // Kept-alive connections whose next poll is already sent when the drain
+    // begins (read by the node or still in its socket): answered too.
+    let mut kept = Vec::new();
+    for _ in 0..KEPT_ALIVE {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        send_poll(&mut stream, &cursor, 0).await;
+        let (status, head, body) = read_answer(&mut stream).await;
+        assert_eq!(status, 200, "{head}");
+        send_poll(&mut stream, body["cursor"].as_str().unwrap(), 30).await;
+        kept.push(stream);
+    }
     let pollers: Vec<_> = (0..POLLERS)
         .map(|_| {
             let cursor = cursor.clone();
@@ -280,7 +292,7 @@ async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
             .lines()
             .find_map(|line| line.strip_prefix(waiting))
             .and_then(|n| n.trim().parse::<usize>().ok());
-        if count == Some(POLLERS) {
+        if count.is_some_and(|count| count >= POLLERS) {
             break;
         }
         assert!(
@@ -307,6 +319,22 @@ async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
         assert_eq!(resumed.position_of("dr"), Some(position), "poll {index}");
         cursors.push(polled.cursor);
     }
+    for (index, stream) in kept.iter_mut().enumerate() {
+        let (status, head, body) = read_answer(stream).await;
+        assert_eq!(status, 200, "kept-alive poll {index}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "kept-alive poll {index}: {head}"
+        );
+        assert_eq!(body["messages"], json!([]), "kept-alive poll {index}");
+        let resumed = pushgate::cursor::Cursor::decode(body["cursor"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            resumed.position_of("dr"),
+            Some(position),
+            "kept-alive poll {index}"
+        );
+    }
     assert_eq!(draining.wait_exit(PATIENCE), Some(0));
 
     for n in 4..=5 {
@@ -327,4 +355,60 @@ async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
             .collect();
         assert_eq!(data, [&json!(4), &json!(5)], "exactly what came after");
     }
+}
+
+/// Sends a long-poll of `dr` from `cursor` down a kept-alive connection.
+async fn send_poll(stream: &mut tokio::net::TcpStream, cursor: &str, timeout: u64) {
+    use tokio::io::AsyncWriteExt;
+    let request = format!(
+        "GET /realtime/poll?channel=dr&timeout={timeout}&since={cursor} HTTP/1.1\r\nhost: pushgate\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+}
+
+/// Reads one answer from a kept-alive connection: the status, the head as
+/// text and the JSON body (framed by its `content-length`).
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (u16, String, Value) {
+    let mut bytes = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let head_end = loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        read_more(stream, &mut bytes, deadline).await;
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    while bytes.len() < head_end + length {
+        read_more(stream, &mut bytes, deadline).await;
+    }
+    let status = head[9..12].parse().unwrap();
+    let body = serde_json::from_slice(&bytes[head_end..head_end + length]).unwrap();
+    (status, head, body)
+}
+
+async fn read_more(
+    stream: &mut tokio::net::TcpStream,
+    bytes: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
+        .await
+        .expect("an answer in time")
+        .expect("the connection holds");
+    assert!(
+        read > 0,
+        "the connection closed without an answer: {}",
+        String::from_utf8_lossy(bytes)
+    );
+    bytes.extend_from_slice(&buffer[..read]);
 }
