@@ -43,8 +43,7 @@ impl Publish {
     /// never tell two requests apart. Numbers compare as serde_json reads
     /// them: an integer and a number with a fraction or exponent differ
     /// (`1` is not `1.0`), while `1e2` and `100.0` are equal; of an
-    /// object's repeated key the last counts. Data nested deeper than 128
-    /// levels compares by its text without whitespace.
+    /// object's repeated key the last counts.
     pub fn fingerprint(&self) -> u64 {
         let mut hash = Fnv64::new();
         for channel in &self.channels {
@@ -56,62 +55,162 @@ impl Publish {
             hash.write(event.as_str().as_bytes());
         }
         hash.write(b"\0");
-        match serde_json::from_str::<serde_json::Value>(self.data.get()) {
-            Ok(value) => hash_canonical(&value, &mut hash),
-            // Nested deeper than serde_json builds values for (128
-            // levels; the API accepts any depth): such data compares by
-            // its text without whitespace.
-            Err(_) => {
-                let mut compact = Vec::with_capacity(self.data.get().len());
-                crate::message::compact_json(self.data.get(), &mut compact);
-                hash.write(&compact);
-            }
+        match json_digest(self.data.get()) {
+            Some(digest) => hash.write(&digest.to_le_bytes()),
+            // Not JSON: the API lets none through. Its bytes, then.
+            None => hash.write(self.data.get().as_bytes()),
         }
         hash.finish()
     }
 }
 
-/// Feeds `value` to `hash` as compact JSON with object keys in byte order
-/// and strings in serde_json's escaping: one text per JSON value, whatever
-/// the map type's own order.
-fn hash_canonical(value: &serde_json::Value, hash: &mut Fnv64) {
-    use serde_json::Value;
-    match value {
-        Value::Null => hash.write(b"null"),
-        Value::Bool(true) => hash.write(b"true"),
-        Value::Bool(false) => hash.write(b"false"),
-        Value::Number(number) => hash.write(number.to_string().as_bytes()),
-        Value::String(text) => hash_string(text, hash),
-        Value::Array(items) => {
-            hash.write(b"[");
-            for (index, item) in items.iter().enumerate() {
-                if index > 0 {
-                    hash.write(b",");
-                }
-                hash_canonical(item, hash);
+/// A digest of the JSON value `json` denotes: equal values (whitespace,
+/// key order and string escaping aside; numbers as serde_json reads them;
+/// of a repeated key the last) get equal digests. `None` for most text that
+/// is not JSON (the API lets none through); never a panic.
+///
+/// Built bottom-up like a hash tree: a scalar is hashed from its canonical
+/// form, a container from its children's digests (an object's by key
+/// order), each tagged and length-framed so that no two values are written
+/// alike. A loop over a stack of open containers rather than recursion, so
+/// any depth the API accepts is handled, in time and memory linear in the
+/// text (plus sorting each object's keys).
+pub fn json_digest(json: &str) -> Option<u64> {
+    enum Open {
+        Array(Fnv64),
+        Object {
+            members: Vec<(String, u64)>,
+            key: Option<String>,
+        },
+    }
+    /// A finished value, as its container (or the result) takes it: an
+    /// object's key is a string before it is a digest.
+    enum Done {
+        String(String),
+        Digest(u64),
+    }
+    fn digest_of(done: Done) -> u64 {
+        match done {
+            Done::Digest(digest) => digest,
+            Done::String(text) => {
+                let mut hash = Fnv64::new();
+                hash.write(b"s");
+                hash.write(&(text.len() as u64).to_le_bytes());
+                hash.write(text.as_bytes());
+                hash.finish()
             }
-            hash.write(b"]");
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            hash.write(b"{");
-            for (index, (key, item)) in entries.into_iter().enumerate() {
-                if index > 0 {
-                    hash.write(b",");
-                }
-                hash_string(key, hash);
-                hash.write(b":");
-                hash_canonical(item, hash);
-            }
-            hash.write(b"}");
         }
     }
-}
+    fn scalar(tag: &[u8], text: &str) -> Done {
+        let mut hash = Fnv64::new();
+        hash.write(tag);
+        hash.write(text.as_bytes());
+        Done::Digest(hash.finish())
+    }
+    fn place(stack: &mut [Open], result: &mut Option<u64>, done: Done) -> Option<()> {
+        match stack.last_mut() {
+            None if result.is_none() => *result = Some(digest_of(done)),
+            None => return None,
+            Some(Open::Array(hash)) => hash.write(&digest_of(done).to_le_bytes()),
+            Some(Open::Object { members, key }) => match (key.take(), done) {
+                (None, Done::String(text)) => *key = Some(text),
+                (None, Done::Digest(_)) => return None,
+                (Some(key), done) => members.push((key, digest_of(done))),
+            },
+        }
+        Some(())
+    }
 
-fn hash_string(text: &str, hash: &mut Fnv64) {
-    let quoted = serde_json::to_string(text).expect("a string serializes");
-    hash.write(quoted.as_bytes());
+    let bytes = json.as_bytes();
+    let mut stack: Vec<Open> = Vec::new();
+    let mut result = None;
+    let mut at = 0;
+    while at < bytes.len() {
+        let done = match bytes[at] {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {
+                at += 1;
+                continue;
+            }
+            b'[' => {
+                let mut hash = Fnv64::new();
+                hash.write(b"[");
+                stack.push(Open::Array(hash));
+                at += 1;
+                continue;
+            }
+            b'{' => {
+                stack.push(Open::Object {
+                    members: Vec::new(),
+                    key: None,
+                });
+                at += 1;
+                continue;
+            }
+            b']' => {
+                let Some(Open::Array(mut hash)) = stack.pop() else {
+                    return None;
+                };
+                hash.write(b"]");
+                at += 1;
+                Done::Digest(hash.finish())
+            }
+            b'}' => {
+                let Some(Open::Object { mut members, key }) = stack.pop() else {
+                    return None;
+                };
+                if key.is_some() {
+                    return None;
+                }
+                // Stable: of a repeated key, the last written stays last.
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut hash = Fnv64::new();
+                hash.write(b"{");
+                for (index, (key, digest)) in members.iter().enumerate() {
+                    if members.get(index + 1).is_some_and(|next| next.0 == *key) {
+                        continue;
+                    }
+                    hash.write(&(key.len() as u64).to_le_bytes());
+                    hash.write(key.as_bytes());
+                    hash.write(&digest.to_le_bytes());
+                }
+                hash.write(b"}");
+                at += 1;
+                Done::Digest(hash.finish())
+            }
+            b'"' => {
+                let mut end = at + 1;
+                while *bytes.get(end)? != b'"' {
+                    end += if bytes[end] == b'\\' { 2 } else { 1 };
+                }
+                let text: String = serde_json::from_str(json.get(at..=end)?).ok()?;
+                at = end + 1;
+                Done::String(text)
+            }
+            _ => {
+                let end = bytes[at..]
+                    .iter()
+                    .position(|b| b" \t\n\r,:]}".contains(b))
+                    .map_or(bytes.len(), |length| at + length);
+                let token = json.get(at..end)?;
+                at = end;
+                match token {
+                    "true" | "false" | "null" => scalar(b"l", token),
+                    _ => scalar(
+                        b"n",
+                        &serde_json::from_str::<serde_json::Number>(token)
+                            .ok()?
+                            .to_string(),
+                    ),
+                }
+            }
+        };
+        place(&mut stack, &mut result, done)?;
+    }
+    if stack.is_empty() {
+        result
+    } else {
+        None
+    }
 }
 
 struct Fnv64(u64);
@@ -579,8 +678,91 @@ mod tests {
         space(choices.next().unwrap_or(0), out);
     }
 
+    #[test]
+    fn depth_is_no_limit() {
+        let depth = 100_000;
+        let tight = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let loose = format!("{} 1 {}", "[ ".repeat(depth), "\n]".repeat(depth));
+        assert_eq!(json_digest(&loose), json_digest(&tight));
+        assert!(json_digest(&tight).is_some());
+        assert_ne!(
+            json_digest(&tight),
+            json_digest(&tight.replacen("[", "", 1).replacen("]", "", 1))
+        );
+        // Objects deep down still compare by value, whatever their key order.
+        let a = format!(
+            r#"{}{{"b":1,"a":2}}{}"#,
+            r#"{"x":"#.repeat(depth),
+            "}".repeat(depth)
+        );
+        let b = format!(
+            r#"{}{{"a":2, "b":1}}{}"#,
+            r#"{ "x" :"#.repeat(depth),
+            " }".repeat(depth)
+        );
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(
+            fingerprint(&a),
+            fingerprint(&a.replace(r#""a":2"#, r#""a":3"#))
+        );
+    }
+
+    #[test]
+    fn what_is_not_json_has_no_digest() {
+        for bad in [
+            "",
+            "[",
+            "]",
+            "{",
+            "}",
+            "[1",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{1:2}",
+            "[}",
+            "{]",
+            "1 2",
+            "\"open",
+            "tru",
+            "nul",
+            "01x",
+            "é",
+            "{\"a\":1 \"b\"}x",
+        ] {
+            assert_eq!(json_digest(bad), None, "{bad:?}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn prop_the_digest_is_the_values(
+            value in any_json(),
+            choices in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut text = String::new();
+            write_any_way(&value, &mut choices.into_iter(), &mut text);
+            // The same value as serde_json writes it compactly.
+            prop_assert_eq!(json_digest(&text), json_digest(&value.to_string()), "{}", text);
+            prop_assert!(json_digest(&text).is_some());
+        }
+
+        #[test]
+        fn prop_any_text_is_answered_without_a_panic(text in any::<String>()) {
+            let _ = json_digest(&text);
+        }
+
+        #[test]
+        fn prop_any_json_like_text_is_answered_without_a_panic(
+            text in "[\\[\\]{}:,\" \\\\0-9a-z.eE+-]{0,64}"
+        ) {
+            let digest = json_digest(&text);
+            // JSON always has one.
+            if serde_json::from_str::<Value>(&text).is_ok() {
+                prop_assert!(digest.is_some(), "{}", text);
+            }
+        }
 
         #[test]
         fn prop_one_value_written_two_ways_is_one_publish(
