@@ -7,7 +7,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -120,11 +119,14 @@ pub fn channel_query(channels: &[&str]) -> String {
         .join("&")
 }
 
-/// A failed exchange: the status and body of a refusal, or why the
+/// A failed exchange: the status and body of an HTTP refusal, a WebSocket
+/// command's error, the close code of a closed WebSocket, or why the
 /// connection failed.
 #[derive(Debug, Clone)]
 pub enum Failure {
     Refused(StatusCode, String),
+    Error(Value),
+    Closed(u16),
     Broken(String),
 }
 
@@ -132,6 +134,8 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Refused(status, body) => write!(f, "answered {status}: {body}"),
+            Failure::Error(error) => write!(f, "the command failed: {error}"),
+            Failure::Closed(code) => write!(f, "closed with {code}"),
             Failure::Broken(why) => write!(f, "connection failed: {why}"),
         }
     }
@@ -408,7 +412,7 @@ impl Ws {
             let value = self.next_json().await?;
             if value.get("id") == Some(&json!(id)) {
                 if let Some(error) = value.get("error") {
-                    return Err(Failure::Refused(StatusCode::OK, error.to_string()));
+                    return Err(Failure::Error(error.clone()));
                 }
                 let result = &value["result"];
                 let position = Position::new(
@@ -433,7 +437,7 @@ impl Ws {
         loop {
             let value = match self.next_json().await {
                 Ok(value) => value,
-                Err(Failure::Refused(..)) => return Ok(None),
+                Err(Failure::Closed(_)) => return Ok(None),
                 Err(err) => return Err(err),
             };
             if let Some(got) = Self::got(&value).map_err(Failure::Broken)? {
@@ -452,7 +456,7 @@ impl Ws {
         Ok(None)
     }
 
-    /// The next text frame as JSON; a close is `Refused` with its code.
+    /// The next text frame as JSON; a close frame is `Closed`.
     async fn next_json(&mut self) -> Result<Value, Failure> {
         loop {
             match self.socket.next().await {
@@ -463,10 +467,8 @@ impl Ws {
                         .map_err(|err| Failure::Broken(format!("{err}: {text}")))
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-                    return Err(Failure::Refused(
-                        StatusCode::OK,
-                        format!("closed with {code}"),
+                    return Err(Failure::Closed(
+                        frame.map(|f| u16::from(f.code)).unwrap_or(1005),
                     ));
                 }
                 Some(Ok(_)) => continue,
@@ -474,6 +476,3 @@ impl Ws {
         }
     }
 }
-
-/// How long one step of a client may take before the test calls it stuck.
-pub const STEP: Duration = Duration::from_secs(20);
