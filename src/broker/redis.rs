@@ -485,12 +485,15 @@ struct Stats {
 
 /// What the node knows of a channel it listens to.
 ///
-/// The invariant that keeps recovery exact on this node: once `live`, the
-/// hub has been handed every publication of the channel after `last`, and
-/// every local session of the channel stands at or after `last` (it read
-/// history only after its subscribe returned, which was after `last` was
-/// read). So a publication at or before `last` is never needed here, and a
-/// reader's gap is always covered by its history read plus the hub.
+/// The invariant that keeps recovery exact on this node, so that a local
+/// session is sent a reset only when history cannot cover its gap, never
+/// because of a race between its history read and the pub/sub copy: once
+/// `live`, the hub has been handed every publication of the channel after
+/// `last`, and every local session of the channel stands at or after
+/// `last` (it read history only after its subscribe returned, which was
+/// after `last` was read). So a publication at or before `last` is never
+/// needed here, and a session's history read plus the hub cover every
+/// publication after its position.
 #[derive(Default)]
 struct Tracked {
     /// The newest publication handed to the hub, or the stream's position
