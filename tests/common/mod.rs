@@ -552,12 +552,15 @@ pub async fn get_raw(
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/third_party.rs` builds: either test reuses what the other built.
 pub mod node;
-pub mod realtime;
 pub mod redis;
 
 /// A WebSocket client of pushgate's realtime endpoint.
 pub type WsClient =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Clients of all three realtime transports that record what they are
+/// handed, for the exactness and chaos tests.
+pub mod realtime;
 
 /// How long a test waits for any one thing to happen.
 pub const PATIENCE: Duration = Duration::from_secs(15);
