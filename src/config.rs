@@ -547,6 +547,10 @@ pub struct UpstreamConfig {
     /// Peers whose `X-Forwarded-*` headers are believed and extended; from
     /// anyone else they are replaced, so a client cannot forge its address.
     pub trusted_proxies: Vec<String>,
+    /// More fields removed from the requests of clients outside
+    /// `trusted_proxies`, beside the built-in list (`proxy::UNTRUSTED`):
+    /// fields the app reads as the client's address or original URL.
+    pub untrusted_headers: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -557,6 +561,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: DEFAULT_UPSTREAM_POOL_IDLE_TIMEOUT,
             pool_max_idle: DEFAULT_UPSTREAM_POOL_MAX_IDLE,
             trusted_proxies: Vec::new(),
+            untrusted_headers: Vec::new(),
         }
     }
 }
@@ -1173,6 +1178,28 @@ impl Config {
             }
         }
 
+        for (index, name) in self.upstream.untrusted_headers.iter().enumerate() {
+            let key = format!("upstream.untrusted_headers[{index}]");
+            match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+                Err(_) => problem(
+                    &key,
+                    format!("`{name}` is not a header field name"),
+                    "write a field name such as X-Client-Address",
+                ),
+                Ok(field)
+                    if ["host", "content-length", "transfer-encoding"]
+                        .contains(&field.as_str()) =>
+                {
+                    problem(
+                        &key,
+                        format!("`{name}` frames or addresses every request and is never removed"),
+                        "list only fields that claim the client's address or original URL",
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => problem(
                 "tls.key",
@@ -1602,6 +1629,17 @@ impl Config {
             .trusted_proxies
             .iter()
             .filter_map(|entry| parse_network(entry))
+            .collect()
+    }
+}
+
+impl Config {
+    /// `upstream.untrusted_headers` as field names (validated).
+    pub fn untrusted_headers(&self) -> Vec<http::HeaderName> {
+        self.upstream
+            .untrusted_headers
+            .iter()
+            .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect()
     }
 }

@@ -10,22 +10,21 @@
 //! and a body that arrived whole with its head is handed on as it is, the
 //! connection back in the pool before the response leaves. Requests with a
 //! body streaming from a client, and upgrades, go through hyper's client
-//! (see `super::Proxy`); a small body pushgate wrote itself (the auth
-//! request's JSON) goes here, written with the head in one go.
+//! on the same pool's connections (see `super::streamed`); a small body
+//! pushgate wrote itself (the auth request's JSON) goes here, written with
+//! the head in one go.
 //!
 //! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
 //! chunked when it is the last transfer coding; else `Content-Length`; else
-//! until the app closes. A connection is reused only when its answer was
-//! complete, framed by length or chunks, not marked `close`, and nothing
-//! followed it.
+//! until the app closes. A connection goes back to the pool by the one rule
+//! of [`super::pool::Outcome`].
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -33,11 +32,10 @@ use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use smallvec::SmallVec;
-use thread_local::ThreadLocal;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::pool::{Conn, Outcome, Pool, Pools};
 use crate::body::{self, Body, BoxError};
 use crate::error::ProxyError;
 use crate::proxy::Added;
@@ -50,8 +48,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Longest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Room made in the read buffer before each read from the app.
-const READ_SIZE: usize = 16 * 1024;
 
 fn failed(cause: impl Into<BoxError>) -> ProxyError {
     ProxyError::UpstreamFailed(cause.into())
@@ -61,63 +57,36 @@ fn refused(cause: io::Error) -> ProxyError {
     ProxyError::UpstreamRefused(cause.into())
 }
 
-/// Sends requests to the app over kept-alive connections, a pool per
-/// thread: a request is written and answered on the thread that serves it,
-/// with no hand-off between threads. One for the whole server, shared by
-/// the proxy and the auth requests.
+/// Sends requests to the app over kept-alive connections (see
+/// [`super::pool`]). One for the whole server, shared by the proxy and the
+/// auth requests.
 #[derive(Clone)]
 pub struct AppClient {
-    authority: Authority,
-    /// The app's address when `authority` names an IP; else resolved per
-    /// connect, as the system resolver answers.
-    addr: Option<SocketAddr>,
     host: HeaderValue,
     pools: Arc<Pools>,
 }
 
-/// Each thread's pool, made when the thread first asks.
-struct Pools {
-    per_thread: ThreadLocal<Arc<Pool>>,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
 impl AppClient {
     pub fn new(authority: &Authority, max_idle: usize, idle_timeout: Duration) -> AppClient {
-        let port = authority.port_u16().unwrap_or(80);
-        let addr = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, port));
         AppClient {
-            authority: authority.clone(),
-            addr,
             host: HeaderValue::from_str(authority.as_str()).expect("an authority is header text"),
-            pools: Arc::new(Pools {
-                per_thread: ThreadLocal::new(),
-                max_idle,
-                idle_timeout,
-            }),
+            pools: Arc::new(Pools::new(authority, max_idle, idle_timeout)),
         }
     }
 
+    /// The app's `host:port`, the `Host` of a request that named none.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
     /// This thread's pool.
-    fn pool(&self) -> &Arc<Pool> {
-        let Pools {
-            per_thread,
-            max_idle,
-            idle_timeout,
-        } = &*self.pools;
-        per_thread.get_or(|| {
-            Arc::new(Pool {
-                idle: Mutex::new(Idle::default()),
-                max_idle: *max_idle,
-                idle_timeout: *idle_timeout,
-            })
-        })
+    pub(super) fn pool(&self) -> &Arc<Pool> {
+        self.pools.local()
+    }
+
+    /// A new connection to the app, never used before.
+    pub(super) async fn connect(&self) -> Result<Conn, ProxyError> {
+        self.pools.connect().await.map_err(refused)
     }
 
     /// A request without a body, encoded for [`AppClient::send_encoded`].
@@ -182,19 +151,6 @@ impl AppClient {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, ProxyError> {
-        let stream = match self.addr {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(self.authority.as_str()).await,
-        }
-        .map_err(refused)?;
-        stream.set_nodelay(true).map_err(refused)?;
-        Ok(Conn {
-            stream,
-            buf: BytesMut::new(),
-        })
-    }
-
     fn respond(
         &self,
         method: &Method,
@@ -213,12 +169,21 @@ impl AppClient {
         } else {
             framing
         };
-        let reuse = keep_alive && !matches!(framing, Framing::Close);
+        // Written whole by `exchange`; read whole once the framing is done.
+        let outcome = Outcome {
+            request_whole: true,
+            answer_whole: false,
+            keep_alive,
+        };
         let body = match framing {
             // The common case: the whole body came with the head.
             Framing::Length(len) if conn.buf.len() as u64 >= len => {
                 let data = conn.buf.split_to(len as usize).freeze();
-                self.pool().release(conn, reuse);
+                let answered = Outcome {
+                    answer_whole: true,
+                    ..outcome
+                };
+                self.pool().release(conn, answered);
                 drop(file);
                 if data.is_empty() {
                     body::empty()
@@ -229,7 +194,7 @@ impl AppClient {
             framing => body::stream(AppBody {
                 conn: Some(conn),
                 framing,
-                reuse,
+                outcome,
                 pool: Arc::clone(self.pool()),
                 file: Some(file),
             }),
@@ -300,32 +265,6 @@ fn put_field(buf: &mut Vec<u8>, name: &str, value: &HeaderValue) {
     buf.put_slice(b": ");
     buf.put_slice(value.as_bytes());
     buf.put_slice(b"\r\n");
-}
-
-/// One connection to the app and what has been read from it but not used.
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Conn {
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
-    }
-
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    /// Whether the app has closed (or written out of turn on) this idle
-    /// connection. Costs a system call only when the socket has news.
-    fn is_spent(&self) -> bool {
-        let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 /// How an exchange on one connection ended without an answer.
@@ -415,8 +354,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
         // length-first name comparisons, not from lookups in the map.
         let fields: &[httparse::Header<'_>] = answer.headers;
         let framing = framing(status, fields)?;
-        let keep_alive = answer.version == Some(1)
-            && !tokens(fields, "connection").any(|t| t.eq_ignore_ascii_case(b"close"));
+        let keep_alive = keeps_alive(answer.version.unwrap_or_default(), fields);
         let spans = Spans::of(buf, fields);
         let headers = spans.take(buf, len).map_err(failed)?;
         return Ok(Some(Head {
@@ -477,35 +415,57 @@ impl Spans {
     }
 }
 
-/// The values of the fields called `name` (lower case), in order.
-fn values<'a>(
-    fields: &'a [httparse::Header<'a>],
-    name: &'static str,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields
-        .iter()
-        .filter(move |field| field.name.eq_ignore_ascii_case(name))
-        .map(|field| field.value)
+/// An answer's header fields: the raw ones `httparse` found, or the map
+/// hyper's client made. Framing and keep-alive are read the same way from
+/// either.
+pub(super) trait Fields {
+    /// The values of the fields called `name` (lower case), in order.
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl Fields for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |field| field.name.eq_ignore_ascii_case(name))
+            .map(|field| field.value)
+    }
+}
+
+impl Fields for HeaderMap {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
 }
 
 /// The comma-separated elements of the fields called `name`, trimmed, the
 /// empty ones left out.
-fn tokens<'a>(
-    fields: &'a [httparse::Header<'a>],
+fn tokens<'a, F: Fields + ?Sized>(
+    fields: &'a F,
     name: &'static str,
 ) -> impl Iterator<Item = &'a [u8]> + 'a {
-    values(fields, name)
+    fields
+        .values(name)
         .flat_map(|value| value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|token| !token.is_empty())
 }
 
+/// Whether an answer in HTTP/1.`minor` with these fields lets its
+/// connection be kept: HTTP/1.1, and no `close` among the `Connection`
+/// tokens.
+pub(super) fn keeps_alive<F: Fields + ?Sized>(minor: u8, fields: &F) -> bool {
+    minor == 1 && !tokens(fields, "connection").any(|t| t.eq_ignore_ascii_case(b"close"))
+}
+
 /// How the body of an answer with `status` and these fields ends.
-fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framing, ProxyError> {
+pub(super) fn framing<F: Fields + ?Sized>(
+    status: StatusCode,
+    fields: &F,
+) -> Result<Framing, ProxyError> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
-    if values(fields, "transfer-encoding").next().is_some() {
+    if fields.values("transfer-encoding").next().is_some() {
         // Chunked only when it is the last coding; any other last coding
         // (or one that is not text) leaves the body to end at close.
         let last = tokens(fields, "transfer-encoding").last();
@@ -517,7 +477,7 @@ fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framin
         });
     }
     let mut length = None;
-    for value in values(fields, "content-length") {
+    for value in fields.values("content-length") {
         for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
@@ -540,7 +500,7 @@ fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framin
 
 /// How an answer's body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     /// After this many more bytes.
     Length(u64),
     /// At the last chunk.
@@ -551,7 +511,7 @@ enum Framing {
 
 /// Where a chunked body's reader stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub(super) enum Chunked {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk, with this many bytes left.
@@ -698,15 +658,18 @@ struct AppBody {
     /// `None` once the body has ended.
     conn: Option<Conn>,
     framing: Framing,
-    reuse: bool,
+    outcome: Outcome,
     pool: Arc<Pool>,
     file: Option<OwnedSemaphorePermit>,
 }
 
 impl AppBody {
+    /// Ends the body: the connection goes back by the rule, read whole
+    /// only when the framing says the answer is done.
     fn finish(&mut self) {
+        self.outcome.answer_whole = self.framing.is_done();
         if let Some(conn) = self.conn.take() {
-            self.pool.release(conn, self.reuse);
+            self.pool.release(conn, self.outcome);
         }
         self.file = None;
     }
@@ -729,7 +692,6 @@ impl http_body::Body for AppBody {
             let step = match this.framing.step(&mut conn.buf, eof) {
                 Ok(step) => step,
                 Err(err) => {
-                    this.reuse = false;
                     this.finish();
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -746,7 +708,6 @@ impl http_body::Body for AppBody {
                         Ok(0) => eof = true,
                         Ok(_) => {}
                         Err(err) => {
-                            this.reuse = false;
                             this.finish();
                             return Poll::Ready(Some(Err(err.into())));
                         }
@@ -771,76 +732,6 @@ impl http_body::Body for AppBody {
             (false, _) => SizeHint::with_exact(0),
             (true, Framing::Length(left)) => SizeHint::with_exact(left),
             (true, _) => SizeHint::default(),
-        }
-    }
-}
-
-/// Idle kept-alive connections to the app, the most recently used first
-/// out. A reaper task closes each as it passes `upstream.pool_idle_timeout`,
-/// while there are any.
-struct Pool {
-    idle: Mutex<Idle>,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
-#[derive(Default)]
-struct Idle {
-    conns: Vec<(Conn, Instant)>,
-    reaping: bool,
-}
-
-impl Pool {
-    fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.conns.pop() {
-            if now.duration_since(since) < self.idle_timeout && !conn.is_spent() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Takes back a connection whose answer has ended: kept when the answer
-    /// allowed it (`reuse`) and nothing followed the answer — bytes after
-    /// it answer nothing we sent — else closed.
-    fn release(self: &Arc<Self>, conn: Conn, reuse: bool) {
-        if !reuse || !conn.buf.is_empty() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.len() >= self.max_idle {
-            return;
-        }
-        idle.conns.push((conn, Instant::now()));
-        if !idle.reaping {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                idle.reaping = true;
-                runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
-            }
-        }
-    }
-}
-
-/// Closes idle connections as they pass `idle_timeout` (and any the app
-/// closed meanwhile), until the pool is empty or gone.
-async fn reap(pool: Weak<Pool>, idle_timeout: Duration) {
-    let mut next = Instant::now() + idle_timeout;
-    loop {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
-        let Some(pool) = pool.upgrade() else { return };
-        let now = Instant::now();
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.conns
-            .retain(|(conn, since)| now.duration_since(*since) < idle_timeout && !conn.is_spent());
-        // Checked in at the end, so the first is the oldest.
-        match idle.conns.first() {
-            Some((_, since)) => next = *since + idle_timeout,
-            None => {
-                idle.reaping = false;
-                return;
-            }
         }
     }
 }
