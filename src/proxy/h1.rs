@@ -857,6 +857,190 @@ mod tests {
         parse_head(&mut BytesMut::from(wire))
     }
 
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A field the answer might carry: framing and keep-alive fields in
+        /// any case, and others.
+        fn field() -> impl Strategy<Value = (String, String)> {
+            let name = prop_oneof![
+                Just("Content-Length".to_owned()),
+                Just("content-length".to_owned()),
+                Just("Transfer-Encoding".to_owned()),
+                Just("TRANSFER-ENCODING".to_owned()),
+                Just("Connection".to_owned()),
+                "[Xx]-[a-z]{1,8}",
+            ];
+            let value = prop_oneof![
+                (0u64..100_000).prop_map(|n| n.to_string()),
+                Just("chunked".to_owned()),
+                Just("gzip, chunked".to_owned()),
+                Just("chunked, gzip".to_owned()),
+                Just("close".to_owned()),
+                Just("keep-alive".to_owned()),
+                "[ -~]{0,20}".prop_map(|v| v.trim().to_owned()),
+            ];
+            (name, value)
+        }
+
+        /// What RFC 9112 §6.3 says an answer's body is framed by, read
+        /// from the fields independently of the parser.
+        fn expected_framing(status: u16, fields: &[(String, String)]) -> Option<Framing> {
+            if status == 204 || status == 304 {
+                return Some(Framing::Length(0));
+            }
+            let of = |name: &'static str| {
+                fields
+                    .iter()
+                    .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+            };
+            if of("transfer-encoding").next().is_some() {
+                let last = of("transfer-encoding")
+                    .flat_map(|v| v.split(','))
+                    .map(str::trim)
+                    .rfind(|t| !t.is_empty());
+                return Some(match last {
+                    Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::Size),
+                    _ => Framing::Close,
+                });
+            }
+            let lengths: Vec<&str> = of("content-length")
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect();
+            if lengths.is_empty() {
+                return Some(Framing::Close);
+            }
+            let first: u64 = lengths[0]
+                .parse()
+                .ok()
+                .filter(|_| lengths[0].bytes().all(|b| b.is_ascii_digit()))?;
+            lengths
+                .iter()
+                .all(|l| l.parse() == Ok(first) && l.bytes().all(|b| b.is_ascii_digit()))
+                .then_some(Framing::Length(first))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Rule: no bytes from the app make the head parser panic; it
+            /// answers a head, "more", or an error.
+            #[test]
+            fn prop_any_bytes_leave_the_head_parser_standing(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let mut buf = BytesMut::from(&bytes[..]);
+                let _ = parse_head(&mut buf);
+                let mut prefixed = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+                prefixed.extend_from_slice(&bytes);
+                let _ = parse_head(&mut prefixed);
+            }
+
+            /// Rule: an answer head is read with every field kept in order,
+            /// and framed exactly as RFC 9112 §6.3 says; an invalid length is
+            /// an error, never a guess.
+            #[test]
+            fn prop_answer_heads_keep_their_fields_and_frame_by_the_rfc(
+                status in prop_oneof![200u16..=299, 300u16..=599],
+                fields in proptest::collection::vec(field(), 0..8),
+                minor in 0u8..=1,
+            ) {
+                let mut wire = format!("HTTP/1.{minor} {status} Whatever\r\n");
+                for (name, value) in &fields {
+                    wire.push_str(&format!("{name}: {value}\r\n"));
+                }
+                wire.push_str("\r\nbody");
+                let mut buf = BytesMut::from(wire.as_str());
+                let parsed = parse_head(&mut buf);
+                match expected_framing(status, &fields) {
+                    None => prop_assert!(parsed.is_err()),
+                    Some(framing) => {
+                        let head = parsed.unwrap().unwrap();
+                        prop_assert_eq!(head.framing, framing);
+                        prop_assert_eq!(&buf[..], b"body");
+                        let close = fields.iter().any(|(n, v)| n.eq_ignore_ascii_case("connection")
+                            && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+                        prop_assert_eq!(head.keep_alive, minor == 1 && !close);
+                        for (name, value) in &fields {
+                            let kept: Vec<&[u8]> = head.headers.get_all(name.as_str()).iter().map(HeaderValue::as_bytes).collect();
+                            prop_assert!(kept.contains(&value.as_bytes()), "{} lost", name);
+                        }
+                        prop_assert_eq!(head.headers.len(), fields.len());
+                    }
+                }
+            }
+
+            /// Rule: a chunked body decodes to exactly its bytes, however it
+            /// is cut into chunks, whatever extensions and trailers it
+            /// carries, and wherever the reads split it; nothing after the
+            /// last chunk is taken.
+            #[test]
+            fn prop_chunked_bodies_decode_whatever_the_cuts(
+                body in proptest::collection::vec(any::<u8>(), 0..2048),
+                cuts in proptest::collection::vec(1usize..300, 1..20),
+                extension in prop_oneof![Just(""), Just(";a=b"), Just(" ; x=\"y\"")],
+                trailer in prop_oneof![Just(""), Just("X-Sum: 1\r\n")],
+                reads in proptest::collection::vec(1usize..64, 1..50),
+            ) {
+                let mut wire = Vec::new();
+                let mut rest = &body[..];
+                let mut cut = cuts.iter().cycle();
+                while !rest.is_empty() {
+                    let take = (*cut.next().unwrap()).min(rest.len());
+                    wire.extend_from_slice(format!("{take:X}{extension}\r\n").as_bytes());
+                    wire.extend_from_slice(&rest[..take]);
+                    wire.extend_from_slice(b"\r\n");
+                    rest = &rest[take..];
+                }
+                wire.extend_from_slice(format!("0{extension}\r\n{trailer}\r\n").as_bytes());
+                wire.extend_from_slice(b"HTTP/1.1 next");
+
+                let mut framing = Framing::Chunked(Chunked::Size);
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                let mut read = reads.iter().cycle();
+                let mut got = Vec::new();
+                let mut trailers = None;
+                loop {
+                    match framing.step(&mut buf, false).unwrap() {
+                        Step::Data(data) => got.extend_from_slice(&data),
+                        Step::Trailers(t) => trailers = Some(t),
+                        Step::End => break,
+                        Step::More => {
+                            prop_assert!(fed < wire.len(), "wanted more after the whole body");
+                            let n = (*read.next().unwrap()).min(wire.len() - fed);
+                            buf.extend_from_slice(&wire[fed..fed + n]);
+                            fed += n;
+                        }
+                    }
+                }
+                prop_assert_eq!(got, body);
+                prop_assert_eq!(trailers.is_some(), !trailer.is_empty());
+                let mut left = buf.to_vec();
+                left.extend_from_slice(&wire[fed..]);
+                prop_assert_eq!(&left[..], b"HTTP/1.1 next");
+            }
+
+            /// Rule: no bytes make the chunked decoder panic or loop; each
+            /// step takes bytes, ends, errs, or asks for more.
+            #[test]
+            fn prop_any_bytes_leave_the_chunked_decoder_standing(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                eof in any::<bool>(),
+            ) {
+                let mut framing = Framing::Chunked(Chunked::Size);
+                let mut buf = BytesMut::from(&bytes[..]);
+                for _ in 0..=bytes.len() + 2 {
+                    match framing.step(&mut buf, eof) {
+                        Ok(Step::End) | Ok(Step::More) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn answer_heads_give_status_fields_framing_and_keep_alive() {
         let parsed = head("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok")

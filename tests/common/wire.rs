@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::PATIENCE;
@@ -33,15 +34,19 @@ impl Answer {
 
 /// An HTTP/1.1 connection that reads answers as framed.
 pub struct Http1 {
-    pub stream: TcpStream,
+    reader: OwnedReadHalf,
+    /// `None` once taken to write from elsewhere.
+    writer: Option<OwnedWriteHalf>,
     buf: Vec<u8>,
     closed: bool,
 }
 
 impl Http1 {
     pub async fn connect(addr: SocketAddr) -> Http1 {
+        let (reader, writer) = TcpStream::connect(addr).await.unwrap().into_split();
         Http1 {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            reader,
+            writer: Some(writer),
             buf: Vec::new(),
             closed: false,
         }
@@ -50,7 +55,13 @@ impl Http1 {
     pub async fn send(&mut self, bytes: &[u8]) {
         // The server may have answered and closed before the whole of a
         // refused request was written: that is an answer, not a failure.
-        let _ = self.stream.write_all(bytes).await;
+        let writer = self.writer.as_mut().expect("the writer is here");
+        let _ = writer.write_all(bytes).await;
+    }
+
+    /// The writing half, to write while this reads.
+    pub fn take_writer(&mut self) -> OwnedWriteHalf {
+        self.writer.take().expect("the writer is here")
     }
 
     /// Reads more bytes; false when the server closed.
@@ -59,7 +70,7 @@ impl Http1 {
             return Ok(false);
         }
         let mut chunk = [0u8; 16 * 1024];
-        match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+        match tokio::time::timeout_at(deadline, self.reader.read(&mut chunk)).await {
             Err(_) => Err(format!(
                 "no answer in time; read so far: {:?}",
                 String::from_utf8_lossy(&self.buf)

@@ -1038,3 +1038,124 @@ async fn no_http2_shape_desyncs_pushgate_from_the_app() {
         failures.join("\n")
     );
 }
+
+/// `full` under `PUSHGATE_SUITE_SIZE=full` (integration/adversarial.sh),
+/// else the size that fits CI.
+fn full_size() -> bool {
+    std::env::var("PUSHGATE_SUITE_SIZE").is_ok_and(|size| size == "full")
+}
+
+/// Many slow clients at once (slowloris: heads dripped a byte at a time,
+/// and uploads that stop) hold no connection past their deadlines, and
+/// the app's ordinary traffic goes on meanwhile.
+#[tokio::test]
+async fn slow_clients_by_the_hundred_are_cut_off_while_others_are_served() {
+    let app = RecordingApp::start().await;
+    let pushgate = Pushgate::start(
+        &app.url(),
+        "limits: {header_timeout: 1s, body_timeout: 1s}\n",
+    )
+    .await;
+    let slow = if full_size() { 4000 } else { 200 };
+    let mut drips = tokio::task::JoinSet::new();
+    for i in 0..slow {
+        let addr = pushgate.addr;
+        drips.spawn(async move {
+            let mut conn = Http1::connect(addr).await;
+            if i % 2 == 0 {
+                conn.send(b"GET /slow HTTP/1.1\r\nHost: app\r\nX-Drip: ")
+                    .await;
+            } else {
+                conn.send(b"POST /slow HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n\r\nabc")
+                    .await;
+            }
+            // A byte every 300 ms keeps a head going but never ends it;
+            // the upload stops outright.
+            let started = tokio::time::Instant::now();
+            loop {
+                if i % 2 == 0 {
+                    conn.send(b"x").await;
+                }
+                if conn.closes_within(Duration::from_millis(300)).await {
+                    return started.elapsed();
+                }
+                if started.elapsed() > PATIENCE {
+                    panic!("a slow client was never cut off");
+                }
+            }
+        });
+    }
+    // Ordinary requests while the slow ones drip.
+    for round in 0..20 {
+        let mut conn = Http1::connect(pushgate.addr).await;
+        conn.send(format!("GET /ok/{round} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await;
+        let answer = conn.answer(false).await.unwrap().unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(answer.text().contains(&format!("target=/ok/{round}")));
+    }
+    let mut longest = Duration::ZERO;
+    while let Some(held) = drips.join_next().await {
+        longest = longest.max(held.unwrap());
+    }
+    assert!(longest < Duration::from_secs(5), "held for {longest:?}");
+}
+
+/// A flood of pipelined requests on one connection is answered one by one,
+/// in order, each its own answer: pushgate reads a client no faster than it
+/// answers it, so the flood waits in the client's socket, not in memory.
+#[tokio::test]
+async fn a_pipelined_flood_is_answered_in_order() {
+    let app = RecordingApp::start().await;
+    let pushgate = pushgate(&app).await;
+    let count = if full_size() { 20_000 } else { 1_000 };
+    let mut conn = Http1::connect(pushgate.addr).await;
+    let mut writer = conn.take_writer();
+    let writing = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut batch = String::new();
+        for i in 0..count {
+            batch.push_str(&format!("GET /flood/{i} HTTP/1.1\r\nHost: app\r\n\r\n"));
+            if batch.len() > 64 * 1024 {
+                writer.write_all(batch.as_bytes()).await.unwrap();
+                batch.clear();
+            }
+        }
+        writer.write_all(batch.as_bytes()).await.unwrap();
+        writer
+    });
+    for i in 0..count {
+        let answer = conn.answer(false).await.unwrap().expect("an answer");
+        assert_eq!(answer.status, 200);
+        assert!(
+            answer.text().contains(&format!("target=/flood/{i} ")),
+            "answer {i}: {}",
+            answer.text()
+        );
+    }
+    drop(writing.await.unwrap());
+    assert_eq!(attackers(&app).len(), count);
+    assert!(victims(pushgate.addr, &app).await.is_empty());
+}
+
+/// Connections opened and dropped as fast as a client can, some mid-head,
+/// some mid-upload: the server stays up and serves the next client.
+#[tokio::test]
+async fn a_flood_of_abandoned_connections_leaves_pushgate_serving() {
+    let app = RecordingApp::start().await;
+    let pushgate = pushgate(&app).await;
+    let count = if full_size() { 20_000 } else { 1_000 };
+    let shapes: [&[u8]; 4] = [
+        b"",
+        b"GET /a HTTP/1.1\r\nHost: a",
+        b"POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nab",
+        b"GET /a HTTP/1.1\r\nHost: app\r\n\r\n",
+    ];
+    for i in 0..count {
+        let mut conn = Http1::connect(pushgate.addr).await;
+        conn.send(shapes[i % shapes.len()]).await;
+        drop(conn);
+    }
+    assert!(victims(pushgate.addr, &app).await.is_empty());
+    assert!(rule_broken(&app, &case("flood", "", Expect::Either)).is_empty());
+}
