@@ -472,6 +472,24 @@ fn http1_cases() -> Vec<Case> {
             Refused(431),
         ),
     ];
+    // pushgate's own paths keep the same rules.
+    cases.extend([
+        case(
+            "realtime: two Host fields",
+            "GET /realtime/sse?channel=a HTTP/1.1\r\nHost: app\r\nHost: evil\r\n\r\n",
+            Refused(400),
+        ),
+        case(
+            "realtime: HTTP/1.1 without Host",
+            "GET /realtime/poll?channel=a HTTP/1.1\r\n\r\n",
+            Refused(400),
+        ),
+        case(
+            "realtime: upgrade with a body",
+            format!("GET /realtime/ws HTTP/1.1\r\nHost: app\r\n{WS}Content-Length: {smuggled_len}\r\n\r\n{SMUGGLED}"),
+            Refused(400),
+        ),
+    ]);
     let mut head = case(
         "HEAD with a body",
         "HEAD /a HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello",
@@ -728,7 +746,7 @@ async fn no_http1_shape_desyncs_pushgate_from_the_app() {
     let app = RecordingApp::start().await;
     let pushgate = pushgate(&app).await;
     let cases = http1_cases();
-    assert!(cases.len() >= 60, "the battery has {} shapes", cases.len());
+    assert!(cases.len() >= 80, "the battery has {} shapes", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let broken = play(case, pushgate.addr, &app).await;

@@ -46,6 +46,16 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// The answer to a request to one of pushgate's own paths that breaks the
+/// rules every request on the public listener keeps ([`request::admit`]):
+/// the realtime paths read `Host` as the proxy does.
+pub fn refusal(request: &Request<Incoming>) -> Option<Response<Body>> {
+    let upgrade = request::websocket_upgrade(request).is_some();
+    let has_body = !request.body().is_end_stream();
+    let refused = request::admit(request, upgrade, has_body).err()?;
+    Some(ProxyError::BadRequest(refused).into_response())
+}
+
 /// Where the app lives: `http://host:port`.
 #[derive(Debug, Clone)]
 pub struct Upstream {

@@ -528,11 +528,13 @@ impl Origins {
             return OriginCheck::Refused;
         };
         let allowed = if self.patterns.is_empty() {
-            // HTTP/2 carries the host in `:authority`, not a header.
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| request.uri().authority().map(|a| a.as_str()));
+            // The host as the proxy reads it: a target's authority (HTTP/2's
+            // `:authority`, an absolute-form target) before `Host`.
+            let host = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
             let origin_host = text.split_once("://").map(|(_, rest)| rest);
             matches!((host, origin_host), (Some(host), Some(origin_host)) if host.eq_ignore_ascii_case(origin_host))
         } else {
