@@ -173,7 +173,17 @@ fn http1_cases() -> Vec<Case> {
         case(
             "cl list of one value",
             "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello",
-            Either,
+            Refused(400),
+        ),
+        case(
+            "cl list of zeros on a GET",
+            "GET /a HTTP/1.1\r\nHost: app\r\nContent-Length: 0, 0\r\n\r\n",
+            Refused(400),
+        ),
+        case(
+            "cl in zeros on a POST",
+            "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 000\r\n\r\n",
+            Forwarded(&[("/a", b"")]),
         ),
         case(
             "cl plus sign",

@@ -235,11 +235,14 @@ fn encode_request(
     if !headers.contains_key(header::HOST) && !added.iter().any(|(name, _)| name == header::HOST) {
         put_field(&mut buf, header::HOST.as_str(), default_host);
     }
-    let frames_it = |name: &HeaderName| {
-        body.is_some() && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING)
-    };
+    // The framing the app reads is written here, never copied from the
+    // client: `headers` may carry a length in any form hyper accepted
+    // (`0, 0`, `00`) that the app might read otherwise.
+    let mut had_length = false;
     for (name, value) in headers.iter().chain(added.iter()) {
-        if !frames_it(name) {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            had_length = true;
+        } else {
             put_field(&mut buf, name.as_str(), value);
         }
     }
@@ -249,9 +252,10 @@ fn encode_request(
             buf.put_slice(body);
         }
         None => {
-            // A method that expects a body is told plainly that this one has none.
+            // A method that expects a body, or a request that gave a
+            // length, is told plainly that this one has none.
             let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(method);
-            if expects_body && !headers.contains_key(header::CONTENT_LENGTH) {
+            if expects_body || had_length {
                 buf.put_slice(b"content-length: 0\r\n");
             }
             buf.put_slice(b"\r\n");
@@ -1198,6 +1202,21 @@ mod tests {
         assert_eq!(
             post,
             "POST / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
+        );
+        // A length in any form hyper took is written as pushgate's own.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0, 00"));
+        let get = String::from_utf8(encode_request(
+            &Method::GET,
+            "/",
+            &headers,
+            &Added::default(),
+            &host,
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            get,
+            "GET / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
         );
     }
 
