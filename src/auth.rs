@@ -484,6 +484,9 @@ pub struct KeyProblem {
 pub struct JwtKeys {
     source: KeySource,
     validation: jsonwebtoken::Validation,
+    /// Whether `auth.jwt.audience` is set, to tell a token for another
+    /// audience from a token that names one where none is expected.
+    audience: bool,
 }
 
 /// Where the verification key comes from.
@@ -506,6 +509,18 @@ impl JwtKeys {
                 fix: "check the path and that pushgate's user may read it".into(),
             })
         };
+        for (key, value) in [
+            ("auth.jwt.audience", &config.audience),
+            ("auth.jwt.issuer", &config.issuer),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(KeyProblem {
+                    key,
+                    why: "is empty, which no token's claim can match".into(),
+                    fix: "give the value tokens carry, or null to not check the claim".into(),
+                });
+            }
+        }
         let (algorithm, key) = match config.algorithm {
             JwtAlgorithm::HS256 => {
                 if config.jwks_url.is_some() {
@@ -593,9 +608,26 @@ impl JwtKeys {
 
     fn new(source: KeySource, algorithm: jsonwebtoken::Algorithm, config: &JwtConfig) -> JwtKeys {
         let mut validation = jsonwebtoken::Validation::new(algorithm);
+        // The same leeway for `exp` and `nbf`: clocks drift both ways.
         validation.leeway = config.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        JwtKeys { source, validation }
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        // A configured audience or issuer must be in the token: the library
+        // checks these claims only when they are present.
+        if let Some(audience) = &config.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        JwtKeys {
+            source,
+            validation,
+            audience: config.audience.is_some(),
+        }
     }
 
     /// The key for `token`: the fixed one, or the JWKS key its `kid` names.
@@ -663,19 +695,51 @@ struct JwtAuth {
     stats: Mutex<AuthStats>,
 }
 
-/// The claims pushgate reads.
+/// The claims pushgate reads, as loose JSON: a claim of the wrong type is
+/// refused with its name ([`JwtAuth::verify`]), never as "malformed".
 #[derive(Deserialize)]
 struct Claims {
-    /// Optional here so that a missing claim is named, not "malformed";
-    /// the validation requires both.
     #[serde(default)]
-    sub: Option<String>,
+    sub: Option<serde_json::Value>,
     #[serde(default)]
-    exp: Option<u64>,
+    exp: Option<serde_json::Value>,
     #[serde(default)]
-    channels: Vec<String>,
+    nbf: Option<serde_json::Value>,
+    #[serde(default)]
+    channels: Option<serde_json::Value>,
     #[serde(default)]
     info: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// A NumericDate (RFC 7519): seconds since the epoch, possibly fractional.
+fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+            .map(|seconds| seconds as u64)
+    })
+}
+
+/// Refuses a token whose header lists critical extensions (`crit`, RFC
+/// 7515 §4.1.11): the recipient must understand every one of them or refuse
+/// the token, and pushgate implements none. The header is read here
+/// because the JWT library ignores header fields it does not know.
+fn check_header(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let malformed = || "the token is malformed: its header is not base64url JSON".to_owned();
+    let (header, _) = token.split_once('.').ok_or_else(malformed)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| malformed())?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| malformed())?;
+    if header.contains_key("crit") {
+        return Err(
+            "the token has a critical header extension pushgate does not support (crit)".into(),
+        );
+    }
+    Ok(())
 }
 
 impl JwtAuth {
@@ -752,35 +816,82 @@ impl JwtAuth {
             .map(|(_, value)| value.into_owned())
     }
 
+    /// The grant a token carries, or why it is refused. Every refusal of a
+    /// well-formed token names the claim or header that failed, in
+    /// parentheses; "malformed" is only for a token that is not three
+    /// base64url parts of JSON.
     fn verify(&self, token: &str) -> Result<Grant, KeyMissOr> {
         use jsonwebtoken::errors::ErrorKind;
         let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        check_header(token).map_err(|why| refused(&why))?;
         let key = self.keys.key_for(token).map_err(KeyMissOr::Miss)?;
         let data =
             jsonwebtoken::decode::<Claims>(token, &key, &self.keys.validation).map_err(|err| {
                 match err.kind() {
-                    ErrorKind::ExpiredSignature => refused("the token expired"),
+                    ErrorKind::ExpiredSignature => refused("the token expired (exp)"),
+                    ErrorKind::ImmatureSignature => refused("the token is not valid yet (nbf)"),
+                    ErrorKind::InvalidAudience if self.keys.audience => {
+                        refused("the token is for another audience (aud)")
+                    }
+                    ErrorKind::InvalidAudience => refused(
+                        "the token names an audience, and pushgate expects none: \
+                         set auth.jwt.audience to accept it (aud)",
+                    ),
+                    ErrorKind::InvalidIssuer => refused("the token is from another issuer (iss)"),
                     ErrorKind::InvalidSignature => refused("the token's signature is invalid"),
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                        refused("the token is not signed with the expected algorithm")
+                        refused("the token is not signed with the expected algorithm (alg)")
                     }
                     ErrorKind::MissingRequiredClaim(claim) => {
-                        refused(&format!("the token has no `{claim}` claim"))
+                        refused(&format!("the token has no `{claim}` claim ({claim})"))
                     }
                     _ => refused("the token is malformed"),
                 }
             })?;
         let claims = data.claims;
         let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
-            return Err(refused("the token has no `sub` or no `exp` claim").into());
+            return Err(refused("the token has no `sub` or no `exp` claim (sub, exp)").into());
         };
-        if sub.is_empty() || sub.len() > 256 {
-            return Err(refused("the token's `sub` must be 1 to 256 bytes").into());
+        let Some(sub) = sub
+            .as_str()
+            .filter(|sub| !sub.is_empty() && sub.len() <= 256)
+        else {
+            return Err(
+                refused("the token's `sub` must be a string of 1 to 256 bytes (sub)").into(),
+            );
+        };
+        let Some(exp) = numeric_date(&exp) else {
+            return Err(refused("the token's `exp` is not a number of seconds (exp)").into());
+        };
+        // The library checks a numeric `nbf` and skips any other.
+        if claims
+            .nbf
+            .is_some_and(|nbf| !nbf.is_null() && numeric_date(&nbf).is_none())
+        {
+            return Err(refused("the token's `nbf` is not a number of seconds (nbf)").into());
         }
+        let channels = match claims.channels {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    serde_json::Value::String(channel) => Ok(channel),
+                    _ => Err(()),
+                })
+                .collect::<Result<_, ()>>()
+                .map_err(|()| {
+                    refused("the token's `channels` must be a list of strings (channels)")
+                })?,
+            Some(_) => {
+                return Err(
+                    refused("the token's `channels` must be a list of strings (channels)").into(),
+                )
+            }
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut grant = grant_from(sub, claims.channels, None, claims.info);
+        let mut grant = grant_from(sub.to_owned(), channels, None, claims.info);
         // Capped like expires_in: an absurd exp must not overflow an Instant.
         let left = exp.saturating_sub(now).min(MAX_GRANT_SECONDS);
         grant.expires_at = Some(Instant::now() + Duration::from_secs(left));
