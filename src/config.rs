@@ -413,12 +413,12 @@ pub enum AuthMode {
 pub struct UpstreamAuthConfig {
     /// `POST <upstream.url><path>` before each realtime connection.
     pub path: String,
-    /// Client headers passed to the app (lower case), and the cache key.
+    /// Client headers passed to the app (lower case).
     pub forward_headers: Vec<String>,
     /// No answer within this long: the connection is refused with 503 (1013).
     #[serde(with = "duration")]
     pub timeout: Duration,
-    /// How long a grant is reused for the same forwarded headers; 0: never.
+    /// How long a grant is reused for the same auth request; 0: never.
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
     /// Most grants cached at once.
