@@ -339,7 +339,7 @@ impl Publication {
         let (hash, position) = cursor.sole()?;
         let sole = self.sse_sole_id.get_or_init(|| {
             let mut alone = Cursor::new();
-            alone.set(self.channel.as_str(), self.position);
+            alone.set(&self.channel, self.position);
             let mut line = String::from("id: ");
             alone.encode_into(&mut line);
             line.push_str("\n\n");
@@ -486,7 +486,7 @@ mod tests {
             1,
         );
         let mut alone = Cursor::new();
-        alone.set("chat:1", position(7));
+        alone.set(&ChannelName::parse("chat:1").unwrap(), position(7));
         let line = publication
             .sse_sole_id(&alone)
             .expect("one channel, at this position");
@@ -496,13 +496,13 @@ mod tests {
         assert_eq!(again.as_ptr(), line.as_ptr());
 
         let mut elsewhere = Cursor::new();
-        elsewhere.set("chat:1", position(6));
+        elsewhere.set(&ChannelName::parse("chat:1").unwrap(), position(6));
         assert!(publication.sse_sole_id(&elsewhere).is_none());
         let mut two = alone.clone();
-        two.set("news", position(3));
+        two.set(&ChannelName::parse("news").unwrap(), position(3));
         assert!(publication.sse_sole_id(&two).is_none());
         let mut other = Cursor::new();
-        other.set("chat:2", position(7));
+        other.set(&ChannelName::parse("chat:2").unwrap(), position(7));
         assert!(publication.sse_sole_id(&other).is_none());
     }
 
