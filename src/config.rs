@@ -358,9 +358,14 @@ pub struct JwtConfig {
     /// A query parameter that may carry the token (browsers cannot set
     /// headers on a WebSocket).
     pub query_param: String,
-    /// Clock skew allowed when checking `exp`.
+    /// Clock skew allowed when checking `exp` and `nbf`.
     #[serde(with = "duration")]
     pub leeway: Duration,
+    /// When set, a token's `aud` must name it; when not, a token that
+    /// names any audience is refused.
+    pub audience: Option<String>,
+    /// When set, a token's `iss` must be it.
+    pub issuer: Option<String>,
 }
 
 impl Default for JwtConfig {
@@ -377,6 +382,8 @@ impl Default for JwtConfig {
             cookie: None,
             query_param: DEFAULT_JWT_QUERY_PARAM.to_owned(),
             leeway: DEFAULT_JWT_LEEWAY,
+            audience: None,
+            issuer: None,
         }
     }
 }
@@ -406,12 +413,12 @@ pub enum AuthMode {
 pub struct UpstreamAuthConfig {
     /// `POST <upstream.url><path>` before each realtime connection.
     pub path: String,
-    /// Client headers passed to the app (lower case), and the cache key.
+    /// Client headers passed to the app (lower case).
     pub forward_headers: Vec<String>,
     /// No answer within this long: the connection is refused with 503 (1013).
     #[serde(with = "duration")]
     pub timeout: Duration,
-    /// How long a grant is reused for the same forwarded headers; 0: never.
+    /// How long a grant is reused for the same auth request; 0: never.
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
     /// Most grants cached at once.
@@ -1766,6 +1773,50 @@ mod tests {
         );
         assert_eq!(config.limits.max_headers, 50);
         assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
+        let jwt = "auth:\n  mode: jwt\n  jwt:\n    secret: an-hs256-secret-of-at-least-32-bytes!\n";
+        let config = from_yaml(&format!("{KEYS}{jwt}"), "test.yaml", NO_ENV).unwrap();
+        assert_eq!(config.auth.jwt.audience, None);
+        assert_eq!(config.auth.jwt.issuer, None);
+        let config = from_yaml(
+            &format!("{KEYS}{jwt}    audience: pushgate\n    issuer: https://id.example\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(config.auth.jwt.audience.as_deref(), Some("pushgate"));
+        assert_eq!(
+            config.auth.jwt.issuer.as_deref(),
+            Some("https://id.example")
+        );
+        // The environment wins, and keeps a value that looks like a number
+        // as text.
+        let env = [
+            ("PUSHGATE_AUTH__JWT__AUDIENCE", "12345"),
+            ("PUSHGATE_AUTH__JWT__ISSUER", "https://other.example"),
+        ];
+        let config = from_yaml(
+            &format!("{KEYS}{jwt}    audience: pushgate\n"),
+            "test.yaml",
+            env,
+        )
+        .unwrap();
+        assert_eq!(config.auth.jwt.audience.as_deref(), Some("12345"));
+        assert_eq!(
+            config.auth.jwt.issuer.as_deref(),
+            Some("https://other.example")
+        );
+        // An empty value could match no token: a problem with the key.
+        let err = from_yaml(
+            &format!("{KEYS}{jwt}    audience: \"\"\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap_err();
+        assert_eq!(keys(&err), ["auth.jwt.audience"]);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
 use crate::broker::Broker;
 use crate::config::{Config, RealtimeConfig};
-use crate::cursor::Cursor;
+use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::ApiError;
 use crate::hub::{Hub, QueueLimits};
 use crate::message::ChannelName;
@@ -711,7 +711,7 @@ impl RealtimeQuery {
 }
 
 /// Parses a cursor from a client, as a 400 with the codec's reason.
-fn parse_cursor(text: &str) -> Result<Cursor, ApiError> {
+fn parse_cursor(text: &str) -> Result<DecodedCursor, ApiError> {
     Cursor::decode(text).map_err(|err| ApiError::bad_request(err.code(), format!("cursor: {err}")))
 }
 
