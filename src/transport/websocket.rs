@@ -677,8 +677,8 @@ impl Connection {
                         ));
                     }
                     let id = serde_json::from_str::<Value>(text.as_str())
-                        .map(|command| command_id(&command))
-                        .unwrap_or(Value::Null);
+                        .map(|command| Id::of(text.as_str(), &command))
+                        .unwrap_or_default();
                     let error = ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limited",
@@ -693,7 +693,7 @@ impl Connection {
                     "binary_not_supported",
                     "send commands as JSON text frames",
                 );
-                self.write(Message::text(error_reply(&Value::Null, &error)))
+                self.write(Message::text(error_reply(&Id::default(), &error)))
                     .await
             }
             // tungstenite answers pings itself (on the next write or flush).
@@ -711,10 +711,8 @@ impl Connection {
         };
         match result {
             Ok(Reply { result, replay }) => {
-                self.write(Message::text(
-                    json!({ "id": id, "result": result }).to_string(),
-                ))
-                .await?;
+                self.write(Message::text(result_reply(&id, &result)))
+                    .await?;
                 for channel in replay.left {
                     let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
                     self.feed(Message::text(push)).await?;
@@ -802,15 +800,15 @@ enum Command {
 /// either way with the id to answer under (null when the frame has no
 /// usable one). Any text gives one or the other: JSON nested deeper than
 /// serde_json's limit (128) is refused as `bad_json`, not recursed into.
-fn parse_command(text: &str) -> (Value, Result<Command, ApiError>) {
+fn parse_command(text: &str) -> (Id, Result<Command, ApiError>) {
     let command = match serde_json::from_str::<Value>(text) {
         Ok(command) => command,
         Err(err) => {
             let error = ApiError::bad_request("bad_json", format!("invalid JSON: {err}"));
-            return (Value::Null, Err(error));
+            return (Id::default(), Err(error));
         }
     };
-    let id = command_id(&command);
+    let id = Id::of(text, &command);
     if id.is_null() {
         let error = ApiError::bad_request(
             "bad_command",
@@ -901,18 +899,60 @@ impl Reply {
     }
 }
 
-/// A command's `id` when it is a number or a string (echoed in the reply),
-/// else null.
-fn command_id(command: &Value) -> Value {
-    command
-        .get("id")
-        .filter(|id| id.is_number() || id.is_string())
-        .cloned()
-        .unwrap_or(Value::Null)
+/// A command's `id`, as JSON text to answer under: the client's number or
+/// string, else null.
+///
+/// A client matches a reply by the id it sent, so the id goes back exactly
+/// as written. An integer or a string survives serde_json's reading as it
+/// is; any other number is taken from the frame's text, because serde_json
+/// reads it only to a nearby f64 (off by an ulp or so) and the client would
+/// not recognise the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Id(Box<str>);
+
+impl Default for Id {
+    fn default() -> Id {
+        Id("null".into())
+    }
 }
 
-fn error_reply(id: &Value, error: &ApiError) -> String {
-    json!({ "id": id, "error": error.body() }).to_string()
+impl Id {
+    /// The id of `command`, which was read from `text`.
+    fn of(text: &str, command: &Value) -> Id {
+        match command.get("id") {
+            Some(Value::Number(number)) if number.is_f64() => {
+                /// The id's text, where the frame holds one `id`.
+                #[derive(serde::Deserialize)]
+                struct Written<'a> {
+                    #[serde(borrow)]
+                    id: &'a serde_json::value::RawValue,
+                }
+                let written = serde_json::from_str::<Written>(text)
+                    .map(|written| written.id.get().trim().into());
+                Id(written.unwrap_or_else(|_| number.to_string().into()))
+            }
+            Some(id @ (Value::Number(_) | Value::String(_))) => Id(id.to_string().into()),
+            _ => Id::default(),
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        &*self.0 == "null"
+    }
+}
+
+impl std::fmt::Display for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn result_reply(id: &Id, result: &Value) -> String {
+    format!(r#"{{"id":{id},"result":{result}}}"#)
+}
+
+fn error_reply(id: &Id, error: &ApiError) -> String {
+    format!(r#"{{"id":{id},"error":{}}}"#, error.body())
 }
 
 fn reset_push(channel: &ChannelName, position: Position) -> String {
@@ -1022,6 +1062,31 @@ mod tests {
         assert_eq!(u16::from(frame.code), 4008);
     }
 
+    #[test]
+    fn an_id_is_answered_exactly_as_written() {
+        for (text, id) in [
+            (
+                r#"{"id": 2.1631291219746346e-75, "op": "ping"}"#,
+                "2.1631291219746346e-75",
+            ),
+            (r#"{"id": 1.50, "op": "ping"}"#, "1.50"),
+            (r#"{"id": 1e400, "op": "ping"}"#, "null"),
+            (
+                r#"{"id": 18446744073709551616, "op": "ping"}"#,
+                "18446744073709551616",
+            ),
+            (r#"{"id": -7, "op": "ping"}"#, "-7"),
+            (r#"{"id": "a\u00e9\"", "op": "ping"}"#, r#""aé\"""#),
+            (r#"{"id": null, "op": "ping"}"#, "null"),
+            (r#"{"id": [1], "op": "ping"}"#, "null"),
+        ] {
+            let (got, _) = parse_command(text);
+            assert_eq!(&*got.0, id, "{text}");
+            let reply: Value = serde_json::from_str(&result_reply(&got, &json!({}))).unwrap();
+            assert_eq!(reply["result"], json!({}));
+        }
+    }
+
     /// Nesting far past serde_json's limit is refused, not recursed into.
     #[test]
     fn deeply_nested_json_is_bad_json_not_a_stack_overflow() {
@@ -1033,7 +1098,7 @@ mod tests {
                     close.repeat(depth)
                 );
                 let (id, command) = parse_command(&text);
-                assert_eq!(id, Value::Null);
+                assert!(id.is_null());
                 let error = command.unwrap_err();
                 assert_eq!(error.code, "bad_json");
                 assert!(
@@ -1085,6 +1150,7 @@ mod tests {
     /// The rules a parsed frame follows, whatever it held.
     fn check(text: &str) -> Result<(), TestCaseError> {
         let (id, command) = parse_command(text);
+        let id: Value = serde_json::from_str(&id.0).expect("an id is JSON");
         prop_assert!(id.is_null() || id.is_number() || id.is_string());
         match command {
             Ok(command) => {
@@ -1145,7 +1211,7 @@ mod tests {
         ) {
             let subscribe = json!({"id": id, "op": "subscribe", "channel": channel, "since": format!("e1:{offset}")});
             let (got, command) = parse_command(&subscribe.to_string());
-            prop_assert_eq!(&got, &id);
+            prop_assert_eq!(&*got.0, id.to_string());
             let command = command.expect("well formed");
             prop_assert!(
                 matches!(&command, Command::Subscribe { channel: c, since: Some(p) } if c.as_str() == channel && p.offset == offset),
