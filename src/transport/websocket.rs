@@ -97,7 +97,7 @@ pub(super) async fn handle(
     let opening = Box::new(Opening {
         upgrade: hyper::upgrade::on(&mut request),
         admitted,
-        config: socket_config(realtime),
+        config: socket_config(&realtime.config.websocket),
         realtime: realtime.clone(),
         conn,
         channels: query.channels,
@@ -221,8 +221,7 @@ fn is_handshake_key(key: &[u8]) -> bool {
         && &key[22..] == b"=="
 }
 
-fn socket_config(realtime: &Realtime) -> WebSocketConfig {
-    let ws = &realtime.config.websocket;
+fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
     let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
     let max_message = size(ws.max_message_size.bytes());
     WebSocketConfig::default()
@@ -969,6 +968,142 @@ fn reset_push(channel: &ChannelName, position: Position) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Serves a WebSocket echo on `listener` through pushgate's own frame
+    /// handling — the handshake's checks, the socket's configuration, the
+    /// close codes for bad frames, the answer to pings and the closing
+    /// handshake — so that conformance suites whose cases expect an echo
+    /// (Autobahn's; docs/websocket-conformance.md) can judge that handling.
+    /// Only what a message does differs from a session: it comes back.
+    async fn serve_echo(listener: tokio::net::TcpListener, ws: crate::config::WebSocketConfig) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let ws = ws.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    let ws = ws.clone();
+                    async move {
+                        let key = match handshake_key(&request) {
+                            Ok(key) => key,
+                            Err(refusal) => return Ok(refusal.into_response()),
+                        };
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = upgrade.await else { return };
+                            let socket = WebSocketStream::from_raw_socket(
+                                TokioIo::new(upgraded),
+                                Role::Server,
+                                Some(socket_config(&ws)),
+                            )
+                            .await;
+                            echo(socket, ws.ping_timeout).await;
+                        });
+                        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                        Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header(header::CONNECTION, "upgrade")
+                            .header(header::UPGRADE, "websocket")
+                            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+                            .body(crate::body::empty())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    }
+
+    /// A session's read loop (see `Connection::serve` and `on_message`),
+    /// echoing messages instead of running them as commands.
+    async fn echo(mut socket: Socket, within: Duration) {
+        let end = loop {
+            match socket.next().await {
+                None => break End::Gone,
+                Some(Err(err)) => break read_failure(&err),
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if socket.send(message).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Some(Ok(Message::Ping(_))) => {
+                    if socket.flush().await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break End::PeerClosed,
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+            }
+        };
+        finish(&mut socket, end, within).await;
+    }
+
+    /// The echo server answers fragments with the whole message and pings
+    /// in between, and closes by the rules. With
+    /// `PUSHGATE_WS_ECHO_SECS=<n>` it first serves for n seconds, printing
+    /// its address, for a conformance suite to run against.
+    #[tokio::test]
+    async fn the_frame_handling_echoes_and_closes_by_the_rules() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tungstenite::protocol::frame::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ws = crate::config::WebSocketConfig {
+            // Autobahn's largest messages (its limits cases, 9.x).
+            max_message_size: crate::config::ByteSize(16 << 20),
+            ..crate::config::WebSocketConfig::default()
+        };
+        tokio::spawn(serve_echo(listener, ws));
+        let serve_for = std::env::var("PUSHGATE_WS_ECHO_SECS")
+            .ok()
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or(0);
+        if serve_for > 0 {
+            eprintln!("WebSocket echo at ws://{addr}/ for {serve_for} s");
+            tokio::time::sleep(Duration::from_secs(serve_for)).await;
+        }
+
+        let url = format!("ws://{addr}/");
+        let (mut client, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let frames = [
+            Frame::message(&b"frag"[..], OpCode::Data(Data::Text), false),
+            Frame::ping(&b"between"[..]),
+            Frame::message(&b"mented"[..], OpCode::Data(Data::Continue), true),
+        ];
+        for frame in frames {
+            client.send(Message::Frame(frame)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.push(client.next().await.unwrap().unwrap());
+        }
+        assert_eq!(
+            got,
+            [Message::Pong("between".into()), Message::text("fragmented")]
+        );
+        client.send(Message::binary(vec![0, 1, 2])).await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(vec![0, 1, 2])
+        );
+        // The client closes: the same code comes back, then the end.
+        client.close(None).await.unwrap();
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::Close(None));
+        assert!(client.next().await.is_none(), "a clean end");
+
+        // Invalid UTF-8: 1007, then the end.
+        let (mut client, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let bad = Frame::message(&b"\xff"[..], OpCode::Data(Data::Text), true);
+        client.send(Message::Frame(bad)).await.unwrap();
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1007),
+            other => panic!("expected 1007, got {other:?}"),
+        }
+        assert!(client.next().await.is_none(), "a clean end");
+    }
 
     #[test]
     fn a_handshake_key_is_16_bytes_in_base64() {
