@@ -1052,8 +1052,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ws = crate::config::WebSocketConfig {
-            // Autobahn's largest messages (its limits cases, 9.x).
+            // Autobahn's largest messages (its limits cases, 9.x), read and
+            // echoed: a session's own writes are publications, at most half
+            // of max_write_buffer_size (config validation).
             max_message_size: crate::config::ByteSize(16 << 20),
+            max_write_buffer_size: crate::config::ByteSize(64 << 20),
             ..crate::config::WebSocketConfig::default()
         };
         tokio::spawn(serve_echo(listener, ws));
