@@ -36,7 +36,7 @@ mod streamed;
 pub use h1::AppClient;
 pub use request::{forwarded_for, has_token, remove_hop_by_hop, UNTRUSTED};
 
-use request::{Forwarding, HostSource};
+use request::Forwarding;
 use streamed::{Answer, UploadBody, UploadFailure, UploadProgress};
 
 /// Facts about the client connection a request arrived on.
@@ -220,22 +220,9 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, incoming) = request.into_parts();
-        let headers = &mut parts.headers;
-        request::settle_client_fields(headers, parts.version);
-        remove_hop_by_hop(headers);
-        let mut added = self.forwarding.take(headers, conn, host.value());
-        match host {
-            // The common case: the client's one `Host` stays where it is,
-            // unless it named `Host` in `Connection`.
-            HostSource::Field(host) if !headers.contains_key(header::HOST) => {
-                added.push(header::HOST, host)
-            }
-            HostSource::Field(_) | HostSource::None => {}
-            HostSource::Authority(host) => {
-                headers.remove(header::HOST);
-                added.push(header::HOST, host);
-            }
-        }
+        let added = self
+            .forwarding
+            .fields_for_app(&mut parts.headers, parts.version, conn, host);
 
         // Never wait for a file: a full budget means the process is at its
         // open-file limit, and the client is better told at once.

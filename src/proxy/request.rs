@@ -10,7 +10,6 @@
 //! refused with 400, never altered (docs/security.md).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::Authority;
 use http::{Request, Version};
 use ipnet::IpNet;
 
@@ -128,12 +127,23 @@ pub fn admit<B>(
     }
 }
 
-/// Whether `bytes` is `host[:port]` as a URI authority has it, without
-/// user information.
+/// Whether `bytes` is `host[:port]` as a URI authority has it (RFC 3986
+/// §3.2.2: a reg-name, an IPv4 address, or an IP literal in brackets),
+/// without user information, path, or anything else.
 fn is_host(bytes: &[u8]) -> bool {
-    !bytes.is_empty()
-        && !bytes.contains(&b'@')
-        && Authority::try_from(bytes).is_ok_and(|a| a.as_str().len() == bytes.len())
+    // One pass: every byte of the allowed set, a `[` only first, at most
+    // one `]`, and only after a `[`.
+    let mut brackets = (false, false);
+    for (at, &b) in bytes.iter().enumerate() {
+        match b {
+            b'[' if at == 0 => brackets.0 = true,
+            b']' if brackets.0 && !brackets.1 => brackets.1 = true,
+            b'[' | b']' => return false,
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:".contains(&b) => {}
+            _ => return false,
+        }
+    }
+    !bytes.is_empty() && brackets.0 == brackets.1
 }
 
 /// The `Upgrade` value when this is an HTTP/1.1 WebSocket upgrade request.
@@ -161,30 +171,46 @@ pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Fields pushgate answers for on the client's side and never passes on:
-/// `Expect: 100-continue` (pushgate tells the client to go on, and sends
-/// the body it gets; an app told to expect it might answer before the body
-/// and read the body as the next request), and HTTP/2's split `Cookie`
-/// fields, joined into one as HTTP/1.1 wants (RFC 9113 §8.2.3).
-pub fn settle_client_fields(headers: &mut HeaderMap, version: Version) {
-    if headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-    {
-        headers.remove(header::EXPECT);
-    }
-    if version == Version::HTTP_2 && headers.get_all(header::COOKIE).iter().nth(1).is_some() {
-        let mut joined = Vec::new();
-        for crumb in headers.get_all(header::COOKIE) {
-            if !joined.is_empty() {
-                joined.extend_from_slice(b"; ");
-            }
-            joined.extend_from_slice(crumb.as_bytes());
+/// What one pass over a request's field names found.
+#[derive(Debug, Default)]
+struct Found {
+    /// Which of [`HOP_BY_HOP`] are present, a bit each.
+    hop_by_hop: u16,
+    /// Which of [`UNTRUSTED`] are present, a bit each.
+    claims: u32,
+    /// One of `upstream.untrusted_headers` is present.
+    extra_claims: bool,
+    expect: bool,
+}
+
+/// Looks at each field name once, by its length first: most names of a
+/// browser's request are none of these, and are told so in a comparison
+/// or two.
+fn find(headers: &HeaderMap, extra: &[HeaderName]) -> Found {
+    let mut found = Found::default();
+    for name in headers.keys() {
+        let text = name.as_str();
+        if let Some(at) = HOP_BY_HOP.iter().position(|hop| *hop == text) {
+            found.hop_by_hop |= 1 << at;
+        } else if let Some(at) = claims_may_start(text)
+            .then(|| UNTRUSTED.iter().position(|claim| *claim == text))
+            .flatten()
+        {
+            found.claims |= 1 << at;
+        } else if name == header::EXPECT {
+            found.expect = true;
+        } else if !extra.is_empty() && extra.contains(name) {
+            found.extra_claims = true;
         }
-        if let Ok(value) = HeaderValue::from_bytes(&joined) {
-            headers.insert(header::COOKIE, value);
-        }
     }
+    found
+}
+
+/// Whether `name` starts as a name of [`UNTRUSTED`] does: a browser's
+/// fields (`host`, `accept`, `user-agent`, `sec-fetch-*`...) mostly do not,
+/// and skip the list.
+fn claims_may_start(name: &str) -> bool {
+    matches!(name.as_bytes().first(), Some(b'x' | b'f' | b't' | b'c'))
 }
 
 /// Who the client is to the app: whether its forwarding fields are
@@ -201,35 +227,51 @@ impl Forwarding {
         is_trusted(&self.trusted_proxies, conn)
     }
 
-    /// Takes the client's forwarding fields out of `headers` and returns
-    /// the values to send instead. A chain that came with the request is
-    /// kept (and extended) only when the peer is a trusted proxy; from
-    /// anyone else every field of [`UNTRUSTED`] (and the configured extra
-    /// ones) goes, since anyone could have written it. The new values are
-    /// returned rather than inserted so that the lean client can write them
-    /// without growing the map.
-    pub fn take(
+    /// Makes an admitted request's fields ready for the app, in one pass
+    /// over their names, and returns the fields pushgate adds (written
+    /// after the others, so the lean client need not grow the map):
+    ///
+    /// - hop-by-hop fields go, and every field `Connection` names;
+    /// - `Expect: 100-continue` goes: pushgate tells the client to go on
+    ///   and sends the body it gets; an app told to expect it might answer
+    ///   before the body and read the body as the next request;
+    /// - HTTP/2's split `Cookie` fields become one (RFC 9113 §8.2.3);
+    /// - `Host` is `host` ([`admit`]);
+    /// - the forwarding fields: a chain that came with the request is kept
+    ///   (and extended) only when the peer is a trusted proxy; from anyone
+    ///   else every field of [`UNTRUSTED`] (and the configured extra ones)
+    ///   goes, since anyone could have written it.
+    pub fn fields_for_app(
         &self,
         headers: &mut HeaderMap,
+        version: Version,
         conn: ConnInfo,
-        host: Option<&HeaderValue>,
+        host: HostSource,
     ) -> Added {
+        let found = find(headers, &self.extra_untrusted);
+        if found.expect
+            && headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            headers.remove(header::EXPECT);
+        }
+        if version == Version::HTTP_2 {
+            join_cookies(headers);
+        }
+        let named_gone = remove_found(headers, found.hop_by_hop);
+
         let trusted = self.is_trusted(conn);
         let mut added = Added::default();
         added.push(X_FORWARDED_FOR, chain_for(headers, conn, trusted));
-        // Most requests come with none of these: one pass over the fields
-        // spares a lookup for each.
-        let claims = headers.keys().any(|name| {
-            let name = name.as_str();
-            UNTRUSTED.contains(&name) || self.extra_untrusted.iter().any(|extra| extra == name)
-        });
+        let claims = found.claims != 0 || found.extra_claims;
         let kept = |name| trusted && claims && headers.contains_key(name);
         let (keep_proto, keep_host) = (kept(X_FORWARDED_PROTO), kept(X_FORWARDED_HOST));
         if !keep_proto {
             let proto = if conn.tls { "https" } else { "http" };
             added.push(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
-        if let (false, Some(host)) = (keep_host, host) {
+        if let (false, Some(host)) = (keep_host, host.value()) {
             added.push(X_FORWARDED_HOST, host.clone());
         }
         if claims {
@@ -241,15 +283,50 @@ impl Forwarding {
                 headers.remove(X_FORWARDED_HOST);
             }
             if !trusted {
-                for name in UNTRUSTED {
-                    headers.remove(name);
+                for (at, name) in UNTRUSTED.iter().enumerate() {
+                    if found.claims & 1 << at != 0 {
+                        headers.remove(*name);
+                    }
                 }
-                for name in &self.extra_untrusted {
-                    headers.remove(name);
+                if found.extra_claims {
+                    for name in &self.extra_untrusted {
+                        headers.remove(name);
+                    }
                 }
             }
         }
+
+        match host {
+            // The common case: the client's one `Host` stays where it is,
+            // unless `Connection` named it.
+            HostSource::Field(host) if named_gone && !headers.contains_key(header::HOST) => {
+                added.push(header::HOST, host)
+            }
+            HostSource::Field(_) | HostSource::None => {}
+            HostSource::Authority(host) => {
+                headers.remove(header::HOST);
+                added.push(header::HOST, host);
+            }
+        }
         added
+    }
+}
+
+/// HTTP/2 may split `Cookie` into several fields; HTTP/1.1 wants one,
+/// joined with `; ` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -365,9 +442,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .position(|hop| *hop == name.as_str())
             .map_or(present, |at| present | 1 << at)
     });
+    remove_found(headers, present);
+}
+
+/// Removes the hop-by-hop fields marked in `present` (a bit per
+/// [`HOP_BY_HOP`] name), and those `Connection` names; whether any field
+/// `Connection` named was removed.
+fn remove_found(headers: &mut HeaderMap, present: u16) -> bool {
     if present == 0 {
-        return;
+        return false;
     }
+    let mut named_gone = false;
     if present & 1 << HOP_BY_HOP_CONNECTION != 0 {
         // Empty, and so never allocated, when every token is a hop-by-hop
         // name itself (a browser's `keep-alive`).
@@ -375,7 +460,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in &named {
-            headers.remove(name);
+            named_gone |= headers.remove(name).is_some();
         }
     }
     for (at, name) in HOP_BY_HOP.iter().enumerate() {
@@ -383,6 +468,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
+    named_gone
 }
 
 /// The tokens of the `Connection` fields that are not hop-by-hop names
@@ -499,11 +585,13 @@ mod tests {
         headers.insert(header::EXPECT, HeaderValue::from_static("100-Continue"));
         headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
         headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let forwarding = Forwarding::default();
+        let host = || HostSource::Field(HeaderValue::from_static("app"));
         let mut h1 = headers.clone();
-        settle_client_fields(&mut h1, Version::HTTP_11);
+        forwarding.fields_for_app(&mut h1, Version::HTTP_11, conn("192.0.2.1:5"), host());
         assert!(!h1.contains_key(header::EXPECT));
         assert_eq!(h1.get_all(header::COOKIE).iter().count(), 2);
-        settle_client_fields(&mut headers, Version::HTTP_2);
+        forwarding.fields_for_app(&mut headers, Version::HTTP_2, conn("192.0.2.1:5"), host());
         assert_eq!(
             headers.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
             ["a=1; b=2"]
@@ -519,6 +607,8 @@ mod tests {
 
     #[test]
     fn an_untrusted_client_loses_every_claim_and_a_trusted_one_keeps_them() {
+        // The quick test by first letter lets every listed name through.
+        assert!(UNTRUSTED.iter().all(|name| claims_may_start(name)));
         let forwarding = Forwarding {
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
             extra_untrusted: vec![HeaderName::from_static("x-my-client")],
@@ -530,10 +620,12 @@ mod tests {
         claims.insert("x-other", HeaderValue::from_static("kept"));
 
         let mut untrusted = claims.clone();
-        let added = forwarding.take(
+        let host = || HostSource::Field(HeaderValue::from_static("app"));
+        let added = forwarding.fields_for_app(
             &mut untrusted,
+            Version::HTTP_11,
             conn("192.0.2.1:5"),
-            Some(&HeaderValue::from_static("app")),
+            host(),
         );
         assert_eq!(untrusted.keys().collect::<Vec<_>>(), ["x-other"]);
         let added: Vec<_> = added
@@ -550,11 +642,8 @@ mod tests {
         );
 
         let mut trusted = claims.clone();
-        let added = forwarding.take(
-            &mut trusted,
-            conn("10.1.2.3:5"),
-            Some(&HeaderValue::from_static("app")),
-        );
+        let added =
+            forwarding.fields_for_app(&mut trusted, Version::HTTP_11, conn("10.1.2.3:5"), host());
         assert_eq!(
             trusted.len(),
             claims.len() - 1,
@@ -565,6 +654,42 @@ mod tests {
             .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
             .collect();
         assert_eq!(added, [("x-forwarded-for", "6.6.6.6, 10.1.2.3")]);
+    }
+
+    #[test]
+    fn the_app_sees_the_admitted_host_whatever_connection_names() {
+        let forwarding = Forwarding::default();
+        let hosts = |headers: &HeaderMap, added: &Added| -> Vec<String> {
+            headers
+                .get_all(header::HOST)
+                .iter()
+                .chain(
+                    added
+                        .iter()
+                        .filter(|(n, _)| *n == header::HOST)
+                        .map(|(_, v)| v),
+                )
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("app"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Host"));
+        let field = HostSource::Field(HeaderValue::from_static("app"));
+        let added =
+            forwarding.fields_for_app(&mut headers, Version::HTTP_11, conn("192.0.2.1:5"), field);
+        assert_eq!(hosts(&headers, &added), ["app"]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("app"));
+        let authority = HostSource::Authority(HeaderValue::from_static("other"));
+        let added = forwarding.fields_for_app(
+            &mut headers,
+            Version::HTTP_11,
+            conn("192.0.2.1:5"),
+            authority,
+        );
+        assert_eq!(hosts(&headers, &added), ["other"]);
     }
 
     #[test]
