@@ -583,6 +583,43 @@ fn channel_name(name: &str) -> Result<ChannelName, ApiError> {
         .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
 }
 
+/// Deepest nesting of arrays and objects a publication's `data` may have.
+/// `data` is kept as sent (never parsed into a tree here), but every
+/// subscriber parses it, most with a recursive parser: serde_json's own
+/// limit, which pushgate's WebSocket commands also live with.
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// Whether the valid JSON `text` nests arrays and objects deeper than
+/// `max`: a scan that counts brackets outside strings, with no recursion.
+fn nested_deeper_than(text: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text.as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Validates one publish object.
 fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
     if !item.get().trim_start().starts_with('{') {
@@ -638,6 +675,12 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
             "`data` is required (any JSON, null included)",
         )
     })?;
+    if nested_deeper_than(data.get(), MAX_DATA_DEPTH) {
+        return Err(ApiError::bad_request(
+            "bad_json",
+            format!("`data` nests arrays and objects deeper than {MAX_DATA_DEPTH} levels"),
+        ));
+    }
     let event = item
         .event
         .map(|raw| {
@@ -729,5 +772,53 @@ impl Query {
                 )),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// How deep `value` nests arrays and objects.
+    fn depth(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        // Strings full of brackets, quotes and backslashes, which the scan
+        // must not count.
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<i32>().prop_map(serde_json::Value::from),
+            r#"[\[\]{}"\\a]{0,8}"#.prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(12, 64, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(r#"[\[{"\\k]{0,4}"#, inner, 0..4)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_scan_measures_nesting_as_a_parse_does(value in json_value(), max in 0usize..14) {
+            let text = value.to_string();
+            prop_assert_eq!(nested_deeper_than(&text, max), depth(&value) > max, "{}", text);
+        }
+    }
+
+    #[test]
+    fn nesting_far_past_the_limit_is_found_without_recursion() {
+        let deep = format!("{}{}", "[{\"a\":".repeat(500_000), "0}]".repeat(500_000));
+        assert!(nested_deeper_than(&deep, MAX_DATA_DEPTH));
+        let flat = format!("[{}]", "[],".repeat(100_000) + "[]");
+        assert!(!nested_deeper_than(&flat, MAX_DATA_DEPTH));
     }
 }

@@ -15,13 +15,15 @@
 //! - `none`: everyone hears everything; config validation allows it only on
 //!   a loopback listener.
 //!
-//! Grants are cached by a digest of the forwarded header values for
-//! `auth.upstream.cache_ttl` (capped by the grant's `expires_in`), in a cache
-//! of at most `auth.upstream.cache_size` entries.
+//! Grants are cached by a keyed digest of the whole auth request (every
+//! header and the body: two connections share a grant only when the app
+//! would be asked exactly the same question) for `auth.upstream.cache_ttl`
+//! (capped by the grant's `expires_in`), in a cache of at most
+//! `auth.upstream.cache_size` entries. An answer with `Cache-Control:
+//! no-store` is not cached.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -197,8 +199,10 @@ impl Auth {
             "connection_id": connection_id.to_string(),
             "transport": transport,
         });
-        let (status, answer) = app.exchange(url, credentials, &body).await?;
-        let renewed = grant_or_refusal(status, &answer, |why| app.unavailable(url, why))?;
+        let body = serde_json::to_vec(&body).expect("a JSON value serializes");
+        let answer = app.exchange(url, credentials, &body).await?;
+        let renewed =
+            grant_or_refusal(answer.status, &answer.body, |why| app.unavailable(url, why))?;
         if renewed.user != grant.user {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -230,11 +234,12 @@ impl Auth {
             "channel": channel,
             "transport": transport,
         });
-        let (status, answer) = app.exchange(url, credentials, &body).await?;
-        match status {
+        let body = serde_json::to_vec(&body).expect("a JSON value serializes");
+        let answer = app.exchange(url, credentials, &body).await?;
+        match answer.status {
             StatusCode::OK => Ok(()),
             StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(forbidden(reason(
-                &answer,
+                &answer.body,
                 &format!("not allowed to hear `{channel}`"),
             ))),
             other => Err(app.unavailable(url, &format!("the app answered {other}"))),
@@ -363,60 +368,49 @@ impl AppAuth {
     }
 
     async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
-        let key = self.cache.key(&self.forward, request.headers);
+        let body = auth_body(&request);
+        let credentials = self.credentials(request.headers, request.conn);
+        let key = self.cache.key(&credentials, &body);
         if let Some(grant) = self.cache.get(&key) {
             self.stats.lock().expect("auth stats lock").cached += 1;
             return Ok(grant);
         }
         let started = Instant::now();
-        let outcome = self.ask(request).await;
+        let outcome = self
+            .exchange(&self.url, &credentials, &body)
+            .await
+            .and_then(|answer| {
+                let grant = grant_or_refusal(answer.status, &answer.body, |why| {
+                    self.unavailable(&self.url, why)
+                })?;
+                Ok((grant, answer.no_store))
+            });
         let mut stats = self.stats.lock().expect("auth stats lock");
         stats.requests += 1;
         stats.request_seconds += started.elapsed().as_secs_f64();
-        match &outcome {
-            Ok(grant) => {
+        match outcome {
+            Ok((grant, no_store)) => {
                 stats.allowed += 1;
                 drop(stats);
-                self.cache.put(key, grant.clone());
+                if !no_store {
+                    self.cache.put(key, grant.clone());
+                }
+                Ok(grant)
             }
-            Err(err) => match err.status {
-                StatusCode::UNAUTHORIZED => stats.unauthenticated += 1,
-                StatusCode::FORBIDDEN => stats.forbidden += 1,
-                _ => stats.unavailable += 1,
-            },
+            Err(err) => {
+                match err.status {
+                    StatusCode::UNAUTHORIZED => stats.unauthenticated += 1,
+                    StatusCode::FORBIDDEN => stats.forbidden += 1,
+                    _ => stats.unavailable += 1,
+                }
+                Err(err)
+            }
         }
-        outcome
-    }
-
-    async fn ask(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
-        let body = serde_json::json!({
-            "transport": request.transport,
-            "channels": request.channels,
-            "path": request.path,
-            "query": request.query,
-        });
-        let credentials = self.credentials(request.headers, request.conn);
-        let (status, answer) = self.exchange(&self.url, &credentials, &body).await?;
-        grant_or_refusal(status, &answer, |why| self.unavailable(&self.url, why))
     }
 
     /// The headers the app is sent on this connection's behalf.
     fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
-        let mut forwarded = HeaderMap::new();
-        for name in &self.forward {
-            for value in headers.get_all(name) {
-                forwarded.append(name.clone(), value.clone());
-            }
-        }
-        forwarded.insert(
-            "x-forwarded-for",
-            forwarded_for(headers, conn, &self.trusted_proxies),
-        );
-        // Every request to the app carries a JSON body and wants JSON back.
-        let json = HeaderValue::from_static("application/json");
-        forwarded.insert(header::CONTENT_TYPE, json.clone());
-        forwarded.insert(header::ACCEPT, json);
-        Credentials { headers: forwarded }
+        forwarded(&self.forward, &self.trusted_proxies, headers, conn)
     }
 
     /// One request to the app: POST `body` to `url` with the credentials.
@@ -426,25 +420,29 @@ impl AppAuth {
         &self,
         url: &Uri,
         credentials: &Credentials,
-        body: &serde_json::Value,
-    ) -> Result<(StatusCode, Bytes), ApiError> {
+        body: &[u8],
+    ) -> Result<AppAnswer, ApiError> {
         let Ok(file) = self.app_files.clone().try_acquire_owned() else {
             return Err(self.unavailable(url, "the open-file limit is spent on connections"));
         };
         let target = url.path_and_query().map_or("/", |target| target.as_str());
-        let body = serde_json::to_vec(body).expect("a JSON value serializes");
         let sent = self
             .app
-            .send_full(&Method::POST, target, &credentials.headers, &body, file);
+            .send_full(&Method::POST, target, &credentials.headers, body, file);
         let response = match timer::within(self.timeout, sent).await {
             None => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
             Some(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
             Some(Ok(response)) => response,
         };
         let status = response.status();
+        let no_store = says_no_store(response.headers());
         let read = collect_at_most(response.into_body(), MAX_GRANT_BYTES);
         match timer::within(self.timeout, read).await {
-            Some(Ok(collected)) => Ok((status, collected.to_bytes())),
+            Some(Ok(collected)) => Ok(AppAnswer {
+                status,
+                body: collected.to_bytes(),
+                no_store,
+            }),
             Some(Err(_)) => {
                 Err(self.unavailable(url, "the answer could not be read or was too large"))
             }
@@ -460,6 +458,83 @@ impl AppAuth {
             "the app could not confirm this connection; try again later",
         )
     }
+}
+
+/// The headers the app is sent on a connection's behalf: the client's
+/// `forward` headers, `X-Forwarded-For`, and the JSON content type and
+/// accept.
+fn forwarded(
+    forward: &[HeaderName],
+    trusted_proxies: &[IpNet],
+    headers: &HeaderMap,
+    conn: ConnInfo,
+) -> Credentials {
+    let mut forwarded = HeaderMap::new();
+    for name in forward {
+        for value in headers.get_all(name) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    forwarded.insert(
+        "x-forwarded-for",
+        forwarded_for(headers, conn, trusted_proxies),
+    );
+    // Every request to the app carries a JSON body and wants JSON back.
+    let json = HeaderValue::from_static("application/json");
+    forwarded.insert(header::CONTENT_TYPE, json.clone());
+    forwarded.insert(header::ACCEPT, json);
+    Credentials { headers: forwarded }
+}
+
+/// The JSON body of an auth request.
+fn auth_body(request: &AuthRequest<'_>) -> Vec<u8> {
+    let body = serde_json::json!({
+        "transport": request.transport,
+        "channels": request.channels,
+        "path": request.path,
+        "query": query_for_app(request.query),
+    });
+    serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+/// The app's answer to one request.
+struct AppAnswer {
+    status: StatusCode,
+    body: Bytes,
+    /// `Cache-Control: no-store`: the app asks that the grant not be kept.
+    no_store: bool,
+}
+
+/// Whether `Cache-Control` holds `no-store`. Only that directive is
+/// honoured: web frameworks send `no-cache`, `private` or `max-age=0` on
+/// every answer by default, which says nothing about a grant, while
+/// `no-store` is asked for on purpose.
+fn says_no_store(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|directive| directive.trim().eq_ignore_ascii_case("no-store"))
+}
+
+/// The connection's query as the app is sent it: without the client's
+/// resume position (`since`, `last_event_id`), which moves with every
+/// long-poll and says nothing about who the client is. Every other
+/// parameter is passed as the client wrote it.
+fn query_for_app(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            let name: String = form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(name, _)| name.into_owned())
+                .unwrap_or_default();
+            !pair.is_empty() && name != "since" && name != "last_event_id"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The whole of `body`, failing past `max` bytes. Named, with `Send` in
@@ -484,6 +559,9 @@ pub struct KeyProblem {
 pub struct JwtKeys {
     source: KeySource,
     validation: jsonwebtoken::Validation,
+    /// Whether `auth.jwt.audience` is set, to tell a token for another
+    /// audience from a token that names one where none is expected.
+    audience: bool,
 }
 
 /// Where the verification key comes from.
@@ -506,6 +584,18 @@ impl JwtKeys {
                 fix: "check the path and that pushgate's user may read it".into(),
             })
         };
+        for (key, value) in [
+            ("auth.jwt.audience", &config.audience),
+            ("auth.jwt.issuer", &config.issuer),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(KeyProblem {
+                    key,
+                    why: "is empty, which no token's claim can match".into(),
+                    fix: "give the value tokens carry, or null to not check the claim".into(),
+                });
+            }
+        }
         let (algorithm, key) = match config.algorithm {
             JwtAlgorithm::HS256 => {
                 if config.jwks_url.is_some() {
@@ -593,9 +683,26 @@ impl JwtKeys {
 
     fn new(source: KeySource, algorithm: jsonwebtoken::Algorithm, config: &JwtConfig) -> JwtKeys {
         let mut validation = jsonwebtoken::Validation::new(algorithm);
+        // The same leeway for `exp` and `nbf`: clocks drift both ways.
         validation.leeway = config.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        JwtKeys { source, validation }
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        // A configured audience or issuer must be in the token: the library
+        // checks these claims only when they are present.
+        if let Some(audience) = &config.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        JwtKeys {
+            source,
+            validation,
+            audience: config.audience.is_some(),
+        }
     }
 
     /// The key for `token`: the fixed one, or the JWKS key its `kid` names.
@@ -663,19 +770,51 @@ struct JwtAuth {
     stats: Mutex<AuthStats>,
 }
 
-/// The claims pushgate reads.
+/// The claims pushgate reads, as loose JSON: a claim of the wrong type is
+/// refused with its name ([`JwtAuth::verify`]), never as "malformed".
 #[derive(Deserialize)]
 struct Claims {
-    /// Optional here so that a missing claim is named, not "malformed";
-    /// the validation requires both.
     #[serde(default)]
-    sub: Option<String>,
+    sub: Option<serde_json::Value>,
     #[serde(default)]
-    exp: Option<u64>,
+    exp: Option<serde_json::Value>,
     #[serde(default)]
-    channels: Vec<String>,
+    nbf: Option<serde_json::Value>,
+    #[serde(default)]
+    channels: Option<serde_json::Value>,
     #[serde(default)]
     info: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// A NumericDate (RFC 7519): seconds since the epoch, possibly fractional.
+fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+            .map(|seconds| seconds as u64)
+    })
+}
+
+/// Refuses a token whose header lists critical extensions (`crit`, RFC
+/// 7515 §4.1.11): the recipient must understand every one of them or refuse
+/// the token, and pushgate implements none. The header is read here
+/// because the JWT library ignores header fields it does not know.
+fn check_header(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let malformed = || "the token is malformed: its header is not base64url JSON".to_owned();
+    let (header, _) = token.split_once('.').ok_or_else(malformed)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| malformed())?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| malformed())?;
+    if header.contains_key("crit") {
+        return Err(
+            "the token has a critical header extension pushgate does not support (crit)".into(),
+        );
+    }
+    Ok(())
 }
 
 impl JwtAuth {
@@ -752,35 +891,82 @@ impl JwtAuth {
             .map(|(_, value)| value.into_owned())
     }
 
+    /// The grant a token carries, or why it is refused. Every refusal of a
+    /// well-formed token names the claim or header that failed, in
+    /// parentheses; "malformed" is only for a token that is not three
+    /// base64url parts of JSON.
     fn verify(&self, token: &str) -> Result<Grant, KeyMissOr> {
         use jsonwebtoken::errors::ErrorKind;
         let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        check_header(token).map_err(|why| refused(&why))?;
         let key = self.keys.key_for(token).map_err(KeyMissOr::Miss)?;
         let data =
             jsonwebtoken::decode::<Claims>(token, &key, &self.keys.validation).map_err(|err| {
                 match err.kind() {
-                    ErrorKind::ExpiredSignature => refused("the token expired"),
+                    ErrorKind::ExpiredSignature => refused("the token expired (exp)"),
+                    ErrorKind::ImmatureSignature => refused("the token is not valid yet (nbf)"),
+                    ErrorKind::InvalidAudience if self.keys.audience => {
+                        refused("the token is for another audience (aud)")
+                    }
+                    ErrorKind::InvalidAudience => refused(
+                        "the token names an audience, and pushgate expects none: \
+                         set auth.jwt.audience to accept it (aud)",
+                    ),
+                    ErrorKind::InvalidIssuer => refused("the token is from another issuer (iss)"),
                     ErrorKind::InvalidSignature => refused("the token's signature is invalid"),
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                        refused("the token is not signed with the expected algorithm")
+                        refused("the token is not signed with the expected algorithm (alg)")
                     }
                     ErrorKind::MissingRequiredClaim(claim) => {
-                        refused(&format!("the token has no `{claim}` claim"))
+                        refused(&format!("the token has no `{claim}` claim ({claim})"))
                     }
                     _ => refused("the token is malformed"),
                 }
             })?;
         let claims = data.claims;
         let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
-            return Err(refused("the token has no `sub` or no `exp` claim").into());
+            return Err(refused("the token has no `sub` or no `exp` claim (sub, exp)").into());
         };
-        if sub.is_empty() || sub.len() > 256 {
-            return Err(refused("the token's `sub` must be 1 to 256 bytes").into());
+        let Some(sub) = sub
+            .as_str()
+            .filter(|sub| !sub.is_empty() && sub.len() <= 256)
+        else {
+            return Err(
+                refused("the token's `sub` must be a string of 1 to 256 bytes (sub)").into(),
+            );
+        };
+        let Some(exp) = numeric_date(&exp) else {
+            return Err(refused("the token's `exp` is not a number of seconds (exp)").into());
+        };
+        // The library checks a numeric `nbf` and skips any other.
+        if claims
+            .nbf
+            .is_some_and(|nbf| !nbf.is_null() && numeric_date(&nbf).is_none())
+        {
+            return Err(refused("the token's `nbf` is not a number of seconds (nbf)").into());
         }
+        let channels = match claims.channels {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    serde_json::Value::String(channel) => Ok(channel),
+                    _ => Err(()),
+                })
+                .collect::<Result<_, ()>>()
+                .map_err(|()| {
+                    refused("the token's `channels` must be a list of strings (channels)")
+                })?,
+            Some(_) => {
+                return Err(
+                    refused("the token's `channels` must be a list of strings (channels)").into(),
+                )
+            }
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut grant = grant_from(sub, claims.channels, None, claims.info);
+        let mut grant = grant_from(sub.to_owned(), channels, None, claims.info);
         // Capped like expires_in: an absurd exp must not overflow an Instant.
         let left = exp.saturating_sub(now).min(MAX_GRANT_SECONDS);
         grant.expires_at = Some(Instant::now() + Duration::from_secs(left));
@@ -886,50 +1072,72 @@ fn reason(body: &[u8], fallback: &str) -> String {
     }
 }
 
-/// Grants by a digest of the forwarded credentials, bounded in size and age.
+/// The cache key of one auth request.
+type CacheKey = [u8; 32];
+
+/// Grants by a keyed digest of the auth request that earned them, bounded in
+/// size and age.
 struct GrantCache {
     ttl: Duration,
     capacity: usize,
-    hasher: (RandomState, RandomState),
+    /// Drawn at random for each process: keys cannot be computed, or
+    /// collided on purpose, from outside.
+    secret: ring::hmac::Key,
     inner: Mutex<CacheInner>,
 }
 
 #[derive(Default)]
 struct CacheInner {
-    grants: HashMap<[u8; 16], (Grant, Instant)>,
+    grants: HashMap<CacheKey, (Grant, Instant)>,
     /// Keys in insertion order: the oldest is evicted first.
-    order: VecDeque<[u8; 16]>,
+    order: VecDeque<CacheKey>,
 }
 
 impl GrantCache {
     fn new(capacity: usize, ttl: Duration) -> GrantCache {
+        let rng = ring::rand::SystemRandom::new();
         GrantCache {
             ttl,
             capacity,
-            hasher: (RandomState::new(), RandomState::new()),
+            secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
+                .expect("the system's random source works"),
             inner: Mutex::default(),
         }
     }
 
-    /// A 128-bit keyed digest of the forwarded header names and values: the
-    /// credentials themselves are not kept as keys.
-    fn key(&self, names: &[HeaderName], headers: &HeaderMap) -> [u8; 16] {
-        let mut material = Vec::new();
-        for name in names {
-            for value in headers.get_all(name) {
-                material.extend_from_slice(name.as_str().as_bytes());
-                material.push(0);
-                material.extend_from_slice(value.as_bytes());
-                material.push(0);
-            }
+    /// The key under which the app's answer to this request is cached:
+    /// HMAC-SHA256 of every header the app is sent (name and value, in the
+    /// order they are written: the forwarded credentials, `X-Forwarded-For`
+    /// and the fixed ones) and of the whole JSON body (transport, channels,
+    /// path, query), each part length-prefixed so that no two different
+    /// requests give the same input. The request line and `Host` are the
+    /// same for every request. The credentials themselves are not kept.
+    ///
+    /// Invariant: **two requests share a cached grant only when the auth
+    /// request the app would see is byte-for-byte the same.** The app
+    /// decides from what it is sent, so a grant it gave for one request (one
+    /// cookie, one client address, one set of channels) is never served for
+    /// another. Whatever is added to the auth request goes through
+    /// `credentials` and `body`, and so into the key.
+    fn key(&self, credentials: &Credentials, body: &[u8]) -> CacheKey {
+        let mut digest = ring::hmac::Context::with_key(&self.secret);
+        let mut part = |bytes: &[u8]| {
+            digest.update(&(bytes.len() as u64).to_be_bytes());
+            digest.update(bytes);
+        };
+        for (name, value) in &credentials.headers {
+            part(name.as_str().as_bytes());
+            part(value.as_bytes());
         }
-        let mut key = [0; 16];
-        key[..8].copy_from_slice(&self.hasher.0.hash_one(&material).to_le_bytes());
-        key[8..].copy_from_slice(&self.hasher.1.hash_one(&material).to_le_bytes());
+        // A header name is never empty, so this marker ends the headers.
+        part(b"");
+        part(body);
+        let mut key = [0; 32];
+        key.copy_from_slice(digest.sign().as_ref());
         key
     }
 
-    fn get(&self, key: &[u8; 16]) -> Option<Grant> {
+    fn get(&self, key: &CacheKey) -> Option<Grant> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -938,7 +1146,7 @@ impl GrantCache {
         (Instant::now() < *until).then(|| grant.clone())
     }
 
-    fn put(&self, key: [u8; 16], grant: Grant) {
+    fn put(&self, key: CacheKey, grant: Grant) {
         if self.ttl.is_zero() {
             return;
         }
@@ -1027,20 +1235,19 @@ mod tests {
     #[test]
     fn the_cache_is_bounded_keyed_and_forgets_users() {
         let cache = GrantCache::new(2, Duration::from_secs(60));
-        let names = [header::COOKIE];
-        let headers = |cookie: &str| {
+        let credentials = |cookie: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
-            headers
+            Credentials { headers }
         };
         let grant = |user: &str| Grant {
             user: Some(user.into()),
             ..Grant::everything()
         };
         let (a, b, c) = (
-            cache.key(&names, &headers("s=a")),
-            cache.key(&names, &headers("s=b")),
-            cache.key(&names, &headers("s=c")),
+            cache.key(&credentials("s=a"), b"{}"),
+            cache.key(&credentials("s=b"), b"{}"),
+            cache.key(&credentials("s=c"), b"{}"),
         );
         assert_ne!(a, b);
         cache.put(a, grant("1"));
@@ -1054,5 +1261,321 @@ mod tests {
         let off = GrantCache::new(2, Duration::ZERO);
         off.put(a, grant("1"));
         assert!(off.get(&a).is_none(), "ttl 0 turns caching off");
+
+        // Keys are drawn per process (per cache): not computable outside.
+        let other = GrantCache::new(2, Duration::from_secs(60));
+        assert_ne!(other.key(&credentials("s=a"), b"{}"), a);
+    }
+
+    #[test]
+    fn only_no_store_keeps_an_answer_out_of_the_cache() {
+        let says = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+            }
+            says_no_store(&headers)
+        };
+        assert!(says(&["no-store"]));
+        assert!(says(&["private, No-Store"]));
+        assert!(says(&["max-age=60", "no-store"]));
+        assert!(!says(&[]));
+        // What frameworks send on every answer says nothing about grants.
+        assert!(!says(&["no-cache, private"]));
+        assert!(!says(&["max-age=0, private, must-revalidate"]));
+        assert!(!says(&["no-storex", "x-no-store"]));
+    }
+
+    #[test]
+    fn the_app_is_sent_the_query_without_the_resume_position() {
+        for (query, sent) in [
+            ("channel=a&timeout=0", "channel=a&timeout=0"),
+            (
+                "channel=a&since=1.340ca71c&timeout=5",
+                "channel=a&timeout=5",
+            ),
+            ("last_event_id=1.x&channel=a", "channel=a"),
+            ("%73ince=1.x&channel=a", "channel=a"),
+            ("channel=a&since", "channel=a"),
+            ("channel=a&&channel=b", "channel=a&channel=b"),
+            ("channel=a%26since%3Dx", "channel=a%26since%3Dx"),
+            ("sincere=1&token=t", "sincere=1&token=t"),
+            ("", ""),
+        ] {
+            assert_eq!(query_for_app(query), sent, "{query}");
+        }
+    }
+
+    /// Everything a client's connect can vary that reaches the auth
+    /// request, or might wrongly be thought to.
+    #[derive(Debug, Clone)]
+    struct Connect {
+        cookies: Vec<String>,
+        authorization: Option<String>,
+        /// Not forwarded: must not matter.
+        user_agent: Option<String>,
+        peer: std::net::IpAddr,
+        /// Taken into the chain only from a trusted proxy (10.0.0.0/8).
+        x_forwarded_for: Option<String>,
+        transport: String,
+        channels: Vec<String>,
+        path: String,
+        query: String,
+    }
+
+    const FORWARD: [HeaderName; 2] = [header::COOKIE, header::AUTHORIZATION];
+
+    impl Connect {
+        /// The auth request this connect makes: its credentials and body.
+        fn request(&self) -> (Credentials, Vec<u8>) {
+            let mut headers = HeaderMap::new();
+            for cookie in &self.cookies {
+                headers.append(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+            }
+            let optional = [
+                (header::AUTHORIZATION, &self.authorization),
+                (header::USER_AGENT, &self.user_agent),
+                (
+                    HeaderName::from_static("x-forwarded-for"),
+                    &self.x_forwarded_for,
+                ),
+            ];
+            for (name, value) in optional {
+                if let Some(value) = value {
+                    headers.insert(name, HeaderValue::from_str(value).unwrap());
+                }
+            }
+            let conn = ConnInfo {
+                peer: std::net::SocketAddr::new(self.peer, 40000),
+                tls: false,
+            };
+            let trusted = ["10.0.0.0/8".parse().unwrap()];
+            let credentials = forwarded(&FORWARD, &trusted, &headers, conn);
+            let channels: Vec<ChannelName> = self.channels.iter().map(|c| channel(c)).collect();
+            let body = auth_body(&AuthRequest {
+                transport: &self.transport,
+                channels: &channels,
+                headers: &headers,
+                path: &self.path,
+                query: &self.query,
+                conn,
+            });
+            (credentials, body)
+        }
+
+        /// What the app sees of that request, byte for byte.
+        fn seen_by_app(&self) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+            let (credentials, body) = self.request();
+            let headers = credentials
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+                .collect();
+            (headers, body)
+        }
+    }
+
+    /// One change to a connect, for the battery below.
+    type Change = Box<dyn Fn(&mut Connect)>;
+
+    fn alice() -> Connect {
+        Connect {
+            cookies: vec!["session=alice".into()],
+            authorization: None,
+            user_agent: Some("a browser".into()),
+            peer: "127.0.0.2".parse().unwrap(),
+            x_forwarded_for: None,
+            transport: "sse".into(),
+            channels: vec!["chat:1".into()],
+            path: "/realtime/sse".into(),
+            query: "channel=chat:1".into(),
+        }
+    }
+
+    /// Invariant of [`GrantCache::key`], in a battery: a change to any one
+    /// thing the app is sent changes the key; a change to anything it is not
+    /// sent does not.
+    #[test]
+    fn the_cache_key_changes_with_every_input_of_the_auth_request() {
+        let cache = GrantCache::new(100, Duration::from_secs(60));
+        let key = |connect: &Connect| {
+            let (credentials, body) = connect.request();
+            cache.key(&credentials, &body)
+        };
+        let base = key(&alice());
+        assert_eq!(base, key(&alice()), "the same request, the same key");
+
+        let changed: Vec<(&str, Change)> = vec![
+            (
+                "cookie",
+                Box::new(|c| c.cookies = vec!["session=alicf".into()]),
+            ),
+            (
+                "a second cookie header",
+                Box::new(|c| c.cookies.push("x=1".into())),
+            ),
+            ("no cookie", Box::new(|c| c.cookies.clear())),
+            (
+                "authorization",
+                Box::new(|c| c.authorization = Some("Bearer t".into())),
+            ),
+            (
+                "client address",
+                Box::new(|c| c.peer = "127.0.0.3".parse().unwrap()),
+            ),
+            ("IPv6 client", Box::new(|c| c.peer = "::2".parse().unwrap())),
+            ("transport", Box::new(|c| c.transport = "poll".into())),
+            ("channels", Box::new(|c| c.channels = vec!["chat:2".into()])),
+            (
+                "another channel",
+                Box::new(|c| c.channels.push("news".into())),
+            ),
+            (
+                "channel order",
+                Box::new(|c| c.channels.insert(0, "news".into())),
+            ),
+            ("no channels", Box::new(|c| c.channels.clear())),
+            ("path", Box::new(|c| c.path = "/realtime/poll".into())),
+            (
+                "query",
+                Box::new(|c| c.query = "channel=chat:1&timeout=5".into()),
+            ),
+            // From a trusted proxy, the chain it forwards is sent on.
+            (
+                "the chain from a trusted proxy",
+                Box::new(|c| {
+                    c.peer = "10.1.2.3".parse().unwrap();
+                    c.x_forwarded_for = Some("203.0.113.9".into());
+                }),
+            ),
+        ];
+        let mut keys = vec![base];
+        for (what, change) in &changed {
+            let mut connect = alice();
+            change(&mut connect);
+            let changed = key(&connect);
+            assert!(!keys.contains(&changed), "changing the {what} kept a key");
+            keys.push(changed);
+        }
+
+        let same: Vec<(&str, Change)> = vec![
+            (
+                "user agent",
+                Box::new(|c| c.user_agent = Some("another".into())),
+            ),
+            // An untrusted peer's X-Forwarded-For is replaced, not sent.
+            (
+                "forged X-Forwarded-For",
+                Box::new(|c| c.x_forwarded_for = Some("10.9.9.9".into())),
+            ),
+            (
+                "resume position",
+                Box::new(|c| c.query = "channel=chat:1&last_event_id=1.340ca71c".into()),
+            ),
+        ];
+        for (what, change) in &same {
+            let mut connect = alice();
+            change(&mut connect);
+            assert_eq!(alice().seen_by_app(), connect.seen_by_app(), "{what}");
+            assert_eq!(key(&connect), base, "changing the {what} changed the key");
+        }
+
+        // Parts are length-prefixed: moving bytes between two values, or
+        // between a value and the body, is a different request.
+        let split = |cookies: &[&str]| {
+            let mut connect = alice();
+            connect.cookies = cookies.iter().map(|c| (*c).to_owned()).collect();
+            key(&connect)
+        };
+        assert_ne!(split(&["a", "bc"]), split(&["ab", "c"]));
+        assert_ne!(split(&["a", ""]), split(&["a"]));
+        let mut both = alice();
+        both.authorization = Some("x".into());
+        let mut cookie_only = alice();
+        cookie_only.cookies = vec!["session=alicex".into()];
+        assert_ne!(key(&both), key(&cookie_only));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_connect() -> impl Strategy<Value = Connect> {
+            let value = "[ -~]{0,10}";
+            (
+                proptest::collection::vec(value, 0..3),
+                proptest::option::of(value),
+                proptest::option::of(value),
+                prop_oneof![
+                    Just("127.0.0.2".parse().unwrap()),
+                    Just("127.0.0.3".parse().unwrap()),
+                    Just("10.0.0.1".parse().unwrap()),
+                    Just("::1".parse().unwrap()),
+                ],
+                proptest::option::of(prop_oneof![
+                    Just("203.0.113.9".to_owned()),
+                    Just("203.0.113.9, 10.0.0.2".to_owned())
+                ]),
+                prop_oneof![Just("sse"), Just("poll"), Just("websocket")],
+                proptest::collection::vec("[a-z:]{1,6}", 0..3),
+                prop_oneof![Just("/realtime/sse"), Just("/realtime/poll")],
+                "(channel=[a-z]{1,3}|since=[0-9.]{1,4}|timeout=[0-9])(&(channel=[a-z]{1,3}|since=[0-9.]{1,4}|timeout=[0-9])){0,2}",
+            )
+                .prop_map(
+                    |(cookies, authorization, user_agent, peer, x_forwarded_for, transport, channels, path, query)| Connect {
+                        cookies,
+                        authorization,
+                        user_agent,
+                        peer,
+                        x_forwarded_for,
+                        transport: transport.to_owned(),
+                        channels,
+                        path: path.to_owned(),
+                        query,
+                    },
+                )
+        }
+
+        /// Changes one thing of a connect, picked by `which`.
+        fn mutate(connect: &mut Connect, which: u8, text: String) {
+            match which % 9 {
+                0 => connect.cookies.push(text),
+                1 => connect.authorization = Some(text),
+                2 => connect.user_agent = Some(text),
+                3 => connect.peer = "127.0.0.9".parse().unwrap(),
+                4 => connect.x_forwarded_for = Some("198.51.100.1".into()),
+                5 => connect.transport = "websocket".into(),
+                6 => connect.channels.push("z".into()),
+                7 => connect.path = "/realtime/ws".into(),
+                _ => connect.query.push_str("&since=1.2"),
+            }
+        }
+
+        proptest! {
+            /// Invariant of [`GrantCache::key`]: two connects share a key
+            /// exactly when the app would be sent the same request.
+            #[test]
+            fn prop_keys_are_equal_exactly_when_the_app_sees_the_same(
+                a in any_connect(),
+                which in any::<u8>(),
+                text in "[ -~]{0,10}",
+                other in any_connect(),
+            ) {
+                let cache = GrantCache::new(10, Duration::from_secs(60));
+                let key = |connect: &Connect| {
+                    let (credentials, body) = connect.request();
+                    cache.key(&credentials, &body)
+                };
+                let mut b = a.clone();
+                mutate(&mut b, which, text);
+                for b in [&b, &other] {
+                    prop_assert_eq!(
+                        key(&a) == key(b),
+                        a.seen_by_app() == b.seen_by_app(),
+                        "{:?} / {:?}", a, b
+                    );
+                }
+            }
+        }
     }
 }

@@ -358,9 +358,14 @@ pub struct JwtConfig {
     /// A query parameter that may carry the token (browsers cannot set
     /// headers on a WebSocket).
     pub query_param: String,
-    /// Clock skew allowed when checking `exp`.
+    /// Clock skew allowed when checking `exp` and `nbf`.
     #[serde(with = "duration")]
     pub leeway: Duration,
+    /// When set, a token's `aud` must name it; when not, a token that
+    /// names any audience is refused.
+    pub audience: Option<String>,
+    /// When set, a token's `iss` must be it.
+    pub issuer: Option<String>,
 }
 
 impl Default for JwtConfig {
@@ -377,6 +382,8 @@ impl Default for JwtConfig {
             cookie: None,
             query_param: DEFAULT_JWT_QUERY_PARAM.to_owned(),
             leeway: DEFAULT_JWT_LEEWAY,
+            audience: None,
+            issuer: None,
         }
     }
 }
@@ -406,12 +413,12 @@ pub enum AuthMode {
 pub struct UpstreamAuthConfig {
     /// `POST <upstream.url><path>` before each realtime connection.
     pub path: String,
-    /// Client headers passed to the app (lower case), and the cache key.
+    /// Client headers passed to the app (lower case).
     pub forward_headers: Vec<String>,
     /// No answer within this long: the connection is refused with 503 (1013).
     #[serde(with = "duration")]
     pub timeout: Duration,
-    /// How long a grant is reused for the same forwarded headers; 0: never.
+    /// How long a grant is reused for the same auth request; 0: never.
     #[serde(with = "duration")]
     pub cache_ttl: Duration,
     /// Most grants cached at once.
@@ -547,6 +554,10 @@ pub struct UpstreamConfig {
     /// Peers whose `X-Forwarded-*` headers are believed and extended; from
     /// anyone else they are replaced, so a client cannot forge its address.
     pub trusted_proxies: Vec<String>,
+    /// More fields removed from the requests of clients outside
+    /// `trusted_proxies`, beside the built-in list (`proxy::UNTRUSTED`):
+    /// fields the app reads as the client's address or original URL.
+    pub untrusted_headers: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -557,6 +568,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: DEFAULT_UPSTREAM_POOL_IDLE_TIMEOUT,
             pool_max_idle: DEFAULT_UPSTREAM_POOL_MAX_IDLE,
             trusted_proxies: Vec::new(),
+            untrusted_headers: Vec::new(),
         }
     }
 }
@@ -1173,6 +1185,28 @@ impl Config {
             }
         }
 
+        for (index, name) in self.upstream.untrusted_headers.iter().enumerate() {
+            let key = format!("upstream.untrusted_headers[{index}]");
+            match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+                Err(_) => problem(
+                    &key,
+                    format!("`{name}` is not a header field name"),
+                    "write a field name such as X-Client-Address",
+                ),
+                Ok(field)
+                    if ["host", "content-length", "transfer-encoding"]
+                        .contains(&field.as_str()) =>
+                {
+                    problem(
+                        &key,
+                        format!("`{name}` frames or addresses every request and is never removed"),
+                        "list only fields that claim the client's address or original URL",
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => problem(
                 "tls.key",
@@ -1606,6 +1640,17 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `upstream.untrusted_headers` as field names (validated).
+    pub fn untrusted_headers(&self) -> Vec<http::HeaderName> {
+        self.upstream
+            .untrusted_headers
+            .iter()
+            .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect()
+    }
+}
+
 fn parse_network(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
     text.parse::<ipnet::IpNet>()
@@ -1728,6 +1773,50 @@ mod tests {
         );
         assert_eq!(config.limits.max_headers, 50);
         assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
+        let jwt = "auth:\n  mode: jwt\n  jwt:\n    secret: an-hs256-secret-of-at-least-32-bytes!\n";
+        let config = from_yaml(&format!("{KEYS}{jwt}"), "test.yaml", NO_ENV).unwrap();
+        assert_eq!(config.auth.jwt.audience, None);
+        assert_eq!(config.auth.jwt.issuer, None);
+        let config = from_yaml(
+            &format!("{KEYS}{jwt}    audience: pushgate\n    issuer: https://id.example\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(config.auth.jwt.audience.as_deref(), Some("pushgate"));
+        assert_eq!(
+            config.auth.jwt.issuer.as_deref(),
+            Some("https://id.example")
+        );
+        // The environment wins, and keeps a value that looks like a number
+        // as text.
+        let env = [
+            ("PUSHGATE_AUTH__JWT__AUDIENCE", "12345"),
+            ("PUSHGATE_AUTH__JWT__ISSUER", "https://other.example"),
+        ];
+        let config = from_yaml(
+            &format!("{KEYS}{jwt}    audience: pushgate\n"),
+            "test.yaml",
+            env,
+        )
+        .unwrap();
+        assert_eq!(config.auth.jwt.audience.as_deref(), Some("12345"));
+        assert_eq!(
+            config.auth.jwt.issuer.as_deref(),
+            Some("https://other.example")
+        );
+        // An empty value could match no token: a problem with the key.
+        let err = from_yaml(
+            &format!("{KEYS}{jwt}    audience: \"\"\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+        .unwrap_err();
+        assert_eq!(keys(&err), ["auth.jwt.audience"]);
     }
 
     #[test]

@@ -18,15 +18,20 @@
 //!   one URL-safe string: the SSE `id:` of every event and the long-poll
 //!   `cursor`. Channels appear in it only as a hash of their name
 //!   ([`channel_hash`]); the server already knows which channels the
-//!   connection asked for, so it looks each one up by name.
+//!   connection asked for, and matches them to the entries of a
+//!   [`DecodedCursor`] by hash ([`DecodedCursor::resolve`], which also tells
+//!   apart channels whose hashes collide).
 //!
 //! The text formats are specified in `docs/protocol.md` ("Positions and
 //! cursors") so that clients can build cursors themselves.
 //!
 //! A cursor is not authenticated: its checksum catches corruption and
-//! truncation, not forgery. That is enough because a cursor only ever names
-//! channels the connection is separately authorized for.
+//! truncation, not forgery. That is enough because a cursor never chooses
+//! channels: only the connection's own channels, each authorized on its
+//! own, are looked up in it, so a forged cursor can at most move the
+//! connection's own positions (which history or a reset then answers).
 
+use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -34,6 +39,8 @@ use rand::distr::Alphanumeric;
 use rand::Rng;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde::{Serialize, Serializer};
+
+use crate::message::ChannelName;
 
 /// Longest epoch, in bytes.
 pub const MAX_EPOCH_LEN: usize = 16;
@@ -85,8 +92,6 @@ pub enum CursorError {
     BadCursorEpoch { entry: usize, what: &'static str },
     #[error("cursor entry {entry}: the offset {what}")]
     BadCursorOffset { entry: usize, what: &'static str },
-    #[error("cursor entries {first} and {entry} have the same channel hash")]
-    DuplicateChannel { first: usize, entry: usize },
     #[error("the cursor's checksum {what}")]
     BadChecksum { what: &'static str },
     #[error("the cursor's checksum does not match its content: it was altered or cut short")]
@@ -109,7 +114,6 @@ impl CursorError {
             | CursorError::BadHash { .. }
             | CursorError::BadCursorEpoch { .. }
             | CursorError::BadCursorOffset { .. }
-            | CursorError::DuplicateChannel { .. }
             | CursorError::BadChecksum { .. }
             | CursorError::ChecksumMismatch => "bad_cursor",
         }
@@ -316,21 +320,31 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
 
 // ---------------------------------------------------------------- Cursor
 
-/// The positions of all channels of one connection, as one URL-safe string.
+/// The positions of all channels of one connection, as pushgate writes them
+/// into one URL-safe string.
 ///
 /// Text form (version 1): `1.<entry>.<entry>…<checksum>`, each entry
 /// `<channel hash: 8 lowercase hex>.<epoch>.<offset: lowercase base36>`, the
 /// checksum the FNV-1a 32 of everything before the last `.`, as 8 lowercase
 /// hex. No channels: `1.<checksum>`.
 ///
-/// Entries are keyed by [`channel_hash`], so two channels of one connection
-/// whose names collide share an entry. That never causes a silent gap:
-/// the other channel's epoch (random per stream) will not match, so the
-/// client is reset instead of resumed.
+/// A cursor names channels only by [`channel_hash`], so two channels of one
+/// connection may share a hash. Each still has its own entry, and entries
+/// of one hash stand in the byte order of their channels' names: that order
+/// is how a reader tells them apart ([`DecodedCursor::resolve`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
-    /// `(channel_hash, position)` in insertion order; hashes are distinct.
-    entries: Vec<(u32, Position)>,
+    /// In the order channels were added, except that entries of one hash
+    /// stand in the byte order of their names. One entry per channel.
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    /// [`channel_hash`] of `channel`, kept: it is written with every event.
+    hash: u32,
+    channel: ChannelName,
+    position: Position,
 }
 
 impl Cursor {
@@ -340,67 +354,76 @@ impl Cursor {
 
     /// Sets (or adds) the position of `channel`. A channel already present
     /// keeps its place in the order.
-    pub fn set(&mut self, channel: &str, position: Position) {
-        let hash = channel_hash(channel);
-        match self.entries.iter_mut().find(|(h, _)| *h == hash) {
-            Some(entry) => entry.1 = position,
-            None => {
-                // Room for one entry first (a Vec's first growth is to four):
-                // most connections hear one channel.
-                if self.entries.is_empty() {
-                    self.entries.reserve_exact(1);
-                }
-                self.entries.push((hash, position))
-            }
-        }
+    pub fn set(&mut self, channel: &ChannelName, position: Position) {
+        self.set_hashed(channel, channel_hash(channel.as_str()), position);
     }
 
+    /// [`Cursor::set`] with the hash given, so tests can force collisions.
+    fn set_hashed(&mut self, channel: &ChannelName, hash: u32, position: Position) {
+        if let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.hash == hash && e.channel == *channel)
+        {
+            entry.position = position;
+            return;
+        }
+        // Before the first entry of this hash whose name sorts after it
+        // (see `resolve`), else last.
+        let at = self
+            .entries
+            .iter()
+            .position(|e| e.hash == hash && e.channel.as_str() > channel.as_str())
+            .unwrap_or(self.entries.len());
+        // Room for one entry first (a Vec's first growth is to four): most
+        // connections hear one channel.
+        if self.entries.is_empty() {
+            self.entries.reserve_exact(1);
+        }
+        self.entries.insert(
+            at,
+            Entry {
+                hash,
+                channel: channel.clone(),
+                position,
+            },
+        );
+    }
+
+    /// The position held for `channel`.
     pub fn position_of(&self, channel: &str) -> Option<Position> {
-        let hash = channel_hash(channel);
         self.entries
             .iter()
-            .find(|(h, _)| *h == hash)
-            .map(|&(_, position)| position)
+            .find(|e| e.channel.as_str() == channel)
+            .map(|e| e.position)
     }
 
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The one entry, `(channel_hash, position)`, of a cursor that holds
     /// exactly one channel.
     pub fn sole(&self) -> Option<(u32, &Position)> {
         match self.entries.as_slice() {
-            [(hash, position)] => Some((*hash, position)),
+            [entry] => Some((entry.hash, &entry.position)),
             _ => None,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Appends the encoded cursor to `out` without allocating beyond `out`'s
     /// growth. It is written for every SSE event of a connection, so it
     /// formats digits by hand and checksums the bytes it just wrote.
     pub fn encode_into(&self, out: &mut String) {
-        // "1" + per entry ".hhhhhhhh.<epoch>.<offset>" + ".cccccccc"
-        out.reserve(
-            1 + self.entries.len() * (1 + 8 + 1 + MAX_EPOCH_LEN + 1 + MAX_BASE36_DIGITS) + 9,
+        encode_entries(
+            self.entries.iter().map(|e| (e.hash, &e.position)),
+            self.entries.len(),
+            out,
         );
-        let start = out.len();
-        out.push_str(CURSOR_VERSION);
-        for (hash, position) in &self.entries {
-            out.push('.');
-            push_hex8(out, *hash);
-            out.push('.');
-            out.push_str(position.epoch.as_str());
-            out.push('.');
-            push_base36(out, position.offset);
-        }
-        let checksum = fnv1a32(&out.as_bytes()[start..]);
-        out.push('.');
-        push_hex8(out, checksum);
     }
 
     pub fn encode(&self) -> String {
@@ -411,11 +434,11 @@ impl Cursor {
 
     /// Decodes a cursor, refusing anything [`Cursor::encode`] would not have
     /// written: the format is canonical (lowercase only, no leading zeros in
-    /// offsets, no duplicate channels), so `decode(s)?.encode() == s`.
+    /// offsets), so `decode(s)?.encode() == s`.
     ///
     /// Structure is checked before the checksum, so a hand-built cursor with
     /// a wrong field gets a message about that field, not "checksum mismatch".
-    pub fn decode(text: &str) -> Result<Cursor, CursorError> {
+    pub fn decode(text: &str) -> Result<DecodedCursor, CursorError> {
         if text.len() > MAX_CURSOR_BYTES {
             return Err(CursorError::TooLong { len: text.len() });
         }
@@ -454,12 +477,6 @@ impl Cursor {
                 let epoch = Epoch::from_checked(epoch.as_bytes());
                 let offset = parse_base36(offset.as_bytes())
                     .map_err(|what| CursorError::BadCursorOffset { entry, what })?;
-                if let Some(first) = entries.iter().position(|&(h, _)| h == hash) {
-                    return Err(CursorError::DuplicateChannel {
-                        first: first + 1,
-                        entry,
-                    });
-                }
                 entries.push((hash, Position { epoch, offset }));
             }
         }
@@ -467,7 +484,162 @@ impl Cursor {
         if fnv1a32(body.as_bytes()) != checksum {
             return Err(CursorError::ChecksumMismatch);
         }
-        Ok(Cursor { entries })
+        Ok(DecodedCursor { entries })
+    }
+}
+
+/// Writes `1`, the entries and the checksum.
+fn encode_entries<'a>(
+    entries: impl Iterator<Item = (u32, &'a Position)>,
+    count: usize,
+    out: &mut String,
+) {
+    // "1" + per entry ".hhhhhhhh.<epoch>.<offset>" + ".cccccccc"
+    out.reserve(1 + count * (1 + 8 + 1 + MAX_EPOCH_LEN + 1 + MAX_BASE36_DIGITS) + 9);
+    let start = out.len();
+    out.push_str(CURSOR_VERSION);
+    for (hash, position) in entries {
+        out.push('.');
+        push_hex8(out, hash);
+        out.push('.');
+        out.push_str(position.epoch.as_str());
+        out.push('.');
+        push_base36(out, position.offset);
+    }
+    let checksum = fnv1a32(&out.as_bytes()[start..]);
+    out.push('.');
+    push_hex8(out, checksum);
+}
+
+/// A cursor as a client sent it back: positions keyed by channel hash, in
+/// the cursor's order. Only [`DecodedCursor::resolve`] turns it into
+/// positions of named channels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodedCursor {
+    /// `(channel_hash, position)`; a hash may appear more than once.
+    entries: Vec<(u32, Position)>,
+}
+
+/// Where one channel of a resuming connection starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The cursor does not hold the channel: it starts from now, as a
+    /// channel the client has just added.
+    Now,
+    /// Resume after this position.
+    After(Position),
+    /// The cursor holds the channel's hash but cannot say which entry is
+    /// this channel's: the client is told it lost its place (a reset) and
+    /// goes on from now.
+    Lost,
+}
+
+impl Start {
+    /// The position to resume after, if any.
+    pub fn after(self) -> Option<Position> {
+        match self {
+            Start::After(position) => Some(position),
+            Start::Now | Start::Lost => None,
+        }
+    }
+}
+
+impl DecodedCursor {
+    /// Where each of `channels` (a connection's channels, in any order)
+    /// starts, index for index.
+    ///
+    /// Invariant: **every channel gets its own entry back when the cursor
+    /// was written for the same set of channels, whatever their hashes;
+    /// and a channel whose hash the cursor holds never silently starts from
+    /// now.** Entries of one hash are matched to the channels of that hash
+    /// in the byte order of their names, which is the order
+    /// [`Cursor::set`] writes them in. When the numbers differ (the client
+    /// changed a set of channels whose hashes collide) nothing can be told
+    /// apart, and every channel of that hash is [`Start::Lost`]: reset,
+    /// never resumed from another channel's position or from now without a
+    /// word. A channel the cursor does not hold at all starts from now.
+    ///
+    /// A channel swapped for another of the same hash, the same count on
+    /// both sides, takes over the other's position; its epoch (random per
+    /// stream) then does not match, and the client gets a reset.
+    pub fn resolve<S: Borrow<str>>(&self, channels: &[S]) -> Vec<Start> {
+        self.resolve_by(channels, channel_hash)
+    }
+
+    /// [`DecodedCursor::resolve`] with the hash given, so tests can force
+    /// collisions.
+    fn resolve_by<S: Borrow<str>>(&self, channels: &[S], hash: impl Fn(&str) -> u32) -> Vec<Start> {
+        let mut starts = vec![Start::Now; channels.len()];
+        if self.entries.is_empty() {
+            return starts;
+        }
+        // The channels by hash, then name; the entries by hash, keeping the
+        // cursor's order within a hash.
+        let mut named: Vec<(u32, &str, usize)> = channels
+            .iter()
+            .enumerate()
+            .map(|(index, channel)| (hash(channel.borrow()), channel.borrow(), index))
+            .collect();
+        named.sort_unstable();
+        let mut held: Vec<(u32, usize)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(index, &(hash, _))| (hash, index))
+            .collect();
+        held.sort_unstable();
+
+        let mut names: Vec<&str> = Vec::new();
+        for group in named.chunk_by(|a, b| a.0 == b.0) {
+            let hash = group[0].0;
+            let from = held.partition_point(|&(h, _)| h < hash);
+            let to = held.partition_point(|&(h, _)| h <= hash);
+            let entries = &held[from..to];
+            if entries.is_empty() {
+                continue;
+            }
+            // Sorted by name already; a channel named twice counts once.
+            names.clear();
+            names.extend(group.iter().map(|&(_, name, _)| name));
+            names.dedup();
+            for &(_, name, index) in group {
+                starts[index] = if names.len() == entries.len() {
+                    let rank = names
+                        .binary_search(&name)
+                        .expect("the name is in its group");
+                    Start::After(self.entries[entries[rank].1].1)
+                } else {
+                    Start::Lost
+                };
+            }
+        }
+        starts
+    }
+
+    /// Where `channel` starts when it is the connection's only channel.
+    pub fn position_of(&self, channel: &str) -> Option<Position> {
+        self.resolve(&[channel])[0].after()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cursor's text again: `Cursor::decode(s)?.encode() == s`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode_entries(
+            self.entries
+                .iter()
+                .map(|(hash, position)| (*hash, position)),
+            self.entries.len(),
+            &mut out,
+        );
+        out
     }
 }
 
@@ -584,6 +756,21 @@ mod tests {
 
     fn decode_err(text: &str) -> CursorError {
         Cursor::decode(text).expect_err(text)
+    }
+
+    fn ch(name: &str) -> ChannelName {
+        ChannelName::parse(name).unwrap()
+    }
+
+    /// What decoding `cursor`'s text must give.
+    fn decoded(cursor: &Cursor) -> DecodedCursor {
+        DecodedCursor {
+            entries: cursor
+                .entries
+                .iter()
+                .map(|e| (e.hash, e.position))
+                .collect(),
+        }
     }
 
     // ---- FNV-1a
@@ -777,29 +964,29 @@ mod tests {
         let text = cursor.encode();
         assert_eq!(text, sealed("1"));
         assert_eq!(text, "1.340ca71c");
-        assert_eq!(Cursor::decode(&text), Ok(cursor));
+        assert_eq!(Cursor::decode(&text), Ok(decoded(&cursor)));
     }
 
     #[test]
     fn encoding_uses_hex_hashes_and_base36_offsets() {
         let mut cursor = Cursor::new();
-        cursor.set("c", Position::new(epoch("AbCdEfGh"), 95));
+        cursor.set(&ch("c"), Position::new(epoch("AbCdEfGh"), 95));
         let text = cursor.encode();
         let hash = format!("{:08x}", channel_hash("c"));
         assert_eq!(text, sealed(&format!("1.{hash}.AbCdEfGh.2n")));
-        cursor.set("c", Position::new(epoch("z"), u64::MAX));
+        cursor.set(&ch("c"), Position::new(epoch("z"), u64::MAX));
         assert_eq!(
             cursor.encode(),
             sealed(&format!("1.{hash}.z.3w5e11264sgsf"))
         );
-        cursor.set("c", Position::new(epoch("z"), 0));
+        cursor.set(&ch("c"), Position::new(epoch("z"), 0));
         assert_eq!(cursor.encode(), sealed(&format!("1.{hash}.z.0")));
     }
 
     #[test]
     fn encode_into_appends_and_checksums_only_its_own_part() {
         let mut cursor = Cursor::new();
-        cursor.set("chat:1", pos("AbCdEfGh:42"));
+        cursor.set(&ch("chat:1"), pos("AbCdEfGh:42"));
         let mut out = String::from("id: ");
         cursor.encode_into(&mut out);
         assert_eq!(out, format!("id: {}", cursor.encode()));
@@ -808,9 +995,9 @@ mod tests {
     #[test]
     fn set_replaces_in_place_and_keeps_order() {
         let mut cursor = Cursor::new();
-        cursor.set("a", pos("e:1"));
-        cursor.set("b", pos("e:2"));
-        cursor.set("a", pos("f:3"));
+        cursor.set(&ch("a"), pos("e:1"));
+        cursor.set(&ch("b"), pos("e:2"));
+        cursor.set(&ch("a"), pos("f:3"));
         assert_eq!(cursor.len(), 2);
         assert_eq!(cursor.position_of("a"), Some(pos("f:3")));
         assert_eq!(cursor.position_of("b"), Some(pos("e:2")));
@@ -818,7 +1005,7 @@ mod tests {
         let text = cursor.encode();
         let a = format!("{:08x}", channel_hash("a"));
         assert!(text.starts_with(&format!("1.{a}.f.3.")), "{text}");
-        assert_eq!(Cursor::decode(&text), Ok(cursor));
+        assert_eq!(Cursor::decode(&text), Ok(decoded(&cursor)));
     }
 
     /// The worked example in docs/protocol.md. If this fails, the code and
@@ -834,10 +1021,10 @@ mod tests {
         );
 
         let mut cursor = Cursor::new();
-        cursor.set("chat:1", pos("AbCdEfGh:42"));
-        cursor.set("user:42", pos("x9_K-2:0"));
+        cursor.set(&ch("chat:1"), pos("AbCdEfGh:42"));
+        cursor.set(&ch("user:42"), pos("x9_K-2:0"));
         assert_eq!(cursor.encode(), EXAMPLE);
-        assert_eq!(Cursor::decode(EXAMPLE), Ok(cursor));
+        assert_eq!(Cursor::decode(EXAMPLE), Ok(decoded(&cursor)));
 
         let doc = include_str!("../docs/protocol.md");
         assert!(
@@ -926,7 +1113,7 @@ mod tests {
         }
         // A valid cursor with a trailing dot: the checksum field is now empty.
         let mut cursor = Cursor::new();
-        cursor.set("a", pos("e:1"));
+        cursor.set(&ch("a"), pos("e:1"));
         let trailing = format!("{}.", cursor.encode());
         assert!(matches!(
             decode_err(&trailing),
@@ -938,7 +1125,7 @@ mod tests {
     fn decode_rejects_a_checksum_mismatch() {
         assert_eq!(decode_err("1.340ca71d"), CursorError::ChecksumMismatch);
         let mut cursor = Cursor::new();
-        cursor.set("a", pos("e:1"));
+        cursor.set(&ch("a"), pos("e:1"));
         let text = cursor.encode();
         let altered = text.replacen(".e.1.", ".e.2.", 1);
         assert_ne!(altered, text);
@@ -1060,10 +1247,11 @@ mod tests {
     }
 
     #[test]
-    fn decode_rejects_duplicate_channel_hashes() {
+    fn decode_keeps_entries_that_share_a_hash_in_order() {
+        let cursor = Cursor::decode(&sealed("1.0000000a.e.1.0000000b.e.2.0000000a.f.3")).unwrap();
         assert_eq!(
-            decode_err(&sealed("1.0000000a.e.1.0000000b.e.2.0000000a.f.3")),
-            CursorError::DuplicateChannel { first: 1, entry: 3 }
+            cursor.entries,
+            vec![(0xa, pos("e:1")), (0xb, pos("e:2")), (0xa, pos("f:3"))]
         );
     }
 
@@ -1082,7 +1270,7 @@ mod tests {
             assert_eq!(err.code(), "bad_cursor", "{text:?}: {err}");
         }
         let mut cursor = Cursor::new();
-        cursor.set("a", pos("e:1"));
+        cursor.set(&ch("a"), pos("e:1"));
         let text = cursor.encode();
         for wrapped in [
             format!(" {text}"),
@@ -1117,10 +1305,152 @@ mod tests {
         assert_eq!(CursorError::MissingColon.code(), "bad_position");
     }
 
+    // ---- channels whose hashes collide
+
+    /// Channel names whose FNV-1a 32 hashes collide, pair by pair (found by
+    /// brute force). Appending the same suffix to both keeps them colliding:
+    /// FNV-1a's state after equal hashes goes on equally.
+    const COLLIDING: [(&str, &str); 4] = [
+        ("room:46wu", "room:bwfa"),
+        ("room:46wv", "room:bwfb"),
+        ("room:46ww", "room:bwfc"),
+        ("room:46wp", "room:bwfd"),
+    ];
+
+    #[test]
+    fn the_colliding_names_collide() {
+        for (a, b) in COLLIDING {
+            assert_ne!(a, b);
+            assert_eq!(channel_hash(a), channel_hash(b), "{a} {b}");
+            for suffix in ["", ":1", "/x.y"] {
+                assert_eq!(
+                    channel_hash(&format!("{a}{suffix}")),
+                    channel_hash(&format!("{b}{suffix}"))
+                );
+            }
+        }
+    }
+
+    /// The bug this guards: two channels of one hash shared one entry, so
+    /// one of them was reset on every resume, forever.
+    #[test]
+    fn two_channels_with_one_hash_both_resume() {
+        let (a, b) = COLLIDING[0];
+        let (at_a, at_b) = (pos("AAAAAAAA:7"), pos("BBBBBBBB:9"));
+        for order in [[a, b], [b, a]] {
+            let mut cursor = Cursor::new();
+            for name in order {
+                cursor.set(&ch(name), if name == a { at_a } else { at_b });
+            }
+            assert_eq!(cursor.len(), 2);
+            // Written in name order, whatever order they were added in.
+            let text = cursor.encode();
+            let hash = format!("{:08x}", channel_hash(a));
+            assert_eq!(
+                text,
+                sealed(&format!("1.{hash}.AAAAAAAA.7.{hash}.BBBBBBBB.9"))
+            );
+            let decoded = Cursor::decode(&text).unwrap();
+            for channels in [[a, b], [b, a]] {
+                let expected: Vec<Start> = channels
+                    .iter()
+                    .map(|&c| Start::After(if c == a { at_a } else { at_b }))
+                    .collect();
+                assert_eq!(decoded.resolve(&channels), expected);
+            }
+            // Moving one keeps both entries in place.
+            cursor.set(&ch(b), pos("BBBBBBBB:10"));
+            assert_eq!(cursor.position_of(a), Some(at_a));
+            assert_eq!(cursor.position_of(b), Some(pos("BBBBBBBB:10")));
+        }
+    }
+
+    /// The colliding example in docs/protocol.md ("Matching entries to
+    /// channels"); clients build cursors from that page.
+    #[test]
+    fn protocol_doc_collision_example() {
+        const EXAMPLE: &str = "1.f5e16c9a.A.7.f5e16c9a.B.9.4916c2a3";
+        assert_eq!(channel_hash("room:46wu"), 0xf5e16c9a);
+        for order in [["room:46wu", "room:bwfa"], ["room:bwfa", "room:46wu"]] {
+            let mut cursor = Cursor::new();
+            for name in order {
+                let at = if name == "room:46wu" { "A:7" } else { "B:9" };
+                cursor.set(&ch(name), pos(at));
+            }
+            assert_eq!(cursor.encode(), EXAMPLE);
+        }
+        let doc = include_str!("../docs/protocol.md");
+        assert!(doc.contains(EXAMPLE), "docs/protocol.md lost the example");
+        assert!(doc.contains("0xf5e16c9a"));
+    }
+
+    #[test]
+    fn a_changed_set_of_colliding_channels_is_lost_never_started_from_now() {
+        let (a, b) = COLLIDING[1];
+        let mut only_a = Cursor::new();
+        only_a.set(&ch(a), pos("AAAAAAAA:7"));
+        let only_a = Cursor::decode(&only_a.encode()).unwrap();
+        // One entry of that hash, two channels: which is whose cannot be
+        // told, so both are reset.
+        assert_eq!(
+            only_a.resolve(&[a, b, "news"]),
+            [Start::Lost, Start::Lost, Start::Now]
+        );
+        assert_eq!(only_a.resolve(&[a]), [Start::After(pos("AAAAAAAA:7"))]);
+
+        let mut both = Cursor::new();
+        both.set(&ch(a), pos("AAAAAAAA:7"));
+        both.set(&ch(b), pos("BBBBBBBB:9"));
+        let both = Cursor::decode(&both.encode()).unwrap();
+        assert_eq!(both.resolve(&[b]), [Start::Lost]);
+        assert_eq!(both.position_of(a), None);
+        // A channel named twice is one channel.
+        assert_eq!(
+            both.resolve(&[a, b, a]),
+            [
+                Start::After(pos("AAAAAAAA:7")),
+                Start::After(pos("BBBBBBBB:9")),
+                Start::After(pos("AAAAAAAA:7"))
+            ]
+        );
+        assert_eq!(Cursor::new().encode(), "1.340ca71c");
+        assert_eq!(
+            Cursor::decode("1.340ca71c").unwrap().resolve(&[a, b]),
+            [Start::Now, Start::Now]
+        );
+    }
+
     // ---- properties
 
     fn channel_name() -> impl Strategy<Value = String> {
         "[A-Za-z0-9_:.@=/-]{1,40}"
+    }
+
+    /// Two names whose real hashes collide.
+    fn colliding_pair() -> impl Strategy<Value = (String, String)> {
+        (0..COLLIDING.len(), "[a-z0-9:]{0,6}").prop_map(|(i, suffix)| {
+            let (a, b) = COLLIDING[i];
+            (format!("{a}{suffix}"), format!("{b}{suffix}"))
+        })
+    }
+
+    /// Distinct channel names, some of them in colliding pairs, in a random
+    /// order.
+    fn channel_set() -> impl Strategy<Value = Vec<String>> {
+        (
+            proptest::collection::vec(channel_name(), 0..12),
+            proptest::collection::vec(colliding_pair(), 0..4),
+        )
+            .prop_flat_map(|(names, pairs)| {
+                let mut set: Vec<String> = names;
+                for (a, b) in pairs {
+                    set.push(a);
+                    set.push(b);
+                }
+                set.sort();
+                set.dedup();
+                Just(set).prop_shuffle()
+            })
     }
 
     fn any_epoch() -> impl Strategy<Value = Epoch> {
@@ -1131,52 +1461,153 @@ mod tests {
         prop_oneof![0u64..1000, any::<u64>(), Just(u64::MAX)]
     }
 
+    fn any_position() -> impl Strategy<Value = Position> {
+        (any_epoch(), any_offset()).prop_map(|(epoch, offset)| Position::new(epoch, offset))
+    }
+
     fn any_cursor() -> impl Strategy<Value = Cursor> {
-        proptest::collection::vec((channel_name(), any_epoch(), any_offset()), 0..8).prop_map(
-            |entries| {
+        channel_set()
+            .prop_flat_map(|names| {
+                let count = names.len();
+                (
+                    Just(names),
+                    proptest::collection::vec(any_position(), count),
+                )
+            })
+            .prop_map(|(names, positions)| {
                 let mut cursor = Cursor::new();
-                for (channel, epoch, offset) in entries {
-                    cursor.set(&channel, Position::new(epoch, offset));
+                for (name, position) in names.iter().zip(positions) {
+                    cursor.set(&ch(name), position);
                 }
                 cursor
-            },
-        )
+            })
+    }
+
+    /// A deliberately weak hash, so that most channels collide: the
+    /// resolution is tested with groups of every size, not only pairs.
+    fn weak_hash(name: &str) -> u32 {
+        (name.len() % 3) as u32
+    }
+
+    /// Builds a cursor over `channels` (with `hash`), setting each one's
+    /// position, some of them twice, in the given order.
+    fn build(
+        channels: &[String],
+        positions: &[Position],
+        hash: impl Fn(&str) -> u32,
+    ) -> (Cursor, HashMap<String, Position>) {
+        let mut cursor = Cursor::new();
+        let mut expected = HashMap::new();
+        for (name, position) in channels.iter().zip(positions) {
+            // A first position, then the real one: `set` moves an entry.
+            cursor.set_hashed(&ch(name), hash(name), Position::new(position.epoch, 0));
+            cursor.set_hashed(&ch(name), hash(name), *position);
+            expected.insert(name.clone(), *position);
+        }
+        (cursor, expected)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
+        /// Encode, decode, resolve against the same channels in any order:
+        /// every channel gets its own position back, colliding or not.
         #[test]
-        fn prop_cursor_round_trips(entries in proptest::collection::vec((channel_name(), any_epoch(), any_offset()), 0..24)) {
-            let mut expected: HashMap<&str, Position> = HashMap::new();
-            let mut cursor = Cursor::new();
-            for (channel, epoch, offset) in &entries {
-                let position = Position::new(*epoch, *offset);
-                cursor.set(channel, position);
-                expected.insert(channel, position);
-            }
-            // Distinct names with one hash would share an entry; vanishingly
-            // rare at this size, but not a failure of the codec.
-            let mut hashes: Vec<u32> = expected.keys().map(|c| channel_hash(c)).collect();
-            hashes.sort_unstable();
-            hashes.dedup();
-            prop_assume!(hashes.len() == expected.len());
-
+        fn prop_cursor_round_trips(
+            (channels, positions, order) in channel_set().prop_flat_map(|names| {
+                let count = names.len();
+                (Just(names.clone()), proptest::collection::vec(any_position(), count), Just(names).prop_shuffle())
+            })
+        ) {
+            let (cursor, expected) = build(&channels, &positions, channel_hash);
+            prop_assert_eq!(cursor.len(), channels.len());
             let text = cursor.encode();
             prop_assert!(text.len() <= MAX_CURSOR_BYTES);
             prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'));
             let decoded = Cursor::decode(&text).unwrap();
-            prop_assert_eq!(decoded.len(), expected.len());
-            for (channel, position) in &expected {
-                prop_assert_eq!(decoded.position_of(channel), Some(*position));
-            }
+            prop_assert_eq!(decoded.len(), channels.len());
             prop_assert_eq!(decoded.encode(), text);
-            prop_assert_eq!(decoded, cursor);
+            prop_assert_eq!(&decoded, &super::tests::decoded(&cursor));
+            let starts = decoded.resolve(&order);
+            for (name, start) in order.iter().zip(starts) {
+                prop_assert_eq!(start, Start::After(expected[name]), "{}", name);
+            }
+        }
+
+        /// The same with a hash under which most channels collide, in
+        /// groups of every size.
+        #[test]
+        fn prop_colliding_groups_of_any_size_round_trip(
+            (channels, positions, order) in proptest::collection::btree_set("[a-z]{1,6}", 0..16)
+                .prop_flat_map(|names| {
+                    let names: Vec<String> = names.into_iter().collect();
+                    let count = names.len();
+                    (Just(names.clone()).prop_shuffle(), proptest::collection::vec(any_position(), count), Just(names).prop_shuffle())
+                })
+        ) {
+            let (cursor, expected) = build(&channels, &positions, weak_hash);
+            let decoded = Cursor::decode(&cursor.encode()).unwrap();
+            let starts = decoded.resolve_by(&order, weak_hash);
+            for (name, start) in order.iter().zip(starts) {
+                prop_assert_eq!(start, Start::After(expected[name]), "{}", name);
+            }
+        }
+
+        /// A client that comes back with other channels than its cursor was
+        /// written for: a channel whose hash group is unchanged resumes
+        /// exactly; a channel whose hash the cursor does not hold starts
+        /// from now; a channel the cursor holds never starts from now.
+        #[test]
+        fn prop_a_changed_channel_set_never_starts_a_held_channel_from_now(
+            (before, positions, after) in proptest::collection::btree_set("[a-z]{1,5}", 0..12)
+                .prop_flat_map(|names| {
+                    let names: Vec<String> = names.into_iter().collect();
+                    let count = names.len();
+                    (
+                        Just(names.clone()),
+                        proptest::collection::vec(any_position(), count),
+                        (proptest::sample::subsequence(names, 0..=count), proptest::collection::btree_set("[a-z]{1,5}", 0..4))
+                            .prop_map(|(kept, added)| {
+                                let mut after: Vec<String> = kept;
+                                after.extend(added);
+                                after
+                            }),
+                    )
+                })
+        ) {
+            let (cursor, expected) = build(&before, &positions, weak_hash);
+            let decoded = Cursor::decode(&cursor.encode()).unwrap();
+            fn group(names: &[String], hash: u32) -> Vec<&String> {
+                let mut group: Vec<&String> = names.iter().filter(|n| weak_hash(n) == hash).collect();
+                group.sort();
+                group.dedup();
+                group
+            }
+            let starts = decoded.resolve_by(&after, weak_hash);
+            for (name, start) in after.iter().zip(starts) {
+                let hash = weak_hash(name);
+                let (was, is) = (group(&before, hash), group(&after, hash));
+                if was.is_empty() {
+                    prop_assert_eq!(start, Start::Now, "{}", name);
+                } else if was == is {
+                    prop_assert_eq!(start, Start::After(expected[name]), "{}", name);
+                } else if was.len() == is.len() {
+                    // Swapped within a group: some position of that group,
+                    // which its epoch then tells apart.
+                    let held: Vec<Position> = was.iter().map(|n| expected[*n]).collect();
+                    prop_assert!(matches!(start, Start::After(p) if held.contains(&p)), "{}: {:?}", name, start);
+                } else {
+                    prop_assert_eq!(start, Start::Lost, "{}", name);
+                }
+                if expected.contains_key(name) {
+                    prop_assert_ne!(start, Start::Now, "{}", name);
+                }
+            }
         }
 
         #[test]
         fn prop_decode_never_panics_on_strings(text in any::<String>()) {
-            let _ = Cursor::decode(&text);
+            let _ = Cursor::decode(&text).map(|c| c.resolve(&["a", "b"]));
             let _ = Position::parse(&text);
             let _ = Epoch::parse(&text);
         }
@@ -1195,7 +1626,38 @@ mod tests {
             let text = if seal { sealed(&body) } else { format!("{body}.00000000") };
             if let Ok(cursor) = Cursor::decode(&text) {
                 prop_assert_eq!(cursor.encode(), text);
+                let _ = cursor.resolve(&["a", "b", "c"]);
             }
+        }
+
+        /// Any one byte replaced by another is refused: inside the body the
+        /// checksum no longer matches (each FNV-1a step is one-to-one), and
+        /// inside the checksum it no longer matches the body.
+        #[test]
+        fn prop_single_byte_changes_are_refused(
+            cursor in any_cursor(),
+            index in any::<prop::sample::Index>(),
+            replacement in any::<u8>(),
+        ) {
+            let text = cursor.encode();
+            let mut bytes = text.clone().into_bytes();
+            let at = index.index(bytes.len());
+            prop_assume!(bytes[at] != replacement);
+            bytes[at] = replacement;
+            let altered = String::from_utf8_lossy(&bytes);
+            let err = Cursor::decode(&altered).expect_err(&altered);
+            prop_assert_eq!(err.code(), "bad_cursor");
+        }
+
+        /// Every cut-short cursor is refused. (One could pass only if its
+        /// last 8 characters happened to be the FNV-1a of the rest: odds of
+        /// 2^-32 per cut.)
+        #[test]
+        fn prop_truncations_are_refused(cursor in any_cursor(), index in any::<prop::sample::Index>()) {
+            let text = cursor.encode();
+            let cut = index.index(text.len());
+            let err = Cursor::decode(&text[..cut]).expect_err(&text[..cut]);
+            prop_assert_eq!(err.code(), "bad_cursor");
         }
 
         #[test]
@@ -1216,7 +1678,7 @@ mod tests {
             let altered: String = chars.into_iter().collect();
             match Cursor::decode(&altered) {
                 Err(err) => prop_assert_eq!(err.code(), "bad_cursor"),
-                Ok(decoded) => prop_assert_eq!(decoded, cursor),
+                Ok(decoded) => prop_assert_eq!(decoded, super::tests::decoded(&cursor)),
             }
         }
 

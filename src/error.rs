@@ -41,6 +41,10 @@ pub enum ProxyError {
     UpgradeFailed,
     #[error("pushgate does not forward CONNECT requests")]
     ConnectRefused,
+    /// A request pushgate could not forward exactly as the client framed
+    /// it (docs/security.md): refused rather than altered.
+    #[error("pushgate refuses this request: {0}")]
+    BadRequest(&'static str),
     #[error("the request body stalled: nothing arrived for {}", humantime::format_duration(*.0))]
     UploadStalled(Duration),
     #[error("the client went away before sending the whole request body")]
@@ -60,14 +64,24 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::UploadAborted => StatusCode::BAD_REQUEST,
+            ProxyError::UploadAborted | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::OutOfFiles => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// A short plain-text answer naming the cause.
     pub fn into_response(self) -> Response<Body> {
-        plain(self.status(), format!("{self}\n"))
+        let refused = matches!(self, ProxyError::BadRequest(_));
+        let mut response = plain(self.status(), format!("{self}\n"));
+        if refused {
+            // Whatever followed a request that was not understood cannot be
+            // read as the next one.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

@@ -248,8 +248,22 @@ impl Publication {
     /// A join or leave event: `json` is the control push
     /// `{"op":"join"|"leave","channel",...}`, sent as a WebSocket text frame
     /// and as an SSE event named `pushgate.join` / `pushgate.leave`.
+    ///
+    /// `json` must be valid JSON. Invariant: **no CR or LF of it reaches
+    /// the SSE `data:` line**, which would end the line there and let the
+    /// rest be read as fields of its own (an `id:` that moves the client's
+    /// cursor, say). The app's `info` inside it is copied as the app wrote
+    /// it, newlines included, and events from other nodes arrive as text,
+    /// so the JSON is compacted here, the one place these lines are made.
     pub fn presence_event(channel: ChannelName, joined: bool, json: String) -> Publication {
         let name = if joined { "join" } else { "leave" };
+        let json = if json.bytes().any(|b| b == b'\n' || b == b'\r') {
+            let mut compact = Vec::with_capacity(json.len());
+            compact_json(&json, &mut compact);
+            String::from_utf8(compact).expect("compacting keeps UTF-8")
+        } else {
+            json
+        };
         let sse = format!("event: pushgate.{name}\ndata: {json}\n");
         let envelope = Bytes::from(json);
         let ws_text = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(envelope.clone())
@@ -325,7 +339,7 @@ impl Publication {
         let (hash, position) = cursor.sole()?;
         let sole = self.sse_sole_id.get_or_init(|| {
             let mut alone = Cursor::new();
-            alone.set(self.channel.as_str(), self.position);
+            alone.set(&self.channel, self.position);
             let mut line = String::from("id: ");
             alone.encode_into(&mut line);
             line.push_str("\n\n");
@@ -472,7 +486,7 @@ mod tests {
             1,
         );
         let mut alone = Cursor::new();
-        alone.set("chat:1", position(7));
+        alone.set(&ChannelName::parse("chat:1").unwrap(), position(7));
         let line = publication
             .sse_sole_id(&alone)
             .expect("one channel, at this position");
@@ -482,13 +496,13 @@ mod tests {
         assert_eq!(again.as_ptr(), line.as_ptr());
 
         let mut elsewhere = Cursor::new();
-        elsewhere.set("chat:1", position(6));
+        elsewhere.set(&ChannelName::parse("chat:1").unwrap(), position(6));
         assert!(publication.sse_sole_id(&elsewhere).is_none());
         let mut two = alone.clone();
-        two.set("news", position(3));
+        two.set(&ChannelName::parse("news").unwrap(), position(3));
         assert!(publication.sse_sole_id(&two).is_none());
         let mut other = Cursor::new();
-        other.set("chat:2", position(7));
+        other.set(&ChannelName::parse("chat:2").unwrap(), position(7));
         assert!(publication.sse_sole_id(&other).is_none());
     }
 
@@ -511,5 +525,110 @@ mod tests {
             value.get("event").is_none() && value.get("op").is_none() && value.get("id").is_none()
         );
         assert!(publication.sse_lines().starts_with(b"data: {"));
+    }
+
+    /// The app's `info`, pretty-printed or with any whitespace, never puts a
+    /// line break into a join or leave event's SSE lines; the event keeps
+    /// every value.
+    mod presence_lines {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                // Escaped newlines inside strings stay; raw ones cannot occur.
+                "[a-z \\n\\r\\t\\u{2028}\"\\\\é]{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    proptest::collection::btree_map("[a-z\\n ]{0,6}", inner, 0..6)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Spreads JSON text out with every kind of insignificant whitespace.
+        fn spread(json: &str, gap: &str) -> String {
+            let mut out = String::new();
+            let mut in_string = false;
+            let mut escaped = false;
+            for c in json.chars() {
+                if in_string {
+                    out.push(c);
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        in_string = false;
+                    }
+                    continue;
+                }
+                if c == '"' {
+                    in_string = true;
+                }
+                out.push(c);
+                if matches!(c, '{' | '[' | ',' | ':') {
+                    out.push_str(gap);
+                }
+            }
+            out
+        }
+
+        fn member(info: &str) -> crate::broker::Member {
+            crate::broker::Member {
+                user: Some("42".into()),
+                connection: "n1-7".into(),
+                node: "n1".into(),
+                info: Some(serde_json::value::RawValue::from_string(info.to_owned()).unwrap()),
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn prop_info_never_breaks_an_sse_line(
+                info in any_json(),
+                pretty in any::<bool>(),
+                gap in "[ \\t\\r\\n]{0,4}",
+                joined in any::<bool>(),
+            ) {
+                let text = if pretty {
+                    serde_json::to_string_pretty(&info).unwrap()
+                } else {
+                    spread(&serde_json::to_string(&info).unwrap(), &gap)
+                };
+                let channel = ChannelName::parse("room:1").unwrap();
+                let json = member(&text).event_json(&channel, joined);
+                let event = Publication::presence_event(channel, joined, json);
+                let sse = std::str::from_utf8(event.sse_lines()).unwrap();
+                let lines: Vec<&str> = sse.split_terminator('\n').collect();
+                prop_assert_eq!(lines.len(), 2, "{:?}", sse);
+                prop_assert!(!sse.contains('\r'), "{:?}", sse);
+                let name = if joined { "join" } else { "leave" };
+                prop_assert_eq!(lines[0], format!("event: pushgate.{name}"));
+                let data = lines[1].strip_prefix("data: ").unwrap();
+                let parsed: Value = serde_json::from_str(data).unwrap();
+                prop_assert_eq!(&parsed["info"], &info);
+                prop_assert_eq!(&parsed["op"], name);
+                let envelope: Value = serde_json::from_slice(event.envelope()).unwrap();
+                prop_assert_eq!(envelope, parsed);
+            }
+        }
+
+        #[test]
+        fn compact_info_is_passed_through_as_it_is() {
+            let channel = ChannelName::parse("room:1").unwrap();
+            let json = member(r#"{"name":"Ada","bio":"a\nb"}"#).event_json(&channel, true);
+            let event = Publication::presence_event(channel, true, json.clone());
+            assert_eq!(
+                event.sse_lines(),
+                format!("event: pushgate.join\ndata: {json}\n").as_bytes()
+            );
+        }
     }
 }

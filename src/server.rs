@@ -195,6 +195,9 @@ impl Handler {
     ) -> Answer {
         match self {
             Handler::Public { realtime, .. } if realtime.owns(request.uri().path()) => {
+                if let Some(refusal) = proxy::refusal(&request) {
+                    return Box::pin(std::future::ready(Ok(refusal)));
+                }
                 if let Some(detach) = detach {
                     request.extensions_mut().insert(detach);
                 }

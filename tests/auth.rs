@@ -104,6 +104,11 @@ async fn answer(
         .to_owned();
     let body = request.into_body().collect().await.unwrap().to_bytes();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let from = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     *last.lock().unwrap() = Some((headers, body));
     Ok(match cookie.as_str() {
         "session=alice" => reply(
@@ -114,6 +119,33 @@ async fn answer(
             StatusCode::OK,
             json!({"user": "carol", "channels": ["chat:1", "news"], "expires_in": 1}).to_string(),
         ),
+        // One cookie, an answer per client address: the app's decision
+        // depends on X-Forwarded-For.
+        "session=by-address" => match from.as_str() {
+            "127.0.0.2" => reply(
+                StatusCode::OK,
+                json!({"user": "dora", "channels": ["addr:2"]}).to_string(),
+            ),
+            "127.0.0.3" => reply(
+                StatusCode::FORBIDDEN,
+                json!({"reason": "not from this address"}).to_string(),
+            ),
+            _ => reply(
+                StatusCode::OK,
+                json!({"user": "dora", "channels": ["addr:other"]}).to_string(),
+            ),
+        },
+        // A grant the app asks not to be kept.
+        "session=no-store" => {
+            let mut response = reply(
+                StatusCode::OK,
+                json!({"user": "nell", "channels": ["chat:1"]}).to_string(),
+            );
+            response
+                .headers_mut()
+                .insert("cache-control", "private, no-store".parse().unwrap());
+            response
+        }
         "session=banned" => reply(StatusCode::FORBIDDEN, json!({"reason": "banned for spam"}).to_string()),
         "session=slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -466,6 +498,135 @@ async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
         get_with_cookie(&url, Some("session=alice")).await;
     }
     assert_eq!(app.requests(), 3);
+}
+
+/// A plain HTTP/1.1 client whose connections come from `ip` (any address
+/// of 127.0.0.0/8 is this machine's loopback).
+fn client_from(
+    ip: &str,
+) -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    BoxBody<Bytes, std::io::Error>,
+> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(ip.parse().unwrap()));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+/// GETs `url` from the address `ip` with `cookie`; the status and the
+/// body's error message, if any.
+async fn get_from(ip: &str, url: &str, cookie: &str) -> (StatusCode, String) {
+    let request = Request::get(url)
+        .header("cookie", cookie)
+        .body(common::empty_body())
+        .unwrap();
+    let response = tokio::time::timeout(PATIENCE, client_from(ip).request(request))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let status = response.status();
+    let mut body = response.into_body();
+    if status == StatusCode::OK {
+        // An SSE stream does not end; its head is the answer.
+        return (status, String::new());
+    }
+    let mut bytes = Vec::new();
+    while let Some(frame) = tokio::time::timeout(PATIENCE, body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (
+        status,
+        answer["error"]["message"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// The invariant of the grant cache, end to end: a grant is served from the
+/// cache only to a connect whose auth request the app would see exactly as
+/// it saw the one it answered. The same cookie from another client address
+/// is another request (X-Forwarded-For), and so are other channels.
+#[tokio::test]
+async fn a_cached_grant_is_never_served_to_another_client_address() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 1m\n").await;
+    let cookie = "session=by-address";
+    for transport in ["poll", "sse"] {
+        let url = format!(
+            "http://{}/realtime/{transport}?channel=addr:2{}",
+            gate.addr,
+            if transport == "poll" {
+                "&timeout=0"
+            } else {
+                ""
+            }
+        );
+        let before = app.requests();
+        let (status, why) = get_from("127.0.0.2", &url, cookie).await;
+        assert_eq!(status, StatusCode::OK, "{transport} from .2: {why}");
+        assert_eq!(app.requests(), before + 1);
+        // The app refuses .3; the grant it gave .2 must not stand in.
+        for _ in 0..2 {
+            let (status, why) = get_from("127.0.0.3", &url, cookie).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{transport} from .3");
+            assert_eq!(why, "not from this address");
+        }
+        assert_eq!(app.requests(), before + 3, "refusals are asked every time");
+        // .4 is granted other channels: .2's grant does not stand in either.
+        let (status, why) = get_from("127.0.0.4", &url, cookie).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{transport} from .4: {why}");
+        assert_eq!(why, "not allowed to hear `addr:2`");
+        assert_eq!(app.requests(), before + 4);
+        // .2 again, the same request: from the cache.
+        let (status, _) = get_from("127.0.0.2", &url, cookie).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(app.requests(), before + 4, "the same request is cached");
+    }
+
+    // The same client asking for other channels is another request too.
+    let before = app.requests();
+    let url = format!(
+        "http://{}/realtime/poll?channel=addr:2&channel=addr:2x&timeout=0",
+        gate.addr
+    );
+    let (status, _) = get_from("127.0.0.2", &url, cookie).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(app.requests(), before + 1);
+
+    // A long-poll's moving cursor is not sent to the app, so it does not
+    // defeat the cache.
+    let before = app.requests();
+    let (status, _) = get_from(
+        "127.0.0.2",
+        &format!(
+            "http://{}/realtime/poll?channel=addr:2&timeout=0&since=1.340ca71c",
+            gate.addr
+        ),
+        cookie,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        app.requests(),
+        before,
+        "the poll's grant came from the cache"
+    );
+    let (_, body) = app.last_request.lock().unwrap().clone().unwrap();
+    assert!(!body["query"].as_str().unwrap().contains("since"), "{body}");
+}
+
+#[tokio::test]
+async fn an_answer_with_cache_control_no_store_is_not_cached() {
+    let app = App::start().await;
+    let gate = start(&format!("http://{}", app.addr), "    cache_ttl: 1m\n").await;
+    let url = poll_url(&gate);
+    for _ in 0..3 {
+        let (status, _) = get_with_cookie(&url, Some("session=no-store")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(app.requests(), 3, "each connect asked the app");
 }
 
 /// Auth requests go over kept-alive connections, the same the proxy uses:

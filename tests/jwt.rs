@@ -39,9 +39,13 @@ fn claims(sub: &str, exp: u64) -> Value {
 }
 
 async fn hs256_gate(extra: &str) -> (Upstream, Pushgate) {
+    hs256_gate_with_leeway("0s", extra).await
+}
+
+async fn hs256_gate_with_leeway(leeway: &str, extra: &str) -> (Upstream, Pushgate) {
     let app = Upstream::start().await;
     let config = format!(
-        "auth:\n  mode: jwt\n  jwt:\n    algorithm: HS256\n    secret: \"{SECRET}\"\n    cookie: jwt\n    leeway: 0s\n{extra}"
+        "auth:\n  mode: jwt\n  jwt:\n    algorithm: HS256\n    secret: \"{SECRET}\"\n    cookie: jwt\n    leeway: {leeway}\n{extra}"
     );
     let gate = Pushgate::start(&app.url(), &config).await;
     (app, gate)
@@ -297,4 +301,234 @@ async fn a_token_that_runs_out_closes_with_4001_unless_refreshed() {
         next(&mut renewed).await.unwrap(),
         json!({"id": 3, "result": {}})
     );
+}
+
+/// A token with exactly this header and payload JSON, signed with the
+/// HS256 secret: for headers and claims the library's encoder cannot write.
+fn hs256_raw(header: &str, payload: &str) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let message = format!("{}.{}", b64.encode(header), b64.encode(payload));
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{message}.{signature}")
+}
+
+/// Asserts a token is refused with 401 and a reason naming `claim` in
+/// parentheses, and never called malformed.
+async fn refused_naming(gate: &Pushgate, name: &str, token: &str, claim: &str) {
+    let (status, detail) = poll(gate, "chat:1", bearer, token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}: {detail}");
+    assert!(detail.contains(&format!("({claim}")), "{name}: {detail}");
+    assert!(!detail.contains("malformed"), "{name}: {detail}");
+}
+
+async fn accepted(gate: &Pushgate, name: &str, token: &str) {
+    let (status, detail) = poll(gate, "chat:1", bearer, token).await;
+    assert_eq!(status, StatusCode::OK, "{name}: {detail}");
+}
+
+#[tokio::test]
+async fn nbf_is_honoured_with_the_leeway() {
+    let (_app, gate) = hs256_gate_with_leeway("30s", "").await;
+    let with_nbf = |nbf: Value| {
+        hs256(json!({"sub": "ann", "exp": now() + 600, "nbf": nbf, "channels": ["chat:1"]}))
+    };
+    accepted(&gate, "nbf passed", &with_nbf(json!(now() - 5))).await;
+    accepted(&gate, "nbf now", &with_nbf(json!(now()))).await;
+    accepted(&gate, "nbf within the leeway", &with_nbf(json!(now() + 20))).await;
+    accepted(
+        &gate,
+        "a fractional nbf",
+        &with_nbf(json!(now() as f64 - 0.5)),
+    )
+    .await;
+    refused_naming(
+        &gate,
+        "nbf past the leeway",
+        &with_nbf(json!(now() + 120)),
+        "nbf",
+    )
+    .await;
+    refused_naming(
+        &gate,
+        "nbf far ahead",
+        &with_nbf(json!(u64::MAX / 2)),
+        "nbf",
+    )
+    .await;
+    // The library skips an nbf that is not a number; pushgate does not.
+    refused_naming(&gate, "nbf as text", &with_nbf(json!("2099-01-01")), "nbf").await;
+    refused_naming(&gate, "nbf negative", &with_nbf(json!(-1)), "nbf").await;
+    // exp with the same leeway: just past is still accepted, long past not.
+    accepted(
+        &gate,
+        "exp within the leeway",
+        &hs256(claims("ann", now() - 10)),
+    )
+    .await;
+    refused_naming(
+        &gate,
+        "exp past the leeway",
+        &hs256(claims("ann", now() - 120)),
+        "exp",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_token_with_a_crit_header_is_refused() {
+    let (_app, gate) = hs256_gate("").await;
+    let payload = claims("ann", now() + 600).to_string();
+    accepted(
+        &gate,
+        "plain header",
+        &hs256_raw(r#"{"alg":"HS256","typ":"JWT"}"#, &payload),
+    )
+    .await;
+    for header in [
+        r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
+        r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+        r#"{"alg":"HS256","crit":[]}"#,
+        r#"{"crit":["x"],"alg":"HS256","x":1}"#,
+    ] {
+        refused_naming(&gate, header, &hs256_raw(header, &payload), "crit").await;
+    }
+    // Through the WebSocket refresh command too.
+    let mut client = websocket(&gate, &hs256(claims("ann", now() + 600))).await;
+    let crit = hs256_raw(r#"{"alg":"HS256","crit":["x"],"x":1}"#, &payload);
+    let refresh = json!({"id": 1, "op": "refresh", "token": crit});
+    client
+        .send(Message::text(refresh.to_string()))
+        .await
+        .unwrap();
+    let reply = next(&mut client).await.unwrap();
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(crit)"),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let (_app, gate) = hs256_gate("    audience: pushgate\n    issuer: https://id.example\n").await;
+    let token = |extra: Value| {
+        let mut claims = claims("ann", now() + 600);
+        for (key, value) in extra.as_object().unwrap() {
+            claims[key] = value.clone();
+        }
+        hs256(claims)
+    };
+    let iss = "https://id.example";
+    accepted(
+        &gate,
+        "both match",
+        &token(json!({"aud": "pushgate", "iss": iss})),
+    )
+    .await;
+    accepted(
+        &gate,
+        "one audience of several",
+        &token(json!({"aud": ["billing", "pushgate"], "iss": iss})),
+    )
+    .await;
+    for (name, extra, claim) in [
+        (
+            "another audience",
+            json!({"aud": "billing", "iss": iss}),
+            "aud",
+        ),
+        (
+            "other audiences",
+            json!({"aud": ["a", "b"], "iss": iss}),
+            "aud",
+        ),
+        ("no audience", json!({"iss": iss}), "aud"),
+        (
+            "another issuer",
+            json!({"aud": "pushgate", "iss": "https://evil.example"}),
+            "iss",
+        ),
+        ("no issuer", json!({"aud": "pushgate"}), "iss"),
+    ] {
+        refused_naming(&gate, name, &token(extra), claim).await;
+    }
+
+    // Without them configured, an issuer is not checked, and a token meant
+    // for a named audience is not taken as meant for pushgate.
+    let (_app, open) = hs256_gate("").await;
+    accepted(
+        &open,
+        "any issuer",
+        &token(json!({"iss": "https://any.example"})),
+    )
+    .await;
+    refused_naming(
+        &open,
+        "an audience",
+        &token(json!({"aud": "pushgate"})),
+        "aud",
+    )
+    .await;
+}
+
+/// Well-formed tokens whose claims have the wrong shape are refused with
+/// the claim's name; only a token that is not JWT at all is "malformed".
+#[tokio::test]
+async fn claims_of_the_wrong_type_are_named_not_malformed() {
+    let (_app, gate) = hs256_gate("").await;
+    let exp = now() + 600;
+    accepted(
+        &gate,
+        "a fractional exp",
+        &hs256(json!({"sub": "ann", "exp": exp as f64 + 0.25, "channels": ["chat:1"]})),
+    )
+    .await;
+    for (name, claims, claim) in [
+        ("sub a number", json!({"sub": 42, "exp": exp}), "sub"),
+        ("sub empty", json!({"sub": "", "exp": exp}), "sub"),
+        (
+            "sub too long",
+            json!({"sub": "x".repeat(257), "exp": exp}),
+            "sub",
+        ),
+        (
+            "exp as text",
+            json!({"sub": "ann", "exp": "tomorrow"}),
+            "exp",
+        ),
+        (
+            "channels a string",
+            json!({"sub": "ann", "exp": exp, "channels": "chat:1"}),
+            "channels",
+        ),
+        (
+            "channels of numbers",
+            json!({"sub": "ann", "exp": exp, "channels": [1]}),
+            "channels",
+        ),
+    ] {
+        refused_naming(&gate, name, &hs256(claims), claim).await;
+    }
+    for (name, token) in [
+        ("two parts", "abc.def".to_owned()),
+        (
+            "a header that is not JSON",
+            format!("bm90IGpzb24.{}", "e30.sig"),
+        ),
+        (
+            "a payload that is not an object",
+            hs256_raw(r#"{"alg":"HS256"}"#, "[1,2]"),
+        ),
+    ] {
+        let (status, detail) = poll(&gate, "chat:1", bearer, &token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{name}: {detail}");
+        assert!(detail.contains("malformed"), "{name}: {detail}");
+    }
 }

@@ -201,3 +201,123 @@ async fn sse_subscribers_hear_joins_and_leaves_as_named_events_without_ids() {
     assert_eq!(event["op"], "leave");
     assert_eq!(event["channel"], "room:s");
 }
+
+/// An app whose auth endpoint answers with a pretty-printed grant: its
+/// `info` spans many lines, and one string in it holds text that would be
+/// read as SSE fields if a line break ever let it start a line.
+async fn pretty_auth_app() -> SocketAddr {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let grant = serde_json::to_string_pretty(&serde_json::json!({
+        "user": "ada",
+        "channels": ["room:*"],
+        "info": {
+            "name": "Ada",
+            "tags": ["a", "b"],
+            "bio": "line one\nid: 1.00000000.x.0.00000000\ndata: forged",
+            "nested": {"deep": [1, {"x": null}]}
+        }
+    }))
+    .unwrap()
+    .replace('\n', "\r\n");
+    assert!(grant.lines().count() > 10, "{grant}");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let grant = grant.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| {
+                    let grant = grant.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            bytes::Bytes::from(grant),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_apps_pretty_printed_info_never_breaks_an_sse_line() {
+    use tokio::io::AsyncWriteExt;
+    let app = pretty_auth_app().await;
+    let gate = Pushgate::start(
+        &format!("http://{app}"),
+        &format!("{RULES}auth:\n  mode: upstream\n"),
+    )
+    .await;
+    let mut sse = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    sse.write_all(
+        format!(
+            "GET /realtime/sse?channel=room:p HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            gate.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    // Its own join, whole.
+    read_until_end_of(&mut sse, &mut text, "event: pushgate.join").await;
+    // A second member joins and leaves: its info travels in both events.
+    let mut other = connect(gate.addr).await;
+    subscribe(&mut other, "room:p").await;
+    drop(other);
+    read_until_end_of(&mut sse, &mut text, "event: pushgate.leave").await;
+
+    let (_head, stream) = text.split_once("\r\n\r\n").unwrap();
+    let mut events = 0;
+    for line in stream.split('\n') {
+        // Only the fields pushgate writes; any other line is a fragment
+        // of a data line that a line break cut off.
+        let field = line.split_once(':').map_or(line, |(field, _)| field);
+        assert!(
+            matches!(field, "" | "retry" | "id" | "event" | "data"),
+            "a stray line {line:?} in\n{stream}"
+        );
+        assert!(!line.contains('\r'), "a CR in {line:?}");
+        if let Some(data) = line.strip_prefix("data: ") {
+            let event: Value = serde_json::from_str(data)
+                .unwrap_or_else(|err| panic!("{err}: a data line that is not JSON: {data:?}"));
+            assert_eq!(event["info"]["name"], "Ada", "{event}");
+            assert_eq!(
+                event["info"]["bio"],
+                "line one\nid: 1.00000000.x.0.00000000\ndata: forged"
+            );
+            assert_eq!(
+                event["info"]["nested"]["deep"][1],
+                serde_json::json!({"x": null})
+            );
+            events += 1;
+        }
+    }
+    assert_eq!(events, 3, "two joins and a leave:\n{stream}");
+}
+
+/// Reads into `seen` until the SSE event that starts with `needle` has
+/// ended (its blank line has arrived), within [`PATIENCE`].
+async fn read_until_end_of(stream: &mut tokio::net::TcpStream, seen: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut buffer = [0u8; 4096];
+    while !seen
+        .find(needle)
+        .is_some_and(|at| seen[at..].contains("\n\n"))
+    {
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("no whole {needle:?} in {seen}"))
+            .unwrap();
+        assert!(read > 0, "the stream ended before {needle:?}: {seen}");
+        seen.push_str(std::str::from_utf8(&buffer[..read]).unwrap());
+    }
+}

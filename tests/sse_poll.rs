@@ -17,7 +17,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pushgate::cursor::{Cursor, Epoch, Position};
+use pushgate::cursor::{Cursor, DecodedCursor, Epoch, Position};
+use pushgate::message::ChannelName;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -150,7 +151,7 @@ impl Event {
             .unwrap_or_else(|err| panic!("{err}: data is not JSON: {self:?}"))
     }
 
-    fn cursor(&self) -> Cursor {
+    fn cursor(&self) -> DecodedCursor {
         let id = self.id.as_deref().expect("every event has an id");
         Cursor::decode(id).unwrap_or_else(|err| panic!("id {id:?} does not decode: {err}"))
     }
@@ -339,7 +340,7 @@ impl SseStream {
 
     /// The opening: the configured `retry:` (2 s) with the connection's
     /// starting cursor as its id.
-    async fn opening(&mut self) -> Cursor {
+    async fn opening(&mut self) -> DecodedCursor {
         let Some(Item::Retry(2000)) = self.next_item().await else {
             panic!("the stream starts with the configured retry");
         };
@@ -737,7 +738,10 @@ async fn sse_sends_keepalive_comments_on_an_idle_stream() {
 async fn sse_refuses_malformed_requests_with_a_reason() {
     let (_app, gate) = start("").await;
     let mut cursor = Cursor::new();
-    cursor.set("c", Position::new(Epoch::parse("AbCdEfGh").unwrap(), 0));
+    cursor.set(
+        &ChannelName::parse("c").unwrap(),
+        Position::new(Epoch::parse("AbCdEfGh").unwrap(), 0),
+    );
     let good = cursor.encode();
     // The same cursor is accepted, so the refusal below is the checksum's.
     let accepted =
@@ -1213,7 +1217,10 @@ async fn poll_refuses_malformed_input_and_caps_the_timeout() {
         );
     }
     let mut cursor = Cursor::new();
-    cursor.set("p", Position::new(Epoch::parse("AbCdEfGh").unwrap(), 0));
+    cursor.set(
+        &ChannelName::parse("p").unwrap(),
+        Position::new(Epoch::parse("AbCdEfGh").unwrap(), 0),
+    );
     let mut altered = cursor.encode();
     let last = altered.pop().unwrap();
     altered.push(if last == '0' { '1' } else { '0' });
@@ -1361,7 +1368,7 @@ async fn a_cursor_from_another_epoch_or_ahead_of_the_stream_is_reset() {
         let gate = &gate;
         async move {
             let mut cursor = Cursor::new();
-            cursor.set("ep", position);
+            cursor.set(&ChannelName::parse("ep").unwrap(), position);
             let cursor = cursor.encode();
             let mut stream = SseStream::open(
                 gate.addr,
@@ -1388,7 +1395,7 @@ async fn a_cursor_from_another_epoch_or_ahead_of_the_stream_is_reset() {
 
     // Offset 0 is "before the first publication" in any epoch: no reset.
     let mut cursor = Cursor::new();
-    cursor.set("ep", Position::new(other, 0));
+    cursor.set(&ChannelName::parse("ep").unwrap(), Position::new(other, 0));
     let cursor = cursor.encode();
     let mut stream = SseStream::open(
         gate.addr,

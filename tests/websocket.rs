@@ -614,3 +614,96 @@ async fn a_burst_within_the_coalesce_window_is_written_early_rather_than_cut_off
         0
     );
 }
+
+/// A client that stops reading is cut off with 4008, and the Close frame
+/// goes out as soon as the session is marked slow: directly behind what was
+/// already written, not after the rest of its queue nor after a write
+/// timeout that started before. It reads everything it was sent, then the
+/// close, and resumes without a gap or a duplicate.
+#[tokio::test]
+async fn a_client_that_stops_reading_sees_4008_promptly_and_resumes_exactly() {
+    let ping_timeout = Duration::from_secs(4);
+    let (_app, gate) = start(
+        "limits:\n  queue_messages: 200\n  queue_bytes: 32MiB\nhistory:\n  size: 5000\nrealtime:\n  websocket:\n    ping_timeout: 4s\n",
+    )
+    .await;
+    // A small receive buffer, so the server's writes block early.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(gate.addr).await.unwrap();
+    let url = format!("ws://{}/realtime/ws?channel=flood", gate.addr);
+    let (mut slow, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    metric_becomes(
+        gate.api_addr,
+        "pushgate_subscriptions{transport=\"websocket\"}",
+        1,
+    )
+    .await;
+
+    // More than the socket buffers hold, but less than the queue: the
+    // session's write blocks on the client, and it is not behind yet…
+    let big = "x".repeat(64 * 1024);
+    let mut published = 0u64;
+    for _ in 0..100 {
+        publish(gate.api_addr, "flood", json!({"pad": big})).await;
+        published += 1;
+    }
+    // …for half the write timeout, and then the queue overflows.
+    tokio::time::sleep(ping_timeout / 2).await;
+    let marked = loop {
+        publish(gate.api_addr, "flood", json!({"pad": "y"})).await;
+        published += 1;
+        if published.is_multiple_of(20)
+            && metric(gate.api_addr, "pushgate_slow_consumers_total").await == 1
+        {
+            break Instant::now();
+        }
+        assert!(published < 2000, "never marked slow");
+    };
+    // The client stays away a while longer (well inside ping_timeout after
+    // it was marked slow), then reads: every envelope in order, then 4008.
+    tokio::time::sleep(ping_timeout / 2).await;
+    let reading = Instant::now();
+    let mut last = 0u64;
+    let mut epoch = String::new();
+    let code = loop {
+        let message = tokio::time::timeout(PATIENCE, slow.next())
+            .await
+            .expect("the close in time");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let envelope: Value = serde_json::from_str(text.as_str()).unwrap();
+                let offset = envelope["offset"].as_u64().unwrap();
+                assert_eq!(offset, last + 1, "in order, nothing skipped");
+                last = offset;
+                epoch = envelope["epoch"].as_str().unwrap().to_owned();
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(err)) => panic!("the connection failed instead of closing: {err}"),
+            None => panic!("the connection ended without a Close frame"),
+        }
+    };
+    assert_eq!(code, Some(4008));
+    assert!(
+        reading.elapsed() < Duration::from_secs(2),
+        "4008 came {:?} after the client began reading ({:?} after it was marked slow)",
+        reading.elapsed(),
+        marked.elapsed()
+    );
+    assert!(last < published, "a slow consumer missed something");
+
+    // Resume from the last envelope read: exactly the rest, once.
+    let mut client = connect(&gate, "").await;
+    let reply = command(
+        &mut client,
+        json!({"id": 1, "op": "subscribe", "channel": "flood", "since": format!("{epoch}:{last}")}),
+    )
+    .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    for offset in last + 1..=published {
+        assert_eq!(next_json(&mut client).await["offset"], offset);
+    }
+    let pong = command(&mut client, json!({"id": 2, "op": "ping"})).await;
+    assert_eq!(pong, json!({"id": 2, "result": {}}), "nothing more");
+}

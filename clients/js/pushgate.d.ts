@@ -163,7 +163,7 @@ export function retryDelay(
 ): number;
 /** FNV-1a 32 of an ASCII string. */
 export function fnv1a32(text: string): number;
-/** A version-1 cursor from [channel, position] pairs. */
+/** A version-1 cursor from [channel, position] pairs (channels whose hashes collide in name order). */
 export function buildCursor(positions: Iterable<[string, Position]>): string;
-/** The positions a cursor holds for `channels`; throws on a bad cursor. */
+/** The positions a cursor holds for `channels` (those it can tell apart); throws on a bad cursor. */
 export function parseCursor(text: string, channels: string[]): Map<string, Position>;

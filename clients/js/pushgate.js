@@ -27,20 +27,33 @@ const hex8 = (n) => n.toString(16).padStart(8, "0");
 
 /**
  * A version-1 cursor (docs/protocol.md#cursors) from positions:
- * an iterable of [channel, {epoch, offset}].
+ * an iterable of [channel, {epoch, offset}]. Channels whose names hash
+ * alike are written together, in the order of their names, which is how
+ * pushgate tells them apart.
  */
 export function buildCursor(positions) {
+  const groups = new Map();
+  for (const [channel, position] of positions) {
+    const hash = hex8(fnv1a32(channel));
+    if (!groups.has(hash)) groups.set(hash, []);
+    groups.get(hash).push([channel, position]);
+  }
   let text = "1";
-  for (const [channel, { epoch, offset }] of positions) {
-    text += `.${hex8(fnv1a32(channel))}.${epoch}.${offset.toString(36)}`;
+  for (const [hash, group] of groups) {
+    group.sort(([a], [b]) => (a < b ? -1 : 1));
+    for (const [, { epoch, offset }] of group) {
+      text += `.${hash}.${epoch}.${offset.toString(36)}`;
+    }
   }
   return `${text}.${hex8(fnv1a32(text))}`;
 }
 
 /**
- * The positions a cursor holds for `channels` (names it cannot hash back
- * are skipped): a Map channel -> {epoch, offset}. Throws on a malformed
- * cursor or a bad checksum.
+ * The positions a cursor holds for `channels`: a Map channel ->
+ * {epoch, offset}. Entries sharing a hash go, in order, to the channels of
+ * that hash in the order of their names; when their numbers differ nothing
+ * can be told apart and those channels are left out (pushgate resets them).
+ * Throws on a malformed cursor or a bad checksum.
  */
 export function parseCursor(text, channels) {
   const fields = text.split(".");
@@ -48,11 +61,23 @@ export function parseCursor(text, channels) {
   if (fields[0] != "1" || fields.length % 3 != 2 || hex8(fnv1a32(text.slice(0, cut))) != fields[fields.length - 1]) {
     throw new Error("bad cursor");
   }
-  const names = new Map(channels.map((c) => [hex8(fnv1a32(c)), c]));
-  const out = new Map();
+  const held = new Map();
   for (let i = 1; i < fields.length - 1; i += 3) {
-    const channel = names.get(fields[i]);
-    if (channel) out.set(channel, { epoch: fields[i + 1], offset: parseInt(fields[i + 2], 36) });
+    if (!held.has(fields[i])) held.set(fields[i], []);
+    held.get(fields[i]).push({ epoch: fields[i + 1], offset: parseInt(fields[i + 2], 36) });
+  }
+  const named = new Map();
+  for (const channel of new Set(channels)) {
+    const hash = hex8(fnv1a32(channel));
+    if (!named.has(hash)) named.set(hash, []);
+    named.get(hash).push(channel);
+  }
+  const out = new Map();
+  for (const [hash, names] of named) {
+    const entries = held.get(hash) || [];
+    if (entries.length != names.length) continue;
+    names.sort();
+    names.forEach((channel, k) => out.set(channel, entries[k]));
   }
   return out;
 }

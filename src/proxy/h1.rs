@@ -10,22 +10,21 @@
 //! and a body that arrived whole with its head is handed on as it is, the
 //! connection back in the pool before the response leaves. Requests with a
 //! body streaming from a client, and upgrades, go through hyper's client
-//! (see `super::Proxy`); a small body pushgate wrote itself (the auth
-//! request's JSON) goes here, written with the head in one go.
+//! on the same pool's connections (see `super::streamed`); a small body
+//! pushgate wrote itself (the auth request's JSON) goes here, written with
+//! the head in one go.
 //!
 //! Framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
 //! chunked when it is the last transfer coding; else `Content-Length`; else
-//! until the app closes. A connection is reused only when its answer was
-//! complete, framed by length or chunks, not marked `close`, and nothing
-//! followed it.
+//! until the app closes. A connection goes back to the pool by the one rule
+//! of [`super::pool::Outcome`].
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -33,11 +32,10 @@ use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use smallvec::SmallVec;
-use thread_local::ThreadLocal;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::pool::{Conn, Outcome, Pool, Pools};
 use crate::body::{self, Body, BoxError};
 use crate::error::ProxyError;
 use crate::proxy::Added;
@@ -50,8 +48,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Longest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Room made in the read buffer before each read from the app.
-const READ_SIZE: usize = 16 * 1024;
 
 fn failed(cause: impl Into<BoxError>) -> ProxyError {
     ProxyError::UpstreamFailed(cause.into())
@@ -61,63 +57,36 @@ fn refused(cause: io::Error) -> ProxyError {
     ProxyError::UpstreamRefused(cause.into())
 }
 
-/// Sends requests to the app over kept-alive connections, a pool per
-/// thread: a request is written and answered on the thread that serves it,
-/// with no hand-off between threads. One for the whole server, shared by
-/// the proxy and the auth requests.
+/// Sends requests to the app over kept-alive connections (see
+/// [`super::pool`]). One for the whole server, shared by the proxy and the
+/// auth requests.
 #[derive(Clone)]
 pub struct AppClient {
-    authority: Authority,
-    /// The app's address when `authority` names an IP; else resolved per
-    /// connect, as the system resolver answers.
-    addr: Option<SocketAddr>,
     host: HeaderValue,
     pools: Arc<Pools>,
 }
 
-/// Each thread's pool, made when the thread first asks.
-struct Pools {
-    per_thread: ThreadLocal<Arc<Pool>>,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
 impl AppClient {
     pub fn new(authority: &Authority, max_idle: usize, idle_timeout: Duration) -> AppClient {
-        let port = authority.port_u16().unwrap_or(80);
-        let addr = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .ok()
-            .map(|ip| SocketAddr::new(ip, port));
         AppClient {
-            authority: authority.clone(),
-            addr,
             host: HeaderValue::from_str(authority.as_str()).expect("an authority is header text"),
-            pools: Arc::new(Pools {
-                per_thread: ThreadLocal::new(),
-                max_idle,
-                idle_timeout,
-            }),
+            pools: Arc::new(Pools::new(authority, max_idle, idle_timeout)),
         }
     }
 
+    /// The app's `host:port`, the `Host` of a request that named none.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+
     /// This thread's pool.
-    fn pool(&self) -> &Arc<Pool> {
-        let Pools {
-            per_thread,
-            max_idle,
-            idle_timeout,
-        } = &*self.pools;
-        per_thread.get_or(|| {
-            Arc::new(Pool {
-                idle: Mutex::new(Idle::default()),
-                max_idle: *max_idle,
-                idle_timeout: *idle_timeout,
-            })
-        })
+    pub(super) fn pool(&self) -> &Arc<Pool> {
+        self.pools.local()
+    }
+
+    /// A new connection to the app, never used before.
+    pub(super) async fn connect(&self) -> Result<Conn, ProxyError> {
+        self.pools.connect().await.map_err(refused)
     }
 
     /// A request without a body, encoded for [`AppClient::send_encoded`].
@@ -182,19 +151,6 @@ impl AppClient {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, ProxyError> {
-        let stream = match self.addr {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(self.authority.as_str()).await,
-        }
-        .map_err(refused)?;
-        stream.set_nodelay(true).map_err(refused)?;
-        Ok(Conn {
-            stream,
-            buf: BytesMut::new(),
-        })
-    }
-
     fn respond(
         &self,
         method: &Method,
@@ -213,12 +169,21 @@ impl AppClient {
         } else {
             framing
         };
-        let reuse = keep_alive && !matches!(framing, Framing::Close);
+        // Written whole by `exchange`; read whole once the framing is done.
+        let outcome = Outcome {
+            request_whole: true,
+            answer_whole: false,
+            keep_alive,
+        };
         let body = match framing {
             // The common case: the whole body came with the head.
             Framing::Length(len) if conn.buf.len() as u64 >= len => {
                 let data = conn.buf.split_to(len as usize).freeze();
-                self.pool().release(conn, reuse);
+                let answered = Outcome {
+                    answer_whole: true,
+                    ..outcome
+                };
+                self.pool().release(conn, answered);
                 drop(file);
                 if data.is_empty() {
                     body::empty()
@@ -229,7 +194,7 @@ impl AppClient {
             framing => body::stream(AppBody {
                 conn: Some(conn),
                 framing,
-                reuse,
+                outcome,
                 pool: Arc::clone(self.pool()),
                 file: Some(file),
             }),
@@ -270,11 +235,14 @@ fn encode_request(
     if !headers.contains_key(header::HOST) && !added.iter().any(|(name, _)| name == header::HOST) {
         put_field(&mut buf, header::HOST.as_str(), default_host);
     }
-    let frames_it = |name: &HeaderName| {
-        body.is_some() && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING)
-    };
+    // The framing the app reads is written here, never copied from the
+    // client: `headers` may carry a length in any form hyper accepted
+    // (`0, 0`, `00`) that the app might read otherwise.
+    let mut had_length = false;
     for (name, value) in headers.iter().chain(added.iter()) {
-        if !frames_it(name) {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            had_length = true;
+        } else {
             put_field(&mut buf, name.as_str(), value);
         }
     }
@@ -284,9 +252,10 @@ fn encode_request(
             buf.put_slice(body);
         }
         None => {
-            // A method that expects a body is told plainly that this one has none.
+            // A method that expects a body, or a request that gave a
+            // length, is told plainly that this one has none.
             let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(method);
-            if expects_body && !headers.contains_key(header::CONTENT_LENGTH) {
+            if expects_body || had_length {
                 buf.put_slice(b"content-length: 0\r\n");
             }
             buf.put_slice(b"\r\n");
@@ -300,32 +269,6 @@ fn put_field(buf: &mut Vec<u8>, name: &str, value: &HeaderValue) {
     buf.put_slice(b": ");
     buf.put_slice(value.as_bytes());
     buf.put_slice(b"\r\n");
-}
-
-/// One connection to the app and what has been read from it but not used.
-struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Conn {
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
-    }
-
-    async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
-    }
-
-    /// Whether the app has closed (or written out of turn on) this idle
-    /// connection. Costs a system call only when the socket has news.
-    fn is_spent(&self) -> bool {
-        let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 /// How an exchange on one connection ended without an answer.
@@ -415,8 +358,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ProxyError> {
         // length-first name comparisons, not from lookups in the map.
         let fields: &[httparse::Header<'_>] = answer.headers;
         let framing = framing(status, fields)?;
-        let keep_alive = answer.version == Some(1)
-            && !tokens(fields, "connection").any(|t| t.eq_ignore_ascii_case(b"close"));
+        let keep_alive = keeps_alive(answer.version.unwrap_or_default(), fields);
         let spans = Spans::of(buf, fields);
         let headers = spans.take(buf, len).map_err(failed)?;
         return Ok(Some(Head {
@@ -477,35 +419,57 @@ impl Spans {
     }
 }
 
-/// The values of the fields called `name` (lower case), in order.
-fn values<'a>(
-    fields: &'a [httparse::Header<'a>],
-    name: &'static str,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields
-        .iter()
-        .filter(move |field| field.name.eq_ignore_ascii_case(name))
-        .map(|field| field.value)
+/// An answer's header fields: the raw ones `httparse` found, or the map
+/// hyper's client made. Framing and keep-alive are read the same way from
+/// either.
+pub(super) trait Fields {
+    /// The values of the fields called `name` (lower case), in order.
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl Fields for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |field| field.name.eq_ignore_ascii_case(name))
+            .map(|field| field.value)
+    }
+}
+
+impl Fields for HeaderMap {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
 }
 
 /// The comma-separated elements of the fields called `name`, trimmed, the
 /// empty ones left out.
-fn tokens<'a>(
-    fields: &'a [httparse::Header<'a>],
+fn tokens<'a, F: Fields + ?Sized>(
+    fields: &'a F,
     name: &'static str,
 ) -> impl Iterator<Item = &'a [u8]> + 'a {
-    values(fields, name)
+    fields
+        .values(name)
         .flat_map(|value| value.split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|token| !token.is_empty())
 }
 
+/// Whether an answer in HTTP/1.`minor` with these fields lets its
+/// connection be kept: HTTP/1.1, and no `close` among the `Connection`
+/// tokens.
+pub(super) fn keeps_alive<F: Fields + ?Sized>(minor: u8, fields: &F) -> bool {
+    minor == 1 && !tokens(fields, "connection").any(|t| t.eq_ignore_ascii_case(b"close"))
+}
+
 /// How the body of an answer with `status` and these fields ends.
-fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framing, ProxyError> {
+pub(super) fn framing<F: Fields + ?Sized>(
+    status: StatusCode,
+    fields: &F,
+) -> Result<Framing, ProxyError> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
-    if values(fields, "transfer-encoding").next().is_some() {
+    if fields.values("transfer-encoding").next().is_some() {
         // Chunked only when it is the last coding; any other last coding
         // (or one that is not text) leaves the body to end at close.
         let last = tokens(fields, "transfer-encoding").last();
@@ -517,7 +481,7 @@ fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framin
         });
     }
     let mut length = None;
-    for value in values(fields, "content-length") {
+    for value in fields.values("content-length") {
         for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             let parsed = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
@@ -540,7 +504,7 @@ fn framing(status: StatusCode, fields: &[httparse::Header<'_>]) -> Result<Framin
 
 /// How an answer's body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     /// After this many more bytes.
     Length(u64),
     /// At the last chunk.
@@ -551,7 +515,7 @@ enum Framing {
 
 /// Where a chunked body's reader stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub(super) enum Chunked {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk, with this many bytes left.
@@ -698,15 +662,18 @@ struct AppBody {
     /// `None` once the body has ended.
     conn: Option<Conn>,
     framing: Framing,
-    reuse: bool,
+    outcome: Outcome,
     pool: Arc<Pool>,
     file: Option<OwnedSemaphorePermit>,
 }
 
 impl AppBody {
+    /// Ends the body: the connection goes back by the rule, read whole
+    /// only when the framing says the answer is done.
     fn finish(&mut self) {
+        self.outcome.answer_whole = self.framing.is_done();
         if let Some(conn) = self.conn.take() {
-            self.pool.release(conn, self.reuse);
+            self.pool.release(conn, self.outcome);
         }
         self.file = None;
     }
@@ -729,7 +696,6 @@ impl http_body::Body for AppBody {
             let step = match this.framing.step(&mut conn.buf, eof) {
                 Ok(step) => step,
                 Err(err) => {
-                    this.reuse = false;
                     this.finish();
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -746,7 +712,6 @@ impl http_body::Body for AppBody {
                         Ok(0) => eof = true,
                         Ok(_) => {}
                         Err(err) => {
-                            this.reuse = false;
                             this.finish();
                             return Poll::Ready(Some(Err(err.into())));
                         }
@@ -771,76 +736,6 @@ impl http_body::Body for AppBody {
             (false, _) => SizeHint::with_exact(0),
             (true, Framing::Length(left)) => SizeHint::with_exact(left),
             (true, _) => SizeHint::default(),
-        }
-    }
-}
-
-/// Idle kept-alive connections to the app, the most recently used first
-/// out. A reaper task closes each as it passes `upstream.pool_idle_timeout`,
-/// while there are any.
-struct Pool {
-    idle: Mutex<Idle>,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
-#[derive(Default)]
-struct Idle {
-    conns: Vec<(Conn, Instant)>,
-    reaping: bool,
-}
-
-impl Pool {
-    fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.conns.pop() {
-            if now.duration_since(since) < self.idle_timeout && !conn.is_spent() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Takes back a connection whose answer has ended: kept when the answer
-    /// allowed it (`reuse`) and nothing followed the answer — bytes after
-    /// it answer nothing we sent — else closed.
-    fn release(self: &Arc<Self>, conn: Conn, reuse: bool) {
-        if !reuse || !conn.buf.is_empty() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.len() >= self.max_idle {
-            return;
-        }
-        idle.conns.push((conn, Instant::now()));
-        if !idle.reaping {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                idle.reaping = true;
-                runtime.spawn(reap(Arc::downgrade(self), self.idle_timeout));
-            }
-        }
-    }
-}
-
-/// Closes idle connections as they pass `idle_timeout` (and any the app
-/// closed meanwhile), until the pool is empty or gone.
-async fn reap(pool: Weak<Pool>, idle_timeout: Duration) {
-    let mut next = Instant::now() + idle_timeout;
-    loop {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
-        let Some(pool) = pool.upgrade() else { return };
-        let now = Instant::now();
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.conns
-            .retain(|(conn, since)| now.duration_since(*since) < idle_timeout && !conn.is_spent());
-        // Checked in at the end, so the first is the oldest.
-        match idle.conns.first() {
-            Some((_, since)) => next = *since + idle_timeout,
-            None => {
-                idle.reaping = false;
-                return;
-            }
         }
     }
 }
@@ -964,6 +859,190 @@ mod tests {
 
     fn head(wire: &str) -> Result<Option<Head>, ProxyError> {
         parse_head(&mut BytesMut::from(wire))
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A field the answer might carry: framing and keep-alive fields in
+        /// any case, and others.
+        fn field() -> impl Strategy<Value = (String, String)> {
+            let name = prop_oneof![
+                Just("Content-Length".to_owned()),
+                Just("content-length".to_owned()),
+                Just("Transfer-Encoding".to_owned()),
+                Just("TRANSFER-ENCODING".to_owned()),
+                Just("Connection".to_owned()),
+                "[Xx]-[a-z]{1,8}",
+            ];
+            let value = prop_oneof![
+                (0u64..100_000).prop_map(|n| n.to_string()),
+                Just("chunked".to_owned()),
+                Just("gzip, chunked".to_owned()),
+                Just("chunked, gzip".to_owned()),
+                Just("close".to_owned()),
+                Just("keep-alive".to_owned()),
+                "[ -~]{0,20}".prop_map(|v| v.trim().to_owned()),
+            ];
+            (name, value)
+        }
+
+        /// What RFC 9112 §6.3 says an answer's body is framed by, read
+        /// from the fields independently of the parser.
+        fn expected_framing(status: u16, fields: &[(String, String)]) -> Option<Framing> {
+            if status == 204 || status == 304 {
+                return Some(Framing::Length(0));
+            }
+            let of = |name: &'static str| {
+                fields
+                    .iter()
+                    .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_str())
+            };
+            if of("transfer-encoding").next().is_some() {
+                let last = of("transfer-encoding")
+                    .flat_map(|v| v.split(','))
+                    .map(str::trim)
+                    .rfind(|t| !t.is_empty());
+                return Some(match last {
+                    Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::Size),
+                    _ => Framing::Close,
+                });
+            }
+            let lengths: Vec<&str> = of("content-length")
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect();
+            if lengths.is_empty() {
+                return Some(Framing::Close);
+            }
+            let first: u64 = lengths[0]
+                .parse()
+                .ok()
+                .filter(|_| lengths[0].bytes().all(|b| b.is_ascii_digit()))?;
+            lengths
+                .iter()
+                .all(|l| l.parse() == Ok(first) && l.bytes().all(|b| b.is_ascii_digit()))
+                .then_some(Framing::Length(first))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Rule: no bytes from the app make the head parser panic; it
+            /// answers a head, "more", or an error.
+            #[test]
+            fn prop_any_bytes_leave_the_head_parser_standing(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let mut buf = BytesMut::from(&bytes[..]);
+                let _ = parse_head(&mut buf);
+                let mut prefixed = BytesMut::from(&b"HTTP/1.1 200 OK\r\n"[..]);
+                prefixed.extend_from_slice(&bytes);
+                let _ = parse_head(&mut prefixed);
+            }
+
+            /// Rule: an answer head is read with every field kept in order,
+            /// and framed exactly as RFC 9112 §6.3 says; an invalid length is
+            /// an error, never a guess.
+            #[test]
+            fn prop_answer_heads_keep_their_fields_and_frame_by_the_rfc(
+                status in prop_oneof![200u16..=299, 300u16..=599],
+                fields in proptest::collection::vec(field(), 0..8),
+                minor in 0u8..=1,
+            ) {
+                let mut wire = format!("HTTP/1.{minor} {status} Whatever\r\n");
+                for (name, value) in &fields {
+                    wire.push_str(&format!("{name}: {value}\r\n"));
+                }
+                wire.push_str("\r\nbody");
+                let mut buf = BytesMut::from(wire.as_str());
+                let parsed = parse_head(&mut buf);
+                match expected_framing(status, &fields) {
+                    None => prop_assert!(parsed.is_err()),
+                    Some(framing) => {
+                        let head = parsed.unwrap().unwrap();
+                        prop_assert_eq!(head.framing, framing);
+                        prop_assert_eq!(&buf[..], b"body");
+                        let close = fields.iter().any(|(n, v)| n.eq_ignore_ascii_case("connection")
+                            && v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+                        prop_assert_eq!(head.keep_alive, minor == 1 && !close);
+                        for (name, value) in &fields {
+                            let kept: Vec<&[u8]> = head.headers.get_all(name.as_str()).iter().map(HeaderValue::as_bytes).collect();
+                            prop_assert!(kept.contains(&value.as_bytes()), "{} lost", name);
+                        }
+                        prop_assert_eq!(head.headers.len(), fields.len());
+                    }
+                }
+            }
+
+            /// Rule: a chunked body decodes to exactly its bytes, however it
+            /// is cut into chunks, whatever extensions and trailers it
+            /// carries, and wherever the reads split it; nothing after the
+            /// last chunk is taken.
+            #[test]
+            fn prop_chunked_bodies_decode_whatever_the_cuts(
+                body in proptest::collection::vec(any::<u8>(), 0..2048),
+                cuts in proptest::collection::vec(1usize..300, 1..20),
+                extension in prop_oneof![Just(""), Just(";a=b"), Just(" ; x=\"y\"")],
+                trailer in prop_oneof![Just(""), Just("X-Sum: 1\r\n")],
+                reads in proptest::collection::vec(1usize..64, 1..50),
+            ) {
+                let mut wire = Vec::new();
+                let mut rest = &body[..];
+                let mut cut = cuts.iter().cycle();
+                while !rest.is_empty() {
+                    let take = (*cut.next().unwrap()).min(rest.len());
+                    wire.extend_from_slice(format!("{take:X}{extension}\r\n").as_bytes());
+                    wire.extend_from_slice(&rest[..take]);
+                    wire.extend_from_slice(b"\r\n");
+                    rest = &rest[take..];
+                }
+                wire.extend_from_slice(format!("0{extension}\r\n{trailer}\r\n").as_bytes());
+                wire.extend_from_slice(b"HTTP/1.1 next");
+
+                let mut framing = Framing::Chunked(Chunked::Size);
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                let mut read = reads.iter().cycle();
+                let mut got = Vec::new();
+                let mut trailers = None;
+                loop {
+                    match framing.step(&mut buf, false).unwrap() {
+                        Step::Data(data) => got.extend_from_slice(&data),
+                        Step::Trailers(t) => trailers = Some(t),
+                        Step::End => break,
+                        Step::More => {
+                            prop_assert!(fed < wire.len(), "wanted more after the whole body");
+                            let n = (*read.next().unwrap()).min(wire.len() - fed);
+                            buf.extend_from_slice(&wire[fed..fed + n]);
+                            fed += n;
+                        }
+                    }
+                }
+                prop_assert_eq!(got, body);
+                prop_assert_eq!(trailers.is_some(), !trailer.is_empty());
+                let mut left = buf.to_vec();
+                left.extend_from_slice(&wire[fed..]);
+                prop_assert_eq!(&left[..], b"HTTP/1.1 next");
+            }
+
+            /// Rule: no bytes make the chunked decoder panic or loop; each
+            /// step takes bytes, ends, errs, or asks for more.
+            #[test]
+            fn prop_any_bytes_leave_the_chunked_decoder_standing(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                eof in any::<bool>(),
+            ) {
+                let mut framing = Framing::Chunked(Chunked::Size);
+                let mut buf = BytesMut::from(&bytes[..]);
+                for _ in 0..=bytes.len() + 2 {
+                    match framing.step(&mut buf, eof) {
+                        Ok(Step::End) | Ok(Step::More) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1123,6 +1202,21 @@ mod tests {
         assert_eq!(
             post,
             "POST / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
+        );
+        // A length in any form hyper took is written as pushgate's own.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0, 00"));
+        let get = String::from_utf8(encode_request(
+            &Method::GET,
+            "/",
+            &headers,
+            &Added::default(),
+            &host,
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            get,
+            "GET / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nhost: example.com\r\ncontent-length: 0\r\n\r\n"
         );
     }
 

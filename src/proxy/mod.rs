@@ -10,21 +10,17 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use ipnet::IpNet;
+use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{self, Body};
 use crate::config::Config;
@@ -33,14 +29,31 @@ use crate::shutdown::Drain;
 use crate::timer;
 
 mod h1;
+mod pool;
+mod request;
+mod streamed;
 
 pub use h1::AppClient;
+pub use request::{forwarded_for, has_token, remove_hop_by_hop, UNTRUSTED};
+
+use request::Forwarding;
+use streamed::{Answer, UploadBody, UploadFailure, UploadProgress};
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+}
+
+/// The answer to a request to one of pushgate's own paths that breaks the
+/// rules every request on the public listener keeps ([`request::admit`]):
+/// the realtime paths read `Host` as the proxy does.
+pub fn refusal(request: &Request<Incoming>) -> Option<Response<Body>> {
+    let upgrade = request::websocket_upgrade(request).is_some();
+    let has_body = !request.body().is_end_stream();
+    let refused = request::admit(request, upgrade, has_body).err()?;
+    Some(ProxyError::BadRequest(refused).into_response())
 }
 
 /// Where the app lives: `http://host:port`.
@@ -115,14 +128,13 @@ pub fn app_client(config: &Config) -> AppClient {
 /// Forwards requests to the app.
 #[derive(Clone)]
 pub struct Proxy {
-    /// Requests without a body (most of them).
+    /// Every connection to the app: the lean client for requests without
+    /// a body (most of them), hyper's over the same pool for uploads and
+    /// upgrades.
     app: AppClient,
-    /// Uploads and upgrades.
-    client: Client<HttpConnector, Body>,
-    upstream: Upstream,
     timeout: Duration,
     body_timeout: Duration,
-    trusted_proxies: Vec<IpNet>,
+    forwarding: Forwarding,
     drain: Drain,
     /// Files for connections to the app: a request (or tunnel) holds one
     /// while it uses a connection; none left means the process is at its
@@ -132,26 +144,17 @@ pub struct Proxy {
 
 impl Proxy {
     /// Builds the proxy from a validated config. Tunnels join `drain`;
-    /// requests to the app draw on `app_files`; those without a body go
-    /// through `app` (see [`app_client`]).
+    /// requests to the app draw on `app_files` and go through `app` (see
+    /// [`app_client`]).
     pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>, app: AppClient) -> Proxy {
-        let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.upstream.pool_idle_timeout)
-            .pool_max_idle_per_host(config.upstream.pool_max_idle)
-            .build(connector);
         Proxy {
             app,
-            client,
-            upstream,
             timeout: config.upstream.timeout,
             body_timeout: config.limits.body_timeout,
-            trusted_proxies: config.trusted_proxies(),
+            forwarding: Forwarding {
+                trusted_proxies: config.trusted_proxies(),
+                extra_untrusted: config.untrusted_headers(),
+            },
             drain,
             app_files,
         }
@@ -199,8 +202,9 @@ impl Proxy {
         }
     }
 
-    /// Everything a request needs before anything is sent: its fields for
-    /// the app, and a file for the connection to it.
+    /// Everything a request needs before anything is sent: the checks it
+    /// must pass ([`request::admit`]), its fields for the app, and a file
+    /// for the connection to it.
     fn prepare(
         &self,
         mut request: Request<Incoming>,
@@ -209,26 +213,16 @@ impl Proxy {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectRefused);
         }
-        let upgrade = websocket_upgrade(&request);
+        let upgrade = request::websocket_upgrade(&request);
+        let has_body = !request.body().is_end_stream();
+        let host = request::admit(&request, upgrade.is_some(), has_body)
+            .map_err(ProxyError::BadRequest)?;
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, incoming) = request.into_parts();
-        let headers = &mut parts.headers;
-        let host = headers.get(header::HOST).cloned().or_else(|| {
-            // HTTP/2 carries the host in `:authority`, not a header.
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        remove_hop_by_hop(headers);
-        let mut added = self.take_forwarded(headers, conn, host.as_ref());
-        // One `Host`: the client's first, or (HTTP/2) its authority.
-        match (headers.get_all(header::HOST).iter().count(), &host) {
-            (0, Some(host)) => added.push(header::HOST, host.clone()),
-            (2.., Some(host)) => drop(headers.insert(header::HOST, host.clone())),
-            _ => {}
-        }
+        let added = self
+            .forwarding
+            .fields_for_app(&mut parts.headers, parts.version, conn, host);
 
         // Never wait for a file: a full budget means the process is at its
         // open-file limit, and the client is better told at once.
@@ -238,7 +232,7 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| ProxyError::OutOfFiles)?;
 
-        if upgrade.is_none() && incoming.is_end_stream() {
+        if upgrade.is_none() && !has_body {
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
             let request = self
                 .app
@@ -271,119 +265,96 @@ impl Proxy {
         Ok(response)
     }
 
-    /// An upload or an upgrade, over hyper's client: the body streams to
-    /// the app as the client sends it, an upgrade becomes a tunnel.
+    /// An upload or an upgrade, over hyper's client (see [`streamed`]): the
+    /// body streams to the app as the client sends it, an upgrade becomes a
+    /// tunnel.
     async fn send_streamed(&self, streamed: Streamed) -> Result<Response<Body>, ProxyError> {
         let Streamed {
-            mut parts,
+            parts,
             mut added,
             incoming,
             upgrade,
             client_upgrade,
             file,
         } = streamed;
-        let mut headers = std::mem::take(&mut parts.headers);
+        let mut headers = parts.headers;
         for (name, value) in added.drain() {
             headers.insert(name, value);
         }
-        if let Some(protocol) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, protocol.clone());
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, self.app.host().clone());
         }
+        // The framing the app reads is the one pushgate writes: the body's
+        // own length when the client declared one, else chunks, whatever
+        // the method (hyper's client would send a GET's body unannounced).
+        headers.remove(header::CONTENT_LENGTH);
+        let size = incoming.size_hint().exact();
+        let (outgoing, progress, upload) = match &upgrade {
+            Some(protocol) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, protocol.clone());
+                (body::empty(), UploadProgress::done(), None)
+            }
+            None => {
+                match size {
+                    Some(len) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len)),
+                    None => headers.insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    ),
+                };
+                let (upload, progress, state) =
+                    UploadBody::wrap(body::stream(incoming), self.body_timeout);
+                (upload, progress, Some(state))
+            }
+        };
+        let mut request = Request::new(outgoing);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            .into();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
 
         // The request body is paced by the client; `upstream.timeout` covers
         // connecting and, once the body is sent, the wait for the answer.
-        let (upload, progress) = if upgrade.is_some() {
-            (body::empty(), UploadProgress::done())
-        } else {
-            UploadBody::wrap(body::stream(incoming), self.body_timeout)
-        };
-        let mut outgoing = Request::new(upload);
-        *outgoing.method_mut() = parts.method;
-        *outgoing.uri_mut() = self.upstream.uri(parts.uri.path_and_query());
-        *outgoing.version_mut() = Version::HTTP_11;
-        *outgoing.headers_mut() = headers;
-
-        let failure = progress.failure.clone();
+        let failure = upload.clone();
         let answer = tokio::select! {
-            answer = self.client.request(outgoing) => answer,
+            answer = streamed::send(&self.app, request, upload, file) => answer,
             () = progress.deadline(self.timeout) => {
                 return Err(ProxyError::UpstreamTimeout(self.timeout))
             }
         };
-        let mut response = answer.map_err(|err| match failure.get() {
-            Some(UploadFailure::Stalled) => ProxyError::UploadStalled(self.body_timeout),
-            Some(UploadFailure::ClientError) => ProxyError::UploadAborted,
-            None if err.is_connect() => ProxyError::UpstreamRefused(err.into()),
-            None => ProxyError::UpstreamFailed(err.into()),
-        })?;
-
-        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
-            (client_upgrade, response.status())
-        {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let (parts, _) = response.into_parts();
-            self.drain.spawn(async move {
-                tunnel(client_upgrade, upstream_upgrade).await;
-                drop(file);
-            });
-            return Ok(Response::from_parts(parts, body::empty()));
-        }
-
-        let (mut parts, incoming) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        // The connection to the app is busy until its body has been read.
-        let incoming = Holding {
-            body: incoming,
-            _file: file,
-        };
-        Ok(Response::from_parts(parts, body::stream(incoming)))
-    }
-
-    /// Takes the client's `X-Forwarded-For/-Proto/-Host` out of `headers` and
-    /// returns the values to send instead. A chain that came with the
-    /// request is kept (and extended) only when the peer is a trusted proxy;
-    /// anyone else could have written it, so it is replaced. The new values
-    /// are returned rather than inserted so that the lean client can write
-    /// them without growing the map.
-    fn take_forwarded(
-        &self,
-        headers: &mut HeaderMap,
-        conn: ConnInfo,
-        host: Option<&HeaderValue>,
-    ) -> Added {
-        let trusted = is_trusted(&self.trusted_proxies, conn);
-        let mut added = Added::default();
-        added.push(X_FORWARDED_FOR, chain_for(headers, conn, trusted));
-        // Most requests come with none of these: one pass over the fields
-        // spares a lookup for each.
-        let claims = headers
-            .keys()
-            .any(|name| FORWARDING.contains(&name.as_str()));
-        let kept = |name| trusted && claims && headers.contains_key(name);
-        let (keep_proto, keep_host) = (kept(X_FORWARDED_PROTO), kept(X_FORWARDED_HOST));
-        if !keep_proto {
-            let proto = if conn.tls { "https" } else { "http" };
-            added.push(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        }
-        if let (false, Some(host)) = (keep_host, host) {
-            added.push(X_FORWARDED_HOST, host.clone());
-        }
-        if claims {
-            headers.remove(X_FORWARDED_FOR);
-            if !keep_proto {
-                headers.remove(X_FORWARDED_PROTO);
+        let answer =
+            answer.map_err(
+                |err| match failure.as_ref().and_then(|upload| upload.failure()) {
+                    Some(UploadFailure::Stalled) => ProxyError::UploadStalled(self.body_timeout),
+                    Some(UploadFailure::ClientError) => ProxyError::UploadAborted,
+                    None => err,
+                },
+            )?;
+        match (answer, client_upgrade) {
+            (Answer::Switched { mut response, file }, Some(client_upgrade)) => {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                let (parts, _) = response.into_parts();
+                self.drain.spawn(async move {
+                    tunnel(client_upgrade, upstream_upgrade).await;
+                    drop(file);
+                });
+                Ok(Response::from_parts(parts, body::empty()))
             }
-            if !keep_host {
-                headers.remove(X_FORWARDED_HOST);
-            }
-            if !trusted {
-                // Other spellings of the same claims, which we do not write.
-                headers.remove(header::FORWARDED);
-                headers.remove(X_REAL_IP);
+            (Answer::Switched { .. }, None) => Err(ProxyError::UpstreamFailed(
+                "the app switched protocols without being asked to".into(),
+            )),
+            (Answer::Plain(response), _) => {
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, body))
             }
         }
-        added
     }
 }
 
@@ -503,186 +474,6 @@ impl Added {
     }
 }
 
-fn is_trusted(trusted_proxies: &[IpNet], conn: ConnInfo) -> bool {
-    let peer_ip = conn.peer.ip().to_canonical();
-    trusted_proxies.iter().any(|net| net.contains(&peer_ip))
-}
-
-/// The `X-Forwarded-For` to send on: the incoming chain extended with the
-/// peer when the peer is a trusted proxy, else just the peer.
-pub fn forwarded_for(
-    headers: &HeaderMap,
-    conn: ConnInfo,
-    trusted_proxies: &[IpNet],
-) -> HeaderValue {
-    chain_for(headers, conn, is_trusted(trusted_proxies, conn))
-}
-
-/// [`forwarded_for`], for a caller that has asked whether the peer is
-/// trusted already.
-fn chain_for(headers: &HeaderMap, conn: ConnInfo, trusted: bool) -> HeaderValue {
-    let peer_ip = conn.peer.ip().to_canonical();
-    trusted
-        .then(|| {
-            let earlier: Vec<&str> = headers
-                .get_all(X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .collect();
-            (!earlier.is_empty())
-                .then(|| HeaderValue::from_str(&format!("{}, {peer_ip}", earlier.join(", "))).ok())
-                .flatten()
-        })
-        .flatten()
-        .unwrap_or_else(|| ip_value(peer_ip))
-}
-
-/// An IP address as a header value, formatted without a heap `String` (this
-/// runs for every proxied request). An IPv4 address, the common case, is
-/// written digit by digit: `core::fmt` takes a dozen calls for its four
-/// numbers.
-fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
-    // The longest text form of an IPv6 address is 45 bytes.
-    let mut text = [0u8; 48];
-    let len = match ip {
-        std::net::IpAddr::V4(v4) => {
-            let mut len = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[len] = b'.';
-                    len += 1;
-                }
-                let digits = [octet / 100, octet / 10 % 10, octet % 10];
-                let skip = match octet {
-                    100.. => 0,
-                    10.. => 1,
-                    _ => 2,
-                };
-                for digit in &digits[skip..] {
-                    text[len] = b'0' + digit;
-                    len += 1;
-                }
-            }
-            len
-        }
-        std::net::IpAddr::V6(v6) => {
-            use std::io::Write;
-            let mut rest = &mut text[..];
-            write!(rest, "{v6}").expect("an IPv6 address fits in 48 bytes");
-            48 - rest.len()
-        }
-    };
-    HeaderValue::from_bytes(&text[..len]).expect("an IP address is header text")
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// Every field that claims where a request came from.
-const FORWARDING: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-    "x-real-ip",
-];
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-/// Compared as text: every field of every proxied message is checked
-/// against these, and unequal lengths settle most comparisons at once.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Where `connection` stands in [`HOP_BY_HOP`].
-const HOP_BY_HOP_CONNECTION: usize = 0;
-
-/// Drops hop-by-hop headers, including every header the `Connection` header
-/// names.
-///
-/// Only what is there is removed: one pass over the names marks which of
-/// [`HOP_BY_HOP`] are present, so a browser's request, whose only one is
-/// `Connection: keep-alive`, costs one removal rather than one per name
-/// (each a hash and a probe, 10 of them about 2,900 instructions). A
-/// token that is itself hop-by-hop (`keep-alive`, `upgrade`) is removed
-/// as such, not looked up again.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let present = headers.keys().fold(0u16, |present, name| {
-        HOP_BY_HOP
-            .iter()
-            .position(|hop| *hop == name.as_str())
-            .map_or(present, |at| present | 1 << at)
-    });
-    if present == 0 {
-        return;
-    }
-    if present & 1 << HOP_BY_HOP_CONNECTION != 0 {
-        // Empty, and so never allocated, when every token is a hop-by-hop
-        // name itself (a browser's `keep-alive`).
-        let named: Vec<HeaderName> = connection_options(headers)
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in &named {
-            headers.remove(name);
-        }
-    }
-    for (at, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & 1 << at != 0 {
-            headers.remove(*name);
-        }
-    }
-}
-
-/// The tokens of the `Connection` fields that are not hop-by-hop names
-/// themselves: the fields they name are hop-by-hop too.
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.is_empty() && !HOP_BY_HOP.iter().any(|hop| token.eq_ignore_ascii_case(hop))
-        })
-}
-
-/// The `Upgrade` value when this is an HTTP/1.1 WebSocket upgrade request.
-fn websocket_upgrade<B>(request: &Request<B>) -> Option<HeaderValue> {
-    if request.version() != Version::HTTP_11 {
-        return None;
-    }
-    let headers = request.headers();
-    // `Upgrade` first: most requests have none, and a browser's every
-    // request has a `Connection` to read through.
-    (has_token(headers, header::UPGRADE, "websocket")
-        && has_token(headers, header::CONNECTION, "upgrade"))
-    .then(|| request.headers().get(header::UPGRADE).cloned())
-    .flatten()
-}
-
-/// Whether the comma-separated header `name` lists `token` (case-insensitive),
-/// as `Connection: keep-alive, Upgrade` lists `upgrade`.
-pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Copies bytes both ways between the upgraded client and app connections.
 async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -697,172 +488,6 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
         Err(err) => tracing::debug!(error = %err, "tunnel ended with an error"),
-    }
-}
-
-/// How an upload to the app is going, shared between the request body (which
-/// the app's connection polls) and the request's timeout.
-struct UploadProgress {
-    /// Fires (or drops) when the app's connection first asks for the body.
-    started: oneshot::Receiver<()>,
-    /// Fires (or drops) when the body has been sent in full, or failed.
-    finished: oneshot::Receiver<()>,
-    failure: Arc<FailureCell>,
-}
-
-impl UploadProgress {
-    /// Progress of a request with nothing to upload.
-    fn done() -> UploadProgress {
-        let (_, started) = oneshot::channel();
-        let (_, finished) = oneshot::channel();
-        UploadProgress {
-            started,
-            finished,
-            failure: Arc::default(),
-        }
-    }
-
-    /// Resolves when the app has taken too long: `timeout` to start taking
-    /// the body (connecting), or `timeout` after the body was sent. The
-    /// upload in between goes at the client's pace, bounded by
-    /// `limits.body_timeout` between frames.
-    async fn deadline(self, timeout: Duration) {
-        if tokio::time::timeout(timeout, self.started).await.is_err() {
-            return;
-        }
-        let _ = self.finished.await;
-        tokio::time::sleep(timeout).await
-    }
-}
-
-/// Why an upload failed on the client's side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum UploadFailure {
-    /// No frame for `limits.body_timeout`.
-    Stalled,
-    /// The client's body failed (it went away mid-upload).
-    ClientError,
-}
-
-#[derive(Default)]
-struct FailureCell(std::sync::atomic::AtomicU8);
-
-impl FailureCell {
-    fn set(&self, failure: UploadFailure) {
-        let code = match failure {
-            UploadFailure::Stalled => 1,
-            UploadFailure::ClientError => 2,
-        };
-        self.0.store(code, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn get(&self) -> Option<UploadFailure> {
-        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => Some(UploadFailure::Stalled),
-            2 => Some(UploadFailure::ClientError),
-            _ => None,
-        }
-    }
-}
-
-/// The client's request body on its way to the app: reports when sending
-/// starts and ends, and fails the upload when the client stalls.
-struct UploadBody {
-    inner: Body,
-    idle: Duration,
-    /// Armed while waiting for the client; re-armed lazily from
-    /// `last_frame`, so a fast upload costs no timer work per frame.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    last_frame: tokio::time::Instant,
-    started: Option<oneshot::Sender<()>>,
-    finished: Option<oneshot::Sender<()>>,
-    failure: Arc<FailureCell>,
-}
-
-impl UploadBody {
-    fn wrap(inner: Body, idle: Duration) -> (Body, UploadProgress) {
-        let (started_tx, started) = oneshot::channel();
-        let (finished_tx, finished) = oneshot::channel();
-        let failure = Arc::new(FailureCell::default());
-        let body = UploadBody {
-            inner,
-            idle,
-            timer: None,
-            last_frame: tokio::time::Instant::now(),
-            started: Some(started_tx),
-            finished: Some(finished_tx),
-            failure: failure.clone(),
-        };
-        let progress = UploadProgress {
-            started,
-            finished,
-            failure,
-        };
-        (http_body_util::BodyExt::boxed(body), progress)
-    }
-
-    fn finish(&mut self) {
-        if let Some(finished) = self.finished.take() {
-            let _ = finished.send(());
-        }
-        self.timer = None;
-    }
-}
-
-impl http_body::Body for UploadBody {
-    type Data = bytes::Bytes;
-    type Error = crate::body::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        if let Some(started) = this.started.take() {
-            let _ = started.send(());
-            this.last_frame = tokio::time::Instant::now();
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.last_frame = tokio::time::Instant::now();
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(err))) => {
-                this.failure.set(UploadFailure::ClientError);
-                this.finish();
-                Poll::Ready(Some(Err(err)))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                let deadline = this.last_frame + this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
-                if timer.as_mut().poll(cx).is_ready() {
-                    this.failure.set(UploadFailure::Stalled);
-                    this.finish();
-                    return Poll::Ready(Some(Err("the client's request body stalled".into())));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -885,30 +510,6 @@ mod tests {
     }
 
     #[test]
-    fn an_ip_value_reads_as_the_address_does() {
-        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-        for octet in 0..=255u8 {
-            for ip in [
-                Ipv4Addr::new(octet, 0, 255, octet),
-                Ipv4Addr::new(9, octet, 10, 99),
-                Ipv4Addr::new(100, 200, octet, 1),
-            ] {
-                assert_eq!(ip_value(IpAddr::V4(ip)), ip.to_string().as_str());
-            }
-        }
-        let longest: Ipv6Addr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-            .parse()
-            .unwrap();
-        for ip in [
-            Ipv6Addr::LOCALHOST,
-            longest,
-            "2001:db8::8a2e:370:7334".parse().unwrap(),
-        ] {
-            assert_eq!(ip_value(IpAddr::V6(ip)), ip.to_string().as_str());
-        }
-    }
-
-    #[test]
     fn upstream_uri_keeps_path_and_query() {
         let upstream = Upstream::parse("http://127.0.0.1:3000").unwrap();
         let pq = PathAndQuery::from_static("/a/b?c=d");
@@ -917,86 +518,5 @@ mod tests {
             "http://127.0.0.1:3000/a/b?c=d"
         );
         assert_eq!(upstream.uri(None).to_string(), "http://127.0.0.1:3000/");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_named_in_connection_go() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert("x-secret", HeaderValue::from_static("1"));
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key(header::CONTENT_TYPE));
-    }
-
-    #[test]
-    fn only_the_hop_by_hop_headers_present_go_whatever_their_case() {
-        assert_eq!(HOP_BY_HOP[HOP_BY_HOP_CONNECTION], "connection");
-        // A browser's request: `Connection: keep-alive` and nothing else of the kind.
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        headers.insert(header::COOKIE, HeaderValue::from_static("a=1"));
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(headers.keys().collect::<Vec<_>>(), [header::COOKIE]);
-
-        // Every name of the list, and fields named in two `Connection`
-        // fields in any case, one of them repeated.
-        let mut headers = HeaderMap::new();
-        for name in HOP_BY_HOP {
-            headers.append(name, HeaderValue::from_static("x"));
-        }
-        headers.append(
-            header::CONNECTION,
-            HeaderValue::from_static("X-One, upgrade"),
-        );
-        headers.append(
-            header::CONNECTION,
-            HeaderValue::from_static(" x-two ,x-one"),
-        );
-        for name in ["x-one", "x-two", "x-three"] {
-            headers.append(name, HeaderValue::from_static("1"));
-        }
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-three"]);
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The app's response body, holding the file its connection to the app
-    /// counts against until the body has been read (or dropped).
-    struct Holding {
-        #[pin]
-        body: Incoming,
-        _file: tokio::sync::OwnedSemaphorePermit,
-    }
-}
-
-impl http_body::Body for Holding {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }

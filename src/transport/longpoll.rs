@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 
 use super::{cors, open_http, parse_cursor, Admit, Opening, Realtime, Transport};
 use crate::body::Body;
-use crate::cursor::Position;
+use crate::cursor::{Position, Start};
 use crate::error::{json_bytes, ApiError};
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
@@ -40,14 +40,14 @@ pub(super) async fn handle(
 
     let mut messages: Vec<Arc<Publication>> = Vec::new();
     let mut resets: Vec<(ChannelName, Position)> = Vec::new();
-    for channel in &query.channels {
+    let starts = resume.map(|c| c.resolve(&query.channels));
+    for (index, channel) in query.channels.iter().enumerate() {
         // A channel the cursor does not know (newly added by the client)
-        // starts from now.
-        let since = resume
-            .as_ref()
-            .and_then(|c| c.position_of(channel.as_str()));
+        // starts from now; one it cannot tell apart is reset.
+        let from = starts.as_ref().map_or(Start::Now, |starts| starts[index]);
+        let since = from.after();
         let subscribed = session.subscribe(channel.clone(), since).await?;
-        if since.is_some() && !subscribed.recovered {
+        if from == Start::Lost || (since.is_some() && !subscribed.recovered) {
             resets.push((channel.clone(), subscribed.position));
         }
         messages.extend(subscribed.replay);

@@ -32,7 +32,7 @@ use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
 use crate::broker::Broker;
 use crate::config::{Config, RealtimeConfig};
-use crate::cursor::Cursor;
+use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::ApiError;
 use crate::hub::{Hub, QueueLimits};
 use crate::message::ChannelName;
@@ -528,11 +528,13 @@ impl Origins {
             return OriginCheck::Refused;
         };
         let allowed = if self.patterns.is_empty() {
-            // HTTP/2 carries the host in `:authority`, not a header.
-            let host = headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| request.uri().authority().map(|a| a.as_str()));
+            // The host as the proxy reads it: a target's authority (HTTP/2's
+            // `:authority`, an absolute-form target) before `Host`.
+            let host = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
             let origin_host = text.split_once("://").map(|(_, rest)| rest);
             matches!((host, origin_host), (Some(host), Some(origin_host)) if host.eq_ignore_ascii_case(origin_host))
         } else {
@@ -709,7 +711,7 @@ impl RealtimeQuery {
 }
 
 /// Parses a cursor from a client, as a 400 with the codec's reason.
-fn parse_cursor(text: &str) -> Result<Cursor, ApiError> {
+fn parse_cursor(text: &str) -> Result<DecodedCursor, ApiError> {
     Cursor::decode(text).map_err(|err| ApiError::bad_request(err.code(), format!("cursor: {err}")))
 }
 

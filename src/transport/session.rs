@@ -223,7 +223,7 @@ impl Session {
         // The replay runs up to the stream's end, so the subscription now
         // stands there whether it recovered or was reset.
         let position = history.position;
-        self.cursor.set(channel.as_str(), position);
+        self.cursor.set(&channel, position);
         // Most connections hear one channel: room for just it (a Vec's
         // first growth is to four), held for the connection's life.
         if self.subscriptions.is_empty() {
@@ -252,7 +252,7 @@ impl Session {
         self.leave(subscription.channel);
         self.cursor = Cursor::new();
         for s in &self.subscriptions {
-            self.cursor.set(s.channel.as_str(), s.position);
+            self.cursor.set(&s.channel, s.position);
         }
         true
     }
@@ -344,7 +344,7 @@ impl Session {
                 return Admit::Skip;
             }
             subscription.position = next;
-            self.cursor.set(publication.channel().as_str(), next);
+            self.cursor.set(publication.channel(), next);
             return Admit::Reset(next);
         }
         let verdict = if next.epoch == at.epoch || at.offset == 0 {
@@ -363,7 +363,7 @@ impl Session {
             Admit::ResetThenDeliver(Position::new(next.epoch, next.offset.saturating_sub(1)))
         };
         subscription.position = next;
-        self.cursor.set(publication.channel().as_str(), next);
+        self.cursor.set(publication.channel(), next);
         verdict
     }
 

@@ -25,7 +25,7 @@ use super::{
     cors, jittered, open_http, parse_cursor, Admit, Opening, Realtime, Session, Transport,
 };
 use crate::body::{Body, BoxError};
-use crate::cursor::{Cursor, Position};
+use crate::cursor::{Cursor, Position, Start};
 use crate::error::ApiError;
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
@@ -67,17 +67,17 @@ pub(super) async fn handle(
     let mut ids = Cursor::new();
     let mut resets = Vec::new();
     let mut replays = Vec::new();
-    for channel in &query.channels {
-        let since = resume
-            .as_ref()
-            .and_then(|c| c.position_of(channel.as_str()));
+    let starts = resume.map(|c| c.resolve(&query.channels));
+    for (index, channel) in query.channels.iter().enumerate() {
+        let from = starts.as_ref().map_or(Start::Now, |starts| starts[index]);
+        let since = from.after();
         let subscribed = session.subscribe(channel.clone(), since).await?;
         let start = match since {
             Some(since) if subscribed.recovered => since,
             _ => subscribed.position,
         };
-        ids.set(channel.as_str(), start);
-        if since.is_some() && !subscribed.recovered {
+        ids.set(channel, start);
+        if from == Start::Lost || (since.is_some() && !subscribed.recovered) {
             resets.push((channel.clone(), subscribed.position));
         }
         replays.push(subscribed.replay);
@@ -92,7 +92,7 @@ pub(super) async fn handle(
         stream.push_reset(&ids, &channel, position);
     }
     for publication in replays.into_iter().flatten() {
-        ids.set(publication.channel().as_str(), publication.position());
+        ids.set(publication.channel(), publication.position());
         stream.push_event(&ids, &publication);
     }
 
@@ -471,7 +471,7 @@ impl State {
                     // publication that follows it: a drop between the two
                     // must not skip that publication. Rare, so a copy.
                     let mut at_reset = self.session.cursor().clone();
-                    at_reset.set(publication.channel().as_str(), position);
+                    at_reset.set(publication.channel(), position);
                     self.out
                         .push_reset(&at_reset, publication.channel(), position);
                 }

@@ -6,6 +6,13 @@
 //! the heartbeat. Refusals after the handshake (limits, auth) are delivered
 //! by accepting the upgrade and closing with a 4xxx code and a reason,
 //! because a browser cannot read a refused handshake's status.
+//!
+//! Every end that can still send anything ends with a closing handshake
+//! (RFC 6455 §5.5.1, §7.1.1; see [`finish`]): a Close frame — ours with the
+//! code that says why, or the answer to the client's — then the TCP close.
+//! A frame that breaks the protocol (tungstenite's `ProtocolError`, invalid
+//! UTF-8, a message over the limit) closes with the code RFC 6455 §7.4.1
+//! names for it ([`read_failure`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +23,9 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -28,6 +37,7 @@ use crate::cursor::Position;
 use crate::error::ApiError;
 use crate::message::{ChannelName, Publication};
 use crate::proxy::{has_token, ConnInfo};
+use crate::signal::Wait;
 
 /// Close codes (docs/protocol.md lists them all).
 pub mod close {
@@ -39,7 +49,20 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A message over `realtime.websocket.max_message_size`.
     pub const TOO_BIG: u16 = 1009;
+    /// A frame that breaks RFC 6455 (reserved bits or opcodes, an unmasked
+    /// frame, a fragmented or oversized control frame, a continuation out of
+    /// place, a bad close payload).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message or close reason that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
 }
+
+/// How long the TCP close waits for the client to close its side, once the
+/// closing handshake's frames are out: long enough for a client's answer to
+/// cross the network, short enough that a client which never closes holds
+/// nothing (the close is already under way; this only keeps its last bytes
+/// from turning the close into a reset).
+const LINGER: Duration = Duration::from_secs(1);
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -48,7 +71,18 @@ pub(super) async fn handle(
     mut request: Request<Incoming>,
     conn: ConnInfo,
 ) -> Result<Response<Body>, ApiError> {
-    let key = handshake_key(&request)?;
+    let key = match handshake_key(&request) {
+        Ok(key) => key,
+        Err(refusal) => {
+            // RFC 6455 §4.4: a refused handshake names the version spoken.
+            let mut response = refusal.into_response();
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+            return Ok(response);
+        }
+    };
     let origin = realtime.origins.check(&request);
     if origin == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(header::ORIGIN), "WebSocket from a foreign Origin refused");
@@ -63,7 +97,7 @@ pub(super) async fn handle(
     let opening = Box::new(Opening {
         upgrade: hyper::upgrade::on(&mut request),
         admitted,
-        config: socket_config(realtime),
+        config: socket_config(&realtime.config.websocket),
         realtime: realtime.clone(),
         conn,
         channels: query.channels,
@@ -124,8 +158,8 @@ impl Opening {
                 .await;
         match admitted {
             Err(refusal) => {
-                let code = refusal.close_code();
-                let _ = close(&mut socket, code, &refusal.message).await;
+                let end = End::Close(refusal.close_code(), refusal.message);
+                finish(&mut socket, end, realtime.config.websocket.ping_timeout).await;
                 None
             }
             Ok(admission) => {
@@ -139,7 +173,9 @@ impl Opening {
 }
 
 /// Checks that this is a WebSocket handshake pushgate can accept; returns
-/// the client's key.
+/// the client's key. Not an upgrade at all: 426. An upgrade that breaks
+/// RFC 6455 §4.2.1 (a version other than 13, a key that is not 16 bytes in
+/// base64): 400, so a broken client is told so rather than half-served.
 fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
@@ -153,23 +189,39 @@ fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
             "this endpoint speaks WebSocket (HTTP/1.1 GET with Upgrade: websocket)",
         ));
     }
-    if request.headers().get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13"))
-    {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    if versions.next().map(HeaderValue::as_bytes) != Some(b"13") || versions.next().is_some() {
+        return Err(ApiError::bad_request(
             "websocket_version",
-            "only WebSocket version 13 is spoken",
+            "only WebSocket version 13 is spoken: send `Sec-WebSocket-Version: 13` once",
         ));
     }
-    request
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or_else(|| ApiError::bad_request("websocket_key", "Sec-WebSocket-Key is missing"))
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if is_handshake_key(key.as_bytes()) => Ok(key.clone()),
+        (None, _) => Err(ApiError::bad_request(
+            "websocket_key",
+            "Sec-WebSocket-Key is missing",
+        )),
+        _ => Err(ApiError::bad_request(
+            "websocket_key",
+            "Sec-WebSocket-Key must be one value: 16 bytes in base64 (24 characters)",
+        )),
+    }
 }
 
-fn socket_config(realtime: &Realtime) -> WebSocketConfig {
-    let ws = &realtime.config.websocket;
+/// Whether `key` is 16 bytes in base64 (RFC 6455 §4.1): 22 characters of
+/// the base64 alphabet, the last holding 2 bits of data (its low 4 bits
+/// zero: `A`, `Q`, `g` or `w`), then `==`.
+fn is_handshake_key(key: &[u8]) -> bool {
+    let is_base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24
+        && key[..21].iter().all(is_base64)
+        && matches!(key[21], b'A' | b'Q' | b'g' | b'w')
+        && &key[22..] == b"=="
+}
+
+fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
     let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
     let max_message = size(ws.max_message_size.bytes());
     WebSocketConfig::default()
@@ -180,34 +232,91 @@ fn socket_config(realtime: &Realtime) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
-/// Sends a close frame and flushes it, bounded in time.
-async fn close(socket: &mut Socket, code: u16, reason: &str) -> Result<(), tungstenite::Error> {
-    // A close reason is at most 123 bytes; cut on a character boundary.
+/// A Close frame with `code` and `reason`, the reason cut to the 123 bytes
+/// a control frame leaves it, on a character boundary.
+fn close_frame(code: u16, reason: &str) -> Message {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    let frame = CloseFrame {
+    Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
         reason: reason[..end].into(),
-    };
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        socket.send(Message::Close(Some(frame))),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Ok(()),
-    }
+    }))
 }
 
 /// Why a connection ends.
+#[derive(Debug, PartialEq, Eq)]
 enum End {
-    /// The peer closed, or the connection failed: nothing more to send.
+    /// The connection failed, was reset, or the peer stopped answering:
+    /// nothing can reach it any more.
     Gone,
+    /// The client sent a Close frame: answer it, then close.
+    PeerClosed,
     /// Close with this code and reason.
     Close(u16, String),
+}
+
+impl End {
+    fn slow_consumer() -> End {
+        End::Close(
+            close::SLOW_CONSUMER,
+            "slow consumer: reconnect and resume".into(),
+        )
+    }
+}
+
+/// How a failed read ends the connection. A frame that breaks the protocol
+/// gets the close code RFC 6455 §7.4.1 names for it, in a Close frame:
+/// tungstenite stops reading after the error, but its writing side is still
+/// sound. A connection that failed or was reset has nobody left to tell.
+fn read_failure(err: &tungstenite::Error) -> End {
+    use tungstenite::Error;
+    match err {
+        Error::Capacity(_) => End::Close(
+            close::TOO_BIG,
+            "message over realtime.websocket.max_message_size".into(),
+        ),
+        Error::Utf8 => End::Close(close::INVALID_DATA, "text is not valid UTF-8".into()),
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        Error::Protocol(err) => End::Close(close::PROTOCOL_ERROR, format!("protocol error: {err}")),
+        _ => End::Gone,
+    }
+}
+
+/// The closing handshake and the TCP close (RFC 6455 §5.5.1, §7.1.1).
+///
+/// First the Close frame, handed to the socket within `within`: ours for
+/// [`End::Close`] (it goes out right behind the bytes already written, never
+/// behind publications still queued), or for [`End::PeerClosed`] the answer
+/// tungstenite queued to the client's. A client that takes nothing for that
+/// long reads nothing at all: the socket is dropped, and it sees the
+/// connection fail.
+///
+/// Then our side of the TCP connection closes (a FIN, after TLS's
+/// close_notify), and what the client still sends (its own Close frame) is
+/// read and dropped until it closes its side, for at most [`LINGER`]:
+/// closing a socket that holds unread bytes resets the connection, and a
+/// reset can destroy our Close frame before the client reads it.
+async fn finish(socket: &mut Socket, end: End, within: Duration) {
+    let handshake = async {
+        match end {
+            End::Gone => Err(()),
+            End::PeerClosed => socket.flush().await.map_err(drop),
+            End::Close(code, reason) => socket.send(close_frame(code, &reason)).await.map_err(drop),
+        }
+    };
+    if !matches!(tokio::time::timeout(within, handshake).await, Ok(Ok(()))) {
+        return;
+    }
+    let io = socket.get_mut();
+    let linger = async {
+        io.shutdown().await?;
+        let mut sink = [0u8; 256];
+        while io.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
 }
 
 /// The heartbeat: ping when idle, drop the peer when the pong is late.
@@ -270,7 +379,24 @@ struct Connection {
     heartbeat: Heartbeat,
     pace: super::Pace,
     batch: Vec<Arc<Publication>>,
+    /// The outbox's wake-up. Kept here rather than in the serve loop so that
+    /// a write waiting on a client that stopped reading still hears the
+    /// session fall behind ([`Connection::io`]).
+    ready: Wait,
+    /// `ready` fired while a write waited, and not for a lag: the serve loop
+    /// drains the outbox for it next.
+    woken: bool,
     _gauge: super::ConnectionGauge,
+}
+
+/// One write to the socket ([`Connection::io`]).
+enum Io {
+    /// Queue a message (written once tungstenite's buffer fills or on the
+    /// next flush).
+    Feed(Message),
+    Flush,
+    /// Queue and flush.
+    Send(Message),
 }
 
 impl Connection {
@@ -285,6 +411,7 @@ impl Connection {
         let bucket = Bucket::new(config.commands_per_second, config.command_burst);
         let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
         let pace = super::Pace::new(config.coalesce_window);
+        let ready = session.outbox().ready_owned();
         Connection {
             realtime,
             socket,
@@ -294,6 +421,8 @@ impl Connection {
             heartbeat,
             pace,
             batch: Vec::new(),
+            ready,
+            woken: false,
             _gauge: gauge,
         }
     }
@@ -309,10 +438,11 @@ impl Connection {
             Ok(()) => self.serve().await,
             Err(end) => end,
         };
-        if let End::Close(code, reason) = end {
+        if let End::Close(code, reason) = &end {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
-            let _ = Box::pin(close(&mut self.socket, code, &reason)).await;
         }
+        let within = self.realtime.config.websocket.ping_timeout;
+        Box::pin(finish(&mut self.socket, end, within)).await;
     }
 
     /// Subscribes to the channels named in the query, from now.
@@ -334,18 +464,22 @@ impl Connection {
         // cleared) was a visible part of the fan-out's CPU profile.
         let drain = self.realtime.drain.signalled_owned();
         let ordered = self.session.control().ordered_owned();
-        let ready = self.session.outbox().ready_owned();
         let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
         // While the pace holds a write back, what arrives meanwhile goes
         // out with it when `hold` fires (or the outbox wakes the session
         // again: half full, lagging or closed).
         let hold = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(drain, ordered, ready, heartbeat, hold);
+        tokio::pin!(drain, ordered, heartbeat, hold);
         // The task of an idle connection holds this future at its largest
         // state, so what a branch awaits (a flush, an order, a ping, the
         // frame read) is boxed while it runs: one short-lived allocation per
         // write or frame, against about 400 B held by every connection.
         loop {
+            if std::mem::take(&mut self.woken) {
+                if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                    return end;
+                }
+            }
             tokio::select! {
                 biased;
                 () = &mut drain => {
@@ -356,7 +490,7 @@ impl Connection {
                         return end;
                     }
                 }
-                () = &mut ready => {
+                () = &mut self.ready => {
                     if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
                         return end;
                     }
@@ -374,12 +508,9 @@ impl Connection {
                         return End::Gone;
                     };
                     match *message {
-                        Err(tungstenite::Error::Capacity(_)) => {
-                            return End::Close(close::TOO_BIG, "message over realtime.websocket.max_message_size".into());
-                        }
                         Err(err) => {
                             tracing::debug!(peer = %self.conn.peer, error = %err, "WebSocket read failed");
-                            return End::Gone;
+                            return read_failure(&err);
                         }
                         Ok(message) => {
                             if let Err(end) = Box::pin(self.on_message(message)).await {
@@ -421,13 +552,45 @@ impl Connection {
         }
     }
 
-    /// Sends and flushes one message, bounded by the ping timeout: a peer
-    /// that reads nothing for that long is gone.
+    /// Sends and flushes one message.
     async fn write(&mut self, message: Message) -> Result<(), End> {
-        let timeout = self.realtime.config.websocket.ping_timeout;
-        match tokio::time::timeout(timeout, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
+        self.io(Io::Send(message)).await
+    }
+
+    /// One write, bounded by the ping timeout: a peer that reads nothing
+    /// for that long is gone.
+    ///
+    /// A session that falls behind while a write waits on its client ends
+    /// at once as a slow consumer. The invariant: a lagging session writes
+    /// no further publication, and its 4008 Close frame goes out directly
+    /// behind the bytes already handed to the socket — never behind the
+    /// rest of a batch, never after a write timeout — so a client that
+    /// reads again soon sees 4008 and resumes exactly.
+    async fn io(&mut self, io: Io) -> Result<(), End> {
+        let socket = &mut self.socket;
+        let write = async move {
+            match io {
+                Io::Feed(message) => socket.feed(message).await,
+                Io::Flush => socket.flush().await,
+                Io::Send(message) => socket.send(message).await,
+            }
+        };
+        tokio::pin!(write);
+        let deadline = tokio::time::sleep(self.realtime.config.websocket.ping_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                biased;
+                written = &mut write => return written.map_err(|_| End::Gone),
+                () = &mut self.ready => {
+                    if self.session.outbox().is_lagging() {
+                        tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
+                        return Err(End::slow_consumer());
+                    }
+                    self.woken = true;
+                }
+                () = &mut deadline => return Err(End::Gone),
+            }
         }
     }
 
@@ -452,10 +615,7 @@ impl Connection {
         match drained {
             crate::hub::Drained::Lagging => {
                 tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
-                return Err(End::Close(
-                    close::SLOW_CONSUMER,
-                    "slow consumer: reconnect and resume".into(),
-                ));
+                return Err(End::slow_consumer());
             }
             crate::hub::Drained::Closed => return Err(End::Gone),
             crate::hub::Drained::Open => {}
@@ -497,19 +657,11 @@ impl Connection {
     }
 
     async fn feed(&mut self, message: Message) -> Result<(), End> {
-        let timeout = self.realtime.config.websocket.ping_timeout;
-        match tokio::time::timeout(timeout, self.socket.feed(message)).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+        self.io(Io::Feed(message)).await
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        let timeout = self.realtime.config.websocket.ping_timeout;
-        match tokio::time::timeout(timeout, self.socket.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+        self.io(Io::Flush).await
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
@@ -524,8 +676,8 @@ impl Connection {
                         ));
                     }
                     let id = serde_json::from_str::<Value>(text.as_str())
-                        .map(|command| command_id(&command))
-                        .unwrap_or(Value::Null);
+                        .map(|command| Id::of(text.as_str(), &command))
+                        .unwrap_or_default();
                     let error = ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limited",
@@ -540,44 +692,26 @@ impl Connection {
                     "binary_not_supported",
                     "send commands as JSON text frames",
                 );
-                self.write(Message::text(error_reply(&Value::Null, &error)))
+                self.write(Message::text(error_reply(&Id::default(), &error)))
                     .await
             }
             // tungstenite answers pings itself (on the next write or flush).
             Message::Ping(_) => self.flush().await,
             Message::Pong(_) | Message::Frame(_) => Ok(()),
-            Message::Close(_) => Err(End::Gone),
+            Message::Close(_) => Err(End::PeerClosed),
         }
     }
 
     async fn on_command(&mut self, text: &str) -> Result<(), End> {
-        let (id, result) = match serde_json::from_str::<Value>(text) {
-            Err(err) => (
-                Value::Null,
-                Err(ApiError::bad_request(
-                    "bad_json",
-                    format!("invalid JSON: {err}"),
-                )),
-            ),
-            Ok(command) => {
-                let id = command_id(&command);
-                let result = if id.is_null() {
-                    Err(ApiError::bad_request(
-                        "bad_command",
-                        "a command is {\"id\": <number or string>, \"op\": \"...\", ...}",
-                    ))
-                } else {
-                    self.execute(&command).await
-                };
-                (id, result)
-            }
+        let (id, command) = parse_command(text);
+        let result = match command {
+            Ok(command) => self.execute(command).await,
+            Err(error) => Err(error),
         };
         match result {
             Ok(Reply { result, replay }) => {
-                self.write(Message::text(
-                    json!({ "id": id, "result": result }).to_string(),
-                ))
-                .await?;
+                self.write(Message::text(result_reply(&id, &result)))
+                    .await?;
                 for channel in replay.left {
                     let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
                     self.feed(Message::text(push)).await?;
@@ -598,36 +732,9 @@ impl Connection {
         }
     }
 
-    async fn execute(&mut self, command: &Value) -> Result<Reply, ApiError> {
-        let op = command.get("op").and_then(Value::as_str).unwrap_or("");
-        let channel = || -> Result<ChannelName, ApiError> {
-            let name = command
-                .get("channel")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "missing_channel",
-                        "name the channel: \"channel\": \"...\"",
-                    )
-                })?;
-            ChannelName::parse(name)
-                .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
-        };
-        match op {
-            "subscribe" => {
-                let channel = channel()?;
-                let since = match command.get("since") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(text)) => Some(text.parse::<Position>().map_err(|err| {
-                        ApiError::bad_request(err.code(), format!("`since`: {err}"))
-                    })?),
-                    Some(_) => {
-                        return Err(ApiError::bad_request(
-                            "bad_position",
-                            "`since` is a position string, \"<epoch>:<offset>\"",
-                        ))
-                    }
-                };
+    async fn execute(&mut self, command: Command) -> Result<Reply, ApiError> {
+        match command {
+            Command::Subscribe { channel, since } => {
                 let subscribed = self.session.subscribe(channel.clone(), since).await?;
                 // Asked to resume and could not: say so after the reply, so
                 // the client reloads its state, then go on from now.
@@ -646,8 +753,7 @@ impl Connection {
                     },
                 })
             }
-            "unsubscribe" => {
-                let channel = channel()?;
+            Command::Unsubscribe { channel } => {
                 if self.session.unsubscribe(channel.as_str()) {
                     Ok(Reply::plain(json!({})))
                 } else {
@@ -657,15 +763,9 @@ impl Connection {
                     ))
                 }
             }
-            "ping" => Ok(Reply::plain(json!({}))),
-            "refresh" => {
-                let token = command
-                    .get("token")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ApiError::bad_request("missing_token", "`refresh` needs a \"token\"")
-                    })?;
-                let left = self.session.refresh_token(token)?;
+            Command::Ping => Ok(Reply::plain(json!({}))),
+            Command::Refresh { token } => {
+                let left = self.session.refresh_token(&token)?;
                 Ok(Reply {
                     result: json!({}),
                     replay: Replay {
@@ -674,15 +774,103 @@ impl Connection {
                     },
                 })
             }
-            "" => Err(ApiError::bad_request(
-                "bad_command",
-                "a command needs an \"op\"",
-            )),
-            other => Err(ApiError::bad_request(
-                "unknown_op",
-                format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
-            )),
         }
+    }
+}
+
+/// A client command (docs/protocol.md, "Commands and replies"), parsed at
+/// the edge: nothing past [`parse_command`] looks at the JSON again.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Subscribe {
+        channel: ChannelName,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        channel: ChannelName,
+    },
+    Ping,
+    Refresh {
+        token: String,
+    },
+}
+
+/// Parses one text frame into a command, or the error to answer it with;
+/// either way with the id to answer under (null when the frame has no
+/// usable one). Any text gives one or the other: JSON nested deeper than
+/// serde_json's limit (128) is refused as `bad_json`, not recursed into.
+fn parse_command(text: &str) -> (Id, Result<Command, ApiError>) {
+    let command = match serde_json::from_str::<Value>(text) {
+        Ok(command) => command,
+        Err(err) => {
+            let error = ApiError::bad_request("bad_json", format!("invalid JSON: {err}"));
+            return (Id::default(), Err(error));
+        }
+    };
+    let id = Id::of(text, &command);
+    if id.is_null() {
+        let error = ApiError::bad_request(
+            "bad_command",
+            "a command is {\"id\": <number or string>, \"op\": \"...\", ...}",
+        );
+        return (id, Err(error));
+    }
+    (id, command_from(&command))
+}
+
+fn command_from(command: &Value) -> Result<Command, ApiError> {
+    let op = command.get("op").and_then(Value::as_str).unwrap_or("");
+    let channel = || -> Result<ChannelName, ApiError> {
+        let name = command
+            .get("channel")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::bad_request("missing_channel", "name the channel: \"channel\": \"...\"")
+            })?;
+        ChannelName::parse(name)
+            .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
+    };
+    match op {
+        "subscribe" => {
+            let channel = channel()?;
+            let since =
+                match command.get("since") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(text)) => Some(text.parse::<Position>().map_err(|err| {
+                        ApiError::bad_request(err.code(), format!("`since`: {err}"))
+                    })?),
+                    Some(_) => {
+                        return Err(ApiError::bad_request(
+                            "bad_position",
+                            "`since` is a position string, \"<epoch>:<offset>\"",
+                        ))
+                    }
+                };
+            Ok(Command::Subscribe { channel, since })
+        }
+        "unsubscribe" => Ok(Command::Unsubscribe {
+            channel: channel()?,
+        }),
+        "ping" => Ok(Command::Ping),
+        "refresh" => {
+            let token = command
+                .get("token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::bad_request("missing_token", "`refresh` needs a \"token\"")
+                })?;
+            Ok(Command::Refresh {
+                token: token.to_owned(),
+            })
+        }
+        "" => Err(ApiError::bad_request(
+            "bad_command",
+            "a command needs an \"op\"",
+        )),
+        other => Err(ApiError::bad_request(
+            "unknown_op",
+            format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
+        )),
     }
 }
 
@@ -710,18 +898,60 @@ impl Reply {
     }
 }
 
-/// A command's `id` when it is a number or a string (echoed in the reply),
-/// else null.
-fn command_id(command: &Value) -> Value {
-    command
-        .get("id")
-        .filter(|id| id.is_number() || id.is_string())
-        .cloned()
-        .unwrap_or(Value::Null)
+/// A command's `id`, as JSON text to answer under: the client's number or
+/// string, else null.
+///
+/// A client matches a reply by the id it sent, so the id goes back exactly
+/// as written. An integer or a string survives serde_json's reading as it
+/// is; any other number is taken from the frame's text, because serde_json
+/// reads it only to a nearby f64 (off by an ulp or so) and the client would
+/// not recognise the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Id(Box<str>);
+
+impl Default for Id {
+    fn default() -> Id {
+        Id("null".into())
+    }
 }
 
-fn error_reply(id: &Value, error: &ApiError) -> String {
-    json!({ "id": id, "error": error.body() }).to_string()
+impl Id {
+    /// The id of `command`, which was read from `text`.
+    fn of(text: &str, command: &Value) -> Id {
+        match command.get("id") {
+            Some(Value::Number(number)) if number.is_f64() => {
+                /// The id's text, where the frame holds one `id`.
+                #[derive(serde::Deserialize)]
+                struct Written<'a> {
+                    #[serde(borrow)]
+                    id: &'a serde_json::value::RawValue,
+                }
+                let written = serde_json::from_str::<Written>(text)
+                    .map(|written| written.id.get().trim().into());
+                Id(written.unwrap_or_else(|_| number.to_string().into()))
+            }
+            Some(id @ (Value::Number(_) | Value::String(_))) => Id(id.to_string().into()),
+            _ => Id::default(),
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        &*self.0 == "null"
+    }
+}
+
+impl std::fmt::Display for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn result_reply(id: &Id, result: &Value) -> String {
+    format!(r#"{{"id":{id},"result":{result}}}"#)
+}
+
+fn error_reply(id: &Id, error: &ApiError) -> String {
+    format!(r#"{{"id":{id},"error":{}}}"#, error.body())
 }
 
 fn reset_push(channel: &ChannelName, position: Position) -> String {
@@ -732,4 +962,402 @@ fn reset_push(channel: &ChannelName, position: Position) -> String {
         "offset": position.offset,
     })
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Serves a WebSocket echo on `listener` through pushgate's own frame
+    /// handling — the handshake's checks, the socket's configuration, the
+    /// close codes for bad frames, the answer to pings and the closing
+    /// handshake — so that conformance suites whose cases expect an echo
+    /// (Autobahn's; docs/websocket-conformance.md) can judge that handling.
+    /// Only what a message does differs from a session: it comes back.
+    async fn serve_echo(listener: tokio::net::TcpListener, ws: crate::config::WebSocketConfig) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let ws = ws.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    let ws = ws.clone();
+                    async move {
+                        let key = match handshake_key(&request) {
+                            Ok(key) => key,
+                            Err(refusal) => return Ok(refusal.into_response()),
+                        };
+                        let upgrade = hyper::upgrade::on(&mut request);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = upgrade.await else { return };
+                            let socket = WebSocketStream::from_raw_socket(
+                                TokioIo::new(upgraded),
+                                Role::Server,
+                                Some(socket_config(&ws)),
+                            )
+                            .await;
+                            echo(socket, ws.ping_timeout).await;
+                        });
+                        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                        Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header(header::CONNECTION, "upgrade")
+                            .header(header::UPGRADE, "websocket")
+                            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+                            .body(crate::body::empty())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    }
+
+    /// A session's read loop (see `Connection::serve` and `on_message`),
+    /// echoing messages instead of running them as commands.
+    async fn echo(mut socket: Socket, within: Duration) {
+        let end = loop {
+            match socket.next().await {
+                None => break End::Gone,
+                Some(Err(err)) => break read_failure(&err),
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if socket.send(message).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Some(Ok(Message::Ping(_))) => {
+                    if socket.flush().await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break End::PeerClosed,
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+            }
+        };
+        finish(&mut socket, end, within).await;
+    }
+
+    /// The echo server answers fragments with the whole message and pings
+    /// in between, and closes by the rules. With
+    /// `PUSHGATE_WS_ECHO_SECS=<n>` it first serves for n seconds, printing
+    /// its address, for a conformance suite to run against.
+    #[tokio::test]
+    async fn the_frame_handling_echoes_and_closes_by_the_rules() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tungstenite::protocol::frame::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ws = crate::config::WebSocketConfig {
+            // Autobahn's largest messages (its limits cases, 9.x), read and
+            // echoed: a session's own writes are publications, at most half
+            // of max_write_buffer_size (config validation).
+            max_message_size: crate::config::ByteSize(16 << 20),
+            max_write_buffer_size: crate::config::ByteSize(64 << 20),
+            ..crate::config::WebSocketConfig::default()
+        };
+        tokio::spawn(serve_echo(listener, ws));
+        let serve_for = std::env::var("PUSHGATE_WS_ECHO_SECS")
+            .ok()
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or(0);
+        if serve_for > 0 {
+            eprintln!("WebSocket echo at ws://{addr}/ for {serve_for} s");
+            tokio::time::sleep(Duration::from_secs(serve_for)).await;
+        }
+
+        let url = format!("ws://{addr}/");
+        let (mut client, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let frames = [
+            Frame::message(&b"frag"[..], OpCode::Data(Data::Text), false),
+            Frame::ping(&b"between"[..]),
+            Frame::message(&b"mented"[..], OpCode::Data(Data::Continue), true),
+        ];
+        for frame in frames {
+            client.send(Message::Frame(frame)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.push(client.next().await.unwrap().unwrap());
+        }
+        assert_eq!(
+            got,
+            [Message::Pong("between".into()), Message::text("fragmented")]
+        );
+        client.send(Message::binary(vec![0, 1, 2])).await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::binary(vec![0, 1, 2])
+        );
+        // The client closes: the same code comes back, then the end.
+        client.close(None).await.unwrap();
+        assert_eq!(client.next().await.unwrap().unwrap(), Message::Close(None));
+        assert!(client.next().await.is_none(), "a clean end");
+
+        // Invalid UTF-8: 1007, then the end.
+        let (mut client, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let bad = Frame::message(&b"\xff"[..], OpCode::Data(Data::Text), true);
+        client.send(Message::Frame(bad)).await.unwrap();
+        match client.next().await.unwrap().unwrap() {
+            Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1007),
+            other => panic!("expected 1007, got {other:?}"),
+        }
+        assert!(client.next().await.is_none(), "a clean end");
+    }
+
+    #[test]
+    fn a_handshake_key_is_16_bytes_in_base64() {
+        // RFC 6455 §1.3's example, and the extremes of each position.
+        for key in [
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "/////////////////////w==",
+            "+++++++++++++++++++++Q==",
+            "abcdefghijklmnopqrstug==",
+        ] {
+            assert!(is_handshake_key(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",        // no padding
+            "dGhlIHNhbXBsZSBub25jZQ=",       // short padding
+            "dGhlIHNhbXBsZSBub25jZQ===",     // 25 characters
+            "dGhlIHNhbXBsZSBub25jZR==",      // trailing bits set: not canonical
+            "dGhlIHNhbXBsZSBub25j",          // 15 bytes
+            "dGhlIHNhbXBsZSBub25jZWE=",      // 17 bytes
+            "dGhlIHNhbXBsZSBub25jZQ-_",      // URL-safe alphabet
+            "dGhlIHNhbXBsZSBub25j ZQ==",     // a space
+            "dGhlIHNhbXBsZSBub25jZ\u{e9}==", // not ASCII
+            "========================",
+        ] {
+            assert!(!is_handshake_key(key.as_bytes()), "{key:?}");
+        }
+    }
+
+    proptest! {
+        /// Any 16 bytes, base64-encoded, are a key; any other length is not.
+        #[test]
+        fn base64_of_16_bytes_and_nothing_else_is_a_key(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            prop_assert_eq!(is_handshake_key(key.as_bytes()), bytes.len() == 16);
+        }
+    }
+
+    #[test]
+    fn read_failures_close_with_the_code_rfc_6455_names() {
+        use tungstenite::error::CapacityError;
+        use tungstenite::Error;
+        let code = |err: Error| match read_failure(&err) {
+            End::Close(code, reason) => {
+                assert!(!reason.is_empty(), "{err}: a reason");
+                Some(code)
+            }
+            End::Gone | End::PeerClosed => None,
+        };
+        for protocol in [
+            ProtocolError::NonZeroReservedBits,
+            ProtocolError::UnmaskedFrameFromClient,
+            ProtocolError::FragmentedControlFrame,
+            ProtocolError::ControlFrameTooBig,
+            ProtocolError::UnknownControlFrameType(11),
+            ProtocolError::UnknownDataFrameType(3),
+            ProtocolError::UnexpectedContinueFrame,
+            ProtocolError::ExpectedFragment(tungstenite::protocol::frame::coding::Data::Text),
+            ProtocolError::InvalidCloseSequence,
+            ProtocolError::InvalidOpcode(3),
+        ] {
+            assert_eq!(code(Error::Protocol(protocol)), Some(1002));
+        }
+        assert_eq!(code(Error::Utf8), Some(1007));
+        let too_long = CapacityError::MessageTooLong {
+            size: 2,
+            max_size: 1,
+        };
+        assert_eq!(code(Error::Capacity(too_long)), Some(1009));
+        // Nobody is left to read a Close frame.
+        assert_eq!(
+            code(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)),
+            None
+        );
+        assert_eq!(code(Error::ConnectionClosed), None);
+        assert_eq!(
+            code(Error::Io(std::io::ErrorKind::ConnectionReset.into())),
+            None
+        );
+    }
+
+    #[test]
+    fn a_close_reason_is_cut_to_123_bytes_on_a_character_boundary() {
+        let reason = "é".repeat(100);
+        let Message::Close(Some(frame)) = close_frame(4008, &reason) else {
+            panic!("a close frame");
+        };
+        assert_eq!(frame.reason.len(), 122);
+        assert_eq!(u16::from(frame.code), 4008);
+    }
+
+    #[test]
+    fn an_id_is_answered_exactly_as_written() {
+        for (text, id) in [
+            (
+                r#"{"id": 2.1631291219746346e-75, "op": "ping"}"#,
+                "2.1631291219746346e-75",
+            ),
+            (r#"{"id": 1.50, "op": "ping"}"#, "1.50"),
+            (r#"{"id": 1e400, "op": "ping"}"#, "null"),
+            (
+                r#"{"id": 18446744073709551616, "op": "ping"}"#,
+                "18446744073709551616",
+            ),
+            (r#"{"id": -7, "op": "ping"}"#, "-7"),
+            (r#"{"id": "a\u00e9\"", "op": "ping"}"#, r#""aé\"""#),
+            (r#"{"id": null, "op": "ping"}"#, "null"),
+            (r#"{"id": [1], "op": "ping"}"#, "null"),
+        ] {
+            let (got, _) = parse_command(text);
+            assert_eq!(&*got.0, id, "{text}");
+            let reply: Value = serde_json::from_str(&result_reply(&got, &json!({}))).unwrap();
+            assert_eq!(reply["result"], json!({}));
+        }
+    }
+
+    /// Nesting far past serde_json's limit is refused, not recursed into.
+    #[test]
+    fn deeply_nested_json_is_bad_json_not_a_stack_overflow() {
+        for depth in [129, 10_000, 1_000_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let text = format!(
+                    "{{\"id\": 1, \"op\": \"ping\", \"x\": {}0{}}}",
+                    open.repeat(depth),
+                    close.repeat(depth)
+                );
+                let (id, command) = parse_command(&text);
+                assert!(id.is_null());
+                let error = command.unwrap_err();
+                assert_eq!(error.code, "bad_json");
+                assert!(
+                    error.message.contains("recursion limit"),
+                    "{}",
+                    error.message
+                );
+            }
+        }
+    }
+
+    /// Any JSON value, as a command.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            prop_oneof![
+                Just("subscribe"),
+                Just("unsubscribe"),
+                Just("ping"),
+                Just("refresh")
+            ]
+            .prop_map(Value::from),
+            "[a-z:]{1,8}:[0-9]{1,3}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("op".to_owned()),
+                        Just("channel".to_owned()),
+                        Just("since".to_owned()),
+                        Just("token".to_owned()),
+                        ".{0,6}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The rules a parsed frame follows, whatever it held.
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let (id, command) = parse_command(text);
+        let id: Value = serde_json::from_str(&id.0).expect("an id is JSON");
+        prop_assert!(id.is_null() || id.is_number() || id.is_string());
+        match command {
+            Ok(command) => {
+                let value: Value = serde_json::from_str(text).expect("a command is JSON");
+                prop_assert_eq!(&value["id"], &id);
+                let op = match &command {
+                    Command::Subscribe { channel, .. } | Command::Unsubscribe { channel } => {
+                        prop_assert_eq!(value["channel"].as_str(), Some(channel.as_str()));
+                        if let Command::Subscribe { .. } = command {
+                            "subscribe"
+                        } else {
+                            "unsubscribe"
+                        }
+                    }
+                    Command::Ping => "ping",
+                    Command::Refresh { token } => {
+                        prop_assert_eq!(value["token"].as_str(), Some(token.as_str()));
+                        "refresh"
+                    }
+                };
+                prop_assert_eq!(value["op"].as_str(), Some(op));
+            }
+            Err(error) => {
+                prop_assert_eq!(error.status, StatusCode::BAD_REQUEST);
+                prop_assert!(!error.message.is_empty());
+                prop_assert!(
+                    !id.is_null() || ["bad_json", "bad_command"].contains(&error.code),
+                    "a usable id is answered under it: {}",
+                    error.code
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any JSON value gives a command or an error to answer, never a
+        /// panic.
+        #[test]
+        fn any_json_value_is_a_command_or_an_error(value in json_value()) {
+            check(&value.to_string())?;
+        }
+
+        /// Any text, JSON or not, likewise.
+        #[test]
+        fn any_text_is_a_command_or_an_error(text in ".{0,64}") {
+            check(&text)?;
+        }
+
+        /// Every well-formed command parses to what it says.
+        #[test]
+        fn well_formed_commands_parse(
+            id in prop_oneof![any::<u32>().prop_map(Value::from), "[a-z0-9]{1,8}".prop_map(Value::from)],
+            channel in "[A-Za-z0-9_:.@=/-]{1,40}",
+            offset in any::<u64>(),
+        ) {
+            let subscribe = json!({"id": id, "op": "subscribe", "channel": channel, "since": format!("e1:{offset}")});
+            let (got, command) = parse_command(&subscribe.to_string());
+            prop_assert_eq!(&*got.0, id.to_string());
+            let command = command.expect("well formed");
+            prop_assert!(
+                matches!(&command, Command::Subscribe { channel: c, since: Some(p) } if c.as_str() == channel && p.offset == offset),
+                "{:?}", command
+            );
+            let unsubscribe = json!({"id": id, "op": "unsubscribe", "channel": channel});
+            let parsed = parse_command(&unsubscribe.to_string()).1;
+            prop_assert!(matches!(parsed, Ok(Command::Unsubscribe { .. })), "{:?}", parsed);
+        }
+    }
 }

@@ -552,7 +552,9 @@ pub async fn get_raw(
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/third_party.rs` builds: either test reuses what the other built.
 pub mod node;
+pub mod recording;
 pub mod redis;
+pub mod wire;
 
 /// A WebSocket client of pushgate's realtime endpoint.
 pub type WsClient =

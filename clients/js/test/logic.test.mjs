@@ -54,6 +54,29 @@ test("parsing names only the channels asked about", () => {
   assert.deepEqual([...parseCursor(cursor, ["b", "c"])], [["b", { epoch: "E2", offset: 2 }]]);
 });
 
+test("channels whose hashes collide each keep their own position", () => {
+  // FNV-1a 32 of these two names is the same (0xf5e16c9a).
+  const [a, b] = ["room:46wu", "room:bwfa"];
+  assert.equal(fnv1a32(a), fnv1a32(b));
+  const at = { [a]: { epoch: "A", offset: 7 }, [b]: { epoch: "B", offset: 9 } };
+  const expected = "1.f5e16c9a.A.7.f5e16c9a.B.9";
+  for (const order of [[a, b], [b, a], ["x", b, a]]) {
+    const cursor = buildCursor(order.map((c) => [c, at[c] || { epoch: "X", offset: 1 }]));
+    // pushgate writes them in name order, whatever order they were added in.
+    assert.ok(cursor.includes(expected.slice(2)), cursor);
+    const back = parseCursor(cursor, [b, a]);
+    assert.deepEqual(back.get(a), at[a]);
+    assert.deepEqual(back.get(b), at[b]);
+  }
+  // The cursor pushgate writes for them (src/cursor.rs, same rule).
+  const fromServer = `${expected}.${fnv1a32(expected).toString(16).padStart(8, "0")}`;
+  assert.deepEqual(parseCursor(fromServer, [a, b]).get(b), at[b]);
+  // One entry for two channels of its hash: which is whose is unknown.
+  const one = buildCursor([[a, at[a]]]);
+  assert.equal(parseCursor(one, [a, b]).size, 0);
+  assert.deepEqual(parseCursor(one, [a]).get(a), at[a]);
+});
+
 test("a damaged cursor is refused", () => {
   const cursor = buildCursor([["a", { epoch: "E1", offset: 5 }]]);
   // Every single-character change breaks the checksum or the shape.
