@@ -263,7 +263,10 @@ async fn sigterm_answers_every_waiting_long_poll_with_a_cursor_that_resumes() {
         pushgate::cursor::Epoch::parse(at["epoch"].as_str().unwrap()).unwrap(),
         at["offset"].as_u64().unwrap(),
     );
-    cursor.set("dr", position);
+    cursor.set(
+        &pushgate::message::ChannelName::parse("dr").unwrap(),
+        position,
+    );
     let cursor = cursor.encode();
 
     let addr = draining.addr;

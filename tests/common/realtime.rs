@@ -100,7 +100,8 @@ fn offset_field(value: &Value) -> Result<u64, String> {
 pub fn cursor_from_start(channels: &[&str]) -> String {
     let mut cursor = Cursor::new();
     for channel in channels {
-        cursor.set(channel, start_position());
+        let channel = pushgate::message::ChannelName::parse(channel).expect("a valid channel");
+        cursor.set(&channel, start_position());
     }
     cursor.encode()
 }
