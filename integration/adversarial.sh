@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 files=("$@")
 if ((${#files[@]} == 0)); then
-    files=(adversarial ws_abuse websocket cursors)
+    files=(adversarial ws_abuse websocket cursors chaos)
 fi
 args=()
 for file in "${files[@]}"; do

@@ -228,6 +228,24 @@ impl Outbox {
         self.state.lock().expect("outbox lock").lagging
     }
 
+    /// Drops whatever waits for `channel`. A session about to read the
+    /// channel's history has no use for it: the read covers what was
+    /// published before it, or says it cannot; and an engine event queued
+    /// before the read (a reset after an outage) describes the stream as it
+    /// was, not as the read will find it.
+    pub fn discard(&self, channel: &str) {
+        let mut state = self.state.lock().expect("outbox lock");
+        let mut dropped = 0;
+        state.queue.retain(|publication| {
+            let keep = publication.channel().as_str() != channel;
+            if !keep {
+                dropped += publication.size();
+            }
+            keep
+        });
+        state.bytes -= dropped;
+    }
+
     /// Publications waiting.
     pub fn len(&self) -> usize {
         self.state.lock().expect("outbox lock").queue.len()
@@ -655,6 +673,36 @@ mod tests {
         assert!(hub.unsubscribe("chat", &b), "the last subscriber left");
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(hub.deliver(&publication("chat", 2, "2")), 0);
+    }
+
+    #[test]
+    fn discarding_a_channel_keeps_the_others_in_order_and_frees_its_bytes() {
+        let outbox = Outbox::new(QueueLimits {
+            messages: 10,
+            bytes: 1 << 20,
+        });
+        for (channel, offset) in [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("b", 2)] {
+            outbox.push(&publication(channel, offset, "12345"));
+        }
+        outbox.discard("b");
+        outbox.discard("none");
+        let mut batch = Vec::new();
+        assert_eq!(outbox.drain_into(&mut batch), Drained::Open);
+        let left: Vec<(&str, u64)> = batch
+            .iter()
+            .map(|p| (p.channel().as_str(), p.offset()))
+            .collect();
+        assert_eq!(left, [("a", 1), ("a", 2), ("c", 1)]);
+        // The bytes of what went are free again: exactly the bound fits.
+        let tight = Outbox::new(QueueLimits {
+            messages: 10,
+            bytes: 2 * publication("a", 1, "12345").size(),
+        });
+        tight.push(&publication("a", 1, "12345"));
+        tight.push(&publication("b", 1, "12345"));
+        tight.discard("b");
+        assert_eq!(tight.push(&publication("a", 2, "12345")), Push::Urged);
+        assert!(!tight.is_lagging());
     }
 
     #[test]

@@ -639,6 +639,11 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// How long a connection is left to read what its client had sent when
+/// the drain began, before an idle one is closed: one turn of the runtime's
+/// IO driver is what it takes.
+const DRAIN_SETTLE: Duration = Duration::from_millis(2);
+
 /// Accepts connections until shutdown begins, each holding a permit of the
 /// listener's connection limit.
 async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
@@ -779,8 +784,25 @@ impl Connection {
         let result = tokio::select! {
             result = connection.as_mut() => result,
             () = drain => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
+                // A request the client sent before the drain began is
+                // answered, not cut off: hyper closes a connection it finds
+                // idle at once, so it first reads what has arrived. The
+                // timer lets the IO driver turn, which reports the bytes,
+                // and the connection is polled first when both are ready.
+                let settle = tokio::time::sleep(DRAIN_SETTLE);
+                tokio::pin!(settle);
+                let ended = tokio::select! {
+                    biased;
+                    result = connection.as_mut() => Some(result),
+                    () = settle => None,
+                };
+                match ended {
+                    Some(result) => result,
+                    None => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
             }
         };
 

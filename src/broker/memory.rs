@@ -263,12 +263,13 @@ impl Broker for MemoryBroker {
                 duplicate: false,
             });
         };
+        // Parsed outside the lock: it reads the whole of `data`.
+        let fingerprint = publish.fingerprint();
         // Held across the publish, so two racing requests with one key
         // publish once. The memory engine never waits inside.
         let mut seen = self.idempotency.lock().expect("idempotency lock");
         let now = Instant::now();
         seen.purge(now);
-        let fingerprint = publish.fingerprint();
         if let Some((first, results)) = seen.results.get(key) {
             if *first != fingerprint {
                 return Err(BrokerError::KeyReused);

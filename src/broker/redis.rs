@@ -484,11 +484,26 @@ struct Stats {
 }
 
 /// What the node knows of a channel it listens to.
+///
+/// The invariant that keeps recovery exact on this node, so that a local
+/// session is sent a reset only when history cannot cover its gap, never
+/// because of a race between its history read and the pub/sub copy: once
+/// `live`, the hub has been handed every publication of the channel after
+/// `last`, and every local session of the channel stands at or after
+/// `last` (it read history only after its subscribe returned, which was
+/// after `last` was read). So a publication at or before `last` is never
+/// needed here, and a session's history read plus the hub cover every
+/// publication after its position.
 #[derive(Default)]
 struct Tracked {
-    /// The newest publication this node handed to the hub (or the position
-    /// its first reader found); `None` until known.
+    /// The newest publication handed to the hub, or the stream's position
+    /// read once the subscription in Redis was confirmed (before any local
+    /// session read history). `None` only until that first read.
     last: Option<Position>,
+    /// Subscribed in Redis, `last` known, and the pub/sub connection in
+    /// sync: a new local subscriber may read history at once. Cleared
+    /// while the connection is down.
+    live: bool,
 }
 
 /// State shared by the broker and its listener task.
@@ -913,6 +928,13 @@ impl Shared {
         Ok(taken == 1)
     }
 
+    /// Marks every tracked channel live, or none (see [`Tracked::live`]).
+    fn set_live(&self, live: bool) {
+        for state in self.tracked.lock().expect("tracked lock").values_mut() {
+            state.live = live && state.last.is_some();
+        }
+    }
+
     /// Hands a publication from Redis to the hub, once and in order.
     fn deliver(&self, publication: Arc<Publication>) {
         let mut tracked = self.tracked.lock().expect("tracked lock");
@@ -929,17 +951,33 @@ impl Shared {
         self.hub.deliver(&publication);
     }
 
+    /// Reads where a channel's stream stands, just after its subscription
+    /// in Redis was confirmed and before any local session reads history
+    /// (they wait for `live`): from here on the hub is handed everything
+    /// (see [`Tracked`]).
+    async fn start_at_stream(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let position = self.read(channel, None, 0).await?.position;
+        let mut tracked = self.tracked.lock().expect("tracked lock");
+        if let Some(state) = tracked.get_mut(channel.as_str()) {
+            state.last.get_or_insert(position);
+        }
+        Ok(())
+    }
+
     /// Brings a channel's local subscribers up to its stream after the
     /// pub/sub connection was lost: the gap from history, or a reset.
     async fn resync(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let since = {
+        let last = {
             let tracked = self.tracked.lock().expect("tracked lock");
             match tracked.get(channel.as_str()) {
-                Some(Tracked { last: Some(last) }) => *last,
-                // Never read: its first reader has not got its position
-                // yet, and reads it after this.
-                _ => return Ok(()),
+                Some(state) => state.last,
+                None => return Ok(()),
             }
+        };
+        let Some(since) = last else {
+            // Its start was never read, so no local session has read
+            // history yet: the stream's position now is where they start.
+            return self.start_at_stream(channel).await;
         };
         let history = self.read(channel, Some(since), usize::MAX).await?;
         if history.recovered {
@@ -1098,7 +1136,11 @@ fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
 impl Broker for RedisBroker {
     async fn publish(&self, publish: Publish) -> Result<PublishOutcome, BrokerError> {
         let shared = &self.shared;
-        let fingerprint = format!("{:016x}", publish.fingerprint());
+        // Only a publish with a key is compared with another.
+        let fingerprint = match &publish.idempotency_key {
+            Some(_) => format!("{:016x}", publish.fingerprint()),
+            None => String::new(),
+        };
         if let Some(key) = &publish.idempotency_key {
             // Claim the key for this publish before anything is published:
             // a key reused for a different publish then publishes nothing.
@@ -1165,13 +1207,7 @@ impl Broker for RedisBroker {
         since: Option<Position>,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        let history = self.shared.read(channel, since, limit).await?;
-        let mut tracked = self.shared.tracked.lock().expect("tracked lock");
-        if let Some(state) = tracked.get_mut(channel.as_str()) {
-            // A channel's first reader tells the node where it starts.
-            state.last.get_or_insert(history.position);
-        }
-        Ok(history)
+        self.shared.read(channel, since, limit).await
     }
 
     async fn position(&self, channel: &ChannelName) -> Result<Position, BrokerError> {
@@ -1179,6 +1215,19 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BrokerError> {
+        let live = self
+            .shared
+            .tracked
+            .lock()
+            .expect("tracked lock")
+            .get(channel.as_str())
+            .is_some_and(|state| state.live);
+        if live {
+            return Ok(());
+        }
+        // The listener answers once the channel is live: commands run in
+        // order, so one queued behind the first subscriber's waits for its
+        // SUBSCRIBE and start position too.
         let (reply, answer) = oneshot::channel();
         self.listener
             .send(Command::Subscribe(channel.clone(), reply))
@@ -1424,6 +1473,10 @@ impl Listener {
                 }
             };
             if let Some(shared) = self.shared.upgrade() {
+                // New local subscribers wait for the resync (their subscribe
+                // goes through the listener) rather than read history that
+                // nothing would follow up.
+                shared.set_live(false);
                 if shared.stats.pubsub_up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %why, "engine: lost the Redis pub/sub connection; reconnecting");
                 } else {
@@ -1517,6 +1570,7 @@ impl Listener {
             resynced.map_err(|err| err.to_string())?;
         }
         drop(resyncs);
+        shared.set_live(true);
         shared.stats.pubsub_up.store(true, Ordering::Relaxed);
         if !channels.is_empty() {
             tracing::info!(
@@ -1874,13 +1928,28 @@ async fn apply_cluster(
                 )
                 .await
                 {
-                    Ok(Ok(())) => Ok(()),
+                    // Subscribed: now where the stream stands, before the
+                    // subscriber reads history (see `Tracked`).
+                    Ok(Ok(())) => shared
+                        .start_at_stream(&channel)
+                        .await
+                        .map_err(|err| err.to_string()),
                     Ok(Err(err)) => Err(err.to_string()),
                     Err(_) => Err("SSUBSCRIBE was not answered in time".into()),
                 }
             } else {
                 Ok(())
             };
+            if outcome.is_ok() {
+                if let Some(state) = shared
+                    .tracked
+                    .lock()
+                    .expect("tracked lock")
+                    .get_mut(channel.as_str())
+                {
+                    state.live = state.last.is_some();
+                }
+            }
             if outcome.is_err() {
                 shared
                     .tracked
@@ -1916,7 +1985,7 @@ async fn apply(
     sink: &mut redis::aio::PubSubSink,
     batch: Vec<Command>,
 ) -> Result<(), String> {
-    let mut subscribe = Vec::new();
+    let mut fresh = Vec::new();
     let mut replies = Vec::new();
     let mut unsubscribe = Vec::new();
     {
@@ -1924,9 +1993,11 @@ async fn apply(
         for command in batch {
             match command {
                 Command::Subscribe(channel, reply) => {
+                    // A channel tracked already is live: commands run in
+                    // order, after the one that subscribed it.
                     if !tracked.contains_key(channel.as_str()) {
-                        subscribe.push(shared.keys.pubsub(channel.as_str()));
-                        tracked.insert(channel, Tracked::default());
+                        tracked.insert(channel.clone(), Tracked::default());
+                        fresh.push(channel);
                     }
                     replies.push(reply);
                 }
@@ -1951,15 +2022,41 @@ async fn apply(
             Err(_) => Err("UNSUBSCRIBE was not answered in time".into()),
         };
     }
-    if outcome.is_ok() && !subscribe.is_empty() {
-        for chunk in subscribe.chunks(SUBSCRIBE_CHUNK) {
-            outcome = match tokio::time::timeout(timeout, sink.subscribe(chunk)).await {
+    if outcome.is_ok() && !fresh.is_empty() {
+        for chunk in fresh.chunks(SUBSCRIBE_CHUNK) {
+            let names: Vec<String> = chunk
+                .iter()
+                .map(|c| shared.keys.pubsub(c.as_str()))
+                .collect();
+            outcome = match tokio::time::timeout(timeout, sink.subscribe(&names)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(err)) => Err(err.to_string()),
                 Err(_) => Err("SUBSCRIBE was not answered in time".into()),
             };
             if outcome.is_err() {
                 break;
+            }
+        }
+    }
+    if outcome.is_ok() && !fresh.is_empty() {
+        // Subscribed: now where each stream stands, before any waiting
+        // subscriber reads history (see `Tracked`). Messages meanwhile wait
+        // in the connection's stream.
+        let mut starts = futures_util::stream::iter(fresh.iter().cloned())
+            .map(|channel| async move { shared.start_at_stream(&channel).await })
+            .buffer_unordered(RESYNC_CONCURRENCY);
+        while let Some(started) = starts.next().await {
+            if let Err(err) = started {
+                outcome = Err(err.to_string());
+            }
+        }
+        drop(starts);
+        if outcome.is_ok() {
+            let mut tracked = shared.tracked.lock().expect("tracked lock");
+            for channel in &fresh {
+                if let Some(state) = tracked.get_mut(channel.as_str()) {
+                    state.live = state.last.is_some();
+                }
             }
         }
     }

@@ -105,6 +105,16 @@ pub(super) async fn handle(
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
     );
+    if realtime.drain.is_signalled() && request.version() < http::Version::HTTP_2 {
+        // Shutting down: this answer is the connection's last. Said in the
+        // answer itself, so the client polls again on a new connection (to
+        // another node) instead of sending its next poll down this one,
+        // which the drain closes unanswered.
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     cors(&mut response, &origin);
     Ok(response)
 }

@@ -182,15 +182,23 @@ impl Session {
         }
 
         // Live first, then history: nothing published in between is lost.
+        // Every subscriber, not only the node's first, waits until the
+        // engine hears the channel: a second one arriving while the first
+        // one's engine subscription is under way would otherwise read
+        // history before publications reach the hub.
         let realtime = &self.realtime;
-        if realtime.hub.subscribe(&channel, &self.outbox) {
-            if let Err(err) = realtime.broker.subscribe(&channel).await {
-                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
-                    realtime.broker.unsubscribe(&channel).await;
-                }
-                return Err(err.into());
+        realtime.hub.subscribe(&channel, &self.outbox);
+        if let Err(err) = realtime.broker.subscribe(&channel).await {
+            if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
+                realtime.broker.unsubscribe(&channel).await;
             }
+            return Err(err.into());
         }
+        // The history read below is the subscription's starting point:
+        // what reached the outbox while the engine was getting ready (a
+        // reset from the outage it was recovering from) is older than the
+        // read, and would otherwise reset a position the read just gave.
+        self.outbox.discard(channel.as_str());
         // Without `since` only the position is wanted: a limit of 0 reads
         // no publications.
         let limit = if since.is_some() { usize::MAX } else { 0 };

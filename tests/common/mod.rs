@@ -560,6 +560,10 @@ pub mod wire;
 pub type WsClient =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Clients of all three realtime transports that record what they are
+/// handed, for the exactness and chaos tests.
+pub mod realtime;
+
 /// How long a test waits for any one thing to happen.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 

@@ -227,6 +227,27 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Kills the server and starts it again on the same port with nothing
+    /// on disk, as a server without persistence comes back: everything it
+    /// held is lost.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        for entry in std::fs::read_dir(&self.dir.0).unwrap().flatten() {
+            if entry.file_name() == "redis.log" {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+        self.restart();
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
