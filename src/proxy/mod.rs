@@ -422,6 +422,12 @@ fn answer_for(
                     peer = %conn.peer,
                     "limit: request body stalled past limits.body_timeout; answered 408"
                 ),
+                ProxyError::BadRequest(why) => tracing::info!(
+                    %method,
+                    %path,
+                    peer = %conn.peer,
+                    "refused: {why}; answered 400"
+                ),
                 ProxyError::OutOfFiles => tracing::info!(
                     %method,
                     %path,
