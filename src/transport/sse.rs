@@ -67,7 +67,7 @@ pub(super) async fn handle(
     let mut ids = Cursor::new();
     let mut resets = Vec::new();
     let mut replays = Vec::new();
-    let starts = resume.map(|c| c.resolve(&query.channels));
+    let starts = resume.as_ref().map(|c| c.resolve(&query.channels));
     for (index, channel) in query.channels.iter().enumerate() {
         let from = starts.as_ref().map_or(Start::Now, |starts| starts[index]);
         let since = from.after();
@@ -86,10 +86,25 @@ pub(super) async fn handle(
     let retry = realtime.config.sse.retry;
     let mut stream = SseStream::new(realtime, session, gauge);
     // The opening already names where the connection stands, so a stream
-    // that drops before its first event still resumes from here.
-    stream.push_opening(&ids, retry);
-    for (channel, position) in resets {
-        stream.push_reset(&ids, &channel, position);
+    // that drops before its first event still resumes from here. An id
+    // never moves a channel past a reset the client has not been handed:
+    // until the last reset is announced, the ids (the opening's too) are
+    // the client's own last id, so a drop before it announces every reset
+    // again on the next connection instead of skipping the rest in silence.
+    let now = if ids.is_empty() {
+        String::new()
+    } else {
+        ids.encode()
+    };
+    let before = match &resume {
+        Some(resume) if !resets.is_empty() => resume.encode(),
+        _ => now.clone(),
+    };
+    stream.push_opening(&before, retry);
+    let count = resets.len();
+    for (index, (channel, position)) in resets.into_iter().enumerate() {
+        let id = if index + 1 == count { &now } else { &before };
+        stream.push_reset(id, &channel, position);
     }
     for publication in replays.into_iter().flatten() {
         ids.set(publication.channel(), publication.position());
@@ -330,14 +345,14 @@ impl SseStream {
         }
     }
 
-    /// `retry:` and, when the connection hears any channel, `id:` with
-    /// its starting cursor: a blank-data block, which sets the browser's
-    /// last event id without dispatching an event.
-    fn push_opening(&mut self, ids: &Cursor, retry: std::time::Duration) {
+    /// `retry:` and, unless `id` is empty, `id:` with the encoded cursor
+    /// the connection starts from: a blank-data block, which sets the
+    /// browser's last event id without dispatching an event.
+    fn push_opening(&mut self, id: &str, retry: std::time::Duration) {
         let mut text = format!("retry: {}\n", retry.as_millis());
-        if !ids.is_empty() {
+        if !id.is_empty() {
             text.push_str("id: ");
-            ids.encode_into(&mut text);
+            text.push_str(id);
             text.push('\n');
         }
         text.push('\n');
@@ -348,8 +363,9 @@ impl SseStream {
         self.state.out.push_event(ids, publication);
     }
 
-    fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
-        self.state.out.push_reset(ids, channel, position);
+    /// A `pushgate.reset` event whose id is `id`, an encoded cursor.
+    fn push_reset(&mut self, id: &str, channel: &ChannelName, position: Position) {
+        self.state.out.push_reset_with_id(id, channel, position);
     }
 }
 
@@ -399,9 +415,16 @@ impl Out {
     /// A `pushgate.reset` event, with `id: <ids>`.
     fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
         self.encode(ids);
+        let id = std::mem::take(&mut self.text);
+        self.push_reset_with_id(&id, channel, position);
+        self.text = id;
+    }
+
+    /// A `pushgate.reset` event, with `id: <id>` (an encoded cursor).
+    fn push_reset_with_id(&mut self, id: &str, channel: &ChannelName, position: Position) {
         let event = format!(
-            "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {}\n\n",
-            position.epoch, position.offset, self.text
+            "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {id}\n\n",
+            position.epoch, position.offset
         );
         self.frames.push_back(Bytes::from(event));
     }
