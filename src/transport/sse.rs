@@ -65,6 +65,9 @@ pub(super) async fn handle(
     // Subscribe to everything first; then replay, with ids that advance one
     // publication at a time, so a drop mid-replay resumes exactly.
     let mut ids = Cursor::new();
+    // Channels whose gap history cannot cover, each with where it goes on
+    // from, and whether the cursor could not tell which of its entries was
+    // the channel's.
     let mut resets = Vec::new();
     let mut replays = Vec::new();
     let starts = resume.as_ref().map(|c| c.resolve(&query.channels));
@@ -72,39 +75,38 @@ pub(super) async fn handle(
         let from = starts.as_ref().map_or(Start::Now, |starts| starts[index]);
         let since = from.after();
         let subscribed = session.subscribe(channel.clone(), since).await?;
-        let start = match since {
-            Some(since) if subscribed.recovered => since,
-            _ => subscribed.position,
-        };
-        ids.set(channel, start);
+        // Where the client stands until anything is announced: where it
+        // left off, even when that was lost (its reset moves it on).
+        ids.set(channel, since.unwrap_or(subscribed.position));
         if from == Start::Lost || (since.is_some() && !subscribed.recovered) {
-            resets.push((channel.clone(), subscribed.position));
+            resets.push((channel.clone(), subscribed.position, from == Start::Lost));
         }
         replays.push(subscribed.replay);
     }
 
     let retry = realtime.config.sse.retry;
     let mut stream = SseStream::new(realtime, session, gauge);
-    // The opening already names where the connection stands, so a stream
-    // that drops before its first event still resumes from here. An id
-    // never moves a channel past a reset the client has not been handed:
-    // until the last reset is announced, the ids (the opening's too) are
-    // the client's own last id, so a drop before it announces every reset
-    // again on the next connection instead of skipping the rest in silence.
-    let now = if ids.is_empty() {
-        String::new()
-    } else {
-        ids.encode()
+    // Every id names where the client may resume from: the opening's (so a
+    // stream that drops before its first event still resumes from here),
+    // then each reset's, which moves its own channel on and no channel past
+    // a reset still to come, so a drop between resets has the next
+    // connection announce the rest, never skip them in silence. A channel
+    // the cursor could not tell apart has no place of its own to stay at:
+    // those are announced first, and until they all are, the ids are the
+    // client's own cursor, which still cannot tell them apart.
+    resets.sort_by_key(|(_, _, untold)| !untold);
+    let mut untold = resets.iter().filter(|(_, _, untold)| *untold).count();
+    let held = resume.as_ref().map(|resume| resume.encode());
+    let id = |ids: &Cursor, untold: usize| match &held {
+        Some(held) if untold > 0 => held.clone(),
+        _ if ids.is_empty() => String::new(),
+        _ => ids.encode(),
     };
-    let before = match &resume {
-        Some(resume) if !resets.is_empty() => resume.encode(),
-        _ => now.clone(),
-    };
-    stream.push_opening(&before, retry);
-    let count = resets.len();
-    for (index, (channel, position)) in resets.into_iter().enumerate() {
-        let id = if index + 1 == count { &now } else { &before };
-        stream.push_reset(id, &channel, position);
+    stream.push_opening(&id(&ids, untold), retry);
+    for (channel, position, was_untold) in resets {
+        ids.set(&channel, position);
+        untold -= usize::from(was_untold);
+        stream.push_reset(&id(&ids, untold), &channel, position);
     }
     for publication in replays.into_iter().flatten() {
         ids.set(publication.channel(), publication.position());
