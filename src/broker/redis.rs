@@ -497,6 +497,11 @@ struct Stats {
 /// ([`Hub::discard`]). So the read plus what the hub is handed afterwards
 /// cover every publication after the session's position, and no reset made
 /// from a reading of the stream older than the session's own reaches it.
+/// This rests on the node knowing its connection is down: until the
+/// listener sees a dead connection end (its stream closes, or a PING goes
+/// unanswered), the channel stays live, so a session that reads a stream
+/// Redis restarted meanwhile could still be handed what the dead
+/// connection held, of the stream's previous epoch.
 #[derive(Default)]
 struct Tracked {
     /// The newest publication handed to the hub, or the stream's position
