@@ -34,6 +34,10 @@
 //! keeps the lane's order. Sessions outside any lane (an embedding runtime,
 //! tests) are handed publications directly, as before.
 //!
+//! A session about to read a channel's history drops what the hub was
+//! handed for that channel so far, in its outbox or still in its lane: the
+//! read covers it ([`Hub::discard`], which keeps this exact across lanes).
+//!
 //! A lane's queue is bounded ([`LANE_QUEUE_MAX`]). A lane so far behind that
 //! it fills is behind for all its sessions: the queue is dropped and every
 //! session of the lane is cut off as a slow consumer, to recover from history
@@ -68,6 +72,9 @@ pub enum Push {
     Overflowed,
     /// The session was already lagging or closed; nothing was queued.
     Refused,
+    /// Handed to the hub before the session discarded its channel (see
+    /// [`Hub::discard`]); nothing was queued.
+    Superseded,
 }
 
 /// What [`Hub::push_all`] did.
@@ -96,6 +103,11 @@ struct OutboxState {
     bytes: usize,
     lagging: bool,
     closed: bool,
+    /// Channels discarded while the session's lane may still hold
+    /// publications for them, each with the lane's newest stamp at the
+    /// discard (see [`Hub::discard`]). At most one per channel; dropped once
+    /// the lane hands over anything stamped later.
+    fences: Vec<(ChannelName, u64)>,
 }
 
 /// What a session finds when it drains its outbox.
@@ -121,9 +133,27 @@ impl Outbox {
 
     /// Queues a publication without waiting; see the lag policy above.
     pub fn push(&self, publication: &Arc<Publication>) -> Push {
+        self.push_stamped(publication, None)
+    }
+
+    /// Queues a publication; `stamp` is its place in the session's lane
+    /// when the lane hands it over.
+    fn push_stamped(&self, publication: &Arc<Publication>, stamp: Option<u64>) -> Push {
         let mut state = self.state.lock().expect("outbox lock");
         if state.lagging || state.closed {
             return Push::Refused;
+        }
+        if let (Some(stamp), false) = (stamp, state.fences.is_empty()) {
+            // The lane hands publications over in stamp order: a fence
+            // older than this one has nothing left behind it.
+            state.fences.retain(|(_, fence)| *fence >= stamp);
+            let superseded = state
+                .fences
+                .iter()
+                .any(|(channel, _)| channel == publication.channel());
+            if superseded {
+                return Push::Superseded;
+            }
         }
         let bytes = state.bytes + publication.size();
         if state.queue.len() >= self.limits.messages || bytes > self.limits.bytes {
@@ -228,22 +258,24 @@ impl Outbox {
         self.state.lock().expect("outbox lock").lagging
     }
 
-    /// Drops whatever waits for `channel`. A session about to read the
-    /// channel's history has no use for it: the read covers what was
-    /// published before it, or says it cannot; and an engine event queued
-    /// before the read (a reset after an outage) describes the stream as it
-    /// was, not as the read will find it.
-    pub fn discard(&self, channel: &str) {
+    /// Drops whatever waits for `channel` and, with `fence` (the newest
+    /// stamp of the session's lane), whatever the lane hands over later
+    /// with a stamp at or before it. See [`Hub::discard`].
+    fn discard(&self, channel: &ChannelName, fence: Option<u64>) {
         let mut state = self.state.lock().expect("outbox lock");
         let mut dropped = 0;
         state.queue.retain(|publication| {
-            let keep = publication.channel().as_str() != channel;
+            let keep = publication.channel() != channel;
             if !keep {
                 dropped += publication.size();
             }
             keep
         });
         state.bytes -= dropped;
+        if let Some(fence) = fence {
+            state.fences.retain(|(fenced, _)| fenced != channel);
+            state.fences.push((channel.clone(), fence));
+        }
     }
 
     /// Publications waiting.
@@ -306,7 +338,11 @@ struct Lane {
 
 #[derive(Default)]
 struct LaneQueue {
-    publications: VecDeque<Arc<Publication>>,
+    /// Each with its stamp: 1, 2, 3... in the order the lane was handed
+    /// them.
+    publications: VecDeque<(u64, Arc<Publication>)>,
+    /// The stamp of the newest publication the lane was handed.
+    stamped: u64,
     /// The queue filled: the lane drops it and cuts its sessions off.
     overflowed: bool,
     /// The lane's task let its sessions run with part of a batch still in
@@ -322,6 +358,8 @@ impl Lane {
             return;
         }
         if queue.publications.len() >= LANE_QUEUE_MAX {
+            // Every session of the lane is cut off: no fence needs what is
+            // dropped here.
             queue.overflowed = true;
             queue.publications = VecDeque::new();
             drop(queue);
@@ -329,7 +367,9 @@ impl Lane {
             return;
         }
         let was_empty = queue.publications.is_empty();
-        queue.publications.push_back(publication.clone());
+        queue.stamped += 1;
+        let stamp = queue.stamped;
+        queue.publications.push_back((stamp, publication.clone()));
         drop(queue);
         if was_empty {
             self.ready.notify();
@@ -436,7 +476,7 @@ impl Hub {
                 // past half full, it runs before the rest of the batch, and
                 // the sessions a batch woke run before the next is taken.
                 let mut paused = false;
-                while let Some(publication) = batch.pop_front() {
+                while let Some((stamp, publication)) = batch.pop_front() {
                     let urged = {
                         let bucket = self
                             .bucket(publication.channel().as_str())
@@ -445,7 +485,8 @@ impl Hub {
                         bucket
                             .get(publication.channel().as_str())
                             .is_some_and(|subscribers| {
-                                self.push_all(&subscribers.0[index], &publication).urged
+                                self.push_all(&subscribers.0[index], &publication, Some(stamp))
+                                    .urged
                             })
                     };
                     if urged && !batch.is_empty() {
@@ -516,6 +557,28 @@ impl Hub {
         }
     }
 
+    /// Drops, for one session, everything this hub was handed for `channel`
+    /// until now, wherever it waits: in the session's outbox, or still
+    /// queued in (or held by) the session's lane. A session calls it just
+    /// before it reads the channel's history, which becomes its position.
+    ///
+    /// The invariant this enforces: **a session never receives, after the
+    /// history read that set its position, anything the hub was handed
+    /// before that read.** Such a publication was stored before the read,
+    /// so the read covers it or says it cannot; and an engine event from
+    /// then (a reset after an outage, made from a reading of the stream
+    /// older than the session's) would move the session back, to an epoch
+    /// or an offset it is already past. A lane hands publications over in
+    /// the order it was handed them, each stamped with its place, so the
+    /// lane's newest stamp now is the fence: whatever the lane hands this
+    /// session later with a stamp at or before it is dropped.
+    pub fn discard(&self, channel: &ChannelName, outbox: &Outbox) {
+        let fence = self
+            .lane_of(outbox.home)
+            .map(|lane| self.lanes[lane].queue.lock().expect("lane lock").stamped);
+        outbox.discard(channel, fence);
+    }
+
     /// Hands `publication` to every local subscriber of its channel: at once
     /// to sessions outside any lane (and to the calling thread's own lane
     /// when nothing waits there), queued for the other lanes. Returns how
@@ -538,19 +601,25 @@ impl Hub {
             }
             let lane = &self.lanes[index];
             if here == Some(index) && lane.is_idle() {
-                delivered += self.push_all(outboxes, publication).delivered;
+                delivered += self.push_all(outboxes, publication, None).delivered;
             } else {
                 lane.send(publication);
             }
         }
-        delivered + self.push_all(&elsewhere[0], publication).delivered
+        delivered + self.push_all(&elsewhere[0], publication, None).delivered
     }
 
-    /// Pushes `publication` into each of `outboxes`.
-    fn push_all(&self, outboxes: &[Arc<Outbox>], publication: &Arc<Publication>) -> Pushed {
+    /// Pushes `publication` into each of `outboxes`; `stamp` is its place
+    /// in their lane when the lane hands it over.
+    fn push_all(
+        &self,
+        outboxes: &[Arc<Outbox>],
+        publication: &Arc<Publication>,
+        stamp: Option<u64>,
+    ) -> Pushed {
         let mut pushed = Pushed::default();
         for outbox in outboxes {
-            match outbox.push(publication) {
+            match outbox.push_stamped(publication, stamp) {
                 Push::Queued => pushed.delivered += 1,
                 Push::Urged => {
                     pushed.delivered += 1;
@@ -559,7 +628,7 @@ impl Hub {
                 Push::Overflowed => {
                     self.lagged.fetch_add(1, Ordering::Relaxed);
                 }
-                Push::Refused => {}
+                Push::Refused | Push::Superseded => {}
             }
         }
         if pushed.delivered > 0 {
@@ -681,11 +750,13 @@ mod tests {
             messages: 10,
             bytes: 1 << 20,
         });
+        let hub = Hub::new();
+        let name = |channel: &str| ChannelName::parse(channel).unwrap();
         for (channel, offset) in [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("b", 2)] {
             outbox.push(&publication(channel, offset, "12345"));
         }
-        outbox.discard("b");
-        outbox.discard("none");
+        hub.discard(&name("b"), &outbox);
+        hub.discard(&name("none"), &outbox);
         let mut batch = Vec::new();
         assert_eq!(outbox.drain_into(&mut batch), Drained::Open);
         let left: Vec<(&str, u64)> = batch
@@ -700,7 +771,7 @@ mod tests {
         });
         tight.push(&publication("a", 1, "12345"));
         tight.push(&publication("b", 1, "12345"));
-        tight.discard("b");
+        hub.discard(&name("b"), &tight);
         assert_eq!(tight.push(&publication("a", 2, "12345")), Push::Urged);
         assert!(!tight.is_lagging());
     }
@@ -1011,5 +1082,259 @@ mod tests {
             })
         });
         assert_eq!(delivered, (1, 1));
+    }
+
+    /// Polls a lane's fan-out task once, outside any runtime: it hands over
+    /// one batch, or the part of one before a session it urged.
+    fn step(lane: &mut LaneTask) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = lane.as_mut().poll(&mut cx);
+    }
+
+    /// Runs `f` as a thread outside any lane would.
+    fn outside<T>(f: impl FnOnce() -> T) -> T {
+        let home = LANE.replace(None);
+        let out = f();
+        LANE.set(home);
+        out
+    }
+
+    fn offsets(outbox: &Outbox) -> Vec<(String, u64)> {
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        batch
+            .iter()
+            .map(|p| (p.channel().to_string(), p.offset()))
+            .collect()
+    }
+
+    /// What the chaos test caught: an engine's reset, handed to the hub
+    /// while a session was getting ready, still waited in the session's
+    /// lane when the session discarded its channel and read history; the
+    /// lane then handed it over after the read, moving the session back.
+    #[test]
+    fn a_discard_drops_what_the_sessions_lane_still_holds_for_that_channel_only() {
+        std::thread::spawn(|| {
+            let hub = Arc::new(Hub::with_lanes(1));
+            let mut lane: LaneTask = Box::pin(hub.clone().serve_lane(0));
+            let chat = ChannelName::parse("chat").unwrap();
+            let other = ChannelName::parse("other").unwrap();
+            let roomy = QueueLimits {
+                messages: 100,
+                bytes: 1 << 20,
+            };
+            let (session, neighbour) = (Outbox::new(roomy), Outbox::new(roomy));
+            for outbox in [&session, &neighbour] {
+                hub.subscribe(&chat, outbox);
+                hub.subscribe(&other, outbox);
+            }
+            let stale = Arc::new(Publication::reset_marker(
+                chat.clone(),
+                Position::new(Epoch::parse("phantom").unwrap(), 0),
+            ));
+            outside(|| {
+                hub.deliver(&stale);
+                hub.deliver(&publication("other", 1, "1"));
+                hub.deliver(&publication("chat", 7, "7"));
+            });
+            hub.discard(&chat, &session);
+            outside(|| hub.deliver(&publication("chat", 8, "8")));
+            step(&mut lane);
+            let c = |offset| ("chat".to_owned(), offset);
+            let o = |offset| ("other".to_owned(), offset);
+            assert_eq!(offsets(&session), [o(1), c(8)]);
+            assert_eq!(offsets(&neighbour), [c(0), o(1), c(7), c(8)]);
+            assert!(
+                session.state.lock().unwrap().fences.is_empty(),
+                "the lane is past the fence: it is gone"
+            );
+            // Later ones come through, from either side of the lane.
+            outside(|| hub.deliver(&publication("chat", 9, "9")));
+            step(&mut lane);
+            hub.deliver(&publication("chat", 10, "10"));
+            assert_eq!(offsets(&session), [c(9), c(10)]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The lane paused in a burst with the rest of it in hand (a session
+    /// past half full runs first): a session that discards then drops that
+    /// rest too, and a neighbour still gets all of it.
+    #[test]
+    fn a_discard_drops_what_a_paused_lane_holds_in_hand() {
+        std::thread::spawn(|| {
+            let hub = Arc::new(Hub::with_lanes(1));
+            let mut lane: LaneTask = Box::pin(hub.clone().serve_lane(0));
+            let chat = ChannelName::parse("chat").unwrap();
+            let small = QueueLimits {
+                messages: 4,
+                bytes: 1 << 20,
+            };
+            let (session, neighbour) = (Outbox::new(small), Outbox::new(small));
+            hub.subscribe(&chat, &session);
+            hub.subscribe(&chat, &neighbour);
+            outside(|| {
+                for offset in 1..=6 {
+                    hub.deliver(&publication("chat", offset, "x"));
+                }
+            });
+            step(&mut lane);
+            // Urged at the third: the lane paused with 4-6 in hand.
+            assert_eq!(session.len(), 3);
+            assert!(!hub.lanes[0].is_idle(), "paused");
+            let mut early = offsets(&neighbour);
+            hub.discard(&chat, &session);
+            step(&mut lane);
+            step(&mut lane);
+            assert!(
+                offsets(&session).is_empty(),
+                "1-6 were handed before the discard"
+            );
+            early.extend(offsets(&neighbour));
+            let early: Vec<u64> = early.iter().map(|(_, offset)| *offset).collect();
+            assert_eq!(early, [1, 2, 3, 4, 5, 6]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum LaneOp {
+        /// Hands the hub a publication on channel 0 or 1, from outside any
+        /// lane or from the lane's own thread.
+        Deliver { channel: usize, outside: bool },
+        /// Session 0 or 1 (on the lane) or 2 (outside any lane) discards a
+        /// channel.
+        Discard { session: usize, channel: usize },
+        /// The lane's task runs once.
+        Step,
+        /// A session drains its outbox.
+        Drain { session: usize },
+    }
+
+    fn lane_op() -> impl proptest::strategy::Strategy<Value = LaneOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..2usize, any::<bool>())
+                .prop_map(|(channel, outside)| LaneOp::Deliver { channel, outside }),
+            2 => (0..3usize, 0..2usize)
+                .prop_map(|(session, channel)| LaneOp::Discard { session, channel }),
+            2 => Just(LaneOp::Step),
+            2 => (0..3usize).prop_map(|session| LaneOp::Drain { session }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the interleaving of deliveries (from outside the lane or
+        /// on its thread), lane steps, drains and discards, each session
+        /// gets the publications of its channels in the order the hub was
+        /// handed them, none twice; none handed before one of its discards
+        /// of that channel after that discard; and, once the lane is idle,
+        /// every one handed after its last discard of that channel.
+        #[test]
+        fn discards_fence_exactly_what_came_before_them(
+            ops in proptest::collection::vec(lane_op(), 1..80),
+        ) {
+            let failure = std::thread::spawn(move || check_lane_ops(&ops)).join().unwrap();
+            proptest::prop_assert!(failure.is_none(), "{}", failure.unwrap_or_default());
+        }
+    }
+
+    /// Runs `ops` and returns what went wrong, if anything.
+    fn check_lane_ops(ops: &[LaneOp]) -> Option<String> {
+        let hub = Arc::new(Hub::with_lanes(1));
+        let mut lane: LaneTask = Box::pin(hub.clone().serve_lane(0));
+        let channels = [
+            ChannelName::parse("a").unwrap(),
+            ChannelName::parse("b").unwrap(),
+        ];
+        let roomy = QueueLimits {
+            messages: 1000,
+            bytes: 1 << 24,
+        };
+        let sessions = [
+            Outbox::new(roomy),
+            Outbox::new(roomy),
+            outside(|| Outbox::new(roomy)),
+        ];
+        for outbox in &sessions {
+            for channel in &channels {
+                hub.subscribe(channel, outbox);
+            }
+        }
+        // Times: each op is one tick. Handed: (tick, channel) by offset
+        // (offsets are unique across channels). Discards: by session,
+        // (tick, channel). Received: by session, (offset, tick drained).
+        let mut handed: Vec<(usize, usize)> = Vec::new();
+        let mut discards: Vec<Vec<(usize, usize)>> = vec![Vec::new(); 3];
+        let mut received: Vec<Vec<(u64, usize)>> = vec![Vec::new(); 3];
+        let drain = |session: usize, tick: usize, received: &mut Vec<Vec<(u64, usize)>>| {
+            let mut batch = Vec::new();
+            sessions[session].drain_into(&mut batch);
+            received[session].extend(batch.iter().map(|p| (p.offset(), tick)));
+        };
+        let mut tick = 0;
+        for op in ops {
+            tick += 1;
+            match *op {
+                LaneOp::Deliver {
+                    channel,
+                    outside: away,
+                } => {
+                    handed.push((tick, channel));
+                    let offset = handed.len() as u64;
+                    let name = channels[channel].as_str();
+                    let publication = publication(name, offset, "x");
+                    if away {
+                        outside(|| hub.deliver(&publication));
+                    } else {
+                        hub.deliver(&publication);
+                    }
+                }
+                LaneOp::Discard { session, channel } => {
+                    hub.discard(&channels[channel], &sessions[session]);
+                    discards[session].push((tick, channel));
+                }
+                LaneOp::Step => step(&mut lane),
+                LaneOp::Drain { session } => drain(session, tick, &mut received),
+            }
+        }
+        for _ in 0..=ops.len() {
+            step(&mut lane);
+        }
+        tick += 1;
+        for session in 0..3 {
+            drain(session, tick, &mut received);
+        }
+        for (session, got) in received.iter().enumerate() {
+            let offsets: Vec<u64> = got.iter().map(|(offset, _)| *offset).collect();
+            if offsets.windows(2).any(|w| w[0] >= w[1]) {
+                return Some(format!(
+                    "session {session}: out of order or twice: {offsets:?}"
+                ));
+            }
+            let fenced = |offset: u64, at: usize| {
+                let (handed_at, channel) = handed[offset as usize - 1];
+                discards[session]
+                    .iter()
+                    .any(|&(d, c)| c == channel && handed_at < d && d <= at)
+            };
+            for &(offset, drained_at) in got {
+                if fenced(offset, drained_at) {
+                    return Some(format!(
+                        "session {session}: got {offset} after a discard of its channel that came later than it"
+                    ));
+                }
+            }
+            for offset in 1..=handed.len() as u64 {
+                if !fenced(offset, tick) && !offsets.contains(&offset) {
+                    return Some(format!(
+                        "session {session}: never got {offset}, handed after its last discard; got {offsets:?}"
+                    ));
+                }
+            }
+        }
+        None
     }
 }

@@ -18,7 +18,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::realtime::{cursor_from_start, poll, start_position, Failure, Got, Sse, Ws};
@@ -294,21 +294,36 @@ impl Client {
     }
 }
 
+/// What every publisher has done so far, for the outages to follow.
+#[derive(Clone, Default)]
+struct Tally {
+    /// Publishes answered 200.
+    stored: Arc<AtomicU64>,
+    /// Publishes answered 503.
+    refused: Arc<AtomicU64>,
+}
+
 /// Publishes `{"seq": n}` for n in 1..=messages on `channel`, one at a
 /// time through a random node, each with its idempotency key, retrying 503s
-/// with that key until it is stored.
+/// with that key until it is stored. Seq n starts only once `gate` is at
+/// least n.
 async fn publish_stream(
     channel: String,
     messages: u64,
     nodes: Vec<Node>,
     mut rng: StdRng,
-    progress: Arc<AtomicU64>,
-    refused: Arc<AtomicU64>,
+    mut gate: watch::Receiver<u64>,
+    tally: Tally,
     deadline: Instant,
 ) -> (Vec<Position>, HashSet<u64>) {
     let mut stored = Vec::new();
     let mut ambiguous = HashSet::new();
     for seq in 1..=messages {
+        let opened = tokio::time::timeout_at(deadline.into(), gate.wait_for(|gate| *gate >= seq));
+        assert!(
+            matches!(opened.await, Ok(Ok(_))),
+            "seq {seq} on {channel} was never let through"
+        );
         let body = json!({
             "channel": channel,
             "data": {"seq": seq},
@@ -329,11 +344,11 @@ async fn publish_stream(
                         pushgate::cursor::Epoch::parse(result["epoch"].as_str().unwrap()).unwrap(),
                         result["offset"].as_u64().unwrap(),
                     ));
-                    progress.fetch_add(1, Ordering::Relaxed);
+                    tally.stored.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
                 StatusCode::SERVICE_UNAVAILABLE => {
-                    refused.fetch_add(1, Ordering::Relaxed);
+                    tally.refused.fetch_add(1, Ordering::Relaxed);
                     if answer["error"]["code"] == "outcome_unknown" {
                         ambiguous.insert(seq);
                     }
@@ -411,8 +426,27 @@ async fn chaos(nodes: Vec<Node>, mut outages: Outages<'_>) -> Run {
         }
     }
 
-    let progress = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    // Where each outage falls, by seq (the same on every channel): after
+    // 1/(n+1), 2/(n+1), ... of the run; the last mark is the end. Until
+    // outage r has begun, publishers may run on to `holds[r]`, halfway to
+    // the next mark, and no further: however slowly the outage comes (a
+    // loaded machine), publishes are left to meet it, and they are still
+    // flowing as Redis goes down.
+    let rounds = match &outages {
+        Outages::None => 0,
+        Outages::Redis {
+            restarts,
+            lose_data,
+            ..
+        } => *restarts + usize::from(*lose_data),
+    };
+    let marks: Vec<u64> = (1..=rounds as u64)
+        .map(|r| size.messages * r / (rounds as u64 + 1))
+        .chain(std::iter::once(size.messages))
+        .collect();
+    let holds: Vec<u64> = marks.windows(2).map(|w| (w[0] + w[1]) / 2).collect();
+    let (gate, gated) = watch::channel(holds.first().copied().unwrap_or(size.messages));
+    let tally = Tally::default();
     let published: Vec<String> = channels
         .iter()
         .cloned()
@@ -426,29 +460,25 @@ async fn chaos(nodes: Vec<Node>, mut outages: Outages<'_>) -> Run {
                 size.messages,
                 nodes.clone(),
                 StdRng::seed_from_u64(rng.random()),
-                progress.clone(),
-                refused.clone(),
+                gated.clone(),
+                tally.clone(),
                 deadline,
             ))
         })
         .collect();
 
-    let total = size.messages * published.len() as u64;
-    let lost_at = Arc::new(Mutex::new(None::<u64>));
     if let Outages::Redis {
         redis,
         nodes,
-        restarts,
         lose_data,
+        ..
     } = &mut outages
     {
-        let outages = *restarts + usize::from(*lose_data);
-        for round in 0..outages {
-            let losing = *lose_data && round == outages - 1;
-            // Spread over the run: after 1/(n+1), 2/(n+1), ... of it.
-            let mark = total * (round as u64 + 1) / (outages as u64 + 1);
+        for (round, mark) in marks.iter().take(rounds).enumerate() {
+            let losing = *lose_data && round == rounds - 1;
+            let mark = mark * published.len() as u64;
             wait_until(deadline, "the publishers to reach the next outage", || {
-                progress.load(Ordering::Relaxed) >= mark
+                tally.stored.load(Ordering::Relaxed) >= mark
             })
             .await;
             let mut server = redis.take().expect("the Redis server");
@@ -458,15 +488,14 @@ async fn chaos(nodes: Vec<Node>, mut outages: Outages<'_>) -> Run {
             })
             .await
             .unwrap();
-            // Down long enough that a publish met it.
-            let before = refused.load(Ordering::Relaxed);
+            // Redis is down: the publishers may go on to the next hold, and
+            // it stays down until one of them met it.
+            let before = tally.refused.load(Ordering::Relaxed);
+            gate.send_replace(holds.get(round + 1).copied().unwrap_or(size.messages));
             wait_until(deadline, "a publish to meet the outage", || {
-                refused.load(Ordering::Relaxed) > before
+                tally.refused.load(Ordering::Relaxed) > before
             })
             .await;
-            if losing {
-                *lost_at.lock().unwrap() = Some(progress.load(Ordering::Relaxed));
-            }
             let mut server = server;
             let server = tokio::task::spawn_blocking(move || {
                 if losing {

@@ -1,17 +1,20 @@
 //! Exactness under faults, each case over real sockets to real processes:
 //! long-polls on a Redis node are reset only when history cannot cover
-//! their gap; idempotent publishes compare JSON values, not bytes; a drain
-//! answers every long-poll in flight.
+//! their gap; an SSE client that drops between the resets of several
+//! channels still hears every one of them; idempotent publishes compare
+//! JSON values, not bytes; a drain answers every long-poll in flight.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::realtime::{cursor_from_start, poll, Got};
+use common::realtime::{cursor_from_start, poll, Got, Sse};
 use common::redis::Redis;
 use common::{Pushgate, Upstream, PATIENCE};
 use http::StatusCode;
+use pushgate::cursor::{Cursor, Epoch, Position};
+use pushgate::message::ChannelName;
 use serde_json::{json, Value};
 
 async fn redis_node(app: &Upstream, redis: &Redis) -> Pushgate {
@@ -110,6 +113,163 @@ async fn lock_step_long_polls_on_a_redis_node_get_everything_and_no_reset() {
             (1..=MESSAGES).collect::<Vec<_>>(),
             "{name}: every message once, in order"
         );
+    }
+}
+
+/// The next block of an SSE stream, within [`PATIENCE`].
+async fn next_block(sse: &mut Sse, what: &str) -> (Option<Got>, Option<String>) {
+    match tokio::time::timeout(PATIENCE, sse.next()).await {
+        Ok(Ok(Some(block))) => block,
+        other => panic!("{what}: no next SSE block: {other:?}"),
+    }
+}
+
+/// Two channel names whose cursor hashes collide: a cursor that holds one
+/// entry of that hash cannot tell which of the two it is.
+const COLLIDING: [&str; 2] = ["room:46wu", "room:bwfa"];
+
+/// An SSE connection that resumes several channels whose places history
+/// lost announces one reset per channel, each its own event with its own
+/// id. However many of those a client read before the connection dropped,
+/// the last id it kept must lead the next connection to announce the
+/// others, and not again the ones it had (history covers them from their
+/// reset): an id never moves a channel past a reset the client has not
+/// been handed. Tried for one to three lost channels beside one that
+/// recovers, with and without two channels the cursor cannot tell apart
+/// (announced again after a drop, as nothing says where the client stood),
+/// at every drop point; a third connection then hears new publications on
+/// every channel with no reset at all.
+#[tokio::test]
+async fn sse_resets_of_several_channels_survive_a_drop_between_them() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(&app.url(), "").await;
+    let name = |c: &str| ChannelName::parse(c).unwrap();
+    let stored = |answer: &Value| {
+        let result = &answer["results"][0];
+        Position::new(
+            Epoch::parse(result["epoch"].as_str().unwrap()).unwrap(),
+            result["offset"].as_u64().unwrap(),
+        )
+    };
+    let (_, colliding_at) =
+        publish(gate.api_addr, json!({"channel": COLLIDING[0], "data": 0})).await;
+    for untold in [false, true] {
+        for lost in 1..=3usize {
+            let announced_in_all = lost + if untold { COLLIDING.len() } else { 0 };
+            for read_before_drop in 0..=announced_in_all {
+                let case = format!(
+                    "{lost} lost{}, dropped after {read_before_drop} resets",
+                    if untold { " and 2 untold" } else { "" }
+                );
+                let tag = format!("{untold}-{lost}-{read_before_drop}");
+                let kept = format!("kept-{tag}");
+                let gone: Vec<String> = (0..lost).map(|c| format!("gone-{tag}-{c}")).collect();
+                let (status, first) =
+                    publish(gate.api_addr, json!({"channel": kept, "data": 1})).await;
+                assert_eq!(status, StatusCode::OK, "{first}");
+                publish(gate.api_addr, json!({"channel": kept, "data": 2})).await;
+                for channel in &gone {
+                    publish(gate.api_addr, json!({"channel": channel, "data": 1})).await;
+                }
+                // The client stood after kept's first publication, in an
+                // epoch the gone channels no longer have, and (untold) on
+                // one channel of the colliding hash while it now asks for
+                // both.
+                let mut cursor = Cursor::new();
+                cursor.set(&name(&kept), stored(&first));
+                for channel in &gone {
+                    cursor.set(
+                        &name(channel),
+                        Position::new(Epoch::parse("GoneNow").unwrap(), 7),
+                    );
+                }
+                let mut channels: Vec<&str> = std::iter::once(kept.as_str())
+                    .chain(gone.iter().map(String::as_str))
+                    .collect();
+                if untold {
+                    cursor.set(&name(COLLIDING[0]), stored(&colliding_at));
+                    channels.extend(COLLIDING);
+                }
+                let cursor = cursor.encode();
+
+                let mut sse = Sse::open(gate.addr, &channels, Some(&cursor))
+                    .await
+                    .unwrap_or_else(|err| panic!("{case}: {err:?}"));
+                let (got, mut last_id) = next_block(&mut sse, &case).await;
+                assert_eq!(got, None, "{case}: the opening first");
+                let mut announced: Vec<String> = Vec::new();
+                for _ in 0..read_before_drop {
+                    let (got, id) = next_block(&mut sse, &case).await;
+                    match got {
+                        Some(Got::Reset { channel, .. }) => announced.push(channel),
+                        other => panic!("{case}: a reset, not {other:?}"),
+                    };
+                    last_id = id.or(last_id);
+                }
+                drop(sse);
+
+                // Resuming from the last id kept: whatever was not announced
+                // is announced now, then kept's second publication comes.
+                let last_id = last_id.unwrap_or_else(|| panic!("{case}: no id to resume from"));
+                let mut sse = Sse::open(gate.addr, &channels, Some(&last_id))
+                    .await
+                    .unwrap_or_else(|err| panic!("{case}: {err:?}"));
+                let mut resume_from = None;
+                loop {
+                    let (got, id) = next_block(&mut sse, &case).await;
+                    resume_from = id.or(resume_from);
+                    match got {
+                        Some(Got::Reset { channel, .. }) => announced.push(channel),
+                        Some(Got::Message { channel, data, .. }) => {
+                            assert_eq!(
+                                (channel.as_str(), data),
+                                (kept.as_str(), json!(2)),
+                                "{case}"
+                            );
+                            break;
+                        }
+                        None => {}
+                    }
+                }
+                drop(sse);
+                for channel in &gone {
+                    let times = announced.iter().filter(|a| *a == channel).count();
+                    assert_eq!(times, 1, "{case}: {channel} announced once: {announced:?}");
+                }
+                for channel in COLLIDING.iter().filter(|_| untold) {
+                    assert!(
+                        announced.iter().any(|a| a == channel),
+                        "{case}: {channel} announced: {announced:?}"
+                    );
+                }
+                assert!(
+                    announced.iter().all(|a| *a != kept),
+                    "{case}: {announced:?}"
+                );
+
+                // From there on nothing is lost: new publications, no reset.
+                let resume_from = resume_from.unwrap();
+                let mut sse = Sse::open(gate.addr, &channels, Some(&resume_from))
+                    .await
+                    .unwrap_or_else(|err| panic!("{case}: {err:?}"));
+                for channel in &channels {
+                    publish(gate.api_addr, json!({"channel": channel, "data": "new"})).await;
+                }
+                let mut heard = Vec::new();
+                while heard.len() < channels.len() {
+                    match next_block(&mut sse, &case).await.0 {
+                        Some(Got::Message { channel, data, .. }) => {
+                            assert_eq!(data, json!("new"), "{case}: {channel}");
+                            heard.push(channel);
+                        }
+                        Some(reset) => {
+                            panic!("{case}: {reset:?} after every reset was announced")
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
     }
 }
 

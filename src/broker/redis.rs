@@ -487,13 +487,21 @@ struct Stats {
 ///
 /// The invariant that keeps recovery exact on this node, so that a local
 /// session is sent a reset only when history cannot cover its gap, never
-/// because of a race between its history read and the pub/sub copy: once
-/// `live`, the hub has been handed every publication of the channel after
-/// `last`, and every local session of the channel stands at or after
-/// `last` (it read history only after its subscribe returned, which was
-/// after `last` was read). So a publication at or before `last` is never
-/// needed here, and a session's history read plus the hub cover every
-/// publication after its position.
+/// because of a race between its history read and the pub/sub copy: while
+/// `live`, the pub/sub connection is subscribed to the channel and every
+/// publication after `last` is either handed to the hub already or on its
+/// way through that connection; and no check of the channel against its
+/// stream (a resync, which may end in a reset) is under way. A session
+/// reads history only once its subscribe returned, which is once the
+/// channel is live, and drops what the hub was handed before that read
+/// ([`Hub::discard`]). So the read plus what the hub is handed afterwards
+/// cover every publication after the session's position, and no reset made
+/// from a reading of the stream older than the session's own reaches it.
+/// This rests on the node knowing its connection is down: until the
+/// listener sees a dead connection end (its stream closes, or a PING goes
+/// unanswered), the channel stays live, so a session that reads a stream
+/// Redis restarted meanwhile could still be handed what the dead
+/// connection held, of the stream's previous epoch.
 #[derive(Default)]
 struct Tracked {
     /// The newest publication handed to the hub, or the stream's position
@@ -502,7 +510,8 @@ struct Tracked {
     last: Option<Position>,
     /// Subscribed in Redis, `last` known, and the pub/sub connection in
     /// sync: a new local subscriber may read history at once. Cleared
-    /// while the connection is down.
+    /// while the connection is down and while the channel is checked
+    /// against its stream.
     live: bool,
 }
 
@@ -931,6 +940,18 @@ impl Shared {
     /// Marks every tracked channel live, or none (see [`Tracked::live`]).
     fn set_live(&self, live: bool) {
         for state in self.tracked.lock().expect("tracked lock").values_mut() {
+            state.live = live && state.last.is_some();
+        }
+    }
+
+    /// Marks one tracked channel live, or not (see [`Tracked::live`]).
+    fn set_channel_live(&self, channel: &ChannelName, live: bool) {
+        if let Some(state) = self
+            .tracked
+            .lock()
+            .expect("tracked lock")
+            .get_mut(channel.as_str())
+        {
             state.live = live && state.last.is_some();
         }
     }
@@ -1891,9 +1912,13 @@ async fn on_push(shared: &Shared, push: redis::PushInfo) {
                 .and_then(|c| ChannelName::parse(c).ok())
             {
                 shared.stats.pubsub_up.store(true, Ordering::Relaxed);
+                // Not live while it is checked (see `Tracked`): new local
+                // subscribers queue behind this push, in this task.
+                shared.set_channel_live(&channel, false);
                 if let Err(err) = shared.resync(&channel).await {
                     tracing::warn!(error = %err, %channel, "engine: could not check a channel after resubscribing");
                 }
+                shared.set_channel_live(&channel, true);
             }
         }
         redis::PushKind::Disconnection => {

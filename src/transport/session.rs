@@ -195,10 +195,10 @@ impl Session {
             return Err(err.into());
         }
         // The history read below is the subscription's starting point:
-        // what reached the outbox while the engine was getting ready (a
+        // what the hub was handed while the engine was getting ready (a
         // reset from the outage it was recovering from) is older than the
         // read, and would otherwise reset a position the read just gave.
-        self.outbox.discard(channel.as_str());
+        realtime.hub.discard(&channel, &self.outbox);
         // Without `since` only the position is wanted: a limit of 0 reads
         // no publications.
         let limit = if since.is_some() { usize::MAX } else { 0 };

@@ -65,31 +65,48 @@ pub(super) async fn handle(
     // Subscribe to everything first; then replay, with ids that advance one
     // publication at a time, so a drop mid-replay resumes exactly.
     let mut ids = Cursor::new();
+    // Channels whose gap history cannot cover, each with where it goes on
+    // from, and whether the cursor could not tell which of its entries was
+    // the channel's.
     let mut resets = Vec::new();
     let mut replays = Vec::new();
-    let starts = resume.map(|c| c.resolve(&query.channels));
+    let starts = resume.as_ref().map(|c| c.resolve(&query.channels));
     for (index, channel) in query.channels.iter().enumerate() {
         let from = starts.as_ref().map_or(Start::Now, |starts| starts[index]);
         let since = from.after();
         let subscribed = session.subscribe(channel.clone(), since).await?;
-        let start = match since {
-            Some(since) if subscribed.recovered => since,
-            _ => subscribed.position,
-        };
-        ids.set(channel, start);
+        // Where the client stands until anything is announced: where it
+        // left off, even when that was lost (its reset moves it on).
+        ids.set(channel, since.unwrap_or(subscribed.position));
         if from == Start::Lost || (since.is_some() && !subscribed.recovered) {
-            resets.push((channel.clone(), subscribed.position));
+            resets.push((channel.clone(), subscribed.position, from == Start::Lost));
         }
         replays.push(subscribed.replay);
     }
 
     let retry = realtime.config.sse.retry;
     let mut stream = SseStream::new(realtime, session, gauge);
-    // The opening already names where the connection stands, so a stream
-    // that drops before its first event still resumes from here.
-    stream.push_opening(&ids, retry);
-    for (channel, position) in resets {
-        stream.push_reset(&ids, &channel, position);
+    // Every id names where the client may resume from: the opening's (so a
+    // stream that drops before its first event still resumes from here),
+    // then each reset's, which moves its own channel on and no channel past
+    // a reset still to come, so a drop between resets has the next
+    // connection announce the rest, never skip them in silence. A channel
+    // the cursor could not tell apart has no place of its own to stay at:
+    // those are announced first, and until they all are, the ids are the
+    // client's own cursor, which still cannot tell them apart.
+    resets.sort_by_key(|(_, _, untold)| !untold);
+    let mut untold = resets.iter().filter(|(_, _, untold)| *untold).count();
+    let held = resume.as_ref().map(|resume| resume.encode());
+    let id = |ids: &Cursor, untold: usize| match &held {
+        Some(held) if untold > 0 => held.clone(),
+        _ if ids.is_empty() => String::new(),
+        _ => ids.encode(),
+    };
+    stream.push_opening(&id(&ids, untold), retry);
+    for (channel, position, was_untold) in resets {
+        ids.set(&channel, position);
+        untold -= usize::from(was_untold);
+        stream.push_reset(&id(&ids, untold), &channel, position);
     }
     for publication in replays.into_iter().flatten() {
         ids.set(publication.channel(), publication.position());
@@ -330,14 +347,14 @@ impl SseStream {
         }
     }
 
-    /// `retry:` and, when the connection hears any channel, `id:` with
-    /// its starting cursor: a blank-data block, which sets the browser's
-    /// last event id without dispatching an event.
-    fn push_opening(&mut self, ids: &Cursor, retry: std::time::Duration) {
+    /// `retry:` and, unless `id` is empty, `id:` with the encoded cursor
+    /// the connection starts from: a blank-data block, which sets the
+    /// browser's last event id without dispatching an event.
+    fn push_opening(&mut self, id: &str, retry: std::time::Duration) {
         let mut text = format!("retry: {}\n", retry.as_millis());
-        if !ids.is_empty() {
+        if !id.is_empty() {
             text.push_str("id: ");
-            ids.encode_into(&mut text);
+            text.push_str(id);
             text.push('\n');
         }
         text.push('\n');
@@ -348,8 +365,9 @@ impl SseStream {
         self.state.out.push_event(ids, publication);
     }
 
-    fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
-        self.state.out.push_reset(ids, channel, position);
+    /// A `pushgate.reset` event whose id is `id`, an encoded cursor.
+    fn push_reset(&mut self, id: &str, channel: &ChannelName, position: Position) {
+        self.state.out.push_reset_with_id(id, channel, position);
     }
 }
 
@@ -399,9 +417,16 @@ impl Out {
     /// A `pushgate.reset` event, with `id: <ids>`.
     fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
         self.encode(ids);
+        let id = std::mem::take(&mut self.text);
+        self.push_reset_with_id(&id, channel, position);
+        self.text = id;
+    }
+
+    /// A `pushgate.reset` event, with `id: <id>` (an encoded cursor).
+    fn push_reset_with_id(&mut self, id: &str, channel: &ChannelName, position: Position) {
         let event = format!(
-            "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {}\n\n",
-            position.epoch, position.offset, self.text
+            "event: pushgate.reset\ndata: {{\"channel\":\"{channel}\",\"epoch\":\"{}\",\"offset\":{}}}\nid: {id}\n\n",
+            position.epoch, position.offset
         );
         self.frames.push_back(Bytes::from(event));
     }
