@@ -167,6 +167,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
+    pub fast_paths: FastPathsConfig,
 }
 
 impl Default for Config {
@@ -184,6 +185,39 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            fast_paths: FastPathsConfig::default(),
+        }
+    }
+}
+
+/// The fast paths that rely on how hyper and tokio behave inside
+/// (docs/fast-paths.md). Each is on by default and can be turned off to
+/// compare, or to bisect a regression after upgrading either crate; with
+/// each off pushgate takes the plain library path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FastPathsConfig {
+    /// Requests without a body go to the app on pushgate's own HTTP/1.1
+    /// client (`proxy/h1.rs`); off: on hyper's, like uploads.
+    pub lean_client: bool,
+    /// An HTTP/1 SSE stream leaves hyper's connection after its head
+    /// (`server/detach.rs`); off: it streams through hyper.
+    pub sse_detach: bool,
+    /// Shard threads reuse the timers of finished deadlines (`timer.rs`);
+    /// off: every deadline is a new tokio timer.
+    pub kept_timers: bool,
+    /// A new connection's first bytes are read in one system call
+    /// (`server/read_ahead.rs`); off: hyper reads them as it asks.
+    pub read_ahead: bool,
+}
+
+impl Default for FastPathsConfig {
+    fn default() -> Self {
+        FastPathsConfig {
+            lean_client: true,
+            sse_detach: true,
+            kept_timers: true,
+            read_ahead: true,
         }
     }
 }

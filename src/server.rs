@@ -218,6 +218,10 @@ struct Shared {
     http: auto::Builder<TokioExecutor>,
     drain: Drain,
     header_timeout: Duration,
+    /// `fast_paths.read_ahead`.
+    read_ahead: bool,
+    /// `fast_paths.sse_detach`: realtime requests may take their socket.
+    sse_detach: bool,
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -275,10 +279,15 @@ impl Server {
         let mut http = auto::Builder::new(TokioExecutor::new());
         let mut http1 = http.http1();
         http1
-            // Head deadlines on timers each shard thread reuses (crate::timer).
-            .timer(crate::timer::HyperTimer)
             .header_read_timeout(limits.header_timeout)
             .max_buf_size(header_bytes);
+        // Head deadlines on timers each shard thread reuses (crate::timer),
+        // unless `fast_paths.kept_timers` is off.
+        if config.fast_paths.kept_timers {
+            http1.timer(crate::timer::HyperTimer);
+        } else {
+            http1.timer(TokioTimer::new());
+        }
         // Only when it differs from hyper's own default: set explicitly,
         // hyper re-initialises its header index on every parse.
         if limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
@@ -387,6 +396,8 @@ impl Server {
                 http,
                 drain,
                 header_timeout: limits.header_timeout,
+                read_ahead: config.fast_paths.read_ahead,
+                sse_detach: config.fast_paths.sse_detach,
             }),
             grace: config.shutdown.grace,
             hub,
@@ -561,7 +572,9 @@ impl Shard {
                     }
                 };
                 // This thread runs this one runtime for its whole life.
-                crate::timer::keep_on_this_thread();
+                if config.fast_paths.kept_timers {
+                    crate::timer::keep_on_this_thread();
+                }
                 runtime.block_on(async move {
                     tokio::spawn(hub.serve_lane(index));
                     tokio::spawn(timer_anchor());
@@ -737,10 +750,11 @@ impl Connection {
         let deadline = Instant::now() + self.shared.header_timeout;
         match self.tls.clone() {
             // TLS reads the socket through its own buffer already.
-            None => {
+            None if self.shared.read_ahead => {
                 self.serve_http(ReadAhead::new(stream), false, deadline)
                     .await
             }
+            None => self.serve_http(stream, false, deadline).await,
             Some(acceptor) => {
                 match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => self.serve_http(stream, true, deadline).await,
@@ -767,11 +781,13 @@ impl Connection {
         let (io, head) = HeadDeadline::new(io, deadline);
         let handler = self.handler.clone();
         let head_seen = head.clone();
+        let sse_detach = shared.sse_detach;
         let service = service_fn(move |request: Request<Incoming>| {
             head_seen.received();
             // Only an HTTP/1 connection is one request at a time, and so can
             // be handed over whole.
-            let detach = (request.version() < http::Version::HTTP_2).then(|| detach.clone());
+            let detach =
+                (sse_detach && request.version() < http::Version::HTTP_2).then(|| detach.clone());
             handler.handle(request, conn, detach)
         });
         let connection = shared

@@ -537,8 +537,9 @@ async fn channels_lists_local_subscribers() {
         "listen: 127.0.0.1:0\nupstream:\n  url: {}\napi:\n  listen: 127.0.0.1:0\n  keys: [{API_KEY}]\n",
         app.url()
     );
-    let config =
+    let mut config =
         pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new()).unwrap();
+    common::switch_fast_paths(&mut config);
     let server = pushgate::Server::bind(config).await.unwrap();
     let hub = server.hub();
     let api = server.api_addr();

@@ -66,6 +66,10 @@ struct Sse {
     text: String,
     /// How far `text` has been handed out as events.
     read: usize,
+    /// The stream came in chunks (SSE through hyper, with
+    /// `fast_paths.sse_detach` off): `raw` holds what is not yet decoded.
+    chunked: bool,
+    raw: Vec<u8>,
 }
 
 /// What `GET /realtime/sse?{query}` answered: a stream, or a refusal with
@@ -107,14 +111,21 @@ async fn sse(addr: SocketAddr, query: &str, last_event_id: Option<&str>) -> Open
         stream,
         text: String::new(),
         read: 0,
+        chunked: false,
+        raw: Vec::new(),
     };
     sse.fill_until(|text| text.contains("\r\n\r\n")).await;
     let (head, rest) = sse.text.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let status = StatusCode::from_u16(status).unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
     let rest = rest.to_owned();
     if status == StatusCode::OK {
-        sse.text = rest;
+        sse.text = String::new();
+        sse.chunked = chunked;
+        sse.take(rest.as_bytes());
         return Opened::Stream(sse);
     }
     let length: usize = head
@@ -140,8 +151,30 @@ impl Sse {
                 .unwrap_or_else(|_| panic!("nothing more in time after {:?}", self.text))
                 .unwrap();
             assert!(read > 0, "the stream ended: {:?}", self.text);
-            self.text
-                .push_str(std::str::from_utf8(&buffer[..read]).unwrap());
+            self.take(&buffer[..read]);
+        }
+    }
+
+    /// Adds bytes read off the socket to `text`, out of their chunks when
+    /// the stream is chunked.
+    fn take(&mut self, bytes: &[u8]) {
+        if !self.chunked {
+            self.text.push_str(std::str::from_utf8(bytes).unwrap());
+            return;
+        }
+        self.raw.extend_from_slice(bytes);
+        loop {
+            let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size = std::str::from_utf8(&self.raw[..end]).unwrap();
+            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+            if self.raw.len() < end + 2 + size + 2 {
+                return;
+            }
+            let data = self.raw[end + 2..end + 2 + size].to_vec();
+            self.raw.drain(..end + 2 + size + 2);
+            self.text.push_str(std::str::from_utf8(&data).unwrap());
         }
     }
 

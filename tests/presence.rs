@@ -274,7 +274,8 @@ async fn an_apps_pretty_printed_info_never_breaks_an_sse_line() {
     drop(other);
     read_until_end_of(&mut sse, &mut text, "event: pushgate.leave").await;
 
-    let (_head, stream) = text.split_once("\r\n\r\n").unwrap();
+    let stream = common::wire::body_so_far(&text);
+    let stream = stream.as_str();
     let mut events = 0;
     for line in stream.split('\n') {
         // Only the fields pushgate writes; any other line is a fragment

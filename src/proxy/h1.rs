@@ -41,9 +41,9 @@ use crate::error::ProxyError;
 use crate::proxy::Added;
 
 /// Most header fields an answer (or its trailers) may carry, as hyper's client.
-const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 /// Longest answer head (status line and fields) taken from the app.
-const MAX_HEAD: usize = 64 * 1024;
+pub(super) const MAX_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line (size and extensions).
 const MAX_CHUNK_LINE: usize = 4096;
 /// Longest trailer section.

@@ -132,6 +132,9 @@ pub struct Proxy {
     /// a body (most of them), hyper's over the same pool for uploads and
     /// upgrades.
     app: AppClient,
+    /// `fast_paths.lean_client`: off, requests without a body go through
+    /// hyper's client too.
+    lean_client: bool,
     timeout: Duration,
     body_timeout: Duration,
     forwarding: Forwarding,
@@ -149,6 +152,7 @@ impl Proxy {
     pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>, app: AppClient) -> Proxy {
         Proxy {
             app,
+            lean_client: config.fast_paths.lean_client,
             timeout: config.upstream.timeout,
             body_timeout: config.limits.body_timeout,
             forwarding: Forwarding {
@@ -232,7 +236,7 @@ impl Proxy {
             .try_acquire_owned()
             .map_err(|_| ProxyError::OutOfFiles)?;
 
-        if upgrade.is_none() && !has_body {
+        if upgrade.is_none() && !has_body && self.lean_client {
             let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
             let request = self
                 .app
@@ -296,7 +300,12 @@ impl Proxy {
                 (body::empty(), UploadProgress::done(), None)
             }
             None => {
+                let expects_body =
+                    [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method);
                 match size {
+                    // No body (the lean client switched off): as the lean
+                    // client writes it.
+                    _ if incoming.is_end_stream() && !expects_body => None,
                     Some(len) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len)),
                     None => headers.insert(
                         header::TRANSFER_ENCODING,

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::h1::{framing, keeps_alive, AppClient, Framing};
+use super::h1::{framing, keeps_alive, AppClient, Framing, MAX_HEAD, MAX_HEADERS};
 use super::pool::{Conn, Outcome};
 use crate::body::{self, Body, BoxError};
 use crate::error::ProxyError;
@@ -57,32 +57,53 @@ pub async fn send(
         Some(conn) => conn,
         None => app.connect().await?,
     };
-    match attempt(app, conn, request, upload.clone(), file.clone()).await {
-        Err(Attempt::Unsent(request)) if reused => {
-            let request = *request;
-            // A kept-alive connection the app closed while it sat idle: the
-            // request never left, so it goes on a new connection.
-            let conn = app.connect().await?;
-            match attempt(app, conn, request, upload, file).await {
-                Err(Attempt::Unsent(_)) => Err(ProxyError::UpstreamFailed(
-                    "the app closed a new connection before the request was sent".into(),
-                )),
-                Err(Attempt::Failed(err)) => Err(err),
-                Ok(answer) => Ok(answer),
-            }
+    // A request without a body and safe to repeat can be sent again as it
+    // was, as the lean client does (RFC 9110 §9.2.2).
+    let again = (reused && request.method().is_idempotent() && request.body().is_end_stream())
+        .then(|| copy_bodiless(&request));
+    let retry = match attempt(app, conn, request, upload.clone(), file.clone()).await {
+        Ok(answer) => return Ok(answer),
+        // A kept-alive connection the app closed while it sat idle: the
+        // request never left, so it goes on a new connection.
+        Err(Attempt::Unsent(request)) if reused => *request,
+        // The app closed it with no answer: it may have acted on the
+        // request, so only one safe to repeat goes again.
+        Err(Attempt::Unanswered(_)) if again.is_some() => again.expect("checked"),
+        Err(Attempt::Unsent(_)) => {
+            return Err(ProxyError::UpstreamFailed(
+                "the app closed the connection before the request was sent".into(),
+            ))
         }
-        Err(Attempt::Unsent(_)) => Err(ProxyError::UpstreamFailed(
-            "the app closed the connection before the request was sent".into(),
-        )),
-        Err(Attempt::Failed(err)) => Err(err),
+        Err(Attempt::Unanswered(err)) => return Err(ProxyError::UpstreamFailed(err.into())),
+        Err(Attempt::Failed(err)) => return Err(err),
+    };
+    let conn = app.connect().await?;
+    match attempt(app, conn, retry, upload, file).await {
         Ok(answer) => Ok(answer),
+        Err(Attempt::Unsent(_)) => Err(ProxyError::UpstreamFailed(
+            "the app closed a new connection before the request was sent".into(),
+        )),
+        Err(Attempt::Unanswered(err)) => Err(ProxyError::UpstreamFailed(err.into())),
+        Err(Attempt::Failed(err)) => Err(err),
     }
+}
+
+/// A bodiless request again, for a second attempt.
+fn copy_bodiless(request: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// How an attempt on one connection failed.
 enum Attempt {
     /// Nothing of the request was written; here it is back.
     Unsent(Box<Request<Body>>),
+    /// The app closed the connection before a whole answer.
+    Unanswered(hyper::Error),
     Failed(ProxyError),
 }
 
@@ -97,6 +118,10 @@ async fn attempt(
     debug_assert!(conn.buf.is_empty());
     let method = request.method().clone();
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        // The lean client's limits on an answer's head, so that both paths
+        // refuse the same answers.
+        .max_header_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
         .handshake::<_, Body>(TokioIo::new(conn.stream))
         .await
         .map_err(|err| Attempt::Failed(ProxyError::UpstreamFailed(err.into())))?;
@@ -140,6 +165,9 @@ async fn attempt(
         Err(mut err) => {
             return Err(match err.take_message() {
                 Some(request) => Attempt::Unsent(Box::new(request)),
+                None if err.error().is_incomplete_message() => {
+                    Attempt::Unanswered(err.into_error())
+                }
                 None => Attempt::Failed(ProxyError::UpstreamFailed(err.into_error().into())),
             })
         }
@@ -217,6 +245,11 @@ impl http_body::Body for Watched {
         let this = &mut *self;
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         match &polled {
+            // Trailers come last; and the client may stop asking once the
+            // body says it has ended.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || this.body.is_end_stream() => {
+                this.end(true)
+            }
             Poll::Ready(None) => this.end(true),
             Poll::Ready(Some(Err(_))) => this.end(false),
             _ => {}
@@ -325,6 +358,11 @@ impl UploadBody {
         let (started_tx, started) = oneshot::channel();
         let (finished_tx, finished) = oneshot::channel();
         let state = Arc::new(UploadState::default());
+        if inner.is_end_stream() {
+            // hyper never polls a body that says it has ended: it is whole
+            // as it stands.
+            state.set(COMPLETE);
+        }
         let body = UploadBody {
             inner,
             idle,

@@ -339,7 +339,8 @@ impl Pushgate {
         Self::start_config(config).await
     }
 
-    pub async fn start_config(config: pushgate::Config) -> Pushgate {
+    pub async fn start_config(mut config: pushgate::Config) -> Pushgate {
+        switch_fast_paths(&mut config);
         let server = pushgate::Server::bind(config).await.unwrap();
         let addr = server.local_addr();
         let api_addr = server.api_addr();
@@ -364,6 +365,30 @@ impl Pushgate {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap()
     }
+}
+
+/// Turns off the fast paths the environment names, as the binary reads
+/// them (`PUSHGATE_FAST_PATHS__LEAN_CLIENT=false`, ...): .ci/run runs the
+/// suite a second time with every one off (docs/fast-paths.md), and the
+/// real binary in `Process` inherits the same variables.
+pub fn switch_fast_paths(config: &mut pushgate::Config) {
+    let paths = &mut config.fast_paths;
+    for (name, switch) in [
+        ("LEAN_CLIENT", &mut paths.lean_client),
+        ("SSE_DETACH", &mut paths.sse_detach),
+        ("KEPT_TIMERS", &mut paths.kept_timers),
+        ("READ_AHEAD", &mut paths.read_ahead),
+    ] {
+        if let Ok(value) = std::env::var(format!("PUSHGATE_FAST_PATHS__{name}")) {
+            *switch = value.trim() != "false";
+        }
+    }
+}
+
+/// Whether the fast path `name` (`SSE_DETACH`, ...) is on for this run:
+/// for the few checks of what only that path does.
+pub fn fast_path_on(name: &str) -> bool {
+    std::env::var(format!("PUSHGATE_FAST_PATHS__{name}")).map_or(true, |v| v.trim() != "false")
 }
 
 /// A plain HTTP/1.1 client.

@@ -231,6 +231,34 @@ impl Http1 {
     }
 }
 
+/// The body of a raw HTTP/1.1 answer read so far (`raw` holds its head
+/// too), out of its chunks when the answer is chunked: an SSE stream
+/// through hyper is (with `fast_paths.sse_detach` off); one pushgate writes
+/// itself ends with the connection. A last chunk not wholly read yet is
+/// left out.
+pub fn body_so_far(raw: &str) -> String {
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole head");
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return body.to_owned();
+    }
+    let mut rest = body.as_bytes();
+    let mut text = Vec::new();
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let line = std::str::from_utf8(&rest[..end]).unwrap();
+        let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("a bad chunk size {line:?}"));
+        if size == 0 || rest.len() < end + 2 + size + 2 {
+            break;
+        }
+        text.extend_from_slice(&rest[end + 2..end + 2 + size]);
+        rest = &rest[end + 2 + size + 2..];
+    }
+    String::from_utf8(text).unwrap()
+}
+
 /// HTTP/2 frame types used here.
 pub mod frame {
     pub const DATA: u8 = 0;
