@@ -1,8 +1,10 @@
-//! The docs name only what exists.
+//! The docs name only what exists, and the crate doc names everything.
 //!
 //! - docs/architecture.md: every source file (`src/...rs`, or a path like
 //!   `proxy/h1.rs` relative to src/), every source folder it names in code
 //!   (`proxy/`) and every module path it names (`hub::LANE_QUEUE_MAX`) exists.
+//! - src/lib.rs: the crate doc's Layout section has one item for every
+//!   module file under src/, and no item for a module that is gone.
 //! - Every relative link in the docs (docs/**/*.md and README.md) points to
 //!   a file that exists, and a `#fragment` to a heading of that page.
 //!
@@ -54,8 +56,8 @@ fn source_path(written: &str) -> PathBuf {
     }
 }
 
-/// Whether `name` is a module of the library: `src/name.rs` or
-/// `src/name/mod.rs`, for each segment of a `::` path.
+/// Whether a `::` path names a module of the library: every segment but the
+/// last a folder under src/, the last `name.rs` or `name/mod.rs` in it.
 fn module_exists(path: &[&str]) -> bool {
     let mut dir = root().join("src");
     for (index, segment) in path.iter().enumerate() {
@@ -140,6 +142,120 @@ fn architecture_names_only_sources_that_exist() {
     assert!(
         missing.is_empty(),
         "docs/architecture.md names sources that do not exist: {missing:?}"
+    );
+}
+
+/// Every module file under `dir` (relative to src/), as a module path:
+/// `config`, `proxy`, `proxy::h1`.
+fn module_files(dir: &Path, prefix: &[String], out: &mut BTreeSet<String>) {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .unwrap_or_else(|err| panic!("listing {}: {err}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("UTF-8 file names")
+            .to_owned();
+        if path.is_dir() {
+            // A folder holds submodules (`proxy/mod.rs`, or `server.rs` beside
+            // `server/`); only its `.rs` files are modules (src/demo/ holds
+            // the demo page's assets).
+            let mut inner = prefix.to_vec();
+            inner.push(name);
+            module_files(&path, &inner, out);
+        } else if let Some(stem) = name.strip_suffix(".rs") {
+            let mut module = prefix.to_vec();
+            if stem != "mod" {
+                module.push(stem.to_owned());
+            }
+            out.insert(module.join("::"));
+        }
+    }
+}
+
+/// The module each item of the crate doc's Layout section names, as a
+/// module path: an item starts with its module in code, as a link
+/// (`` [`config`] ``), a path (`` `proxy::h1` ``) or a file
+/// (`` `proxy/h1.rs` ``).
+fn layout_items(lib: &str) -> Vec<String> {
+    let doc: Vec<&str> = lib
+        .lines()
+        .map_while(|line| line.strip_prefix("//!"))
+        .map(|line| line.strip_prefix(' ').unwrap_or(line))
+        .collect();
+    let start = doc
+        .iter()
+        .position(|line| *line == "# Layout")
+        .expect("src/lib.rs's crate doc has a `# Layout` section");
+    let mut items = Vec::new();
+    for line in &doc[start + 1..] {
+        if line.starts_with("# ") {
+            break;
+        }
+        let Some(item) = line.trim_start().strip_prefix("- ") else {
+            continue;
+        };
+        let name = item
+            .strip_prefix('[')
+            .unwrap_or(item)
+            .strip_prefix('`')
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name)
+            .unwrap_or_else(|| panic!("a Layout item must start with its module in code: {line}"));
+        let module = match name.strip_suffix(".rs") {
+            Some(path) => path.trim_end_matches("/mod").replace('/', "::"),
+            None => name.to_owned(),
+        };
+        items.push(module);
+    }
+    items
+}
+
+#[test]
+fn lib_layout_lists_every_module() {
+    let lib = read(&root().join("src/lib.rs"));
+    let listed = layout_items(&lib);
+    let mut modules = BTreeSet::new();
+    module_files(&root().join("src"), &[], &mut modules);
+    // The crate root and the binary are not modules of the library.
+    modules.remove("lib");
+    modules.remove("main");
+    assert!(
+        modules.len() >= 30,
+        "only {} modules found under src/",
+        modules.len()
+    );
+
+    let listed_set: BTreeSet<String> = listed.iter().cloned().collect();
+    let unlisted: Vec<_> = modules.difference(&listed_set).collect();
+    let gone: Vec<_> = listed_set.difference(&modules).collect();
+    assert!(
+        unlisted.is_empty(),
+        "src/lib.rs's Layout does not list these modules: {unlisted:?}"
+    );
+    assert!(
+        gone.is_empty(),
+        "src/lib.rs's Layout lists modules that do not exist: {gone:?}"
+    );
+    assert_eq!(
+        listed.len(),
+        listed_set.len(),
+        "a module is listed twice: {listed:?}"
+    );
+}
+
+#[test]
+fn layout_items_are_read_in_every_form() {
+    let lib = "//! Crate.\n//!\n//! # Layout\n//!\n//! - [`config`]: settings.\n\
+               //!   - `proxy::h1`: the lean client.\n//!   - `proxy/pool.rs`: the pool.\n\
+               //! - [`proxy`]: the proxy, with `a::b` inside.\n//!\n//! # Running\n//!\n\
+               //! - [`ignored`]: after the section.\n#![forbid(unsafe_code)]\n";
+    assert_eq!(
+        layout_items(lib),
+        ["config", "proxy::h1", "proxy::pool", "proxy"]
     );
 }
 
