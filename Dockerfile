@@ -25,8 +25,8 @@ COPY clients/js/pushgate.js ./clients/js/pushgate.js
 COPY bench ./bench
 COPY benches ./benches
 # Profile-guided by default (bench/pgo.sh: built twice, with a training run
-# between; 5-12 % less CPU per proxied request, docs/benchmarks.md
-# "Profile-guided build"); `--build-arg PGO=false` builds once, plain.
+# between; 5-12 % less CPU per proxied request: docs/benchmarks.md, scenario
+# e); `--build-arg PGO=false` builds once, plain.
 ARG PGO=true
 RUN if [ "$PGO" = true ]; then \
         bench/pgo.sh && cp target/pgo/release/pushgate /pushgate; \

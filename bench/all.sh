@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every scenario of docs/benchmarks.md's "Current numbers", in one run, one
+# Every scenario of docs/benchmarks.md (a to e), in one run, one
 # after the other, so the tables come from one machine on one day. Each
 # scenario's report goes to its own file in OUT; about 50 minutes on a quiet
 # 2-core machine, most of it Pushpin and the 9,900-subscriber runs.

@@ -3,8 +3,8 @@
 # through what it spends its time on (pass-through, authenticated connects,
 # fan-out over WebSocket, SSE and long-poll), and build it again with the
 # profile, so the compiler lays out and inlines the hot paths for how they
-# are used. What it buys is measured in docs/benchmarks.md ("Profile-guided
-# build").
+# are used. What it buys is measured in docs/benchmarks.md (scenario e) and
+# docs/perf-log/2026-12-04-profile-guided-build.md.
 #
 #   bench/pgo.sh              # the binary: target/pgo/release/pushgate
 #   bench/pgo.sh train        # only the training run, against PUSHGATE and

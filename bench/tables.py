@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The tables of docs/benchmarks.md's "Current numbers", from a bench/all.sh run.
+"""The tables of a bench/all.sh run (docs/benchmarks.md quotes them).
 
     bench/tables.py bench-results-<date>
 

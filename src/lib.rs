@@ -1,26 +1,80 @@
 //! pushgate: a sidecar reverse proxy that adds real-time push to an existing
 //! web app.
 //!
-//! pushgate sits in front of the app and passes its ordinary HTTP through.
-//! Realtime transports (WebSocket, Server-Sent Events, long-poll), the publish
-//! API and the engines arrive on top of this base.
+//! pushgate sits in front of the app and passes its ordinary HTTP through. It
+//! serves WebSocket, Server-Sent Events and long-poll connections itself,
+//! asks the app who each connection is and which channels it may hear, and
+//! takes publications from the app's backend over an HTTP API. One node runs
+//! on the in-memory engine; several share channels, history and presence
+//! through Redis. docs/architecture.md follows a connection, a publication and
+//! a session through these modules.
 //!
 //! # Layout
 //!
+//! - [`server`]: the public listener: accept loop, one shard thread per core,
+//!   TLS, the connection limit and the file budget, and the drain on
+//!   shutdown. Builds the application from the modules below.
+//!   - `server::read_ahead`: one read for a new connection's first bytes.
+//!   - `server::head_deadline`: the deadline for a new connection's first
+//!     request head (`408`).
+//!   - `server::detach`: taking a socket back from hyper after a response
+//!     head, so an SSE stream does not keep hyper's buffers.
+//!   - `server::tls`: certificate and key loading, ALPN.
+//! - [`proxy`]: the reverse proxy to the app: bodies streamed both ways,
+//!   hop-by-hop headers dropped, `X-Forwarded-*` set, WebSocket upgrades
+//!   tunnelled.
+//!   - `proxy::request`: what a request must be to go to the app (anything
+//!     pushgate could not forward exactly as framed is refused with `400`),
+//!     and the fields it goes with.
+//!   - `proxy::h1`: the lean HTTP/1.1 client for requests without a body
+//!     (most of them) and for the auth requests.
+//!   - `proxy::streamed`: uploads and upgrades, over hyper's HTTP/1 client.
+//!   - `proxy::pool`: kept-alive connections to the app, one pool per
+//!     thread, and the one rule for reusing them.
+//! - [`transport`]: the realtime transports under `realtime.prefix`, each an
+//!   adapter around one session; the checks before a session starts
+//!   (origin, per-address limit, auth).
+//!   - `transport::session`: a session: the channels one connection hears,
+//!     its position in each and its outbox; replay, duplicates, resets.
+//!   - `transport::websocket`: WebSocket at `{prefix}/ws`: commands with
+//!     replies, envelopes, heartbeat.
+//!   - `transport::sse`: Server-Sent Events at `{prefix}/sse`.
+//!   - `transport::longpoll`: long-poll at `{prefix}/poll`.
+//!   - `transport::control`: reaching live sessions by user: the per-user
+//!     limit, and the API's disconnect and unsubscribe.
+//!   - `transport::client_js`: the browser client, served at
+//!     `{prefix}/client.js`.
+//! - [`auth`]: who a realtime connection is and which channels it may hear:
+//!   the app's answer (with a grant cache), a JWT, or `none` on loopback.
+//! - [`jwks`]: JWT verification keys from a JWKS document, fetched again
+//!   for an unknown `kid` at a bounded rate.
+//! - [`api`]: the publish/admin API on `api.listen`: publish, history,
+//!   channels, presence, disconnect, unsubscribe; health, readiness and
+//!   metrics.
+//! - [`broker`]: the engine behind channels, one `Broker` trait: numbering,
+//!   history, recovery, presence, and the bus between nodes.
+//!   - `broker::memory`: the in-memory engine, for one node.
+//!   - `broker::redis`: the Redis engine, for several nodes sharing one Redis
+//!     (or a Redis Cluster).
+//! - [`hub`]: the local channel registry and the fan-out to sessions:
+//!   bounded outboxes, the lag policy, one lane per shard thread.
+//! - [`message`]: a publication and its per-transport encodings, made once.
+//! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec:
+//!   any input is accepted or refused with a reason, never a panic.
+//! - [`signal`]: the lock-free wake-up of the one task that serves a session.
+//! - [`timer`]: deadlines on timers a shard thread keeps and reuses.
 //! - [`config`]: serde structs with `DEFAULT_*` constants; load, environment
 //!   overrides, validation that reports every problem at once.
-//! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec.
-//! - [`server`]: the public listener: accept loop, TLS, connection limits,
-//!   the request-head deadline, and the drain on shutdown.
-//! - [`proxy`]: the reverse proxy to the app: pooled, streaming, hop-by-hop
-//!   headers dropped, `X-Forwarded-*` set, WebSocket upgrades tunnelled.
+//! - [`shutdown`]: OS signals and the drain tracker that connections and
+//!   sessions join.
+//! - [`error`]: error types and the one mapping from error to HTTP answer
+//!   (and WebSocket close code).
+//! - [`body`]: the one response body type served.
+//! - [`metrics`]: counters and gauges for `GET /metrics`, in the Prometheus
+//!   text format.
+//! - [`logging`]: tracing setup, human or JSON.
 //! - [`demo`]: `pushgate demo`: a built-in chat app behind pushgate, for a
 //!   first look in a browser.
-//! - [`shutdown`]: OS signals and the drain tracker that connections and
-//!   upgraded sessions join.
-//! - [`error`]: error types and the one mapping from error to HTTP answer.
-//! - [`body`]: the one body type served.
-//! - [`logging`]: tracing setup, human or JSON.
 //!
 //! # Running
 //!
