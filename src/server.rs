@@ -244,8 +244,9 @@ impl Server {
     /// the same port (`SO_REUSEPORT`, so the kernel spreads connections) and
     /// its own pool of connections to the app. Requests then stay on the
     /// thread that accepted them, with no hand-off between threads; the
-    /// engine, the hub and the limits are shared. The caller's runtime is
-    /// the first shard and also serves the API.
+    /// engine, the hub and the limits are shared. [`Server::run`] starts
+    /// every shard as a thread of its own; the caller's runtime serves the
+    /// API and the engine.
     pub async fn bind_sharded(config: Config, shards: usize) -> Result<Server, Error> {
         let shards = shards.max(1);
         raise_open_file_limit();

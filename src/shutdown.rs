@@ -6,9 +6,9 @@
 //! server waits, at most `shutdown.grace`, for all of them to be done
 //! ([`Drain::wait`]).
 //!
-//! Connections that hyper serves are tracked by their task. Upgraded
-//! connections (WebSocket tunnels now, realtime sessions later) leave hyper's
-//! connection future when they upgrade, so they hold a [`DrainGuard`] of their
+//! Connections that hyper serves are tracked by their task. Connections that
+//! leave hyper's connection future (WebSocket sessions and tunnels after
+//! their upgrade, SSE streams after a detach) hold a [`DrainGuard`] of their
 //! own for as long as they live.
 
 use std::future::Future;

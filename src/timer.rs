@@ -6,7 +6,7 @@
 //! for each costs a clock read, an insertion into the runtime's timer wheel
 //! under its lock, and a removal when the request is done: about 2,000
 //! instructions a deadline, a seventh of pushgate's own work per request
-//! (docs/benchmarks.md, "Fewer instructions per proxied request").
+//! (docs/perf-log/2026-12-03-fewer-instructions-per-request.md).
 //!
 //! A shard thread keeps the timers of finished deadlines instead. A timer
 //! still in the wheel whose deadline moves later is only marked with the new

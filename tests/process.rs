@@ -234,7 +234,7 @@ async fn large_bodies_stream_through_in_bounded_memory() {
     let dir = TempDir::new("stream");
     let gate = Process::start(&dir.0, &config_for(&app, ""), &[]);
 
-    // Upload: 512 MiB in 64 KiB chunks, produced as they are sent.
+    // Upload: 1 GiB in 64 KiB chunks, produced as they are sent.
     let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
     let chunks = UPLOAD_BYTES / chunk.len() as u64;
     let stream = futures_util::stream::iter(

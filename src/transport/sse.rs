@@ -1,10 +1,13 @@
 //! Server-Sent Events at `{prefix}/sse?channel=a&channel=b`.
 //!
-//! The response body is the session itself: [`SseStream`] drains the outbox
-//! when hyper asks for the next frame, so there is no task and no channel per
-//! connection. Each event is two frames: the publication's shared
-//! `event:`/`data:` lines and this connection's `id: <cursor>` line, so the
-//! only per-connection bytes are the cursor's.
+//! On HTTP/1 a stream leaves hyper once its head is decided
+//! (`server::detach`, `fast_paths.sse_detach`): a task per stream writes the
+//! head and then the events on the socket itself, so hyper's buffers are
+//! freed. On HTTP/2, or while the connection still holds unsent bytes of an
+//! earlier response, the response body is the session itself: [`SseStream`]
+//! drains the outbox when hyper asks for the next frame. Each event is the
+//! publication's shared `event:`/`data:` lines and this connection's
+//! `id: <cursor>` line, so the only per-connection bytes are the cursor's.
 
 use std::collections::VecDeque;
 use std::future::Future;
