@@ -36,11 +36,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+use crate::app::{AppClient, Upstream};
 use crate::body::{Body, BoxError};
 use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
+use crate::conn::{forwarded_for, ConnInfo};
 use crate::error::{error_chain, ApiError};
 use crate::message::ChannelName;
-use crate::proxy::{forwarded_for, AppClient, ConnInfo, Upstream};
 use crate::timer;
 
 /// Longest reason from the app passed on to a client.

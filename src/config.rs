@@ -198,10 +198,10 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct FastPathsConfig {
     /// Requests without a body go to the app on pushgate's own HTTP/1.1
-    /// client (`proxy/h1.rs`); off: on hyper's, like uploads.
+    /// client (`app/h1.rs`); off: on hyper's, like uploads.
     pub lean_client: bool,
     /// An HTTP/1 SSE stream leaves hyper's connection after its head
-    /// (`server/detach.rs`); off: it streams through hyper.
+    /// (`detach.rs`); off: it streams through hyper.
     pub sse_detach: bool,
     /// Shard threads reuse the timers of finished deadlines (`timer.rs`);
     /// off: every deadline is a new tokio timer.
@@ -1195,7 +1195,7 @@ impl Config {
             })
         };
 
-        if let Err(why) = crate::proxy::Upstream::parse(&self.upstream.url) {
+        if let Err(why) = crate::app::Upstream::parse(&self.upstream.url) {
             problem(
                 "upstream.url",
                 why,

@@ -17,8 +17,6 @@
 //!   - `server::read_ahead`: one read for a new connection's first bytes.
 //!   - `server::head_deadline`: the deadline for a new connection's first
 //!     request head (`408`).
-//!   - `server::detach`: taking a socket back from hyper after a response
-//!     head, so an SSE stream does not keep hyper's buffers.
 //!   - `server::tls`: certificate and key loading, ALPN.
 //! - [`proxy`]: the reverse proxy to the app: bodies streamed both ways,
 //!   hop-by-hop headers dropped, `X-Forwarded-*` set, WebSocket upgrades
@@ -26,11 +24,19 @@
 //!   - `proxy::request`: what a request must be to go to the app (anything
 //!     pushgate could not forward exactly as framed is refused with `400`),
 //!     and the fields it goes with.
-//!   - `proxy::h1`: the lean HTTP/1.1 client for requests without a body
+//! - [`app`]: the app behind pushgate: where it is, and the kept-alive
+//!   connections to it that the proxy and the auth requests share.
+//!   - `app::pool`: the connections, one pool per thread, and the one rule
+//!     for reusing them.
+//!   - `app::h1`: the lean HTTP/1.1 client for requests without a body
 //!     (most of them) and for the auth requests.
-//!   - `proxy::streamed`: uploads and upgrades, over hyper's HTTP/1 client.
-//!   - `proxy::pool`: kept-alive connections to the app, one pool per
-//!     thread, and the one rule for reusing them.
+//!   - `app::streamed`: uploads and upgrades, over hyper's HTTP/1 client on
+//!     the same pool.
+//! - [`conn`]: facts about a client connection, and the `X-Forwarded-For`
+//!   the app is told of it.
+//! - [`headers`]: reading header fields of comma-separated tokens.
+//! - [`detach`]: taking a socket back from hyper after a response head, so
+//!   an SSE stream does not keep hyper's buffers.
 //! - [`transport`]: the realtime transports under `realtime.prefix`, each an
 //!   adapter around one session; the checks before a session starts
 //!   (origin, per-address limit, auth).
@@ -90,13 +96,17 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod body;
 pub mod broker;
 pub mod config;
+pub mod conn;
 pub mod cursor;
 pub mod demo;
+pub mod detach;
 pub mod error;
+pub mod headers;
 pub mod hub;
 pub mod jwks;
 pub mod logging;

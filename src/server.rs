@@ -50,7 +50,6 @@ macro_rules! write_through {
     };
 }
 
-pub mod detach;
 mod head_deadline;
 mod read_ahead;
 pub mod tls;
@@ -74,19 +73,21 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
+use crate::app::{self, AppClient};
 use crate::auth::Auth;
 use crate::body::Body;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError, EngineKind};
+use crate::conn::ConnInfo;
+use crate::detach::{self, DetachHandle, Detachable};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::proxy::{self, AppClient, ConnInfo, Proxy};
+use crate::proxy::{self, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
-use detach::{DetachHandle, Detachable};
 use head_deadline::HeadDeadline;
 use read_ahead::ReadAhead;
 
@@ -337,7 +338,7 @@ impl Server {
         // limits.max_connections caps the connections apart. The idle
         // connections to the app are one pool per shard, shared by both.
         let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
-        let app = proxy::app_client(&config);
+        let app = app::app_client(&config);
         let (public_max, public_permits, app_files) = match limits.max_connections {
             0 => {
                 let files = Arc::new(Semaphore::new(budget));

@@ -9,12 +9,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -22,29 +21,20 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::app::streamed::{self, Answer, UploadBody, UploadFailure, UploadProgress};
+use crate::app::{Added, AppClient};
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::conn::ConnInfo;
 use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
 use crate::timer;
 
-mod h1;
-mod pool;
 mod request;
-mod streamed;
 
-pub use h1::AppClient;
-pub use request::{forwarded_for, has_token, remove_hop_by_hop, UNTRUSTED};
+pub use request::{remove_hop_by_hop, UNTRUSTED};
 
 use request::Forwarding;
-use streamed::{Answer, UploadBody, UploadFailure, UploadProgress};
-
-/// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub tls: bool,
-}
 
 /// The answer to a request to one of pushgate's own paths that breaks the
 /// rules every request on the public listener keeps ([`request::admit`]):
@@ -54,75 +44,6 @@ pub fn refusal(request: &Request<Incoming>) -> Option<Response<Body>> {
     let has_body = !request.body().is_end_stream();
     let refused = request::admit(request, upgrade, has_body).err()?;
     Some(ProxyError::BadRequest(refused).into_response())
-}
-
-/// Where the app lives: `http://host:port`.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Upstream {
-    /// Parses `upstream.url`; the error says what is wrong with it.
-    pub fn parse(url: &str) -> Result<Upstream, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|err| format!("`{url}` is not a URL: {err}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(format!(
-                    "`{url}`: pushgate talks plain HTTP to the app beside it; https upstreams are not supported"
-                ))
-            }
-            _ => return Err(format!("`{url}` must start with http://")),
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("`{url}` has no host"))?;
-        if uri.path() != "/" || uri.query().is_some() {
-            return Err(format!(
-                "`{url}` has a path or query; requests keep their own path, so give only scheme, host and port"
-            ));
-        }
-        Ok(Upstream {
-            scheme: Scheme::HTTP,
-            authority,
-        })
-    }
-
-    /// The app's host and port.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
-    /// The app's URI for a request's path and query.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(
-                path_and_query
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
-            .build()
-            .expect("scheme, authority and path make a valid URI")
-    }
-}
-
-/// The server's one client for requests to the app, from a validated
-/// config: `upstream.url`, `upstream.pool_max_idle` (per thread) and
-/// `upstream.pool_idle_timeout`.
-pub fn app_client(config: &Config) -> AppClient {
-    let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
-    AppClient::new(
-        &upstream.authority,
-        config.upstream.pool_max_idle,
-        config.upstream.pool_idle_timeout,
-    )
 }
 
 /// Forwards requests to the app.
@@ -460,35 +381,6 @@ fn answer_for(
     response
 }
 
-/// Fields pushgate adds to a request for the app: the forwarding headers,
-/// and `Host` where the client gave it only as an HTTP/2 authority.
-#[derive(Default)]
-pub struct Added {
-    fields: [Option<(HeaderName, HeaderValue)>; 4],
-}
-
-impl Added {
-    fn push(&mut self, name: HeaderName, value: HeaderValue) {
-        let free = self
-            .fields
-            .iter_mut()
-            .find(|field| field.is_none())
-            .expect("at most four fields are added");
-        *free = Some((name, value));
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.fields
-            .iter()
-            .flatten()
-            .map(|(name, value)| (name, value))
-    }
-
-    fn drain(&mut self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-        self.fields.iter_mut().filter_map(Option::take)
-    }
-}
-
 /// Copies bytes both ways between the upgraded client and app connections.
 async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -503,35 +395,5 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
         Err(err) => tracing::debug!(error = %err, "tunnel ended with an error"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_url_must_be_plain_http_without_path() {
-        assert!(Upstream::parse("http://127.0.0.1:3000").is_ok());
-        assert!(Upstream::parse("http://app:3000/").is_ok());
-        assert!(Upstream::parse("https://app")
-            .unwrap_err()
-            .contains("https"));
-        assert!(Upstream::parse("http://app/base")
-            .unwrap_err()
-            .contains("path"));
-        assert!(Upstream::parse("app:3000").is_err());
-        assert!(Upstream::parse("not a url").is_err());
-    }
-
-    #[test]
-    fn upstream_uri_keeps_path_and_query() {
-        let upstream = Upstream::parse("http://127.0.0.1:3000").unwrap();
-        let pq = PathAndQuery::from_static("/a/b?c=d");
-        assert_eq!(
-            upstream.uri(Some(&pq)).to_string(),
-            "http://127.0.0.1:3000/a/b?c=d"
-        );
-        assert_eq!(upstream.uri(None).to_string(), "http://127.0.0.1:3000/");
     }
 }

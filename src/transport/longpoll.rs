@@ -14,11 +14,11 @@ use hyper::body::Incoming;
 
 use super::{cors, open_http, parse_cursor, Admit, Opening, Realtime, Transport};
 use crate::body::Body;
+use crate::conn::ConnInfo;
 use crate::cursor::{Position, Start};
 use crate::error::{json_bytes, ApiError};
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
-use crate::proxy::ConnInfo;
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,

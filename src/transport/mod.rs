@@ -32,11 +32,11 @@ use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
 use crate::broker::Broker;
 use crate::config::{Config, RealtimeConfig};
+use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::ApiError;
 use crate::hub::{Hub, QueueLimits};
 use crate::message::ChannelName;
-use crate::proxy::ConnInfo;
 use crate::shutdown::Drain;
 
 pub use session::{Admit, Session, Subscribed};

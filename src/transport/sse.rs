@@ -1,7 +1,7 @@
 //! Server-Sent Events at `{prefix}/sse?channel=a&channel=b`.
 //!
 //! On HTTP/1 a stream leaves hyper once its head is decided
-//! (`server::detach`, `fast_paths.sse_detach`): a task per stream writes the
+//! (`detach`, `fast_paths.sse_detach`): a task per stream writes the
 //! head and then the events on the socket itself, so hyper's buffers are
 //! freed. On HTTP/2, or while the connection still holds unsent bytes of an
 //! earlier response, the response body is the session itself: [`SseStream`]
@@ -28,12 +28,12 @@ use super::{
     cors, jittered, open_http, parse_cursor, Admit, Opening, Realtime, Session, Transport,
 };
 use crate::body::{Body, BoxError};
+use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, Position, Start};
+use crate::detach::{DetachHandle, Detached};
 use crate::error::ApiError;
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
-use crate::proxy::ConnInfo;
-use crate::server::detach::{DetachHandle, Detached};
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,

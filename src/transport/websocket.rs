@@ -33,10 +33,11 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::{origin_refused, Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
+use crate::conn::ConnInfo;
 use crate::cursor::Position;
 use crate::error::ApiError;
+use crate::headers::has_token;
 use crate::message::{ChannelName, Publication};
-use crate::proxy::{has_token, ConnInfo};
 use crate::signal::Wait;
 
 /// Close codes (docs/protocol.md lists them all).

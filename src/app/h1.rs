@@ -36,9 +36,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::pool::{Conn, Outcome, Pool, Pools};
+use super::Added;
 use crate::body::{self, Body, BoxError};
 use crate::error::ProxyError;
-use crate::proxy::Added;
 
 /// Most header fields an answer (or its trailers) may carry, as hyper's client.
 pub(super) const MAX_HEADERS: usize = 100;
