@@ -40,7 +40,7 @@ use rand::Rng;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde::{Serialize, Serializer};
 
-use crate::message::ChannelName;
+use crate::names::ChannelName;
 
 /// Longest epoch, in bytes.
 pub const MAX_EPOCH_LEN: usize = 16;

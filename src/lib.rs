@@ -65,6 +65,7 @@
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
 //!   bounded outboxes, the lag policy, one lane per shard thread.
 //! - [`message`]: a publication and its per-transport encodings, made once.
+//! - [`names`]: channel and event names, checked once against the contract.
 //! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec:
 //!   any input is accepted or refused with a reason, never a panic.
 //! - [`signal`]: the lock-free wake-up of the one task that serves a session.
@@ -112,6 +113,7 @@ pub mod jwks;
 pub mod logging;
 pub mod message;
 pub mod metrics;
+pub mod names;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;
