@@ -1288,15 +1288,15 @@ impl Config {
             );
         }
         if self.limits.max_connections > 0 {
-            let allowed = crate::server::connection_capacity();
+            let allowed = crate::files::connection_capacity();
             if self.limits.max_connections > allowed {
                 problem(
                     "limits.max_connections",
                     format!(
                         "{} connections need at least {} open files, but this process may open {}",
                         self.limits.max_connections,
-                        self.limits.max_connections + crate::server::RESERVED_FILES,
-                        crate::server::open_file_limit()
+                        self.limits.max_connections + crate::files::RESERVED_FILES,
+                        crate::files::open_file_limit()
                     ),
                     &format!(
                         "lower it to at most {allowed}, use 0 to size it automatically, \

@@ -11,9 +11,12 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: the public listener: accept loop, one shard thread per core,
-//!   TLS, the connection limit and the file budget, and the drain on
-//!   shutdown. Builds the application from the modules below.
+//! - [`server`]: the listeners: accept loop, one shard thread per core for
+//!   the public one, TLS, the connection limit, and the drain on shutdown.
+//! - [`node`]: one node assembled from its settings (engine, hub, realtime
+//!   transports and their auth, API, proxy): the one place that knows how
+//!   the parts fit.
+//! - [`files`]: the open-file limit, and how connections spend it.
 //!   - `server::read_ahead`: one read for a new connection's first bytes.
 //!   - `server::head_deadline`: the deadline for a new connection's first
 //!     request head (`408`).
@@ -107,6 +110,7 @@ pub mod cursor;
 pub mod demo;
 pub mod detach;
 pub mod error;
+pub mod files;
 pub mod headers;
 pub mod hub;
 pub mod jwks;
@@ -114,6 +118,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod names;
+pub mod node;
 pub mod proxy;
 pub mod server;
 pub mod shutdown;

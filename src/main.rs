@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     };
     // The connection limit defaults from the open-file limit, so raise it
     // before the config is validated against it.
-    pushgate::server::raise_open_file_limit();
+    pushgate::files::raise_open_file_limit();
 
     match (cli.command, cli.config) {
         (Some(Command::CheckConfig { file }), _) => match load(&file) {

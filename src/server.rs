@@ -73,27 +73,20 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::Api;
-use crate::app::{self, AppClient};
-use crate::auth::Auth;
 use crate::body::Body;
-use crate::broker::memory::{MemoryBroker, MemoryOptions};
-use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::config::{Config, ConfigError, EngineKind};
+use crate::config::{Config, ConfigError};
 use crate::conn::ConnInfo;
 use crate::detach::{self, DetachHandle, Detachable};
 use crate::error::Error;
+use crate::files::raise_open_file_limit;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::node::Node;
 use crate::proxy::{self, Proxy};
 use crate::shutdown::Drain;
 use crate::transport::Realtime;
 use head_deadline::HeadDeadline;
 use read_ahead::ReadAhead;
-
-/// Open files kept aside for listeners, logs, the engine and the like when
-/// sizing the connection limit from the open-file limit.
-pub const RESERVED_FILES: usize = 64;
 
 /// Pending connections the kernel queues per listening socket.
 const LISTEN_BACKLOG: u32 = 1024;
@@ -105,37 +98,6 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 
-/// Raises the soft open-file limit to the hard limit, so the connection limit
-/// can be as large as the system allows. Returns the new soft limit.
-pub fn raise_open_file_limit() -> u64 {
-    rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|_| open_file_limit())
-}
-
-/// The process's current soft open-file limit.
-pub fn open_file_limit() -> u64 {
-    rlimit::getrlimit(rlimit::Resource::NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1024)
-}
-
-/// How many client connections the open-file limit allows: each holds one
-/// descriptor; a proxied request holds a second, to the app, while it runs.
-pub fn connection_capacity() -> usize {
-    let files = usize::try_from(open_file_limit()).unwrap_or(usize::MAX);
-    files.saturating_sub(RESERVED_FILES).max(1)
-}
-
-/// The files connections may spend: the open-file limit less the reserve and
-/// the app's idle pools (`idle_pool` files, at most a quarter of the rest).
-/// A client connection takes one; a proxied request (or tunnel), and a
-/// request asking the app about a realtime connection (its auth, refresh or
-/// subscribe check), one more while it uses a connection to the app. A
-/// realtime connection asks only now and then, so costs one file, not two.
-pub fn file_budget(idle_pool: usize) -> usize {
-    let files = connection_capacity();
-    files.saturating_sub(idle_pool.min(files / 4)).max(2)
-}
-
 /// A bound, not yet running, pushgate server: the public listener (the
 /// app's traffic, later the realtime transports) and the API listener.
 pub struct Server {
@@ -145,7 +107,10 @@ pub struct Server {
     grace: Duration,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
-    /// Kept to build each shard's proxy.
+    /// What each shard of the public listener serves.
+    realtime: Arc<Realtime>,
+    proxy: Arc<Proxy>,
+    /// Kept for the shards' switches.
     config: Config,
     shards: usize,
 }
@@ -299,81 +264,17 @@ impl Server {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
 
-        let drain = Drain::new();
-        let hub = Arc::new(Hub::with_lanes(shards));
-        // This node's name in presence, connection ids and orders.
-        let node = crate::cursor::Epoch::random().to_string();
-        let broker: Arc<dyn Broker> = match config.engine.kind {
-            EngineKind::Memory => MemoryBroker::new(
-                hub.clone(),
-                MemoryOptions {
-                    history_size: config.history.size,
-                    history_ttl: config.history.ttl,
-                    idempotency_window: config.api.idempotency_window,
-                },
-            ),
-            EngineKind::Redis => {
-                let redis = &config.engine.redis;
-                RedisBroker::new(
-                    hub.clone(),
-                    RedisOptions {
-                        url: redis.url.clone(),
-                        cluster: redis.cluster,
-                        tls_ca_file: redis.tls_ca_file.clone(),
-                        prefix: redis.prefix.clone(),
-                        history_size: config.history.size,
-                        history_ttl: config.history.ttl,
-                        idempotency_window: config.api.idempotency_window,
-                        connect_timeout: redis.connect_timeout,
-                        command_timeout: redis.command_timeout,
-                        presence_ttl: redis.presence_ttl,
-                        node: node.clone(),
-                    },
-                )
-                .map_err(Error::Engine)?
-            }
-        };
-        // Client connections and requests to the app (proxied, and the auth
-        // requests) draw on one budget of files, unless
-        // limits.max_connections caps the connections apart. The idle
-        // connections to the app are one pool per shard, shared by both.
-        let budget = file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
-        let app = app::app_client(&config);
-        let (public_max, public_permits, app_files) = match limits.max_connections {
-            0 => {
-                let files = Arc::new(Semaphore::new(budget));
-                (budget, files.clone(), files)
-            }
-            n => (
-                n,
-                Arc::new(Semaphore::new(n)),
-                Arc::new(Semaphore::new(budget.saturating_sub(n).max(1))),
-            ),
-        };
-        let metrics = Arc::new(Metrics::default());
-        let realtime = Arc::new(Realtime::new(
-            &config,
-            hub.clone(),
-            broker.clone(),
-            drain.clone(),
-            metrics.realtime.clone(),
-            node,
-            Auth::new(&config, app.clone(), app_files.clone()),
-        ));
-        let orders = Arc::downgrade(&realtime);
-        broker.on_orders(Arc::new(move |order| {
-            if let Some(realtime) = orders.upgrade() {
-                realtime.obey(order);
-            }
-        }));
-        let api = Arc::new(Api::new(
-            &config,
-            broker.clone(),
-            hub.clone(),
-            realtime.clone(),
-            metrics,
-        ));
-        let proxy = Arc::new(Proxy::new(&config, drain.clone(), app_files.clone(), app));
+        let node = Node::assemble(&config, shards)?;
+        let Node {
+            hub,
+            broker,
+            realtime,
+            api,
+            proxy,
+            drain,
+            public_max,
+            public_permits,
+        } = node;
 
         Ok(Server {
             public: Listener {
@@ -383,7 +284,10 @@ impl Server {
                 max_connections: public_max,
                 permits: public_permits,
                 limit_key: "limits.max_connections",
-                handler: Handler::Public { realtime, proxy },
+                handler: Handler::Public {
+                    realtime: realtime.clone(),
+                    proxy: proxy.clone(),
+                },
             },
             api: Listener {
                 tcp: api_tcp,
@@ -404,6 +308,8 @@ impl Server {
             grace: config.shutdown.grace,
             hub,
             broker,
+            realtime,
+            proxy,
             config,
             shards,
         })
@@ -444,6 +350,8 @@ impl Server {
             config,
             shards,
             hub,
+            realtime,
+            proxy,
             ..
         } = self;
         tracing::info!(
@@ -459,12 +367,6 @@ impl Server {
             .tcp
             .into_std()
             .map_err(|source| Error::Bind { addr, source })?;
-        let (realtime, app_files, app) = match &public.handler {
-            Handler::Public { realtime, proxy } => {
-                (realtime.clone(), proxy.app_files(), proxy.app())
-            }
-            Handler::Api(_) => unreachable!("the public listener serves realtime and the app"),
-        };
         // Shards keep their runtimes turning until the drain is decided here,
         // so their connections are neither cut early nor counted as done
         // because their runtime went away.
@@ -474,8 +376,7 @@ impl Server {
             max_connections: public.max_connections,
             permits: public.permits,
             realtime,
-            app_files,
-            app,
+            proxy,
             hub,
             config,
             shared: shared.clone(),
@@ -525,8 +426,7 @@ struct Shard {
     /// The listener's connection limit, shared by all shards.
     permits: Arc<Semaphore>,
     realtime: Arc<Realtime>,
-    app_files: Arc<Semaphore>,
-    app: AppClient,
+    proxy: Arc<Proxy>,
     hub: Arc<Hub>,
     config: Config,
     shared: Arc<Shared>,
@@ -554,8 +454,7 @@ impl Shard {
         let max_connections = self.max_connections;
         let permits = self.permits.clone();
         let realtime = self.realtime.clone();
-        let app_files = self.app_files.clone();
-        let app = self.app.clone();
+        let proxy = self.proxy.clone();
         let hub = self.hub.clone();
         let config = self.config.clone();
         let shared = self.shared.clone();
@@ -593,8 +492,6 @@ impl Shard {
                             return;
                         }
                     };
-                    let proxy =
-                        Arc::new(Proxy::new(&config, shared.drain.clone(), app_files, app));
                     let listener = Listener {
                         tcp,
                         addr,

@@ -85,16 +85,6 @@ impl Proxy {
         }
     }
 
-    /// The budget of files for connections to the app (shared by shards).
-    pub fn app_files(&self) -> Arc<Semaphore> {
-        self.app_files.clone()
-    }
-
-    /// The client for requests to the app (shared by shards).
-    pub fn app(&self) -> AppClient {
-        self.app.clone()
-    }
-
     /// Sends `request` to the app and streams its answer back. Never fails
     /// (the `Infallible` is for hyper's service, which boxes this future as
     /// it is): when the app cannot answer, the response says why (502/504).

@@ -1,0 +1,134 @@
+//! One pushgate node, assembled from its settings: the engine, the hub,
+//! the realtime transports with their auth, the API, and the proxy with its
+//! connections to the app. This is the one place that knows how the parts
+//! fit; `server` only listens, accepts, limits and drains.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use crate::api::Api;
+use crate::app;
+use crate::auth::Auth;
+use crate::broker::memory::{MemoryBroker, MemoryOptions};
+use crate::broker::redis::{RedisBroker, RedisOptions};
+use crate::broker::Broker;
+use crate::config::{Config, EngineKind};
+use crate::error::Error;
+use crate::files;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::shutdown::Drain;
+use crate::transport::Realtime;
+
+/// A node's parts, ready for the listeners.
+pub struct Node {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    /// The realtime transports, on the public listener's own paths.
+    pub realtime: Arc<Realtime>,
+    /// The publish/admin API, on the API listener.
+    pub api: Arc<Api>,
+    /// Everything else on the public listener goes to the app through it.
+    pub proxy: Arc<Proxy>,
+    /// What every connection and session joins, to be told of shutdown.
+    pub drain: Drain,
+    /// The public listener's connection limit, and its permits.
+    pub public_max: usize,
+    pub public_permits: Arc<Semaphore>,
+}
+
+impl Node {
+    /// Builds the node's parts from a validated config; the hub has a lane
+    /// for each of `shards` threads. Starts the engine (its connection is
+    /// made lazily).
+    pub fn assemble(config: &Config, shards: usize) -> Result<Node, Error> {
+        let drain = Drain::new();
+        let hub = Arc::new(Hub::with_lanes(shards));
+        // This node's name in presence, connection ids and orders.
+        let name = crate::cursor::Epoch::random().to_string();
+        let broker: Arc<dyn Broker> = match config.engine.kind {
+            EngineKind::Memory => MemoryBroker::new(
+                hub.clone(),
+                MemoryOptions {
+                    history_size: config.history.size,
+                    history_ttl: config.history.ttl,
+                    idempotency_window: config.api.idempotency_window,
+                },
+            ),
+            EngineKind::Redis => {
+                let redis = &config.engine.redis;
+                RedisBroker::new(
+                    hub.clone(),
+                    RedisOptions {
+                        url: redis.url.clone(),
+                        cluster: redis.cluster,
+                        tls_ca_file: redis.tls_ca_file.clone(),
+                        prefix: redis.prefix.clone(),
+                        history_size: config.history.size,
+                        history_ttl: config.history.ttl,
+                        idempotency_window: config.api.idempotency_window,
+                        connect_timeout: redis.connect_timeout,
+                        command_timeout: redis.command_timeout,
+                        presence_ttl: redis.presence_ttl,
+                        node: name.clone(),
+                    },
+                )
+                .map_err(Error::Engine)?
+            }
+        };
+        // Client connections and requests to the app (proxied, and the auth
+        // requests) draw on one budget of files, unless
+        // limits.max_connections caps the connections apart. The idle
+        // connections to the app are one pool per shard, shared by both.
+        let budget = files::file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
+        let app = app::app_client(config);
+        let (public_max, public_permits, app_files) = match config.limits.max_connections {
+            0 => {
+                let files = Arc::new(Semaphore::new(budget));
+                (budget, files.clone(), files)
+            }
+            n => (
+                n,
+                Arc::new(Semaphore::new(n)),
+                Arc::new(Semaphore::new(budget.saturating_sub(n).max(1))),
+            ),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let realtime = Arc::new(Realtime::new(
+            config,
+            hub.clone(),
+            broker.clone(),
+            drain.clone(),
+            metrics.realtime.clone(),
+            name,
+            Auth::new(config, app.clone(), app_files.clone()),
+        ));
+        let orders = Arc::downgrade(&realtime);
+        broker.on_orders(Arc::new(move |order| {
+            if let Some(realtime) = orders.upgrade() {
+                realtime.obey(order);
+            }
+        }));
+        let api = Arc::new(Api::new(
+            config,
+            broker.clone(),
+            hub.clone(),
+            realtime.clone(),
+            metrics,
+        ));
+        let proxy = Arc::new(Proxy::new(config, drain.clone(), app_files.clone(), app));
+
+        Ok(Node {
+            hub,
+            broker,
+            realtime,
+            api,
+            proxy,
+            drain,
+            public_max,
+            public_permits,
+        })
+    }
+}
