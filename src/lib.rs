@@ -73,8 +73,13 @@
 //!   any input is accepted or refused with a reason, never a panic.
 //! - [`signal`]: the lock-free wake-up of the one task that serves a session.
 //! - [`timer`]: deadlines on timers a shard thread keeps and reuses.
-//! - [`config`]: serde structs with `DEFAULT_*` constants; load, environment
-//!   overrides, validation that reports every problem at once.
+//! - [`config`]: the settings document: serde structs with `DEFAULT_*`
+//!   constants.
+//!   - `config::load`: the YAML file with `PUSHGATE_*` overrides laid over
+//!     it, and the report of every problem at once.
+//!   - `config::check`: the checks that need the whole config.
+//!   - `config::units`: sizes (`32KiB`) and durations (`10s`).
+//!   - `config::tests`: loading and checking, end to end.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and
 //!   sessions join.
 //! - [`error`]: error types and the one mapping from error to HTTP answer

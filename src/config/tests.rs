@@ -1,0 +1,264 @@
+use std::path::Path;
+
+use serde_yaml::Value;
+
+use super::*;
+
+const NO_ENV: [(&str, &str); 0] = [];
+/// What every valid config needs beyond the defaults.
+const KEYS: &str = "api:\n  keys: [k]\n";
+
+fn keys(err: &ConfigError) -> Vec<&str> {
+    err.problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    let config = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap();
+    assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+    assert_eq!(config.upstream.timeout, DEFAULT_UPSTREAM_TIMEOUT);
+    assert_eq!(config.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+    assert_eq!(config.log.format, LogFormat::Text);
+}
+
+#[test]
+fn durations_and_sizes_read_the_human_way() {
+    let config = from_yaml(
+        &format!("{KEYS}upstream: {{timeout: 2s}}\nshutdown: {{grace: 1m 30s}}\nlimits: {{max_header_bytes: 64KiB, header_timeout: 500ms}}\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap();
+    assert_eq!(config.upstream.timeout, Duration::from_secs(2));
+    assert_eq!(config.shutdown.grace, Duration::from_secs(90));
+    assert_eq!(config.limits.max_header_bytes, ByteSize(64 * 1024));
+    assert_eq!(config.limits.header_timeout, Duration::from_millis(500));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = from_yaml(
+        "listen: nowhere\nbogus: 1\nupstream: {timeout: 10, colour: red, url: 'https://app'}\nlimits: {max_header_bytes: huge}\nlog: {format: xml}\n",
+        "bad.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    let mut found = keys(&err);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "api.keys",
+            "bogus",
+            "limits.max_header_bytes",
+            "listen",
+            "log.format",
+            "upstream.colour",
+            "upstream.timeout",
+            "upstream.url"
+        ]
+    );
+    let text = err.to_string();
+    assert!(text.contains("bad.yaml: `bogus`: unknown key"), "{text}");
+    assert!(text.contains("bare number `10`"), "{text}");
+    assert!(text.contains("fix:"), "{text}");
+}
+
+#[test]
+fn semantic_problems_name_key_and_fix() {
+    let err = from_yaml(
+        "upstream: {url: 'ftp://app', timeout: 0s, trusted_proxies: [10.0.0.0/8, nope]}\ntls: {cert: /nonexistent/cert.pem}\nlimits: {max_header_bytes: 1KiB}\nlog: {level: 'a=b=c'}\n",
+        "bad.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    let mut found = keys(&err);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "api.keys",
+            "limits.max_header_bytes",
+            "log.level",
+            "tls.key",
+            "upstream.timeout",
+            "upstream.trusted_proxies[1]",
+            "upstream.url"
+        ]
+    );
+}
+
+#[test]
+fn environment_overrides_reach_their_keys() {
+    let env = [
+        ("PUSHGATE_LISTEN", "127.0.0.1:9999"),
+        ("PUSHGATE_UPSTREAM__TIMEOUT", "3s"),
+        (
+            "PUSHGATE_UPSTREAM__TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.168.1.1",
+        ),
+        ("PUSHGATE_LIMITS__MAX_HEADERS", "50"),
+        ("PUSHGATE_LOG__FORMAT", "json"),
+        ("HOME", "/root"),
+    ];
+    let config = from_yaml(
+        &format!("{KEYS}upstream: {{timeout: 9s}}\n"),
+        "test.yaml",
+        env,
+    )
+    .unwrap();
+    assert_eq!(config.listen, "127.0.0.1:9999".parse().unwrap());
+    assert_eq!(config.upstream.timeout, Duration::from_secs(3));
+    assert_eq!(
+        config.upstream.trusted_proxies,
+        ["10.0.0.0/8", "192.168.1.1"]
+    );
+    assert_eq!(config.limits.max_headers, 50);
+    assert_eq!(config.log.format, LogFormat::Json);
+}
+
+#[test]
+fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
+    let jwt = "auth:\n  mode: jwt\n  jwt:\n    secret: an-hs256-secret-of-at-least-32-bytes!\n";
+    let config = from_yaml(&format!("{KEYS}{jwt}"), "test.yaml", NO_ENV).unwrap();
+    assert_eq!(config.auth.jwt.audience, None);
+    assert_eq!(config.auth.jwt.issuer, None);
+    let config = from_yaml(
+        &format!("{KEYS}{jwt}    audience: pushgate\n    issuer: https://id.example\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap();
+    assert_eq!(config.auth.jwt.audience.as_deref(), Some("pushgate"));
+    assert_eq!(
+        config.auth.jwt.issuer.as_deref(),
+        Some("https://id.example")
+    );
+    // The environment wins, and keeps a value that looks like a number
+    // as text.
+    let env = [
+        ("PUSHGATE_AUTH__JWT__AUDIENCE", "12345"),
+        ("PUSHGATE_AUTH__JWT__ISSUER", "https://other.example"),
+    ];
+    let config = from_yaml(
+        &format!("{KEYS}{jwt}    audience: pushgate\n"),
+        "test.yaml",
+        env,
+    )
+    .unwrap();
+    assert_eq!(config.auth.jwt.audience.as_deref(), Some("12345"));
+    assert_eq!(
+        config.auth.jwt.issuer.as_deref(),
+        Some("https://other.example")
+    );
+    // An empty value could match no token: a problem with the key.
+    let err = from_yaml(
+        &format!("{KEYS}{jwt}    audience: \"\"\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    assert_eq!(keys(&err), ["auth.jwt.audience"]);
+}
+
+#[test]
+fn environment_problems_name_the_variable() {
+    let env = [
+        ("PUSHGATE_NOPE", "1"),
+        ("PUSHGATE_LIMITS__MAX_HEADERS", "many"),
+    ];
+    let err = from_yaml("", "test.yaml", env).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("environment PUSHGATE_NOPE: `nope`: no such configuration key"),
+        "{text}"
+    );
+    assert!(
+        text.contains("environment PUSHGATE_LIMITS__MAX_HEADERS: `limits.max_headers`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_yaml_and_wrong_top_level_are_reported() {
+    assert!(from_yaml("listen: [", "x.yaml", NO_ENV)
+        .unwrap_err()
+        .to_string()
+        .contains("not valid YAML"));
+    assert!(from_yaml("- 1\n- 2\n", "x.yaml", NO_ENV)
+        .unwrap_err()
+        .to_string()
+        .contains("mapping"));
+}
+
+/// config.example.yaml documents every key, with its default value.
+#[test]
+fn the_example_config_has_every_key_at_its_default() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let example: Value = serde_yaml::from_str(&text).unwrap();
+    let defaults = serde_yaml::to_value(Config::default()).unwrap();
+
+    fn leaves(value: &Value, path: String, out: &mut Vec<String>) {
+        match value {
+            Value::Mapping(map) => {
+                for (key, child) in map {
+                    let key = key.as_str().unwrap();
+                    let child_path = if path.is_empty() {
+                        key.to_owned()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    leaves(child, child_path, out);
+                }
+            }
+            _ => out.push(path),
+        }
+    }
+    let (mut documented, mut known) = (Vec::new(), Vec::new());
+    leaves(&example, String::new(), &mut documented);
+    leaves(&defaults, String::new(), &mut known);
+    documented.sort();
+    known.sort();
+    assert_eq!(
+        documented, known,
+        "config.example.yaml and the config structs disagree"
+    );
+
+    let mut loaded = load(Path::new(path), NO_ENV).unwrap();
+    // The values that are not defaults, so the example runs as it is in
+    // front of any local app: there is no default key, and the default
+    // auth mode asks an app that may not answer auth requests.
+    assert_eq!(loaded.api.keys, ["change-me"]);
+    loaded.api.keys.clear();
+    assert_eq!(loaded.auth.mode, AuthMode::None);
+    loaded.auth.mode = AuthMode::Upstream;
+    assert_eq!(
+        serde_yaml::to_value(loaded).unwrap(),
+        defaults,
+        "config.example.yaml shows a value that is not the default"
+    );
+}
+
+#[test]
+fn absurd_durations_are_refused() {
+    let err = from_yaml(
+        &format!("{KEYS}shutdown: {{grace: 500000000years}}\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    assert_eq!(keys(&err), ["shutdown.grace"]);
+}
+
+#[test]
+fn byte_sizes_parse_and_print() {
+    assert_eq!(ByteSize::parse("32KiB"), Some(ByteSize(32768)));
+    assert_eq!(ByteSize::parse("4MiB"), Some(ByteSize(4 << 20)));
+    assert_eq!(ByteSize::parse("1000"), Some(ByteSize(1000)));
+    assert_eq!(ByteSize::parse("2 KB"), Some(ByteSize(2000)));
+    assert_eq!(ByteSize::parse("99999999999999999999GiB"), None);
+    assert_eq!(ByteSize::parse("lots"), None);
+    assert_eq!(ByteSize(32768).to_string(), "32KiB");
+    assert_eq!(ByteSize(1000).to_string(), "1000");
+}
