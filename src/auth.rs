@@ -36,9 +36,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::app::{AppClient, Upstream};
+use crate::app::AppClient;
 use crate::body::{Body, BoxError};
-use crate::config::{AuthMode, Config, JwtAlgorithm, JwtConfig};
+use crate::config::jwt::KeySource as LoadedKey;
+use crate::config::{AuthPaths, AuthSettings, JwtConfig, JwtKey, Settings};
 use crate::conn::{forwarded_for, ConnInfo};
 use crate::error::{error_chain, ApiError};
 use crate::message::ChannelName;
@@ -145,11 +146,15 @@ impl Auth {
     /// Requests to the app (`auth.mode: upstream`) go through `app`, the
     /// proxy's client, and draw on `app_files`, its budget of files for
     /// connections to the app.
-    pub fn new(config: &Config, app: AppClient, app_files: Arc<Semaphore>) -> Auth {
-        let mode = match config.auth.mode {
-            AuthMode::None => Mode::None,
-            AuthMode::Upstream => Mode::Upstream(Box::new(AppAuth::new(config, app, app_files))),
-            AuthMode::Jwt => Mode::Jwt(Box::new(JwtAuth::new(&config.auth.jwt))),
+    pub fn new(settings: &Settings, app: AppClient, app_files: Arc<Semaphore>) -> Auth {
+        let mode = match &settings.auth {
+            AuthSettings::None => Mode::None,
+            AuthSettings::Upstream(paths) => {
+                Mode::Upstream(Box::new(AppAuth::new(settings, paths, app, app_files)))
+            }
+            AuthSettings::Jwt(key) => {
+                Mode::Jwt(Box::new(JwtAuth::new(key, &settings.config.auth.jwt)))
+            }
         };
         Auth { mode }
     }
@@ -335,35 +340,27 @@ struct AppGrant {
 }
 
 impl AppAuth {
-    fn new(config: &Config, app: AppClient, app_files: Arc<Semaphore>) -> AppAuth {
-        let upstream = Upstream::parse(&config.upstream.url).expect("validated upstream.url");
-        let settings = &config.auth.upstream;
+    fn new(
+        settings: &Settings,
+        paths: &AuthPaths,
+        app: AppClient,
+        app_files: Arc<Semaphore>,
+    ) -> AppAuth {
+        let upstream = &settings.upstream;
+        let options = &settings.config.auth.upstream;
         AppAuth {
             app,
             app_files,
-            url: upstream.uri(Some(
-                &settings.path.parse().expect("validated auth.upstream.path"),
-            )),
-            refresh_url: settings.refresh_path.as_ref().map(|path| {
-                upstream.uri(Some(
-                    &path.parse().expect("validated auth.upstream.refresh_path"),
-                ))
-            }),
-            subscribe_url: settings.subscribe_path.as_ref().map(|path| {
-                upstream.uri(Some(
-                    &path
-                        .parse()
-                        .expect("validated auth.upstream.subscribe_path"),
-                ))
-            }),
-            forward: settings
-                .forward_headers
-                .iter()
-                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-                .collect(),
-            timeout: settings.timeout,
-            trusted_proxies: config.trusted_proxies(),
-            cache: GrantCache::new(settings.cache_size, settings.cache_ttl),
+            url: upstream.uri(Some(&paths.check)),
+            refresh_url: paths.refresh.as_ref().map(|path| upstream.uri(Some(path))),
+            subscribe_url: paths
+                .subscribe
+                .as_ref()
+                .map(|path| upstream.uri(Some(path))),
+            forward: settings.forward_headers.clone(),
+            timeout: options.timeout,
+            trusted_proxies: settings.trusted_proxies.clone(),
+            cache: GrantCache::new(options.cache_size, options.cache_ttl),
             stats: Mutex::default(),
         }
     }
@@ -548,14 +545,6 @@ fn collect_at_most(
     Limited::new(body, max).collect()
 }
 
-/// Why the JWT settings cannot be used.
-#[derive(Debug)]
-pub struct KeyProblem {
-    pub key: &'static str,
-    pub why: String,
-    pub fix: String,
-}
-
 /// The verification key and rules of `auth.mode: jwt`.
 pub struct JwtKeys {
     source: KeySource,
@@ -573,117 +562,19 @@ enum KeySource {
 }
 
 impl JwtKeys {
-    /// Loads the key the algorithm needs. Only the configured algorithm is
-    /// accepted, which refuses `alg: none` and key-type confusion (an RS256
-    /// public key used as an HS256 secret).
-    pub fn load(config: &JwtConfig) -> Result<JwtKeys, KeyProblem> {
-        use jsonwebtoken::{Algorithm, DecodingKey};
-        let read = |key: &'static str, path: &std::path::Path| {
-            std::fs::read(path).map_err(|err| KeyProblem {
-                key,
-                why: format!("cannot read {}: {err}", path.display()),
-                fix: "check the path and that pushgate's user may read it".into(),
-            })
+    /// The runtime of the loaded key: a JWKS source gets its fetcher. Only
+    /// the configured algorithm is accepted, which refuses `alg: none` and
+    /// key-type confusion (an RS256 public key used as an HS256 secret).
+    fn new(key: &JwtKey, config: &JwtConfig) -> JwtKeys {
+        let source = match &key.source {
+            LoadedKey::Fixed(key) => KeySource::Fixed(key.clone()),
+            LoadedKey::Jwks { url, tls } => KeySource::Jwks(Arc::new(crate::jwks::Jwks::new(
+                config,
+                url.clone(),
+                tls.clone(),
+            ))),
         };
-        for (key, value) in [
-            ("auth.jwt.audience", &config.audience),
-            ("auth.jwt.issuer", &config.issuer),
-        ] {
-            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                return Err(KeyProblem {
-                    key,
-                    why: "is empty, which no token's claim can match".into(),
-                    fix: "give the value tokens carry, or null to not check the claim".into(),
-                });
-            }
-        }
-        let (algorithm, key) = match config.algorithm {
-            JwtAlgorithm::HS256 => {
-                if config.jwks_url.is_some() {
-                    return Err(KeyProblem {
-                        key: "auth.jwt.jwks_url",
-                        why: "HS256 uses a shared secret, which no JWKS document publishes".into(),
-                        fix: "use RS256 or ES256 with jwks_url, or drop jwks_url".into(),
-                    });
-                }
-                let secret = match (&config.secret, &config.secret_file) {
-                    (Some(secret), None) => secret.as_bytes().to_vec(),
-                    (None, Some(path)) => read("auth.jwt.secret_file", path)?,
-                    _ => return Err(KeyProblem {
-                        key: "auth.jwt.secret",
-                        why: "HS256 needs exactly one of secret and secret_file".into(),
-                        fix: "set auth.jwt.secret (e.g. PUSHGATE_AUTH__JWT__SECRET) or secret_file"
-                            .into(),
-                    }),
-                };
-                if secret.len() < 32 {
-                    return Err(KeyProblem {
-                        key: "auth.jwt.secret",
-                        why: format!("an HS256 secret of {} bytes is guessable", secret.len()),
-                        fix: "use at least 32 random bytes, e.g. `openssl rand -hex 32`".into(),
-                    });
-                }
-                (Algorithm::HS256, DecodingKey::from_secret(&secret))
-            }
-            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-                let algorithm = if config.algorithm == JwtAlgorithm::RS256 {
-                    Algorithm::RS256
-                } else {
-                    Algorithm::ES256
-                };
-                if let Some(url) = &config.jwks_url {
-                    if config.public_key_file.is_some() {
-                        return Err(KeyProblem {
-                            key: "auth.jwt.jwks_url",
-                            why: "both public_key_file and jwks_url are set".into(),
-                            fix: "keep one source of keys".into(),
-                        });
-                    }
-                    let jwks = crate::jwks::Jwks::new(config, url).map_err(|why| KeyProblem {
-                        key: "auth.jwt.jwks_url",
-                        why,
-                        fix: "give the identity provider's https:// JWKS address (and \
-                              auth.jwt.jwks_ca_file for a private CA)"
-                            .into(),
-                    })?;
-                    return Ok(JwtKeys::new(
-                        KeySource::Jwks(Arc::new(jwks)),
-                        algorithm,
-                        config,
-                    ));
-                }
-                let Some(path) = &config.public_key_file else {
-                    return Err(KeyProblem {
-                        key: "auth.jwt.public_key_file",
-                        why: "RS256 and ES256 need the public key".into(),
-                        fix: "point auth.jwt.public_key_file at a PEM public key, or set \
-                              auth.jwt.jwks_url"
-                            .into(),
-                    });
-                };
-                let pem = read("auth.jwt.public_key_file", path)?;
-                let parsed = if config.algorithm == JwtAlgorithm::RS256 {
-                    DecodingKey::from_rsa_pem(&pem)
-                } else {
-                    DecodingKey::from_ec_pem(&pem)
-                };
-                let key = parsed.map_err(|err| KeyProblem {
-                    key: "auth.jwt.public_key_file",
-                    why: format!(
-                        "{} is not a {:?} public key: {err}",
-                        path.display(),
-                        config.algorithm
-                    ),
-                    fix: "give the PEM public key that matches auth.jwt.algorithm".into(),
-                })?;
-                (algorithm, key)
-            }
-        };
-        Ok(JwtKeys::new(KeySource::Fixed(key), algorithm, config))
-    }
-
-    fn new(source: KeySource, algorithm: jsonwebtoken::Algorithm, config: &JwtConfig) -> JwtKeys {
-        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        let mut validation = jsonwebtoken::Validation::new(key.algorithm);
         // The same leeway for `exp` and `nbf`: clocks drift both ways.
         validation.leeway = config.leeway.as_secs();
         validation.validate_nbf = true;
@@ -819,9 +710,8 @@ fn check_header(token: &str) -> Result<(), String> {
 }
 
 impl JwtAuth {
-    fn new(config: &JwtConfig) -> JwtAuth {
-        let keys =
-            JwtKeys::load(config).unwrap_or_else(|err| panic!("validated auth.jwt: {}", err.why));
+    fn new(key: &JwtKey, config: &JwtConfig) -> JwtAuth {
+        let keys = JwtKeys::new(key, config);
         if let KeySource::Jwks(jwks) = &keys.source {
             jwks.start();
         }

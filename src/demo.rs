@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::config::{AuthMode, Config, EngineKind};
+use crate::config::{AuthMode, Config, EngineKind, Settings};
 use crate::error::Error;
 use crate::Server;
 
@@ -118,7 +118,8 @@ pub async fn run(
         .local_addr()
         .map_err(|source| Error::Bind { addr: any, source })?;
     let key = format!("{:032x}", rand::random::<u128>());
-    let server = Server::bind(options.config(app_addr, &key)).await?;
+    let settings = Settings::new(options.config(app_addr, &key))?;
+    let server = Server::bind(settings).await?;
     let running = Running {
         url: format!("http://{}/", server.local_addr()),
         api: format!("http://{}", server.api_addr()),
@@ -504,7 +505,9 @@ mod tests {
             redis: Some("redis://127.0.0.1:6379".into()),
         };
         let config = options.config("127.0.0.1:9".parse().unwrap(), "k".repeat(32).as_str());
-        assert_eq!(config.validate(), Vec::new());
         assert_eq!(config.engine.kind, EngineKind::Redis);
+        if let Err(err) = Settings::new(config) {
+            panic!("{err}");
+        }
     }
 }

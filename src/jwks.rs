@@ -21,8 +21,6 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::DecodingKey;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 
 use crate::config::{JwtAlgorithm, JwtConfig};
 
@@ -60,71 +58,19 @@ struct KeySet {
     all: Vec<DecodingKey>,
 }
 
-/// Checks `auth.jwt.jwks_url`: https, or http on a loopback host.
-pub fn parse_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|err| format!("`{url}` is not a URL: {err}"))?;
-    let host = uri.host().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    match uri.scheme_str() {
-        Some("https") if !host.is_empty() => Ok(uri),
-        Some("http") if loopback => Ok(uri),
-        Some("http") => Err(format!(
-            "`{url}` is plain http to a host that is not loopback: keys must come over https"
-        )),
-        _ => Err(format!("`{url}` is not an https:// URL")),
-    }
-}
-
-/// The extra roots of `auth.jwt.jwks_ca_file`.
-pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem =
-        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|err| format!("{} is not PEM: {err}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certs)
-}
-
 impl Jwks {
-    /// Checks the settings and builds the client; fetches nothing yet.
-    pub fn new(config: &JwtConfig, url: &str) -> Result<Jwks, String> {
-        let url = parse_url(url)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = &config.jwks_ca_file {
-            for cert in read_ca_file(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|err| format!("{}: {err}", path.display()))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|err| err.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    /// The client for `url` over `tls` (from the loaded settings);
+    /// fetches nothing yet.
+    pub fn new(config: &JwtConfig, url: Uri, tls: Arc<rustls::ClientConfig>) -> Jwks {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(Arc::unwrap_or_clone(tls))
             .https_or_http()
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .build(https);
-        Ok(Jwks {
+        Jwks {
             url,
             algorithm: config.algorithm,
             client,
@@ -132,7 +78,7 @@ impl Jwks {
             min_refetch: config.jwks_min_refetch,
             keys: RwLock::new(None),
             last_fetch: tokio::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// Fetches now and then every `jwks_refresh`, while the keys are in use.

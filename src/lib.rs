@@ -20,7 +20,6 @@
 //!   - `server::read_ahead`: one read for a new connection's first bytes.
 //!   - `server::head_deadline`: the deadline for a new connection's first
 //!     request head (`408`).
-//!   - `server::tls`: certificate and key loading, ALPN.
 //! - [`proxy`]: the reverse proxy to the app: bodies streamed both ways,
 //!   hop-by-hop headers dropped, `X-Forwarded-*` set, WebSocket upgrades
 //!   tunnelled.
@@ -74,10 +73,15 @@
 //! - [`signal`]: the lock-free wake-up of the one task that serves a session.
 //! - [`timer`]: deadlines on timers a shard thread keeps and reuses.
 //! - [`config`]: the settings document: serde structs with `DEFAULT_*`
-//!   constants.
+//!   constants. A leaf: it imports none of the parts it configures.
 //!   - `config::load`: the YAML file with `PUSHGATE_*` overrides laid over
 //!     it, and the report of every problem at once.
-//!   - `config::check`: the checks that need the whole config.
+//!   - `config::settings`: the checks that need the whole config, and the
+//!     `Settings` a node runs on: every value parsed once.
+//!   - `config::upstream`: the app's address.
+//!   - `config::origin`: allowed origin patterns.
+//!   - `config::tls`: certificate and key loading, ALPN.
+//!   - `config::jwt`: the JWT key and where it comes from.
 //!   - `config::units`: sizes (`32KiB`) and durations (`10s`).
 //!   - `config::tests`: loading and checking, end to end.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and
@@ -95,11 +99,11 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), pushgate::Error> {
-//! let config = pushgate::config::load(
+//! let settings = pushgate::config::load(
 //!     std::path::Path::new("config.example.yaml"),
 //!     std::env::vars(),
 //! )?;
-//! pushgate::run(config, pushgate::shutdown::signal()).await
+//! pushgate::run(settings, pushgate::shutdown::signal()).await
 //! # }
 //! ```
 #![forbid(unsafe_code)]
@@ -131,15 +135,15 @@ pub mod signal;
 pub mod timer;
 pub mod transport;
 
-pub use config::Config;
+pub use config::{Config, Settings};
 pub use error::Error;
 pub use server::Server;
 
-/// Binds the listeners of `config` and serves until `shutdown` resolves;
+/// Binds the listeners of `settings` and serves until `shutdown` resolves;
 /// then drains in-flight work within `shutdown.grace` and returns.
 pub async fn run(
-    config: Config,
+    settings: Settings,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
-    Server::bind(config).await?.run(shutdown).await
+    Server::bind(settings).await?.run(shutdown).await
 }

@@ -3,11 +3,16 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogFormat, Settings};
 
 /// Installs the global subscriber, writing to stderr. Call once, early.
-pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(settings: &Settings) {
+    let filter = settings
+        .log_directives
+        .iter()
+        .cloned()
+        .fold(EnvFilter::default(), EnvFilter::add_directive);
+    let config = &settings.config.log;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

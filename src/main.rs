@@ -88,12 +88,12 @@ fn main() -> ExitCode {
             redis,
         }),
         (None, Some(file)) => {
-            let config = match load(&file) {
-                Ok(config) => config,
+            let settings = match load(&file) {
+                Ok(settings) => settings,
                 Err(code) => return code,
             };
-            pushgate::logging::init(&config.log);
-            serve(config)
+            pushgate::logging::init(&settings);
+            serve(settings)
         }
         (None, None) => {
             eprintln!(
@@ -104,7 +104,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(file: &std::path::Path) -> Result<pushgate::Config, ExitCode> {
+fn load(file: &std::path::Path) -> Result<pushgate::Settings, ExitCode> {
     pushgate::config::load(file, std::env::vars()).map_err(|err| {
         eprint!("pushgate: {err}");
         ExitCode::from(EXIT_USAGE)
@@ -121,7 +121,13 @@ fn demo(options: pushgate::demo::DemoOptions) -> ExitCode {
         Err(code) => return code,
     };
     let config = options.config(SocketAddr::from(([127, 0, 0, 1], 0)), "unused");
-    pushgate::logging::init(&config.log);
+    match pushgate::Settings::new(config) {
+        Ok(settings) => pushgate::logging::init(&settings),
+        Err(err) => {
+            eprint!("pushgate demo: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
     let result = runtime.block_on(pushgate::demo::run(
         options,
         pushgate::shutdown::signal(),
@@ -154,7 +160,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn serve(config: pushgate::Config) -> ExitCode {
+fn serve(settings: pushgate::Settings) -> ExitCode {
     // One single-threaded runtime per core, each accepting on its own socket
     // (see Server::bind_sharded): measured faster than one work-stealing
     // runtime for proxying, since a request never changes threads.
@@ -164,7 +170,7 @@ fn serve(config: pushgate::Config) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime.block_on(async move {
-        pushgate::Server::bind_sharded(config, shards)
+        pushgate::Server::bind_sharded(settings, shards)
             .await?
             .run(pushgate::shutdown::signal())
             .await

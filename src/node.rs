@@ -13,7 +13,7 @@ use crate::auth::Auth;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::config::{Config, EngineKind};
+use crate::config::{EngineKind, Settings};
 use crate::error::Error;
 use crate::files;
 use crate::hub::Hub;
@@ -40,10 +40,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Builds the node's parts from a validated config; the hub has a lane
-    /// for each of `shards` threads. Starts the engine (its connection is
-    /// made lazily).
-    pub fn assemble(config: &Config, shards: usize) -> Result<Node, Error> {
+    /// Builds the node's parts from its settings; the hub has a lane for
+    /// each of `shards` threads. Starts the engine (its connection is made
+    /// lazily).
+    pub fn assemble(settings: &Settings, shards: usize) -> Result<Node, Error> {
+        let config = &settings.config;
         let drain = Drain::new();
         let hub = Arc::new(Hub::with_lanes(shards));
         // This node's name in presence, connection ids and orders.
@@ -83,7 +84,7 @@ impl Node {
         // limits.max_connections caps the connections apart. The idle
         // connections to the app are one pool per shard, shared by both.
         let budget = files::file_budget(config.upstream.pool_max_idle.saturating_mul(shards));
-        let app = app::app_client(config);
+        let app = app::app_client(settings);
         let (public_max, public_permits, app_files) = match config.limits.max_connections {
             0 => {
                 let files = Arc::new(Semaphore::new(budget));
@@ -97,13 +98,13 @@ impl Node {
         };
         let metrics = Arc::new(Metrics::default());
         let realtime = Arc::new(Realtime::new(
-            config,
+            settings,
             hub.clone(),
             broker.clone(),
             drain.clone(),
             metrics.realtime.clone(),
             name,
-            Auth::new(config, app.clone(), app_files.clone()),
+            Auth::new(settings, app.clone(), app_files.clone()),
         ));
         let orders = Arc::downgrade(&realtime);
         broker.on_orders(Arc::new(move |order| {
@@ -118,7 +119,7 @@ impl Node {
             realtime.clone(),
             metrics,
         ));
-        let proxy = Arc::new(Proxy::new(config, drain.clone(), app_files.clone(), app));
+        let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
 
         Ok(Node {
             hub,

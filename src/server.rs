@@ -52,7 +52,6 @@ macro_rules! write_through {
 
 mod head_deadline;
 mod read_ahead;
-pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -75,7 +74,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::api::Api;
 use crate::body::Body;
 use crate::broker::Broker;
-use crate::config::{Config, ConfigError};
+use crate::config::{FastPathsConfig, Settings};
 use crate::conn::ConnInfo;
 use crate::detach::{self, DetachHandle, Detachable};
 use crate::error::Error;
@@ -110,8 +109,8 @@ pub struct Server {
     /// What each shard of the public listener serves.
     realtime: Arc<Realtime>,
     proxy: Arc<Proxy>,
-    /// Kept for the shards' switches.
-    config: Config,
+    /// The shards' switches.
+    fast_paths: FastPathsConfig,
     shards: usize,
 }
 
@@ -198,11 +197,10 @@ async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> 
 }
 
 impl Server {
-    /// Validates `config`, binds both listeners and starts the engine.
-    /// `127.0.0.1:0` picks a free port; [`Server::local_addr`] and
-    /// [`Server::api_addr`] tell which.
-    pub async fn bind(config: Config) -> Result<Server, Error> {
-        Server::bind_sharded(config, 1).await
+    /// Binds both listeners and starts the engine. `127.0.0.1:0` picks a
+    /// free port; [`Server::local_addr`] and [`Server::api_addr`] tell which.
+    pub async fn bind(settings: Settings) -> Result<Server, Error> {
+        Server::bind_sharded(settings, 1).await
     }
 
     /// Like [`Server::bind`], serving the public listener from `shards`
@@ -213,13 +211,10 @@ impl Server {
     /// engine, the hub and the limits are shared. [`Server::run`] starts
     /// every shard as a thread of its own; the caller's runtime serves the
     /// API and the engine.
-    pub async fn bind_sharded(config: Config, shards: usize) -> Result<Server, Error> {
+    pub async fn bind_sharded(settings: Settings, shards: usize) -> Result<Server, Error> {
         let shards = shards.max(1);
         raise_open_file_limit();
-        let problems = config.validate();
-        if !problems.is_empty() {
-            return Err(ConfigError { problems }.into());
-        }
+        let config = &settings.config;
         let (public_tcp, public_addr) = if shards > 1 {
             let bind_error = |source| Error::Bind {
                 addr: config.listen,
@@ -233,13 +228,7 @@ impl Server {
         };
         let (api_tcp, api_addr) = bind_tcp(config.api.listen).await?;
 
-        let tls = match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => {
-                let tls = tls::server_config(cert, key).expect("validated TLS files");
-                Some(TlsAcceptor::from(tls))
-            }
-            _ => None,
-        };
+        let tls = settings.tls.clone().map(TlsAcceptor::from);
 
         let limits = &config.limits;
         let header_bytes = usize::try_from(limits.max_header_bytes.bytes()).unwrap_or(usize::MAX);
@@ -264,7 +253,7 @@ impl Server {
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX));
 
-        let node = Node::assemble(&config, shards)?;
+        let node = Node::assemble(&settings, shards)?;
         let Node {
             hub,
             broker,
@@ -310,7 +299,7 @@ impl Server {
             broker,
             realtime,
             proxy,
-            config,
+            fast_paths: config.fast_paths.clone(),
             shards,
         })
     }
@@ -347,7 +336,7 @@ impl Server {
             api,
             shared,
             grace,
-            config,
+            fast_paths,
             shards,
             hub,
             realtime,
@@ -378,7 +367,7 @@ impl Server {
             realtime,
             proxy,
             hub,
-            config,
+            fast_paths,
             shared: shared.clone(),
             finished: tokio_util::sync::CancellationToken::new(),
         };
@@ -428,7 +417,7 @@ struct Shard {
     realtime: Arc<Realtime>,
     proxy: Arc<Proxy>,
     hub: Arc<Hub>,
-    config: Config,
+    fast_paths: FastPathsConfig,
     shared: Arc<Shared>,
     /// Cancelled when the drain is over: the shards' runtimes may stop.
     finished: tokio_util::sync::CancellationToken,
@@ -456,7 +445,7 @@ impl Shard {
         let realtime = self.realtime.clone();
         let proxy = self.proxy.clone();
         let hub = self.hub.clone();
-        let config = self.config.clone();
+        let kept_timers = self.fast_paths.kept_timers;
         let shared = self.shared.clone();
         let finished = self.finished.clone();
         std::thread::Builder::new()
@@ -473,7 +462,7 @@ impl Shard {
                     }
                 };
                 // This thread runs this one runtime for its whole life.
-                if config.fast_paths.kept_timers {
+                if kept_timers {
                     crate::timer::keep_on_this_thread();
                 }
                 runtime.block_on(async move {

@@ -537,10 +537,10 @@ async fn channels_lists_local_subscribers() {
         "listen: 127.0.0.1:0\nupstream:\n  url: {}\napi:\n  listen: 127.0.0.1:0\n  keys: [{API_KEY}]\n",
         app.url()
     );
-    let mut config =
+    let mut settings =
         pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new()).unwrap();
-    common::switch_fast_paths(&mut config);
-    let server = pushgate::Server::bind(config).await.unwrap();
+    common::switch_fast_paths(&mut settings.config);
+    let server = pushgate::Server::bind(settings).await.unwrap();
     let hub = server.hub();
     let api = server.api_addr();
     tokio::spawn(server.run(std::future::pending()));

@@ -808,10 +808,10 @@ async fn sharded_listeners_all_serve_and_all_close() {
         "listen: 127.0.0.1:0\nupstream:\n  url: {}\napi:\n  listen: 127.0.0.1:0\n  keys: [k]\nauth:\n  mode: none\n",
         app.url()
     );
-    let mut config =
+    let mut settings =
         pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new()).unwrap();
-    common::switch_fast_paths(&mut config);
-    let server = pushgate::Server::bind_sharded(config, 3).await.unwrap();
+    common::switch_fast_paths(&mut settings.config);
+    let server = pushgate::Server::bind_sharded(settings, 3).await.unwrap();
     let addr = server.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(server.run(async move {

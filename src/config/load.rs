@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use super::{Config, ENV_PREFIX};
+use super::{Config, Settings, ENV_PREFIX};
 
 /// One thing wrong with the configuration, and how to put it right.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl ConfigError {
 /// Reads `path`, lays the `PUSHGATE_*` variables of `env` over it, and
 /// validates the result. `env` is injected (the binary passes
 /// `std::env::vars()`) so tests never touch the process environment.
-pub fn load<I, K, V>(path: &Path, env: I) -> Result<Config, ConfigError>
+pub fn load<I, K, V>(path: &Path, env: I) -> Result<Settings, ConfigError>
 where
     I: IntoIterator<Item = (K, V)>,
     K: Into<String>,
@@ -87,7 +87,7 @@ where
 }
 
 /// Like [`load`], from YAML text; `origin` names it in problems.
-pub fn from_yaml<I, K, V>(text: &str, origin: &str, env: I) -> Result<Config, ConfigError>
+pub fn from_yaml<I, K, V>(text: &str, origin: &str, env: I) -> Result<Settings, ConfigError>
 where
     I: IntoIterator<Item = (K, V)>,
     K: Into<String>,
@@ -152,22 +152,22 @@ where
         }
     };
     let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
-    problems.extend(
-        config
-            .validate_at(origin)
-            .into_iter()
-            .filter(|problem| !reported.contains(&problem.key))
-            .map(|mut problem| {
-                if let Some(env) = origins.get(&problem.key) {
-                    problem.origin = env.clone();
-                }
-                problem
-            }),
-    );
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError { problems })
+    match Settings::check(config, origin) {
+        Ok(settings) if problems.is_empty() => Ok(settings),
+        Ok(_) => Err(ConfigError { problems }),
+        Err(more) => {
+            problems.extend(
+                more.into_iter()
+                    .filter(|problem| !reported.contains(&problem.key))
+                    .map(|mut problem| {
+                        if let Some(env) = origins.get(&problem.key) {
+                            problem.origin = env.clone();
+                        }
+                        problem
+                    }),
+            );
+            Err(ConfigError { problems })
+        }
     }
 }
 

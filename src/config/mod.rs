@@ -1,5 +1,10 @@
-//! Configuration: serde structs with their defaults, loading, environment
-//! overrides and validation.
+//! Configuration: the document ([`Config`], serde structs with their
+//! defaults), how it is loaded, and the [`Settings`] a node runs on.
+//!
+//! This module is a leaf: it imports nothing from the parts that use it.
+//! The types settings are parsed into ([`Upstream`], [`OriginPattern`],
+//! [`JwtKey`], the TLS server config) live here, so each value is parsed
+//! once, while loading, and its problem is reported with the others.
 //!
 //! Loading happens in three steps so that a user sees every problem at once:
 //!
@@ -8,7 +13,8 @@
 //! 2. The tree is walked against the tree of defaults: a key the defaults do not
 //!    have is unknown, and every value is type-checked on its own, so one bad
 //!    value does not hide the next.
-//! 3. The typed [`Config`] is validated as a whole ([`Config::validate`]).
+//! 3. The typed [`Config`] is checked as a whole and its values parsed
+//!    ([`Settings::new`]).
 //!
 //! Every key that exists is documented in `config.example.yaml` at the root of
 //! the repository; a key is accepted only once the feature behind it exists.
@@ -19,15 +25,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-mod check;
+pub mod jwt;
 mod load;
+mod origin;
+mod settings;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 mod units;
+mod upstream;
 
+pub use jwt::JwtKey;
 pub use load::{from_yaml, load, ConfigError, Problem};
+pub use origin::OriginPattern;
+pub use settings::{AuthPaths, AuthSettings, Settings};
 use units::duration;
 pub use units::ByteSize;
+pub use upstream::Upstream;
 
 /// Public listener address when none is configured.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

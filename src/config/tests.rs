@@ -14,7 +14,7 @@ fn keys(err: &ConfigError) -> Vec<&str> {
 
 #[test]
 fn empty_file_gives_defaults() {
-    let config = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap();
+    let config = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap().config;
     assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
     assert_eq!(config.upstream.timeout, DEFAULT_UPSTREAM_TIMEOUT);
     assert_eq!(config.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
@@ -28,7 +28,7 @@ fn durations_and_sizes_read_the_human_way() {
         "test.yaml",
         NO_ENV,
     )
-    .unwrap();
+    .unwrap().config;
     assert_eq!(config.upstream.timeout, Duration::from_secs(2));
     assert_eq!(config.shutdown.grace, Duration::from_secs(90));
     assert_eq!(config.limits.max_header_bytes, ByteSize(64 * 1024));
@@ -106,7 +106,8 @@ fn environment_overrides_reach_their_keys() {
         "test.yaml",
         env,
     )
-    .unwrap();
+    .unwrap()
+    .config;
     assert_eq!(config.listen, "127.0.0.1:9999".parse().unwrap());
     assert_eq!(config.upstream.timeout, Duration::from_secs(3));
     assert_eq!(
@@ -120,7 +121,9 @@ fn environment_overrides_reach_their_keys() {
 #[test]
 fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
     let jwt = "auth:\n  mode: jwt\n  jwt:\n    secret: an-hs256-secret-of-at-least-32-bytes!\n";
-    let config = from_yaml(&format!("{KEYS}{jwt}"), "test.yaml", NO_ENV).unwrap();
+    let config = from_yaml(&format!("{KEYS}{jwt}"), "test.yaml", NO_ENV)
+        .unwrap()
+        .config;
     assert_eq!(config.auth.jwt.audience, None);
     assert_eq!(config.auth.jwt.issuer, None);
     let config = from_yaml(
@@ -128,7 +131,8 @@ fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
         "test.yaml",
         NO_ENV,
     )
-    .unwrap();
+    .unwrap()
+    .config;
     assert_eq!(config.auth.jwt.audience.as_deref(), Some("pushgate"));
     assert_eq!(
         config.auth.jwt.issuer.as_deref(),
@@ -145,7 +149,8 @@ fn the_jwt_audience_and_issuer_come_from_the_file_or_the_environment() {
         "test.yaml",
         env,
     )
-    .unwrap();
+    .unwrap()
+    .config;
     assert_eq!(config.auth.jwt.audience.as_deref(), Some("12345"));
     assert_eq!(
         config.auth.jwt.issuer.as_deref(),
@@ -225,7 +230,7 @@ fn the_example_config_has_every_key_at_its_default() {
         "config.example.yaml and the config structs disagree"
     );
 
-    let mut loaded = load(Path::new(path), NO_ENV).unwrap();
+    let mut loaded = load(Path::new(path), NO_ENV).unwrap().config;
     // The values that are not defaults, so the example runs as it is in
     // front of any local app: there is no default key, and the default
     // auth mode asks an app that may not answer auth requests.

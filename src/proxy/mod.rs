@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::app::streamed::{self, Answer, UploadBody, UploadFailure, UploadProgress};
 use crate::app::{Added, AppClient};
 use crate::body::{self, Body};
-use crate::config::Config;
+use crate::config::Settings;
 use crate::conn::ConnInfo;
 use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
@@ -67,18 +67,23 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config. Tunnels join `drain`;
-    /// requests to the app draw on `app_files` and go through `app` (see
-    /// [`app_client`]).
-    pub fn new(config: &Config, drain: Drain, app_files: Arc<Semaphore>, app: AppClient) -> Proxy {
+    /// Builds the proxy. Tunnels join `drain`; requests to the app draw on
+    /// `app_files` and go through `app` (see [`app_client`]).
+    pub fn new(
+        settings: &Settings,
+        drain: Drain,
+        app_files: Arc<Semaphore>,
+        app: AppClient,
+    ) -> Proxy {
+        let config = &settings.config;
         Proxy {
             app,
             lean_client: config.fast_paths.lean_client,
             timeout: config.upstream.timeout,
             body_timeout: config.limits.body_timeout,
             forwarding: Forwarding {
-                trusted_proxies: config.trusted_proxies(),
-                extra_untrusted: config.untrusted_headers(),
+                trusted_proxies: settings.trusted_proxies.clone(),
+                extra_untrusted: settings.untrusted_headers.clone(),
             },
             drain,
             app_files,

@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
 use crate::broker::Broker;
-use crate::config::{Config, RealtimeConfig};
+use crate::config::{OriginPattern, RealtimeConfig, Settings};
 use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::ApiError;
@@ -127,7 +127,7 @@ pub struct Realtime {
 
 impl Realtime {
     pub fn new(
-        config: &Config,
+        settings: &Settings,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
         drain: Drain,
@@ -135,11 +135,12 @@ impl Realtime {
         node: String,
         auth: Auth,
     ) -> Realtime {
+        let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
             prefix: config.realtime.prefix.clone(),
             config: config.realtime.clone(),
-            origins: Origins::new(&config.realtime.allowed_origins),
+            origins: Origins::new(settings.allowed_origins.clone()),
             auth,
             hub,
             broker,
@@ -406,88 +407,6 @@ impl Drop for IpSlot {
     }
 }
 
-/// One allowed origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OriginPattern {
-    /// `*`: any origin.
-    Any,
-    /// `https://app.example.com[:port]`, compared case-insensitively.
-    Exact(String),
-    /// `https://*.example.com[:port]`: any subdomain (not the domain itself).
-    Subdomains {
-        scheme: String,
-        suffix: String,
-        port: Option<String>,
-    },
-}
-
-impl OriginPattern {
-    pub fn parse(text: &str) -> Result<OriginPattern, String> {
-        if text == "*" {
-            return Ok(OriginPattern::Any);
-        }
-        let lower = text.to_ascii_lowercase();
-        let (scheme, rest) = lower
-            .split_once("://")
-            .ok_or_else(|| format!("`{text}` has no scheme"))?;
-        if scheme != "http" && scheme != "https" {
-            return Err(format!("`{text}`: the scheme must be http or https"));
-        }
-        if rest.is_empty() || rest.contains('/') || rest.contains('?') || rest.contains('#') {
-            return Err(format!(
-                "`{text}`: an origin is scheme://host[:port], without a path"
-            ));
-        }
-        if let Some(domain) = rest.strip_prefix("*.") {
-            let (host, port) = match domain.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port.to_owned())),
-                None => (domain, None),
-            };
-            if host.is_empty() || host.contains('*') {
-                return Err(format!("`{text}`: a wildcard is `*.` and a domain"));
-            }
-            return Ok(OriginPattern::Subdomains {
-                scheme: scheme.to_owned(),
-                suffix: format!(".{host}"),
-                port,
-            });
-        }
-        if rest.contains('*') {
-            return Err(format!(
-                "`{text}`: `*` may only start the host, as in *.example.com"
-            ));
-        }
-        Ok(OriginPattern::Exact(lower))
-    }
-
-    fn matches(&self, origin: &str) -> bool {
-        match self {
-            OriginPattern::Any => true,
-            OriginPattern::Exact(exact) => origin.eq_ignore_ascii_case(exact),
-            OriginPattern::Subdomains {
-                scheme,
-                suffix,
-                port,
-            } => {
-                let origin = origin.to_ascii_lowercase();
-                let Some(rest) = origin
-                    .strip_prefix(scheme.as_str())
-                    .and_then(|r| r.strip_prefix("://"))
-                else {
-                    return false;
-                };
-                let (host, origin_port) = match rest.rsplit_once(':') {
-                    Some((host, port)) => (host, Some(port)),
-                    None => (rest, None),
-                };
-                host.ends_with(suffix.as_str())
-                    && host.len() > suffix.len()
-                    && origin_port == port.as_deref()
-            }
-        }
-    }
-}
-
 /// The `realtime.allowed_origins` check, for WebSocket handshakes and CORS.
 #[derive(Debug, Clone)]
 pub struct Origins {
@@ -505,13 +424,8 @@ pub enum OriginCheck {
 }
 
 impl Origins {
-    pub fn new(allowed: &[String]) -> Origins {
-        Origins {
-            patterns: allowed
-                .iter()
-                .filter_map(|text| OriginPattern::parse(text).ok())
-                .collect(),
-        }
+    pub fn new(patterns: Vec<OriginPattern>) -> Origins {
+        Origins { patterns }
     }
 
     /// Checks the request's `Origin`. With no patterns configured only the

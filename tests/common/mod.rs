@@ -333,15 +333,15 @@ impl Pushgate {
         let extra: serde_yaml::Value = serde_yaml::from_str(extra).unwrap();
         merge(&mut tree, extra);
         let yaml = serde_yaml::to_string(&tree).unwrap();
-        let config =
+        let settings =
             pushgate::config::from_yaml(&yaml, "test.yaml", Vec::<(String, String)>::new())
                 .unwrap_or_else(|err| panic!("{err}"));
-        Self::start_config(config).await
+        Self::start_settings(settings).await
     }
 
-    pub async fn start_config(mut config: pushgate::Config) -> Pushgate {
-        switch_fast_paths(&mut config);
-        let server = pushgate::Server::bind(config).await.unwrap();
+    pub async fn start_settings(mut settings: pushgate::Settings) -> Pushgate {
+        switch_fast_paths(&mut settings.config);
+        let server = pushgate::Server::bind(settings).await.unwrap();
         let addr = server.local_addr();
         let api_addr = server.api_addr();
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,18 +1,138 @@
-//! The checks that need the whole config.
+//! Settings: the config checked as a whole, and every value in it that
+//! needs parsing, parsed once. The rest of pushgate runs on [`Settings`]
+//! and never parses a config string again.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
+use http::HeaderName;
+use ipnet::IpNet;
+use tracing_subscriber::filter::Directive;
+
+use super::jwt::JwtKey;
 use super::*;
 
-impl Config {
-    /// Checks that needs the whole config: each problem names the key and the
-    /// fix. An empty list means the config is good.
-    pub fn validate(&self) -> Vec<Problem> {
-        self.validate_at("config")
+/// What a node runs on. Made only by [`Settings::new`] (or by loading a
+/// file), so holding one means the config passed every check.
+pub struct Settings {
+    /// The document: the plain values (addresses, numbers, flags,
+    /// durations, sizes), as checked.
+    pub config: Config,
+    /// `upstream.url`.
+    pub upstream: Upstream,
+    /// `upstream.trusted_proxies`.
+    pub trusted_proxies: Vec<IpNet>,
+    /// `upstream.untrusted_headers`.
+    pub untrusted_headers: Vec<HeaderName>,
+    /// `tls.cert` and `tls.key`, loaded; `None` serves plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// `realtime.allowed_origins`.
+    pub allowed_origins: Vec<OriginPattern>,
+    /// `auth.mode` with what it needs.
+    pub auth: AuthSettings,
+    /// `auth.upstream.forward_headers`.
+    pub forward_headers: Vec<HeaderName>,
+    /// `log.level`.
+    pub log_directives: Vec<Directive>,
+}
+
+/// How realtime connections are authorized (`auth.mode`).
+pub enum AuthSettings {
+    None,
+    /// The app says, at these endpoints.
+    Upstream(AuthPaths),
+    /// A JWT, verified with this key.
+    Jwt(JwtKey),
+}
+
+/// `auth.upstream.path`, `refresh_path` and `subscribe_path`.
+#[derive(Debug, Clone)]
+pub struct AuthPaths {
+    pub check: PathAndQuery,
+    pub refresh: Option<PathAndQuery>,
+    pub subscribe: Option<PathAndQuery>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The document says it all; the parsed values are its parts, and
+        // keys have no business in a log line.
+        f.debug_struct("Settings")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Checks `config` as a whole and parses what needs parsing. The error
+    /// lists every problem, each with its key and fix.
+    pub fn new(config: Config) -> Result<Settings, ConfigError> {
+        Settings::check(config, "config").map_err(|problems| ConfigError { problems })
     }
 
-    pub(super) fn validate_at(&self, origin: &str) -> Vec<Problem> {
+    /// Like [`Settings::new`]; `origin` names where the config came from.
+    pub(super) fn check(config: Config, origin: &str) -> Result<Settings, Vec<Problem>> {
+        let parsed = config.parse(origin);
+        let auth = match config.auth.mode {
+            AuthMode::None => Some(AuthSettings::None),
+            AuthMode::Upstream => parsed.auth_paths.clone().map(AuthSettings::Upstream),
+            AuthMode::Jwt => parsed.jwt.clone().map(AuthSettings::Jwt),
+        };
+        let Parsed {
+            problems,
+            upstream,
+            trusted_proxies,
+            untrusted_headers,
+            tls,
+            allowed_origins,
+            auth_paths: _,
+            forward_headers,
+            jwt: _,
+            log_directives,
+        } = parsed;
+        match (upstream, auth, log_directives) {
+            (Some(upstream), Some(auth), Some(log_directives)) if problems.is_empty() => {
+                Ok(Settings {
+                    config,
+                    upstream,
+                    trusted_proxies,
+                    untrusted_headers,
+                    tls,
+                    allowed_origins,
+                    auth,
+                    forward_headers,
+                    log_directives,
+                })
+            }
+            // A value that did not parse left a problem behind.
+            _ => {
+                debug_assert!(!problems.is_empty(), "a value failed without a problem");
+                Err(problems)
+            }
+        }
+    }
+}
+
+/// What one pass over the config found: its problems, and the values that
+/// parsed (`None` where one did not).
+struct Parsed {
+    problems: Vec<Problem>,
+    upstream: Option<Upstream>,
+    trusted_proxies: Vec<IpNet>,
+    untrusted_headers: Vec<HeaderName>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    allowed_origins: Vec<OriginPattern>,
+    auth_paths: Option<AuthPaths>,
+    forward_headers: Vec<HeaderName>,
+    /// Loaded only when `auth.mode` is `jwt`.
+    jwt: Option<JwtKey>,
+    log_directives: Option<Vec<Directive>>,
+}
+
+impl Config {
+    fn parse(&self, origin: &str) -> Parsed {
         let mut problems = Vec::new();
         let mut problem = |key: &str, why: String, fix: &str| {
             problems.push(Problem {
@@ -23,13 +143,17 @@ impl Config {
             })
         };
 
-        if let Err(why) = crate::app::Upstream::parse(&self.upstream.url) {
-            problem(
-                "upstream.url",
-                why,
-                "write the app's address as http://host:port, e.g. http://127.0.0.1:3000",
-            );
-        }
+        let upstream = match Upstream::parse(&self.upstream.url) {
+            Ok(upstream) => Some(upstream),
+            Err(why) => {
+                problem(
+                    "upstream.url",
+                    why,
+                    "write the app's address as http://host:port, e.g. http://127.0.0.1:3000",
+                );
+                None
+            }
+        };
         if self.upstream.timeout.is_zero() {
             problem(
                 "upstream.timeout",
@@ -37,16 +161,19 @@ impl Config {
                 "use e.g. `30s`",
             );
         }
+        let mut trusted_proxies = Vec::new();
         for (index, entry) in self.upstream.trusted_proxies.iter().enumerate() {
-            if parse_network(entry).is_none() {
-                problem(
+            match parse_network(entry) {
+                Some(network) => trusted_proxies.push(network),
+                None => problem(
                     &format!("upstream.trusted_proxies[{index}]"),
                     format!("`{entry}` is not an IP address or CIDR network"),
                     "write an address such as 10.0.0.1 or a network such as 10.0.0.0/8",
-                );
+                ),
             }
         }
 
+        let mut untrusted_headers = Vec::new();
         for (index, name) in self.upstream.untrusted_headers.iter().enumerate() {
             let key = format!("upstream.untrusted_headers[{index}]");
             match http::HeaderName::from_bytes(name.trim().as_bytes()) {
@@ -65,10 +192,11 @@ impl Config {
                         "list only fields that claim the client's address or original URL",
                     )
                 }
-                Ok(_) => {}
+                Ok(field) => untrusted_headers.push(field),
             }
         }
 
+        let mut tls = None;
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => problem(
                 "tls.key",
@@ -80,11 +208,10 @@ impl Config {
                 "tls.key is set but tls.cert is not".into(),
                 "give both the certificate and its private key, or neither",
             ),
-            (Some(cert), Some(key)) => {
-                if let Err(err) = crate::server::tls::server_config(cert, key) {
-                    problem(err.key(), err.to_string(), err.fix());
-                }
-            }
+            (Some(cert), Some(key)) => match super::tls::server_config(cert, key) {
+                Ok(config) => tls = Some(config),
+                Err(err) => problem(err.key(), err.to_string(), err.fix()),
+            },
             (None, None) => {}
         }
 
@@ -325,13 +452,15 @@ impl Config {
                 "write a path such as /realtime: a leading slash, no trailing one",
             );
         }
+        let mut allowed_origins = Vec::new();
         for (index, origin) in realtime.allowed_origins.iter().enumerate() {
-            if let Err(why) = crate::transport::OriginPattern::parse(origin) {
-                problem(
+            match OriginPattern::parse(origin) {
+                Ok(pattern) => allowed_origins.push(pattern),
+                Err(why) => problem(
                     &format!("realtime.allowed_origins[{index}]"),
                     why,
                     "write scheme://host[:port], scheme://*.domain, or *",
-                );
+                ),
             }
         }
         for (key, value, max) in [
@@ -420,36 +549,51 @@ impl Config {
             );
         }
         let upstream_auth = &self.auth.upstream;
-        for (key, path) in [
-            ("auth.upstream.path", Some(&upstream_auth.path)),
-            (
-                "auth.upstream.refresh_path",
-                upstream_auth.refresh_path.as_ref(),
-            ),
-            (
-                "auth.upstream.subscribe_path",
-                upstream_auth.subscribe_path.as_ref(),
-            ),
-        ] {
-            let Some(path) = path else { continue };
-            let valid = path.starts_with('/')
-                && path.parse::<http::uri::PathAndQuery>().is_ok()
-                && !path.contains(['?', '#']);
-            if !valid {
+        let mut auth_path = |key: &str, path: &str| {
+            let parsed = path
+                .parse::<PathAndQuery>()
+                .ok()
+                .filter(|_| path.starts_with('/') && !path.contains(['?', '#']));
+            if parsed.is_none() {
                 problem(
                     key,
                     format!("`{path}` is not a path"),
                     "write an endpoint of the app as a path, e.g. /realtime/auth",
                 );
             }
-        }
+            parsed
+        };
+        let check = auth_path("auth.upstream.path", &upstream_auth.path);
+        let refresh = upstream_auth
+            .refresh_path
+            .as_ref()
+            .map(|path| auth_path("auth.upstream.refresh_path", path));
+        let subscribe = upstream_auth
+            .subscribe_path
+            .as_ref()
+            .map(|path| auth_path("auth.upstream.subscribe_path", path));
+        // `Some(None)` is an optional path given and bad.
+        let auth_paths = match (check, refresh, subscribe) {
+            (Some(check), refresh, subscribe)
+                if !matches!(refresh, Some(None)) && !matches!(subscribe, Some(None)) =>
+            {
+                Some(AuthPaths {
+                    check,
+                    refresh: refresh.flatten(),
+                    subscribe: subscribe.flatten(),
+                })
+            }
+            _ => None,
+        };
+        let mut forward_headers = Vec::new();
         for (index, name) in upstream_auth.forward_headers.iter().enumerate() {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                problem(
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(field) => forward_headers.push(field),
+                Err(_) => problem(
                     &format!("auth.upstream.forward_headers[{index}]"),
                     format!("`{name}` is not a header name"),
                     "list header names such as cookie or authorization",
-                );
+                ),
             }
         }
         if upstream_auth.timeout.is_zero() {
@@ -466,11 +610,16 @@ impl Config {
                 "use e.g. 10000",
             );
         }
-        if self.auth.mode == AuthMode::Jwt {
-            if let Err(err) = crate::auth::JwtKeys::load(&self.auth.jwt) {
-                problem(err.key, err.why, &err.fix);
-            }
-        }
+        let jwt = match self.auth.mode {
+            AuthMode::Jwt => match JwtKey::load(&self.auth.jwt) {
+                Ok(key) => Some(key),
+                Err(err) => {
+                    problem(err.key, err.why, &err.fix);
+                    None
+                }
+            },
+            AuthMode::None | AuthMode::Upstream => None,
+        };
         if self.auth.mode == AuthMode::None && !self.listen.ip().is_loopback() {
             problem(
                 "auth.mode",
@@ -482,35 +631,40 @@ impl Config {
             );
         }
 
-        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            problem(
-                "log.level",
-                format!("`{}` is not a log filter: {err}", self.log.level),
-                "use error, warn, info, debug or trace, or directives like pushgate=debug,hyper=info",
-            );
+        let log_directives = match log_directives(&self.log.level) {
+            Ok(directives) => Some(directives),
+            Err(err) => {
+                problem(
+                    "log.level",
+                    format!("`{}` is not a log filter: {err}", self.log.level),
+                    "use error, warn, info, debug or trace, or directives like pushgate=debug,hyper=info",
+                );
+                None
+            }
+        };
+        Parsed {
+            problems,
+            upstream,
+            trusted_proxies,
+            untrusted_headers,
+            tls,
+            allowed_origins,
+            auth_paths,
+            forward_headers,
+            jwt,
+            log_directives,
         }
-        problems
-    }
-
-    /// The trusted proxy networks, parsed. Call after validation.
-    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
-        self.upstream
-            .trusted_proxies
-            .iter()
-            .filter_map(|entry| parse_network(entry))
-            .collect()
     }
 }
 
-impl Config {
-    /// `upstream.untrusted_headers` as field names (validated).
-    pub fn untrusted_headers(&self) -> Vec<http::HeaderName> {
-        self.upstream
-            .untrusted_headers
-            .iter()
-            .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect()
-    }
+/// `log.level`'s comma-separated directives, as `EnvFilter` reads them.
+fn log_directives(level: &str) -> Result<Vec<Directive>, tracing_subscriber::filter::ParseError> {
+    level
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 fn parse_network(text: &str) -> Option<ipnet::IpNet> {
