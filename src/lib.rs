@@ -54,8 +54,14 @@
 //!     `{prefix}/client.js`.
 //! - [`auth`]: who a realtime connection is and which channels it may hear:
 //!   the app's answer (with a grant cache), a JWT, or `none` on loopback.
-//! - [`jwks`]: JWT verification keys from a JWKS document, fetched again
-//!   for an unknown `kid` at a bounded rate.
+//!   - `auth::grant`: what a connection is granted, and reading the app's
+//!     answer.
+//!   - `auth::app`: `auth.mode: upstream`, asking the app.
+//!   - `auth::cache`: grants by a keyed digest of the request that earned
+//!     them.
+//!   - `auth::jwt`: `auth.mode: jwt`, tokens verified in-process.
+//!   - `auth::jwks`: JWT verification keys from a JWKS document, fetched
+//!     again for an unknown `kid` at a bounded rate.
 //! - [`api`]: the publish/admin API on `api.listen`: publish, history,
 //!   channels, presence, disconnect, unsubscribe; health, readiness and
 //!   metrics.
@@ -122,7 +128,6 @@ pub mod error;
 pub mod files;
 pub mod headers;
 pub mod hub;
-pub mod jwks;
 pub mod logging;
 pub mod message;
 pub mod metrics;
