@@ -52,6 +52,12 @@
 //!     limit, and the API's disconnect and unsubscribe.
 //!   - `transport::client_js`: the browser client, served at
 //!     `{prefix}/client.js`.
+//!   - `transport::origin`: the `Origin` check, and CORS for SSE and
+//!     long-poll.
+//!   - `transport::opening`: how an HTTP realtime request opens: method,
+//!     Origin, channels and resume position from the query.
+//!   - `transport::pace`: pacing a connection's writes
+//!     (`realtime.coalesce_window`), and jitter for retries.
 //! - [`auth`]: who a realtime connection is and which channels it may hear:
 //!   the app's answer (with a grant cache), a JWT, or `none` on loopback.
 //!   - `auth::grant`: what a connection is granted, and reading the app's
