@@ -44,8 +44,10 @@
 //!   (origin, per-address limit, auth).
 //!   - `transport::session`: a session: the channels one connection hears,
 //!     its position in each and its outbox; replay, duplicates, resets.
-//!   - `transport::websocket`: WebSocket at `{prefix}/ws`: commands with
-//!     replies, envelopes, heartbeat.
+//!   - `transport::websocket`: WebSocket at `{prefix}/ws`: the handshake,
+//!     the connection's loop, heartbeat and closing.
+//!     - `transport::websocket::commands`: a text frame parsed once into a
+//!       typed command (`op` is the serde tag); replies and pushes.
 //!   - `transport::sse`: Server-Sent Events at `{prefix}/sse`.
 //!   - `transport::longpoll`: long-poll at `{prefix}/poll`.
 //!   - `transport::control`: reaching live sessions by user: the per-user

@@ -1,0 +1,451 @@
+//! The WebSocket protocol's commands and replies (docs/protocol.md,
+//! "Commands and replies"): a text frame parsed once into a [`Command`],
+//! and the JSON of replies and pushes.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::cursor::Position;
+use crate::error::ApiError;
+use crate::message::{ChannelName, Publication};
+
+/// A client command (docs/protocol.md, "Commands and replies"), parsed at
+/// the edge: nothing past [`parse_command`] looks at the JSON again.
+#[derive(Debug, PartialEq)]
+pub(super) enum Command {
+    Subscribe {
+        channel: ChannelName,
+        since: Option<Position>,
+    },
+    Unsubscribe {
+        channel: ChannelName,
+    },
+    Ping,
+    Refresh {
+        token: String,
+    },
+}
+
+/// Parses one text frame into a command, or the error to answer it with;
+/// either way with the id to answer under (null when the frame has no
+/// usable one). Any text gives one or the other: JSON nested deeper than
+/// serde_json's limit (128) is refused as `bad_json`, not recursed into.
+pub(super) fn parse_command(text: &str) -> (Id, Result<Command, ApiError>) {
+    let command = match serde_json::from_str::<Value>(text) {
+        Ok(command) => command,
+        Err(err) => {
+            let error = ApiError::bad_request("bad_json", format!("invalid JSON: {err}"));
+            return (Id::default(), Err(error));
+        }
+    };
+    let id = Id::of(text, &command);
+    if id.is_null() {
+        let error = ApiError::bad_request(
+            "bad_command",
+            "a command is {\"id\": <number or string>, \"op\": \"...\", ...}",
+        );
+        return (id, Err(error));
+    }
+    (id, command_from(&command))
+}
+
+/// A command as it arrives: `op` picks the variant. The fields are taken
+/// as any JSON, so that each missing or mistyped one is answered with its
+/// own error code (docs/protocol.md) rather than serde's message.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub(super) enum WireCommand {
+    Subscribe {
+        #[serde(default)]
+        channel: Option<Value>,
+        #[serde(default)]
+        since: Option<Value>,
+    },
+    Unsubscribe {
+        #[serde(default)]
+        channel: Option<Value>,
+    },
+    Ping {},
+    Refresh {
+        #[serde(default)]
+        token: Option<Value>,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+pub(super) fn command_from(command: &Value) -> Result<Command, ApiError> {
+    let no_op = || ApiError::bad_request("bad_command", "a command needs an \"op\"");
+    // Only the tag can fail: every field takes any JSON.
+    let wire = WireCommand::deserialize(command).map_err(|_| no_op())?;
+    match wire {
+        WireCommand::Subscribe { channel, since } => {
+            Ok(Command::Subscribe {
+                channel: channel_of(channel)?,
+                since: match since {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(text)) => Some(text.parse::<Position>().map_err(|err| {
+                        ApiError::bad_request(err.code(), format!("`since`: {err}"))
+                    })?),
+                    Some(_) => {
+                        return Err(ApiError::bad_request(
+                            "bad_position",
+                            "`since` is a position string, \"<epoch>:<offset>\"",
+                        ))
+                    }
+                },
+            })
+        }
+        WireCommand::Unsubscribe { channel } => Ok(Command::Unsubscribe {
+            channel: channel_of(channel)?,
+        }),
+        WireCommand::Ping {} => Ok(Command::Ping),
+        WireCommand::Refresh { token } => match token {
+            Some(Value::String(token)) => Ok(Command::Refresh { token }),
+            _ => Err(ApiError::bad_request(
+                "missing_token",
+                "`refresh` needs a \"token\"",
+            )),
+        },
+        WireCommand::Unknown => match command.get("op").and_then(Value::as_str) {
+            None | Some("") => Err(no_op()),
+            Some(other) => Err(ApiError::bad_request(
+                "unknown_op",
+                format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
+            )),
+        },
+    }
+}
+
+/// A command's `channel`, checked against the naming rules.
+pub(super) fn channel_of(channel: Option<Value>) -> Result<ChannelName, ApiError> {
+    let Some(Value::String(name)) = channel else {
+        return Err(ApiError::bad_request(
+            "missing_channel",
+            "name the channel: \"channel\": \"...\"",
+        ));
+    };
+    ChannelName::parse(&name)
+        .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
+}
+
+/// A command's result, and for a subscribe what to send after it.
+pub(super) struct Reply {
+    pub(super) result: Value,
+    pub(super) replay: Replay,
+}
+
+#[derive(Default)]
+pub(super) struct Replay {
+    /// A reset push to send: the channel and where it now stands.
+    pub(super) reset: Option<(ChannelName, Position)>,
+    pub(super) publications: Vec<Arc<Publication>>,
+    /// Channels a renewed grant no longer allows: `unsubscribed` pushes.
+    pub(super) left: Vec<ChannelName>,
+}
+
+impl Reply {
+    pub(super) fn plain(result: Value) -> Reply {
+        Reply {
+            result,
+            replay: Replay::default(),
+        }
+    }
+}
+
+/// A command's `id`, as JSON text to answer under: the client's number or
+/// string, else null.
+///
+/// A client matches a reply by the id it sent, so the id goes back exactly
+/// as written. An integer or a string survives serde_json's reading as it
+/// is; any other number is taken from the frame's text, because serde_json
+/// reads it only to a nearby f64 (off by an ulp or so) and the client would
+/// not recognise the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Id(pub(super) Box<str>);
+
+impl Default for Id {
+    fn default() -> Id {
+        Id("null".into())
+    }
+}
+
+impl Id {
+    /// The id of `command`, which was read from `text`.
+    pub(super) fn of(text: &str, command: &Value) -> Id {
+        match command.get("id") {
+            Some(Value::Number(number)) if number.is_f64() => {
+                /// The id's text, where the frame holds one `id`.
+                #[derive(serde::Deserialize)]
+                struct Written<'a> {
+                    #[serde(borrow)]
+                    id: &'a serde_json::value::RawValue,
+                }
+                let written = serde_json::from_str::<Written>(text)
+                    .map(|written| written.id.get().trim().into());
+                Id(written.unwrap_or_else(|_| number.to_string().into()))
+            }
+            Some(id @ (Value::Number(_) | Value::String(_))) => Id(id.to_string().into()),
+            _ => Id::default(),
+        }
+    }
+
+    pub(super) fn is_null(&self) -> bool {
+        &*self.0 == "null"
+    }
+}
+
+impl std::fmt::Display for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(super) fn result_reply(id: &Id, result: &Value) -> String {
+    format!(r#"{{"id":{id},"result":{result}}}"#)
+}
+
+pub(super) fn error_reply(id: &Id, error: &ApiError) -> String {
+    format!(r#"{{"id":{id},"error":{}}}"#, error.body())
+}
+
+pub(super) fn reset_push(channel: &ChannelName, position: Position) -> String {
+    json!({
+        "op": "reset",
+        "channel": channel,
+        "epoch": position.epoch,
+        "offset": position.offset,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+    use proptest::prelude::*;
+
+    /// Each shape of command is answered with the code docs/protocol.md
+    /// gives it: the op decides the variant, then each field its own error.
+    #[test]
+    fn each_malformed_command_has_its_own_code() {
+        for (frame, expected) in [
+            (r#"{"id":1}"#, Err("bad_command")),
+            (r#"{"id":1,"op":""}"#, Err("bad_command")),
+            (r#"{"id":1,"op":5}"#, Err("bad_command")),
+            (r#"{"id":1,"op":null}"#, Err("bad_command")),
+            (r#"[1,"subscribe"]"#, Err("bad_command")),
+            ("nonsense", Err("bad_json")),
+            (r#"{"id":1,"op":"fly"}"#, Err("unknown_op")),
+            (
+                r#"{"id":1,"op":"Subscribe","channel":"a"}"#,
+                Err("unknown_op"),
+            ),
+            (r#"{"id":1,"op":"subscribe"}"#, Err("missing_channel")),
+            (
+                r#"{"id":1,"op":"subscribe","channel":5}"#,
+                Err("missing_channel"),
+            ),
+            (
+                r#"{"id":1,"op":"subscribe","channel":"a b"}"#,
+                Err("bad_channel"),
+            ),
+            (
+                r#"{"id":1,"op":"subscribe","channel":"a","since":5}"#,
+                Err("bad_position"),
+            ),
+            (
+                r#"{"id":1,"op":"unsubscribe","channel":[]}"#,
+                Err("missing_channel"),
+            ),
+            (r#"{"id":1,"op":"refresh"}"#, Err("missing_token")),
+            (r#"{"id":1,"op":"refresh","token":7}"#, Err("missing_token")),
+            (
+                r#"{"id":1,"op":"subscribe","channel":"a","since":null}"#,
+                Ok("subscribe"),
+            ),
+            (
+                r#"{"id":1,"op":"subscribe","channel":"a","since":"e1:4"}"#,
+                Ok("subscribe"),
+            ),
+            (
+                r#"{"id":1,"op":"unsubscribe","channel":"a"}"#,
+                Ok("unsubscribe"),
+            ),
+            (r#"{"id":1,"op":"ping","extra":{"x":1}}"#, Ok("ping")),
+            (r#"{"op":"refresh","token":"t","id":"r"}"#, Ok("refresh")),
+        ] {
+            let got = match parse_command(frame).1 {
+                Ok(Command::Subscribe { .. }) => Ok("subscribe"),
+                Ok(Command::Unsubscribe { .. }) => Ok("unsubscribe"),
+                Ok(Command::Ping) => Ok("ping"),
+                Ok(Command::Refresh { .. }) => Ok("refresh"),
+                Err(error) => Err(error.code),
+            };
+            assert_eq!(got, expected, "{frame}");
+        }
+    }
+
+    #[test]
+    fn an_id_is_answered_exactly_as_written() {
+        for (text, id) in [
+            (
+                r#"{"id": 2.1631291219746346e-75, "op": "ping"}"#,
+                "2.1631291219746346e-75",
+            ),
+            (r#"{"id": 1.50, "op": "ping"}"#, "1.50"),
+            (r#"{"id": 1e400, "op": "ping"}"#, "null"),
+            (
+                r#"{"id": 18446744073709551616, "op": "ping"}"#,
+                "18446744073709551616",
+            ),
+            (r#"{"id": -7, "op": "ping"}"#, "-7"),
+            (r#"{"id": "a\u00e9\"", "op": "ping"}"#, r#""aé\"""#),
+            (r#"{"id": null, "op": "ping"}"#, "null"),
+            (r#"{"id": [1], "op": "ping"}"#, "null"),
+        ] {
+            let (got, _) = parse_command(text);
+            assert_eq!(&*got.0, id, "{text}");
+            let reply: Value = serde_json::from_str(&result_reply(&got, &json!({}))).unwrap();
+            assert_eq!(reply["result"], json!({}));
+        }
+    }
+
+    /// Nesting far past serde_json's limit is refused, not recursed into.
+    #[test]
+    fn deeply_nested_json_is_bad_json_not_a_stack_overflow() {
+        for depth in [129, 10_000, 1_000_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let text = format!(
+                    "{{\"id\": 1, \"op\": \"ping\", \"x\": {}0{}}}",
+                    open.repeat(depth),
+                    close.repeat(depth)
+                );
+                let (id, command) = parse_command(&text);
+                assert!(id.is_null());
+                let error = command.unwrap_err();
+                assert_eq!(error.code, "bad_json");
+                assert!(
+                    error.message.contains("recursion limit"),
+                    "{}",
+                    error.message
+                );
+            }
+        }
+    }
+
+    /// Any JSON value, as a command.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::from),
+            prop_oneof![
+                Just("subscribe"),
+                Just("unsubscribe"),
+                Just("ping"),
+                Just("refresh")
+            ]
+            .prop_map(Value::from),
+            "[a-z:]{1,8}:[0-9]{1,3}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("op".to_owned()),
+                        Just("channel".to_owned()),
+                        Just("since".to_owned()),
+                        Just("token".to_owned()),
+                        ".{0,6}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The rules a parsed frame follows, whatever it held.
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let (id, command) = parse_command(text);
+        let id: Value = serde_json::from_str(&id.0).expect("an id is JSON");
+        prop_assert!(id.is_null() || id.is_number() || id.is_string());
+        match command {
+            Ok(command) => {
+                let value: Value = serde_json::from_str(text).expect("a command is JSON");
+                prop_assert_eq!(&value["id"], &id);
+                let op = match &command {
+                    Command::Subscribe { channel, .. } | Command::Unsubscribe { channel } => {
+                        prop_assert_eq!(value["channel"].as_str(), Some(channel.as_str()));
+                        if let Command::Subscribe { .. } = command {
+                            "subscribe"
+                        } else {
+                            "unsubscribe"
+                        }
+                    }
+                    Command::Ping => "ping",
+                    Command::Refresh { token } => {
+                        prop_assert_eq!(value["token"].as_str(), Some(token.as_str()));
+                        "refresh"
+                    }
+                };
+                prop_assert_eq!(value["op"].as_str(), Some(op));
+            }
+            Err(error) => {
+                prop_assert_eq!(error.status, StatusCode::BAD_REQUEST);
+                prop_assert!(!error.message.is_empty());
+                prop_assert!(
+                    !id.is_null() || ["bad_json", "bad_command"].contains(&error.code),
+                    "a usable id is answered under it: {}",
+                    error.code
+                );
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any JSON value gives a command or an error to answer, never a
+        /// panic.
+        #[test]
+        fn any_json_value_is_a_command_or_an_error(value in json_value()) {
+            check(&value.to_string())?;
+        }
+
+        /// Any text, JSON or not, likewise.
+        #[test]
+        fn any_text_is_a_command_or_an_error(text in ".{0,64}") {
+            check(&text)?;
+        }
+
+        /// Every well-formed command parses to what it says.
+        #[test]
+        fn well_formed_commands_parse(
+            id in prop_oneof![any::<u32>().prop_map(Value::from), "[a-z0-9]{1,8}".prop_map(Value::from)],
+            channel in "[A-Za-z0-9_:.@=/-]{1,40}",
+            offset in any::<u64>(),
+        ) {
+            let subscribe = json!({"id": id, "op": "subscribe", "channel": channel, "since": format!("e1:{offset}")});
+            let (got, command) = parse_command(&subscribe.to_string());
+            prop_assert_eq!(&*got.0, id.to_string());
+            let command = command.expect("well formed");
+            prop_assert!(
+                matches!(&command, Command::Subscribe { channel: c, since: Some(p) } if c.as_str() == channel && p.offset == offset),
+                "{:?}", command
+            );
+            let unsubscribe = json!({"id": id, "op": "unsubscribe", "channel": channel});
+            let parsed = parse_command(&unsubscribe.to_string()).1;
+            prop_assert!(matches!(parsed, Ok(Command::Unsubscribe { .. })), "{:?}", parsed);
+        }
+    }
+}
