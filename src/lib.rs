@@ -32,6 +32,8 @@
 //!     for reusing them.
 //!   - `app::h1`: the lean HTTP/1.1 client for requests without a body
 //!     (most of them) and for the auth requests.
+//!     - `app::h1::tests`: body framing across any split, and the
+//!       response-head parser against every shape.
 //!   - `app::streamed`: uploads and upgrades, over hyper's HTTP/1 client on
 //!     the same pool.
 //! - [`conn`]: facts about a client connection, and the `X-Forwarded-For`
@@ -48,6 +50,8 @@
 //!     the connection's loop, heartbeat and closing.
 //!     - `transport::websocket::commands`: a text frame parsed once into a
 //!       typed command (`op` is the serde tag); replies and pushes.
+//!     - `transport::websocket::tests`: frames, handshakes and closes over
+//!       real sockets.
 //!   - `transport::sse`: Server-Sent Events at `{prefix}/sse`.
 //!   - `transport::longpoll`: long-poll at `{prefix}/poll`.
 //!   - `transport::control`: reaching live sessions by user: the per-user
@@ -73,17 +77,23 @@
 //! - [`api`]: the publish/admin API on `api.listen`: publish, history,
 //!   channels, presence, disconnect, unsubscribe; health, readiness and
 //!   metrics.
+//!   - `api::tests`: the JSON nesting scan, against a real parse.
 //! - [`broker`]: the engine behind channels, one `Broker` trait: numbering,
 //!   history, recovery, presence, and the bus between nodes.
+//!   - `broker::tests`: a publish's fingerprint is its JSON value's, written
+//!     any way.
 //!   - `broker::memory`: the in-memory engine, for one node.
 //!   - `broker::redis`: the Redis engine, for several nodes sharing one Redis
 //!     (or a Redis Cluster).
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
 //!   bounded outboxes, the lag policy, one lane per shard thread.
+//!   - `hub::tests`: fan-out, lanes, the lag policy and discards.
 //! - [`message`]: a publication and its per-transport encodings, made once.
 //! - [`names`]: channel and event names, checked once against the contract.
 //! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec:
 //!   any input is accepted or refused with a reason, never a panic.
+//!   - `cursor::tests`: the codec against any input, and the examples of
+//!     docs/protocol.md.
 //! - [`signal`]: the lock-free wake-up of the one task that serves a session.
 //! - [`timer`]: deadlines on timers a shard thread keeps and reuses.
 //! - [`config`]: the settings document: serde structs with `DEFAULT_*`

@@ -219,7 +219,7 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct FastPathsConfig {
     /// Requests without a body go to the app on pushgate's own HTTP/1.1
-    /// client (`app/h1.rs`); off: on hyper's, like uploads.
+    /// client (`app/h1/`); off: on hyper's, like uploads.
     pub lean_client: bool,
     /// An HTTP/1 SSE stream leaves hyper's connection after its head
     /// (`detach.rs`); off: it streams through hyper.
