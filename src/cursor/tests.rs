@@ -1,3 +1,6 @@
+//! Long by design: one test per rule of the cursor grammar (docs/protocol.md)
+//! and one property per promise of the codec.
+
 use super::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
