@@ -85,9 +85,13 @@
 //!   - `broker::memory`: the in-memory engine, for one node.
 //!   - `broker::redis`: the Redis engine, for several nodes sharing one Redis
 //!     (or a Redis Cluster).
+//! - [`channels`]: the channel rules (presence by prefix), and local
+//!   subscriptions counted across the hub and the engine, with one way out.
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
 //!   bounded outboxes, the lag policy, one lane per shard thread.
 //!   - `hub::tests`: fan-out, lanes, the lag policy and discards.
+//! - [`keyed`]: keyed digests (HMAC-SHA256 under a per-process random key)
+//!   for the API keys and the grant cache.
 //! - [`message`]: a publication and its per-transport encodings, made once.
 //! - [`names`]: channel and event names, checked once against the contract.
 //! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec:
@@ -137,6 +141,7 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod broker;
+pub mod channels;
 pub mod config;
 pub mod conn;
 pub mod cursor;
@@ -146,6 +151,7 @@ pub mod error;
 pub mod files;
 pub mod headers;
 pub mod hub;
+pub mod keyed;
 pub mod logging;
 pub mod message;
 pub mod metrics;

@@ -13,6 +13,7 @@ use crate::auth::Auth;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
+use crate::channels::{ChannelRules, Channels};
 use crate::config::{EngineKind, Settings};
 use crate::error::Error;
 use crate::files;
@@ -97,10 +98,14 @@ impl Node {
             ),
         };
         let metrics = Arc::new(Metrics::default());
-        let realtime = Arc::new(Realtime::new(
-            settings,
+        let channels = Arc::new(Channels::new(
             hub.clone(),
             broker.clone(),
+            ChannelRules::new(&config.channels),
+        ));
+        let realtime = Arc::new(Realtime::new(
+            settings,
+            channels.clone(),
             drain.clone(),
             metrics.realtime.clone(),
             name,
@@ -112,13 +117,7 @@ impl Node {
                 realtime.obey(order);
             }
         }));
-        let api = Arc::new(Api::new(
-            config,
-            broker.clone(),
-            hub.clone(),
-            realtime.clone(),
-            metrics,
-        ));
+        let api = Arc::new(Api::new(config, channels, realtime.clone(), metrics));
         let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
 
         Ok(Node {

@@ -7,7 +7,6 @@
 //! compared in constant time. `/healthz`, `/readyz` and `/metrics` are open,
 //! for probes and scrapers; they reveal counts, never names or data.
 
-use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +18,12 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
-use crate::broker::{Broker, BrokerError, Publish, PublishOutcome};
+use crate::broker::{BrokerError, Publish, PublishOutcome};
+use crate::channels::Channels;
 use crate::config::Config;
 use crate::cursor::Position;
 use crate::error::{json, json_bytes, ApiError};
-use crate::hub::Hub;
+use crate::keyed::KeyedDigest;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
 use crate::transport::Realtime;
@@ -44,13 +44,12 @@ pub const MAX_CHANNELS_LIMIT: usize = 100_000;
 
 /// The API's state.
 pub struct Api {
-    broker: Arc<dyn Broker>,
-    hub: Arc<Hub>,
+    channels: Arc<Channels>,
     realtime: Arc<Realtime>,
     metrics: Arc<Metrics>,
     /// The digests of `api.keys`; the keys themselves are not kept.
-    keys: Vec<[u8; 16]>,
-    key_digest: KeyDigest,
+    keys: Vec<[u8; 32]>,
+    key_digest: KeyedDigest,
     max_body: u64,
     body_timeout: Duration,
 }
@@ -58,21 +57,19 @@ pub struct Api {
 impl Api {
     pub fn new(
         config: &Config,
-        broker: Arc<dyn Broker>,
-        hub: Arc<Hub>,
+        channels: Arc<Channels>,
         realtime: Arc<Realtime>,
         metrics: Arc<Metrics>,
     ) -> Api {
-        let key_digest = KeyDigest::new();
+        let key_digest = KeyedDigest::random();
         let keys = config
             .api
             .keys
             .iter()
-            .map(|key| key_digest.digest(key.as_bytes()))
+            .map(|key| key_digest.of(key.as_bytes()))
             .collect();
         Api {
-            broker,
-            hub,
+            channels,
             realtime,
             metrics,
             keys,
@@ -166,11 +163,11 @@ impl Api {
         let Some(presented) = presented else {
             return Err(ApiError::unauthorized());
         };
-        // Keys are compared as 128-bit keyed digests: all of one length, so
+        // Keys are compared as 256-bit keyed digests: all of one length, so
         // the timing tells nothing of the keys' lengths, and every key is
         // checked in constant time, so it tells neither which key matched
         // nor how much of one did.
-        let digest = self.key_digest.digest(presented.as_bytes());
+        let digest = self.key_digest.of(presented.as_bytes());
         let matched = self
             .keys
             .iter()
@@ -185,7 +182,7 @@ impl Api {
     }
 
     async fn ready(&self) -> Response<Body> {
-        match self.broker.ready().await {
+        match self.channels.broker.ready().await {
             Ok(()) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
             Err(err) => json(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -195,9 +192,11 @@ impl Api {
     }
 
     fn metrics(&self) -> Response<Body> {
-        let text = self
-            .metrics
-            .render(self.broker.stats(), &self.hub, self.realtime.auth_stats());
+        let text = self.metrics.render(
+            self.channels.broker.stats(),
+            &self.channels.hub,
+            self.realtime.auth_stats(),
+        );
         let mut response = Response::new(crate::body::full(text));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -356,7 +355,7 @@ impl Api {
 
     async fn publish_one(&self, publish: Publish) -> Result<PublishOutcome, ApiError> {
         let channels = publish.channels.len();
-        match self.broker.publish(publish).await {
+        match self.channels.broker.publish(publish).await {
             Ok(outcome) => {
                 let kind = if outcome.duplicate {
                     metrics::PublishOutcome::Duplicate
@@ -432,7 +431,7 @@ impl Api {
             })
             .transpose()?;
         let limit = query.limit(DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)?;
-        let history = self.broker.history(&channel, since, limit).await?;
+        let history = self.channels.broker.history(&channel, since, limit).await?;
 
         // The envelopes are JSON already: splice them in, no re-encoding.
         let mut body = Vec::with_capacity(
@@ -465,7 +464,7 @@ impl Api {
     async fn presence(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
         let query = Query::parse(query, &["channel"])?;
         let channel = query.channel()?;
-        if !self.realtime.presence_mode(channel.as_str()).listed {
+        if !self.channels.rules().presence(channel.as_str()).listed {
             return Err(ApiError::bad_request(
                 "presence_disabled",
                 format!(
@@ -474,7 +473,7 @@ impl Api {
                 ),
             ));
         }
-        let members = self.broker.presence(&channel).await?;
+        let members = self.channels.broker.presence(&channel).await?;
         Ok(json(
             StatusCode::OK,
             &serde_json::json!({ "channel": channel, "presence": members }),
@@ -486,6 +485,7 @@ impl Api {
         let prefix = query.get("prefix").unwrap_or("");
         let limit = query.limit(DEFAULT_CHANNELS_LIMIT, MAX_CHANNELS_LIMIT)?;
         let matching: Vec<_> = self
+            .channels
             .hub
             .channels()
             .into_iter()
@@ -519,23 +519,6 @@ fn valid_user(user: &str) -> Result<&str, ApiError> {
         ));
     }
     Ok(user)
-}
-
-/// Two SipHash instances with keys random per process make a 128-bit digest
-/// an attacker can neither predict nor aim a collision at.
-struct KeyDigest(RandomState, RandomState);
-
-impl KeyDigest {
-    fn new() -> KeyDigest {
-        KeyDigest(RandomState::new(), RandomState::new())
-    }
-
-    fn digest(&self, key: &[u8]) -> [u8; 16] {
-        let mut digest = [0; 16];
-        digest[..8].copy_from_slice(&self.0.hash_one(key).to_le_bytes());
-        digest[8..].copy_from_slice(&self.1.hash_one(key).to_le_bytes());
-        digest
-    }
 }
 
 fn only_get<B>(request: &Request<B>) -> Result<(), ApiError> {

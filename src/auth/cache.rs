@@ -1,37 +1,28 @@
 //! Grants by a keyed digest of the auth request that earned them.
 
 use super::*;
+use crate::keyed::KeyedDigest;
 
 /// The cache key of one auth request.
 pub(super) type CacheKey = [u8; 32];
 
 /// Grants by a keyed digest of the auth request that earned them, bounded in
-/// size and age.
+/// size (quick_cache's S3-FIFO eviction) and age (each entry keeps its own
+/// deadline: `cache_ttl`, or the grant's `expires_in` if sooner).
 pub(super) struct GrantCache {
     pub(super) ttl: Duration,
-    pub(super) capacity: usize,
     /// Drawn at random for each process: keys cannot be computed, or
     /// collided on purpose, from outside.
-    pub(super) secret: ring::hmac::Key,
-    pub(super) inner: Mutex<CacheInner>,
-}
-
-#[derive(Default)]
-pub(super) struct CacheInner {
-    pub(super) grants: HashMap<CacheKey, (Grant, Instant)>,
-    /// Keys in insertion order: the oldest is evicted first.
-    pub(super) order: VecDeque<CacheKey>,
+    pub(super) secret: KeyedDigest,
+    pub(super) grants: quick_cache::sync::Cache<CacheKey, (Grant, Instant)>,
 }
 
 impl GrantCache {
     pub(super) fn new(capacity: usize, ttl: Duration) -> GrantCache {
-        let rng = ring::rand::SystemRandom::new();
         GrantCache {
             ttl,
-            capacity,
-            secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-                .expect("the system's random source works"),
-            inner: Mutex::default(),
+            secret: KeyedDigest::random(),
+            grants: quick_cache::sync::Cache::new(capacity.max(1)),
         }
     }
 
@@ -50,30 +41,25 @@ impl GrantCache {
     /// another. Whatever is added to the auth request goes through
     /// `credentials` and `body`, and so into the key.
     pub(super) fn key(&self, credentials: &Credentials, body: &[u8]) -> CacheKey {
-        let mut digest = ring::hmac::Context::with_key(&self.secret);
-        let mut part = |bytes: &[u8]| {
-            digest.update(&(bytes.len() as u64).to_be_bytes());
-            digest.update(bytes);
-        };
-        for (name, value) in &credentials.headers {
-            part(name.as_str().as_bytes());
-            part(value.as_bytes());
-        }
-        // A header name is never empty, so this marker ends the headers.
-        part(b"");
-        part(body);
-        let mut key = [0; 32];
-        key.copy_from_slice(digest.sign().as_ref());
-        key
+        let headers = credentials
+            .headers
+            .iter()
+            .flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]);
+        // A header name is never empty, so an empty part ends the headers.
+        self.secret.of_parts(headers.chain([&b""[..], body]))
     }
 
     pub(super) fn get(&self, key: &CacheKey) -> Option<Grant> {
         if self.ttl.is_zero() {
             return None;
         }
-        let inner = self.inner.lock().expect("grant cache lock");
-        let (grant, until) = inner.grants.get(key)?;
-        (Instant::now() < *until).then(|| grant.clone())
+        let (grant, until) = self.grants.get(key)?;
+        if Instant::now() < until {
+            Some(grant)
+        } else {
+            self.grants.remove(key);
+            None
+        }
     }
 
     pub(super) fn put(&self, key: CacheKey, grant: Grant) {
@@ -84,28 +70,11 @@ impl GrantCache {
         if let Some(expires) = grant.expires_at {
             until = until.min(expires);
         }
-        let mut inner = self.inner.lock().expect("grant cache lock");
-        if inner.grants.insert(key, (grant, until)).is_none() {
-            inner.order.push_back(key);
-        }
-        while inner.grants.len() > self.capacity {
-            let Some(oldest) = inner.order.pop_front() else {
-                break;
-            };
-            inner.grants.remove(&oldest);
-        }
-        // Keys replaced in place leave stale entries in `order`; keep it
-        // from outgrowing the map.
-        if inner.order.len() > 2 * self.capacity {
-            let CacheInner { grants, order } = &mut *inner;
-            order.retain(|key| grants.contains_key(key));
-        }
+        self.grants.insert(key, (grant, until));
     }
 
     pub(super) fn forget_user(&self, user: &str) {
-        let mut inner = self.inner.lock().expect("grant cache lock");
-        inner
-            .grants
+        self.grants
             .retain(|_, (grant, _)| grant.user.as_deref() != Some(user));
     }
 }
@@ -135,11 +104,31 @@ mod tests {
         assert_ne!(a, b);
         cache.put(a, grant("1"));
         cache.put(b, grant("2"));
-        cache.put(c, grant("3"));
-        assert!(cache.get(&a).is_none(), "the oldest was evicted");
-        assert_eq!(cache.get(&c).unwrap().user.as_deref(), Some("3"));
+        assert_eq!(cache.get(&a).unwrap().user.as_deref(), Some("1"));
+        assert_eq!(cache.get(&b).unwrap().user.as_deref(), Some("2"));
         cache.forget_user("2");
-        assert!(cache.get(&b).is_none());
+        assert!(cache.get(&b).is_none(), "a user's grants are forgotten");
+        assert_eq!(cache.get(&a).unwrap().user.as_deref(), Some("1"));
+
+        // Bounded: however many requests, at most `capacity` grants.
+        let bounded = GrantCache::new(100, Duration::from_secs(60));
+        for n in 0..10_000 {
+            bounded.put(
+                bounded.key(&credentials(&format!("s={n}")), b"{}"),
+                grant("u"),
+            );
+        }
+        assert!(bounded.grants.len() <= 100, "{}", bounded.grants.len());
+        bounded.put(c, grant("3"));
+        assert_eq!(bounded.get(&c).unwrap().user.as_deref(), Some("3"));
+
+        // A grant is served only until its own deadline.
+        let short = Grant {
+            expires_at: Some(Instant::now()),
+            ..grant("4")
+        };
+        cache.put(c, short);
+        assert!(cache.get(&c).is_none(), "an expired grant is not served");
 
         let off = GrantCache::new(2, Duration::ZERO);
         off.put(a, grant("1"));

@@ -22,7 +22,6 @@
 //! `auth.upstream.cache_size` entries. An answer with `Cache-Control:
 //! no-store` is not cached.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -8,9 +8,11 @@
 pub mod memory;
 pub mod redis;
 
+use std::hash::Hasher;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use fnv::FnvHasher;
 use serde::Serialize;
 
 use crate::cursor::{Epoch, Position};
@@ -45,7 +47,7 @@ impl Publish {
     /// (`1` is not `1.0`), while `1e2` and `100.0` are equal; of an
     /// object's repeated key the last counts.
     pub fn fingerprint(&self) -> u64 {
-        let mut hash = Fnv64::new();
+        let mut hash = FnvHasher::default();
         for channel in &self.channels {
             hash.write(channel.as_str().as_bytes());
             hash.write(b"\n");
@@ -77,7 +79,7 @@ impl Publish {
 /// text (plus sorting each object's keys).
 pub fn json_digest(json: &str) -> Option<u64> {
     enum Open {
-        Array(Fnv64),
+        Array(FnvHasher),
         Object {
             members: Vec<(String, u64)>,
             key: Option<String>,
@@ -93,7 +95,7 @@ pub fn json_digest(json: &str) -> Option<u64> {
         match done {
             Done::Digest(digest) => digest,
             Done::String(text) => {
-                let mut hash = Fnv64::new();
+                let mut hash = FnvHasher::default();
                 hash.write(b"s");
                 hash.write(&(text.len() as u64).to_le_bytes());
                 hash.write(text.as_bytes());
@@ -102,7 +104,7 @@ pub fn json_digest(json: &str) -> Option<u64> {
         }
     }
     fn scalar(tag: &[u8], text: &str) -> Done {
-        let mut hash = Fnv64::new();
+        let mut hash = FnvHasher::default();
         hash.write(tag);
         hash.write(text.as_bytes());
         Done::Digest(hash.finish())
@@ -132,7 +134,7 @@ pub fn json_digest(json: &str) -> Option<u64> {
                 continue;
             }
             b'[' => {
-                let mut hash = Fnv64::new();
+                let mut hash = FnvHasher::default();
                 hash.write(b"[");
                 stack.push(Open::Array(hash));
                 at += 1;
@@ -163,7 +165,7 @@ pub fn json_digest(json: &str) -> Option<u64> {
                 }
                 // Stable: of a repeated key, the last written stays last.
                 members.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut hash = Fnv64::new();
+                let mut hash = FnvHasher::default();
                 hash.write(b"{");
                 for (index, (key, digest)) in members.iter().enumerate() {
                     if members.get(index + 1).is_some_and(|next| next.0 == *key) {
@@ -210,25 +212,6 @@ pub fn json_digest(json: &str) -> Option<u64> {
         result
     } else {
         None
-    }
-}
-
-struct Fnv64(u64);
-
-impl Fnv64 {
-    fn new() -> Fnv64 {
-        Fnv64(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 

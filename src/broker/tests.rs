@@ -322,3 +322,19 @@ fn recovery_decisions() {
     assert_eq!(replay_from(at(e, 10), e, 10, 11), Some(11));
     assert_eq!(replay_from(at(e, 9), e, 10, 11), None);
 }
+/// Fingerprints are stored with idempotency keys and compared across
+/// nodes, so they are a format: these values were computed before the hash
+/// moved to the `fnv` crate, and must never change.
+#[test]
+fn fingerprints_are_a_stable_format() {
+    assert_eq!(
+        json_digest(r#"{"b":[1,2.5,"x"],"a":null}"#),
+        Some(1696741338303704484)
+    );
+    assert_eq!(json_digest("true"), Some(12903026897238407959));
+    assert_eq!(json_digest(r#""\u00e9""#), Some(17099416077135336752));
+    assert_eq!(
+        publish(r#"{"b":[1,2.5,"x"],"a":null}"#).fingerprint(),
+        4456016426446453499
+    );
+}

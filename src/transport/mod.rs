@@ -37,12 +37,12 @@ use hyper::body::Incoming;
 
 use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
-use crate::broker::Broker;
+use crate::channels::Channels;
 use crate::config::{OriginPattern, RealtimeConfig, Settings};
 use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::ApiError;
-use crate::hub::{Hub, QueueLimits};
+use crate::hub::QueueLimits;
 use crate::message::ChannelName;
 use crate::shutdown::Drain;
 
@@ -117,8 +117,8 @@ pub struct Realtime {
     config: RealtimeConfig,
     origins: Origins,
     auth: Auth,
-    hub: Arc<Hub>,
-    broker: Arc<dyn Broker>,
+    /// The hub, the engine and the channel rules.
+    channels: Arc<Channels>,
     queue: QueueLimits,
     drain: Drain,
     gauges: Arc<Gauges>,
@@ -128,15 +128,12 @@ pub struct Realtime {
     registry: Arc<control::Registry>,
     /// This node's name in presence entries and connection ids.
     node: String,
-    /// `channels` rules: presence and join/leave by prefix.
-    channel_rules: Vec<crate::config::ChannelRule>,
 }
 
 impl Realtime {
     pub fn new(
         settings: &Settings,
-        hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
+        channels: Arc<Channels>,
         drain: Drain,
         gauges: Arc<Gauges>,
         node: String,
@@ -149,8 +146,7 @@ impl Realtime {
             config: config.realtime.clone(),
             origins: Origins::new(settings.allowed_origins.clone()),
             auth,
-            hub,
-            broker,
+            channels,
             queue: QueueLimits {
                 messages: config.limits.queue_messages,
                 bytes: queue_bytes,
@@ -160,20 +156,7 @@ impl Realtime {
             per_ip: Mutex::default(),
             registry: control::Registry::new(config.limits.connections_per_user),
             node,
-            channel_rules: config.channels.clone(),
         }
-    }
-
-    /// What `channel` does about presence, from the `channels` rules.
-    pub fn presence_mode(&self, channel: &str) -> crate::broker::PresenceMode {
-        self.channel_rules
-            .iter()
-            .filter(|rule| channel.starts_with(rule.prefix.as_str()))
-            .max_by_key(|rule| rule.prefix.len())
-            .map_or_else(Default::default, |rule| crate::broker::PresenceMode {
-                listed: rule.presence,
-                announced: rule.join_leave,
-            })
     }
 
     /// Closes every realtime connection of `user` with `code` and `reason`,
@@ -186,7 +169,8 @@ impl Realtime {
         reason: &str,
     ) -> Result<usize, crate::broker::BrokerError> {
         let here = self.disconnect_here(user, code, reason);
-        self.broker
+        self.channels
+            .broker
             .broadcast(&crate::broker::Order::Disconnect {
                 user: user.to_owned(),
                 code,
@@ -204,7 +188,8 @@ impl Realtime {
         channel: &ChannelName,
     ) -> Result<usize, crate::broker::BrokerError> {
         let here = self.registry.unsubscribe(user, channel);
-        self.broker
+        self.channels
+            .broker
             .broadcast(&crate::broker::Order::Unsubscribe {
                 user: user.to_owned(),
                 channel: channel.to_string(),
@@ -354,6 +339,7 @@ impl Realtime {
             // This node counted its own; the engine counts across nodes.
             let connection = self.connection_id(registration.id);
             if !self
+                .channels
                 .broker
                 .claim_user_slot(user, &connection, per_user)
                 .await?
@@ -365,7 +351,7 @@ impl Realtime {
                 );
                 return Err(control::too_many_connections());
             }
-            let broker = self.broker.clone();
+            let broker = self.channels.broker.clone();
             let user = user.clone();
             registration.on_release(Box::new(move || {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -182,44 +182,23 @@ impl Session {
         }
 
         // Live first, then history: nothing published in between is lost.
-        // Every subscriber, not only the node's first, waits until the
-        // engine hears the channel: a second one arriving while the first
-        // one's engine subscription is under way would otherwise read
-        // history before publications reach the hub.
-        let realtime = &self.realtime;
-        realtime.hub.subscribe(&channel, &self.outbox);
-        if let Err(err) = realtime.broker.subscribe(&channel).await {
-            if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
-                realtime.broker.unsubscribe(&channel).await;
-            }
-            return Err(err.into());
-        }
+        // Until `keep`, any error below releases the subscription again.
+        let channels = &self.realtime.channels;
+        let joining = channels.join(&channel, &self.outbox).await?;
         // The history read below is the subscription's starting point:
         // what the hub was handed while the engine was getting ready (a
         // reset from the outage it was recovering from) is older than the
         // read, and would otherwise reset a position the read just gave.
-        realtime.hub.discard(&channel, &self.outbox);
+        channels.hub.discard(&channel, &self.outbox);
         // Without `since` only the position is wanted: a limit of 0 reads
         // no publications.
         let limit = if since.is_some() { usize::MAX } else { 0 };
-        let history = match realtime.broker.history(&channel, since, limit).await {
-            Ok(history) => history,
-            Err(err) => {
-                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
-                    realtime.broker.unsubscribe(&channel).await;
-                }
-                return Err(err.into());
-            }
-        };
-        let mode = realtime.presence_mode(channel.as_str());
+        let history = channels.broker.history(&channel, since, limit).await?;
+        let mode = channels.rules().presence(channel.as_str());
         if mode.any() {
-            if let Err(err) = realtime.broker.join(&channel, &self.member, mode).await {
-                if realtime.hub.unsubscribe(channel.as_str(), &self.outbox) {
-                    realtime.broker.unsubscribe(&channel).await;
-                }
-                return Err(err.into());
-            }
+            channels.broker.join(&channel, &self.member, mode).await?;
         }
+        joining.keep();
         // The replay runs up to the stream's end, so the subscription now
         // stands there whether it recovered or was reset.
         let position = history.position;
@@ -230,7 +209,7 @@ impl Session {
             self.subscriptions.reserve_exact(1);
         }
         self.subscriptions.push(Subscription { channel, position });
-        realtime.gauges.add_subscriptions(self.transport, 1);
+        self.realtime.gauges.add_subscriptions(self.transport, 1);
         Ok(Subscribed {
             recovered: history.recovered,
             position,
@@ -297,29 +276,13 @@ impl Session {
         refused
     }
 
-    /// Leaves the hub for `channel`; when this node has no subscriber left
-    /// the engine may stop listening, which is async and needs no answer.
+    /// Leaves `channel`: the hub at once, the engine (presence, and
+    /// listening when this was the node's last subscriber) on its own task.
     fn leave(&self, channel: ChannelName) {
-        let last = self
-            .realtime
-            .hub
-            .unsubscribe(channel.as_str(), &self.outbox);
-        let mode = self.realtime.presence_mode(channel.as_str());
-        if !last && !mode.any() {
-            return;
-        }
-        let broker = self.realtime.broker.clone();
-        let member = self.member.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if mode.any() {
-                    broker.leave(&channel, &member, mode).await;
-                }
-                if last {
-                    broker.unsubscribe(&channel).await;
-                }
-            });
-        }
+        let channels = &self.realtime.channels;
+        let mode = channels.rules().presence(channel.as_str());
+        let present = mode.any().then(|| (self.member.clone(), mode));
+        channels.release(&channel, &self.outbox, present);
     }
 
     /// Decides what to do with a publication from the outbox, and moves the
