@@ -77,6 +77,8 @@
 //! - [`api`]: the publish/admin API on `api.listen`: publish, history,
 //!   channels, presence, disconnect, unsubscribe; health, readiness and
 //!   metrics.
+//!   - `api::service`: the listener's tower layers: body limit, body
+//!     timeout, requests in flight, tracing.
 //!   - `api::tests`: the JSON nesting scan, against a real parse.
 //! - [`broker`]: the engine behind channels, one `Broker` trait: numbering,
 //!   history, recovery, presence, and the bus between nodes.

@@ -70,8 +70,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
-use crate::api::Api;
+use crate::api::{self, ApiService};
 use crate::body::Body;
 use crate::broker::Broker;
 use crate::config::{FastPathsConfig, Settings};
@@ -135,7 +136,8 @@ enum Handler {
         realtime: Arc<Realtime>,
         proxy: Arc<Proxy>,
     },
-    Api(Arc<Api>),
+    /// The API, behind its tower layers (`api::service`).
+    Api(ApiService),
 }
 
 /// A request's answer, as hyper's service wants it.
@@ -170,10 +172,7 @@ impl Handler {
                 Box::pin(async move { Ok(realtime.handle(request, conn).await) })
             }
             Handler::Public { proxy, .. } => Box::pin(proxy.forward(request, conn)),
-            Handler::Api(api) => {
-                let api = api.clone();
-                Box::pin(async move { Ok(api.handle(request).await) })
-            }
+            Handler::Api(service) => Box::pin(service.clone().oneshot(request)),
         }
     }
 }
@@ -285,7 +284,7 @@ impl Server {
                 max_connections: config.api.max_connections,
                 permits: Arc::new(Semaphore::new(config.api.max_connections)),
                 limit_key: "api.max_connections",
-                handler: Handler::Api(api),
+                handler: Handler::Api(api::service(api)),
             },
             shared: Arc::new(Shared {
                 http,

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
 use crate::broker::{BrokerError, Publish, PublishOutcome};
 use crate::channels::Channels;
 use crate::config::Config;
@@ -27,6 +27,9 @@ use crate::keyed::KeyedDigest;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
 use crate::transport::Realtime;
+
+mod service;
+pub use service::{service, ApiService};
 
 /// Most channels one publish may name.
 pub const MAX_CHANNELS_PER_PUBLISH: usize = 1_000;
@@ -52,6 +55,8 @@ pub struct Api {
     key_digest: KeyedDigest,
     max_body: u64,
     body_timeout: Duration,
+    /// Requests served at once (`api.max_connections`).
+    max_in_flight: usize,
 }
 
 impl Api {
@@ -76,36 +81,27 @@ impl Api {
             key_digest,
             max_body: config.api.max_body.bytes(),
             body_timeout: config.limits.body_timeout,
+            max_in_flight: config.api.max_connections,
         }
     }
 
     /// Answers one API request. Never fails: errors become JSON answers.
+    /// The listener serves it behind [`service`]'s layers.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
-        let started = std::time::Instant::now();
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let response = match self.route(request).await {
+        match self.route(request).await {
             Ok(response) => response,
             Err(err) => err.into_response(),
-        };
-        tracing::debug!(
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "api"
-        );
-        response
+        }
     }
 
     async fn route<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let path = request.uri().path();
         match path {
@@ -211,7 +207,7 @@ impl Api {
     async fn disconnect<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -266,7 +262,7 @@ impl Api {
     async fn unsubscribe<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -290,7 +286,7 @@ impl Api {
     async fn publish<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let result = self.publish_request(request).await;
         if let Err(err) = &result {
@@ -304,7 +300,7 @@ impl Api {
     async fn publish_request<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let body = self.json_body(request).await?;
         let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
@@ -379,7 +375,7 @@ impl Api {
     async fn json_body<B>(&self, request: Request<B>) -> Result<Bytes, ApiError>
     where
         B: http_body::Body<Data = Bytes> + Send,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
     {
         let is_json = request
             .headers()
@@ -390,33 +386,28 @@ impl Api {
         if !is_json {
             return Err(ApiError::not_json());
         }
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body) {
-            return Err(ApiError::body_too_large(self.max_body));
-        }
-        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        let reading = Limited::new(request.into_body(), limit).collect();
-        // The whole body is at most api.max_body: it gets one body_timeout.
-        let Ok(read) = tokio::time::timeout(self.body_timeout, reading).await else {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "the request body did not arrive within limits.body_timeout",
-            ));
-        };
-        match read {
+        // The listener's layers bound the body: its size (api.max_body) and
+        // each pause in it (limits.body_timeout); here their errors are
+        // answered.
+        match request.into_body().collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                Err(ApiError::body_too_large(self.max_body))
+            Err(err) => {
+                let err: BoxError = err.into();
+                if err.is::<http_body_util::LengthLimitError>() {
+                    Err(ApiError::body_too_large(self.max_body))
+                } else if err.is::<tower_http::timeout::TimeoutError>() {
+                    Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the request body paused longer than limits.body_timeout",
+                    ))
+                } else {
+                    Err(ApiError::bad_request(
+                        "bad_body",
+                        format!("the request body could not be read: {err}"),
+                    ))
+                }
             }
-            Err(err) => Err(ApiError::bad_request(
-                "bad_body",
-                format!("the request body could not be read: {err}"),
-            )),
         }
     }
 
