@@ -37,8 +37,6 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the upstream app closed the connection without a valid response")]
     UpstreamFailed(#[source] body::BoxError),
-    #[error("the upstream app accepted the upgrade but the tunnel could not be set up")]
-    UpgradeFailed,
     #[error("pushgate does not forward CONNECT requests")]
     ConnectRefused,
     /// A request pushgate could not forward exactly as the client framed
@@ -58,9 +56,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::UpstreamRefused(_)
-            | ProxyError::UpstreamFailed(_)
-            | ProxyError::UpgradeFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamRefused(_) | ProxyError::UpstreamFailed(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,

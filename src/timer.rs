@@ -98,6 +98,7 @@ impl Deadline {
     }
 
     /// When it resolves.
+    #[cfg(test)]
     pub fn deadline(&self) -> Instant {
         self.sleep.as_ref().expect(TAKEN_ON_DROP).deadline()
     }

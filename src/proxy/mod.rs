@@ -32,7 +32,7 @@ use crate::timer;
 
 mod request;
 
-pub use request::{remove_hop_by_hop, UNTRUSTED};
+pub use request::remove_hop_by_hop;
 
 use request::Forwarding;
 

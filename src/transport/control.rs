@@ -201,6 +201,7 @@ impl Registry {
     }
 
     /// Open sessions of `user`.
+    #[cfg(test)]
     pub fn sessions_of(&self, user: &str) -> usize {
         self.users
             .lock()

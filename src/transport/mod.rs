@@ -46,7 +46,7 @@ use crate::hub::QueueLimits;
 use crate::message::ChannelName;
 use crate::shutdown::Drain;
 
-pub use session::{Admit, Session, Subscribed};
+pub use session::{Admit, Session};
 
 /// The three transports, for gauges and the auth request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -329,11 +329,6 @@ impl Session {
         self.cursor.set(publication.channel(), next);
         verdict
     }
-
-    /// The channels and positions, for long-poll answers and tests.
-    pub fn positions(&self) -> impl Iterator<Item = (&ChannelName, Position)> {
-        self.subscriptions.iter().map(|s| (&s.channel, s.position))
-    }
 }
 
 impl Drop for Session {
