@@ -73,8 +73,11 @@
 //!       a cluster) and which failures mean a command never ran.
 //!     - `broker::redis::listener`: the pub/sub listener on one server:
 //!       subscribing, reconnecting, checking channels after an outage.
+//!     - `broker::redis::router`: a cluster's slot map, one command
+//!       connection per master, and which masters are down.
 //!     - `broker::redis::cluster`: the sharded pub/sub listener on a
-//!       cluster.
+//!       cluster: each channel subscribed on its slot's master, placed
+//!       again and checked after every topology event.
 //!     - `broker::redis::presence`: presence and connection places, kept
 //!       fresh.
 //!     - `broker::redis::url`: `engine.redis.url` and its CA file, checked.

@@ -4,25 +4,35 @@
 
 use redis::aio::ConnectionManager;
 use redis::{Client, Value};
-use tokio::sync::mpsc;
+use std::sync::Arc;
 
+use super::router::Router;
 use super::url::read_ca_file;
 use super::RedisOptions;
 use crate::broker::BrokerError;
 
-/// The connection commands go through: one server, or a Redis Cluster
-/// (commands routed by key slot).
+/// The connection a command goes through: the one server's, or the
+/// connection to the cluster master serving the command's slot; `Asking`
+/// sends each command after `ASKING`, in one write, for a slot that is
+/// being imported by that master.
 #[derive(Clone)]
 pub(super) enum Commands {
     Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Asking(ConnectionManager),
 }
 
 impl redis::aio::ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
             Commands::Single(conn) => conn.req_packed_command(cmd),
-            Commands::Cluster(conn) => conn.req_packed_command(cmd),
+            Commands::Asking(conn) => Box::pin(async move {
+                let mut pipeline = redis::pipe();
+                pipeline.cmd("ASKING").add_command(cmd.clone());
+                let mut replies = conn.req_packed_commands(&pipeline, 1, 1).await?;
+                replies.pop().ok_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no reply after ASKING"))
+                })
+            }),
         }
     }
 
@@ -33,91 +43,47 @@ impl redis::aio::ConnectionLike for Commands {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            Commands::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Commands::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Commands::Single(conn) | Commands::Asking(conn) => {
+                conn.req_packed_commands(pipeline, offset, count)
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Commands::Single(conn) => conn.get_db(),
-            Commands::Cluster(conn) => conn.get_db(),
+            Commands::Single(conn) | Commands::Asking(conn) => conn.get_db(),
         }
     }
 }
 
-/// Makes the command connection: a connection manager (lazy, reconnecting)
-/// for one server; a cluster connection, made on first use and remade after
-/// it failed, for a cluster.
+/// Where commands go: one server's connection manager (lazy,
+/// reconnecting), or a cluster's router (one such connection per master).
 pub(super) enum Connector {
     Single(ConnectionManager),
-    Cluster(Box<LazyCluster>),
+    Cluster(Arc<Router>),
 }
 
-pub(super) struct LazyCluster {
-    pub(super) client: redis::cluster::ClusterClient,
-    pub(super) conn: tokio::sync::Mutex<Option<redis::cluster_async::ClusterConnection>>,
-}
-
-impl Connector {
-    pub(super) async fn get(&self) -> redis::RedisResult<Commands> {
-        match self {
-            Connector::Single(manager) => Ok(Commands::Single(manager.clone())),
-            Connector::Cluster(lazy) => {
-                let mut conn = lazy.conn.lock().await;
-                if let Some(conn) = conn.as_ref() {
-                    return Ok(Commands::Cluster(conn.clone()));
-                }
-                let made = lazy.client.get_async_connection().await?;
-                *conn = Some(made.clone());
-                Ok(Commands::Cluster(made))
-            }
-        }
-    }
-}
-
-/// client whose pub/sub messages go there.
-pub(super) fn cluster_client(
-    options: &RedisOptions,
-    pushes: Option<mpsc::UnboundedSender<redis::PushInfo>>,
-) -> Result<redis::cluster::ClusterClient, String> {
-    if options.url.starts_with("rediss://") {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-    let mut builder = redis::cluster::ClusterClientBuilder::new(vec![options.url.as_str()])
-        .connection_timeout(options.connect_timeout)
-        .response_timeout(options.command_timeout)
-        .use_protocol(redis::ProtocolVersion::RESP3);
-    if let Some(file) = &options.tls_ca_file {
-        builder = builder.certs(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(read_ca_file(file)?),
-        });
-    }
-    if let Some(pushes) = pushes {
-        builder = builder.push_sender(pushes);
-    }
-    builder
-        .build()
-        .map_err(|err| format!("engine.redis.url: {err}"))
-}
-
-pub(super) fn client(options: &RedisOptions) -> Result<Client, String> {
-    if options.url.starts_with("rediss://") {
+/// A client for one server at `url`, with the configured CA.
+pub(super) fn client_for(options: &RedisOptions, url: &str) -> Result<Client, String> {
+    if url.starts_with("rediss://") {
         // rustls needs a process-wide provider; pushgate uses ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let client = match &options.tls_ca_file {
         Some(file) => Client::build_with_tls(
-            options.url.as_str(),
+            url,
             redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(read_ca_file(file)?),
             },
         ),
-        None => Client::open(options.url.as_str()),
+        None => Client::open(url),
     };
     client.map_err(|err| format!("engine.redis.url: {err}"))
+}
+
+pub(super) fn client(options: &RedisOptions) -> Result<Client, String> {
+    client_for(options, &options.url)
 }
 
 /// Server errors that refuse a command before it runs.

@@ -36,6 +36,11 @@ impl Keys {
         format!("{}:i:{key}", self.prefix)
     }
 
+    /// A key's claim in `channel`'s slot (on a cluster).
+    pub(super) fn claim_in(&self, channel: &str, key: &str) -> String {
+        format!("{}:{{{channel}}}:c:{key}", self.prefix)
+    }
+
     pub(super) fn pubsub(&self, channel: &str) -> String {
         format!("{}:{{{channel}}}", self.prefix)
     }

@@ -44,6 +44,7 @@ mod connection;
 mod keys;
 mod listener;
 mod presence;
+mod router;
 mod scripts;
 pub mod url;
 mod wire;
@@ -59,8 +60,9 @@ use redis::aio::ConnectionManager;
 use redis::{Client, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use self::connection::{client, cluster_client, failure, Commands, Connector, LazyCluster};
+use self::connection::{client, failure, Commands, Connector};
 use self::keys::Keys;
+use self::router::{routed, Router};
 use self::scripts::{
     parse_history_reply, parse_publish_reply, HISTORY_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT,
     PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
@@ -122,6 +124,8 @@ struct Stats {
     messages: AtomicU64,
     malformed: AtomicU64,
     resets: AtomicU64,
+    /// `sunsubscribe`s a cluster master sent unasked (a slot moved).
+    unsolicited_unsubscribes: AtomicU64,
 }
 
 /// What the node knows of a channel it listens to.
@@ -199,16 +203,8 @@ impl RedisBroker {
     /// the engine connects when it is, and reports unavailable until then.
     pub fn new(hub: Arc<Hub>, options: RedisOptions) -> Result<Arc<RedisBroker>, String> {
         let (conn, listen) = if options.cluster {
-            let (pushes, received) = mpsc::unbounded_channel();
-            let commands = cluster_client(&options, None)?;
-            let listening = cluster_client(&options, Some(pushes))?;
-            (
-                Connector::Cluster(Box::new(LazyCluster {
-                    client: commands,
-                    conn: tokio::sync::Mutex::new(None),
-                })),
-                Listen::Cluster(Box::new(listening), received),
-            )
+            let router = Arc::new(Router::new(&options));
+            (Connector::Cluster(router.clone()), Listen::Cluster(router))
         } else {
             let client = client(&options)?;
             let config = redis::aio::ConnectionManagerConfig::new()
@@ -256,11 +252,10 @@ impl RedisBroker {
                     .run(),
                 );
             }
-            Listen::Cluster(client, pushes) => {
+            Listen::Cluster(router) => {
                 tokio::spawn(cluster::cluster_listener(
                     Arc::downgrade(&shared),
-                    *client,
-                    pushes,
+                    router,
                     receiver,
                 ));
             }
@@ -274,14 +269,63 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Ready on a cluster: every master of the slot map answers PING, and
+    /// every local channel is subscribed where its slot lives and checked.
+    /// Otherwise the reason names the slots of the masters that are down.
+    async fn cluster_ready(&self, router: &Arc<Router>) -> Result<(), BrokerError> {
+        router.refresh(false).await;
+        let masters = router.map().masters();
+        if masters.is_empty() {
+            return Err(BrokerError::Unavailable(
+                "no Redis Cluster node answered CLUSTER SLOTS".into(),
+            ));
+        }
+        let timeout = self.shared.options.command_timeout;
+        futures_util::future::join_all(masters.iter().map(|(addr, _)| async move {
+            let answered = match router.node(addr) {
+                Ok(mut conn) => matches!(
+                    tokio::time::timeout(
+                        timeout,
+                        redis::cmd("PING").query_async::<String>(&mut conn)
+                    )
+                    .await,
+                    Ok(Ok(_))
+                ),
+                Err(_) => false,
+            };
+            router.reached(addr, answered);
+        }))
+        .await;
+        let down = router.down();
+        if !down.is_empty() {
+            return Err(BrokerError::Unavailable(format!(
+                "Redis Cluster masters are down for slots {}",
+                down.join(" ")
+            )));
+        }
+        if !self.shared.stats.pubsub_up.load(Ordering::Relaxed) {
+            return Err(BrokerError::Unavailable(
+                "the pub/sub connections to the Redis Cluster are not up yet".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How a node hears Redis: a dedicated pub/sub connection to one server, or
-/// a RESP3 cluster connection whose pushes arrive on a channel.
+/// one per cluster master (see `cluster`).
 enum Listen {
     Single(Box<Client>),
-    Cluster(
-        Box<redis::cluster::ClusterClient>,
-        mpsc::UnboundedReceiver<redis::PushInfo>,
-    ),
+    Cluster(Arc<Router>),
+}
+
+/// Which cluster master a command must reach: the one serving a key's
+/// slot, or any. One server takes every command.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    Key(&'a str),
+    Any,
 }
 
 impl Shared {
@@ -290,25 +334,31 @@ impl Shared {
     /// issued) is tried once more: the connection manager reconnects on a
     /// failure, so the first command after Redis came back would otherwise
     /// fail for nothing.
-    async fn run<T, F, Fut>(&self, may_write: bool, command: F) -> Result<T, BrokerError>
+    async fn run<T, F, Fut>(
+        &self,
+        route: Route<'_>,
+        may_write: bool,
+        command: F,
+    ) -> Result<T, BrokerError>
     where
         F: Fn(Commands) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.options.command_timeout;
-        let attempt = || async {
-            match self.conn.get().await {
-                Ok(conn) => command(conn).await,
-                Err(err) => Err(err),
+        let outcome = match &self.conn {
+            Connector::Single(manager) => {
+                let attempt = || command(Commands::Single(manager.clone()));
+                let mut outcome = tokio::time::timeout_at(deadline, attempt()).await;
+                if let Ok(Err(err)) = &outcome {
+                    if err.is_connection_refusal() {
+                        outcome = tokio::time::timeout_at(deadline, attempt()).await;
+                    }
+                }
+                outcome
             }
+            Connector::Cluster(router) => routed(router, route, deadline, &command).await,
         };
-        let mut outcome = tokio::time::timeout_at(deadline, attempt()).await;
-        if let Ok(Err(err)) = &outcome {
-            if err.is_connection_refusal() {
-                outcome = tokio::time::timeout_at(deadline, attempt()).await;
-            }
-        }
         let stats = &self.stats;
         stats.commands.fetch_add(1, Ordering::Relaxed);
         stats
@@ -368,9 +418,11 @@ impl Shared {
             .arg(self.publish_command);
         let invocation = &invocation;
         let value: Value = self
-            .run(true, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
+            .run(
+                Route::Key(&self.keys.meta(name)),
+                true,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
             .await?;
         let (epoch, offset, duplicate, seen) = parse_publish_reply(&value)
             .ok_or_else(|| BrokerError::OutcomeUnknown(format!("unexpected reply {value:?}")))?;
@@ -409,9 +461,11 @@ impl Shared {
         // The script may move the epoch; doing so twice is harmless.
         let invocation = &invocation;
         let value: Value = self
-            .run(false, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
+            .run(
+                Route::Key(&self.keys.meta(name)),
+                false,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
             .await?;
         let unexpected = || BrokerError::Unavailable(format!("unexpected history reply {value:?}"));
         let (epoch, top, len, payloads) = parse_history_reply(&value).ok_or_else(unexpected)?;
@@ -591,7 +645,7 @@ async fn keep_alive(shared: std::sync::Weak<Shared>) {
                 async move {
                     let meta = &meta;
                     shared
-                        .run(false, |mut conn| async move {
+                        .run(Route::Key(meta), false, |mut conn| async move {
                             redis::cmd("PEXPIRE")
                                 .arg(meta)
                                 .arg(ttl)
@@ -630,8 +684,16 @@ impl Broker for RedisBroker {
         if let Some(key) = &publish.idempotency_key {
             // Claim the key for this publish before anything is published:
             // a key reused for a different publish then publishes nothing.
+            // On a cluster the claim lives in the slot of the publish's
+            // least channel, so a master that is away fails only publishes
+            // to its own channels; a key reused for a publish to other
+            // channels is then caught per channel, by the publish script.
+            let claim_key = match (&shared.conn, publish.channels.iter().min()) {
+                (Connector::Cluster(_), Some(least)) => shared.keys.claim_in(least.as_str(), key),
+                _ => shared.keys.claim(key),
+            };
             let claim = redis::cmd("SET")
-                .arg(shared.keys.claim(key))
+                .arg(&claim_key)
                 .arg(&fingerprint)
                 .arg("NX")
                 .arg("GET")
@@ -640,7 +702,7 @@ impl Broker for RedisBroker {
                 .to_owned();
             let claim = &claim;
             let first: Option<String> = shared
-                .run(false, |mut conn| async move {
+                .run(Route::Key(&claim_key), false, |mut conn| async move {
                     claim.query_async(&mut conn).await
                 })
                 .await?;
@@ -782,9 +844,11 @@ impl Broker for RedisBroker {
             .arg(shared.publish_command);
         let invocation = &invocation;
         let left = shared
-            .run(false, |mut conn| async move {
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
+            .run(
+                Route::Key(&shared.keys.presence(channel.as_str())),
+                false,
+                |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await },
+            )
             .await;
         if let Err(err) = left {
             // The entry expires with presence_ttl, unrefreshed.
@@ -798,9 +862,11 @@ impl Broker for RedisBroker {
         invocation.key(shared.keys.presence(channel.as_str()));
         let invocation = &invocation;
         let entries: Vec<String> = shared
-            .run(false, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
+            .run(
+                Route::Key(&shared.keys.presence(channel.as_str())),
+                false,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
             .await?;
         let mut members: Vec<Member> = entries
             .iter()
@@ -817,7 +883,7 @@ impl Broker for RedisBroker {
         let channel = shared.keys.orders();
         let (channel, message) = (&channel, &message);
         let _receivers: i64 = shared
-            .run(false, |mut conn| async move {
+            .run(Route::Any, false, |mut conn| async move {
                 redis::cmd("PUBLISH")
                     .arg(channel)
                     .arg(message)
@@ -860,7 +926,7 @@ impl Broker for RedisBroker {
         let key = shared.keys.user(user);
         let (key, connection) = (&key, connection);
         let released = shared
-            .run(false, |mut conn| async move {
+            .run(Route::Key(key), false, |mut conn| async move {
                 redis::cmd("ZREM")
                     .arg(key)
                     .arg(connection)
@@ -875,9 +941,12 @@ impl Broker for RedisBroker {
     }
 
     async fn ready(&self) -> Result<(), BrokerError> {
+        if let Connector::Cluster(router) = &self.shared.conn {
+            return self.cluster_ready(router).await;
+        }
         let pong: String = self
             .shared
-            .run(false, |mut conn| async move {
+            .run(Route::Any, false, |mut conn| async move {
                 redis::cmd("PING").query_async(&mut conn).await
             })
             .await?;

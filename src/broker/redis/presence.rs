@@ -3,7 +3,7 @@
 
 use futures_util::StreamExt;
 
-use super::{millis, Shared, RESYNC_CONCURRENCY};
+use super::{millis, Route, Shared, RESYNC_CONCURRENCY};
 use crate::broker::BrokerError;
 use crate::message::ChannelName;
 
@@ -28,9 +28,11 @@ impl Shared {
             .arg(event)
             .arg(self.publish_command);
         let invocation = &invocation;
-        self.run(false, |mut conn| async move {
-            invocation.invoke_async::<i64>(&mut conn).await
-        })
+        self.run(
+            Route::Key(&self.keys.presence(channel)),
+            false,
+            |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await },
+        )
         .await
         .map(drop)
     }
@@ -49,9 +51,11 @@ impl Shared {
             .arg(millis(self.options.presence_ttl));
         let invocation = &invocation;
         let taken: i64 = self
-            .run(false, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
+            .run(
+                Route::Key(&self.keys.user(user)),
+                false,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
             .await?;
         Ok(taken == 1)
     }
