@@ -293,6 +293,20 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
                 total(&healthy_tally) > healthy + 20
             })
             .await;
+            // Readiness and metrics name the slots that are down.
+            let api = nodes[0].api;
+            wait_until_async(deadline, "/readyz to name the slots down", || async move {
+                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
+                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
+            })
+            .await;
+            let (_, metrics) = common::get(&format!("http://{api}/metrics")).await;
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with("pushgate_redis_shard_up{") && l.ends_with(" 0")),
+                "a shard is down in the metrics: {metrics}"
+            );
             tokio::task::block_in_place(|| {
                 if empty {
                     cluster.nodes[index].restart_empty();
@@ -371,9 +385,18 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
         refused_healthy.is_empty(),
         "seed {seed}: publishes to channels of healthy masters failed: {refused_healthy:?}"
     );
+    let mut unasked = 0;
+    for node in &nodes {
+        let (_, metrics) = common::get(&format!("http://{}/metrics", node.api)).await;
+        unasked += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pushgate_redis_unsolicited_unsubscribes_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
     let lost_any = lost.values().any(|l: &HashSet<String>| !l.is_empty());
     eprintln!(
-        "cluster fault {fault:?}, seed {seed}: {} refused on the faulty master, {resets} resets, data lost: {lost_any}",
+        "cluster fault {fault:?}, seed {seed}: {} refused on the faulty master, {resets} resets, data lost: {lost_any}, {unasked} unasked unsubscribes",
         faulty_tally.refused.load(Ordering::Relaxed)
     );
     if let Fault::Restart { empty: true } = fault {

@@ -7,7 +7,10 @@
 //! - `P:{c}:h`, a stream: recent publications, oldest first, contiguous up
 //!   to `top`; entry ids are Redis time, so `XTRIM MINID` trims by age.
 //! - `P:{c}:i:<key>`: an idempotency key's result on channel `c`.
-//! - `P:i:<key>`: the fingerprint of the publish that first used the key.
+//! - `P:i:<key>`: the fingerprint of the publish that first used the key;
+//!   on a cluster `P:{c}:c:<key>`, in the slot of the publish's least
+//!   channel `c`, so that no publish depends on a master none of its
+//!   channels lives on.
 //! - `P:{c}`: the pub/sub channel carrying `c`'s publications.
 //!
 //! Channel names cannot hold `{` or `}`, so the braces are a Redis Cluster
@@ -38,6 +41,13 @@
 //! A channel that Redis lost (restarted empty) comes back with a new epoch;
 //! a reader ahead of the stream (Redis restored an older snapshot) makes the
 //! read bump the epoch, so an offset is never reused silently.
+//!
+//! On a Redis Cluster each master is its own outage ([`router`] routes
+//! commands per master and tracks which are down; [`cluster`] listens on
+//! one connection per master): while one is away only its slots' channels
+//! answer 503, and after any topology event (the master back, a replica
+//! promoted, a slot moved) each affected channel is subscribed where its
+//! slot lives and checked against its stream the same way.
 
 mod cluster;
 mod connection;
@@ -373,16 +383,21 @@ impl Shared {
                 BrokerError::Unavailable("Redis did not answer in time".into())
             }),
         };
-        match &result {
-            Ok(_) => {
-                if !stats.up.swap(true, Ordering::Relaxed) {
-                    tracing::info!("engine: Redis is reachable");
+        if result.is_err() {
+            stats.command_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // On a cluster, reachability is per master (the router's).
+        if let Connector::Single(_) = self.conn {
+            match &result {
+                Ok(_) => {
+                    if !stats.up.swap(true, Ordering::Relaxed) {
+                        tracing::info!("engine: Redis is reachable");
+                    }
                 }
-            }
-            Err(err) => {
-                stats.command_errors.fetch_add(1, Ordering::Relaxed);
-                if stats.up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %err, "engine: Redis is unreachable");
+                Err(err) => {
+                    if stats.up.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %err, "engine: Redis is unreachable");
+                    }
                 }
             }
         }
@@ -970,7 +985,12 @@ impl Broker for RedisBroker {
             channels: self.shared.tracked.lock().expect("tracked lock").len() as u64,
             history_publications: 0,
             redis: Some(RedisStats {
-                up: stats.up.load(Ordering::Relaxed),
+                up: match &self.shared.conn {
+                    Connector::Cluster(router) => {
+                        !router.map().masters().is_empty() && router.down().is_empty()
+                    }
+                    Connector::Single(_) => stats.up.load(Ordering::Relaxed),
+                },
                 pubsub_up: stats.pubsub_up.load(Ordering::Relaxed),
                 reconnects: load(&stats.reconnects),
                 commands: load(&stats.commands),
@@ -979,6 +999,22 @@ impl Broker for RedisBroker {
                 messages: load(&stats.messages),
                 malformed: load(&stats.malformed),
                 resets: load(&stats.resets),
+                shards: match &self.shared.conn {
+                    Connector::Cluster(router) => {
+                        let down = router.down();
+                        router
+                            .map()
+                            .masters()
+                            .into_iter()
+                            .map(|(_, slots)| {
+                                let up = !down.contains(&slots);
+                                (slots, up)
+                            })
+                            .collect()
+                    }
+                    Connector::Single(_) => Vec::new(),
+                },
+                unsolicited_unsubscribes: load(&stats.unsolicited_unsubscribes),
             }),
         }
     }
