@@ -1,6 +1,7 @@
 //! Redis Cluster faults under publish load: a master killed and restarted
-//! (empty, and from its AOF), a master killed and its replica promoted, and
-//! slots of subscribed channels moved to another master. Two pushgate nodes
+//! (empty, and from its AOF), a master that hangs, a master killed and its
+//! replica promoted, and slots of subscribed channels moved to another
+//! master. Two pushgate nodes
 //! publish numbered streams on channels spread over every master, and a
 //! WebSocket and an SSE subscriber on each node hear every channel
 //! throughout. Each run checks that publishes to channels of healthy
@@ -44,6 +45,9 @@ enum Fault {
     FailOver,
     /// The slot of the first channel moves to the next master.
     Reshard,
+    /// The master of the first channels hangs (SIGSTOP: its connections
+    /// stay open, nothing answers), then goes on.
+    Hang,
 }
 
 async fn nodes(app: &Upstream, cluster: &RedisCluster) -> (Vec<Pushgate>, Vec<Node>) {
@@ -317,6 +321,25 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
             let cluster_ref = &cluster;
             tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
         }
+        Fault::Hang => {
+            let (refused, healthy) = (
+                faulty_tally.refused.load(Ordering::Relaxed),
+                total(&healthy_tally),
+            );
+            cluster.nodes[faulty_master].pause();
+            gate.send_replace(MESSAGES * 2 / 3);
+            wait_until(deadline, "a publish to meet the hang", || {
+                faulty_tally.refused.load(Ordering::Relaxed) > refused
+            })
+            .await;
+            wait_until(deadline, "healthy masters to go on publishing", || {
+                total(&healthy_tally) > healthy + 20
+            })
+            .await;
+            cluster.nodes[faulty_master].resume();
+            let cluster_ref = &cluster;
+            tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
+        }
         Fault::FailOver => {
             let refused = faulty_tally.refused.load(Ordering::Relaxed);
             let healthy = total(&healthy_tally);
@@ -424,4 +447,9 @@ async fn a_replica_promoted_under_load_leaves_no_silent_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_of_subscribed_channels_moved_under_load_leave_no_silent_gap() {
     run(RedisCluster::start(3), Fault::Reshard).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_hangs_under_load_fails_only_its_own_channels() {
+    run(RedisCluster::start(3), Fault::Hang).await;
 }

@@ -211,6 +211,26 @@ impl Redis {
         }
     }
 
+    /// Stops the server without closing anything (SIGSTOP): connections
+    /// stay open and nothing answers, as a hung host.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {which} {pid} failed");
+    }
+
     /// Starts the server again on the same port, with whatever its
     /// arguments keep on disk.
     pub fn restart(&mut self) {

@@ -17,6 +17,12 @@
 //! Every reply to a subscription command is checked: a connection whose
 //! replies no longer match its requests (an unasked `sunsubscribe` taken
 //! for the reply to a request) is dropped, and its channels placed again.
+//!
+//! The task never waits on a master that may not answer: connections are
+//! made, and idle connections pinged, by tasks of their own that report
+//! back, so a master that hangs (no reset, no answer) delays nothing of the
+//! others. A subscriber whose channel's master has no connection yet waits
+//! for it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -75,7 +81,19 @@ struct Listener {
     /// Tracked channels subscribed nowhere now.
     homeless: HashSet<ChannelName>,
     next_id: u64,
+    /// Connections being made, by the id they will have; and where each
+    /// reports.
+    connecting: HashSet<u64>,
+    connected: mpsc::UnboundedSender<Connected>,
+    /// Subscribers waiting for their channel's master to be connected, by
+    /// master address.
+    waiting: HashMap<String, Vec<(ChannelName, Reply)>>,
 }
+
+type Reply = tokio::sync::oneshot::Sender<Result<(), BrokerError>>;
+
+/// A connection attempt's outcome: its id, and the connection or why not.
+type Connected = (u64, Result<MultiplexedConnection, String>);
 
 pub(super) async fn cluster_listener(
     shared: Weak<Shared>,
@@ -83,6 +101,7 @@ pub(super) async fn cluster_listener(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let (pushes, mut received) = mpsc::unbounded_channel();
+    let (connected, mut made) = mpsc::unbounded_channel();
     let mut listener = Listener {
         shared,
         router,
@@ -92,6 +111,9 @@ pub(super) async fn cluster_listener(
         orders: None,
         homeless: HashSet::new(),
         next_id: 0,
+        connecting: HashSet::new(),
+        connected,
+        waiting: HashMap::new(),
     };
     let mut replace = tokio::time::interval(REPLACE_EVERY);
     replace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,9 +135,13 @@ pub(super) async fn cluster_listener(
                 let Some(command) = command else { return };
                 listener.apply(&shared, command).await;
             }
+            connected = made.recv() => {
+                let Some((id, outcome)) = connected else { return };
+                listener.on_connected(&shared, id, outcome).await;
+            }
             _ = replace.tick() => listener.repair(&shared).await,
             _ = topology.tick() => listener.follow_topology(&shared).await,
-            _ = ping.tick() => listener.ping(&shared).await,
+            _ = ping.tick() => listener.ping(&shared),
         }
         listener.report(&shared);
     }
@@ -249,30 +275,23 @@ impl Listener {
                         .is_some_and(|state| state.live)
                 };
                 // Commands run in order: a channel tracked already is live,
-                // or homeless (then placed now, or refused).
-                let outcome = if !fresh && live() {
-                    Ok(())
-                } else {
-                    self.homeless.remove(&channel);
-                    self.place(shared, &channel).await
-                };
-                if let Err(why) = &outcome {
-                    if fresh {
-                        shared
-                            .tracked
-                            .lock()
-                            .expect("tracked lock")
-                            .remove(channel.as_str());
-                    } else {
-                        self.homeless.insert(channel.clone());
-                    }
-                    tracing::debug!(%channel, error = %why, "engine: could not subscribe on the Redis Cluster");
+                // or homeless (then placed now, or refused), or waiting for
+                // its master's connection (then this subscriber waits too).
+                if !fresh && live() {
+                    let _ = reply.send(Ok(()));
+                    return;
                 }
-                let _ = reply.send(outcome.map_err(|why| {
-                    BrokerError::Unavailable(format!(
-                        "the Redis Cluster master of this channel is unavailable: {why}"
-                    ))
-                }));
+                self.homeless.remove(&channel);
+                match self.master_of(shared, &channel).await {
+                    Some(addr) if !self.shards.contains_key(&addr) => {
+                        self.connect(shared, Some(addr.clone()));
+                        self.waiting.entry(addr).or_default().push((channel, reply));
+                    }
+                    _ => {
+                        let outcome = self.place(shared, &channel).await;
+                        self.answer(shared, channel, fresh, reply, outcome);
+                    }
+                }
             }
             Command::Unsubscribe(channel) => {
                 let gone = !shared.hub.has_subscribers(channel.as_str())
@@ -297,22 +316,58 @@ impl Listener {
         }
     }
 
+    /// Answers a subscriber; a channel that could not be placed is
+    /// forgotten when it was new here, or waits as homeless.
+    fn answer(
+        &mut self,
+        shared: &Shared,
+        channel: ChannelName,
+        fresh: bool,
+        reply: Reply,
+        outcome: Result<(), String>,
+    ) {
+        if let Err(why) = &outcome {
+            if fresh && !shared.hub.has_subscribers(channel.as_str()) {
+                shared
+                    .tracked
+                    .lock()
+                    .expect("tracked lock")
+                    .remove(channel.as_str());
+            } else {
+                self.make_homeless(shared, channel.clone());
+            }
+            tracing::debug!(%channel, error = %why, "engine: could not subscribe on the Redis Cluster");
+        }
+        let _ = reply.send(outcome.map_err(|why| {
+            BrokerError::Unavailable(format!(
+                "the Redis Cluster master of this channel is unavailable: {why}"
+            ))
+        }));
+    }
+
+    /// The address of the master serving a channel's slot, reading the
+    /// slot map first if it names none.
+    async fn master_of(&self, shared: &Shared, channel: &ChannelName) -> Option<String> {
+        let slot = slot(&shared.keys.pubsub(channel.as_str()));
+        if self.router.map().master(slot).is_none() {
+            self.router.refresh(false).await;
+        }
+        self.router.map().master(slot).map(str::to_owned)
+    }
+
     /// Subscribes a channel on the master serving its slot and checks it
     /// against its stream; live once both succeeded.
     async fn place(&mut self, shared: &Shared, channel: &ChannelName) -> Result<(), String> {
         let name = shared.keys.pubsub(channel.as_str());
-        let slot = slot(&name);
-        let mut map = self.router.map();
-        if map.master(slot).is_none() {
-            self.router.refresh(false).await;
-            map = self.router.map();
-        }
-        let addr = map
-            .master(slot)
-            .ok_or("no master is known for its slot")?
-            .to_owned();
+        let addr = self
+            .master_of(shared, channel)
+            .await
+            .ok_or("no master is known for its slot")?;
         let timeout = shared.options.command_timeout;
-        let mut conn = self.shard(shared, &addr).await?;
+        let Some(mut conn) = self.shards.get(&addr).map(|shard| shard.conn.clone()) else {
+            self.connect(shared, Some(addr));
+            return Err("its master is not connected yet".into());
+        };
         let reply = tokio::time::timeout(
             timeout,
             redis::cmd("SSUBSCRIBE")
@@ -382,45 +437,38 @@ impl Listener {
         }
     }
 
-    /// The pub/sub connection to the master at `addr`, made if needed.
-    async fn shard(
-        &mut self,
-        shared: &Shared,
-        addr: &str,
-    ) -> Result<MultiplexedConnection, String> {
-        if let Some(shard) = self.shards.get(addr) {
-            return Ok(shard.conn.clone());
+    /// Starts connecting to the master at `addr` (`None`: any master, for
+    /// the orders connection) unless that is under way; the outcome comes
+    /// back through `connected`.
+    fn connect(&mut self, shared: &Shared, owner: Option<String>) {
+        let busy = self
+            .connecting
+            .iter()
+            .any(|id| self.ids.get(id) == Some(&owner));
+        if busy {
+            return;
         }
-        let id = self.connection_id(Some(addr.to_owned()));
-        let conn = self.connect(shared, addr, id).await.inspect_err(|_| {
-            self.ids.remove(&id);
-        })?;
-        self.shards.insert(
-            addr.to_owned(),
-            Shard {
-                id,
-                conn: conn.clone(),
-                channels: HashSet::new(),
-                solicited: HashMap::new(),
-            },
-        );
-        Ok(conn)
-    }
-
-    fn connection_id(&mut self, owner: Option<String>) -> u64 {
+        let addr = match &owner {
+            Some(addr) => addr.clone(),
+            None => {
+                // The orders connection goes to a master that answers.
+                let unreachable = self.router.down();
+                let masters = self.router.map().masters();
+                match masters
+                    .iter()
+                    .find(|(_, slots)| !unreachable.contains(slots))
+                    .or(masters.first())
+                {
+                    Some((addr, _)) => addr.clone(),
+                    None => return,
+                }
+            }
+        };
         self.next_id += 1;
-        self.ids.insert(self.next_id, owner);
-        self.next_id
-    }
-
-    async fn connect(
-        &self,
-        shared: &Shared,
-        addr: &str,
-        id: u64,
-    ) -> Result<MultiplexedConnection, String> {
+        let id = self.next_id;
+        self.ids.insert(id, owner);
+        self.connecting.insert(id);
         let options = self.router.options();
-        let client = super::connection::client_for(options, &node_url(&options.url, addr, true))?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(shared.options.command_timeout))
@@ -428,17 +476,94 @@ impl Listener {
                 id,
                 pushes: self.pushes.clone(),
             });
-        client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|err| err.to_string())
+        let client = super::connection::client_for(options, &node_url(&options.url, &addr, true));
+        let (orders, timeout) = (shared.keys.orders(), shared.options.command_timeout);
+        let is_orders = self.ids.get(&id) == Some(&None);
+        let connected = self.connected.clone();
+        tokio::spawn(async move {
+            let outcome = async {
+                let mut conn = client?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                if is_orders {
+                    tokio::time::timeout(timeout, conn.subscribe(orders))
+                        .await
+                        .map_err(|_| "SUBSCRIBE was not answered in time".to_owned())?
+                        .map_err(|err| err.to_string())?;
+                }
+                Ok(conn)
+            }
+            .await;
+            let _ = connected.send((id, outcome));
+        });
+    }
+
+    /// A connection attempt ended: the connection is taken, and the
+    /// channels waiting for it placed (or their subscribers refused).
+    async fn on_connected(
+        &mut self,
+        shared: &Shared,
+        id: u64,
+        outcome: Result<MultiplexedConnection, String>,
+    ) {
+        self.connecting.remove(&id);
+        let Some(owner) = self.ids.get(&id).cloned() else {
+            return;
+        };
+        let conn = match outcome {
+            Ok(conn) => conn,
+            Err(why) => {
+                self.ids.remove(&id);
+                tracing::debug!(master = ?owner, error = %why, "engine: could not connect to a Redis Cluster master");
+                if let Some(addr) = owner {
+                    for (channel, reply) in self.waiting.remove(&addr).unwrap_or_default() {
+                        let fresh = !shared.hub.has_subscribers(channel.as_str());
+                        self.answer(shared, channel, fresh, reply, Err(why.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        let Some(addr) = owner else {
+            self.orders = Some(conn);
+            return;
+        };
+        if let Some(old) = self.shards.remove(&addr) {
+            self.ids.remove(&old.id);
+        }
+        self.shards.insert(
+            addr.clone(),
+            Shard {
+                id,
+                conn,
+                channels: HashSet::new(),
+                solicited: HashMap::new(),
+            },
+        );
+        for (channel, reply) in self.waiting.remove(&addr).unwrap_or_default() {
+            let live = shared
+                .tracked
+                .lock()
+                .expect("tracked lock")
+                .get(channel.as_str())
+                .is_some_and(|state| state.live);
+            let outcome = if live {
+                Ok(())
+            } else {
+                self.place(shared, &channel).await
+            };
+            let fresh = !shared.hub.has_subscribers(channel.as_str());
+            self.answer(shared, channel, fresh, reply, outcome);
+        }
+        self.repair(shared).await;
     }
 
     /// Connects the orders connection if it is down, and places homeless
     /// channels where the slot map says their slots live.
     async fn repair(&mut self, shared: &Shared) {
         if self.orders.is_none() {
-            self.connect_orders(shared).await;
+            self.connect(shared, None);
         }
         if self.homeless.is_empty() {
             return;
@@ -453,7 +578,14 @@ impl Listener {
             let master = map
                 .master(slot(&shared.keys.pubsub(channel.as_str())))
                 .map(str::to_owned);
-            if master.as_ref().is_none_or(|m| failed.contains(m)) {
+            let Some(master) = master else {
+                continue;
+            };
+            if failed.contains(&master) {
+                continue;
+            }
+            if !self.shards.contains_key(&master) {
+                self.connect(shared, Some(master));
                 continue;
             }
             if !shared
@@ -471,32 +603,8 @@ impl Listener {
                 }
                 Err(why) => {
                     tracing::debug!(%channel, error = %why, "engine: a channel waits for its Redis Cluster master");
-                    failed.extend(master);
+                    failed.insert(master);
                 }
-            }
-        }
-    }
-
-    async fn connect_orders(&mut self, shared: &Shared) {
-        let Ok((addr, _)) = self.router.route(None).await else {
-            return;
-        };
-        let id = self.connection_id(None);
-        let connected = match self.connect(shared, &addr, id).await {
-            Ok(mut conn) => tokio::time::timeout(
-                shared.options.command_timeout,
-                conn.subscribe(shared.keys.orders()),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|()| conn),
-            Err(_) => None,
-        };
-        match connected {
-            Some(conn) => self.orders = Some(conn),
-            None => {
-                self.ids.remove(&id);
             }
         }
     }
@@ -537,21 +645,29 @@ impl Listener {
         }
     }
 
-    /// A connection that stopped answering without closing is dropped.
-    async fn ping(&mut self, shared: &Shared) {
+    /// A connection that stops answering without closing is dropped: each
+    /// is pinged by a task of its own, which reports a failure as the
+    /// connection's disconnection.
+    fn ping(&self, shared: &Shared) {
         let timeout = shared.options.command_timeout;
-        let conns: Vec<(String, MultiplexedConnection)> = self
-            .shards
-            .iter()
-            .map(|(addr, shard)| (addr.clone(), shard.conn.clone()))
-            .collect();
-        for (addr, mut conn) in conns {
-            let answered =
-                tokio::time::timeout(timeout, redis::cmd("PING").query_async::<Value>(&mut conn))
-                    .await;
-            if !matches!(answered, Ok(Ok(_))) {
-                self.drop_shard(shared, &addr, "PING was not answered");
-            }
+        for shard in self.shards.values() {
+            let (id, mut conn, pushes) = (shard.id, shard.conn.clone(), self.pushes.clone());
+            tokio::spawn(async move {
+                let answered = tokio::time::timeout(
+                    timeout,
+                    redis::cmd("PING").query_async::<Value>(&mut conn),
+                )
+                .await;
+                if !matches!(answered, Ok(Ok(_))) {
+                    let _ = pushes.send((
+                        id,
+                        PushInfo {
+                            kind: PushKind::Disconnection,
+                            data: Vec::new(),
+                        },
+                    ));
+                }
+            });
         }
     }
 }
