@@ -336,6 +336,13 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
                 total(&healthy_tally) > healthy + 20
             })
             .await;
+            // A master that answers nothing is down too.
+            let api = nodes[0].api;
+            wait_until_async(deadline, "/readyz to name the slots down", || async move {
+                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
+                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
+            })
+            .await;
             cluster.nodes[faulty_master].resume();
             let cluster_ref = &cluster;
             tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));

@@ -225,7 +225,12 @@ impl Listener {
                         "engine: lost the Redis Cluster orders connection; reconnecting"
                     );
                 }
-                Some(addr) => self.drop_shard(shared, &addr, "its connection was lost"),
+                // Only the connection this id is: a newer one to the same
+                // master stays.
+                Some(addr) if self.shards.get(&addr).is_some_and(|shard| shard.id == id) => {
+                    self.drop_shard(shared, &addr, "its connection was lost")
+                }
+                Some(_) => {}
             },
             _ => {}
         }
@@ -568,7 +573,7 @@ impl Listener {
         if self.homeless.is_empty() {
             return;
         }
-        self.router.refresh(false).await;
+        self.refresh_map();
         let map = self.router.map();
         // One attempt per master per round: a master that does not answer
         // costs one connect timeout, not one per channel.
@@ -609,10 +614,11 @@ impl Listener {
         }
     }
 
-    /// Reads the slot map and moves every channel whose slot another
-    /// master serves now: unsubscribed where it was, placed again.
+    /// Moves every channel whose slot the slot map gives to another master
+    /// now: unsubscribed where it was, placed again. The map is read again
+    /// in the background for the next round.
     async fn follow_topology(&mut self, shared: &Shared) {
-        self.router.refresh(false).await;
+        self.refresh_map();
         let map = self.router.map();
         let moved: Vec<(String, ChannelName)> = self
             .shards
@@ -643,6 +649,13 @@ impl Listener {
                 self.ids.remove(&shard.id);
             }
         }
+    }
+
+    /// Reads the slot map again by a task of its own (a master that hangs
+    /// must not hold up this one); the next round sees the new map.
+    fn refresh_map(&self) {
+        let router = self.router.clone();
+        tokio::spawn(async move { router.refresh(false).await });
     }
 
     /// A connection that stops answering without closing is dropped: each
