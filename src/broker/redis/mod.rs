@@ -156,7 +156,10 @@ struct Stats {
 /// listener sees a dead connection end (its stream closes, or a PING goes
 /// unanswered), the channel stays live, so a session that reads a stream
 /// Redis restarted meanwhile could still be handed what the dead
-/// connection held, of the stream's previous epoch.
+/// connection held, of the stream's previous epoch. On a cluster "the
+/// pub/sub connection" is the one to the master serving the channel's slot
+/// now; a channel whose subscription there is lost or moved is not live
+/// until it is subscribed again and checked (see `cluster`).
 #[derive(Default)]
 struct Tracked {
     /// The newest publication handed to the hub, or the stream's position
