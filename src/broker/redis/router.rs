@@ -235,7 +235,15 @@ impl Router {
         let map = self.map();
         let addr = match slot {
             Some(slot) => map.master(slot),
-            None => map.ranges.first().map(|(_, _, addr)| addr.as_str()),
+            // Any master: one that answered lately, if there is one.
+            None => {
+                let unreachable = self.unreachable.lock().expect("unreachable lock").clone();
+                map.ranges
+                    .iter()
+                    .map(|(_, _, addr)| addr.as_str())
+                    .find(|addr| !unreachable.contains(*addr))
+                    .or_else(|| map.ranges.first().map(|(_, _, addr)| addr.as_str()))
+            }
         };
         let Some(addr) = addr else {
             return Err(redis::RedisError::from((
