@@ -90,7 +90,23 @@
 //!     any way.
 //!   - `broker::memory`: the in-memory engine, for one node.
 //!   - `broker::redis`: the Redis engine, for several nodes sharing one Redis
-//!     (or a Redis Cluster).
+//!     (or a Redis Cluster): the engine's state and the `Broker` methods.
+//!     - `broker::redis::keys`: the names of keys and pub/sub channels.
+//!     - `broker::redis::scripts`: the Lua scripts and their replies.
+//!     - `broker::redis::wire`: a publication's encoding on pub/sub and in
+//!       a stream.
+//!     - `broker::redis::connection`: the command connection (one server or
+//!       a cluster) and which failures mean a command never ran.
+//!     - `broker::redis::listener`: the pub/sub listener on one server:
+//!       subscribing, reconnecting, checking channels after an outage.
+//!     - `broker::redis::router`: a cluster's slot map, one command
+//!       connection per master, and which masters are down.
+//!     - `broker::redis::cluster`: the sharded pub/sub listener on a
+//!       cluster: each channel subscribed on its slot's master, placed
+//!       again and checked after every topology event.
+//!     - `broker::redis::presence`: presence and connection places, kept
+//!       fresh.
+//!     - `broker::redis::url`: `engine.redis.url` and its CA file, checked.
 //! - [`channels`]: the channel rules (presence by prefix), and local
 //!   subscriptions counted across the hub and the engine, with one way out.
 //! - [`hub`]: the local channel registry and the fan-out to sessions:

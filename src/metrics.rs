@@ -227,6 +227,28 @@ fn render_redis(out: &mut String, redis: &RedisStats) {
         "Channels whose local subscribers got a reset because history did not cover an outage.",
         redis.resets,
     );
+    if !redis.shards.is_empty() {
+        family(
+            out,
+            "pushgate_redis_shard_up",
+            "gauge",
+            "Redis Cluster: 1 when the master serving these slots is reachable and every local channel of them is subscribed there and checked.",
+        );
+        for (slots, up) in &redis.shards {
+            let _ = writeln!(
+                out,
+                "pushgate_redis_shard_up{{slots=\"{slots}\"}} {}",
+                u64::from(*up)
+            );
+        }
+        single(
+            out,
+            "pushgate_redis_unsolicited_unsubscribes_total",
+            "counter",
+            "Redis Cluster: channels a master unsubscribed unasked (their slot moved); each was subscribed again where it lives and checked.",
+            redis.unsolicited_unsubscribes,
+        );
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -16,11 +16,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::chaos::{check_channel, publish_stream, seed, wait_until, Ledger, Node, Tally};
 use common::realtime::{cursor_from_start, poll, start_position, Failure, Got, Sse, Ws};
 use common::redis::Redis;
 use common::{Pushgate, Upstream};
@@ -28,7 +27,7 @@ use http::StatusCode;
 use pushgate::cursor::Position;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::watch;
 
 /// How big a run is.
@@ -69,17 +68,6 @@ fn size() -> Size {
     }
 }
 
-/// The run's seed: `PUSHGATE_CHAOS_SEED`, or a fresh one.
-fn seed() -> u64 {
-    match std::env::var("PUSHGATE_CHAOS_SEED") {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("PUSHGATE_CHAOS_SEED={text:?} is not a number")),
-        Err(_) => rand::random(),
-    }
-}
-
 /// Where a client gives up waiting for more and drops the connection.
 const IDLE: Duration = Duration::from_millis(250);
 
@@ -88,23 +76,6 @@ enum Transport {
     WebSocket,
     Sse,
     Poll,
-}
-
-/// One node: its public and API addresses.
-#[derive(Debug, Clone, Copy)]
-struct Node {
-    public: SocketAddr,
-    api: SocketAddr,
-}
-
-/// Where each publish answered 200 landed, per channel, by sequence number.
-#[derive(Debug, Default, Clone)]
-struct Ledger {
-    /// `(epoch, offset)` of the 200 answer for seq n, at index n - 1.
-    stored: HashMap<String, Vec<Position>>,
-    /// Seqs an attempt of which ended `outcome_unknown`: they may also be
-    /// stored by that attempt.
-    ambiguous: HashMap<String, HashSet<u64>>,
 }
 
 /// What one client saw, per channel, in order.
@@ -294,73 +265,6 @@ impl Client {
     }
 }
 
-/// What every publisher has done so far, for the outages to follow.
-#[derive(Clone, Default)]
-struct Tally {
-    /// Publishes answered 200.
-    stored: Arc<AtomicU64>,
-    /// Publishes answered 503.
-    refused: Arc<AtomicU64>,
-}
-
-/// Publishes `{"seq": n}` for n in 1..=messages on `channel`, one at a
-/// time through a random node, each with its idempotency key, retrying 503s
-/// with that key until it is stored. Seq n starts only once `gate` is at
-/// least n.
-async fn publish_stream(
-    channel: String,
-    messages: u64,
-    nodes: Vec<Node>,
-    mut rng: StdRng,
-    mut gate: watch::Receiver<u64>,
-    tally: Tally,
-    deadline: Instant,
-) -> (Vec<Position>, HashSet<u64>) {
-    let mut stored = Vec::new();
-    let mut ambiguous = HashSet::new();
-    for seq in 1..=messages {
-        let opened = tokio::time::timeout_at(deadline.into(), gate.wait_for(|gate| *gate >= seq));
-        assert!(
-            matches!(opened.await, Ok(Ok(_))),
-            "seq {seq} on {channel} was never let through"
-        );
-        let body = json!({
-            "channel": channel,
-            "data": {"seq": seq},
-            "idempotency_key": format!("{channel}-{seq}"),
-        });
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "seq {seq} on {channel} was never stored"
-            );
-            let node = nodes[rng.random_range(0..nodes.len())];
-            let (status, answer) =
-                common::api_call(node.api, "POST", "/api/publish", Some(body.clone())).await;
-            match status {
-                StatusCode::OK => {
-                    let result = &answer["results"][0];
-                    stored.push(Position::new(
-                        pushgate::cursor::Epoch::parse(result["epoch"].as_str().unwrap()).unwrap(),
-                        result["offset"].as_u64().unwrap(),
-                    ));
-                    tally.stored.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    tally.refused.fetch_add(1, Ordering::Relaxed);
-                    if answer["error"]["code"] == "outcome_unknown" {
-                        ambiguous.insert(seq);
-                    }
-                    tokio::time::sleep(Duration::from_millis(rng.random_range(5..25))).await;
-                }
-                other => panic!("publish of seq {seq} answered {other}: {answer}"),
-            }
-        }
-    }
-    (stored, ambiguous)
-}
-
 /// What the Redis side does during a run.
 enum Outages<'a> {
     None,
@@ -527,25 +431,13 @@ async fn chaos(nodes: Vec<Node>, mut outages: Outages<'_>) -> Run {
 
     let mut ledger = Ledger::default();
     for (channel, publisher) in published.iter().zip(publishers) {
-        let (stored, ambiguous) = publisher
+        let stream = publisher
             .await
             .unwrap_or_else(|err| panic!("seed {seed}: the publisher of {channel} failed: {err}"));
-        ledger.stored.insert(channel.clone(), stored);
-        ledger.ambiguous.insert(channel.clone(), ambiguous);
+        ledger.stored.insert(channel.clone(), stream.stored);
+        ledger.ambiguous.insert(channel.clone(), stream.ambiguous);
     }
-    let lost_epochs: HashMap<String, HashSet<String>> = ledger
-        .stored
-        .iter()
-        .map(|(channel, stored)| {
-            let last = stored.last().unwrap().epoch;
-            let lost = stored
-                .iter()
-                .filter(|p| p.epoch != last)
-                .map(|p| p.epoch.to_string())
-                .collect();
-            (channel.clone(), lost)
-        })
-        .collect();
+    let lost_epochs = ledger.lost_epochs();
     finals_tx.send_replace(Some(
         ledger
             .stored
@@ -569,103 +461,17 @@ async fn chaos(nodes: Vec<Node>, mut outages: Outages<'_>) -> Run {
     }
 }
 
-async fn wait_until(deadline: Instant, what: &str, mut condition: impl FnMut() -> bool) {
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-fn seq_of(data: &Value) -> u64 {
-    data["seq"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("not a chaos publication: {data}"))
-}
-
-/// Checks one client's record of one channel; returns why it is wrong.
-fn check_channel(run: &Run, channel: &str, got: &[Got]) -> Result<(), String> {
-    let stored = &run.ledger.stored[channel];
-    let ambiguous = &run.ledger.ambiguous[channel];
-    let lost = &run.lost_epochs[channel];
-    let mut at = start_position();
-    let mut last_seq = 0u64;
-    let mut reset_since_message = false;
-    let mut seen = HashSet::new();
-    for (index, item) in got.iter().enumerate() {
-        let here = item.position();
-        match item {
-            Got::Message { data, .. } => {
-                let seq = seq_of(data);
-                if at.offset == 0 {
-                    if here.offset != 1 {
-                        return Err(format!(
-                            "item {index}: from offset 0, {here} came first without a reset"
-                        ));
-                    }
-                } else if here.epoch != at.epoch {
-                    return Err(format!(
-                        "item {index}: the epoch changed from {at} to {here} without a reset"
-                    ));
-                } else if here.offset != at.offset + 1 {
-                    return Err(format!(
-                        "item {index}: {here} does not follow {at} (a gap or a duplicate)"
-                    ));
-                }
-                let answered = stored[(seq - 1) as usize];
-                if answered.epoch == here.epoch && answered.offset != here.offset {
-                    return Err(format!(
-                        "item {index}: seq {seq} at {here}, but its publish was stored at {answered}"
-                    ));
-                }
-                if seq <= last_seq
-                    && !(seq == last_seq && reset_since_message && ambiguous.contains(&seq))
-                {
-                    return Err(format!(
-                        "item {index}: seq {seq} after seq {last_seq}: out of order or twice"
-                    ));
-                }
-                last_seq = seq;
-                reset_since_message = false;
-                seen.insert(seq);
-            }
-            Got::Reset { .. } => {
-                if !lost.contains(at.epoch.as_str()) || here.epoch == at.epoch {
-                    return Err(format!(
-                        "item {index}: a reset from {at} to {here}, but history covered that gap"
-                    ));
-                }
-                reset_since_message = true;
-            }
-        }
-        at = here;
-    }
-    // Every seq answered 200 arrived, or a reset stands where it would be.
-    for seq in 1..=stored.len() as u64 {
-        if seen.contains(&seq) {
-            continue;
-        }
-        let before = got
-            .iter()
-            .rposition(|g| matches!(g, Got::Message { data, .. } if seq_of(data) < seq));
-        let after = got
-            .iter()
-            .position(|g| matches!(g, Got::Message { data, .. } if seq_of(data) > seq));
-        let window = &got[before.map_or(0, |i| i + 1)..after.unwrap_or(got.len())];
-        if !window.iter().any(|g| matches!(g, Got::Reset { .. })) {
-            return Err(format!(
-                "seq {seq} was answered 200 but neither delivered nor skipped by a reset"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Checks every record; `resets_allowed` is false when no data was lost.
 fn check(run: &Run, resets_allowed: bool) {
     let mut resets = 0;
     for (name, record) in &run.records {
         for (channel, got) in &record.got {
-            if let Err(why) = check_channel(run, channel, got) {
+            if let Err(why) = check_channel(
+                &run.ledger,
+                &run.lost_epochs[channel.as_str()],
+                channel,
+                got,
+            ) {
                 panic!(
                     "seed {}: {name} on {channel}: {why}\nwhat it got: {got:?}",
                     run.seed
@@ -821,7 +627,10 @@ fn the_checks_catch_gaps_duplicates_and_needless_resets() {
         message("new", 1, 4),
         message("new", 2, 5),
     ];
-    assert_eq!(check_channel(&run, "c", &whole), Ok(()));
+    assert_eq!(
+        check_channel(&run.ledger, &run.lost_epochs["c"], "c", &whole),
+        Ok(())
+    );
     let wrong: [(&str, Vec<Got>); 5] = [
         ("a gap", vec![message("old", 1, 1), message("old", 3, 3)]),
         (
@@ -842,6 +651,9 @@ fn the_checks_catch_gaps_duplicates_and_needless_resets() {
         ),
     ];
     for (what, got) in wrong {
-        assert!(check_channel(&run, "c", &got).is_err(), "{what} is caught");
+        assert!(
+            check_channel(&run.ledger, &run.lost_epochs["c"], "c", &got).is_err(),
+            "{what} is caught"
+        );
     }
 }

@@ -361,7 +361,7 @@ impl PresenceMode {
 }
 
 /// Engine totals for /metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineStats {
     /// Channels the engine holds state for.
     pub channels: u64,
@@ -372,7 +372,7 @@ pub struct EngineStats {
 }
 
 /// The Redis engine's state, for /metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisStats {
     /// The last command reached Redis.
     pub up: bool,
@@ -390,6 +390,13 @@ pub struct RedisStats {
     pub malformed: u64,
     /// Channels whose local subscribers were reset after an outage.
     pub resets: u64,
+    /// On a Redis Cluster: each master's slots (`0-5460`) and whether it is
+    /// up (commands reach it and every local channel of its slots is
+    /// subscribed there and checked).
+    pub shards: Vec<(String, bool)>,
+    /// On a Redis Cluster: channels a master unsubscribed unasked (their
+    /// slot moved, or the master became a replica).
+    pub unsolicited_unsubscribes: u64,
 }
 
 #[async_trait]

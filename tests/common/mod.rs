@@ -576,6 +576,7 @@ pub async fn get_raw(
 /// built with `python3 -m venv` from the pinned `integration/requirements.txt`
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/third_party.rs` builds: either test reuses what the other built.
+pub mod chaos;
 pub mod node;
 pub mod recording;
 pub mod redis;

@@ -211,6 +211,26 @@ impl Redis {
         }
     }
 
+    /// Stops the server without closing anything (SIGSTOP): connections
+    /// stay open and nothing answers, as a hung host.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {which} {pid} failed");
+    }
+
     /// Starts the server again on the same port, with whatever its
     /// arguments keep on disk.
     pub fn restart(&mut self) {
@@ -230,11 +250,12 @@ impl Redis {
 impl Redis {
     /// Kills the server and starts it again on the same port with nothing
     /// on disk, as a server without persistence comes back: everything it
-    /// held is lost.
+    /// held is lost. A cluster node keeps `nodes.conf`, its place in the
+    /// cluster, which is not data.
     pub fn restart_empty(&mut self) {
         self.kill();
         for entry in std::fs::read_dir(&self.dir.0).unwrap().flatten() {
-            if entry.file_name() == "redis.log" {
+            if entry.file_name() == "redis.log" || entry.file_name() == "nodes.conf" {
                 continue;
             }
             let path = entry.path();
@@ -254,18 +275,38 @@ impl Drop for Redis {
     }
 }
 
-/// A Redis Cluster of `n` masters (no replicas), each a real redis-server
-/// on ephemeral ports; stopped on drop.
+/// A Redis Cluster of real redis-server processes on ephemeral ports;
+/// stopped on drop. It serves the slots it still covers while a master is
+/// away (`cluster-require-full-coverage no`, as pushgate's docs ask).
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
 }
 
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    /// Marked failed (`fail`) or unreachable (`fail?`, `noaddr`).
+    pub failed: bool,
+    /// Slot ranges it serves, inclusive.
+    pub slots: Vec<(u16, u16)>,
+}
+
 impl RedisCluster {
+    /// `n` masters, no replicas, nothing kept on disk.
     pub fn start(n: usize) -> RedisCluster {
-        let nodes: Vec<Redis> = (0..n)
+        RedisCluster::start_with(n, 0, &[])
+    }
+
+    /// `masters` masters with `replicas` replicas each; `args` go to every
+    /// server (e.g. AOF).
+    pub fn start_with(masters: usize, replicas: usize, args: &[&str]) -> RedisCluster {
+        let nodes: Vec<Redis> = (0..masters * (1 + replicas))
             .map(|_| {
                 let bus = free_port().to_string();
-                Redis::start_with(&[
+                let mut all = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -273,8 +314,12 @@ impl RedisCluster {
                     "--cluster-port",
                     &bus,
                     "--cluster-node-timeout",
-                    "2000",
-                ])
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ];
+                all.extend_from_slice(args);
+                Redis::start_with(&all)
             })
             .collect();
         let mut create = Command::new("redis-cli");
@@ -283,7 +328,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -292,26 +337,231 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        // Every node must see the whole cluster before it serves.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for node in &nodes {
-            loop {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "CLUSTER", "INFO"])
-                    .output()
-                    .expect("redis-cli runs");
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        if replicas > 0 {
+            // Every replica has synced with its master.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for node in &cluster.nodes {
+                while cluster.cli(node.port, &["ROLE"]).starts_with("slave")
+                    && !cluster.cli(node.port, &["ROLE"]).contains("connected")
+                {
+                    assert!(Instant::now() < deadline, "a replica never synced");
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                assert!(Instant::now() < deadline, "the cluster never became ok");
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
-        RedisCluster { nodes }
+        cluster
     }
 
     /// A seed URL: the first node.
     pub fn url(&self) -> String {
         self.nodes[0].url()
     }
+
+    /// redis-cli's output for one command on the node at `port`.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on
+    /// who serves every slot.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let live: Vec<&Redis> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+            let ok = live.iter().all(|n| {
+                self.cli(n.port, &["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+            });
+            let views: Vec<Vec<(u16, u16, u16)>> = live
+                .iter()
+                .map(|n| {
+                    let mut owners: Vec<(u16, u16, u16)> =
+                        parse_nodes(&self.cli(n.port, &["CLUSTER", "NODES"]))
+                            .into_iter()
+                            .filter(|node| node.master && !node.failed)
+                            .flat_map(|node| {
+                                node.slots.into_iter().map(move |(a, b)| (a, b, node.port))
+                            })
+                            .collect();
+                    owners.sort();
+                    owners
+                })
+                .collect();
+            if ok && views.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never settled: {views:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `CLUSTER NODES` as a live node sees it.
+    pub fn view(&self) -> Vec<ClusterNode> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some() && n.ping())
+            .expect("a live node");
+        parse_nodes(&self.cli(node.port, &["CLUSTER", "NODES"]))
+    }
+
+    /// The slot of a pushgate channel's keys (its name is the hash tag).
+    pub fn slot_of(&self, channel: &str) -> u16 {
+        let port = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        self.cli(port, &["CLUSTER", "KEYSLOT", channel])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
+    }
+
+    /// The index in `nodes` of the master serving `slot` now.
+    pub fn master_of(&self, slot: u16) -> usize {
+        let port = self
+            .view()
+            .into_iter()
+            .find(|n| n.master && !n.failed && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .expect("a master serves the slot")
+            .port;
+        self.index_of(port)
+    }
+
+    pub fn index_of(&self, port: u16) -> usize {
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+
+    /// Kills the master at `index` and waits until one of its replicas
+    /// serves its slots and the cluster is ok again. Returns the new
+    /// master's index.
+    pub fn kill_and_fail_over(&mut self, index: usize) -> usize {
+        let old = self.nodes[index].port;
+        let slots = self
+            .view()
+            .into_iter()
+            .find(|n| n.port == old)
+            .expect("the master is in the cluster")
+            .slots;
+        let slot = slots.first().expect("the master serves slots").0;
+        self.nodes[index].kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let promoted = self.view().into_iter().find(|n| {
+                n.master
+                    && !n.failed
+                    && n.port != old
+                    && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b)
+            });
+            if let Some(promoted) = promoted {
+                self.wait_ok(Duration::from_secs(30));
+                return self.index_of(promoted.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over from port {old}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Moves `slot` with its keys from the master at `from` to the master
+    /// at `to`, the way `redis-cli --cluster reshard` does.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let (source, target) = (self.nodes[from].port, self.nodes[to].port);
+        let id = |port: u16| self.cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+        let (source_id, target_id) = (id(source), id(target));
+        let slot = slot.to_string();
+        let ok = |reply: String, what: &str| assert!(reply.trim() == "OK", "{what}: {reply}");
+        ok(
+            self.cli(
+                target,
+                &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
+            ),
+            "IMPORTING",
+        );
+        ok(
+            self.cli(
+                source,
+                &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+            ),
+            "MIGRATING",
+        );
+        loop {
+            let keys = self.cli(source, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let target_port = target.to_string();
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "KEYS",
+            ];
+            args.extend(keys.iter().copied());
+            let reply = self.cli(source, &args);
+            assert!(
+                reply.trim() == "OK" || reply.trim() == "NOKEY",
+                "MIGRATE: {reply}"
+            );
+        }
+        ok(
+            self.cli(target, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]),
+            "SETSLOT NODE on the target",
+        );
+        ok(
+            self.cli(source, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]),
+            "SETSLOT NODE on the source",
+        );
+        for node in &self.nodes {
+            if node.port != source && node.port != target && node.child.is_some() {
+                let _ = self.cli(
+                    node.port,
+                    &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id],
+                );
+            }
+        }
+        self.wait_ok(Duration::from_secs(30));
+    }
+}
+
+/// Parses `CLUSTER NODES`.
+pub fn parse_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 {
+                return None;
+            }
+            let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
+            let flags = fields[2];
+            let slots = fields[8..]
+                .iter()
+                .filter(|f| !f.starts_with('['))
+                .filter_map(|range| match range.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => range.parse().ok().map(|s| (s, s)),
+                })
+                .collect();
+            Some(ClusterNode {
+                id: fields[0].to_owned(),
+                port,
+                master: flags.contains("master"),
+                failed: flags.contains("fail") || flags.contains("noaddr"),
+                slots,
+            })
+        })
+        .collect()
 }

@@ -1,0 +1,234 @@
+//! The engine's Lua scripts, each atomic in Redis, and the parsing of
+//! their replies.
+
+use redis::Value;
+
+use crate::cursor::Epoch;
+
+/// A Lua script for the engine, with `now` (Redis time, in milliseconds)
+/// defined first: Redis's clock decides expiry, so nodes' clocks need not
+/// agree.
+macro_rules! script {
+    ($body:literal) => {
+        concat!(
+            "local t = redis.call('TIME')\n",
+            "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
+            $body
+        )
+    };
+}
+
+/// Numbers, stores and fans out one publication on one channel.
+///
+/// KEYS: meta, stream, channel idempotency key (may be absent).
+/// ARGV: new epoch, history size, ttl ms, meta ttl ms, idempotency window
+/// ms, fingerprint, pub/sub channel, then the wire header's channel and
+/// event, then data, then `PUBLISH` or `SPUBLISH`.
+///
+/// Returns `{epoch, offset, 0}`, or `{epoch, offset, 1, fingerprint}` for a
+/// key seen before.
+pub(super) const PUBLISH_SCRIPT: &str = script!(
+    r#"
+local meta, stream = KEYS[1], KEYS[2]
+local idem = KEYS[3]
+if idem then
+  local seen = redis.call('GET', idem)
+  if seen then
+    local fp, epoch, offset = string.match(seen, '^(%S+) (%S+) (%d+)$')
+    return {epoch, tonumber(offset), 1, fp}
+  end
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+local top = redis.call('HINCRBY', meta, 'top', 1)
+local ttl = tonumber(ARGV[3])
+local payload = '1\n' .. ARGV[8] .. '\n' .. epoch .. '\n' .. string.format('%d', top) .. '\n'
+  .. string.format('%d', now) .. '\n' .. ARGV[9] .. '\n' .. ARGV[10]
+redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload)
+redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl))
+redis.call('PEXPIRE', stream, ttl)
+redis.call('PEXPIRE', meta, ARGV[4])
+if idem then
+  redis.call('SET', idem, ARGV[6] .. ' ' .. epoch .. ' ' .. string.format('%d', top), 'PX', ARGV[5])
+end
+redis.call(ARGV[11], ARGV[7], payload)
+return {epoch, top, 0}
+"#
+);
+
+/// Reads a channel's position and the publications a reader needs.
+///
+/// KEYS: meta, stream. ARGV: the reader's epoch ('' for none), its offset,
+/// how many of the newest publications a reader without a position wants,
+/// ttl ms, an epoch to move to if the reader is ahead of the stream, the
+/// least ms between two such moves.
+///
+/// Returns `{epoch, top, len, payloads newest first}`; epoch '' when the
+/// channel does not exist.
+pub(super) const HISTORY_SCRIPT: &str = script!(
+    r#"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  return {'', 0, 0, {}}
+end
+local top = tonumber(redis.call('HGET', meta, 'top') or '0')
+local since_epoch, since = ARGV[1], tonumber(ARGV[2])
+if since_epoch == epoch and since > top then
+  -- The reader saw offsets this stream no longer has: Redis lost data.
+  -- A new epoch makes every such position invalid, so none is reused. At
+  -- most one move per interval, so forged positions cannot keep resetting
+  -- everyone.
+  local moved = tonumber(redis.call('HGET', meta, 'moved') or '0')
+  if now - moved >= tonumber(ARGV[6]) then
+    epoch = ARGV[5]
+    redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
+    redis.call('DEL', stream)
+  end
+  return {epoch, top, 0, {}}
+end
+redis.call('XTRIM', stream, 'MINID', string.format('%d', now - tonumber(ARGV[4])))
+local len = redis.call('XLEN', stream)
+local want
+if since_epoch == '' then
+  want = tonumber(ARGV[3])
+elseif since == 0 or since_epoch == epoch then
+  want = top - since
+else
+  want = 0
+end
+if want > len then want = len end
+local out = {}
+if want > 0 then
+  local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
+  for i, entry in ipairs(entries) do
+    out[i] = entry[2][2]
+  end
+end
+return {epoch, top, len, out}
+"#
+);
+
+/// Lists and/or announces a member.
+///
+/// KEYS: the channel's presence hash. ARGV: connection, member JSON, ttl ms,
+/// '1' to list, pub/sub channel, the event to publish ('' for none),
+/// `PUBLISH` or `SPUBLISH`.
+/// A listed entry is `<expiry ms> <member JSON>`; Redis time decides
+/// expiry, so nodes' clocks need not agree.
+pub(super) const JOIN_SCRIPT: &str = script!(
+    r#"
+if ARGV[4] == '1' then
+  local ttl = tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now + ttl) .. ' ' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if ARGV[6] ~= '' then
+  redis.call(ARGV[7], ARGV[5], ARGV[6])
+end
+return 1
+"#
+);
+
+/// Unlists and/or announces a member. KEYS: presence hash. ARGV:
+/// connection, pub/sub channel, event ('' for none), `PUBLISH` or
+/// `SPUBLISH`.
+pub(super) const LEAVE_SCRIPT: &str = script!(
+    r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call(ARGV[4], ARGV[2], ARGV[3])
+end
+return 1
+"#
+);
+
+/// The live members of a channel, dropping expired entries (a crashed
+/// node's). KEYS: presence hash. Returns member JSON texts.
+pub(super) const PRESENCE_SCRIPT: &str = script!(
+    r#"
+local entries = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #entries, 2 do
+  local expiry, member = string.match(entries[i + 1], '^(%d+) (.*)$')
+  if expiry and tonumber(expiry) > now then
+    out[#out + 1] = member
+  else
+    redis.call('HDEL', KEYS[1], entries[i])
+  end
+end
+return out
+"#
+);
+
+/// Takes (or refreshes) one of a user's connection places. KEYS: the
+/// user's sorted set (connection → expiry ms). ARGV: connection, limit, ttl
+/// ms. Returns 1 when taken, 0 when the user has `limit` live connections.
+pub(super) const USER_SLOT_SCRIPT: &str = script!(
+    r#"
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"#
+);
+
+pub(super) fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+pub(super) fn number(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+pub(super) fn parse_publish_reply(value: &Value) -> Option<(Epoch, u64, bool, Option<String>)> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let epoch = Epoch::parse(&text(items.first()?)?).ok()?;
+    let offset = number(items.get(1)?)?;
+    let duplicate = number(items.get(2)?)? == 1;
+    let seen = items.get(3).and_then(text);
+    Some((epoch, offset, duplicate, seen))
+}
+
+pub(super) type HistoryReply = (Option<Epoch>, u64, u64, Vec<Vec<u8>>);
+
+pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let epoch = match text(items.first()?)?.as_str() {
+        "" => None,
+        epoch => Some(Epoch::parse(epoch).ok()?),
+    };
+    let top = number(items.get(1)?)?;
+    let len = number(items.get(2)?)?;
+    let payloads = match items.get(3)? {
+        Value::Array(entries) => entries
+            .iter()
+            .map(|entry| match entry {
+                Value::BulkString(bytes) => Some(bytes.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?,
+        _ => return None,
+    };
+    Some((epoch, top, len, payloads))
+}

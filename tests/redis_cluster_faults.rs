@@ -1,0 +1,462 @@
+//! Redis Cluster faults under publish load: a master killed and restarted
+//! (empty, and from its AOF), a master that hangs, a master killed and its
+//! replica promoted, and slots of subscribed channels moved to another
+//! master. Two pushgate nodes
+//! publish numbered streams on channels spread over every master, and a
+//! WebSocket and an SSE subscriber on each node hear every channel
+//! throughout. Each run checks that publishes to channels of healthy
+//! masters never fail, and that every subscriber got every publication
+//! answered 200 exactly once, in order, or an explicit reset where the store
+//! lost it.
+//!
+//! Every random choice comes from a seed, printed on failure and settable
+//! with `PUSHGATE_CHAOS_SEED`. Every wait is on a condition with a deadline.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::chaos::{check_channel, publish_stream, seed, wait_until, Ledger, Node, Tally};
+use common::realtime::{cursor_from_start, start_position, Got, Sse, Ws};
+use common::redis::RedisCluster;
+use common::{Pushgate, Upstream};
+use http::StatusCode;
+use pushgate::cursor::Position;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+
+/// Publications per channel.
+const MESSAGES: u64 = 240;
+/// Channels on each master.
+const PER_MASTER: usize = 2;
+/// The whole run fails past this.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// What happens to the cluster mid-run.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The master of the first channels is killed, then started again with
+    /// nothing (`empty`) or with its AOF.
+    Restart { empty: bool },
+    /// The master of the first channels is killed; its replica takes over.
+    FailOver,
+    /// The slot of the first channel moves to the next master.
+    Reshard,
+    /// The master of the first channels hangs (SIGSTOP: its connections
+    /// stay open, nothing answers), then goes on.
+    Hang,
+}
+
+async fn nodes(app: &Upstream, cluster: &RedisCluster) -> (Vec<Pushgate>, Vec<Node>) {
+    let mut gates = Vec::new();
+    for _ in 0..2 {
+        gates.push(
+            Pushgate::start(
+                &app.url(),
+                &format!(
+                    "engine:\n  kind: redis\n  redis:\n    url: {}\n    cluster: true\n    connect_timeout: 500ms\n    command_timeout: 1s\nhistory:\n  size: {}\n",
+                    cluster.url(),
+                    MESSAGES * 2
+                ),
+            )
+            .await,
+        );
+    }
+    let nodes = gates
+        .iter()
+        .map(|g| Node {
+            public: g.addr,
+            api: g.api_addr,
+        })
+        .collect();
+    (gates, nodes)
+}
+
+/// `PER_MASTER` channel names served by each master, by master index.
+fn channels_by_master(cluster: &RedisCluster) -> Vec<(usize, Vec<String>)> {
+    let masters: Vec<usize> = cluster
+        .view()
+        .into_iter()
+        .filter(|n| n.master && !n.slots.is_empty())
+        .map(|n| cluster.index_of(n.port))
+        .collect();
+    let mut by_master: HashMap<usize, Vec<String>> = HashMap::new();
+    let mut i = 0;
+    while masters
+        .iter()
+        .any(|m| by_master.get(m).map_or(0, Vec::len) < PER_MASTER)
+    {
+        let channel = format!("fault:{i}");
+        i += 1;
+        let master = cluster.master_of(cluster.slot_of(&channel));
+        let list = by_master.entry(master).or_default();
+        if list.len() < PER_MASTER {
+            list.push(channel);
+        }
+    }
+    let mut out: Vec<(usize, Vec<String>)> = by_master.into_iter().collect();
+    out.sort();
+    out
+}
+
+/// A subscriber that stays connected and records everything it is handed
+/// until it reached every channel's final position.
+async fn websocket_subscriber(
+    node: Node,
+    channels: Vec<String>,
+    finals: watch::Receiver<Option<HashMap<String, Position>>>,
+    deadline: Instant,
+) -> Result<HashMap<String, Vec<Got>>, String> {
+    let mut ws = Ws::connect(node.public).await.map_err(|e| e.to_string())?;
+    let mut got: HashMap<String, Vec<Got>> = HashMap::new();
+    let mut at: HashMap<String, Position> = HashMap::new();
+    let mut early = Vec::new();
+    for channel in &channels {
+        ws.subscribe(channel, Some(start_position()), &mut early)
+            .await
+            .map_err(|e| format!("subscribing to {channel}: {e}"))?;
+    }
+    let mut take = |item: Got, got: &mut HashMap<String, Vec<Got>>| {
+        at.insert(item.channel().to_owned(), item.position());
+        got.entry(item.channel().to_owned()).or_default().push(item);
+    };
+    for item in early.drain(..) {
+        take(item, &mut got);
+    }
+    loop {
+        if caught_up(&finals, &at_positions(&got)) {
+            return Ok(got);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_millis(200)), ws.next()).await {
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) => return Err(format!("never caught up: {:?}", at_positions(&got))),
+            Ok(Ok(Some(item))) => take(item, &mut got),
+            Ok(Ok(None)) => return Err("the WebSocket closed".into()),
+            Ok(Err(err)) => return Err(format!("the WebSocket failed: {err}")),
+        }
+    }
+}
+
+async fn sse_subscriber(
+    node: Node,
+    channels: Vec<String>,
+    finals: watch::Receiver<Option<HashMap<String, Position>>>,
+    deadline: Instant,
+) -> Result<HashMap<String, Vec<Got>>, String> {
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let mut sse = Sse::open(node.public, &names, Some(&cursor_from_start(&names)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got: HashMap<String, Vec<Got>> = HashMap::new();
+    loop {
+        if caught_up(&finals, &at_positions(&got)) {
+            return Ok(got);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_millis(200)), sse.next()).await {
+            Err(_) if Instant::now() < deadline => continue,
+            Err(_) => return Err(format!("never caught up: {:?}", at_positions(&got))),
+            Ok(Ok(Some((Some(item), _)))) => {
+                got.entry(item.channel().to_owned()).or_default().push(item)
+            }
+            Ok(Ok(Some((None, _)))) => {}
+            Ok(Ok(None)) => return Err("the SSE stream ended".into()),
+            Ok(Err(err)) => return Err(format!("the SSE stream failed: {err}")),
+        }
+    }
+}
+
+fn at_positions(got: &HashMap<String, Vec<Got>>) -> HashMap<String, Position> {
+    got.iter()
+        .filter_map(|(c, items)| Some((c.clone(), items.last()?.position())))
+        .collect()
+}
+
+fn caught_up(
+    finals: &watch::Receiver<Option<HashMap<String, Position>>>,
+    at: &HashMap<String, Position>,
+) -> bool {
+    finals
+        .borrow()
+        .as_ref()
+        .is_some_and(|finals| finals.iter().all(|(c, p)| at.get(c) == Some(p)))
+}
+
+async fn wait_ready(nodes: &[Node], deadline: Instant) {
+    for node in nodes {
+        let api = node.api;
+        wait_until_async(deadline, "every node to be ready", || async move {
+            common::get(&format!("http://{api}/readyz")).await.0 == StatusCode::OK
+        })
+        .await;
+    }
+}
+
+async fn wait_until_async<F, Fut>(deadline: Instant, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(mut cluster: RedisCluster, fault: Fault) {
+    let seed = seed();
+    eprintln!("cluster fault {fault:?}, seed {seed}: replay with PUSHGATE_CHAOS_SEED={seed}");
+    let deadline = Instant::now() + DEADLINE;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let app = Upstream::start().await;
+    let (_gates, nodes) = nodes(&app, &cluster).await;
+    let by_master = channels_by_master(&cluster);
+    let (faulty_master, faulty) = by_master[0].clone();
+    let all: Vec<String> = by_master.iter().flat_map(|(_, c)| c.clone()).collect();
+
+    let (finals_tx, finals) = watch::channel(None::<HashMap<String, Position>>);
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        subscribers.push((
+            format!("WebSocket on {}", node.public),
+            tokio::spawn(websocket_subscriber(
+                *node,
+                all.clone(),
+                finals.clone(),
+                deadline,
+            )),
+        ));
+        subscribers.push((
+            format!("SSE on {}", node.public),
+            tokio::spawn(sse_subscriber(*node, all.clone(), finals.clone(), deadline)),
+        ));
+    }
+    // Every subscriber is subscribed before the first publish: a channel
+    // is heard on both nodes throughout.
+    for node in &nodes {
+        let api = node.api;
+        let want = all.len();
+        wait_until_async(deadline, "the subscribers to subscribe", || async move {
+            let (_, body) = common::api_call(api, "GET", "/api/channels", None).await;
+            body["channels"].as_array().map_or(0, Vec::len) >= want
+        })
+        .await;
+    }
+
+    // Publishers run to a third, then on to two thirds only once the fault
+    // began, so publishes flow while it lasts.
+    let (gate, gated) = watch::channel(MESSAGES / 3);
+    let faulty_tally = Tally::default();
+    let healthy_tally = Tally::default();
+    let publishers: Vec<_> = all
+        .iter()
+        .map(|channel| {
+            let tally = if faulty.contains(channel) {
+                faulty_tally.clone()
+            } else {
+                healthy_tally.clone()
+            };
+            tokio::spawn(publish_stream(
+                channel.clone(),
+                MESSAGES,
+                nodes.clone(),
+                StdRng::seed_from_u64(rng.random()),
+                gated.clone(),
+                tally,
+                deadline,
+            ))
+        })
+        .collect();
+    let total = |tally: &Tally| tally.stored.load(Ordering::Relaxed);
+    let third = MESSAGES / 3 * all.len() as u64;
+    wait_until(deadline, "the publishers to reach a third", || {
+        total(&faulty_tally) + total(&healthy_tally) >= third
+    })
+    .await;
+
+    match fault {
+        Fault::Restart { empty } => {
+            let index = faulty_master;
+            tokio::task::block_in_place(|| cluster.nodes[index].kill());
+            gate.send_replace(MESSAGES * 2 / 3);
+            // The outage lasts until the faulty master's channels were
+            // refused and the healthy ones went on.
+            let (refused, healthy) = (
+                faulty_tally.refused.load(Ordering::Relaxed),
+                total(&healthy_tally),
+            );
+            wait_until(deadline, "a publish to meet the outage", || {
+                faulty_tally.refused.load(Ordering::Relaxed) > refused
+            })
+            .await;
+            wait_until(deadline, "healthy masters to go on publishing", || {
+                total(&healthy_tally) > healthy + 20
+            })
+            .await;
+            // Readiness and metrics name the slots that are down.
+            let api = nodes[0].api;
+            wait_until_async(deadline, "/readyz to name the slots down", || async move {
+                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
+                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
+            })
+            .await;
+            let (_, metrics) = common::get(&format!("http://{api}/metrics")).await;
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with("pushgate_redis_shard_up{") && l.ends_with(" 0")),
+                "a shard is down in the metrics: {metrics}"
+            );
+            tokio::task::block_in_place(|| {
+                if empty {
+                    cluster.nodes[index].restart_empty();
+                } else {
+                    cluster.nodes[index].restart();
+                }
+            });
+            let cluster_ref = &cluster;
+            tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
+        }
+        Fault::Hang => {
+            let (refused, healthy) = (
+                faulty_tally.refused.load(Ordering::Relaxed),
+                total(&healthy_tally),
+            );
+            cluster.nodes[faulty_master].pause();
+            gate.send_replace(MESSAGES * 2 / 3);
+            wait_until(deadline, "a publish to meet the hang", || {
+                faulty_tally.refused.load(Ordering::Relaxed) > refused
+            })
+            .await;
+            wait_until(deadline, "healthy masters to go on publishing", || {
+                total(&healthy_tally) > healthy + 20
+            })
+            .await;
+            // A master that answers nothing is down too.
+            let api = nodes[0].api;
+            wait_until_async(deadline, "/readyz to name the slots down", || async move {
+                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
+                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
+            })
+            .await;
+            cluster.nodes[faulty_master].resume();
+            let cluster_ref = &cluster;
+            tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
+        }
+        Fault::FailOver => {
+            let refused = faulty_tally.refused.load(Ordering::Relaxed);
+            let healthy = total(&healthy_tally);
+            gate.send_replace(MESSAGES * 2 / 3);
+            tokio::task::block_in_place(|| cluster.kill_and_fail_over(faulty_master));
+            wait_until(deadline, "a publish to meet the outage", || {
+                faulty_tally.refused.load(Ordering::Relaxed) > refused
+            })
+            .await;
+            wait_until(deadline, "healthy masters to go on publishing", || {
+                total(&healthy_tally) > healthy + 20
+            })
+            .await;
+        }
+        Fault::Reshard => {
+            let slot = cluster.slot_of(&faulty[0]);
+            let to = by_master[1].0;
+            gate.send_replace(MESSAGES * 2 / 3);
+            let cluster_ref = &cluster;
+            tokio::task::block_in_place(|| cluster_ref.move_slot(slot, faulty_master, to));
+            assert_eq!(cluster.master_of(slot), to, "the slot moved");
+        }
+    }
+    wait_ready(&nodes, deadline).await;
+    gate.send_replace(MESSAGES);
+
+    let mut ledger = Ledger::default();
+    let mut refused_healthy = Vec::new();
+    for (channel, publisher) in all.iter().zip(publishers) {
+        let stream = publisher
+            .await
+            .unwrap_or_else(|err| panic!("seed {seed}: the publisher of {channel} failed: {err}"));
+        if !faulty.contains(channel) && stream.refused > 0 {
+            refused_healthy.push((channel.clone(), stream.refused));
+        }
+        ledger.stored.insert(channel.clone(), stream.stored);
+        ledger.ambiguous.insert(channel.clone(), stream.ambiguous);
+    }
+    let lost = ledger.lost_epochs();
+    finals_tx.send_replace(Some(
+        ledger
+            .stored
+            .iter()
+            .map(|(channel, stored)| (channel.clone(), *stored.last().unwrap()))
+            .collect(),
+    ));
+    let mut resets = 0;
+    for (name, subscriber) in subscribers {
+        let got = match subscriber.await {
+            Ok(Ok(got)) => got,
+            Ok(Err(why)) => panic!("seed {seed}: {name}: {why}"),
+            Err(err) => panic!("seed {seed}: {name} failed: {err}"),
+        };
+        for channel in &all {
+            let items = got.get(channel).map(Vec::as_slice).unwrap_or_default();
+            if let Err(why) = check_channel(&ledger, &lost[channel], channel, items) {
+                panic!("seed {seed}: {name} on {channel}: {why}\nwhat it got: {items:?}");
+            }
+            resets += items
+                .iter()
+                .filter(|g| matches!(g, Got::Reset { .. }))
+                .count();
+        }
+    }
+    assert!(
+        refused_healthy.is_empty(),
+        "seed {seed}: publishes to channels of healthy masters failed: {refused_healthy:?}"
+    );
+    let mut unasked = 0;
+    for node in &nodes {
+        let (_, metrics) = common::get(&format!("http://{}/metrics", node.api)).await;
+        unasked += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pushgate_redis_unsolicited_unsubscribes_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    let lost_any = lost.values().any(|l: &HashSet<String>| !l.is_empty());
+    eprintln!(
+        "cluster fault {fault:?}, seed {seed}: {} refused on the faulty master, {resets} resets, data lost: {lost_any}, {unasked} unasked unsubscribes",
+        faulty_tally.refused.load(Ordering::Relaxed)
+    );
+    if let Fault::Restart { empty: true } = fault {
+        assert!(lost_any, "seed {seed}: the empty restart lost the streams");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_restarted_empty_under_load_leaves_no_silent_gap() {
+    run(RedisCluster::start(3), Fault::Restart { empty: true }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_restarted_from_its_aof_under_load_loses_nothing() {
+    let cluster =
+        RedisCluster::start_with(3, 0, &["--appendonly", "yes", "--appendfsync", "always"]);
+    run(cluster, Fault::Restart { empty: false }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_promoted_under_load_leaves_no_silent_gap() {
+    run(RedisCluster::start_with(3, 1, &[]), Fault::FailOver).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_of_subscribed_channels_moved_under_load_leave_no_silent_gap() {
+    run(RedisCluster::start(3), Fault::Reshard).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_hangs_under_load_fails_only_its_own_channels() {
+    run(RedisCluster::start(3), Fault::Hang).await;
+}
