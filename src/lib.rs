@@ -106,7 +106,6 @@
 //!       again and checked after every topology event.
 //!     - `broker::redis::presence`: presence and connection places, kept
 //!       fresh.
-//!     - `broker::redis::url`: `engine.redis.url` and its CA file, checked.
 //! - [`channels`]: the channel rules (presence by prefix), and local
 //!   subscriptions counted across the hub and the engine, with one way out.
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
@@ -132,6 +131,7 @@
 //!   - `config::origin`: allowed origin patterns.
 //!   - `config::tls`: certificate and key loading, ALPN.
 //!   - `config::jwt`: the JWT key and where it comes from.
+//!   - `config::redis`: `engine.redis.url` checked, and its CA file read.
 //!   - `config::units`: sizes (`32KiB`) and durations (`10s`).
 //!   - `config::tests`: loading and checking, end to end.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and

@@ -66,7 +66,7 @@ impl Node {
                     RedisOptions {
                         url: redis.url.clone(),
                         cluster: redis.cluster,
-                        tls_ca_file: redis.tls_ca_file.clone(),
+                        tls_ca: settings.redis_ca.clone(),
                         prefix: redis.prefix.clone(),
                         history_size: config.history.size,
                         history_ttl: config.history.ttl,

@@ -65,7 +65,7 @@ fn redis_options(redis: &Redis, options: MemoryOptions) -> RedisOptions {
     RedisOptions {
         url: redis.url(),
         cluster: false,
-        tls_ca_file: None,
+        tls_ca: None,
         prefix: "pushgate-test".into(),
         history_size: options.history_size,
         history_ttl: options.history_ttl,

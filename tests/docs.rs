@@ -1,4 +1,5 @@
-//! The docs name only what exists, and the crate doc names everything.
+//! The docs name only what exists, the crate doc names everything, and the
+//! modules import one another without a loop.
 //!
 //! - docs/architecture.md: every source file (`src/...rs`, or a path like
 //!   `proxy/h1.rs` relative to src/), every source folder it names in code
@@ -7,10 +8,13 @@
 //!   module file under src/, and no item for a module that is gone.
 //! - Every relative link in the docs (docs/**/*.md and README.md) points to
 //!   a file that exists, and a `#fragment` to a heading of that page.
+//! - src/: the graph of which top-level module imports which (read from the
+//!   `crate::` paths of the code, tests aside) has no cycle, and `config`
+//!   imports only modules that import nothing.
 //!
 //! Plain file reads: no server, nothing timed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -385,4 +389,173 @@ fn anchors_follow_github() {
     .map(|s| s.to_string())
     .collect();
     assert_eq!(found, expected);
+}
+
+/// The top-level modules each top-level module's code names through
+/// `crate::` (in `use` lines and inline paths, groups included). Test code
+/// is left out: a test may use any module. Line comments are dropped, so a
+/// doc comment naming a module is no import.
+fn import_graph() -> BTreeMap<String, BTreeSet<String>> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).expect("listing src/") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let src = root().join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for path in files {
+        let relative = path.strip_prefix(&src).expect("under src/");
+        let first = relative.components().next().expect("a path");
+        let top = first
+            .as_os_str()
+            .to_str()
+            .expect("UTF-8")
+            .trim_end_matches(".rs");
+        let test_file = relative.file_name().is_some_and(|n| n == "tests.rs");
+        if ["lib", "main"].contains(&top) || test_file {
+            continue;
+        }
+        let text = read(&path);
+        let code = text
+            .split("#[cfg(test)]\nmod tests {")
+            .next()
+            .expect("split gives one part");
+        let code: String = code
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let imports = graph.entry(top.to_owned()).or_default();
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find("crate::") {
+            rest = &rest[at + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                // `crate::{a::b, c::{d, e}}`: the first segment of each
+                // top-level item of the group.
+                let mut depth = 0;
+                let mut item = String::new();
+                for ch in group.chars() {
+                    match ch {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            imports.insert(first_segment(&item));
+                            item.clear();
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    item.push(ch);
+                }
+                imports.insert(first_segment(&item));
+            } else {
+                imports.insert(first_segment(rest));
+            }
+        }
+        imports.remove("");
+        imports.remove(top);
+    }
+    graph
+}
+
+fn first_segment(path: &str) -> String {
+    path.trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// A cycle of `graph`, if it has one, as the modules along it.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        marks: &mut BTreeMap<String, Mark>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match marks.get(node) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Open) => {
+                let from = path.iter().position(|n| n == node).expect("on the path");
+                let mut cycle = path[from..].to_vec();
+                cycle.push(node.to_owned());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        marks.insert(node.to_owned(), Mark::Open);
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, marks, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        marks.insert(node.to_owned(), Mark::Done);
+        None
+    }
+    let mut marks = BTreeMap::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut marks, &mut Vec::new()))
+}
+
+#[test]
+fn modules_import_one_another_without_a_loop() {
+    let graph = import_graph();
+    assert!(graph.len() >= 20, "only {} modules read", graph.len());
+    assert!(
+        graph["node"].contains("config") && graph["transport"].contains("auth"),
+        "the reader misses imports: {graph:?}"
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("src/ modules import in a loop: {}", cycle.join(" -> "));
+    }
+    // config is parsed first and used by everything: it may import only
+    // modules that themselves import nothing.
+    for module in &graph["config"] {
+        assert!(
+            graph.get(module).is_none_or(BTreeSet::is_empty),
+            "config imports `{module}`, which imports {:?}",
+            graph[module]
+        );
+    }
+}
+
+#[test]
+fn the_loop_finder_finds_loops() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (from, to) in edges {
+            graph
+                .entry((*from).into())
+                .or_default()
+                .insert((*to).into());
+            graph.entry((*to).into()).or_default();
+        }
+        graph
+    };
+    assert_eq!(
+        find_cycle(&graph(&[("a", "b"), ("b", "c"), ("a", "c")])),
+        None
+    );
+    assert_eq!(
+        find_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+    assert_eq!(first_segment(" hub::Hub"), "hub");
+    assert_eq!(first_segment("config::{A, B}"), "config");
 }

@@ -21,11 +21,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    replay_from, Broker, BrokerError, EngineStats, History, Member, Order, OrderHandler,
+    replay_from, Broker, BrokerError, EngineStats, Fanout, History, Member, Order, OrderHandler,
     PresenceMode, Publish, PublishOutcome, Published, EPOCH_MOVE_INTERVAL,
 };
 use crate::cursor::{Epoch, Position};
-use crate::hub::Hub;
 use crate::message::{now_ms, ChannelName, EventName, Publication};
 
 /// Shards of the channel map; publishes to different shards never contend.
@@ -45,7 +44,7 @@ pub struct MemoryOptions {
 pub struct MemoryBroker {
     shards: Box<[Mutex<HashMap<ChannelName, Channel>>]>,
     hasher: RandomState,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     options: MemoryOptions,
     idempotency: Mutex<Idempotency>,
     /// Publications held in history across all channels, for /metrics.
@@ -143,7 +142,7 @@ impl Idempotency {
 impl MemoryBroker {
     /// Creates the engine and starts its sweeper (which stops when the
     /// engine is dropped).
-    pub fn new(hub: Arc<Hub>, options: MemoryOptions) -> Arc<MemoryBroker> {
+    pub fn new(hub: Arc<dyn Fanout>, options: MemoryOptions) -> Arc<MemoryBroker> {
         let broker = Arc::new(MemoryBroker {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),

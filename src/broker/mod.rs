@@ -345,6 +345,19 @@ pub enum Order {
 /// Carries out orders that arrive from other nodes.
 pub type OrderHandler = Arc<dyn Fn(Order) + Send + Sync>;
 
+/// Where an engine hands what it hears: this node's local fan-out (the
+/// hub). Engines see only this, so they depend on no part of the node.
+pub trait Fanout: Send + Sync + 'static {
+    /// Hands `publication` to its channel's local subscribers, in the order
+    /// of the calls for that channel; returns how many it reached.
+    fn deliver(&self, publication: &Arc<Publication>) -> usize;
+
+    /// Whether `channel` has a subscriber on this node. An engine asks when
+    /// it is about to stop listening, so a late release never silences a
+    /// channel a new subscriber joined.
+    fn has_subscribers(&self, channel: &str) -> bool;
+}
+
 /// What a channel does about who is subscribed (from `channels` rules).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PresenceMode {

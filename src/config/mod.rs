@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub mod jwt;
 mod load;
 mod origin;
+mod redis;
 mod settings;
 #[cfg(test)]
 mod tests;

@@ -36,6 +36,8 @@ pub struct Settings {
     pub forward_headers: Vec<HeaderName>,
     /// `log.level`.
     pub log_directives: Vec<Directive>,
+    /// `engine.redis.tls_ca_file`'s certificates (PEM), read once.
+    pub redis_ca: Option<Vec<u8>>,
 }
 
 /// How realtime connections are authorized (`auth.mode`).
@@ -87,6 +89,7 @@ impl Settings {
             untrusted_headers,
             tls,
             allowed_origins,
+            redis_ca,
             auth_paths: _,
             forward_headers,
             jwt: _,
@@ -104,6 +107,7 @@ impl Settings {
                     auth,
                     forward_headers,
                     log_directives,
+                    redis_ca,
                 })
             }
             // A value that did not parse left a problem behind.
@@ -124,6 +128,7 @@ struct Parsed {
     untrusted_headers: Vec<HeaderName>,
     tls: Option<Arc<rustls::ServerConfig>>,
     allowed_origins: Vec<OriginPattern>,
+    redis_ca: Option<Vec<u8>>,
     auth_paths: Option<AuthPaths>,
     forward_headers: Vec<HeaderName>,
     /// Loaded only when `auth.mode` is `jwt`.
@@ -349,18 +354,17 @@ impl Config {
                 );
             }
         }
+        let mut redis_ca = None;
         if self.engine.kind == EngineKind::Redis {
             let redis = &self.engine.redis;
-            if let Err(why) = crate::broker::redis::parse_url(&redis.url) {
+            if let Err(why) = super::redis::parse_url(&redis.url) {
                 problem(
                     "engine.redis.url",
                     why,
                     "write redis://[user:password@]host:port[/db] or rediss://… for TLS",
                 );
             }
-            if redis.cluster
-                && crate::broker::redis::url_database(&redis.url).is_some_and(|db| db != 0)
-            {
+            if redis.cluster && super::redis::url_database(&redis.url).is_some_and(|db| db != 0) {
                 problem(
                     "engine.redis.cluster",
                     "a Redis Cluster has only database 0".into(),
@@ -368,12 +372,13 @@ impl Config {
                 );
             }
             if let Some(file) = &redis.tls_ca_file {
-                if let Err(why) = crate::broker::redis::read_ca_file(file) {
-                    problem(
+                match super::redis::read_ca_file(file) {
+                    Ok(pem) => redis_ca = Some(pem),
+                    Err(why) => problem(
                         "engine.redis.tls_ca_file",
                         why,
                         "give a readable PEM file holding one or more CA certificates",
-                    );
+                    ),
                 }
             }
             let prefix_ok = !redis.prefix.is_empty()
@@ -649,6 +654,7 @@ impl Config {
             untrusted_headers,
             tls,
             allowed_origins,
+            redis_ca,
             auth_paths,
             forward_headers,
             jwt,

@@ -50,6 +50,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::broker::Fanout;
 use crate::signal::{Signal, Wait};
 
 use crate::message::{ChannelName, Publication};
@@ -685,6 +686,16 @@ impl Hub {
     /// Publications handed to sessions so far.
     pub fn delivered_total(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
+    }
+}
+
+impl Fanout for Hub {
+    fn deliver(&self, publication: &Arc<Publication>) -> usize {
+        Hub::deliver(self, publication)
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        Hub::has_subscribers(self, channel)
     }
 }
 

@@ -7,7 +7,6 @@ use redis::{Client, Value};
 use std::sync::Arc;
 
 use super::router::Router;
-use super::url::read_ca_file;
 use super::RedisOptions;
 use crate::broker::BrokerError;
 
@@ -69,12 +68,12 @@ pub(super) fn client_for(options: &RedisOptions, url: &str) -> Result<Client, St
         // rustls needs a process-wide provider; pushgate uses ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    let client = match &options.tls_ca_file {
-        Some(file) => Client::build_with_tls(
+    let client = match &options.tls_ca {
+        Some(pem) => Client::build_with_tls(
             url,
             redis::TlsCertificates {
                 client_tls: None,
-                root_cert: Some(read_ca_file(file)?),
+                root_cert: Some(pem.clone()),
             },
         ),
         None => Client::open(url),

@@ -56,7 +56,6 @@ mod listener;
 mod presence;
 mod router;
 mod scripts;
-pub mod url;
 mod wire;
 
 use std::collections::HashMap;
@@ -77,15 +76,13 @@ use self::scripts::{
     parse_history_reply, parse_publish_reply, HISTORY_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT,
     PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
 };
-pub use self::url::{parse_url, read_ca_file, url_database};
 use self::wire::WIRE_PRESENCE;
 pub use self::wire::{decode, encode};
 use super::{
-    replay_from, Broker, BrokerError, EngineStats, History, Member, Order, OrderHandler,
+    replay_from, Broker, BrokerError, EngineStats, Fanout, History, Member, Order, OrderHandler,
     PresenceMode, Publish, PublishOutcome, Published, RedisStats,
 };
 use crate::cursor::{Epoch, Position};
-use crate::hub::Hub;
 use crate::message::{compact_json, ChannelName, EventName, Publication};
 
 /// Reconnect backoff of the pub/sub connection: from the first to the cap,
@@ -106,7 +103,9 @@ pub struct RedisOptions {
     /// `url` is one node of a Redis Cluster: keys and sharded pub/sub are
     /// routed by slot.
     pub cluster: bool,
-    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// The CA certificates (PEM) a `rediss://` server is checked against,
+    /// beside the system's: `engine.redis.tls_ca_file`'s, read once.
+    pub tls_ca: Option<Vec<u8>>,
     pub prefix: String,
     pub history_size: usize,
     pub history_ttl: Duration,
@@ -149,7 +148,7 @@ struct Stats {
 /// stream (a resync, which may end in a reset) is under way. A session
 /// reads history only once its subscribe returned, which is once the
 /// channel is live, and drops what the hub was handed before that read
-/// ([`Hub::discard`]). So the read plus what the hub is handed afterwards
+/// (`Hub::discard`). So the read plus what the hub is handed afterwards
 /// cover every publication after the session's position, and no reset made
 /// from a reading of the stream older than the session's own reaches it.
 /// This rests on the node knowing its connection is down: until the
@@ -179,7 +178,7 @@ struct Shared {
     /// `PUBLISH`, or `SPUBLISH` (sharded, to the channel's slot) on a
     /// cluster.
     publish_command: &'static str,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     keys: Keys,
     options: RedisOptions,
     publish_script: Script,
@@ -214,7 +213,7 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Creates the engine and starts its listener. Redis need not be up:
     /// the engine connects when it is, and reports unavailable until then.
-    pub fn new(hub: Arc<Hub>, options: RedisOptions) -> Result<Arc<RedisBroker>, String> {
+    pub fn new(hub: Arc<dyn Fanout>, options: RedisOptions) -> Result<Arc<RedisBroker>, String> {
         let (conn, listen) = if options.cluster {
             let router = Arc::new(Router::new(&options));
             (Connector::Cluster(router.clone()), Listen::Cluster(router))

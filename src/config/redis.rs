@@ -1,9 +1,9 @@
-//! `engine.redis.url` and its TLS CA file, checked for config validation.
-//! A leaf: it uses the redis crate's URL parser and nothing of pushgate.
+//! `engine.redis.url` and its TLS CA file, checked while loading; the CA
+//! file is read then, once, and the engine is handed its bytes.
 
 use std::path::Path;
 
-/// Checks an `engine.redis.url`, for config validation.
+/// Checks an `engine.redis.url`.
 pub fn parse_url(url: &str) -> Result<(), String> {
     use redis::IntoConnectionInfo;
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
