@@ -1,5 +1,10 @@
 //! Loading: the YAML file, the `PUSHGATE_*` overrides laid over it, and a
 //! report of every problem at once.
+//!
+//! The layering is written here rather than with figment: figment stops at
+//! the first value that does not deserialize, while a user of pushgate gets
+//! every problem in one report, each with the key, where the value came
+//! from (the file, or the environment variable's name) and how to fix it.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,4 +1,11 @@
 //! The units config values are written in: sizes and durations.
+//!
+//! Durations are parsed by `humantime`; the wrapper here adds what
+//! humantime-serde lacks: a bare number is refused with a message that asks
+//! for a unit, and anything over ten years is refused before it can
+//! overflow a deadline. Sizes are parsed here rather than by `bytesize`,
+//! which reads `K` and `M` as powers of 1,000: configs written for pushgate
+//! say `32K` meaning 32 KiB, and would change meaning.
 
 use std::fmt;
 use std::time::Duration;
