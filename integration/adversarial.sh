@@ -4,7 +4,7 @@
 # to thousands of slow clients, floods of tens of thousands of requests,
 # and longer chaos runs (docs/security.md).
 #
-#   integration/adversarial.sh            every adversarial test file
+#   integration/adversarial.sh            every adversarial test module
 #   integration/adversarial.sh adversarial   one of them
 #
 # Needs what `cargo test` needs (redis-server for the Redis runs). The
@@ -17,8 +17,24 @@ files=("$@")
 if ((${#files[@]} == 0)); then
     files=(adversarial ws_abuse websocket cursors chaos)
 fi
-args=()
+# Each file is a module of one of the test binaries (tests/*/main.rs);
+# its tests are picked by their module path.
+binary_of() {
+    case $1 in
+    adversarial | proxy | limits | process | demo) echo proxy ;;
+    websocket | ws_abuse | sse_poll | presence | cursors | exactness | auth | jwt | jwks) echo realtime ;;
+    *) echo "$1" ;;
+    esac
+}
+# One run per binary, with the modules wanted of it as filters (none: all).
+declare -A wanted=()
+order=()
 for file in "${files[@]}"; do
-    args+=(--test "$file")
+    binary=$(binary_of "$file")
+    [[ -v "wanted[$binary]" ]] || { wanted[$binary]=""; order+=("$binary"); }
+    [[ $binary == "$file" ]] || wanted[$binary]+=" $file::"
 done
-PUSHGATE_SUITE_SIZE=full cargo test "${args[@]}" -- --test-threads=1
+for binary in "${order[@]}"; do
+    # shellcheck disable=SC2086 # the filters are words
+    PUSHGATE_SUITE_SIZE=full cargo test --test "$binary" -- --test-threads=1 ${wanted[$binary]}
+done

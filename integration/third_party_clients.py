@@ -21,7 +21,7 @@ or the same in REALTIME_PUBLIC_ADDR, REALTIME_API_ADDR and REALTIME_API_KEY.
 Exits 0 when every check passes, 1 with a `FAIL:` line naming the first one
 that did not, 2 on bad usage or an unexpected error. Every wait is bounded.
 
-tests/third_party.rs runs this in a virtualenv built from requirements.txt
+tests/clients/third_party.rs runs this in a virtualenv built from requirements.txt
 beside it, as part of `cargo test`.
 """
 

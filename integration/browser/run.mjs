@@ -1,5 +1,5 @@
 // pushgate's demo in a real browser: headless Chromium (Debian's `chromium`)
-// driven by playwright-core. tests/browser.rs runs one scenario per test:
+// driven by playwright-core. tests/clients/browser.rs runs one scenario per test:
 //
 //   node run.mjs --scenario NAME --pushgate BIN --artifacts DIR [--redis URL]
 //

@@ -575,7 +575,7 @@ pub async fn get_raw(
 /// The Python virtualenv the tests run third-party code in (`target/pyenv`),
 /// built with `python3 -m venv` from the pinned `integration/requirements.txt`
 /// and reused while that file is unchanged. The same one, built the same way,
-/// as `tests/third_party.rs` builds: either test reuses what the other built.
+/// as `tests/clients/third_party.rs` builds: either test reuses what the other built.
 pub mod chaos;
 pub mod node;
 pub mod recording;

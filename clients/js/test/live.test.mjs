@@ -1,6 +1,6 @@
 // The client against real pushgate servers: positions and resume on each
 // transport, the cursor it builds, resets, and what it does on 4001, 4029,
-// 4000 and 4008. tests/client_js.rs starts the servers and runs this file
+// 4000 and 4008. tests/clients/client_js.rs starts the servers and runs this file
 // with `node --experimental-websocket --test` (Node 20 has WebSocket behind
 // that flag; fetch streams SSE).
 //
@@ -16,7 +16,7 @@ import { connect } from "../pushgate.js";
 
 const env = (name) => {
   const value = process.env[name];
-  assert.ok(value, `${name} is not set: run this file through tests/client_js.rs`);
+  assert.ok(value, `${name} is not set: run this file through tests/clients/client_js.rs`);
   return value;
 };
 const PUBLIC = env("PUSHGATE_PUBLIC");

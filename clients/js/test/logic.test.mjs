@@ -1,6 +1,6 @@
 // The client's pure logic: FNV-1a, the cursor codec, backoff and the
 // close-code policy. Run: node --test clients/js/test/logic.test.mjs
-// (tests/client_js.rs runs it in `cargo test`).
+// (tests/clients/client_js.rs runs it in `cargo test`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 

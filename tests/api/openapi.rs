@@ -4,7 +4,7 @@
 //! status. Secured operations must refuse a missing or wrong key with a
 //! documented 401, and every route the server answers must be in the spec.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -2,9 +2,9 @@
 //! client it serves, the toy login answering pushgate's auth request, a
 //! publish through the app reaching an SSE stream, the cross-site guard,
 //! logout closing the user's streams, and a clean exit on SIGTERM. (The page
-//! itself runs in Chromium in tests/browser.rs.)
+//! itself runs in Chromium in tests/clients/browser.rs.)
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

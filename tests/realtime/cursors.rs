@@ -4,7 +4,7 @@
 //! leave a silent gap, and are refused with a reason when they are not
 //! cursors at all.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};

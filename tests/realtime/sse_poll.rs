@@ -3,7 +3,7 @@
 //! parsing `retry:`, `event:`, `data:`, `id:` lines and `:` comments) and a
 //! long-poll loop. Every wait is bounded; nothing sleeps and hopes.
 
-mod common;
+use crate::common;
 
 use std::any::Any;
 use std::collections::VecDeque;

@@ -1,7 +1,7 @@
 //! The publish/admin API over real HTTP: publish forms, history, channels,
 //! health, metrics, and every whole-request error.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Pushgate, Upstream, API_KEY};

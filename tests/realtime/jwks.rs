@@ -4,7 +4,7 @@
 //! cannot hammer the JWKS server, and no keys means "try again", never a
 //! pass.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -6,11 +6,11 @@
 //! forbidden another user's channel, kept open across a grant refresh, and
 //! closed at logout.
 //!
-//! Flask comes from the virtualenv `target/pyenv` that `tests/third_party.rs`
+//! Flask comes from the virtualenv `target/pyenv` that `tests/clients/third_party.rs`
 //! also uses (see `common::pyenv`), built from `integration/requirements.txt`;
 //! it needs `python3` with `venv` and PyPI.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,8 +27,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/flask-chat/app.py");
-const CONFIG: &str = include_str!("../examples/flask-chat/pushgate.yaml");
-const EXAMPLE_REQUIREMENTS: &str = include_str!("../examples/flask-chat/requirements.txt");
+const CONFIG: &str = include_str!("../../examples/flask-chat/pushgate.yaml");
+const EXAMPLE_REQUIREMENTS: &str = include_str!("../../examples/flask-chat/requirements.txt");
 
 /// The longest any one step may take.
 const STEP: Duration = Duration::from_secs(10);

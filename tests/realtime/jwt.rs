@@ -1,7 +1,7 @@
 //! JWT mode: tokens from every place, every way a token can be wrong, and the
 //! refresh command.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,7 +1,7 @@
 //! The reverse proxy, end to end: a real upstream app, pushgate in front,
 //! real HTTP clients, all on ephemeral ports.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -2,7 +2,7 @@
 //! sockets: commands and replies, resume without loss, resets, slow
 //! consumers, the heartbeat, Origin, limits, malformed input, shutdown.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

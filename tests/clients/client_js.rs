@@ -6,7 +6,7 @@
 //! Needs Node.js 20 or newer, and npm for the size check (`npm ci` into
 //! integration/browser/node_modules, done here when missing).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -22,7 +22,7 @@ const MAX_GZIPPED: usize = 6 * 1024;
 const NODE_TIMEOUT: Duration = Duration::from_secs(240);
 const JWT_SECRET: &str = "client-js-test-secret-0123456789abcdef";
 
-const SOURCE: &str = include_str!("../clients/js/pushgate.js");
+const SOURCE: &str = include_str!("../../clients/js/pushgate.js");
 
 async fn fetch(
     url: String,

@@ -8,7 +8,7 @@
 //! the next users' requests, on the same pooled connections, arrive whole
 //! and get their own answers.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! the memory engine, and across nodes (one of them the real binary, killed
 //! without warning) with Redis.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

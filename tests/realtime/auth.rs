@@ -2,7 +2,7 @@
 //! sent, every way it can answer, grants enforced on every transport, and
 //! the grant cache.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

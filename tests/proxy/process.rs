@@ -2,7 +2,7 @@
 //! overrides, signals and the drain, memory while streaming, limits derived
 //! from the open-file limit.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

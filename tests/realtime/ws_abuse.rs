@@ -11,7 +11,7 @@
 //!
 //! `PUSHGATE_SUITE_SIZE=full` makes the floods and the property test larger.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

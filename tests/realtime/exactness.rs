@@ -4,7 +4,7 @@
 //! channels still hears every one of them; idempotent publishes compare
 //! JSON values, not bytes; a drain answers every long-poll in flight.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Instant;

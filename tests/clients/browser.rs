@@ -9,7 +9,7 @@
 //! `/usr/bin/chromium` is missing (as root); the npm packages are installed
 //! with `npm ci` from integration/browser/package-lock.json when missing.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

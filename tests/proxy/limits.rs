@@ -1,7 +1,7 @@
 //! Limits on what a client controls: the request-head deadline (slowloris),
 //! header size and count, and the connection limit.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

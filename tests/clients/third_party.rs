@@ -7,7 +7,7 @@
 //! it needs `python3` with `venv` and `ensurepip` (Debian: the `python3-venv`
 //! package) and PyPI; without them the test fails and says so.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

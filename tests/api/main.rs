@@ -1,0 +1,8 @@
+//! The publish/admin API and its OpenAPI description: one test binary, so
+//! the shared support in tests/common is built once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api;
+mod openapi;

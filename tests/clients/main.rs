@@ -1,0 +1,11 @@
+//! Real clients: the browser client library in Node and in Chromium,
+//! third-party Python clients, and the example app: one test binary, so the
+//! shared support in tests/common is built once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod browser;
+mod client_js;
+mod example_app;
+mod third_party;

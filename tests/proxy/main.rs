@@ -1,0 +1,11 @@
+//! The proxy, what it refuses, its limits, and the binary as a process: one
+//! test binary, so the shared support in tests/common is built once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod adversarial;
+mod demo;
+mod limits;
+mod process;
+mod proxy;

@@ -1,0 +1,16 @@
+//! The realtime transports (WebSocket, SSE, long-poll), resume and
+//! cursors, presence, exactness, and how connections are authorized: one
+//! test binary, so the shared support in tests/common is built once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod auth;
+mod cursors;
+mod exactness;
+mod jwks;
+mod jwt;
+mod presence;
+mod sse_poll;
+mod websocket;
+mod ws_abuse;
