@@ -323,8 +323,8 @@ fn recovery_decisions() {
     assert_eq!(replay_from(at(e, 9), e, 10, 11), None);
 }
 /// Fingerprints are stored with idempotency keys and compared across
-/// nodes, so they are a format: these values were computed before the hash
-/// moved to the `fnv` crate, and must never change.
+/// nodes, which may run different versions: they are a format, pinned
+/// here, and must never change.
 #[test]
 fn fingerprints_are_a_stable_format() {
     assert_eq!(
