@@ -171,6 +171,16 @@ struct Tracked {
     /// while the connection is down and while the channel is checked
     /// against its stream.
     live: bool,
+    /// The token of the publication at `last` (see `wire::WIRE_TOKEN`):
+    /// what a check of the channel against its stream compares with the
+    /// entry there. `None` when `last` is not a publication this node was
+    /// handed with one (a reset point, an empty stream, an older writer).
+    token: Option<String>,
+    /// An epoch the channel was moved away from after this node last read
+    /// it: its publications still on their way through the pub/sub
+    /// connection were published before the move, covered by the reset
+    /// already handed to the hub, and are dropped.
+    retired: Option<Epoch>,
 }
 
 /// State shared by the broker and its listener task.
@@ -433,7 +443,8 @@ impl Shared {
             .arg(name)
             .arg(publish.event.as_ref().map_or("", EventName::as_str))
             .arg(data)
-            .arg(self.publish_command);
+            .arg(self.publish_command)
+            .arg(format!("{:016x}", rand::random::<u64>()));
         let invocation = &invocation;
         let value: Value = self
             .run(
@@ -461,6 +472,22 @@ impl Shared {
         since: Option<Position>,
         limit: usize,
     ) -> Result<History, BrokerError> {
+        let (history, _tokens) = self.read_checked(channel, since, None, limit).await?;
+        Ok(history)
+    }
+
+    /// Reads a channel's stream like [`Shared::read`], and with `token`,
+    /// the node's own record of the publication at `since`, checks that
+    /// the stream still holds that publication there: when it does not,
+    /// the script moves the channel to a new epoch and the history read is
+    /// not recovered. Also returns each publication's token.
+    async fn read_checked(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        token: Option<&str>,
+        limit: usize,
+    ) -> Result<(History, Vec<Option<String>>), BrokerError> {
         let name = channel.as_str();
         let (since_epoch, since_offset) = match since {
             Some(since) => (since.epoch.as_str().to_owned(), since.offset),
@@ -475,7 +502,8 @@ impl Shared {
             .arg(limit.min(self.options.history_size))
             .arg(millis(self.options.history_ttl))
             .arg(Epoch::random().as_str())
-            .arg(millis(super::EPOCH_MOVE_INTERVAL));
+            .arg(millis(super::EPOCH_MOVE_INTERVAL))
+            .arg(token.unwrap_or(""));
         // The script may move the epoch; doing so twice is harmless.
         let invocation = &invocation;
         let value: Value = self
@@ -486,21 +514,25 @@ impl Shared {
             )
             .await?;
         let unexpected = || BrokerError::Unavailable(format!("unexpected history reply {value:?}"));
-        let (epoch, top, len, payloads) = parse_history_reply(&value).ok_or_else(unexpected)?;
-        let Some(epoch) = epoch else {
+        let reply = parse_history_reply(&value).ok_or_else(unexpected)?;
+        let (top, len) = (reply.top, reply.len);
+        let Some(epoch) = reply.epoch else {
             // Unknown channel: empty, offset 0, valid in any later epoch.
-            return Ok(History {
-                publications: Vec::new(),
-                position: Position::new(Epoch::random(), 0),
-                recovered: since.is_none_or(|since| since.offset == 0),
-            });
+            return Ok((
+                History {
+                    publications: Vec::new(),
+                    position: Position::new(Epoch::random(), 0),
+                    recovered: since.is_none_or(|since| since.offset == 0),
+                },
+                Vec::new(),
+            ));
         };
         let position = Position::new(epoch, top);
         let oldest = top + 1 - len.min(top);
-        let mut publications = Vec::with_capacity(payloads.len());
-        for payload in payloads.iter().rev() {
-            match decode(payload) {
-                Some(publication) => publications.push(Arc::new(publication)),
+        let mut publications = Vec::with_capacity(reply.payloads.len());
+        for (payload, token) in reply.payloads.into_iter().rev() {
+            match decode(&payload) {
+                Some(publication) => publications.push((Arc::new(publication), token)),
                 None => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     return Err(BrokerError::Unavailable(format!(
@@ -513,16 +545,20 @@ impl Shared {
             None => 1,
             Some(since) => match replay_from(since, epoch, top, oldest) {
                 Some(first) => first,
-                None => return Ok(History::lost(position)),
+                None => return Ok((History::lost(position), Vec::new())),
             },
         };
-        publications.retain(|p| p.position().epoch == epoch && p.offset() >= first);
+        publications.retain(|(p, _)| p.position().epoch == epoch && p.offset() >= first);
         publications.truncate(limit);
-        Ok(History {
-            publications,
-            position,
-            recovered: true,
-        })
+        let (publications, tokens) = publications.into_iter().unzip();
+        Ok((
+            History {
+                publications,
+                position,
+                recovered: true,
+            },
+            tokens,
+        ))
     }
 
     /// Marks every tracked channel live, or none (see [`Tracked::live`]).
@@ -544,18 +580,24 @@ impl Shared {
         }
     }
 
-    /// Hands a publication from Redis to the hub, once and in order.
-    fn deliver(&self, publication: Arc<Publication>) {
+    /// Hands a publication from Redis to the hub, once and in order, with
+    /// its token (see [`Tracked::token`]).
+    fn deliver(&self, publication: Arc<Publication>, token: Option<String>) {
         let mut tracked = self.tracked.lock().expect("tracked lock");
         let Some(state) = tracked.get_mut(publication.channel().as_str()) else {
             return; // No longer listened to here.
         };
+        let epoch = publication.position().epoch;
+        if state.retired == Some(epoch) {
+            return; // Published before a move this node reset its subscribers for.
+        }
         if let Some(last) = state.last {
-            if last.epoch == publication.position().epoch && publication.offset() <= last.offset {
+            if last.epoch == epoch && publication.offset() <= last.offset {
                 return; // Delivered already (a resync overlapping live ones).
             }
         }
         state.last = Some(publication.position());
+        state.token = token;
         // Under the lock, so a resync and the live path never interleave.
         self.hub.deliver(&publication);
     }
@@ -565,21 +607,46 @@ impl Shared {
     /// (they wait for `live`): from here on the hub is handed everything
     /// (see [`Tracked`]).
     async fn start_at_stream(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let position = self.read(channel, None, 0).await?.position;
+        // The newest publication too, for its token: where this node
+        // starts is checked like any publication it handed on.
+        let (history, tokens) = self.read_checked(channel, None, None, 1).await?;
+        let position = history.position;
+        let token = match history.publications.last() {
+            Some(newest) if newest.position() == position => tokens.last().cloned().flatten(),
+            _ => None,
+        };
         let mut tracked = self.tracked.lock().expect("tracked lock");
         if let Some(state) = tracked.get_mut(channel.as_str()) {
-            state.last.get_or_insert(position);
+            if state.last.is_none() {
+                state.last = Some(position);
+                state.token = token;
+            }
         }
         Ok(())
     }
 
     /// Brings a channel's local subscribers up to its stream after the
-    /// pub/sub connection was lost: the gap from history, or a reset.
+    /// pub/sub connection was lost, or its subscription moved: the gap
+    /// from history, or a reset.
+    ///
+    /// The invariant that keeps a lost publication from being skipped
+    /// silently when the store numbered others over it (a promoted replica
+    /// that lacked the tail, a snapshot restored without it), enforced
+    /// here and in the history script: the gap after `last` is taken from
+    /// history only if the entry at `last` is still the publication this
+    /// node handed on (same token), read in the same script as the gap.
+    /// Otherwise the channel moves to a new epoch in Redis, once per loss
+    /// whichever nodes notice it: every position in the old epoch, a
+    /// client's cursor as well as a node's, is then answered with a reset,
+    /// and whatever was numbered in the old epoch after the loss is covered
+    /// by that reset (`retired` drops its copies still on their way). A
+    /// `last` without a token (not a publication handed on with one) is
+    /// checked only for being ahead of the stream.
     async fn resync(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let last = {
+        let (last, token) = {
             let tracked = self.tracked.lock().expect("tracked lock");
             match tracked.get(channel.as_str()) {
-                Some(state) => state.last,
+                Some(state) => (state.last, state.token.clone()),
                 None => return Ok(()),
             }
         };
@@ -588,17 +655,19 @@ impl Shared {
             // history yet: the stream's position now is where they start.
             return self.start_at_stream(channel).await;
         };
-        let history = self.read(channel, Some(since), usize::MAX).await?;
+        let (history, tokens) = self
+            .read_checked(channel, Some(since), token.as_deref(), usize::MAX)
+            .await?;
         if history.recovered {
-            for publication in history.publications {
-                self.deliver(publication);
+            for (publication, token) in history.publications.into_iter().zip(tokens) {
+                self.deliver(publication, token);
             }
             return Ok(());
         }
         // Not covered: the subscribers are told, and get what the stream
         // still holds after the reset point (all of it is newer than what
         // they lost).
-        let stream = self.read(channel, None, usize::MAX).await?;
+        let (stream, tokens) = self.read_checked(channel, None, None, usize::MAX).await?;
         let reset_to = match stream.publications.first() {
             Some(oldest) => Position::new(stream.position.epoch, oldest.offset() - 1),
             None => stream.position,
@@ -608,7 +677,7 @@ impl Shared {
             %channel,
             from = %since,
             to = %reset_to,
-            "engine: history does not cover what this node missed while Redis was away; subscribers get a reset"
+            "engine: history does not hold what this node handed on after that point; subscribers get a reset"
         );
         {
             let mut tracked = self.tracked.lock().expect("tracked lock");
@@ -616,13 +685,17 @@ impl Shared {
                 return Ok(());
             };
             state.last = Some(reset_to);
+            state.token = None;
+            if since.epoch != reset_to.epoch {
+                state.retired = Some(since.epoch);
+            }
             self.hub.deliver(&Arc::new(Publication::reset_marker(
                 channel.clone(),
                 reset_to,
             )));
         }
-        for publication in stream.publications {
-            self.deliver(publication);
+        for (publication, token) in stream.publications.into_iter().zip(tokens) {
+            self.deliver(publication, token);
         }
         Ok(())
     }

@@ -23,7 +23,11 @@ macro_rules! script {
 /// KEYS: meta, stream, channel idempotency key (may be absent).
 /// ARGV: new epoch, history size, ttl ms, meta ttl ms, idempotency window
 /// ms, fingerprint, pub/sub channel, then the wire header's channel and
-/// event, then data, then `PUBLISH` or `SPUBLISH`.
+/// event, then data, then `PUBLISH` or `SPUBLISH`, then the publication's
+/// token (random, unique to this publication: see `wire`).
+///
+/// The stream entry holds the payload (`p`) and the token (`n`); the
+/// pub/sub message is the token, then the payload (`wire::split_token`).
 ///
 /// Returns `{epoch, offset, 0}`, or `{epoch, offset, 1, fingerprint}` for a
 /// key seen before.
@@ -47,14 +51,14 @@ local top = redis.call('HINCRBY', meta, 'top', 1)
 local ttl = tonumber(ARGV[3])
 local payload = '1\n' .. ARGV[8] .. '\n' .. epoch .. '\n' .. string.format('%d', top) .. '\n'
   .. string.format('%d', now) .. '\n' .. ARGV[9] .. '\n' .. ARGV[10]
-redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload)
+redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload, 'n', ARGV[12])
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl))
 redis.call('PEXPIRE', stream, ttl)
 redis.call('PEXPIRE', meta, ARGV[4])
 if idem then
   redis.call('SET', idem, ARGV[6] .. ' ' .. epoch .. ' ' .. string.format('%d', top), 'PX', ARGV[5])
 end
-redis.call(ARGV[11], ARGV[7], payload)
+redis.call(ARGV[11], ARGV[7], 'n' .. ARGV[12] .. '\n' .. payload)
 return {epoch, top, 0}
 "#
 );
@@ -63,35 +67,65 @@ return {epoch, top, 0}
 ///
 /// KEYS: meta, stream. ARGV: the reader's epoch ('' for none), its offset,
 /// how many of the newest publications a reader without a position wants,
-/// ttl ms, an epoch to move to if the reader is ahead of the stream, the
-/// least ms between two such moves.
+/// ttl ms, an epoch to move to if the reader's position is not in the
+/// stream's history, the least ms between two such moves, and the token of
+/// the publication at the reader's position ('' when the reader is not a
+/// node checking its own position, or does not know it).
 ///
-/// Returns `{epoch, top, len, payloads newest first}`; epoch '' when the
-/// channel does not exist.
+/// Returns `{epoch, top, len, payloads newest first, their tokens}`; epoch
+/// '' when the channel does not exist; a token '' for an entry without one.
+///
+/// A channel moves to a new epoch (its stream dropped: nothing in it can
+/// be told apart from what a reader lost) when the store lost data a reader
+/// saw: the reader is ahead of the stream, or the entry at the reader's
+/// offset is not the publication it was handed (a promoted replica or a
+/// restored snapshot lacked the tail and numbered new publications over
+/// it). A token comes only from a node's own record of what it handed to
+/// its subscribers, so that evidence moves the epoch at once; a position
+/// alone may be forged, so it moves the epoch at most once per interval.
+/// Either move needs the reader's epoch to be the stream's, so one loss
+/// moves the epoch once, whichever nodes notice it.
 pub(super) const HISTORY_SCRIPT: &str = script!(
     r#"
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  return {'', 0, 0, {}}
+  return {'', 0, 0, {}, {}}
 end
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
 local since_epoch, since = ARGV[1], tonumber(ARGV[2])
+local token = ARGV[7]
+local function move()
+  epoch = ARGV[5]
+  redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
+  redis.call('DEL', stream)
+  return {epoch, top, 0, {}, {}}
+end
 if since_epoch == epoch and since > top then
   -- The reader saw offsets this stream no longer has: Redis lost data.
-  -- A new epoch makes every such position invalid, so none is reused. At
-  -- most one move per interval, so forged positions cannot keep resetting
-  -- everyone.
   local moved = tonumber(redis.call('HGET', meta, 'moved') or '0')
-  if now - moved >= tonumber(ARGV[6]) then
-    epoch = ARGV[5]
-    redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
-    redis.call('DEL', stream)
+  if token ~= '' or now - moved >= tonumber(ARGV[6]) then
+    return move()
   end
-  return {epoch, top, 0, {}}
+  return {epoch, top, 0, {}, {}}
 end
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - tonumber(ARGV[4])))
 local len = redis.call('XLEN', stream)
+local function token_of(entry)
+  local fields = entry[2]
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'n' then return fields[i + 1] end
+  end
+  return ''
+end
+if token ~= '' and since_epoch == epoch and since > 0 and top - since + 1 <= len then
+  -- The entry at the reader's offset, newest first: still the one it saw?
+  local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', top - since + 1)
+  local there = entries[top - since + 1]
+  if there and token_of(there) ~= token then
+    return move()
+  end
+end
 local want
 if since_epoch == '' then
   want = tonumber(ARGV[3])
@@ -101,14 +135,15 @@ else
   want = 0
 end
 if want > len then want = len end
-local out = {}
+local out, tokens = {}, {}
 if want > 0 then
   local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
   for i, entry in ipairs(entries) do
     out[i] = entry[2][2]
+    tokens[i] = token_of(entry)
   end
 end
-return {epoch, top, len, out}
+return {epoch, top, len, out, tokens}
 "#
 );
 
@@ -208,7 +243,15 @@ pub(super) fn parse_publish_reply(value: &Value) -> Option<(Epoch, u64, bool, Op
     Some((epoch, offset, duplicate, seen))
 }
 
-pub(super) type HistoryReply = (Option<Epoch>, u64, u64, Vec<Vec<u8>>);
+/// A history script's reply: the epoch (`None`: no such channel), top,
+/// stream length, payloads newest first and their tokens (`None` for an
+/// entry without one).
+pub(super) struct HistoryReply {
+    pub epoch: Option<Epoch>,
+    pub top: u64,
+    pub len: u64,
+    pub payloads: Vec<(Vec<u8>, Option<String>)>,
+}
 
 pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
     let Value::Array(items) = value else {
@@ -220,15 +263,27 @@ pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
     };
     let top = number(items.get(1)?)?;
     let len = number(items.get(2)?)?;
-    let payloads = match items.get(3)? {
-        Value::Array(entries) => entries
-            .iter()
-            .map(|entry| match entry {
-                Value::BulkString(bytes) => Some(bytes.clone()),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?,
-        _ => return None,
+    let (Value::Array(entries), Value::Array(tokens)) = (items.get(3)?, items.get(4)?) else {
+        return None;
     };
-    Some((epoch, top, len, payloads))
+    if entries.len() != tokens.len() {
+        return None;
+    }
+    let payloads = entries
+        .iter()
+        .zip(tokens)
+        .map(|(entry, token)| match entry {
+            Value::BulkString(bytes) => {
+                let token = text(token)?;
+                Some((bytes.clone(), (!token.is_empty()).then_some(token)))
+            }
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(HistoryReply {
+        epoch,
+        top,
+        len,
+        payloads,
+    })
 }

@@ -11,6 +11,32 @@ pub(super) const WIRE_VERSION: &str = "1";
 /// [`WIRE_VERSION`]).
 pub(super) const WIRE_PRESENCE: &str = "p\n";
 
+/// Tag of a publication's pub/sub message that carries its token: `n`, the
+/// token, a newline, then the payload as the stream holds it.
+///
+/// The token is random, made by the publishing node for this publication
+/// only, and kept beside the payload in the stream entry. A node remembers
+/// the token of the last publication it handed to its subscribers: the
+/// entry at that offset with another token is a different publication (the
+/// store lost the one the node saw and numbered another over it). Stream
+/// entry ids cannot tell that: a promoted replica whose clock lags numbers
+/// its entries after the last id it holds, which can be the id the lost
+/// entry had.
+pub(super) const WIRE_TOKEN: &[u8] = b"n";
+
+/// A pub/sub message's token and payload; a message without a token (from
+/// a node that wrote none) is all payload.
+pub(super) fn split_token(message: &[u8]) -> (Option<&str>, &[u8]) {
+    if let Some(rest) = message.strip_prefix(WIRE_TOKEN) {
+        if let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if let Ok(token) = std::str::from_utf8(&rest[..end]) {
+                return (Some(token), &rest[end + 1..]);
+            }
+        }
+    }
+    (None, message)
+}
+
 /// Encodes a publication the way the publish script does (tests and the
 /// wire format's documentation use it).
 pub fn encode(publication: &Publication) -> String {
@@ -70,6 +96,12 @@ mod tests {
         assert_eq!(back.envelope(), publication.envelope());
         assert_eq!(back.published_at_ms(), 1_700_000_000_123);
         assert_eq!(back.position(), publication.position());
+
+        let message = format!("nAbc123\n{wire}");
+        let (token, payload) = split_token(message.as_bytes());
+        assert_eq!(token, Some("Abc123"));
+        assert_eq!(payload, wire.as_bytes());
+        assert_eq!(split_token(wire.as_bytes()), (None, wire.as_bytes()));
 
         for bad in [
             "",
