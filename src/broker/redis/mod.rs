@@ -6,6 +6,8 @@
 //! - `P:{c}:m`, a hash: the channel's `epoch` and newest offset `top`.
 //! - `P:{c}:h`, a stream: recent publications, oldest first, contiguous up
 //!   to `top`; entry ids are Redis time, so `XTRIM MINID` trims by age.
+//!   An entry holds the payload (`p`) and the publication's token (`n`,
+//!   see `wire`).
 //! - `P:{c}:i:<key>`: an idempotency key's result on channel `c`.
 //! - `P:i:<key>`: the fingerprint of the publish that first used the key;
 //!   on a cluster `P:{c}:c:<key>`, in the slot of the publish's least
@@ -40,7 +42,10 @@
 //! local subscriber gets an explicit reset ([`Publication::reset_marker`]).
 //! A channel that Redis lost (restarted empty) comes back with a new epoch;
 //! a reader ahead of the stream (Redis restored an older snapshot) makes the
-//! read bump the epoch, so an offset is never reused silently.
+//! read bump the epoch, and so does a node whose last delivered publication
+//! is no longer the one at its offset (Redis lost the tail and numbered new
+//! publications over it: see [`Shared::resync`]), so an offset a node
+//! handed on is never reused silently.
 //!
 //! On a Redis Cluster each master is its own outage ([`router`] routes
 //! commands per master and tracks which are down; [`cluster`] listens on
