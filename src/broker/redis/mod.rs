@@ -6,8 +6,7 @@
 //! - `P:{c}:m`, a hash: the channel's `epoch` and newest offset `top`.
 //! - `P:{c}:h`, a stream: recent publications, oldest first, contiguous up
 //!   to `top`; entry ids are Redis time, so `XTRIM MINID` trims by age.
-//!   An entry holds the payload (`p`) and the publication's token (`n`,
-//!   see `wire`).
+//!   An entry holds the payload (`p`), byte for byte the pub/sub message.
 //! - `P:{c}:i:<key>`: an idempotency key's result on channel `c`.
 //! - `P:i:<key>`: the fingerprint of the publish that first used the key;
 //!   on a cluster `P:{c}:c:<key>`, in the slot of the publish's least
@@ -83,8 +82,8 @@ use self::scripts::{
     PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
 };
 pub use self::url::{parse_url, read_ca_file, url_database};
-use self::wire::WIRE_PRESENCE;
 pub use self::wire::{decode, encode};
+use self::wire::{Digest, WIRE_PRESENCE};
 use super::{
     replay_from, Broker, BrokerError, EngineStats, History, Member, Order, OrderHandler,
     PresenceMode, Publish, PublishOutcome, Published, RedisStats,
@@ -176,11 +175,11 @@ struct Tracked {
     /// while the connection is down and while the channel is checked
     /// against its stream.
     live: bool,
-    /// The token of the publication at `last` (see `wire::WIRE_TOKEN`):
-    /// what a check of the channel against its stream compares with the
-    /// entry there. `None` when `last` is not a publication this node was
-    /// handed with one (a reset point, an empty stream, an older writer).
-    token: Option<String>,
+    /// The digest of the publication at `last` (see [`Digest`]): what a
+    /// check of the channel against its stream compares with the entry
+    /// there. `None` when `last` is not a publication (a reset point, an
+    /// empty stream).
+    digest: Option<Digest>,
     /// An epoch the channel was moved away from after this node last read
     /// it: its publications still on their way through the pub/sub
     /// connection were published before the move, covered by the reset
@@ -448,8 +447,7 @@ impl Shared {
             .arg(name)
             .arg(publish.event.as_ref().map_or("", EventName::as_str))
             .arg(data)
-            .arg(self.publish_command)
-            .arg(format!("{:016x}", rand::random::<u64>()));
+            .arg(self.publish_command);
         let invocation = &invocation;
         let value: Value = self
             .run(
@@ -477,22 +475,26 @@ impl Shared {
         since: Option<Position>,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        let (history, _tokens) = self.read_checked(channel, since, None, limit).await?;
+        let (history, _) = self
+            .read_checked(channel, since, None, limit, false)
+            .await?;
         Ok(history)
     }
 
-    /// Reads a channel's stream like [`Shared::read`], and with `token`,
+    /// Reads a channel's stream like [`Shared::read`], and with `digest`,
     /// the node's own record of the publication at `since`, checks that
     /// the stream still holds that publication there: when it does not,
     /// the script moves the channel to a new epoch and the history read is
-    /// not recovered. Also returns each publication's token.
+    /// not recovered. With `digests`, also returns each publication's
+    /// digest (for a node handing them on).
     async fn read_checked(
         &self,
         channel: &ChannelName,
         since: Option<Position>,
-        token: Option<&str>,
+        digest: Option<Digest>,
         limit: usize,
-    ) -> Result<(History, Vec<Option<String>>), BrokerError> {
+        digests: bool,
+    ) -> Result<(History, Vec<Option<Digest>>), BrokerError> {
         let name = channel.as_str();
         let (since_epoch, since_offset) = match since {
             Some(since) => (since.epoch.as_str().to_owned(), since.offset),
@@ -508,7 +510,7 @@ impl Shared {
             .arg(millis(self.options.history_ttl))
             .arg(Epoch::random().as_str())
             .arg(millis(super::EPOCH_MOVE_INTERVAL))
-            .arg(token.unwrap_or(""));
+            .arg(digest.as_ref().map_or(String::new(), Digest::hex));
         // The script may move the epoch; doing so twice is harmless.
         let invocation = &invocation;
         let value: Value = self
@@ -535,9 +537,11 @@ impl Shared {
         let position = Position::new(epoch, top);
         let oldest = top + 1 - len.min(top);
         let mut publications = Vec::with_capacity(reply.payloads.len());
-        for (payload, token) in reply.payloads.into_iter().rev() {
-            match decode(&payload) {
-                Some(publication) => publications.push((Arc::new(publication), token)),
+        for payload in reply.payloads.iter().rev() {
+            match decode(payload) {
+                Some(publication) => {
+                    publications.push((Arc::new(publication), digests.then(|| Digest::of(payload))))
+                }
                 None => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     return Err(BrokerError::Unavailable(format!(
@@ -555,14 +559,14 @@ impl Shared {
         };
         publications.retain(|(p, _)| p.position().epoch == epoch && p.offset() >= first);
         publications.truncate(limit);
-        let (publications, tokens) = publications.into_iter().unzip();
+        let (publications, digests) = publications.into_iter().unzip();
         Ok((
             History {
                 publications,
                 position,
                 recovered: true,
             },
-            tokens,
+            digests,
         ))
     }
 
@@ -586,8 +590,8 @@ impl Shared {
     }
 
     /// Hands a publication from Redis to the hub, once and in order, with
-    /// its token (see [`Tracked::token`]).
-    fn deliver(&self, publication: Arc<Publication>, token: Option<String>) {
+    /// its digest (see [`Tracked::digest`]).
+    fn deliver(&self, publication: Arc<Publication>, digest: Option<Digest>) {
         let mut tracked = self.tracked.lock().expect("tracked lock");
         let Some(state) = tracked.get_mut(publication.channel().as_str()) else {
             return; // No longer listened to here.
@@ -602,7 +606,7 @@ impl Shared {
             }
         }
         state.last = Some(publication.position());
-        state.token = token;
+        state.digest = digest;
         // Under the lock, so a resync and the live path never interleave.
         self.hub.deliver(&publication);
     }
@@ -612,19 +616,19 @@ impl Shared {
     /// (they wait for `live`): from here on the hub is handed everything
     /// (see [`Tracked`]).
     async fn start_at_stream(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        // The newest publication too, for its token: where this node
+        // The newest publication too, for its digest: where this node
         // starts is checked like any publication it handed on.
-        let (history, tokens) = self.read_checked(channel, None, None, 1).await?;
+        let (history, digests) = self.read_checked(channel, None, None, 1, true).await?;
         let position = history.position;
-        let token = match history.publications.last() {
-            Some(newest) if newest.position() == position => tokens.last().cloned().flatten(),
+        let digest = match history.publications.last() {
+            Some(newest) if newest.position() == position => digests.last().copied().flatten(),
             _ => None,
         };
         let mut tracked = self.tracked.lock().expect("tracked lock");
         if let Some(state) = tracked.get_mut(channel.as_str()) {
             if state.last.is_none() {
                 state.last = Some(position);
-                state.token = token;
+                state.digest = digest;
             }
         }
         Ok(())
@@ -639,19 +643,23 @@ impl Shared {
     /// that lacked the tail, a snapshot restored without it), enforced
     /// here and in the history script: the gap after `last` is taken from
     /// history only if the entry at `last` is still the publication this
-    /// node handed on (same token), read in the same script as the gap.
-    /// Otherwise the channel moves to a new epoch in Redis, once per loss
-    /// whichever nodes notice it: every position in the old epoch, a
-    /// client's cursor as well as a node's, is then answered with a reset,
-    /// and whatever was numbered in the old epoch after the loss is covered
-    /// by that reset (`retired` drops its copies still on their way). A
-    /// `last` without a token (not a publication handed on with one) is
-    /// checked only for being ahead of the stream.
+    /// node handed on (its payload has the same SHA-1, see [`Digest`]),
+    /// read in the same script as the gap. The payload holds the channel,
+    /// epoch, offset, Redis time in ms, event and data: another publication
+    /// numbered at `last` matches only if it is identical in content and
+    /// millisecond, and then nothing was lost. Otherwise the channel moves
+    /// to a new epoch in Redis, once per loss whichever nodes notice it:
+    /// every position in the old epoch, a client's cursor as well as a
+    /// node's, is then answered with a reset, and whatever was numbered in
+    /// the old epoch after the loss is covered by that reset (`retired`
+    /// drops its copies still on their way). A `last` without a digest (a
+    /// reset point, an empty stream) is checked only for being ahead of the
+    /// stream.
     async fn resync(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let (last, token) = {
+        let (last, digest) = {
             let tracked = self.tracked.lock().expect("tracked lock");
             match tracked.get(channel.as_str()) {
-                Some(state) => (state.last, state.token.clone()),
+                Some(state) => (state.last, state.digest),
                 None => return Ok(()),
             }
         };
@@ -660,19 +668,21 @@ impl Shared {
             // history yet: the stream's position now is where they start.
             return self.start_at_stream(channel).await;
         };
-        let (history, tokens) = self
-            .read_checked(channel, Some(since), token.as_deref(), usize::MAX)
+        let (history, digests) = self
+            .read_checked(channel, Some(since), digest, usize::MAX, true)
             .await?;
         if history.recovered {
-            for (publication, token) in history.publications.into_iter().zip(tokens) {
-                self.deliver(publication, token);
+            for (publication, digest) in history.publications.into_iter().zip(digests) {
+                self.deliver(publication, digest);
             }
             return Ok(());
         }
         // Not covered: the subscribers are told, and get what the stream
         // still holds after the reset point (all of it is newer than what
         // they lost).
-        let (stream, tokens) = self.read_checked(channel, None, None, usize::MAX).await?;
+        let (stream, digests) = self
+            .read_checked(channel, None, None, usize::MAX, true)
+            .await?;
         let reset_to = match stream.publications.first() {
             Some(oldest) => Position::new(stream.position.epoch, oldest.offset() - 1),
             None => stream.position,
@@ -690,7 +700,7 @@ impl Shared {
                 return Ok(());
             };
             state.last = Some(reset_to);
-            state.token = None;
+            state.digest = None;
             if since.epoch != reset_to.epoch {
                 state.retired = Some(since.epoch);
             }
@@ -699,8 +709,8 @@ impl Shared {
                 reset_to,
             )));
         }
-        for (publication, token) in stream.publications.into_iter().zip(tokens) {
-            self.deliver(publication, token);
+        for (publication, digest) in stream.publications.into_iter().zip(digests) {
+            self.deliver(publication, digest);
         }
         Ok(())
     }

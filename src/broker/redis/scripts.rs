@@ -23,11 +23,12 @@ macro_rules! script {
 /// KEYS: meta, stream, channel idempotency key (may be absent).
 /// ARGV: new epoch, history size, ttl ms, meta ttl ms, idempotency window
 /// ms, fingerprint, pub/sub channel, then the wire header's channel and
-/// event, then data, then `PUBLISH` or `SPUBLISH`, then the publication's
-/// token (random, unique to this publication: see `wire`).
+/// event, then data, then `PUBLISH` or `SPUBLISH`.
 ///
-/// The stream entry holds the payload (`p`) and the token (`n`); the
-/// pub/sub message is the token, then the payload (`wire::split_token`).
+/// The stream entry holds the payload (`p`) alone, and the pub/sub message
+/// is that payload byte for byte (`wire::encode`): what a node digests from
+/// one is what the history script digests from the other (`wire::Digest`),
+/// and nodes of every version read both.
 ///
 /// Returns `{epoch, offset, 0}`, or `{epoch, offset, 1, fingerprint}` for a
 /// key seen before.
@@ -51,14 +52,14 @@ local top = redis.call('HINCRBY', meta, 'top', 1)
 local ttl = tonumber(ARGV[3])
 local payload = '1\n' .. ARGV[8] .. '\n' .. epoch .. '\n' .. string.format('%d', top) .. '\n'
   .. string.format('%d', now) .. '\n' .. ARGV[9] .. '\n' .. ARGV[10]
-redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload, 'n', ARGV[12])
+redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload)
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl))
 redis.call('PEXPIRE', stream, ttl)
 redis.call('PEXPIRE', meta, ARGV[4])
 if idem then
   redis.call('SET', idem, ARGV[6] .. ' ' .. epoch .. ' ' .. string.format('%d', top), 'PX', ARGV[5])
 end
-redis.call(ARGV[11], ARGV[7], 'n' .. ARGV[12] .. '\n' .. payload)
+redis.call(ARGV[11], ARGV[7], payload)
 return {epoch, top, 0}
 "#
 );
@@ -68,19 +69,20 @@ return {epoch, top, 0}
 /// KEYS: meta, stream. ARGV: the reader's epoch ('' for none), its offset,
 /// how many of the newest publications a reader without a position wants,
 /// ttl ms, an epoch to move to if the reader's position is not in the
-/// stream's history, the least ms between two such moves, and the token of
-/// the publication at the reader's position ('' when the reader is not a
-/// node checking its own position, or does not know it).
+/// stream's history, the least ms between two such moves, and the SHA-1
+/// hex of the payload of the publication at the reader's position
+/// (`wire::Digest`; '' when the reader is not a node checking its own
+/// position, or its position is not a publication).
 ///
-/// Returns `{epoch, top, len, payloads newest first, their tokens}`; epoch
-/// '' when the channel does not exist; a token '' for an entry without one.
+/// Returns `{epoch, top, len, payloads newest first}`; epoch '' when the
+/// channel does not exist.
 ///
 /// A channel moves to a new epoch (its stream dropped: nothing in it can
 /// be told apart from what a reader lost) when the store lost data a reader
 /// saw: the reader is ahead of the stream, or the entry at the reader's
 /// offset is not the publication it was handed (a promoted replica or a
 /// restored snapshot lacked the tail and numbered new publications over
-/// it). A token comes only from a node's own record of what it handed to
+/// it). A digest comes only from a node's own record of what it handed to
 /// its subscribers, so that evidence moves the epoch at once; a position
 /// alone may be forged, so it moves the epoch at most once per interval.
 /// Either move needs the reader's epoch to be the stream's, so one loss
@@ -90,39 +92,40 @@ pub(super) const HISTORY_SCRIPT: &str = script!(
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  return {'', 0, 0, {}, {}}
+  return {'', 0, 0, {}}
 end
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
 local since_epoch, since = ARGV[1], tonumber(ARGV[2])
-local token = ARGV[7]
+local digest = ARGV[7]
 local function move()
   epoch = ARGV[5]
   redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
   redis.call('DEL', stream)
-  return {epoch, top, 0, {}, {}}
+  return {epoch, top, 0, {}}
 end
 if since_epoch == epoch and since > top then
   -- The reader saw offsets this stream no longer has: Redis lost data.
   local moved = tonumber(redis.call('HGET', meta, 'moved') or '0')
-  if token ~= '' or now - moved >= tonumber(ARGV[6]) then
+  if digest ~= '' or now - moved >= tonumber(ARGV[6]) then
     return move()
   end
-  return {epoch, top, 0, {}, {}}
+  return {epoch, top, 0, {}}
 end
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - tonumber(ARGV[4])))
 local len = redis.call('XLEN', stream)
-local function token_of(entry)
+-- An entry's payload: its field `p`, whatever other fields it has.
+local function payload_of(entry)
   local fields = entry[2]
   for i = 1, #fields - 1, 2 do
-    if fields[i] == 'n' then return fields[i + 1] end
+    if fields[i] == 'p' then return fields[i + 1] end
   end
   return ''
 end
-if token ~= '' and since_epoch == epoch and since > 0 and top - since + 1 <= len then
+if digest ~= '' and since_epoch == epoch and since > 0 and top - since + 1 <= len then
   -- The entry at the reader's offset, newest first: still the one it saw?
   local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', top - since + 1)
   local there = entries[top - since + 1]
-  if there and token_of(there) ~= token then
+  if there and redis.sha1hex(payload_of(there)) ~= digest then
     return move()
   end
 end
@@ -135,15 +138,14 @@ else
   want = 0
 end
 if want > len then want = len end
-local out, tokens = {}, {}
+local out = {}
 if want > 0 then
   local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
   for i, entry in ipairs(entries) do
-    out[i] = entry[2][2]
-    tokens[i] = token_of(entry)
+    out[i] = payload_of(entry)
   end
 end
-return {epoch, top, len, out, tokens}
+return {epoch, top, len, out}
 "#
 );
 
@@ -244,13 +246,12 @@ pub(super) fn parse_publish_reply(value: &Value) -> Option<(Epoch, u64, bool, Op
 }
 
 /// A history script's reply: the epoch (`None`: no such channel), top,
-/// stream length, payloads newest first and their tokens (`None` for an
-/// entry without one).
+/// stream length, payloads newest first.
 pub(super) struct HistoryReply {
     pub epoch: Option<Epoch>,
     pub top: u64,
     pub len: u64,
-    pub payloads: Vec<(Vec<u8>, Option<String>)>,
+    pub payloads: Vec<Vec<u8>>,
 }
 
 pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
@@ -263,20 +264,13 @@ pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
     };
     let top = number(items.get(1)?)?;
     let len = number(items.get(2)?)?;
-    let (Value::Array(entries), Value::Array(tokens)) = (items.get(3)?, items.get(4)?) else {
+    let Value::Array(entries) = items.get(3)? else {
         return None;
     };
-    if entries.len() != tokens.len() {
-        return None;
-    }
     let payloads = entries
         .iter()
-        .zip(tokens)
-        .map(|(entry, token)| match entry {
-            Value::BulkString(bytes) => {
-                let token = text(token)?;
-                Some((bytes.clone(), (!token.is_empty()).then_some(token)))
-            }
+        .map(|entry| match entry {
+            Value::BulkString(bytes) => Some(bytes.clone()),
             _ => None,
         })
         .collect::<Option<Vec<_>>>()?;

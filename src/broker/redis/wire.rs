@@ -11,30 +11,58 @@ pub(super) const WIRE_VERSION: &str = "1";
 /// [`WIRE_VERSION`]).
 pub(super) const WIRE_PRESENCE: &str = "p\n";
 
-/// Tag of a publication's pub/sub message that carries its token: `n`, the
-/// token, a newline, then the payload as the stream holds it.
+/// The SHA-1 of a publication's payload as the stream entry (field `p`)
+/// holds it, which is byte for byte the pub/sub message: what a node
+/// remembers of the last publication it handed to its subscribers, and
+/// what the history script compares (`redis.sha1hex`) with the entry at
+/// that node's offset (see `Shared::resync`).
 ///
-/// The token is random, made by the publishing node for this publication
-/// only, and kept beside the payload in the stream entry. A node remembers
-/// the token of the last publication it handed to its subscribers: the
-/// entry at that offset with another token is a different publication (the
-/// store lost the one the node saw and numbered another over it). Stream
-/// entry ids cannot tell that: a promoted replica whose clock lags numbers
-/// its entries after the last id it holds, which can be the id the lost
-/// entry had.
-pub(super) const WIRE_TOKEN: &[u8] = b"n";
+/// The payload holds the channel, epoch, offset, Redis time in ms, event
+/// and data, so another publication numbered at the same offset has
+/// another digest unless it is identical in content and millisecond: then
+/// nothing was lost. Stream entry ids cannot tell two publications apart:
+/// a promoted replica whose clock lags numbers its entries after the last
+/// id it holds, which can be the id the lost entry had.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct Digest([u8; 20]);
 
-/// A pub/sub message's token and payload; a message without a token (from
-/// a node that wrote none) is all payload.
-pub(super) fn split_token(message: &[u8]) -> (Option<&str>, &[u8]) {
-    if let Some(rest) = message.strip_prefix(WIRE_TOKEN) {
-        if let Some(end) = rest.iter().position(|&b| b == b'\n') {
-            if let Ok(token) = std::str::from_utf8(&rest[..end]) {
-                return (Some(token), &rest[end + 1..]);
-            }
+impl Digest {
+    pub(super) fn of(payload: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, payload);
+        let mut bytes = [0; 20];
+        bytes.copy_from_slice(digest.as_ref());
+        Digest(bytes)
+    }
+
+    /// Lowercase hex, as `redis.sha1hex` writes it.
+    pub(super) fn hex(&self) -> String {
+        use std::fmt::Write;
+        self.0
+            .iter()
+            .fold(String::with_capacity(40), |mut hex, byte| {
+                let _ = write!(hex, "{byte:02x}");
+                hex
+            })
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// The payload of a pub/sub message. A message is the payload alone; a
+/// first line starting with `n` (which no payload starts with: publications
+/// start with [`WIRE_VERSION`], presence with [`WIRE_PRESENCE`]) is skipped,
+/// so a writer that sent a line ahead of the payload there is still read.
+pub(super) fn payload_of(message: &[u8]) -> &[u8] {
+    if message.first() == Some(&b'n') {
+        if let Some(end) = message.iter().position(|&b| b == b'\n') {
+            return &message[end + 1..];
         }
     }
-    (None, message)
+    message
 }
 
 /// Encodes a publication the way the publish script does (tests and the
@@ -98,10 +126,8 @@ mod tests {
         assert_eq!(back.position(), publication.position());
 
         let message = format!("nAbc123\n{wire}");
-        let (token, payload) = split_token(message.as_bytes());
-        assert_eq!(token, Some("Abc123"));
-        assert_eq!(payload, wire.as_bytes());
-        assert_eq!(split_token(wire.as_bytes()), (None, wire.as_bytes()));
+        assert_eq!(payload_of(message.as_bytes()), wire.as_bytes());
+        assert_eq!(payload_of(wire.as_bytes()), wire.as_bytes());
 
         for bad in [
             "",
@@ -113,5 +139,27 @@ mod tests {
         ] {
             assert!(decode(bad.as_bytes()).is_none(), "{bad:?} refused");
         }
+    }
+
+    /// The format nodes of every version write to pub/sub and streams, and
+    /// read from them: a node that wrote anything else would have its
+    /// publications dropped as malformed by nodes not yet upgraded.
+    #[test]
+    fn the_wire_format_is_the_one_every_version_reads() {
+        let publication = Publication::new(
+            ChannelName::parse("chat:1").unwrap(),
+            Position::new(Epoch::parse("abc").unwrap(), 42),
+            Some(EventName::parse("msg").unwrap()),
+            "{\"a\":1}",
+            1_700_000_000_123,
+        );
+        let wire = encode(&publication);
+        assert_eq!(wire, "1\nchat:1\nabc\n42\n1700000000123\nmsg\n{\"a\":1}");
+        assert!(decode(wire.as_bytes()).is_some());
+        assert_eq!(
+            Digest::of(wire.as_bytes()).hex(),
+            // `printf '%s' "$wire" | sha1sum`, as `redis.sha1hex` computes it.
+            "aa60737816e3a5db51480ff005f6813fd05a6aeb"
+        );
     }
 }
