@@ -556,3 +556,60 @@ async fn redis_keys_expire_with_history() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// What a publication puts on pub/sub and in its stream entry is the wire
+/// format nodes of every version read (`pushgate::broker::redis::encode`),
+/// with nothing ahead of it or beside it: a node not yet upgraded drops
+/// anything else as malformed, and its subscribers would miss it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_publishes_exactly_the_wire_format_every_version_reads() {
+    use futures_util::StreamExt;
+
+    let redis = Redis::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("pushgate-test:{wire:1}").await.unwrap();
+    let broker = RedisBroker::new(Arc::new(Hub::new()), redis_options(&redis, OPTIONS)).unwrap();
+    let mut sent = publish("wire:1", "{\"a\":[1,2]}");
+    sent.event = Some(pushgate::message::EventName::parse("msg").unwrap());
+    broker.publish(sent).await.unwrap();
+
+    let message = tokio::time::timeout(Duration::from_secs(10), pubsub.on_message().next())
+        .await
+        .expect("the publication reaches pub/sub")
+        .expect("pub/sub open");
+    let payload = message.get_payload_bytes().to_vec();
+    let history = broker.history(&channel("wire:1"), None, 10).await.unwrap();
+    let [publication] = &history.publications[..] else {
+        panic!("one publication: {:?}", history.publications.len());
+    };
+    let wire = pushgate::broker::redis::encode(publication);
+    assert_eq!(String::from_utf8(payload).unwrap(), wire);
+    assert!(wire.starts_with(&format!("1\nwire:1\n{}\n1\n", publication.position().epoch)));
+    assert!(wire.ends_with("\nmsg\n{\"a\":[1,2]}"));
+
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("pushgate-test:{wire:1}:h")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let [(_, fields)] = &entries[..] else {
+        panic!("one stream entry: {entries:?}");
+    };
+    assert_eq!(fields, &[("p".to_owned(), wire)]);
+
+    // The history script's digest of a payload is the one a node makes
+    // (pinned in `wire`'s unit tests for this sample).
+    let sample = "1\nchat:1\nabc\n42\n1700000000123\nmsg\n{\"a\":1}";
+    let digest: String = redis::cmd("EVAL")
+        .arg("return redis.sha1hex(ARGV[1])")
+        .arg(0)
+        .arg(sample)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(digest, "aa60737816e3a5db51480ff005f6813fd05a6aeb");
+}

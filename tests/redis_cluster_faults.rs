@@ -102,12 +102,16 @@ fn channels_by_master(cluster: &RedisCluster) -> Vec<(usize, Vec<String>)> {
     out
 }
 
+/// Where a subscriber stands in each channel, as it goes.
+type Progress = watch::Sender<HashMap<String, Position>>;
+
 /// A subscriber that stays connected and records everything it is handed
 /// until it reached every channel's final position.
 async fn websocket_subscriber(
     node: Node,
     channels: Vec<String>,
     finals: watch::Receiver<Option<HashMap<String, Position>>>,
+    progress: Progress,
     deadline: Instant,
 ) -> Result<HashMap<String, Vec<Got>>, String> {
     let mut ws = Ws::connect(node.public).await.map_err(|e| e.to_string())?;
@@ -127,6 +131,7 @@ async fn websocket_subscriber(
         take(item, &mut got);
     }
     loop {
+        progress.send_replace(at_positions(&got));
         if caught_up(&finals, &at_positions(&got)) {
             return Ok(got);
         }
@@ -145,6 +150,7 @@ async fn sse_subscriber(
     node: Node,
     channels: Vec<String>,
     finals: watch::Receiver<Option<HashMap<String, Position>>>,
+    progress: Progress,
     deadline: Instant,
 ) -> Result<HashMap<String, Vec<Got>>, String> {
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
@@ -153,6 +159,7 @@ async fn sse_subscriber(
         .map_err(|e| e.to_string())?;
     let mut got: HashMap<String, Vec<Got>> = HashMap::new();
     loop {
+        progress.send_replace(at_positions(&got));
         if caught_up(&finals, &at_positions(&got)) {
             return Ok(got);
         }
@@ -227,12 +234,19 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
                 *node,
                 all.clone(),
                 finals.clone(),
+                watch::channel(HashMap::new()).0,
                 deadline,
             )),
         ));
         subscribers.push((
             format!("SSE on {}", node.public),
-            tokio::spawn(sse_subscriber(*node, all.clone(), finals.clone(), deadline)),
+            tokio::spawn(sse_subscriber(
+                *node,
+                all.clone(),
+                finals.clone(),
+                watch::channel(HashMap::new()).0,
+                deadline,
+            )),
         ));
     }
     // Every subscriber is subscribed before the first publish: a channel
@@ -429,8 +443,16 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
         "cluster fault {fault:?}, seed {seed}: {} refused on the faulty master, {resets} resets, data lost: {lost_any}, {unasked} unasked unsubscribes",
         faulty_tally.refused.load(Ordering::Relaxed)
     );
-    if let Fault::Restart { empty: true } = fault {
-        assert!(lost_any, "seed {seed}: the empty restart lost the streams");
+    match fault {
+        Fault::Restart { empty: true } => {
+            assert!(lost_any, "seed {seed}: the empty restart lost the streams")
+        }
+        // Nothing was lost, so nobody is told it was.
+        Fault::Restart { empty: false } | Fault::Reshard => assert!(
+            !lost_any && resets == 0,
+            "seed {seed}: {fault:?} lost nothing, yet epochs changed ({lost_any}) or {resets} resets were sent"
+        ),
+        Fault::FailOver | Fault::Hang => {}
     }
 }
 
@@ -459,4 +481,204 @@ async fn slots_of_subscribed_channels_moved_under_load_leave_no_silent_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_that_hangs_under_load_fails_only_its_own_channels() {
     run(RedisCluster::start(3), Fault::Hang).await;
+}
+
+/// Publications per channel in each phase of the lagging replica's test:
+/// copied to the replica; acknowledged by the master and never copied;
+/// numbered by the promoted replica before any node checked the channel;
+/// and after.
+const COPIED: u64 = 5;
+const UNCOPIED: u64 = 3;
+const NUMBERED_OVER: u64 = 5;
+const AFTER: u64 = 5;
+
+/// Redis replicates asynchronously: a replica promoted after its master
+/// died can lack the last publications the master acknowledged (and the
+/// nodes delivered), and numbers new ones over them. The replica is made
+/// to lag for certain (stopped, its link cut, while the master takes
+/// publications), and
+/// refuses `SSUBSCRIBE` until it has numbered new publications over the
+/// lost ones, so no node can check the channel before the offsets are
+/// reused. Every publication answered 200 must still be delivered or
+/// covered by a reset on both nodes, and a client resuming from a position
+/// it had before the failover must be told it lost history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_that_lacked_acknowledged_publications_leaves_no_silent_gap() {
+    let seed = seed();
+    eprintln!("lagging replica, seed {seed}: replay with PUSHGATE_CHAOS_SEED={seed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = RedisCluster::start_with(3, 1, &[]);
+    let app = Upstream::start().await;
+    let (_gates, nodes) = nodes(&app, &cluster).await;
+    let (master, channels) = channels_by_master(&cluster)[0].clone();
+    let replica = cluster.replica_of(master);
+    let replica_port = cluster.nodes[replica].port;
+    let acl = |cluster: &RedisCluster, rule: &str| {
+        let reply = cluster.cli(replica_port, &["ACL", "SETUSER", "default", rule]);
+        assert_eq!(reply.trim(), "OK", "ACL SETUSER default {rule}");
+    };
+    acl(&cluster, "-ssubscribe");
+
+    let (finals_tx, finals) = watch::channel(None::<HashMap<String, Position>>);
+    let mut subscribers = Vec::new();
+    let mut progress = Vec::new();
+    for node in &nodes {
+        let (ws_at, ws_progress) = watch::channel(HashMap::new());
+        let (sse_at, sse_progress) = watch::channel(HashMap::new());
+        progress.extend([ws_progress, sse_progress]);
+        subscribers.push((
+            format!("WebSocket on {}", node.public),
+            tokio::spawn(websocket_subscriber(
+                *node,
+                channels.clone(),
+                finals.clone(),
+                ws_at,
+                deadline,
+            )),
+        ));
+        subscribers.push((
+            format!("SSE on {}", node.public),
+            tokio::spawn(sse_subscriber(
+                *node,
+                channels.clone(),
+                finals.clone(),
+                sse_at,
+                deadline,
+            )),
+        ));
+    }
+    for node in &nodes {
+        let (api, want) = (node.api, channels.len());
+        wait_until_async(deadline, "the subscribers to subscribe", || async move {
+            let (_, body) = common::api_call(api, "GET", "/api/channels", None).await;
+            body["channels"].as_array().map_or(0, Vec::len) >= want
+        })
+        .await;
+    }
+
+    let total = COPIED + UNCOPIED + NUMBERED_OVER + AFTER;
+    let (gate, gated) = watch::channel(COPIED);
+    let tally = Tally::default();
+    let publishers: Vec<_> = channels
+        .iter()
+        .map(|channel| {
+            tokio::spawn(publish_stream(
+                channel.clone(),
+                total,
+                nodes.clone(),
+                StdRng::seed_from_u64(rng.random()),
+                gated.clone(),
+                tally.clone(),
+                deadline,
+            ))
+        })
+        .collect();
+    let n = channels.len() as u64;
+    let stored = |tally: &Tally| tally.stored.load(Ordering::Relaxed);
+    wait_until(deadline, "the copied publications", || {
+        stored(&tally) >= COPIED * n
+    })
+    .await;
+    tokio::task::block_in_place(|| cluster.wait_replicated(master, replica));
+    // Stopped, and cut off: what the master sends it from now on cannot
+    // wait in its socket either.
+    cluster.nodes[replica].pause();
+    let cut = cluster.cli(
+        cluster.nodes[master].port,
+        &["CLIENT", "KILL", "TYPE", "replica"],
+    );
+    assert_eq!(cut.trim(), "1", "the master's link to its replica was cut");
+    gate.send_replace(COPIED + UNCOPIED);
+    wait_until(deadline, "the uncopied publications", || {
+        stored(&tally) >= (COPIED + UNCOPIED) * n
+    })
+    .await;
+    // Both nodes handed them on: every subscriber holds them.
+    for at in &mut progress {
+        let heard = tokio::time::timeout_at(
+            deadline.into(),
+            at.wait_for(|at| {
+                channels
+                    .iter()
+                    .all(|c| at.get(c).is_some_and(|p| p.offset == COPIED + UNCOPIED))
+            }),
+        )
+        .await;
+        assert!(
+            matches!(heard, Ok(Ok(_))),
+            "seed {seed}: a subscriber never heard the uncopied publications"
+        );
+    }
+    cluster.nodes[master].kill();
+    cluster.nodes[replica].resume();
+    let cluster_ref = &cluster;
+    tokio::task::block_in_place(|| cluster_ref.take_over(replica));
+    gate.send_replace(COPIED + UNCOPIED + NUMBERED_OVER);
+    wait_until(deadline, "publications numbered over the lost ones", || {
+        stored(&tally) >= (COPIED + UNCOPIED + NUMBERED_OVER) * n
+    })
+    .await;
+    acl(&cluster, "+ssubscribe");
+    wait_ready(&nodes, deadline).await;
+    gate.send_replace(total);
+
+    let mut ledger = Ledger::default();
+    for (channel, publisher) in channels.iter().zip(publishers) {
+        let stream = publisher
+            .await
+            .unwrap_or_else(|err| panic!("seed {seed}: the publisher of {channel} failed: {err}"));
+        ledger.stored.insert(channel.clone(), stream.stored);
+        ledger.ambiguous.insert(channel.clone(), stream.ambiguous);
+    }
+    // The scene this test is for: the promoted replica numbered new
+    // publications at positions the old master had answered 200 for.
+    for (channel, stored) in &ledger.stored {
+        let lost = &stored[COPIED as usize..(COPIED + UNCOPIED) as usize];
+        let over =
+            &stored[(COPIED + UNCOPIED) as usize..(COPIED + UNCOPIED + NUMBERED_OVER) as usize];
+        assert!(
+            over.iter().any(|p| lost.contains(p)),
+            "seed {seed}: {channel}: no position was numbered twice: {stored:?}"
+        );
+    }
+    let lost = ledger.lost_epochs();
+    finals_tx.send_replace(Some(
+        ledger
+            .stored
+            .iter()
+            .map(|(channel, stored)| (channel.clone(), *stored.last().unwrap()))
+            .collect(),
+    ));
+    for (name, subscriber) in subscribers {
+        let got = match subscriber.await {
+            Ok(Ok(got)) => got,
+            Ok(Err(why)) => panic!("seed {seed}: {name}: {why}"),
+            Err(err) => panic!("seed {seed}: {name} failed: {err}"),
+        };
+        for channel in &channels {
+            let items = got.get(channel).map(Vec::as_slice).unwrap_or_default();
+            if let Err(why) = check_channel(&ledger, &lost[channel], channel, items) {
+                panic!("seed {seed}: {name} on {channel}: {why}\nwhat it got: {items:?}");
+            }
+        }
+    }
+    // A client that held the lost publications and resumes from there is
+    // told, on either node.
+    for node in &nodes {
+        let mut ws = Ws::connect(node.public).await.expect("connects");
+        for channel in &channels {
+            let before = ledger.stored[channel][(COPIED + UNCOPIED - 1) as usize];
+            let mut early = Vec::new();
+            let subscribed = ws
+                .subscribe(channel, Some(before), &mut early)
+                .await
+                .unwrap_or_else(|err| panic!("seed {seed}: subscribing to {channel}: {err:?}"));
+            assert!(
+                !subscribed.recovered,
+                "seed {seed}: resuming {channel} from {before} on {} was answered as recovered at {}, skipping what was numbered over it",
+                node.public, subscribed.position
+            );
+        }
+    }
 }

@@ -472,6 +472,65 @@ impl RedisCluster {
         }
     }
 
+    /// The index in `nodes` of a replica of the master at `index`.
+    pub fn replica_of(&self, index: usize) -> usize {
+        let id = self
+            .cli(self.nodes[index].port, &["CLUSTER", "MYID"])
+            .trim()
+            .to_owned();
+        let port = self
+            .cli(self.nodes[index].port, &["CLUSTER", "NODES"])
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let replica = fields.len() > 3 && fields[2].contains("slave") && fields[3] == id;
+                replica.then(|| fields[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())?
+            })
+            .expect("the master has a replica");
+        self.index_of(port)
+    }
+
+    /// Waits until the replica at `replica` has everything its master at
+    /// `master` wrote so far (its replication offset reached the master's).
+    pub fn wait_replicated(&self, master: usize, replica: usize) {
+        let offset = |port: u16, line: usize| -> u64 {
+            self.cli(port, &["ROLE"])
+                .lines()
+                .nth(line)
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let target = offset(self.nodes[master].port, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while offset(self.nodes[replica].port, 4) < target {
+            assert!(Instant::now() < deadline, "the replica never caught up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Makes the replica at `replica` take over its master's slots at once
+    /// (`CLUSTER FAILOVER TAKEOVER`: no agreement of the master or the
+    /// others asked), and waits until the cluster names it and is ok.
+    pub fn take_over(&self, replica: usize) {
+        let port = self.nodes[replica].port;
+        let reply = self.cli(port, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        // Refused only if the replica was elected on its own meanwhile.
+        assert!(
+            reply.trim() == "OK" || self.cli(port, &["ROLE"]).starts_with("master"),
+            "CLUSTER FAILOVER TAKEOVER: {reply}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .view()
+            .into_iter()
+            .any(|n| n.port == port && n.master && !n.slots.is_empty())
+        {
+            assert!(Instant::now() < deadline, "port {port} never took over");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_ok(Duration::from_secs(30));
+    }
+
     /// Moves `slot` with its keys from the master at `from` to the master
     /// at `to`, the way `redis-cli --cluster reshard` does.
     pub fn move_slot(&self, slot: u16, from: usize, to: usize) {

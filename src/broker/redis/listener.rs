@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use redis::Client;
 use tokio::sync::mpsc;
 
-use super::wire::{decode, WIRE_PRESENCE};
+use super::wire::{decode, payload_of, Digest, WIRE_PRESENCE};
 use super::{
     Command, Shared, Tracked, BACKOFF_CAP, BACKOFF_FIRST, PUBSUB_PING, RESYNC_CONCURRENCY,
     SUBSCRIBE_CHUNK,
@@ -254,9 +254,12 @@ pub(super) fn on_payload(shared: &Shared, name: &str, payload: &[u8]) {
         }
         return;
     }
+    let payload = payload_of(payload);
     let decoded = shared.keys.channel_of(name).and_then(|_| decode(payload));
     match decoded {
-        Some(publication) => shared.deliver(Arc::new(publication)),
+        // Digested once per publication on this node, whatever the number
+        // of its subscribers here.
+        Some(publication) => shared.deliver(Arc::new(publication), Some(Digest::of(payload))),
         None => {
             shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

@@ -6,6 +6,7 @@
 //! - `P:{c}:m`, a hash: the channel's `epoch` and newest offset `top`.
 //! - `P:{c}:h`, a stream: recent publications, oldest first, contiguous up
 //!   to `top`; entry ids are Redis time, so `XTRIM MINID` trims by age.
+//!   An entry holds the payload (`p`), byte for byte the pub/sub message.
 //! - `P:{c}:i:<key>`: an idempotency key's result on channel `c`.
 //! - `P:i:<key>`: the fingerprint of the publish that first used the key;
 //!   on a cluster `P:{c}:c:<key>`, in the slot of the publish's least
@@ -40,7 +41,10 @@
 //! local subscriber gets an explicit reset ([`Publication::reset_marker`]).
 //! A channel that Redis lost (restarted empty) comes back with a new epoch;
 //! a reader ahead of the stream (Redis restored an older snapshot) makes the
-//! read bump the epoch, so an offset is never reused silently.
+//! read bump the epoch, and so does a node whose last delivered publication
+//! is no longer the one at its offset (Redis lost the tail and numbered new
+//! publications over it: see [`Shared::resync`]), so an offset a node
+//! handed on is never reused silently.
 //!
 //! On a Redis Cluster each master is its own outage ([`router`] routes
 //! commands per master and tracks which are down; [`cluster`] listens on
@@ -76,8 +80,8 @@ use self::scripts::{
     parse_history_reply, parse_publish_reply, HISTORY_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT,
     PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
 };
-use self::wire::WIRE_PRESENCE;
 pub use self::wire::{decode, encode};
+use self::wire::{Digest, WIRE_PRESENCE};
 use super::{
     replay_from, Broker, BrokerError, EngineStats, Fanout, History, Member, Order, OrderHandler,
     PresenceMode, Publish, PublishOutcome, Published, RedisStats,
@@ -170,6 +174,16 @@ struct Tracked {
     /// while the connection is down and while the channel is checked
     /// against its stream.
     live: bool,
+    /// The digest of the publication at `last` (see [`Digest`]): what a
+    /// check of the channel against its stream compares with the entry
+    /// there. `None` when `last` is not a publication (a reset point, an
+    /// empty stream).
+    digest: Option<Digest>,
+    /// An epoch the channel was moved away from after this node last read
+    /// it: its publications still on their way through the pub/sub
+    /// connection were published before the move, covered by the reset
+    /// already handed to the hub, and are dropped.
+    retired: Option<Epoch>,
 }
 
 /// State shared by the broker and its listener task.
@@ -460,6 +474,26 @@ impl Shared {
         since: Option<Position>,
         limit: usize,
     ) -> Result<History, BrokerError> {
+        let (history, _) = self
+            .read_checked(channel, since, None, limit, false)
+            .await?;
+        Ok(history)
+    }
+
+    /// Reads a channel's stream like [`Shared::read`], and with `digest`,
+    /// the node's own record of the publication at `since`, checks that
+    /// the stream still holds that publication there: when it does not,
+    /// the script moves the channel to a new epoch and the history read is
+    /// not recovered. With `digests`, also returns each publication's
+    /// digest (for a node handing them on).
+    async fn read_checked(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        digest: Option<Digest>,
+        limit: usize,
+        digests: bool,
+    ) -> Result<(History, Vec<Option<Digest>>), BrokerError> {
         let name = channel.as_str();
         let (since_epoch, since_offset) = match since {
             Some(since) => (since.epoch.as_str().to_owned(), since.offset),
@@ -474,7 +508,8 @@ impl Shared {
             .arg(limit.min(self.options.history_size))
             .arg(millis(self.options.history_ttl))
             .arg(Epoch::random().as_str())
-            .arg(millis(super::EPOCH_MOVE_INTERVAL));
+            .arg(millis(super::EPOCH_MOVE_INTERVAL))
+            .arg(digest.as_ref().map_or(String::new(), Digest::hex));
         // The script may move the epoch; doing so twice is harmless.
         let invocation = &invocation;
         let value: Value = self
@@ -485,21 +520,27 @@ impl Shared {
             )
             .await?;
         let unexpected = || BrokerError::Unavailable(format!("unexpected history reply {value:?}"));
-        let (epoch, top, len, payloads) = parse_history_reply(&value).ok_or_else(unexpected)?;
-        let Some(epoch) = epoch else {
+        let reply = parse_history_reply(&value).ok_or_else(unexpected)?;
+        let (top, len) = (reply.top, reply.len);
+        let Some(epoch) = reply.epoch else {
             // Unknown channel: empty, offset 0, valid in any later epoch.
-            return Ok(History {
-                publications: Vec::new(),
-                position: Position::new(Epoch::random(), 0),
-                recovered: since.is_none_or(|since| since.offset == 0),
-            });
+            return Ok((
+                History {
+                    publications: Vec::new(),
+                    position: Position::new(Epoch::random(), 0),
+                    recovered: since.is_none_or(|since| since.offset == 0),
+                },
+                Vec::new(),
+            ));
         };
         let position = Position::new(epoch, top);
         let oldest = top + 1 - len.min(top);
-        let mut publications = Vec::with_capacity(payloads.len());
-        for payload in payloads.iter().rev() {
+        let mut publications = Vec::with_capacity(reply.payloads.len());
+        for payload in reply.payloads.iter().rev() {
             match decode(payload) {
-                Some(publication) => publications.push(Arc::new(publication)),
+                Some(publication) => {
+                    publications.push((Arc::new(publication), digests.then(|| Digest::of(payload))))
+                }
                 None => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     return Err(BrokerError::Unavailable(format!(
@@ -512,16 +553,20 @@ impl Shared {
             None => 1,
             Some(since) => match replay_from(since, epoch, top, oldest) {
                 Some(first) => first,
-                None => return Ok(History::lost(position)),
+                None => return Ok((History::lost(position), Vec::new())),
             },
         };
-        publications.retain(|p| p.position().epoch == epoch && p.offset() >= first);
+        publications.retain(|(p, _)| p.position().epoch == epoch && p.offset() >= first);
         publications.truncate(limit);
-        Ok(History {
-            publications,
-            position,
-            recovered: true,
-        })
+        let (publications, digests) = publications.into_iter().unzip();
+        Ok((
+            History {
+                publications,
+                position,
+                recovered: true,
+            },
+            digests,
+        ))
     }
 
     /// Marks every tracked channel live, or none (see [`Tracked::live`]).
@@ -543,18 +588,24 @@ impl Shared {
         }
     }
 
-    /// Hands a publication from Redis to the hub, once and in order.
-    fn deliver(&self, publication: Arc<Publication>) {
+    /// Hands a publication from Redis to the hub, once and in order, with
+    /// its digest (see [`Tracked::digest`]).
+    fn deliver(&self, publication: Arc<Publication>, digest: Option<Digest>) {
         let mut tracked = self.tracked.lock().expect("tracked lock");
         let Some(state) = tracked.get_mut(publication.channel().as_str()) else {
             return; // No longer listened to here.
         };
+        let epoch = publication.position().epoch;
+        if state.retired == Some(epoch) {
+            return; // Published before a move this node reset its subscribers for.
+        }
         if let Some(last) = state.last {
-            if last.epoch == publication.position().epoch && publication.offset() <= last.offset {
+            if last.epoch == epoch && publication.offset() <= last.offset {
                 return; // Delivered already (a resync overlapping live ones).
             }
         }
         state.last = Some(publication.position());
+        state.digest = digest;
         // Under the lock, so a resync and the live path never interleave.
         self.hub.deliver(&publication);
     }
@@ -564,21 +615,50 @@ impl Shared {
     /// (they wait for `live`): from here on the hub is handed everything
     /// (see [`Tracked`]).
     async fn start_at_stream(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let position = self.read(channel, None, 0).await?.position;
+        // The newest publication too, for its digest: where this node
+        // starts is checked like any publication it handed on.
+        let (history, digests) = self.read_checked(channel, None, None, 1, true).await?;
+        let position = history.position;
+        let digest = match history.publications.last() {
+            Some(newest) if newest.position() == position => digests.last().copied().flatten(),
+            _ => None,
+        };
         let mut tracked = self.tracked.lock().expect("tracked lock");
         if let Some(state) = tracked.get_mut(channel.as_str()) {
-            state.last.get_or_insert(position);
+            if state.last.is_none() {
+                state.last = Some(position);
+                state.digest = digest;
+            }
         }
         Ok(())
     }
 
     /// Brings a channel's local subscribers up to its stream after the
-    /// pub/sub connection was lost: the gap from history, or a reset.
+    /// pub/sub connection was lost, or its subscription moved: the gap
+    /// from history, or a reset.
+    ///
+    /// The invariant that keeps a lost publication from being skipped
+    /// silently when the store numbered others over it (a promoted replica
+    /// that lacked the tail, a snapshot restored without it), enforced
+    /// here and in the history script: the gap after `last` is taken from
+    /// history only if the entry at `last` is still the publication this
+    /// node handed on (its payload has the same SHA-1, see [`Digest`]),
+    /// read in the same script as the gap. The payload holds the channel,
+    /// epoch, offset, Redis time in ms, event and data: another publication
+    /// numbered at `last` matches only if it is identical in content and
+    /// millisecond, and then nothing was lost. Otherwise the channel moves
+    /// to a new epoch in Redis, once per loss whichever nodes notice it:
+    /// every position in the old epoch, a client's cursor as well as a
+    /// node's, is then answered with a reset, and whatever was numbered in
+    /// the old epoch after the loss is covered by that reset (`retired`
+    /// drops its copies still on their way). A `last` without a digest (a
+    /// reset point, an empty stream) is checked only for being ahead of the
+    /// stream.
     async fn resync(&self, channel: &ChannelName) -> Result<(), BrokerError> {
-        let last = {
+        let (last, digest) = {
             let tracked = self.tracked.lock().expect("tracked lock");
             match tracked.get(channel.as_str()) {
-                Some(state) => state.last,
+                Some(state) => (state.last, state.digest),
                 None => return Ok(()),
             }
         };
@@ -587,17 +667,21 @@ impl Shared {
             // history yet: the stream's position now is where they start.
             return self.start_at_stream(channel).await;
         };
-        let history = self.read(channel, Some(since), usize::MAX).await?;
+        let (history, digests) = self
+            .read_checked(channel, Some(since), digest, usize::MAX, true)
+            .await?;
         if history.recovered {
-            for publication in history.publications {
-                self.deliver(publication);
+            for (publication, digest) in history.publications.into_iter().zip(digests) {
+                self.deliver(publication, digest);
             }
             return Ok(());
         }
         // Not covered: the subscribers are told, and get what the stream
         // still holds after the reset point (all of it is newer than what
         // they lost).
-        let stream = self.read(channel, None, usize::MAX).await?;
+        let (stream, digests) = self
+            .read_checked(channel, None, None, usize::MAX, true)
+            .await?;
         let reset_to = match stream.publications.first() {
             Some(oldest) => Position::new(stream.position.epoch, oldest.offset() - 1),
             None => stream.position,
@@ -607,7 +691,7 @@ impl Shared {
             %channel,
             from = %since,
             to = %reset_to,
-            "engine: history does not cover what this node missed while Redis was away; subscribers get a reset"
+            "engine: history does not hold what this node handed on after that point; subscribers get a reset"
         );
         {
             let mut tracked = self.tracked.lock().expect("tracked lock");
@@ -615,13 +699,17 @@ impl Shared {
                 return Ok(());
             };
             state.last = Some(reset_to);
+            state.digest = None;
+            if since.epoch != reset_to.epoch {
+                state.retired = Some(since.epoch);
+            }
             self.hub.deliver(&Arc::new(Publication::reset_marker(
                 channel.clone(),
                 reset_to,
             )));
         }
-        for publication in stream.publications {
-            self.deliver(publication);
+        for (publication, digest) in stream.publications.into_iter().zip(digests) {
+            self.deliver(publication, digest);
         }
         Ok(())
     }

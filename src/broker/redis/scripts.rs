@@ -25,6 +25,11 @@ macro_rules! script {
 /// ms, fingerprint, pub/sub channel, then the wire header's channel and
 /// event, then data, then `PUBLISH` or `SPUBLISH`.
 ///
+/// The stream entry holds the payload (`p`) alone, and the pub/sub message
+/// is that payload byte for byte (`wire::encode`): what a node digests from
+/// one is what the history script digests from the other (`wire::Digest`),
+/// and nodes of every version read both.
+///
 /// Returns `{epoch, offset, 0}`, or `{epoch, offset, 1, fingerprint}` for a
 /// key seen before.
 pub(super) const PUBLISH_SCRIPT: &str = script!(
@@ -63,11 +68,25 @@ return {epoch, top, 0}
 ///
 /// KEYS: meta, stream. ARGV: the reader's epoch ('' for none), its offset,
 /// how many of the newest publications a reader without a position wants,
-/// ttl ms, an epoch to move to if the reader is ahead of the stream, the
-/// least ms between two such moves.
+/// ttl ms, an epoch to move to if the reader's position is not in the
+/// stream's history, the least ms between two such moves, and the SHA-1
+/// hex of the payload of the publication at the reader's position
+/// (`wire::Digest`; '' when the reader is not a node checking its own
+/// position, or its position is not a publication).
 ///
 /// Returns `{epoch, top, len, payloads newest first}`; epoch '' when the
 /// channel does not exist.
+///
+/// A channel moves to a new epoch (its stream dropped: nothing in it can
+/// be told apart from what a reader lost) when the store lost data a reader
+/// saw: the reader is ahead of the stream, or the entry at the reader's
+/// offset is not the publication it was handed (a promoted replica or a
+/// restored snapshot lacked the tail and numbered new publications over
+/// it). A digest comes only from a node's own record of what it handed to
+/// its subscribers, so that evidence moves the epoch at once; a position
+/// alone may be forged, so it moves the epoch at most once per interval.
+/// Either move needs the reader's epoch to be the stream's, so one loss
+/// moves the epoch once, whichever nodes notice it.
 pub(super) const HISTORY_SCRIPT: &str = script!(
     r#"
 local meta, stream = KEYS[1], KEYS[2]
@@ -77,21 +96,39 @@ if not epoch then
 end
 local top = tonumber(redis.call('HGET', meta, 'top') or '0')
 local since_epoch, since = ARGV[1], tonumber(ARGV[2])
+local digest = ARGV[7]
+local function move()
+  epoch = ARGV[5]
+  redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
+  redis.call('DEL', stream)
+  return {epoch, top, 0, {}}
+end
 if since_epoch == epoch and since > top then
   -- The reader saw offsets this stream no longer has: Redis lost data.
-  -- A new epoch makes every such position invalid, so none is reused. At
-  -- most one move per interval, so forged positions cannot keep resetting
-  -- everyone.
   local moved = tonumber(redis.call('HGET', meta, 'moved') or '0')
-  if now - moved >= tonumber(ARGV[6]) then
-    epoch = ARGV[5]
-    redis.call('HSET', meta, 'epoch', epoch, 'moved', string.format('%d', now))
-    redis.call('DEL', stream)
+  if digest ~= '' or now - moved >= tonumber(ARGV[6]) then
+    return move()
   end
   return {epoch, top, 0, {}}
 end
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - tonumber(ARGV[4])))
 local len = redis.call('XLEN', stream)
+-- An entry's payload: its field `p`, whatever other fields it has.
+local function payload_of(entry)
+  local fields = entry[2]
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'p' then return fields[i + 1] end
+  end
+  return ''
+end
+if digest ~= '' and since_epoch == epoch and since > 0 and top - since + 1 <= len then
+  -- The entry at the reader's offset, newest first: still the one it saw?
+  local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', top - since + 1)
+  local there = entries[top - since + 1]
+  if there and redis.sha1hex(payload_of(there)) ~= digest then
+    return move()
+  end
+end
 local want
 if since_epoch == '' then
   want = tonumber(ARGV[3])
@@ -105,7 +142,7 @@ local out = {}
 if want > 0 then
   local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
   for i, entry in ipairs(entries) do
-    out[i] = entry[2][2]
+    out[i] = payload_of(entry)
   end
 end
 return {epoch, top, len, out}
@@ -208,7 +245,14 @@ pub(super) fn parse_publish_reply(value: &Value) -> Option<(Epoch, u64, bool, Op
     Some((epoch, offset, duplicate, seen))
 }
 
-pub(super) type HistoryReply = (Option<Epoch>, u64, u64, Vec<Vec<u8>>);
+/// A history script's reply: the epoch (`None`: no such channel), top,
+/// stream length, payloads newest first.
+pub(super) struct HistoryReply {
+    pub epoch: Option<Epoch>,
+    pub top: u64,
+    pub len: u64,
+    pub payloads: Vec<Vec<u8>>,
+}
 
 pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
     let Value::Array(items) = value else {
@@ -220,15 +264,20 @@ pub(super) fn parse_history_reply(value: &Value) -> Option<HistoryReply> {
     };
     let top = number(items.get(1)?)?;
     let len = number(items.get(2)?)?;
-    let payloads = match items.get(3)? {
-        Value::Array(entries) => entries
-            .iter()
-            .map(|entry| match entry {
-                Value::BulkString(bytes) => Some(bytes.clone()),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()?,
-        _ => return None,
+    let Value::Array(entries) = items.get(3)? else {
+        return None;
     };
-    Some((epoch, top, len, payloads))
+    let payloads = entries
+        .iter()
+        .map(|entry| match entry {
+            Value::BulkString(bytes) => Some(bytes.clone()),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(HistoryReply {
+        epoch,
+        top,
+        len,
+        payloads,
+    })
 }

@@ -11,6 +11,60 @@ pub(super) const WIRE_VERSION: &str = "1";
 /// [`WIRE_VERSION`]).
 pub(super) const WIRE_PRESENCE: &str = "p\n";
 
+/// The SHA-1 of a publication's payload as the stream entry (field `p`)
+/// holds it, which is byte for byte the pub/sub message: what a node
+/// remembers of the last publication it handed to its subscribers, and
+/// what the history script compares (`redis.sha1hex`) with the entry at
+/// that node's offset (see `Shared::resync`).
+///
+/// The payload holds the channel, epoch, offset, Redis time in ms, event
+/// and data, so another publication numbered at the same offset has
+/// another digest unless it is identical in content and millisecond: then
+/// nothing was lost. Stream entry ids cannot tell two publications apart:
+/// a promoted replica whose clock lags numbers its entries after the last
+/// id it holds, which can be the id the lost entry had.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) struct Digest([u8; 20]);
+
+impl Digest {
+    pub(super) fn of(payload: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, payload);
+        let mut bytes = [0; 20];
+        bytes.copy_from_slice(digest.as_ref());
+        Digest(bytes)
+    }
+
+    /// Lowercase hex, as `redis.sha1hex` writes it.
+    pub(super) fn hex(&self) -> String {
+        use std::fmt::Write;
+        self.0
+            .iter()
+            .fold(String::with_capacity(40), |mut hex, byte| {
+                let _ = write!(hex, "{byte:02x}");
+                hex
+            })
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+/// The payload of a pub/sub message. A message is the payload alone; a
+/// first line starting with `n` (which no payload starts with: publications
+/// start with [`WIRE_VERSION`], presence with [`WIRE_PRESENCE`]) is skipped,
+/// so a writer that sent a line ahead of the payload there is still read.
+pub(super) fn payload_of(message: &[u8]) -> &[u8] {
+    if message.first() == Some(&b'n') {
+        if let Some(end) = message.iter().position(|&b| b == b'\n') {
+            return &message[end + 1..];
+        }
+    }
+    message
+}
+
 /// Encodes a publication the way the publish script does (tests and the
 /// wire format's documentation use it).
 pub fn encode(publication: &Publication) -> String {
@@ -71,6 +125,10 @@ mod tests {
         assert_eq!(back.published_at_ms(), 1_700_000_000_123);
         assert_eq!(back.position(), publication.position());
 
+        let message = format!("nAbc123\n{wire}");
+        assert_eq!(payload_of(message.as_bytes()), wire.as_bytes());
+        assert_eq!(payload_of(wire.as_bytes()), wire.as_bytes());
+
         for bad in [
             "",
             "2\nchat\nabc\n1\n0\n\n1",
@@ -81,5 +139,27 @@ mod tests {
         ] {
             assert!(decode(bad.as_bytes()).is_none(), "{bad:?} refused");
         }
+    }
+
+    /// The format nodes of every version write to pub/sub and streams, and
+    /// read from them: a node that wrote anything else would have its
+    /// publications dropped as malformed by nodes not yet upgraded.
+    #[test]
+    fn the_wire_format_is_the_one_every_version_reads() {
+        let publication = Publication::new(
+            ChannelName::parse("chat:1").unwrap(),
+            Position::new(Epoch::parse("abc").unwrap(), 42),
+            Some(EventName::parse("msg").unwrap()),
+            "{\"a\":1}",
+            1_700_000_000_123,
+        );
+        let wire = encode(&publication);
+        assert_eq!(wire, "1\nchat:1\nabc\n42\n1700000000123\nmsg\n{\"a\":1}");
+        assert!(decode(wire.as_bytes()).is_some());
+        assert_eq!(
+            Digest::of(wire.as_bytes()).hex(),
+            // `printf '%s' "$wire" | sha1sum`, as `redis.sha1hex` computes it.
+            "aa60737816e3a5db51480ff005f6813fd05a6aeb"
+        );
     }
 }
