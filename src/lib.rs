@@ -90,7 +90,9 @@
 //!     any way.
 //!   - `broker::memory`: the in-memory engine, for one node.
 //!   - `broker::redis`: the Redis engine, for several nodes sharing one Redis
-//!     (or a Redis Cluster): the engine's state and the `Broker` methods.
+//!     (or a Redis Cluster): the engine's state, and each channel checked
+//!     against its stream before it is heard again.
+//!     - `broker::redis::engine`: the `Broker` methods.
 //!     - `broker::redis::keys`: the names of keys and pub/sub channels.
 //!     - `broker::redis::scripts`: the Lua scripts and their replies.
 //!     - `broker::redis::wire`: a publication's encoding on pub/sub and in
