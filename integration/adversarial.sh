@@ -23,6 +23,7 @@ binary_of() {
     case $1 in
     adversarial | proxy | limits | process | demo) echo proxy ;;
     websocket | ws_abuse | sse_poll | presence | cursors | exactness | auth | jwt | jwks) echo realtime ;;
+    broker | redis_connect | redis_cluster | redis_cluster_faults | scale_out | chaos) echo engine ;;
     *) echo "$1" ;;
     esac
 }

@@ -2,7 +2,7 @@
 //! `broker_suite!` instantiates the cases for one engine: the memory engine,
 //! and the Redis engine against a real redis-server per case.
 
-mod common;
+use crate::common;
 
 use std::ops::Deref;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! channels spread over slots, sharded pub/sub between pushgate nodes,
 //! history, presence and orders.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

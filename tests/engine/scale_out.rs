@@ -3,7 +3,7 @@
 //! restarted empty or with its data) while clients stay connected and a
 //! publisher keeps publishing.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

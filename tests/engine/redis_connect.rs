@@ -2,7 +2,7 @@
 //! processes: a password and a database number, an ACL user, TLS with a
 //! private CA, and a wrong password (refused plainly, never published).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

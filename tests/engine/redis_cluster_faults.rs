@@ -12,7 +12,7 @@
 //! Every random choice comes from a seed, printed on failure and settable
 //! with `PUSHGATE_CHAOS_SEED`. Every wait is on a condition with a deadline.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
