@@ -783,6 +783,12 @@ pub mod pyenv {
     /// The virtualenv's python, after building the virtualenv if need be.
     /// Panics, saying what to install, when it cannot be built.
     pub fn python(scratch: &Path) -> PathBuf {
+        // The tests of one binary run on several threads: one builds the
+        // virtualenv, the others wait for it and then find it usable.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let target = target_dir();
         let dir = target.join("pyenv");
         if usable(&dir, scratch) {
@@ -811,7 +817,8 @@ pub mod pyenv {
         }
 
         // Built beside the final place and renamed into it, so a run that is
-        // interrupted, or one running at the same time, never sees half of it.
+        // interrupted, or another test binary running at the same time, never
+        // sees half of it.
         let building = target.join(format!("pyenv.building-{}", std::process::id()));
         let _ = fs::remove_dir_all(&building);
         let ran = run(
