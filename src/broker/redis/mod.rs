@@ -28,7 +28,7 @@
 //! # Hearing publications
 //!
 //! A node subscribes in Redis only to channels with local subscribers, on
-//! one dedicated pub/sub connection driven by one task ([`Listener`]). A
+//! one dedicated pub/sub connection driven by one task (`listener::Listener`). A
 //! publication arrives encoded once ([`encode`]'s format), is decoded once
 //! into a [`Publication`] and handed to the hub.
 //!
