@@ -94,91 +94,148 @@ pub fn plain(status: StatusCode, text: String) -> Response<Body> {
     response
 }
 
-/// An error answered by the publish/admin API as
-/// `{"error": {"code": "...", "message": "..."}}`.
+/// What kind of refusal an error is: the one fact the edges turn into a
+/// protocol's terms, an HTTP status ([`Kind::status`]) or a WebSocket close
+/// code ([`Kind::close_code`]). Nothing else maps errors to either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The request or command is malformed or breaks a rule.
+    Invalid,
+    /// Who is asking is not known (no key, no or a bad token).
+    Unauthenticated,
+    /// Known, and not allowed.
+    Forbidden,
+    NotFound,
+    /// The endpoint answers other methods (see [`Refusal::allow`]).
+    NotAllowed,
+    /// A body did not arrive in time.
+    TimedOut,
+    TooLarge,
+    UnsupportedMedia,
+    /// A realtime endpoint was asked for without the upgrade it needs.
+    UpgradeRequired,
+    /// Over a limit: connections, commands, channels.
+    OverLimit,
+    /// The app or the engine could not answer: try again later.
+    Unavailable,
+}
+
+impl Kind {
+    /// The HTTP status answering this kind of refusal.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Kind::Invalid => StatusCode::BAD_REQUEST,
+            Kind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::NotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Kind::TimedOut => StatusCode::REQUEST_TIMEOUT,
+            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Kind::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Kind::OverLimit => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The WebSocket close code for this kind, when it ends a realtime
+    /// connection after the upgrade (browsers cannot read a refused
+    /// handshake's status): 4001 unauthenticated, 4003 forbidden, 4029 over a
+    /// limit, 1013 when the app or engine cannot answer (try again later),
+    /// 1008 for anything else the client got wrong.
+    pub fn close_code(self) -> u16 {
+        match self {
+            Kind::Unauthenticated => 4001,
+            Kind::Forbidden => 4003,
+            Kind::OverLimit => 4029,
+            Kind::Unavailable => 1013,
+            _ => 1008,
+        }
+    }
+
+    /// The client's fault, not the server's.
+    pub fn is_client_error(self) -> bool {
+        self != Kind::Unavailable
+    }
+}
+
+/// A request, command or connection refused: its [`Kind`], and what the
+/// client is told, `{"code", "message"}`. Answered by the API as
+/// `{"error": {"code": "...", "message": "..."}}`, by the WebSocket as a
+/// reply's `error` or a close, by SSE and long-poll as an HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
-pub struct ApiError {
-    pub status: StatusCode,
+pub struct Refusal {
+    pub kind: Kind,
     /// Stable, machine-readable; documented in docs/api.md.
     pub code: &'static str,
     /// For people; says what was wrong and, where it helps, how to fix it.
     pub message: String,
-    /// For 405: the methods the endpoint answers (the `Allow` header).
+    /// For [`Kind::NotAllowed`]: the methods the endpoint answers.
     pub allow: Option<&'static str>,
 }
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
+impl Refusal {
+    pub fn new(kind: Kind, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            kind,
             code,
             message: message.into(),
             allow: None,
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal::new(Kind::Invalid, code, message)
     }
 
-    pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
+    pub fn unauthorized() -> Refusal {
+        Refusal::new(
+            Kind::Unauthenticated,
             "unauthorized",
             "send one of api.keys as `Authorization: Bearer <key>`",
         )
     }
 
-    pub fn body_too_large(limit: u64) -> ApiError {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+    pub fn body_too_large(limit: u64) -> Refusal {
+        Refusal::new(
+            Kind::TooLarge,
             "body_too_large",
             format!("the request body is over api.max_body ({limit} bytes)"),
         )
     }
 
-    pub fn not_json() -> ApiError {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    pub fn not_json() -> Refusal {
+        Refusal::new(
+            Kind::UnsupportedMedia,
             "unsupported_media_type",
             "send the body as JSON with `Content-Type: application/json`",
         )
     }
 
-    pub fn not_found() -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
+    pub fn not_found() -> Refusal {
+        Refusal::new(
+            Kind::NotFound,
             "not_found",
             "no such endpoint; see docs/api.md",
         )
     }
 
     /// `allowed` is the `Allow` header's value, e.g. `GET, HEAD`.
-    pub fn method_not_allowed(allowed: &'static str) -> ApiError {
-        ApiError {
+    pub fn method_not_allowed(allowed: &'static str) -> Refusal {
+        Refusal {
             allow: Some(allowed),
-            ..ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
+            ..Refusal::new(
+                Kind::NotAllowed,
                 "method_not_allowed",
                 format!("this endpoint answers {allowed}"),
             )
         }
     }
 
-    /// The WebSocket close code for this refusal, when it ends a realtime
-    /// connection after the upgrade (browsers cannot read a refused
-    /// handshake's status): 4001 unauthenticated, 4003 forbidden, 4029 over a
-    /// limit, 1013 when the app or engine cannot answer (try again later),
-    /// 1008 for anything else the client got wrong.
+    /// The WebSocket close code for this refusal ([`Kind::close_code`]).
     pub fn close_code(&self) -> u16 {
-        match self.status {
-            StatusCode::UNAUTHORIZED => 4001,
-            StatusCode::FORBIDDEN => 4003,
-            StatusCode::TOO_MANY_REQUESTS => 4029,
-            StatusCode::SERVICE_UNAVAILABLE => 1013,
-            _ => 1008,
-        }
+        self.kind.close_code()
     }
 
     /// The JSON object `{"code", "message"}`, for batch items.
@@ -187,7 +244,10 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut response = json(self.status, &serde_json::json!({ "error": self.body() }));
+        let mut response = json(
+            self.kind.status(),
+            &serde_json::json!({ "error": self.body() }),
+        );
         if let Some(allow) = self.allow {
             response
                 .headers_mut()
@@ -203,23 +263,23 @@ impl ApiError {
     }
 }
 
-impl From<crate::broker::BrokerError> for ApiError {
-    fn from(err: crate::broker::BrokerError) -> ApiError {
+impl From<crate::broker::BrokerError> for Refusal {
+    fn from(err: crate::broker::BrokerError) -> Refusal {
         use crate::broker::BrokerError;
         // The cause is logged where it happens; the client gets the class.
         match err {
-            BrokerError::KeyReused => ApiError::bad_request(
+            BrokerError::KeyReused => Refusal::bad_request(
                 "idempotency_key_reused",
                 "this idempotency_key was used for a different publish within \
                  api.idempotency_window; nothing was published",
             ),
-            BrokerError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Unavailable(_) => Refusal::new(
+                Kind::Unavailable,
                 "engine_unavailable",
                 "the engine is unavailable; nothing was stored, retry later",
             ),
-            BrokerError::OutcomeUnknown(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::OutcomeUnknown(_) => Refusal::new(
+                Kind::Unavailable,
                 "outcome_unknown",
                 "the engine failed mid-publish; retry with the same idempotency_key",
             ),

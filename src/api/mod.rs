@@ -22,7 +22,7 @@ use crate::broker::{BrokerError, Publish, PublishOutcome};
 use crate::channels::Channels;
 use crate::config::Config;
 use crate::cursor::Position;
-use crate::error::{json, json_bytes, ApiError};
+use crate::error::{json, json_bytes, Kind, Refusal};
 use crate::keyed::KeyedDigest;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
@@ -98,7 +98,7 @@ impl Api {
         }
     }
 
-    async fn route<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    async fn route<B>(&self, request: Request<B>) -> Result<Response<Body>, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -117,19 +117,17 @@ impl Api {
             _ => {}
         }
         if !path.starts_with("/api/") {
-            return Err(ApiError::not_found());
+            return Err(Refusal::not_found());
         }
         // Before anything else, so an unauthenticated caller learns nothing,
         // not even which endpoints exist.
         self.authorize(request.headers())?;
         match (path, request.method()) {
             ("/api/publish", &Method::POST) => self.publish(request).await,
-            ("/api/publish", _) => Err(ApiError::method_not_allowed("POST")),
+            ("/api/publish", _) => Err(Refusal::method_not_allowed("POST")),
             ("/api/disconnect", &Method::POST) => self.disconnect(request).await,
             ("/api/unsubscribe", &Method::POST) => self.unsubscribe(request).await,
-            ("/api/disconnect" | "/api/unsubscribe", _) => {
-                Err(ApiError::method_not_allowed("POST"))
-            }
+            ("/api/disconnect" | "/api/unsubscribe", _) => Err(Refusal::method_not_allowed("POST")),
             ("/api/history", &Method::GET) => self.history(request.uri().query()).await,
             ("/api/channels", &Method::GET) => self.channels(request.uri().query()),
             ("/api/presence", &Method::GET) => self.presence(request.uri().query()).await,
@@ -138,13 +136,13 @@ impl Api {
             ("/api/channels", &Method::HEAD) => self.channels(request.uri().query()),
             ("/api/presence", &Method::HEAD) => self.presence(request.uri().query()).await,
             ("/api/history" | "/api/channels" | "/api/presence", _) => {
-                Err(ApiError::method_not_allowed("GET, HEAD"))
+                Err(Refusal::method_not_allowed("GET, HEAD"))
             }
-            _ => Err(ApiError::not_found()),
+            _ => Err(Refusal::not_found()),
         }
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
@@ -157,7 +155,7 @@ impl Api {
             return Ok(());
         }
         let Some(presented) = presented else {
-            return Err(ApiError::unauthorized());
+            return Err(Refusal::unauthorized());
         };
         // Keys are compared as 256-bit keyed digests: all of one length, so
         // the timing tells nothing of the keys' lengths, and every key is
@@ -173,7 +171,7 @@ impl Api {
         if bool::from(matched) {
             Ok(())
         } else {
-            Err(ApiError::unauthorized())
+            Err(Refusal::unauthorized())
         }
     }
 
@@ -204,7 +202,7 @@ impl Api {
     /// `POST /api/disconnect {"user", "code"?, "reason"?}`: closes the user's
     /// realtime connections (default code 4000) and forgets their cached
     /// grants, so the next connection asks the app again.
-    async fn disconnect<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    async fn disconnect<B>(&self, request: Request<B>) -> Result<Response<Body>, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -220,14 +218,14 @@ impl Api {
         }
         let body = self.json_body(request).await?;
         let order: Disconnect = serde_json::from_slice(&body).map_err(|err| {
-            ApiError::bad_request("bad_json", format!("invalid disconnect: {err}"))
+            Refusal::bad_request("bad_json", format!("invalid disconnect: {err}"))
         })?;
         let user = valid_user(&order.user)?;
         let code = match order.code {
             None => DEFAULT_DISCONNECT_CODE,
             Some(code @ 4000..=4999) => code as u16,
             Some(_) => {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "bad_code",
                     "`code` must be a WebSocket application code, 4000 to 4999",
                 ))
@@ -237,7 +235,7 @@ impl Api {
             .reason
             .unwrap_or_else(|| "disconnected by the app".to_owned());
         if reason.len() > MAX_CLOSE_REASON_BYTES {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "bad_reason",
                 format!(
                     "`reason` is at most {MAX_CLOSE_REASON_BYTES} bytes (a close frame's limit)"
@@ -259,7 +257,7 @@ impl Api {
 
     /// `POST /api/unsubscribe {"user", "channel"}`: removes the channel from
     /// the user's live sessions; each client is told.
-    async fn unsubscribe<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    async fn unsubscribe<B>(&self, request: Request<B>) -> Result<Response<Body>, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -272,7 +270,7 @@ impl Api {
         }
         let body = self.json_body(request).await?;
         let order: Unsubscribe = serde_json::from_slice(&body).map_err(|err| {
-            ApiError::bad_request("bad_json", format!("invalid unsubscribe: {err}"))
+            Refusal::bad_request("bad_json", format!("invalid unsubscribe: {err}"))
         })?;
         let user = valid_user(&order.user)?;
         let channel = channel_name(&order.channel)?;
@@ -283,21 +281,21 @@ impl Api {
         ))
     }
 
-    async fn publish<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    async fn publish<B>(&self, request: Request<B>) -> Result<Response<Body>, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
     {
         let result = self.publish_request(request).await;
         if let Err(err) = &result {
-            if err.status.is_client_error() {
+            if err.kind.is_client_error() {
                 self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
             }
         }
         result
     }
 
-    async fn publish_request<B>(&self, request: Request<B>) -> Result<Response<Body>, ApiError>
+    async fn publish_request<B>(&self, request: Request<B>) -> Result<Response<Body>, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -308,7 +306,7 @@ impl Api {
             return self.publish_batch(&body).await;
         }
         let item: &RawValue = serde_json::from_slice(&body)
-            .map_err(|err| ApiError::bad_request("bad_json", format!("invalid JSON: {err}")))?;
+            .map_err(|err| Refusal::bad_request("bad_json", format!("invalid JSON: {err}")))?;
         let outcome = self.publish_one(parse_publish(item)?).await?;
         Ok(json(
             StatusCode::OK,
@@ -318,11 +316,11 @@ impl Api {
 
     /// A JSON array of publish objects, answered with an array of the same
     /// length: `{"results": [...]}` or `{"error": {...}}` per item, in order.
-    async fn publish_batch(&self, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    async fn publish_batch(&self, body: &[u8]) -> Result<Response<Body>, Refusal> {
         let items: Vec<&RawValue> = serde_json::from_slice(body)
-            .map_err(|err| ApiError::bad_request("bad_json", format!("invalid JSON: {err}")))?;
+            .map_err(|err| Refusal::bad_request("bad_json", format!("invalid JSON: {err}")))?;
         if items.len() > MAX_BATCH_ITEMS {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "batch_too_large",
                 format!("a batch holds at most {MAX_BATCH_ITEMS} items"),
             ));
@@ -333,7 +331,7 @@ impl Api {
                 Ok(publish) => match self.publish_one(publish).await {
                     Ok(outcome) => serde_json::json!({ "results": outcome.results }),
                     Err(err) => {
-                        if err.status.is_client_error() {
+                        if err.kind.is_client_error() {
                             self.metrics.publish(metrics::PublishOutcome::Rejected, 1);
                         }
                         serde_json::json!({ "error": err.body() })
@@ -349,7 +347,7 @@ impl Api {
         Ok(json(StatusCode::OK, &answers))
     }
 
-    async fn publish_one(&self, publish: Publish) -> Result<PublishOutcome, ApiError> {
+    async fn publish_one(&self, publish: Publish) -> Result<PublishOutcome, Refusal> {
         let channels = publish.channels.len();
         match self.channels.broker.publish(publish).await {
             Ok(outcome) => {
@@ -372,7 +370,7 @@ impl Api {
     }
 
     /// Reads a JSON request body of at most `api.max_body` bytes.
-    async fn json_body<B>(&self, request: Request<B>) -> Result<Bytes, ApiError>
+    async fn json_body<B>(&self, request: Request<B>) -> Result<Bytes, Refusal>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<BoxError>,
@@ -384,7 +382,7 @@ impl Api {
             .and_then(|v| v.split(';').next())
             .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
         if !is_json {
-            return Err(ApiError::not_json());
+            return Err(Refusal::not_json());
         }
         // The listener's layers bound the body: its size (api.max_body) and
         // each pause in it (limits.body_timeout); here their errors are
@@ -394,15 +392,15 @@ impl Api {
             Err(err) => {
                 let err: BoxError = err.into();
                 if err.is::<http_body_util::LengthLimitError>() {
-                    Err(ApiError::body_too_large(self.max_body))
+                    Err(Refusal::body_too_large(self.max_body))
                 } else if err.is::<tower_http::timeout::TimeoutError>() {
-                    Err(ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
+                    Err(Refusal::new(
+                        Kind::TimedOut,
                         "body_timeout",
                         "the request body paused longer than limits.body_timeout",
                     ))
                 } else {
-                    Err(ApiError::bad_request(
+                    Err(Refusal::bad_request(
                         "bad_body",
                         format!("the request body could not be read: {err}"),
                     ))
@@ -411,14 +409,14 @@ impl Api {
         }
     }
 
-    async fn history(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    async fn history(&self, query: Option<&str>) -> Result<Response<Body>, Refusal> {
         let query = Query::parse(query, &["channel", "since", "limit"])?;
         let channel = query.channel()?;
         let since = query
             .get("since")
             .map(|text| {
                 text.parse::<Position>()
-                    .map_err(|err| ApiError::bad_request("bad_position", format!("`since`: {err}")))
+                    .map_err(|err| Refusal::bad_request("bad_position", format!("`since`: {err}")))
             })
             .transpose()?;
         let limit = query.limit(DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)?;
@@ -452,11 +450,11 @@ impl Api {
     }
 
     /// Who is subscribed to a channel, on every node the engine spans.
-    async fn presence(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    async fn presence(&self, query: Option<&str>) -> Result<Response<Body>, Refusal> {
         let query = Query::parse(query, &["channel"])?;
         let channel = query.channel()?;
         if !self.channels.rules().presence(channel.as_str()).listed {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "presence_disabled",
                 format!(
                     "presence is not kept for `{channel}`: add a `channels` rule with \
@@ -471,7 +469,7 @@ impl Api {
         ))
     }
 
-    fn channels(&self, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    fn channels(&self, query: Option<&str>) -> Result<Response<Body>, Refusal> {
         let query = Query::parse(query, &["prefix", "limit"])?;
         let prefix = query.get("prefix").unwrap_or("");
         let limit = query.limit(DEFAULT_CHANNELS_LIMIT, MAX_CHANNELS_LIMIT)?;
@@ -502,9 +500,9 @@ pub const DEFAULT_DISCONNECT_CODE: u16 = 4000;
 /// A WebSocket close reason's limit.
 pub const MAX_CLOSE_REASON_BYTES: usize = 123;
 
-fn valid_user(user: &str) -> Result<&str, ApiError> {
+fn valid_user(user: &str) -> Result<&str, Refusal> {
     if user.is_empty() || user.len() > 256 {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "bad_user",
             "`user` must be 1 to 256 bytes",
         ));
@@ -512,11 +510,11 @@ fn valid_user(user: &str) -> Result<&str, ApiError> {
     Ok(user)
 }
 
-fn only_get<B>(request: &Request<B>) -> Result<(), ApiError> {
+fn only_get<B>(request: &Request<B>) -> Result<(), Refusal> {
     if request.method() == Method::GET || request.method() == Method::HEAD {
         Ok(())
     } else {
-        Err(ApiError::method_not_allowed("GET, HEAD"))
+        Err(Refusal::method_not_allowed("GET, HEAD"))
     }
 }
 
@@ -547,14 +545,14 @@ fn present<'de, D: serde::Deserializer<'de>>(
     <&RawValue>::deserialize(deserializer).map(Some)
 }
 
-fn string_field(raw: &RawValue, field: &str) -> Result<String, ApiError> {
+fn string_field(raw: &RawValue, field: &str) -> Result<String, Refusal> {
     serde_json::from_str::<String>(raw.get())
-        .map_err(|_| ApiError::bad_request("bad_json", format!("`{field}` must be a string")))
+        .map_err(|_| Refusal::bad_request("bad_json", format!("`{field}` must be a string")))
 }
 
-fn channel_name(name: &str) -> Result<ChannelName, ApiError> {
+fn channel_name(name: &str) -> Result<ChannelName, Refusal> {
     ChannelName::parse(name)
-        .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
+        .map_err(|err| Refusal::bad_request("bad_channel", format!("`{name}`: {err}")))
 }
 
 /// Deepest nesting of arrays and objects a publication's `data` may have.
@@ -595,25 +593,25 @@ fn nested_deeper_than(text: &str, max: usize) -> bool {
 }
 
 /// Validates one publish object.
-fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
+fn parse_publish(item: &RawValue) -> Result<Publish, Refusal> {
     if !item.get().trim_start().starts_with('{') {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "bad_json",
             "a publish is a JSON object with `channel` (or `channels`) and `data`",
         ));
     }
     let item: PublishItem = serde_json::from_str(item.get())
-        .map_err(|err| ApiError::bad_request("bad_json", format!("invalid publish: {err}")))?;
+        .map_err(|err| Refusal::bad_request("bad_json", format!("invalid publish: {err}")))?;
 
     let channels = match (item.channel, item.channels) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "bad_channel",
                 "give `channel` or `channels`, not both",
             ))
         }
         (None, None) => {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "missing_channel",
                 "name the channel: `channel` (or `channels`, a list)",
             ))
@@ -621,10 +619,10 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
         (Some(one), None) => vec![channel_name(&string_field(one, "channel")?)?],
         (None, Some(many)) => {
             let names: Vec<String> = serde_json::from_str(many.get()).map_err(|_| {
-                ApiError::bad_request("bad_json", "`channels` must be a list of strings")
+                Refusal::bad_request("bad_json", "`channels` must be a list of strings")
             })?;
             if names.is_empty() || names.len() > MAX_CHANNELS_PER_PUBLISH {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "bad_channel",
                     format!("`channels` must list 1 to {MAX_CHANNELS_PER_PUBLISH} channels"),
                 ));
@@ -633,7 +631,7 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
             for name in &names {
                 let channel = channel_name(name)?;
                 if channels.contains(&channel) {
-                    return Err(ApiError::bad_request(
+                    return Err(Refusal::bad_request(
                         "bad_channel",
                         format!("`{name}` is listed twice in `channels`"),
                     ));
@@ -644,13 +642,13 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
         }
     };
     let data = item.data.ok_or_else(|| {
-        ApiError::bad_request(
+        Refusal::bad_request(
             "missing_data",
             "`data` is required (any JSON, null included)",
         )
     })?;
     if nested_deeper_than(data.get(), MAX_DATA_DEPTH) {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "bad_json",
             format!("`data` nests arrays and objects deeper than {MAX_DATA_DEPTH} levels"),
         ));
@@ -660,7 +658,7 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
         .map(|raw| {
             let name = string_field(raw, "event")?;
             EventName::parse(&name)
-                .map_err(|err| ApiError::bad_request("bad_event", format!("`{name}`: {err}")))
+                .map_err(|err| Refusal::bad_request("bad_event", format!("`{name}`: {err}")))
         })
         .transpose()?;
     let idempotency_key = item
@@ -669,7 +667,7 @@ fn parse_publish(item: &RawValue) -> Result<Publish, ApiError> {
             let key = string_field(raw, "idempotency_key")?;
             let printable = key.bytes().all(|b| b.is_ascii_graphic());
             if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !printable {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "bad_idempotency_key",
                     format!(
                         "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
@@ -693,13 +691,13 @@ struct Query {
 }
 
 impl Query {
-    fn parse(query: Option<&str>, known: &[&str]) -> Result<Query, ApiError> {
+    fn parse(query: Option<&str>, known: &[&str]) -> Result<Query, Refusal> {
         let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         for (index, (key, _)) in pairs.iter().enumerate() {
             if !known.contains(&key.as_str()) {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "bad_query",
                     format!(
                         "unknown parameter `{key}`; this endpoint takes {}",
@@ -708,7 +706,7 @@ impl Query {
                 ));
             }
             if pairs[..index].iter().any(|(earlier, _)| earlier == key) {
-                return Err(ApiError::bad_request(
+                return Err(Refusal::bad_request(
                     "bad_query",
                     format!("parameter `{key}` is given twice"),
                 ));
@@ -724,14 +722,14 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
-    fn channel(&self) -> Result<ChannelName, ApiError> {
+    fn channel(&self) -> Result<ChannelName, Refusal> {
         let name = self.get("channel").ok_or_else(|| {
-            ApiError::bad_request("missing_channel", "name the channel: `?channel=`")
+            Refusal::bad_request("missing_channel", "name the channel: `?channel=`")
         })?;
         channel_name(name)
     }
 
-    fn limit(&self, default: usize, max: usize) -> Result<usize, ApiError> {
+    fn limit(&self, default: usize, max: usize) -> Result<usize, Refusal> {
         match self.get("limit") {
             None => Ok(default),
             Some(text) => match text.parse::<usize>() {
@@ -740,7 +738,7 @@ impl Query {
                 {
                     Ok(limit)
                 }
-                _ => Err(ApiError::bad_request(
+                _ => Err(Refusal::bad_request(
                     "bad_limit",
                     format!("`limit` must be a whole number from 1 to {max}"),
                 )),

@@ -25,7 +25,7 @@ use tower_http::trace::TraceLayer;
 
 use super::Api;
 use crate::body::{self, Body};
-use crate::error::ApiError;
+use crate::error::Refusal;
 
 /// What the API listener serves each request with.
 pub type ApiService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
@@ -59,7 +59,7 @@ where
     let from_a_layer = !response.headers().contains_key(header::CONTENT_TYPE)
         || response.headers()[header::CONTENT_TYPE] != "application/json";
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE && from_a_layer {
-        return ApiError::body_too_large(max_body).into_response();
+        return Refusal::body_too_large(max_body).into_response();
     }
     response.map(body::stream)
 }

@@ -47,7 +47,7 @@ impl AppAuth {
         }
     }
 
-    pub(super) async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
+    pub(super) async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, Refusal> {
         let body = auth_body(&request);
         let credentials = self.credentials(request.headers, request.conn);
         let key = self.cache.key(&credentials, &body);
@@ -78,9 +78,9 @@ impl AppAuth {
                 Ok(grant)
             }
             Err(err) => {
-                match err.status {
-                    StatusCode::UNAUTHORIZED => stats.unauthenticated += 1,
-                    StatusCode::FORBIDDEN => stats.forbidden += 1,
+                match err.kind {
+                    Kind::Unauthenticated => stats.unauthenticated += 1,
+                    Kind::Forbidden => stats.forbidden += 1,
                     _ => stats.unavailable += 1,
                 }
                 Err(err)
@@ -101,7 +101,7 @@ impl AppAuth {
         url: &Uri,
         credentials: &Credentials,
         body: &[u8],
-    ) -> Result<AppAnswer, ApiError> {
+    ) -> Result<AppAnswer, Refusal> {
         let Ok(file) = self.app_files.clone().try_acquire_owned() else {
             return Err(self.unavailable(url, "the open-file limit is spent on connections"));
         };
@@ -130,10 +130,10 @@ impl AppAuth {
         }
     }
 
-    pub(super) fn unavailable(&self, url: &Uri, why: &str) -> ApiError {
+    pub(super) fn unavailable(&self, url: &Uri, why: &str) -> Refusal {
         tracing::warn!(%url, why, "request to the app failed; refused with 503");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::new(
+            Kind::Unavailable,
             "auth_unavailable",
             "the app could not confirm this connection; try again later",
         )

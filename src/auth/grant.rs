@@ -79,17 +79,17 @@ pub(super) struct AppGrant {
 pub(super) fn grant_or_refusal(
     status: StatusCode,
     body: &[u8],
-    unavailable: impl Fn(&str) -> ApiError,
-) -> Result<Grant, ApiError> {
+    unavailable: impl Fn(&str) -> Refusal,
+) -> Result<Grant, Refusal> {
     match status {
         StatusCode::OK => parse_grant(body).map_err(|why| unavailable(&why)),
-        StatusCode::UNAUTHORIZED => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
+        StatusCode::UNAUTHORIZED => Err(Refusal::new(
+            Kind::Unauthenticated,
             "unauthenticated",
             reason(body, "the app does not know who this is"),
         )),
-        StatusCode::FORBIDDEN => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+        StatusCode::FORBIDDEN => Err(Refusal::new(
+            Kind::Forbidden,
             "forbidden",
             reason(body, "the app refused this connection"),
         )),

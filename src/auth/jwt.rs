@@ -74,18 +74,18 @@ impl JwtKeys {
 /// A token refused, or no key to check it with.
 pub(super) enum KeyMissOr {
     Miss(KeyMiss),
-    Refused(ApiError),
+    Refused(Refusal),
 }
 
-impl From<ApiError> for KeyMissOr {
-    fn from(err: ApiError) -> KeyMissOr {
+impl From<Refusal> for KeyMissOr {
+    fn from(err: Refusal) -> KeyMissOr {
         KeyMissOr::Refused(err)
     }
 }
 
 impl KeyMissOr {
-    pub(super) fn into_api(self) -> ApiError {
-        let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+    pub(super) fn into_api(self) -> Refusal {
+        let refused = |why: &str| Refusal::new(Kind::Unauthenticated, "unauthenticated", why);
         match self {
             KeyMissOr::Refused(err) => err,
             KeyMissOr::Miss(KeyMiss::Malformed) => refused("the token is malformed"),
@@ -93,8 +93,8 @@ impl KeyMissOr {
                 refused("the token's key (`kid`) is not among the signing keys")
             }
             // Never a pass: try again once the keys can be fetched.
-            KeyMissOr::Miss(KeyMiss::Unavailable) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            KeyMissOr::Miss(KeyMiss::Unavailable) => Refusal::new(
+                Kind::Unavailable,
                 "auth_unavailable",
                 "the signing keys could not be fetched; try again later",
             ),
@@ -181,10 +181,10 @@ impl JwtAuth {
         }
     }
 
-    pub(super) async fn authorize(&self, request: &AuthRequest<'_>) -> Result<Grant, ApiError> {
+    pub(super) async fn authorize(&self, request: &AuthRequest<'_>) -> Result<Grant, Refusal> {
         let outcome = match self.token(request) {
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            None => Err(Refusal::new(
+                Kind::Unauthenticated,
                 "unauthenticated",
                 "no token: send Authorization: Bearer, the token cookie or ?token=",
             )),
@@ -203,7 +203,7 @@ impl JwtAuth {
         let mut stats = self.stats.lock().expect("auth stats lock");
         match &outcome {
             Ok(_) => stats.allowed += 1,
-            Err(err) if err.status == StatusCode::SERVICE_UNAVAILABLE => stats.unavailable += 1,
+            Err(err) if err.kind == Kind::Unavailable => stats.unavailable += 1,
             Err(_) => stats.unauthenticated += 1,
         }
         outcome
@@ -246,7 +246,7 @@ impl JwtAuth {
     /// base64url parts of JSON.
     pub(super) fn verify(&self, token: &str) -> Result<Grant, KeyMissOr> {
         use jsonwebtoken::errors::ErrorKind;
-        let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+        let refused = |why: &str| Refusal::new(Kind::Unauthenticated, "unauthenticated", why);
         check_header(token).map_err(|why| refused(&why))?;
         let key = self.keys.key_for(token).map_err(KeyMissOr::Miss)?;
         let data =

@@ -40,7 +40,7 @@ use crate::body::{Body, BoxError};
 use crate::config::jwt::KeySource as LoadedKey;
 use crate::config::{AuthPaths, AuthSettings, JwtConfig, JwtKey, Settings};
 use crate::conn::{forwarded_for, ConnInfo};
-use crate::error::{error_chain, ApiError};
+use crate::error::{error_chain, Kind, Refusal};
 use crate::message::ChannelName;
 use crate::timer;
 
@@ -112,7 +112,7 @@ impl Auth {
 
     /// The grant for a new connection, or why it is refused: 401/403 with
     /// the app's reason, 503 when the app could not answer.
-    pub async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, ApiError> {
+    pub async fn authorize(&self, request: AuthRequest<'_>) -> Result<Grant, Refusal> {
         match &self.mode {
             Mode::None => Ok(Grant::everything()),
             Mode::Upstream(app) => app.authorize(request).await,
@@ -137,10 +137,10 @@ impl Auth {
         credentials: &Credentials,
         connection_id: u64,
         transport: &str,
-    ) -> Result<Grant, ApiError> {
+    ) -> Result<Grant, Refusal> {
         let expired = || {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            Refusal::new(
+                Kind::Unauthenticated,
                 "credentials_expired",
                 "the connection's credentials expired; reconnect",
             )
@@ -161,8 +161,8 @@ impl Auth {
         let renewed =
             grant_or_refusal(answer.status, &answer.body, |why| app.unavailable(url, why))?;
         if renewed.user != grant.user {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            return Err(Refusal::new(
+                Kind::Unauthenticated,
                 "credentials_expired",
                 "the refreshed grant names another user",
             ));
@@ -178,8 +178,8 @@ impl Auth {
         credentials: &Credentials,
         channel: &ChannelName,
         transport: &str,
-    ) -> Result<(), ApiError> {
-        let forbidden = |why: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", why);
+    ) -> Result<(), Refusal> {
+        let forbidden = |why: String| Refusal::new(Kind::Forbidden, "forbidden", why);
         let Mode::Upstream(app) = &self.mode else {
             return Err(forbidden(format!("not allowed to hear `{channel}`")));
         };
@@ -205,17 +205,17 @@ impl Auth {
 
     /// A new token for a live connection (the WebSocket `refresh` command,
     /// JWT mode): the grant it carries, which must name the same user.
-    pub fn refresh_token(&self, grant: &Grant, token: &str) -> Result<Grant, ApiError> {
+    pub fn refresh_token(&self, grant: &Grant, token: &str) -> Result<Grant, Refusal> {
         let Mode::Jwt(jwt) = &self.mode else {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "refresh_not_supported",
                 "`refresh` with a token is for auth.mode jwt",
             ));
         };
         let renewed = jwt.verify(token).map_err(KeyMissOr::into_api)?;
         if renewed.user != grant.user {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
+            return Err(Refusal::new(
+                Kind::Forbidden,
                 "forbidden",
                 "the new token names another user",
             ));

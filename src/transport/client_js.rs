@@ -18,7 +18,7 @@ use std::sync::LazyLock;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::body::Body;
-use crate::error::ApiError;
+use crate::error::Refusal;
 
 /// The library, as it is in the repository.
 pub const SOURCE: &str = include_str!("../../clients/js/pushgate.js");
@@ -37,11 +37,11 @@ static ETAG: LazyLock<HeaderValue> = LazyLock::new(|| {
 
 /// Answers `GET`/`HEAD {prefix}/client.js`, with `304` when the browser
 /// already holds this version.
-pub(super) fn serve<B>(request: &Request<B>) -> Result<Response<Body>, ApiError> {
+pub(super) fn serve<B>(request: &Request<B>) -> Result<Response<Body>, Refusal> {
     let head = match *request.method() {
         Method::GET => false,
         Method::HEAD => true,
-        _ => return Err(ApiError::method_not_allowed("GET, HEAD")),
+        _ => return Err(Refusal::method_not_allowed("GET, HEAD")),
     };
     let fresh = request
         .headers()
@@ -122,7 +122,7 @@ mod tests {
     fn only_get_and_head() {
         let post = Request::post("/realtime/client.js").body(()).unwrap();
         assert_eq!(
-            serve(&post).unwrap_err().status,
+            serve(&post).unwrap_err().kind.status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }

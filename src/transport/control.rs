@@ -10,10 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use http::StatusCode;
-
 use crate::auth::Grant;
-use crate::error::ApiError;
+use crate::error::{Kind, Refusal};
 use crate::message::ChannelName;
 use crate::signal::{Signal, Wait};
 
@@ -121,9 +119,9 @@ impl Registration {
 }
 
 /// The refusal for a user over `limits.connections_per_user`.
-pub fn too_many_connections() -> ApiError {
-    ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
+pub fn too_many_connections() -> Refusal {
+    Refusal::new(
+        Kind::OverLimit,
         "too_many_connections",
         "too many realtime connections for this user (limits.connections_per_user)",
     )
@@ -140,7 +138,7 @@ impl Registry {
 
     /// Registers a session of `user` (anonymous sessions are not limited or
     /// reachable by user), refusing one over the per-user limit.
-    pub fn register(self: &Arc<Self>, user: Option<&str>) -> Result<Registration, ApiError> {
+    pub fn register(self: &Arc<Self>, user: Option<&str>) -> Result<Registration, Refusal> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let control = Control::new();
         if let Some(user) = user {
@@ -238,8 +236,8 @@ mod tests {
         let a = registry.register(Some("ann")).unwrap();
         let _b = registry.register(Some("ann")).unwrap();
         assert_eq!(
-            registry.register(Some("ann")).err().map(|e| e.status),
-            Some(StatusCode::TOO_MANY_REQUESTS)
+            registry.register(Some("ann")).err().map(|e| e.kind),
+            Some(Kind::OverLimit)
         );
         assert!(registry.register(Some("bob")).is_ok(), "per user");
         assert!(

@@ -16,7 +16,7 @@ use super::{cors, open_http, parse_cursor, Admit, Opening, Realtime, Transport};
 use crate::body::Body;
 use crate::conn::ConnInfo;
 use crate::cursor::{Position, Start};
-use crate::error::{json_bytes, ApiError};
+use crate::error::{json_bytes, Refusal};
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
 
@@ -24,7 +24,7 @@ pub(super) async fn handle(
     realtime: &Arc<Realtime>,
     request: Request<Incoming>,
     conn: ConnInfo,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Refusal> {
     let (origin, query) = match open_http(realtime, &request, &["since", "timeout"])? {
         Opening::Preflight(answer) => return answer,
         Opening::Stream(origin, query) => (origin, query),
@@ -120,7 +120,7 @@ pub(super) async fn handle(
 }
 
 /// `timeout=` in whole seconds, capped by `realtime.poll.max_timeout`.
-fn poll_timeout(realtime: &Realtime, text: Option<&str>) -> Result<Duration, ApiError> {
+fn poll_timeout(realtime: &Realtime, text: Option<&str>) -> Result<Duration, Refusal> {
     let poll = &realtime.config.poll;
     let Some(text) = text else {
         return Ok(poll.default_timeout);
@@ -130,7 +130,7 @@ fn poll_timeout(realtime: &Realtime, text: Option<&str>) -> Result<Duration, Api
         .ok()
         .filter(|_| text.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| {
-            ApiError::bad_request("bad_timeout", "`timeout` is a whole number of seconds")
+            Refusal::bad_request("bad_timeout", "`timeout` is a whole number of seconds")
         })?;
     Ok(Duration::from_secs(seconds).min(poll.max_timeout))
 }

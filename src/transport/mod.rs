@@ -41,7 +41,7 @@ use crate::channels::Channels;
 use crate::config::{OriginPattern, RealtimeConfig, Settings};
 use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, DecodedCursor};
-use crate::error::ApiError;
+use crate::error::{Kind, Refusal};
 use crate::hub::QueueLimits;
 use crate::message::ChannelName;
 use crate::shutdown::Drain;
@@ -251,8 +251,8 @@ impl Realtime {
             "/sse" => sse::handle(self, request, conn).await,
             "/poll" => longpoll::handle(self, request, conn).await,
             "/client.js" => client_js::serve(&request),
-            _ => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
+            _ => Err(Refusal::new(
+                Kind::NotFound,
                 "not_found",
                 format!(
                     "no such realtime endpoint; pushgate serves {0}/ws, {0}/sse, {0}/poll and {0}/client.js",
@@ -260,7 +260,7 @@ impl Realtime {
                 ),
             )),
         };
-        result.unwrap_or_else(ApiError::into_response)
+        result.unwrap_or_else(Refusal::into_response)
     }
 
     /// Starts counting a connection of `transport` in the gauges.
@@ -273,7 +273,7 @@ impl Realtime {
     }
 
     /// Takes one of the client address's `max_connections_per_ip` slots.
-    fn claim_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, ApiError> {
+    fn claim_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
         let ip = ip.to_canonical();
         let mut per_ip = self.per_ip.lock().expect("per-ip lock");
         let open = per_ip.entry(ip).or_insert(0);
@@ -283,8 +283,8 @@ impl Realtime {
                 limit = self.config.max_connections_per_ip,
                 "limit: realtime.max_connections_per_ip reached"
             );
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
+            return Err(Refusal::new(
+                Kind::OverLimit,
                 "too_many_connections",
                 "too many realtime connections from this address (realtime.max_connections_per_ip)",
             ));
@@ -304,9 +304,9 @@ impl Realtime {
         request: &Request<Incoming>,
         query: &RealtimeQuery,
         conn: ConnInfo,
-    ) -> Result<Admission, ApiError> {
+    ) -> Result<Admission, Refusal> {
         if query.channels.len() > self.config.max_channels {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "too_many_channels",
                 format!(
                     "a connection may hear at most {} channels (realtime.max_channels)",
@@ -327,8 +327,8 @@ impl Realtime {
             })
             .await?;
         if let Some(refused) = query.channels.iter().find(|c| !grant.allows(c)) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
+            return Err(Refusal::new(
+                Kind::Forbidden,
                 "forbidden",
                 format!("not allowed to hear `{refused}`"),
             ));

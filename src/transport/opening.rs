@@ -7,7 +7,7 @@ use super::*;
 /// (GET, or a CORS preflight answered at once), the Origin, and a query
 /// naming at least one channel.
 pub(super) enum Opening {
-    Preflight(Result<Response<Body>, ApiError>),
+    Preflight(Result<Response<Body>, Refusal>),
     Stream(OriginCheck, RealtimeQuery),
 }
 
@@ -15,7 +15,7 @@ pub(super) fn open_http(
     realtime: &Realtime,
     request: &Request<Incoming>,
     known: &[&str],
-) -> Result<Opening, ApiError> {
+) -> Result<Opening, Refusal> {
     if let Some(answer) = get_or_preflight(realtime, request) {
         return Ok(Opening::Preflight(answer));
     }
@@ -25,7 +25,7 @@ pub(super) fn open_http(
     }
     let query = RealtimeQuery::parse(request.uri().query(), known, realtime.auth.token_param())?;
     if query.channels.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "missing_channel",
             "name at least one channel: ?channel=...",
         ));
@@ -37,11 +37,11 @@ pub(super) fn open_http(
 pub(super) fn get_or_preflight(
     realtime: &Realtime,
     request: &Request<Incoming>,
-) -> Option<Result<Response<Body>, ApiError>> {
+) -> Option<Result<Response<Body>, Refusal>> {
     match *request.method() {
         Method::GET => None,
         Method::OPTIONS => Some(preflight(&realtime.origins, request)),
-        _ => Some(Err(ApiError::method_not_allowed("GET, OPTIONS"))),
+        _ => Some(Err(Refusal::method_not_allowed("GET, OPTIONS"))),
     }
 }
 
@@ -63,10 +63,10 @@ impl RealtimeQuery {
         query: Option<&str>,
         known: &[&str],
         token_param: Option<&str>,
-    ) -> Result<RealtimeQuery, ApiError> {
+    ) -> Result<RealtimeQuery, Refusal> {
         let query = query.unwrap_or("");
         if query.len() > 16 * 1024 {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "bad_query",
                 "the query string is over 16 KiB",
             ));
@@ -75,7 +75,7 @@ impl RealtimeQuery {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             let single = |slot: &mut Option<String>| {
                 if slot.is_some() {
-                    return Err(ApiError::bad_request(
+                    return Err(Refusal::bad_request(
                         "bad_query",
                         format!("parameter `{key}` is given twice"),
                     ));
@@ -86,10 +86,10 @@ impl RealtimeQuery {
             match key.as_ref() {
                 "channel" => {
                     let channel = ChannelName::parse(&value).map_err(|err| {
-                        ApiError::bad_request("bad_channel", format!("`{value}`: {err}"))
+                        Refusal::bad_request("bad_channel", format!("`{value}`: {err}"))
                     })?;
                     if parsed.channels.contains(&channel) {
-                        return Err(ApiError::bad_request(
+                        return Err(Refusal::bad_request(
                             "bad_channel",
                             format!("`{value}` is named twice"),
                         ));
@@ -105,7 +105,7 @@ impl RealtimeQuery {
                 other => {
                     let mut takes = vec!["channel"];
                     takes.extend_from_slice(known);
-                    return Err(ApiError::bad_request(
+                    return Err(Refusal::bad_request(
                         "bad_query",
                         format!(
                             "unknown parameter `{other}`; this endpoint takes {}",
@@ -120,6 +120,6 @@ impl RealtimeQuery {
 }
 
 /// Parses a cursor from a client, as a 400 with the codec's reason.
-pub(super) fn parse_cursor(text: &str) -> Result<DecodedCursor, ApiError> {
-    Cursor::decode(text).map_err(|err| ApiError::bad_request(err.code(), format!("cursor: {err}")))
+pub(super) fn parse_cursor(text: &str) -> Result<DecodedCursor, Refusal> {
+    Cursor::decode(text).map_err(|err| Refusal::bad_request(err.code(), format!("cursor: {err}")))
 }

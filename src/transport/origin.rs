@@ -75,7 +75,7 @@ pub(super) fn cors(response: &mut Response<Body>, origin: &OriginCheck) {
 pub(super) fn preflight<B>(
     origins: &Origins,
     request: &Request<B>,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Refusal> {
     let check = origins.check(request);
     if check == OriginCheck::Refused {
         return Err(origin_refused());
@@ -99,9 +99,9 @@ pub(super) fn preflight<B>(
     Ok(response)
 }
 
-pub(super) fn origin_refused() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
+pub(super) fn origin_refused() -> Refusal {
+    Refusal::new(
+        Kind::Forbidden,
         "origin_not_allowed",
         "this Origin may not open realtime connections (realtime.allowed_origins)",
     )

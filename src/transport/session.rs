@@ -17,7 +17,7 @@ use super::{Admission, Realtime, Transport};
 use crate::auth::{Credentials, Grant};
 use crate::broker::Member;
 use crate::cursor::{Cursor, Position};
-use crate::error::ApiError;
+use crate::error::Refusal;
 use crate::hub::Outbox;
 use crate::message::{ChannelName, Publication};
 
@@ -150,15 +150,15 @@ impl Session {
         &mut self,
         channel: ChannelName,
         since: Option<Position>,
-    ) -> Result<Subscribed, ApiError> {
+    ) -> Result<Subscribed, Refusal> {
         if self.is_subscribed(channel.as_str()) {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "already_subscribed",
                 format!("already subscribed to `{channel}`"),
             ));
         }
         if self.subscriptions.len() >= self.realtime.config.max_channels {
-            return Err(ApiError::bad_request(
+            return Err(Refusal::bad_request(
                 "too_many_channels",
                 format!(
                     "a connection may hear at most {} channels (realtime.max_channels)",
@@ -254,7 +254,7 @@ impl Session {
 
     /// A new token from the client (JWT mode): renews the grant; returns the
     /// channels the new grant no longer allows.
-    pub fn refresh_token(&mut self, token: &str) -> Result<Vec<ChannelName>, ApiError> {
+    pub fn refresh_token(&mut self, token: &str) -> Result<Vec<ChannelName>, Refusal> {
         let renewed = self.realtime.auth.refresh_token(&self.grant, token)?;
         Ok(self.regrant(renewed))
     }

@@ -31,7 +31,7 @@ use crate::body::{Body, BoxError};
 use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, Position, Start};
 use crate::detach::{DetachHandle, Detached};
-use crate::error::ApiError;
+use crate::error::Refusal;
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
 
@@ -39,7 +39,7 @@ pub(super) async fn handle(
     realtime: &Arc<Realtime>,
     request: Request<Incoming>,
     conn: ConnInfo,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Refusal> {
     let (origin, query) = match open_http(realtime, &request, &["last_event_id"])? {
         Opening::Preflight(answer) => return answer,
         Opening::Stream(origin, query) => (origin, query),
@@ -52,7 +52,7 @@ pub(super) async fn handle(
         .map(|v| {
             v.to_str()
                 .map(str::to_owned)
-                .map_err(|_| ApiError::bad_request("bad_cursor", "Last-Event-ID is not text"))
+                .map_err(|_| Refusal::bad_request("bad_cursor", "Last-Event-ID is not text"))
         })
         .transpose()?
         .or(query.last_event_id.clone())

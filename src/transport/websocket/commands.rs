@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::cursor::Position;
-use crate::error::ApiError;
+use crate::error::Refusal;
 use crate::message::{ChannelName, Publication};
 
 /// A client command (docs/protocol.md, "Commands and replies"), parsed at
@@ -32,17 +32,17 @@ pub(super) enum Command {
 /// either way with the id to answer under (null when the frame has no
 /// usable one). Any text gives one or the other: JSON nested deeper than
 /// serde_json's limit (128) is refused as `bad_json`, not recursed into.
-pub(super) fn parse_command(text: &str) -> (Id, Result<Command, ApiError>) {
+pub(super) fn parse_command(text: &str) -> (Id, Result<Command, Refusal>) {
     let command = match serde_json::from_str::<Value>(text) {
         Ok(command) => command,
         Err(err) => {
-            let error = ApiError::bad_request("bad_json", format!("invalid JSON: {err}"));
+            let error = Refusal::bad_request("bad_json", format!("invalid JSON: {err}"));
             return (Id::default(), Err(error));
         }
     };
     let id = Id::of(text, &command);
     if id.is_null() {
-        let error = ApiError::bad_request(
+        let error = Refusal::bad_request(
             "bad_command",
             "a command is {\"id\": <number or string>, \"op\": \"...\", ...}",
         );
@@ -76,8 +76,8 @@ pub(super) enum WireCommand {
     Unknown,
 }
 
-pub(super) fn command_from(command: &Value) -> Result<Command, ApiError> {
-    let no_op = || ApiError::bad_request("bad_command", "a command needs an \"op\"");
+pub(super) fn command_from(command: &Value) -> Result<Command, Refusal> {
+    let no_op = || Refusal::bad_request("bad_command", "a command needs an \"op\"");
     // Only the tag can fail: every field takes any JSON.
     let wire = WireCommand::deserialize(command).map_err(|_| no_op())?;
     match wire {
@@ -87,10 +87,10 @@ pub(super) fn command_from(command: &Value) -> Result<Command, ApiError> {
                 since: match since {
                     None | Some(Value::Null) => None,
                     Some(Value::String(text)) => Some(text.parse::<Position>().map_err(|err| {
-                        ApiError::bad_request(err.code(), format!("`since`: {err}"))
+                        Refusal::bad_request(err.code(), format!("`since`: {err}"))
                     })?),
                     Some(_) => {
-                        return Err(ApiError::bad_request(
+                        return Err(Refusal::bad_request(
                             "bad_position",
                             "`since` is a position string, \"<epoch>:<offset>\"",
                         ))
@@ -104,14 +104,14 @@ pub(super) fn command_from(command: &Value) -> Result<Command, ApiError> {
         WireCommand::Ping {} => Ok(Command::Ping),
         WireCommand::Refresh { token } => match token {
             Some(Value::String(token)) => Ok(Command::Refresh { token }),
-            _ => Err(ApiError::bad_request(
+            _ => Err(Refusal::bad_request(
                 "missing_token",
                 "`refresh` needs a \"token\"",
             )),
         },
         WireCommand::Unknown => match command.get("op").and_then(Value::as_str) {
             None | Some("") => Err(no_op()),
-            Some(other) => Err(ApiError::bad_request(
+            Some(other) => Err(Refusal::bad_request(
                 "unknown_op",
                 format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
             )),
@@ -120,15 +120,15 @@ pub(super) fn command_from(command: &Value) -> Result<Command, ApiError> {
 }
 
 /// A command's `channel`, checked against the naming rules.
-pub(super) fn channel_of(channel: Option<Value>) -> Result<ChannelName, ApiError> {
+pub(super) fn channel_of(channel: Option<Value>) -> Result<ChannelName, Refusal> {
     let Some(Value::String(name)) = channel else {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "missing_channel",
             "name the channel: \"channel\": \"...\"",
         ));
     };
     ChannelName::parse(&name)
-        .map_err(|err| ApiError::bad_request("bad_channel", format!("`{name}`: {err}")))
+        .map_err(|err| Refusal::bad_request("bad_channel", format!("`{name}`: {err}")))
 }
 
 /// A command's result, and for a subscribe what to send after it.
@@ -207,7 +207,7 @@ pub(super) fn result_reply(id: &Id, result: &Value) -> String {
     format!(r#"{{"id":{id},"result":{result}}}"#)
 }
 
-pub(super) fn error_reply(id: &Id, error: &ApiError) -> String {
+pub(super) fn error_reply(id: &Id, error: &Refusal) -> String {
     format!(r#"{{"id":{id},"error":{}}}"#, error.body())
 }
 
@@ -224,7 +224,7 @@ pub(super) fn reset_push(channel: &ChannelName, position: Position) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::StatusCode;
+    use crate::error::Kind;
     use proptest::prelude::*;
 
     /// Each shape of command is answered with the code docs/protocol.md
@@ -400,7 +400,7 @@ mod tests {
                 prop_assert_eq!(value["op"].as_str(), Some(op));
             }
             Err(error) => {
-                prop_assert_eq!(error.status, StatusCode::BAD_REQUEST);
+                prop_assert_eq!(error.kind, Kind::Invalid);
                 prop_assert!(!error.message.is_empty());
                 prop_assert!(
                     !id.is_null() || ["bad_json", "bad_command"].contains(&error.code),

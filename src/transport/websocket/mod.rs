@@ -36,7 +36,7 @@ mod commands;
 use super::{origin_refused, Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
 use crate::conn::ConnInfo;
-use crate::error::ApiError;
+use crate::error::{Kind, Refusal};
 use crate::headers::has_token;
 use crate::message::{ChannelName, Publication};
 use crate::signal::Wait;
@@ -73,7 +73,7 @@ pub(super) async fn handle(
     realtime: &Arc<Realtime>,
     mut request: Request<Incoming>,
     conn: ConnInfo,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Refusal> {
     let key = match handshake_key(&request) {
         Ok(key) => key,
         Err(refusal) => {
@@ -130,7 +130,7 @@ pub(super) async fn handle(
 /// What an accepted handshake needs until the socket is open.
 struct Opening {
     upgrade: hyper::upgrade::OnUpgrade,
-    admitted: Result<super::Admission, ApiError>,
+    admitted: Result<super::Admission, Refusal>,
     config: WebSocketConfig,
     realtime: Arc<Realtime>,
     conn: ConnInfo,
@@ -179,22 +179,22 @@ impl Opening {
 /// the client's key. Not an upgrade at all: 426. An upgrade that breaks
 /// RFC 6455 §4.2.1 (a version other than 13, a key that is not 16 bytes in
 /// base64): 400, so a broken client is told so rather than half-served.
-fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
+fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, Refusal> {
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && request.version() == http::Version::HTTP_11
         && has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
+        return Err(Refusal::new(
+            Kind::UpgradeRequired,
             "websocket_required",
             "this endpoint speaks WebSocket (HTTP/1.1 GET with Upgrade: websocket)",
         ));
     }
     let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
     if versions.next().map(HeaderValue::as_bytes) != Some(b"13") || versions.next().is_some() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "websocket_version",
             "only WebSocket version 13 is spoken: send `Sec-WebSocket-Version: 13` once",
         ));
@@ -202,11 +202,11 @@ fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, ApiError> {
     let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
     match (keys.next(), keys.next()) {
         (Some(key), None) if is_handshake_key(key.as_bytes()) => Ok(key.clone()),
-        (None, _) => Err(ApiError::bad_request(
+        (None, _) => Err(Refusal::bad_request(
             "websocket_key",
             "Sec-WebSocket-Key is missing",
         )),
-        _ => Err(ApiError::bad_request(
+        _ => Err(Refusal::bad_request(
             "websocket_key",
             "Sec-WebSocket-Key must be one value: 16 bytes in base64 (24 characters)",
         )),
@@ -681,8 +681,8 @@ impl Connection {
                     let id = serde_json::from_str::<Value>(text.as_str())
                         .map(|command| Id::of(text.as_str(), &command))
                         .unwrap_or_default();
-                    let error = ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
+                    let error = Refusal::new(
+                        Kind::OverLimit,
                         "rate_limited",
                         "too many commands; slow down",
                     );
@@ -691,7 +691,7 @@ impl Connection {
                 self.on_command(text.as_str()).await
             }
             Message::Binary(_) => {
-                let error = ApiError::bad_request(
+                let error = Refusal::bad_request(
                     "binary_not_supported",
                     "send commands as JSON text frames",
                 );
@@ -735,7 +735,7 @@ impl Connection {
         }
     }
 
-    async fn execute(&mut self, command: Command) -> Result<Reply, ApiError> {
+    async fn execute(&mut self, command: Command) -> Result<Reply, Refusal> {
         match command {
             Command::Subscribe { channel, since } => {
                 let subscribed = self.session.subscribe(channel.clone(), since).await?;
@@ -760,7 +760,7 @@ impl Connection {
                 if self.session.unsubscribe(channel.as_str()) {
                     Ok(Reply::plain(json!({})))
                 } else {
-                    Err(ApiError::bad_request(
+                    Err(Refusal::bad_request(
                         "not_subscribed",
                         format!("not subscribed to `{channel}`"),
                     ))
