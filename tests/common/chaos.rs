@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::realtime::{start_position, Got};
+use super::{Pushgate, Upstream};
 
 /// The run's seed: `PUSHGATE_CHAOS_SEED`, or a fresh one.
 pub fn seed() -> u64 {
@@ -125,6 +126,35 @@ pub async fn wait_until(deadline: Instant, what: &str, mut condition: impl FnMut
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// [`wait_until`] for a condition that has to ask over the network.
+pub async fn wait_until_async<F, Fut>(deadline: Instant, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two pushgate nodes in front of `app`, both with `config`, and their
+/// addresses for the publishers and subscribers.
+pub async fn two_nodes(app: &Upstream, config: &str) -> (Vec<Pushgate>, Vec<Node>) {
+    let mut gates = Vec::new();
+    for _ in 0..2 {
+        gates.push(Pushgate::start(&app.url(), config).await);
+    }
+    let nodes = gates
+        .iter()
+        .map(|g| Node {
+            public: g.addr,
+            api: g.api_addr,
+        })
+        .collect();
+    (gates, nodes)
 }
 
 pub fn seq_of(data: &Value) -> u64 {

@@ -577,6 +577,7 @@ pub async fn get_raw(
 /// and reused while that file is unchanged. The same one, built the same way,
 /// as `tests/clients/third_party.rs` builds: either test reuses what the other built.
 pub mod chaos;
+pub mod command_json;
 pub mod node;
 pub mod recording;
 pub mod redis;

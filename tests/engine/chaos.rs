@@ -19,7 +19,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::chaos::{check_channel, publish_stream, seed, wait_until, Ledger, Node, Tally};
+use common::chaos::{
+    check_channel, publish_stream, seed, two_nodes, wait_until, Ledger, Node, Tally,
+};
 use common::realtime::{cursor_from_start, poll, start_position, Failure, Got, Sse, Ws};
 use common::redis::Redis;
 use common::{Pushgate, Upstream};
@@ -515,28 +517,12 @@ async fn chaos_on_the_memory_engine_delivers_everything_exactly_once() {
 }
 
 async fn redis_nodes(app: &Upstream, redis: &Redis) -> (Vec<Pushgate>, Vec<Node>) {
-    let mut gates = Vec::new();
-    for _ in 0..2 {
-        gates.push(
-            Pushgate::start(
-                &app.url(),
-                &format!(
-                    "engine:\n  kind: redis\n  redis:\n    url: {}\n    connect_timeout: 500ms\n    command_timeout: 1s\n{}",
-                    redis.url(),
-                    history_config()
-                ),
-            )
-            .await,
-        );
-    }
-    let nodes = gates
-        .iter()
-        .map(|g| Node {
-            public: g.addr,
-            api: g.api_addr,
-        })
-        .collect();
-    (gates, nodes)
+    let config = format!(
+        "engine:\n  kind: redis\n  redis:\n    url: {}\n    connect_timeout: 500ms\n    command_timeout: 1s\n{}",
+        redis.url(),
+        history_config()
+    );
+    two_nodes(app, &config).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::chaos::{check_channel, publish_stream, seed, wait_until, Ledger, Node, Tally};
+use common::chaos::{
+    check_channel, publish_stream, seed, two_nodes, wait_until, wait_until_async, Ledger, Node,
+    Tally,
+};
 use common::realtime::{cursor_from_start, start_position, Got, Sse, Ws};
 use common::redis::RedisCluster;
 use common::{Pushgate, Upstream};
@@ -51,28 +54,49 @@ enum Fault {
 }
 
 async fn nodes(app: &Upstream, cluster: &RedisCluster) -> (Vec<Pushgate>, Vec<Node>) {
-    let mut gates = Vec::new();
-    for _ in 0..2 {
-        gates.push(
-            Pushgate::start(
-                &app.url(),
-                &format!(
-                    "engine:\n  kind: redis\n  redis:\n    url: {}\n    cluster: true\n    connect_timeout: 500ms\n    command_timeout: 1s\nhistory:\n  size: {}\n",
-                    cluster.url(),
-                    MESSAGES * 2
-                ),
-            )
-            .await,
-        );
+    let config = format!(
+        "engine:\n  kind: redis\n  redis:\n    url: {}\n    cluster: true\n    connect_timeout: 500ms\n    command_timeout: 1s\nhistory:\n  size: {}\n",
+        cluster.url(),
+        MESSAGES * 2
+    );
+    two_nodes(app, &config).await
+}
+
+/// Where the publishers stood as a fault began.
+struct Before {
+    refused: u64,
+    stored_healthy: u64,
+}
+
+impl Before {
+    fn now(faulty: &Tally, healthy: &Tally) -> Before {
+        Before {
+            refused: faulty.refused.load(Ordering::Relaxed),
+            stored_healthy: healthy.stored.load(Ordering::Relaxed),
+        }
     }
-    let nodes = gates
-        .iter()
-        .map(|g| Node {
-            public: g.addr,
-            api: g.api_addr,
+
+    /// Waits until the fault is felt as it must be: a publish to the faulty
+    /// master's channels is refused, and the healthy masters' go on.
+    async fn felt(&self, deadline: Instant, faulty: &Tally, healthy: &Tally, what: &str) {
+        wait_until(deadline, &format!("a publish to meet the {what}"), || {
+            faulty.refused.load(Ordering::Relaxed) > self.refused
         })
-        .collect();
-    (gates, nodes)
+        .await;
+        wait_until(deadline, "healthy masters to go on publishing", || {
+            healthy.stored.load(Ordering::Relaxed) > self.stored_healthy + 20
+        })
+        .await;
+    }
+}
+
+/// Waits until `/readyz` answers 503 naming the slots that are down.
+async fn readyz_names_slots_down(deadline: Instant, api: std::net::SocketAddr) {
+    wait_until_async(deadline, "/readyz to name the slots down", || async move {
+        let (status, body) = common::get(&format!("http://{api}/readyz")).await;
+        status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
+    })
+    .await;
 }
 
 /// `PER_MASTER` channel names served by each master, by master index.
@@ -203,17 +227,6 @@ async fn wait_ready(nodes: &[Node], deadline: Instant) {
     }
 }
 
-async fn wait_until_async<F, Fut>(deadline: Instant, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn run(mut cluster: RedisCluster, fault: Fault) {
     let seed = seed();
     eprintln!("cluster fault {fault:?}, seed {seed}: replay with PUSHGATE_CHAOS_SEED={seed}");
@@ -299,25 +312,12 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
             gate.send_replace(MESSAGES * 2 / 3);
             // The outage lasts until the faulty master's channels were
             // refused and the healthy ones went on.
-            let (refused, healthy) = (
-                faulty_tally.refused.load(Ordering::Relaxed),
-                total(&healthy_tally),
-            );
-            wait_until(deadline, "a publish to meet the outage", || {
-                faulty_tally.refused.load(Ordering::Relaxed) > refused
-            })
-            .await;
-            wait_until(deadline, "healthy masters to go on publishing", || {
-                total(&healthy_tally) > healthy + 20
-            })
-            .await;
+            Before::now(&faulty_tally, &healthy_tally)
+                .felt(deadline, &faulty_tally, &healthy_tally, "outage")
+                .await;
             // Readiness and metrics name the slots that are down.
             let api = nodes[0].api;
-            wait_until_async(deadline, "/readyz to name the slots down", || async move {
-                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
-                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
-            })
-            .await;
+            readyz_names_slots_down(deadline, api).await;
             let (_, metrics) = common::get(&format!("http://{api}/metrics")).await;
             assert!(
                 metrics
@@ -336,44 +336,25 @@ async fn run(mut cluster: RedisCluster, fault: Fault) {
             tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
         }
         Fault::Hang => {
-            let (refused, healthy) = (
-                faulty_tally.refused.load(Ordering::Relaxed),
-                total(&healthy_tally),
-            );
+            let before = Before::now(&faulty_tally, &healthy_tally);
             cluster.nodes[faulty_master].pause();
             gate.send_replace(MESSAGES * 2 / 3);
-            wait_until(deadline, "a publish to meet the hang", || {
-                faulty_tally.refused.load(Ordering::Relaxed) > refused
-            })
-            .await;
-            wait_until(deadline, "healthy masters to go on publishing", || {
-                total(&healthy_tally) > healthy + 20
-            })
-            .await;
+            before
+                .felt(deadline, &faulty_tally, &healthy_tally, "hang")
+                .await;
             // A master that answers nothing is down too.
-            let api = nodes[0].api;
-            wait_until_async(deadline, "/readyz to name the slots down", || async move {
-                let (status, body) = common::get(&format!("http://{api}/readyz")).await;
-                status == StatusCode::SERVICE_UNAVAILABLE && body.contains("down for slots")
-            })
-            .await;
+            readyz_names_slots_down(deadline, nodes[0].api).await;
             cluster.nodes[faulty_master].resume();
             let cluster_ref = &cluster;
             tokio::task::block_in_place(|| cluster_ref.wait_ok(Duration::from_secs(30)));
         }
         Fault::FailOver => {
-            let refused = faulty_tally.refused.load(Ordering::Relaxed);
-            let healthy = total(&healthy_tally);
+            let before = Before::now(&faulty_tally, &healthy_tally);
             gate.send_replace(MESSAGES * 2 / 3);
             tokio::task::block_in_place(|| cluster.kill_and_fail_over(faulty_master));
-            wait_until(deadline, "a publish to meet the outage", || {
-                faulty_tally.refused.load(Ordering::Relaxed) > refused
-            })
-            .await;
-            wait_until(deadline, "healthy masters to go on publishing", || {
-                total(&healthy_tally) > healthy + 20
-            })
-            .await;
+            before
+                .felt(deadline, &faulty_tally, &healthy_tally, "outage")
+                .await;
         }
         Fault::Reshard => {
             let slot = cluster.slot_of(&faulty[0]);

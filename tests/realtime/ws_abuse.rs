@@ -12,6 +12,7 @@
 //! `PUSHGATE_SUITE_SIZE=full` makes the floods and the property test larger.
 
 use crate::common;
+use common::command_json::json_value;
 
 use std::net::SocketAddr;
 
@@ -661,43 +662,6 @@ async fn deeply_nested_and_oversized_publish_bodies_are_refused_clearly() {
     let (status, reply) = post(format!(r#"{{"channel": "c", "data": {}}}"#, nested(128))).await;
     assert_eq!(status, StatusCode::OK, "{reply}");
     still_serves(&gate).await;
-}
-
-/// Any JSON value, leaning towards the shapes of commands.
-fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        ".{0,16}".prop_map(Value::from),
-        prop_oneof![
-            Just("subscribe"),
-            Just("unsubscribe"),
-            Just("ping"),
-            Just("refresh")
-        ]
-        .prop_map(Value::from),
-        "[a-z]{1,6}(:[0-9]{1,3})?".prop_map(Value::from),
-    ];
-    leaf.prop_recursive(4, 24, 5, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
-            proptest::collection::btree_map(
-                prop_oneof![
-                    Just("id".to_owned()),
-                    Just("op".to_owned()),
-                    Just("channel".to_owned()),
-                    Just("since".to_owned()),
-                    Just("token".to_owned()),
-                    ".{0,5}"
-                ],
-                inner,
-                0..5
-            )
-            .prop_map(|map| Value::Object(map.into_iter().collect())),
-        ]
-    })
 }
 
 /// Over one real connection: whatever a text frame holds, JSON or not, it

@@ -745,26 +745,22 @@ async fn keep_alive(shared: std::sync::Weak<Shared>) {
         let ttl = millis(shared.options.history_ttl);
         // One command per channel, many in flight (a cluster routes each
         // to its channel's slot).
-        let failed = futures_util::stream::iter(metas)
-            .map(|meta| {
-                let shared = &shared;
-                async move {
-                    let meta = &meta;
-                    shared
-                        .run(Route::Key(meta), false, |mut conn| async move {
-                            redis::cmd("PEXPIRE")
-                                .arg(meta)
-                                .arg(ttl)
-                                .query_async::<i64>(&mut conn)
-                                .await
-                        })
-                        .await
-                }
-            })
-            .buffer_unordered(RESYNC_CONCURRENCY)
-            .filter(|outcome| std::future::ready(outcome.is_err()))
-            .count()
-            .await;
+        let failed = failures(metas.into_iter().map(|meta| {
+            let shared = &shared;
+            async move {
+                let meta = &meta;
+                shared
+                    .run(Route::Key(meta), false, |mut conn| async move {
+                        redis::cmd("PEXPIRE")
+                            .arg(meta)
+                            .arg(ttl)
+                            .query_async::<i64>(&mut conn)
+                            .await
+                    })
+                    .await
+            }
+        }))
+        .await;
         if failed > 0 {
             tracing::debug!(
                 failed,
@@ -772,6 +768,18 @@ async fn keep_alive(shared: std::sync::Weak<Shared>) {
             );
         }
     }
+}
+
+/// Runs `tasks`, at most [`RESYNC_CONCURRENCY`] at a time, and answers how
+/// many failed: upkeep that retries on its next round needs no more.
+async fn failures<T, E>(
+    tasks: impl IntoIterator<Item = impl std::future::Future<Output = Result<T, E>>>,
+) -> usize {
+    futures_util::stream::iter(tasks)
+        .buffer_unordered(RESYNC_CONCURRENCY)
+        .filter(|outcome| std::future::ready(outcome.is_err()))
+        .count()
+        .await
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -1,9 +1,7 @@
 //! Presence and connection places in Redis, refreshed while this node holds
 //! them.
 
-use futures_util::StreamExt;
-
-use super::{millis, Route, Shared, RESYNC_CONCURRENCY};
+use super::{failures, millis, Route, Shared};
 use crate::broker::BrokerError;
 use crate::message::ChannelName;
 
@@ -95,34 +93,26 @@ pub(super) async fn refresh_presence(shared: std::sync::Weak<Shared>) {
             .collect();
         // A place held by an open connection stays held whatever the count
         // says now: refreshed with no limit.
-        let failed_slots = futures_util::stream::iter(slots)
-            .map(|(user, connection)| {
-                let shared = &shared;
-                async move { shared.take_user_slot(&user, &connection, usize::MAX).await }
-            })
-            .buffer_unordered(RESYNC_CONCURRENCY)
-            .filter(|outcome| std::future::ready(outcome.is_err()))
-            .count()
-            .await;
+        let failed_slots = failures(slots.into_iter().map(|(user, connection)| {
+            let shared = &shared;
+            async move { shared.take_user_slot(&user, &connection, usize::MAX).await }
+        }))
+        .await;
         if failed_slots > 0 {
             tracing::debug!(
                 failed = failed_slots,
                 "engine: some connection places were not refreshed"
             );
         }
-        let refreshed = futures_util::stream::iter(listed)
-            .map(|((channel, connection), json)| {
-                let shared = &shared;
-                async move {
-                    shared
-                        .list(channel.as_str(), &connection, &json, true, "")
-                        .await
-                }
-            })
-            .buffer_unordered(RESYNC_CONCURRENCY)
-            .filter(|outcome| std::future::ready(outcome.is_err()))
-            .count()
-            .await;
+        let refreshed = failures(listed.into_iter().map(|((channel, connection), json)| {
+            let shared = &shared;
+            async move {
+                shared
+                    .list(channel.as_str(), &connection, &json, true, "")
+                    .await
+            }
+        }))
+        .await;
         if refreshed > 0 {
             tracing::debug!(
                 failed = refreshed,

@@ -222,7 +222,12 @@ pub(super) fn reset_push(channel: &ChannelName, position: Position) -> String {
 }
 
 #[cfg(test)]
+#[path = "../../../tests/common/command_json.rs"]
+mod command_json;
+
+#[cfg(test)]
 mod tests {
+    use super::command_json::json_value;
     use super::*;
     use crate::error::Kind;
     use proptest::prelude::*;
@@ -334,43 +339,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// Any JSON value, as a command.
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(Value::from),
-            ".{0,20}".prop_map(Value::from),
-            prop_oneof![
-                Just("subscribe"),
-                Just("unsubscribe"),
-                Just("ping"),
-                Just("refresh")
-            ]
-            .prop_map(Value::from),
-            "[a-z:]{1,8}:[0-9]{1,3}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 32, 6, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
-                proptest::collection::btree_map(
-                    prop_oneof![
-                        Just("id".to_owned()),
-                        Just("op".to_owned()),
-                        Just("channel".to_owned()),
-                        Just("since".to_owned()),
-                        Just("token".to_owned()),
-                        ".{0,6}"
-                    ],
-                    inner,
-                    0..6
-                )
-                .prop_map(|map| Value::Object(map.into_iter().collect())),
-            ]
-        })
     }
 
     /// The rules a parsed frame follows, whatever it held.
