@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use redis::Client;
 use tokio::sync::mpsc;
 
-use super::wire::{decode, payload_of, Digest, WIRE_PRESENCE};
+use super::wire::{decode, Digest, WIRE_PRESENCE};
 use super::{
     Command, Shared, Tracked, BACKOFF_CAP, BACKOFF_FIRST, PUBSUB_PING, RESYNC_CONCURRENCY,
     SUBSCRIBE_CHUNK,
@@ -254,7 +254,6 @@ pub(super) fn on_payload(shared: &Shared, name: &str, payload: &[u8]) {
         }
         return;
     }
-    let payload = payload_of(payload);
     let decoded = shared.keys.channel_of(name).and_then(|_| decode(payload));
     match decoded {
         // Digested once per publication on this node, whatever the number

@@ -121,10 +121,13 @@ local function payload_of(entry)
   end
   return ''
 end
+-- Newest first: the gap after the reader's offset, then the entry at it.
+local read
 if digest ~= '' and since_epoch == epoch and since > 0 and top - since + 1 <= len then
-  -- The entry at the reader's offset, newest first: still the one it saw?
-  local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', top - since + 1)
-  local there = entries[top - since + 1]
+  -- Still the publication the reader handed on? The same read serves the
+  -- gap below.
+  read = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', top - since + 1)
+  local there = read[top - since + 1]
   if there and redis.sha1hex(payload_of(there)) ~= digest then
     return move()
   end
@@ -140,9 +143,9 @@ end
 if want > len then want = len end
 local out = {}
 if want > 0 then
-  local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
-  for i, entry in ipairs(entries) do
-    out[i] = payload_of(entry)
+  read = read or redis.call('XREVRANGE', stream, '+', '-', 'COUNT', want)
+  for i = 1, math.min(want, #read) do
+    out[i] = payload_of(read[i])
   end
 end
 return {epoch, top, len, out}

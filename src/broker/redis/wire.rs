@@ -52,19 +52,6 @@ impl std::fmt::Debug for Digest {
     }
 }
 
-/// The payload of a pub/sub message. A message is the payload alone; a
-/// first line starting with `n` (which no payload starts with: publications
-/// start with [`WIRE_VERSION`], presence with [`WIRE_PRESENCE`]) is skipped,
-/// so a writer that sent a line ahead of the payload there is still read.
-pub(super) fn payload_of(message: &[u8]) -> &[u8] {
-    if message.first() == Some(&b'n') {
-        if let Some(end) = message.iter().position(|&b| b == b'\n') {
-            return &message[end + 1..];
-        }
-    }
-    message
-}
-
 /// Encodes a publication the way the publish script does (tests and the
 /// wire format's documentation use it).
 pub fn encode(publication: &Publication) -> String {
@@ -124,10 +111,6 @@ mod tests {
         assert_eq!(back.envelope(), publication.envelope());
         assert_eq!(back.published_at_ms(), 1_700_000_000_123);
         assert_eq!(back.position(), publication.position());
-
-        let message = format!("nAbc123\n{wire}");
-        assert_eq!(payload_of(message.as_bytes()), wire.as_bytes());
-        assert_eq!(payload_of(wire.as_bytes()), wire.as_bytes());
 
         for bad in [
             "",
