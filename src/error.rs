@@ -278,6 +278,13 @@ impl From<crate::broker::BrokerError> for Refusal {
                 "engine_unavailable",
                 "the engine is unavailable; nothing was stored, retry later",
             ),
+            BrokerError::NotReplicated(_) => Refusal::new(
+                Kind::Unavailable,
+                "not_replicated",
+                "stored, but fewer than engine.redis.wait_replicas replicas confirmed it \
+                 within engine.redis.wait_timeout: a failover could lose it, and subscribers \
+                 may have it already; retry with the same idempotency_key",
+            ),
             BrokerError::OutcomeUnknown(_) => Refusal::new(
                 Kind::Unavailable,
                 "outcome_unknown",

@@ -227,6 +227,13 @@ fn render_redis(out: &mut String, redis: &RedisStats) {
         "Channels whose local subscribers got a reset because history did not cover an outage.",
         redis.resets,
     );
+    single(
+        out,
+        "pushgate_redis_not_replicated_total",
+        "counter",
+        "Publishes stored on their master but not confirmed by engine.redis.wait_replicas replicas within engine.redis.wait_timeout (answered 503 not_replicated).",
+        redis.not_replicated,
+    );
     if !redis.shards.is_empty() {
         family(
             out,

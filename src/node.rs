@@ -73,6 +73,8 @@ impl Node {
                         idempotency_window: config.api.idempotency_window,
                         connect_timeout: redis.connect_timeout,
                         command_timeout: redis.command_timeout,
+                        wait_replicas: redis.wait_replicas,
+                        wait_timeout: redis.wait_timeout,
                         presence_ttl: redis.presence_ttl,
                         node: name.clone(),
                     },

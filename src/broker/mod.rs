@@ -286,6 +286,12 @@ pub enum BrokerError {
     /// Retrying with the same idempotency key never duplicates it.
     #[error("the engine failed mid-publish; the outcome is unknown: {0}")]
     OutcomeUnknown(String),
+    /// Stored on the master, but fewer replicas than required confirmed it
+    /// in time: a failover could still lose it, and subscribers may have
+    /// it already. Retrying with the same idempotency key never
+    /// duplicates it, and waits for the replicas again.
+    #[error("stored, but not confirmed by enough replicas: {0}")]
+    NotReplicated(String),
     /// The idempotency key was used, within its window, for a different
     /// publish. Nothing was published.
     #[error("this idempotency_key was already used for a different publish")]
@@ -403,6 +409,9 @@ pub struct RedisStats {
     pub malformed: u64,
     /// Channels whose local subscribers were reset after an outage.
     pub resets: u64,
+    /// Publishes stored on a master but not confirmed by
+    /// `engine.redis.wait_replicas` replicas in time (answered 503).
+    pub not_replicated: u64,
     /// On a Redis Cluster: each master's slots (`0-5460`) and whether it is
     /// up (commands reach it and every local channel of its slots is
     /// subscribed there and checked).

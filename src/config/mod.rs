@@ -160,6 +160,8 @@ pub const DEFAULT_REDIS_PREFIX: &str = "pushgate";
 pub const DEFAULT_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `engine.redis.command_timeout`.
 pub const DEFAULT_REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// `engine.redis.wait_timeout`.
+pub const DEFAULT_REDIS_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `engine.redis.presence_ttl`.
 pub const DEFAULT_REDIS_PRESENCE_TTL: Duration = Duration::from_secs(30);
 
@@ -555,6 +557,13 @@ pub struct RedisConfig {
     /// How long a command may take before Redis counts as down.
     #[serde(with = "duration")]
     pub command_timeout: Duration,
+    /// A publish is answered 200 only once this many replicas of its
+    /// master confirm they hold it; 0 answers once the master stored it.
+    pub wait_replicas: u32,
+    /// How long a publish waits for those replicas before it is answered
+    /// 503 `not_replicated`.
+    #[serde(with = "duration")]
+    pub wait_timeout: Duration,
     /// Presence entries and node liveness expire this long after the node
     /// that wrote them last refreshed them (every third of it).
     #[serde(with = "duration")]
@@ -570,6 +579,8 @@ impl Default for RedisConfig {
             prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_REDIS_COMMAND_TIMEOUT,
+            wait_replicas: 0,
+            wait_timeout: DEFAULT_REDIS_WAIT_TIMEOUT,
             presence_ttl: DEFAULT_REDIS_PRESENCE_TTL,
         }
     }

@@ -402,6 +402,23 @@ impl Config {
                     problem(key, "must be longer than zero".into(), "use e.g. `2s`");
                 }
             }
+            if redis.wait_timeout.is_zero() {
+                problem(
+                    "engine.redis.wait_timeout",
+                    "must be longer than zero (Redis would wait forever)".into(),
+                    "use e.g. `1s`",
+                );
+            } else if redis.wait_replicas > 0 && redis.wait_timeout >= redis.command_timeout {
+                problem(
+                    "engine.redis.wait_timeout",
+                    format!(
+                        "{:?} is not shorter than engine.redis.command_timeout ({:?}): a publish \
+                         waiting for its replicas would count Redis as down",
+                        redis.wait_timeout, redis.command_timeout
+                    ),
+                    "make wait_timeout shorter than command_timeout, e.g. 1s and 2s",
+                );
+            }
             if redis.presence_ttl < Duration::from_secs(3) {
                 problem(
                     "engine.redis.presence_ttl",

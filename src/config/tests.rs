@@ -267,3 +267,29 @@ fn byte_sizes_parse_and_print() {
     assert_eq!(ByteSize(32768).to_string(), "32KiB");
     assert_eq!(ByteSize(1000).to_string(), "1000");
 }
+
+#[test]
+fn waiting_for_replicas_must_end_before_redis_counts_as_down() {
+    let redis = |extra: &str| {
+        format!("{KEYS}engine:\n  kind: redis\n  redis:\n    command_timeout: 2s\n{extra}")
+    };
+    let ok = from_yaml(
+        &redis("    wait_replicas: 1\n    wait_timeout: 500ms\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap()
+    .config;
+    assert_eq!(ok.engine.redis.wait_replicas, 1);
+    assert_eq!(ok.engine.redis.wait_timeout, Duration::from_millis(500));
+    for extra in [
+        "    wait_replicas: 1\n    wait_timeout: 2s\n",
+        "    wait_replicas: 2\n    wait_timeout: 5s\n",
+        "    wait_timeout: 0s\n",
+    ] {
+        let err = from_yaml(&redis(extra), "test.yaml", NO_ENV).unwrap_err();
+        assert_eq!(keys(&err), ["engine.redis.wait_timeout"], "{extra}");
+    }
+    // Not waiting, a long wait_timeout is no problem.
+    assert!(from_yaml(&redis("    wait_timeout: 5s\n"), "test.yaml", NO_ENV).is_ok());
+}

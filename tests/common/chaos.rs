@@ -105,7 +105,10 @@ pub async fn publish_stream(
                 StatusCode::SERVICE_UNAVAILABLE => {
                     tally.refused.fetch_add(1, Ordering::Relaxed);
                     refused += 1;
-                    if answer["error"]["code"] == "outcome_unknown" {
+                    // Perhaps stored, and perhaps handed to subscribers.
+                    if ["outcome_unknown", "not_replicated"]
+                        .contains(&answer["error"]["code"].as_str().unwrap_or(""))
+                    {
                         ambiguous.insert(seq);
                     }
                     tokio::time::sleep(Duration::from_millis(rng.random_range(5..25))).await;

@@ -25,6 +25,17 @@ fn server_binary() -> String {
     std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
+/// redis-cli's output for one command on the server at `port`; nothing
+/// after 10 s (a stopped server never answers).
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .args(["10", "redis-cli", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -194,6 +205,11 @@ impl Redis {
         Some(String::from_utf8_lossy(&reply).trim_end().to_owned())
     }
 
+    /// redis-cli's output for one command (plain TCP servers only).
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+
     /// Keys matching `pattern` (for tests that check what is left behind).
     pub fn count_keys(&self, pattern: &str) -> usize {
         let output = Command::new("redis-cli")
@@ -361,12 +377,7 @@ impl RedisCluster {
 
     /// redis-cli's output for one command on the node at `port`.
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        cli(port, args)
     }
 
     /// Waits until every live node says `cluster_state:ok` and agrees on

@@ -72,6 +72,8 @@ fn redis_options(redis: &Redis, options: MemoryOptions) -> RedisOptions {
         idempotency_window: options.idempotency_window,
         connect_timeout: Duration::from_secs(2),
         command_timeout: Duration::from_secs(2),
+        wait_replicas: 0,
+        wait_timeout: Duration::from_secs(1),
         presence_ttl: Duration::from_secs(30),
         node: "test-node".into(),
     }

@@ -11,4 +11,5 @@ mod chaos;
 mod redis_cluster;
 mod redis_cluster_faults;
 mod redis_connect;
+mod redis_replicas;
 mod scale_out;

@@ -663,3 +663,128 @@ async fn a_promoted_replica_that_lacked_acknowledged_publications_leaves_no_sile
         }
     }
 }
+
+/// The lagging replica's scene with `engine.redis.wait_replicas: 1`, and no
+/// subscriber anywhere, so no node could notice a loss: what the master
+/// cannot copy to its replica is answered 503 `not_replicated`, never 200,
+/// and the promoted replica holds every publication answered 200, at the
+/// position it was answered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_replica_a_promoted_one_holds_every_acknowledged_publication() {
+    let seed = seed();
+    eprintln!("waiting for a replica, seed {seed}: replay with PUSHGATE_CHAOS_SEED={seed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = RedisCluster::start_with(3, 1, &[]);
+    let app = Upstream::start().await;
+    let config = format!(
+        "engine:\n  kind: redis\n  redis:\n    url: {}\n    cluster: true\n    connect_timeout: 500ms\n    command_timeout: 1s\n    wait_replicas: 1\n    wait_timeout: 200ms\n",
+        cluster.url(),
+    );
+    let (_gates, nodes) = two_nodes(&app, &config).await;
+    let by_master = channels_by_master(&cluster);
+    let (master, channels) = by_master[0].clone();
+    let healthy: Vec<String> = by_master[1..]
+        .iter()
+        .flat_map(|(_, channels)| channels.clone())
+        .collect();
+    let replica = cluster.replica_of(master);
+
+    let total = COPIED + UNCOPIED + AFTER;
+    let (gate, gated) = watch::channel(COPIED);
+    let tally = Tally::default();
+    let publishers: Vec<_> = channels
+        .iter()
+        .map(|channel| {
+            tokio::spawn(publish_stream(
+                channel.clone(),
+                total,
+                nodes.clone(),
+                StdRng::seed_from_u64(rng.random()),
+                gated.clone(),
+                tally.clone(),
+                deadline,
+            ))
+        })
+        .collect();
+    let n = channels.len() as u64;
+    let stored = |tally: &Tally| tally.stored.load(Ordering::Relaxed);
+    let refused = |tally: &Tally| tally.refused.load(Ordering::Relaxed);
+    wait_until(deadline, "the replicated publications", || {
+        stored(&tally) >= COPIED * n
+    })
+    .await;
+    // The replica stops, cut off: nothing the master takes now reaches it.
+    cluster.nodes[replica].pause();
+    let cut = cluster.cli(
+        cluster.nodes[master].port,
+        &["CLIENT", "KILL", "TYPE", "replica"],
+    );
+    assert_eq!(cut.trim(), "1", "the master's link to its replica was cut");
+    let refused_before = refused(&tally);
+    gate.send_replace(COPIED + UNCOPIED);
+    wait_until(deadline, "publishes the replica cannot confirm", || {
+        refused(&tally) >= refused_before + 2 * n || stored(&tally) > COPIED * n
+    })
+    .await;
+    assert_eq!(
+        stored(&tally),
+        COPIED * n,
+        "seed {seed}: a publication no replica held was answered 200"
+    );
+    // The other masters' replicas are there: their publishes go on.
+    for (i, channel) in healthy.iter().enumerate() {
+        let body = serde_json::json!({"channel": channel, "data": {"healthy": i}});
+        let node = nodes[i % nodes.len()];
+        let (status, answer) = common::api_call(node.api, "POST", "/api/publish", Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "seed {seed}: {channel}: {answer}");
+    }
+    cluster.nodes[master].kill();
+    cluster.nodes[replica].resume();
+    let cluster_ref = &cluster;
+    tokio::task::block_in_place(|| cluster_ref.take_over(replica));
+    // The old master comes back empty and becomes the new one's replica,
+    // which publishes need before they are answered 200 again.
+    tokio::task::block_in_place(|| cluster.nodes[master].restart_empty());
+    gate.send_replace(total);
+
+    for (channel, publisher) in channels.iter().zip(publishers) {
+        let stream = publisher
+            .await
+            .unwrap_or_else(|err| panic!("seed {seed}: the publisher of {channel} failed: {err}"));
+        // Nothing was lost, so nothing moved the epoch: every publication
+        // answered 200 is in the new master's history where it was
+        // answered, on either node.
+        for node in &nodes {
+            let (status, history) = common::api_call(
+                node.api,
+                "GET",
+                &format!("/api/history?channel={channel}&limit=100"),
+                None,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{history}");
+            let held: HashMap<Position, u64> = history["messages"]
+                .as_array()
+                .unwrap_or_else(|| panic!("seed {seed}: no history for {channel}: {history}"))
+                .iter()
+                .map(|m| {
+                    let position = Position::new(
+                        pushgate::cursor::Epoch::parse(m["epoch"].as_str().unwrap()).unwrap(),
+                        m["offset"].as_u64().unwrap(),
+                    );
+                    (position, m["data"]["seq"].as_u64().unwrap())
+                })
+                .collect();
+            for (index, position) in stream.stored.iter().enumerate() {
+                let seq = index as u64 + 1;
+                assert_eq!(
+                    held.get(position),
+                    Some(&seq),
+                    "seed {seed}: {channel}: seq {seq} was answered 200 at {position}, \
+                     and the promoted replica does not hold it there: {history}"
+                );
+            }
+        }
+    }
+}

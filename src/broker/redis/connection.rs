@@ -3,8 +3,9 @@
 //! never ran.
 
 use redis::aio::ConnectionManager;
-use redis::{Client, Value};
+use redis::{Client, ScriptInvocation, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::router::Router;
 use super::RedisOptions;
@@ -42,15 +43,76 @@ impl redis::aio::ConnectionLike for Commands {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            Commands::Single(conn) | Commands::Asking(conn) => {
-                conn.req_packed_commands(pipeline, offset, count)
-            }
+            Commands::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Commands::Asking(conn) => Box::pin(async move {
+                let mut asking = redis::pipe();
+                asking.cmd("ASKING");
+                for cmd in pipeline.cmd_iter() {
+                    asking.add_command(cmd.clone());
+                }
+                conn.req_packed_commands(&asking, offset + 1, count).await
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Commands::Single(conn) | Commands::Asking(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Runs a script and then `WAIT`s until `replicas` replicas confirm they
+/// hold what it wrote, or `timeout` passes: both in one write on one
+/// connection, so the `WAIT` counts from this script's write (Redis waits
+/// for everything the connection wrote before it). Answers the script's
+/// reply and how many replicas confirmed.
+pub(super) async fn invoke_replicated(
+    invocation: &ScriptInvocation<'_>,
+    replicas: u32,
+    timeout: Duration,
+    conn: &mut Commands,
+) -> redis::RedisResult<(Value, u32)> {
+    let mut pipeline = redis::pipe();
+    pipeline
+        .ignore_errors()
+        .invoke_script(invocation)
+        .cmd("WAIT")
+        .arg(replicas)
+        .arg(timeout.as_millis().max(1) as u64);
+    let mut loaded = false;
+    loop {
+        let replies: Vec<Value> = pipeline.query_async(conn).await?;
+        let [reply, confirmed] = <[Value; 2]>::try_from(replies).map_err(|_| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "WAIT after a script: not two replies",
+            ))
+        })?;
+        match reply {
+            // Nothing ran: the server lacks the script (restarted, or a new
+            // master). Load it, and once more.
+            Value::ServerError(err)
+                if !loaded && err.kind() == Some(redis::ServerErrorKind::NoScript) =>
+            {
+                invocation.load_async(conn).await?;
+                loaded = true;
+            }
+            Value::ServerError(err) => return Err(err.into()),
+            reply => {
+                let confirmed = match confirmed {
+                    Value::Int(n) => u32::try_from(n).unwrap_or(0),
+                    Value::ServerError(err) => return Err(err.into()),
+                    other => {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "WAIT answered",
+                            format!("{other:?}"),
+                        )))
+                    }
+                };
+                return Ok((reply, confirmed));
+            }
         }
     }
 }

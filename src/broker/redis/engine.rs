@@ -314,6 +314,7 @@ impl Broker for RedisBroker {
                 messages: load(&stats.messages),
                 malformed: load(&stats.malformed),
                 resets: load(&stats.resets),
+                not_replicated: load(&stats.not_replicated),
                 shards: match &self.shared.conn {
                     Connector::Cluster(router) => {
                         let down = router.down();

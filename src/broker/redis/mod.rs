@@ -74,7 +74,7 @@ use redis::aio::ConnectionManager;
 use redis::{Client, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use self::connection::{client, failure, Commands, Connector};
+use self::connection::{client, failure, invoke_replicated, Commands, Connector};
 use self::keys::Keys;
 use self::router::{routed, Router};
 use self::scripts::{
@@ -117,6 +117,11 @@ pub struct RedisOptions {
     pub idempotency_window: Duration,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    /// A publish is answered 200 only once this many replicas of its
+    /// master confirm they hold it (`WAIT`); 0 does not wait.
+    pub wait_replicas: u32,
+    /// How long a publish waits for them.
+    pub wait_timeout: Duration,
     /// Presence entries expire this long after their node last refreshed
     /// them.
     pub presence_ttl: Duration,
@@ -138,6 +143,8 @@ struct Stats {
     messages: AtomicU64,
     malformed: AtomicU64,
     resets: AtomicU64,
+    /// Publishes stored on a master but not confirmed by enough replicas.
+    not_replicated: AtomicU64,
     /// `sunsubscribe`s a cluster master sent unasked (a slot moved).
     unsolicited_unsubscribes: AtomicU64,
 }
@@ -448,14 +455,31 @@ impl Shared {
             .arg(publish.event.as_ref().map_or("", EventName::as_str))
             .arg(data)
             .arg(self.publish_command);
+        let (replicas, wait) = (self.options.wait_replicas, self.options.wait_timeout);
+        invocation.arg(if replicas > 0 { "1" } else { "0" });
         let invocation = &invocation;
-        let value: Value = self
-            .run(
-                Route::Key(&self.keys.meta(name)),
-                true,
-                |mut conn| async move { invocation.invoke_async(&mut conn).await },
-            )
-            .await?;
+        let route = Route::Key(&self.keys.meta(name));
+        let value: Value = if replicas == 0 {
+            self.run(route, true, |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?
+        } else {
+            // 200 means stored where a failover keeps it: on the master and
+            // on `replicas` of its replicas.
+            let (value, confirmed) = self
+                .run(route, true, |mut conn| async move {
+                    invoke_replicated(invocation, replicas, wait, &mut conn).await
+                })
+                .await?;
+            if confirmed < replicas {
+                self.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
+                return Err(BrokerError::NotReplicated(format!(
+                    "{confirmed} of {replicas} replicas confirmed `{channel}` within {wait:?}"
+                )));
+            }
+            value
+        };
         let (epoch, offset, duplicate, seen) = parse_publish_reply(&value)
             .ok_or_else(|| BrokerError::OutcomeUnknown(format!("unexpected reply {value:?}")))?;
         if duplicate && seen.as_deref() != Some(fingerprint) {

@@ -23,7 +23,8 @@ macro_rules! script {
 /// KEYS: meta, stream, channel idempotency key (may be absent).
 /// ARGV: new epoch, history size, ttl ms, meta ttl ms, idempotency window
 /// ms, fingerprint, pub/sub channel, then the wire header's channel and
-/// event, then data, then `PUBLISH` or `SPUBLISH`.
+/// event, then data, then `PUBLISH` or `SPUBLISH`, then `1` when a `WAIT`
+/// for replicas follows the script.
 ///
 /// The stream entry holds the payload (`p`) alone, and the pub/sub message
 /// is that payload byte for byte (`wire::encode`): what a node digests from
@@ -40,6 +41,14 @@ if idem then
   local seen = redis.call('GET', idem)
   if seen then
     local fp, epoch, offset = string.match(seen, '^(%S+) (%S+) (%d+)$')
+    if ARGV[12] == '1' then
+      -- A write of ours, so the WAIT after this script also covers the
+      -- publication this one repeats, whichever connection stored it:
+      -- Redis counts a WAIT from the connection's last write (versions
+      -- before 7.2 from its last command, which covers it either way).
+      local left = redis.call('PTTL', idem)
+      if left > 0 then redis.call('PEXPIRE', idem, left) end
+    end
     return {epoch, tonumber(offset), 1, fp}
   end
 end
