@@ -10,6 +10,7 @@
 //! its replica), and every [`TOPOLOGY_EVERY`] by the listener.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct SlotMap {
     ranges: Vec<(u16, u16, String)>,
+    /// Some master has a replica, which a failover may promote.
+    replicated: bool,
 }
 
 impl SlotMap {
@@ -97,6 +100,7 @@ impl SlotMap {
             return None;
         };
         let mut ranges = Vec::new();
+        let mut replicated = false;
         for entry in entries {
             let Value::Array(fields) = entry else {
                 return None;
@@ -127,9 +131,10 @@ impl SlotMap {
                 format!("{host}:{port}")
             };
             ranges.push((first, last, addr));
+            replicated |= fields.len() > 3;
         }
         ranges.sort();
-        Some(SlotMap { ranges })
+        Some(SlotMap { ranges, replicated })
     }
 }
 
@@ -176,6 +181,8 @@ pub(super) struct Router {
     /// When the slot map was last read; held while it is read, so reads
     /// do not pile up.
     refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// The risk of failing over without waiting for replicas was logged.
+    warned_unreplicated: AtomicBool,
 }
 
 impl Router {
@@ -187,6 +194,7 @@ impl Router {
             unreachable: Mutex::default(),
             pubsub_down: Mutex::default(),
             refreshed: tokio::sync::Mutex::new(None),
+            warned_unreplicated: AtomicBool::new(false),
         }
     }
 
@@ -326,6 +334,18 @@ impl Router {
             if let Ok(Ok(reply)) = read {
                 if let Some(map) = SlotMap::parse(&reply, host) {
                     if !map.ranges.is_empty() {
+                        if map.replicated
+                            && self.options.wait_replicas == 0
+                            && !self.warned_unreplicated.swap(true, Ordering::Relaxed)
+                        {
+                            tracing::warn!(
+                                "engine: the Redis Cluster has replicas, and engine.redis.wait_replicas \
+                                 is 0: a replica promoted after its master died can lack the last \
+                                 publications the master answered, and a client that no node \
+                                 delivered them to is not told; set wait_replicas: 1 to answer a \
+                                 publish only once a replica holds it"
+                            );
+                        }
                         let mut current = self.map.lock().expect("slot map lock");
                         if **current != map {
                             tracing::info!(masters = ?map.masters(), "engine: Redis Cluster slot map read");
@@ -434,6 +454,39 @@ mod tests {
         assert_eq!(slot("pushgate:{foo}:m"), slot("foo"));
         assert_eq!(slot("a{}b"), slot("a{}b"), "an empty tag hashes the key");
         assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+    }
+
+    #[test]
+    fn a_slot_map_reads_masters_and_whether_any_has_a_replica() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |first: i64, last: i64, nodes: Vec<Value>| {
+            let mut fields = vec![Value::Int(first), Value::Int(last)];
+            fields.extend(nodes);
+            Value::Array(fields)
+        };
+        let bare = Value::Array(vec![
+            range(8192, 16383, vec![node("", 7001)]),
+            range(0, 8191, vec![node("10.0.0.1", 7000)]),
+        ]);
+        let map = SlotMap::parse(&bare, "seed").unwrap();
+        assert_eq!(map.master(0), Some("10.0.0.1:7000"));
+        assert_eq!(map.master(16383), Some("seed:7001"), "no host: the seed's");
+        assert!(!map.replicated);
+        let replicated = Value::Array(vec![range(
+            0,
+            16383,
+            vec![node("10.0.0.1", 7000), node("10.0.0.2", 7003)],
+        )]);
+        let map = SlotMap::parse(&replicated, "seed").unwrap();
+        assert_eq!(map.master(100), Some("10.0.0.1:7000"));
+        assert!(map.replicated);
+        assert!(SlotMap::parse(&Value::Int(1), "seed").is_none());
     }
 
     #[test]
