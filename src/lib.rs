@@ -141,8 +141,9 @@
 //! - [`error`]: error types and the one mapping from error to HTTP answer
 //!   (and WebSocket close code).
 //! - [`body`]: the one response body type served.
-//! - [`metrics`]: counters and gauges for `GET /metrics`, in the Prometheus
-//!   text format.
+//! - [`metrics`]: what `GET /metrics` exposes, encoded by prometheus-client
+//!   in the Prometheus text format.
+//! - [`latency`]: the latency histogram that auth and Redis observe into.
 //! - [`logging`]: tracing setup, human or JSON.
 //! - [`demo`]: `pushgate demo`: a built-in chat app behind pushgate, for a
 //!   first look in a browser.
@@ -179,6 +180,7 @@ pub mod files;
 mod headers;
 pub mod hub;
 pub mod keyed;
+mod latency;
 pub mod logging;
 pub mod message;
 mod metrics;

@@ -1,16 +1,26 @@
-//! Counters and gauges, served at `GET /metrics` in the Prometheus text
-//! format. Counters are plain atomics bumped where things happen; gauges are
-//! read from their owners when scraped.
-
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+//! What `GET /metrics` exposes, encoded by prometheus-client in the
+//! Prometheus text format (0.0.4). Counters are bumped where things happen
+//! (the publish outcomes here, the others by their owners); gauges and the
+//! owners' counters are read when scraped, into a [`Scrape`] that encodes
+//! them.
 
 use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::auth::AuthStats;
 use crate::broker::{EngineStats, RedisStats};
 use crate::hub::Hub;
+use crate::latency::Latency;
 use crate::transport::Gauges;
+
+/// The `Content-Type` of what [`Metrics::render`] returns.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Outcomes of a requested publication (one per channel of a publish item).
 #[derive(Debug, Clone, Copy)]
@@ -25,245 +35,271 @@ pub enum PublishOutcome {
     Failed,
 }
 
+impl PublishOutcome {
+    const ALL: [PublishOutcome; 4] = [
+        PublishOutcome::Stored,
+        PublishOutcome::Duplicate,
+        PublishOutcome::Rejected,
+        PublishOutcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            PublishOutcome::Stored => "stored",
+            PublishOutcome::Duplicate => "duplicate",
+            PublishOutcome::Rejected => "rejected",
+            PublishOutcome::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// Realtime connection and subscription gauges, kept by the transports.
     pub realtime: Arc<Gauges>,
-    stored: AtomicU64,
-    duplicate: AtomicU64,
-    rejected: AtomicU64,
-    failed: AtomicU64,
+    /// By [`PublishOutcome`], in its order.
+    publishes: [Counter; 4],
 }
 
 impl Metrics {
     pub fn publish(&self, outcome: PublishOutcome, count: usize) {
-        let counter = match outcome {
-            PublishOutcome::Stored => &self.stored,
-            PublishOutcome::Duplicate => &self.duplicate,
-            PublishOutcome::Rejected => &self.rejected,
-            PublishOutcome::Failed => &self.failed,
-        };
-        counter.fetch_add(count as u64, Ordering::Relaxed);
+        self.publishes[outcome as usize].inc_by(count as u64);
     }
 
     /// The Prometheus text exposition of everything pushgate measures.
     pub fn render(&self, engine: EngineStats, hub: &Hub, auth: AuthStats) -> String {
-        let mut out = String::with_capacity(2048);
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        family(
-            &mut out,
-            "pushgate_publishes_total",
-            "counter",
-            "Publishes through the API by outcome: stored and duplicate count one per channel, rejected one per refused request or batch item, failed one per channel the engine could not store.",
-        );
-        for (outcome, value) in [
-            ("stored", load(&self.stored)),
-            ("duplicate", load(&self.duplicate)),
-            ("rejected", load(&self.rejected)),
-            ("failed", load(&self.failed)),
-        ] {
-            let _ = writeln!(
-                out,
-                "pushgate_publishes_total{{outcome=\"{outcome}\"}} {value}"
-            );
-        }
-        let realtime = self.realtime.read();
-        family(
-            &mut out,
-            "pushgate_connections",
-            "gauge",
-            "Open realtime connections (waiting requests for poll), by transport.",
-        );
-        for (transport, connections, _) in &realtime {
-            let _ = writeln!(
-                out,
-                "pushgate_connections{{transport=\"{transport}\"}} {connections}"
-            );
-        }
-        family(
-            &mut out,
-            "pushgate_subscriptions",
-            "gauge",
-            "Channel subscriptions of open realtime connections, by transport.",
-        );
-        for (transport, _, subscriptions) in &realtime {
-            let _ = writeln!(
-                out,
-                "pushgate_subscriptions{{transport=\"{transport}\"}} {subscriptions}"
-            );
-        }
-        family(
-            &mut out,
-            "pushgate_auth_total",
-            "counter",
-            "Realtime connection authorizations by outcome (cached: answered from the grant cache).",
-        );
-        for (outcome, value) in [
-            ("allowed", auth.allowed),
-            ("cached", auth.cached),
-            ("unauthenticated", auth.unauthenticated),
-            ("forbidden", auth.forbidden),
-            ("unavailable", auth.unavailable),
-        ] {
-            let _ = writeln!(out, "pushgate_auth_total{{outcome=\"{outcome}\"}} {value}");
-        }
-        family(
-            &mut out,
-            "pushgate_auth_request_seconds",
-            "summary",
-            "Time spent waiting for the app's answer to auth requests.",
-        );
-        let _ = writeln!(
-            out,
-            "pushgate_auth_request_seconds_sum {}",
-            auth.request_seconds
-        );
-        let _ = writeln!(out, "pushgate_auth_request_seconds_count {}", auth.requests);
-        single(
-            &mut out,
-            "pushgate_engine_channels",
-            "gauge",
-            "Channels the engine holds state for (history or local subscribers).",
-            engine.channels,
-        );
-        single(
-            &mut out,
-            "pushgate_history_publications",
-            "gauge",
-            "Publications held in history across all channels.",
-            engine.history_publications,
-        );
-        single(
-            &mut out,
-            "pushgate_subscribed_channels",
-            "gauge",
-            "Channels with at least one subscriber on this node.",
-            hub.channel_count() as u64,
-        );
-        single(
-            &mut out,
-            "pushgate_deliveries_total",
-            "counter",
-            "Publications handed to sessions on this node.",
-            hub.delivered_total(),
-        );
-        single(
-            &mut out,
-            "pushgate_slow_consumers_total",
-            "counter",
-            "Sessions cut off because their queue overflowed.",
-            hub.lagged_total(),
-        );
-        if let Some(redis) = engine.redis {
-            render_redis(&mut out, &redis);
-        }
+        let scrape = Scrape {
+            publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
+            realtime: self.realtime.read(),
+            auth,
+            engine,
+            subscribed_channels: hub.channel_count() as u64,
+            deliveries: hub.delivered_total(),
+            slow_consumers: hub.lagged_total(),
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(scrape));
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("encoding into a String cannot fail");
         out
     }
 }
 
-fn render_redis(out: &mut String, redis: &RedisStats) {
-    single(
-        out,
-        "pushgate_redis_up",
-        "gauge",
-        "1 when the last command reached Redis.",
-        u64::from(redis.up),
-    );
-    single(
-        out,
-        "pushgate_redis_pubsub_up",
-        "gauge",
-        "1 when the pub/sub connection to Redis is subscribed and in sync.",
-        u64::from(redis.pubsub_up),
-    );
-    single(
-        out,
-        "pushgate_redis_reconnects_total",
-        "counter",
-        "Times the pub/sub connection to Redis was re-established.",
-        redis.reconnects,
-    );
-    family(
-        out,
-        "pushgate_redis_command_seconds",
-        "summary",
-        "Time spent waiting for Redis commands (scripts included).",
-    );
-    let _ = writeln!(
-        out,
-        "pushgate_redis_command_seconds_sum {}",
-        redis.command_seconds
-    );
-    let _ = writeln!(
-        out,
-        "pushgate_redis_command_seconds_count {}",
-        redis.commands
-    );
-    single(
-        out,
-        "pushgate_redis_command_errors_total",
-        "counter",
-        "Redis commands that failed or timed out.",
-        redis.command_errors,
-    );
-    single(
-        out,
-        "pushgate_redis_messages_total",
-        "counter",
-        "Publications received from Redis pub/sub.",
-        redis.messages,
-    );
-    single(
-        out,
-        "pushgate_redis_malformed_total",
-        "counter",
-        "Payloads from Redis that were not readable publications (ignored).",
-        redis.malformed,
-    );
-    single(
-        out,
-        "pushgate_redis_resets_total",
-        "counter",
-        "Channels whose local subscribers got a reset because history did not cover an outage.",
-        redis.resets,
-    );
-    single(
-        out,
-        "pushgate_redis_not_replicated_total",
-        "counter",
-        "Publishes stored on their master but not confirmed by engine.redis.wait_replicas replicas within engine.redis.wait_timeout (answered 503 not_replicated).",
-        redis.not_replicated,
-    );
-    if !redis.shards.is_empty() {
-        family(
-            out,
-            "pushgate_redis_shard_up",
-            "gauge",
-            "Redis Cluster: 1 when the master serving these slots is reachable and every local channel of them is subscribed there and checked.",
-        );
-        for (slots, up) in &redis.shards {
-            let _ = writeln!(
-                out,
-                "pushgate_redis_shard_up{{slots=\"{slots}\"}} {}",
-                u64::from(*up)
-            );
+/// Everything read for one scrape.
+#[derive(Debug)]
+struct Scrape {
+    publishes: [(&'static str, u64); 4],
+    realtime: Vec<(&'static str, i64, i64)>,
+    auth: AuthStats,
+    engine: EngineStats,
+    subscribed_channels: u64,
+    deliveries: u64,
+    slow_consumers: u64,
+}
+
+/// Writes metric families into one scrape. Names are given as exposed,
+/// less the `_total` prometheus-client adds to a counter's.
+struct Out<'a>(DescriptorEncoder<'a>);
+
+type Written = Result<(), std::fmt::Error>;
+
+impl Out<'_> {
+    fn counter(&mut self, name: &str, help: &str, value: u64) -> Written {
+        let metric = ConstCounter::new(value);
+        metric.encode(
+            self.0
+                .encode_descriptor(name, help, None, metric.metric_type())?,
+        )
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: impl Into<i64>) -> Written {
+        let metric = ConstGauge::new(value.into());
+        metric.encode(
+            self.0
+                .encode_descriptor(name, help, None, metric.metric_type())?,
+        )
+    }
+
+    /// One family of counters or gauges, a sample per value of `label`.
+    fn labelled<L: AsRef<str>, V: Into<i64>>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        label: &str,
+        samples: impl IntoIterator<Item = (L, V)>,
+    ) -> Written {
+        let mut family = self.0.encode_descriptor(name, help, None, kind)?;
+        for (value_of_label, value) in samples {
+            let labels = [(label, value_of_label.as_ref())];
+            let sample = family.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => {
+                    ConstCounter::new(value.into().max(0) as u64).encode(sample)?
+                }
+                _ => ConstGauge::new(value.into()).encode(sample)?,
+            }
         }
-        single(
-            out,
-            "pushgate_redis_unsolicited_unsubscribes_total",
-            "counter",
-            "Redis Cluster: channels a master unsubscribed unasked (their slot moved); each was subscribed again where it lives and checked.",
-            redis.unsolicited_unsubscribes,
-        );
+        Ok(())
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, latency: &Latency) -> Written {
+        let histogram = latency.histogram();
+        histogram.encode(
+            self.0
+                .encode_descriptor(name, help, None, histogram.metric_type())?,
+        )
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+impl Collector for Scrape {
+    fn encode(&self, encoder: DescriptorEncoder) -> Written {
+        let mut out = Out(encoder);
+        let counts = |pairs: &[(&'static str, u64)]| -> Vec<(&'static str, i64)> {
+            pairs
+                .iter()
+                .map(|&(label, value)| (label, i64::try_from(value).unwrap_or(i64::MAX)))
+                .collect()
+        };
+        out.labelled(
+            "pushgate_publishes",
+            "Publishes through the API by outcome: stored and duplicate count one per channel, rejected one per refused request or batch item, failed one per channel the engine could not store.",
+            MetricType::Counter,
+            "outcome",
+            counts(&self.publishes),
+        )?;
+        out.labelled(
+            "pushgate_connections",
+            "Open realtime connections (waiting requests for poll), by transport.",
+            MetricType::Gauge,
+            "transport",
+            self.realtime
+                .iter()
+                .map(|&(t, connections, _)| (t, connections)),
+        )?;
+        out.labelled(
+            "pushgate_subscriptions",
+            "Channel subscriptions of open realtime connections, by transport.",
+            MetricType::Gauge,
+            "transport",
+            self.realtime
+                .iter()
+                .map(|&(t, _, subscriptions)| (t, subscriptions)),
+        )?;
+        let auth = &self.auth;
+        out.labelled(
+            "pushgate_auth",
+            "Realtime connection authorizations by outcome (cached: answered from the grant cache).",
+            MetricType::Counter,
+            "outcome",
+            counts(&[
+                ("allowed", auth.allowed),
+                ("cached", auth.cached),
+                ("unauthenticated", auth.unauthenticated),
+                ("forbidden", auth.forbidden),
+                ("unavailable", auth.unavailable),
+            ]),
+        )?;
+        out.histogram(
+            "pushgate_auth_request_seconds",
+            "Time spent waiting for the app's answer to auth requests.",
+            &auth.request_seconds,
+        )?;
+        out.gauge(
+            "pushgate_engine_channels",
+            "Channels the engine holds state for (history or local subscribers).",
+            i64::try_from(self.engine.channels).unwrap_or(i64::MAX),
+        )?;
+        out.gauge(
+            "pushgate_history_publications",
+            "Publications held in history across all channels.",
+            i64::try_from(self.engine.history_publications).unwrap_or(i64::MAX),
+        )?;
+        out.gauge(
+            "pushgate_subscribed_channels",
+            "Channels with at least one subscriber on this node.",
+            i64::try_from(self.subscribed_channels).unwrap_or(i64::MAX),
+        )?;
+        out.counter(
+            "pushgate_deliveries",
+            "Publications handed to sessions on this node.",
+            self.deliveries,
+        )?;
+        out.counter(
+            "pushgate_slow_consumers",
+            "Sessions cut off because their queue overflowed.",
+            self.slow_consumers,
+        )?;
+        if let Some(redis) = &self.engine.redis {
+            encode_redis(&mut out, redis)?;
+        }
+        Ok(())
+    }
 }
 
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    family(out, name, kind, help);
-    let _ = writeln!(out, "{name} {value}");
+fn encode_redis(out: &mut Out, redis: &RedisStats) -> Written {
+    out.gauge(
+        "pushgate_redis_up",
+        "1 when the last command reached Redis.",
+        i64::from(redis.up),
+    )?;
+    out.gauge(
+        "pushgate_redis_pubsub_up",
+        "1 when the pub/sub connection to Redis is subscribed and in sync.",
+        i64::from(redis.pubsub_up),
+    )?;
+    out.counter(
+        "pushgate_redis_reconnects",
+        "Times the pub/sub connection to Redis was re-established.",
+        redis.reconnects,
+    )?;
+    out.histogram(
+        "pushgate_redis_command_seconds",
+        "Time spent waiting for Redis commands (scripts included).",
+        &redis.command_seconds,
+    )?;
+    out.counter(
+        "pushgate_redis_command_errors",
+        "Redis commands that failed or timed out.",
+        redis.command_errors,
+    )?;
+    out.counter(
+        "pushgate_redis_messages",
+        "Publications received from Redis pub/sub.",
+        redis.messages,
+    )?;
+    out.counter(
+        "pushgate_redis_malformed",
+        "Payloads from Redis that were not readable publications (ignored).",
+        redis.malformed,
+    )?;
+    out.counter(
+        "pushgate_redis_resets",
+        "Channels whose local subscribers got a reset because history did not cover an outage.",
+        redis.resets,
+    )?;
+    out.counter(
+        "pushgate_redis_not_replicated",
+        "Publishes stored on their master but not confirmed by engine.redis.wait_replicas replicas within engine.redis.wait_timeout (answered 503 not_replicated).",
+        redis.not_replicated,
+    )?;
+    if !redis.shards.is_empty() {
+        out.labelled(
+            "pushgate_redis_shard_up",
+            "Redis Cluster: 1 when the master serving these slots is reachable and every local channel of them is subscribed there and checked.",
+            MetricType::Gauge,
+            "slots",
+            redis
+                .shards
+                .iter()
+                .map(|(slots, up)| (slots.as_str(), i64::from(*up))),
+        )?;
+        out.counter(
+            "pushgate_redis_unsolicited_unsubscribes",
+            "Redis Cluster: channels a master unsubscribed unasked (their slot moved); each was subscribed again where it lives and checked.",
+            redis.unsolicited_unsubscribes,
+        )?;
+    }
+    Ok(())
 }

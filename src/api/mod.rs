@@ -194,7 +194,7 @@ impl Api {
         let mut response = Response::new(crate::body::full(text));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            header::HeaderValue::from_static(metrics::CONTENT_TYPE),
         );
         response
     }

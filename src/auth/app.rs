@@ -66,8 +66,7 @@ impl AppAuth {
                 Ok((grant, answer.no_store))
             });
         let mut stats = self.stats.lock().expect("auth stats lock");
-        stats.requests += 1;
-        stats.request_seconds += started.elapsed().as_secs_f64();
+        stats.request_seconds.observe(started.elapsed());
         match outcome {
             Ok((grant, no_store)) => {
                 stats.allowed += 1;

@@ -242,21 +242,20 @@ impl Auth {
     pub fn stats(&self) -> AuthStats {
         match &self.mode {
             Mode::None => AuthStats::default(),
-            Mode::Upstream(app) => *app.stats.lock().expect("auth stats lock"),
-            Mode::Jwt(jwt) => *jwt.stats.lock().expect("auth stats lock"),
+            Mode::Upstream(app) => app.stats.lock().expect("auth stats lock").clone(),
+            Mode::Jwt(jwt) => jwt.stats.lock().expect("auth stats lock").clone(),
         }
     }
 }
 
 /// Outcomes of authorizations, for /metrics.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AuthStats {
     pub allowed: u64,
     pub cached: u64,
     pub unauthenticated: u64,
     pub forbidden: u64,
     pub unavailable: u64,
-    /// Total seconds spent waiting for the app, and how many waits.
-    pub request_seconds: f64,
-    pub requests: u64,
+    /// Time spent waiting for the app's answers (shared by every clone).
+    pub request_seconds: crate::latency::Latency,
 }

@@ -399,10 +399,9 @@ pub struct RedisStats {
     pub pubsub_up: bool,
     /// Pub/sub reconnections after the first connection.
     pub reconnects: u64,
-    pub commands: u64,
     pub command_errors: u64,
-    /// Time spent waiting for commands, in seconds.
-    pub command_seconds: f64,
+    /// Time spent waiting for commands (shared with the engine).
+    pub command_seconds: crate::latency::Latency,
     /// Publications received over pub/sub.
     pub messages: u64,
     /// Payloads from Redis that were not pushgate publications.

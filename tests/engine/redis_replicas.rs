@@ -98,6 +98,16 @@ async fn a_publish_is_answered_200_only_once_a_replica_holds_it() {
     assert_eq!(answer["error"]["code"], "not_replicated", "{answer}");
     let (_, metrics) = common::get(&format!("http://{}/metrics", a.api_addr)).await;
     assert_eq!(metric(&metrics, "pushgate_redis_not_replicated_total"), 1);
+    // Every command, the waiting ones too, is in the latency histogram.
+    let commands = metric(&metrics, "pushgate_redis_command_seconds_count");
+    assert!(commands >= 12, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "pushgate_redis_command_seconds_bucket{le=\"+Inf\"}"
+        ),
+        commands
+    );
 
     // The replica goes on: the retry completes the first publish, once.
     replica.resume();

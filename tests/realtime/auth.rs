@@ -489,6 +489,39 @@ async fn cached_grants_do_not_call_the_app_and_refusals_are_not_cached() {
         7,
         "failures and refusals ask the app every time"
     );
+    // /metrics counts each outcome, and the latency histogram holds every
+    // request the app saw, each in one bucket at most as wide as +Inf.
+    let (_, text) = common::get(&format!("http://{}/metrics", gate.api_addr)).await;
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    for (outcome, want) in [
+        ("allowed", 1.0),
+        ("cached", 4.0),
+        ("unavailable", 3.0),
+        ("unauthenticated", 3.0),
+    ] {
+        let name = format!("pushgate_auth_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(sample(&name), want, "{name}");
+    }
+    assert_eq!(sample("pushgate_auth_request_seconds_count"), 7.0);
+    assert_eq!(
+        sample("pushgate_auth_request_seconds_bucket{le=\"+Inf\"}"),
+        7.0
+    );
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with("pushgate_auth_request_seconds_bucket"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(buckets.len() > 10, "{text}");
+    assert!(
+        buckets.windows(2).all(|pair| pair[0] <= pair[1]),
+        "buckets are cumulative: {buckets:?}"
+    );
+    assert!(sample("pushgate_auth_request_seconds_sum") > 0.0);
 
     // With the cache off every connection asks.
     let app = App::start().await;

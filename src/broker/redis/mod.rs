@@ -137,9 +137,8 @@ struct Stats {
     /// The pub/sub connection is subscribed and in sync.
     pubsub_up: AtomicBool,
     reconnects: AtomicU64,
-    commands: AtomicU64,
     command_errors: AtomicU64,
-    command_micros: AtomicU64,
+    command_seconds: crate::latency::Latency,
     messages: AtomicU64,
     malformed: AtomicU64,
     resets: AtomicU64,
@@ -394,10 +393,7 @@ impl Shared {
             Connector::Cluster(router) => routed(router, route, deadline, &command).await,
         };
         let stats = &self.stats;
-        stats.commands.fetch_add(1, Ordering::Relaxed);
-        stats
-            .command_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.command_seconds.observe(started.elapsed());
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(failure(&err, may_write)),
