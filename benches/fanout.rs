@@ -60,6 +60,7 @@ fn publish(channel: &ChannelName) -> Publish {
         data: RawValue::from_string(PAYLOAD.to_owned()).expect("valid JSON"),
         event: None,
         idempotency_key: None,
+        publisher: None,
     }
 }
 

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use crate::broker::{Broker, BrokerError, Member, PresenceMode};
-use crate::config::ChannelRule;
+use crate::config::{ChannelRule, ClientPublish};
 use crate::hub::{Hub, Outbox};
 use crate::message::ChannelName;
 
@@ -127,16 +127,27 @@ impl ChannelRules {
         ChannelRules(rules.to_vec())
     }
 
-    /// What `channel` does about presence.
-    pub fn presence(&self, channel: &str) -> PresenceMode {
+    /// The rule for `channel`: the one with the longest prefix of its name.
+    fn rule(&self, channel: &str) -> Option<&ChannelRule> {
         self.0
             .iter()
             .filter(|rule| channel.starts_with(rule.prefix.as_str()))
             .max_by_key(|rule| rule.prefix.len())
+    }
+
+    /// What `channel` does about presence.
+    pub fn presence(&self, channel: &str) -> PresenceMode {
+        self.rule(channel)
             .map_or_else(Default::default, |rule| PresenceMode {
                 listed: rule.presence,
                 announced: rule.join_leave,
             })
+    }
+
+    /// Whether, and how, clients may publish on `channel`.
+    pub fn publish(&self, channel: &str) -> ClientPublish {
+        self.rule(channel)
+            .map_or(ClientPublish::Off, |rule| rule.publish)
     }
 }
 
@@ -196,6 +207,7 @@ mod tests {
             prefix: prefix.into(),
             presence,
             join_leave,
+            publish: ClientPublish::Off,
         }
     }
 

@@ -51,6 +51,10 @@ pub enum ProxyError {
         "pushgate is at its open-file limit and cannot open a connection to the app; retry shortly"
     )]
     OutOfFiles,
+    /// The app's endpoint for pushgate's own calls (`rpc.path`,
+    /// `rpc.publish_path`): a client may not call it with a body it wrote.
+    #[error("not found")]
+    AppOnly,
 }
 
 impl ProxyError {
@@ -64,6 +68,7 @@ impl ProxyError {
             ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UploadAborted | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::OutOfFiles => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AppOnly => StatusCode::NOT_FOUND,
         }
     }
 

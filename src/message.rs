@@ -30,6 +30,9 @@ pub struct Publication {
     envelope: Bytes,
     /// Where `data` sits inside `envelope`, so it is not stored twice.
     data: Range<usize>,
+    /// Where the publishing client's user sits inside `envelope`, as a JSON
+    /// string, for a publication a client sent.
+    user: Option<Range<usize>>,
     /// The envelope as a WebSocket text payload: UTF-8 checked once, here,
     /// not per send.
     ws_text: tokio_tungstenite::tungstenite::Utf8Bytes,
@@ -70,6 +73,19 @@ impl Publication {
         data: &str,
         published_at_ms: u64,
     ) -> Publication {
+        Publication::by(channel, position, event, None, data, published_at_ms)
+    }
+
+    /// Like [`Publication::new`], for a publication a client sent as
+    /// `user`: the envelope names them (`"user"`, after `event`).
+    pub fn by(
+        channel: ChannelName,
+        position: Position,
+        event: Option<EventName>,
+        user: Option<&str>,
+        data: &str,
+        published_at_ms: u64,
+    ) -> Publication {
         let mut envelope = Vec::with_capacity(64 + channel.as_str().len() + data.len());
         envelope.extend_from_slice(b"{\"channel\":\"");
         // Channel, epoch and event characters never need JSON escaping.
@@ -83,6 +99,12 @@ impl Publication {
             envelope.extend_from_slice(event.as_str().as_bytes());
             envelope.push(b'"');
         }
+        let user = user.map(|user| {
+            envelope.extend_from_slice(b",\"user\":");
+            let start = envelope.len();
+            serde_json::to_writer(&mut envelope, user).expect("writing to a Vec cannot fail");
+            start..envelope.len()
+        });
         envelope.extend_from_slice(b",\"data\":");
         let data_start = envelope.len();
         compact_json(data, &mut envelope);
@@ -110,6 +132,7 @@ impl Publication {
             ws_text,
             envelope,
             data: data_range,
+            user,
             sse: Bytes::from(sse),
             sse_sole_id: OnceLock::new(),
             kind: Kind::Message,
@@ -128,6 +151,7 @@ impl Publication {
             published_at_ms: 0,
             envelope: Bytes::new(),
             data: 0..0,
+            user: None,
             ws_text: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(""),
             sse: Bytes::new(),
             sse_sole_id: OnceLock::new(),
@@ -169,6 +193,7 @@ impl Publication {
             event: None,
             published_at_ms: 0,
             data: 0..0,
+            user: None,
             ws_text,
             envelope,
             sse: Bytes::from(sse),
@@ -210,6 +235,13 @@ impl Publication {
     /// The envelope as a WebSocket text payload, shared.
     pub fn ws_text(&self) -> &tokio_tungstenite::tungstenite::Utf8Bytes {
         &self.ws_text
+    }
+
+    /// The publishing client's user as a JSON string (quotes included),
+    /// for a publication a client sent.
+    pub fn user_json(&self) -> Option<&str> {
+        let range = self.user.clone()?;
+        Some(std::str::from_utf8(&self.envelope[range]).expect("a JSON string is UTF-8"))
     }
 
     /// The publication's `data` JSON, compacted.

@@ -105,13 +105,15 @@ impl Node {
             broker.clone(),
             ChannelRules::new(&config.channels),
         ));
+        let calls = app::AppCalls::new(app.clone(), app_files.clone());
         let realtime = Arc::new(Realtime::new(
             settings,
             channels.clone(),
             drain.clone(),
             metrics.realtime.clone(),
             name,
-            Auth::new(settings, app.clone(), app_files.clone()),
+            Auth::new(settings, calls.clone()),
+            calls,
         ));
         let orders = Arc::downgrade(&realtime);
         broker.on_orders(Arc::new(move |order| {

@@ -682,6 +682,7 @@ fn parse_publish(item: &RawValue) -> Result<Publish, Refusal> {
         data: data.to_owned(),
         event,
         idempotency_key,
+        publisher: None,
     })
 }
 

@@ -7,15 +7,19 @@
 //!   the auth requests).
 //! - [`streamed`]: uploads and upgrades, over hyper's HTTP/1 client on the
 //!   same pool.
+//! - [`call`]: a JSON request to the app on a client's behalf (auth, rpc,
+//!   publishes from clients), its answer bounded in size and time.
 
 use http::header::{HeaderName, HeaderValue};
 
 use crate::config::Settings;
 
+pub mod call;
 pub mod h1;
 pub mod pool;
 pub mod streamed;
 
+pub use call::{AppCalls, CallError};
 pub use h1::AppClient;
 
 /// The server's one client for requests to the app: `upstream.url`,

@@ -5,12 +5,10 @@ use super::*;
 
 /// `auth.mode: upstream`.
 pub(super) struct AppAuth {
-    /// The proxy's client: a connect's request to the app is written and
-    /// answered on the thread that serves the connect, over that thread's
-    /// kept-alive connections.
-    pub(super) app: AppClient,
-    /// The budget of files for connections to the app, shared with the proxy.
-    pub(super) app_files: Arc<Semaphore>,
+    /// The proxy's client and its budget of files: a connect's request to
+    /// the app is written and answered on the thread that serves the
+    /// connect, over that thread's kept-alive connections.
+    pub(super) calls: AppCalls,
     pub(super) url: Uri,
     pub(super) refresh_url: Option<Uri>,
     pub(super) subscribe_url: Option<Uri>,
@@ -22,17 +20,11 @@ pub(super) struct AppAuth {
 }
 
 impl AppAuth {
-    pub(super) fn new(
-        settings: &Settings,
-        paths: &AuthPaths,
-        app: AppClient,
-        app_files: Arc<Semaphore>,
-    ) -> AppAuth {
+    pub(super) fn new(settings: &Settings, paths: &AuthPaths, calls: AppCalls) -> AppAuth {
         let upstream = &settings.upstream;
         let options = &settings.config.auth.upstream;
         AppAuth {
-            app,
-            app_files,
+            calls,
             url: upstream.uri(Some(&paths.check)),
             refresh_url: paths.refresh.as_ref().map(|path| upstream.uri(Some(path))),
             subscribe_url: paths
@@ -101,32 +93,29 @@ impl AppAuth {
         credentials: &Credentials,
         body: &[u8],
     ) -> Result<AppAnswer, Refusal> {
-        let Ok(file) = self.app_files.clone().try_acquire_owned() else {
-            return Err(self.unavailable(url, "the open-file limit is spent on connections"));
-        };
         let target = url.path_and_query().map_or("/", |target| target.as_str());
-        let sent = self
-            .app
-            .send_full(&Method::POST, target, &credentials.headers, body, file);
-        let response = match timer::within(self.timeout, sent).await {
-            None => return Err(self.unavailable(url, "no answer within auth.upstream.timeout")),
-            Some(Err(err)) => return Err(self.unavailable(url, &error_chain(&err))),
-            Some(Ok(response)) => response,
-        };
-        let status = response.status();
-        let no_store = says_no_store(response.headers());
-        let read = collect_at_most(response.into_body(), MAX_GRANT_BYTES);
-        match timer::within(self.timeout, read).await {
-            Some(Ok(collected)) => Ok(AppAnswer {
-                status,
-                body: collected.to_bytes(),
-                no_store,
-            }),
-            Some(Err(_)) => {
-                Err(self.unavailable(url, "the answer could not be read or was too large"))
-            }
-            None => Err(self.unavailable(url, "the answer's body did not arrive in time")),
-        }
+        let answer = self
+            .calls
+            .post(
+                target,
+                &credentials.headers,
+                body,
+                self.timeout,
+                MAX_GRANT_BYTES,
+            )
+            .await
+            .map_err(|err| {
+                let why = match err {
+                    CallError::NoAnswer => "no answer within auth.upstream.timeout".to_owned(),
+                    err => err.to_string(),
+                };
+                self.unavailable(url, &why)
+            })?;
+        Ok(AppAnswer {
+            no_store: says_no_store(&answer.headers),
+            status: answer.status,
+            body: answer.body,
+        })
     }
 
     pub(super) fn unavailable(&self, url: &Uri, why: &str) -> Refusal {
@@ -214,16 +203,6 @@ pub(super) fn query_for_app(query: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("&")
-}
-
-/// The whole of `body`, failing past `max` bytes. Named, with `Send` in
-/// its type: rustc cannot prove `Limited`'s future `Send` for every
-/// lifetime when it is written inside the spawned future that awaits it.
-pub(super) fn collect_at_most(
-    body: Body,
-    max: usize,
-) -> impl Future<Output = Result<Collected<Bytes>, BoxError>> + Send {
-    Limited::new(body, max).collect()
 }
 
 #[cfg(test)]

@@ -153,6 +153,12 @@ pub(super) fn reason(body: &[u8], fallback: &str) -> String {
                 .find_map(|key| value.get(key).and_then(|v| v.as_str()).map(str::to_owned))
         })
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    printable(&text, fallback)
+}
+
+/// `text` for a client: control characters as spaces, trimmed, at most
+/// [`MAX_REASON_BYTES`]; `fallback` when nothing is left.
+pub fn printable(text: &str, fallback: &str) -> String {
     let mut clean: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

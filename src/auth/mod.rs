@@ -22,27 +22,22 @@
 //! `auth.upstream.cache_size` entries. An answer with `Cache-Control:
 //! no-store` is not cached.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
-use http_body_util::{BodyExt, Collected, Limited};
+use http::{header, HeaderMap, HeaderName, StatusCode, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 
-use crate::app::AppClient;
-use crate::body::{Body, BoxError};
+use crate::app::{AppCalls, CallError};
 use crate::config::jwt::KeySource as LoadedKey;
 use crate::config::{AuthPaths, AuthSettings, JwtConfig, JwtKey, Settings};
 use crate::conn::{forwarded_for, ConnInfo};
-use crate::error::{error_chain, Kind, Refusal};
+use crate::error::{Kind, Refusal};
 use crate::message::ChannelName;
-use crate::timer;
 
 /// Longest reason from the app passed on to a client.
 pub const MAX_REASON_BYTES: usize = 200;
@@ -55,8 +50,8 @@ mod jwt;
 
 use app::AppAuth;
 use cache::GrantCache;
-pub use grant::Grant;
 use grant::{grant_or_refusal, reason};
+pub use grant::{printable, Grant};
 use jwt::{JwtAuth, KeyMissOr};
 
 /// What the transports know about a connection when they authorize it.
@@ -82,6 +77,14 @@ pub struct Credentials {
     headers: HeaderMap,
 }
 
+impl Credentials {
+    /// The headers to send; with `auth.mode` `none` or `jwt`, only the JSON
+    /// content type and accept.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
 /// Decides whether realtime connections are accepted.
 pub struct Auth {
     mode: Mode,
@@ -94,14 +97,13 @@ enum Mode {
 }
 
 impl Auth {
-    /// Requests to the app (`auth.mode: upstream`) go through `app`, the
-    /// proxy's client, and draw on `app_files`, its budget of files for
-    /// connections to the app.
-    pub fn new(settings: &Settings, app: AppClient, app_files: Arc<Semaphore>) -> Auth {
+    /// Requests to the app (`auth.mode: upstream`) go through `calls`, the
+    /// proxy's client and its budget of files.
+    pub fn new(settings: &Settings, calls: AppCalls) -> Auth {
         let mode = match &settings.auth {
             AuthSettings::None => Mode::None,
             AuthSettings::Upstream(paths) => {
-                Mode::Upstream(Box::new(AppAuth::new(settings, paths, app, app_files)))
+                Mode::Upstream(Box::new(AppAuth::new(settings, paths, calls)))
             }
             AuthSettings::Jwt(key) => {
                 Mode::Jwt(Box::new(JwtAuth::new(key, &settings.config.auth.jwt)))
@@ -123,7 +125,13 @@ impl Auth {
     /// What to keep of a connection's request for later questions to the app.
     pub fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
         match &self.mode {
-            Mode::None | Mode::Jwt(_) => Credentials::default(),
+            Mode::None | Mode::Jwt(_) => {
+                let json = HeaderValue::from_static("application/json");
+                let mut headers = HeaderMap::new();
+                headers.insert(header::CONTENT_TYPE, json.clone());
+                headers.insert(header::ACCEPT, json);
+                Credentials { headers }
+            }
             Mode::Upstream(app) => app.credentials(headers, conn),
         }
     }

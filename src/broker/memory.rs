@@ -173,16 +173,18 @@ impl MemoryBroker {
         &self,
         channel: &ChannelName,
         event: Option<&EventName>,
+        publisher: Option<&str>,
         data: &str,
         now: u64,
     ) -> Published {
         let mut shard = self.shard(channel.as_str()).lock().expect("channel lock");
         let state = shard.entry(channel.clone()).or_insert_with(Channel::new);
         state.top += 1;
-        let publication = Arc::new(Publication::new(
+        let publication = Arc::new(Publication::by(
             channel.clone(),
             state.position(),
             event.cloned(),
+            publisher,
             data,
             now,
         ));
@@ -202,7 +204,13 @@ impl MemoryBroker {
             .channels
             .iter()
             .map(|channel| {
-                self.publish_one(channel, publish.event.as_ref(), publish.data.get(), now)
+                self.publish_one(
+                    channel,
+                    publish.event.as_ref(),
+                    publish.publisher.as_deref(),
+                    publish.data.get(),
+                    now,
+                )
             })
             .collect()
     }

@@ -29,6 +29,9 @@ pub struct Publish {
     /// A repeat within `api.idempotency_window` is answered with the first
     /// result and not published again.
     pub idempotency_key: Option<String>,
+    /// The user a WebSocket client publishing it was granted as, set by
+    /// pushgate (never taken from the client); `None` from the API.
+    pub publisher: Option<String>,
 }
 
 impl Publish {

@@ -8,6 +8,7 @@ fn publish(data: &str) -> Publish {
         data: serde_json::value::RawValue::from_string(data.to_owned()).unwrap(),
         event: None,
         idempotency_key: Some("k".into()),
+        publisher: None,
     }
 }
 

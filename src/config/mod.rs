@@ -39,7 +39,7 @@ mod upstream;
 pub use jwt::JwtKey;
 pub use load::{from_yaml, load, ConfigError, Problem};
 pub use origin::OriginPattern;
-pub use settings::{AuthPaths, AuthSettings, Settings};
+pub use settings::{AuthPaths, AuthSettings, RpcPaths, Settings};
 use units::duration;
 pub use units::ByteSize;
 pub use upstream::Upstream;
@@ -160,6 +160,10 @@ pub const DEFAULT_REDIS_PREFIX: &str = "pushgate";
 pub const DEFAULT_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `engine.redis.command_timeout`.
 pub const DEFAULT_REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// `rpc.timeout`.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// `rpc.max_in_flight`.
+pub const DEFAULT_RPC_MAX_IN_FLIGHT: usize = 8;
 /// `engine.redis.wait_timeout`.
 pub const DEFAULT_REDIS_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `engine.redis.presence_ttl`.
@@ -185,8 +189,11 @@ pub struct Config {
     pub realtime: RealtimeConfig,
     pub auth: AuthConfig,
     pub engine: EngineConfig,
-    /// Options by channel name prefix (presence, join/leave events).
+    /// Options by channel name prefix (presence, join/leave events,
+    /// publishes from clients).
     pub channels: Vec<ChannelRule>,
+    /// Calls from WebSocket clients to the app.
+    pub rpc: RpcConfig,
     pub history: HistoryConfig,
     pub shutdown: ShutdownConfig,
     pub limits: LimitsConfig,
@@ -205,6 +212,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             engine: EngineConfig::default(),
             channels: Vec::new(),
+            rpc: RpcConfig::default(),
             history: HistoryConfig::default(),
             shutdown: ShutdownConfig::default(),
             limits: LimitsConfig::default(),
@@ -536,6 +544,52 @@ pub struct ChannelRule {
     pub presence: bool,
     /// Subscribers hear `join` and `leave` events when others come and go.
     pub join_leave: bool,
+    /// Whether, and how, WebSocket clients may publish here.
+    pub publish: ClientPublish,
+}
+
+/// Publishes from clients on a channel (`channels[].publish`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientPublish {
+    /// Clients only listen.
+    #[default]
+    Off,
+    /// Stored and fanned out as the client sent it, with its user added.
+    Direct,
+    /// The app decides first (`rpc.publish_path`): refuse, rewrite or accept.
+    ViaApp,
+}
+
+/// `rpc`: WebSocket clients calling the app, and the app deciding on
+/// publishes from clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// `POST <upstream.url><path>` for each `rpc` command; none: rpc is off.
+    pub path: Option<String>,
+    /// `POST <upstream.url><publish_path>` for each publish on a channel
+    /// whose rule says `publish: via_app`.
+    pub publish_path: Option<String>,
+    /// How long the app may take to answer either.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Calls one connection may have waiting for the app at once.
+    pub max_in_flight: usize,
+    /// The largest answer from the app passed on to a client.
+    pub max_answer: ByteSize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            path: None,
+            publish_path: None,
+            timeout: DEFAULT_RPC_TIMEOUT,
+            max_in_flight: DEFAULT_RPC_MAX_IN_FLIGHT,
+            max_answer: ByteSize(64 * 1024),
+        }
+    }
 }
 
 /// The Redis engine.

@@ -14,6 +14,10 @@ use tracing_subscriber::filter::Directive;
 use super::jwt::JwtKey;
 use super::*;
 
+/// Ceiling of `rpc.max_in_flight`: each call waiting holds a connection to
+/// the app.
+const MAX_RPC_IN_FLIGHT: usize = 1000;
+
 /// What a node runs on. Made only by [`Settings::new`] (or by loading a
 /// file), so holding one means the config passed every check.
 pub struct Settings {
@@ -38,6 +42,57 @@ pub struct Settings {
     pub log_directives: Vec<Directive>,
     /// `engine.redis.tls_ca_file`'s certificates (PEM), read once.
     pub redis_ca: Option<Vec<u8>>,
+    /// `rpc.path` and `rpc.publish_path`.
+    pub rpc: RpcPaths,
+}
+
+/// The app's endpoints for calls from clients. Only pushgate calls them:
+/// the proxy answers a client's own request for either with 404.
+#[derive(Debug, Clone, Default)]
+pub struct RpcPaths {
+    /// `rpc.path`: `rpc` commands; none turns them off.
+    pub call: Option<PathAndQuery>,
+    /// `rpc.publish_path`: publishes on `publish: via_app` channels.
+    pub publish: Option<PathAndQuery>,
+}
+
+impl RpcPaths {
+    /// Whether a client's request for `path` is for one of these, in any
+    /// spelling an app's router may read as it: compared folded.
+    pub fn is_app_only(&self, path: &str) -> bool {
+        let mut endpoints = [&self.call, &self.publish].into_iter().flatten();
+        // The common case, no endpoint, folds nothing.
+        let Some(first) = endpoints.next() else {
+            return false;
+        };
+        let path = fold_path(path);
+        std::iter::once(first)
+            .chain(endpoints)
+            .any(|endpoint| fold_path(endpoint.path()) == path)
+    }
+}
+
+/// A path as the most lenient router reads it: percent-decoded (until
+/// nothing more decodes, so `%252F` too), ASCII lowercase, with runs of `/`,
+/// `/./` segments and a trailing `/` folded away.
+fn fold_path(path: &str) -> Vec<u8> {
+    let mut bytes = path.as_bytes().to_vec();
+    for _ in 0..4 {
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&bytes).collect();
+        if decoded == bytes {
+            break;
+        }
+        bytes = decoded;
+    }
+    let mut folded = Vec::with_capacity(bytes.len() + 1);
+    for segment in bytes.split(|&b| b == b'/') {
+        if segment.is_empty() || segment == b"." {
+            continue;
+        }
+        folded.push(b'/');
+        folded.extend(segment.iter().map(u8::to_ascii_lowercase));
+    }
+    folded
 }
 
 /// How realtime connections are authorized (`auth.mode`).
@@ -94,6 +149,7 @@ impl Settings {
             forward_headers,
             jwt: _,
             log_directives,
+            rpc,
         } = parsed;
         match (upstream, auth, log_directives) {
             (Some(upstream), Some(auth), Some(log_directives)) if problems.is_empty() => {
@@ -108,6 +164,7 @@ impl Settings {
                     forward_headers,
                     log_directives,
                     redis_ca,
+                    rpc,
                 })
             }
             // A value that did not parse left a problem behind.
@@ -134,6 +191,7 @@ struct Parsed {
     /// Loaded only when `auth.mode` is `jwt`.
     jwt: Option<JwtKey>,
     log_directives: Option<Vec<Directive>>,
+    rpc: RpcPaths,
 }
 
 impl Config {
@@ -607,6 +665,48 @@ impl Config {
             }
             _ => None,
         };
+        let rpc = RpcPaths {
+            call: self
+                .rpc
+                .path
+                .as_ref()
+                .and_then(|path| auth_path("rpc.path", path)),
+            publish: self
+                .rpc
+                .publish_path
+                .as_ref()
+                .and_then(|path| auth_path("rpc.publish_path", path)),
+        };
+        if self.rpc.timeout.is_zero() {
+            problem(
+                "rpc.timeout",
+                "must be longer than zero".into(),
+                "use e.g. `5s`",
+            );
+        }
+        if !(1..=MAX_RPC_IN_FLIGHT).contains(&self.rpc.max_in_flight) {
+            problem(
+                "rpc.max_in_flight",
+                format!("must be 1 to {MAX_RPC_IN_FLIGHT}"),
+                "use e.g. 8",
+            );
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.rpc.max_answer.bytes()) {
+            problem(
+                "rpc.max_answer",
+                "must be 1KiB to 16MiB".into(),
+                "use e.g. 64KiB",
+            );
+        }
+        for (index, rule) in self.channels.iter().enumerate() {
+            if rule.publish == super::ClientPublish::ViaApp && self.rpc.publish_path.is_none() {
+                problem(
+                    &format!("channels[{index}].publish"),
+                    "via_app needs rpc.publish_path, the app's endpoint that decides".into(),
+                    "set rpc.publish_path (e.g. /realtime/publish), or use direct",
+                );
+            }
+        }
         let mut forward_headers = Vec::new();
         for (index, name) in upstream_auth.forward_headers.iter().enumerate() {
             match HeaderName::from_bytes(name.as_bytes()) {
@@ -676,6 +776,7 @@ impl Config {
             forward_headers,
             jwt,
             log_directives,
+            rpc,
         }
     }
 }

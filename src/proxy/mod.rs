@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::app::streamed::{self, Answer, UploadBody, UploadFailure, UploadProgress};
 use crate::app::{Added, AppClient};
 use crate::body::{self, Body};
-use crate::config::Settings;
+use crate::config::{RpcPaths, Settings};
 use crate::conn::ConnInfo;
 use crate::error::{error_chain, ProxyError};
 use crate::shutdown::Drain;
@@ -64,6 +64,8 @@ pub struct Proxy {
     /// while it uses a connection; none left means the process is at its
     /// open-file limit.
     app_files: Arc<Semaphore>,
+    /// The app's endpoints only pushgate calls.
+    app_only: RpcPaths,
 }
 
 impl Proxy {
@@ -87,6 +89,7 @@ impl Proxy {
             },
             drain,
             app_files,
+            app_only: settings.rpc.clone(),
         }
     }
 
@@ -132,6 +135,9 @@ impl Proxy {
     ) -> Result<Prepared, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectRefused);
+        }
+        if self.app_only.is_app_only(request.uri().path()) {
+            return Err(ProxyError::AppOnly);
         }
         let upgrade = request::websocket_upgrade(&request);
         let has_body = !request.body().is_end_stream();

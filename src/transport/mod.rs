@@ -12,6 +12,7 @@
 //! are parsed, the `Origin` is checked ([`Origins`]), the per-address
 //! connection limit is taken ([`IpSlot`]), and [`Auth`] grants the channels.
 
+mod calls;
 mod client_js;
 pub mod control;
 mod longpoll;
@@ -35,10 +36,11 @@ use std::sync::{Arc, Mutex};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::app::AppCalls;
 use crate::auth::{Auth, AuthRequest, Grant};
 use crate::body::Body;
 use crate::channels::Channels;
-use crate::config::{OriginPattern, RealtimeConfig, Settings};
+use crate::config::{OriginPattern, RealtimeConfig, RpcConfig, RpcPaths, Settings};
 use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::{Kind, Refusal};
@@ -128,6 +130,13 @@ pub struct Realtime {
     registry: Arc<control::Registry>,
     /// This node's name in presence entries and connection ids.
     node: String,
+    /// Calls to the app on clients' behalf (`rpc`, `publish: via_app`).
+    calls: AppCalls,
+    rpc: RpcPaths,
+    rpc_config: RpcConfig,
+    /// The largest data a client may publish: `api.max_body`, as for the
+    /// API.
+    max_publication: usize,
 }
 
 impl Realtime {
@@ -138,6 +147,7 @@ impl Realtime {
         gauges: Arc<Gauges>,
         node: String,
         auth: Auth,
+        calls: AppCalls,
     ) -> Realtime {
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
@@ -156,6 +166,10 @@ impl Realtime {
             per_ip: Mutex::default(),
             registry: control::Registry::new(config.limits.connections_per_user),
             node,
+            calls,
+            rpc: settings.rpc.clone(),
+            rpc_config: config.rpc.clone(),
+            max_publication: usize::try_from(config.api.max_body.bytes()).unwrap_or(usize::MAX),
         }
     }
 

@@ -138,6 +138,20 @@ impl Session {
         &self.cursor
     }
 
+    /// Whether the connection's grant covers `channel`.
+    pub fn grant_allows(&self, channel: &ChannelName) -> bool {
+        self.grant.allows(channel)
+    }
+
+    /// Who this connection is, for calls to the app on its behalf.
+    pub(super) fn caller(&self) -> super::calls::Caller {
+        super::calls::Caller {
+            user: self.member.user.clone(),
+            connection: self.member.connection.clone(),
+            credentials: self.credentials.clone(),
+        }
+    }
+
     pub fn is_subscribed(&self, channel: &str) -> bool {
         self.subscriptions
             .iter()

@@ -89,6 +89,7 @@ fn publish(name: &str, data: &str) -> Publish {
         data: RawValue::from_string(data.to_owned()).unwrap(),
         event: None,
         idempotency_key: None,
+        publisher: None,
     }
 }
 
@@ -395,6 +396,7 @@ async fn an_idempotency_key_publishes_once_within_the_window(make: Factory) {
     );
     let keyed = || Publish {
         idempotency_key: Some("order-7".into()),
+        publisher: None,
         channels: vec![channel("i"), channel("j")],
         ..publish("i", "{\"n\":7}")
     };

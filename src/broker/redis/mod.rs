@@ -453,6 +453,10 @@ impl Shared {
             .arg(self.publish_command);
         let (replicas, wait) = (self.options.wait_replicas, self.options.wait_timeout);
         invocation.arg(if replicas > 0 { "1" } else { "0" });
+        invocation.arg(match &publish.publisher {
+            Some(user) => serde_json::to_string(user).expect("a string serializes"),
+            None => String::new(),
+        });
         let invocation = &invocation;
         let route = Route::Key(&self.keys.meta(name));
         let value: Value = if replicas == 0 {

@@ -24,7 +24,8 @@ macro_rules! script {
 /// ARGV: new epoch, history size, ttl ms, meta ttl ms, idempotency window
 /// ms, fingerprint, pub/sub channel, then the wire header's channel and
 /// event, then data, then `PUBLISH` or `SPUBLISH`, then `1` when a `WAIT`
-/// for replicas follows the script.
+/// for replicas follows the script, then the publishing client's user as a
+/// JSON string ('' for a publish from the API: wire version 1, else 2).
 ///
 /// The stream entry holds the payload (`p`) alone, and the pub/sub message
 /// is that payload byte for byte (`wire::encode`): what a node digests from
@@ -59,8 +60,14 @@ if not epoch then
 end
 local top = redis.call('HINCRBY', meta, 'top', 1)
 local ttl = tonumber(ARGV[3])
-local payload = '1\n' .. ARGV[8] .. '\n' .. epoch .. '\n' .. string.format('%d', top) .. '\n'
-  .. string.format('%d', now) .. '\n' .. ARGV[9] .. '\n' .. ARGV[10]
+local head = ARGV[8] .. '\n' .. epoch .. '\n' .. string.format('%d', top) .. '\n'
+  .. string.format('%d', now) .. '\n' .. ARGV[9] .. '\n'
+local payload
+if ARGV[13] == '' then
+  payload = '1\n' .. head .. ARGV[10]
+else
+  payload = '2\n' .. head .. ARGV[13] .. '\n' .. ARGV[10]
+end
 redis.call('XADD', stream, 'MAXLEN', ARGV[2], '*', 'p', payload)
 redis.call('XTRIM', stream, 'MINID', string.format('%d', now - ttl))
 redis.call('PEXPIRE', stream, ttl)

@@ -7,6 +7,12 @@ use crate::message::{ChannelName, EventName, Publication};
 /// Version tag of the encoded publication.
 pub(super) const WIRE_VERSION: &str = "1";
 
+/// Version tag of a publication a client sent: version 1 with the
+/// publishing user (a JSON string, so it holds no newline) before the
+/// data. Only clients' publications use it, so nodes that read version 1
+/// alone drop only those (counted as malformed) through a rolling upgrade.
+pub(super) const WIRE_VERSION_BY_USER: &str = "2";
+
 /// Tag of a presence event on the wire (publications start with
 /// [`WIRE_VERSION`]).
 pub(super) const WIRE_PRESENCE: &str = "p\n";
@@ -55,25 +61,33 @@ impl std::fmt::Debug for Digest {
 /// Encodes a publication the way the publish script does (tests and the
 /// wire format's documentation use it).
 pub fn encode(publication: &Publication) -> String {
-    format!(
-        "{WIRE_VERSION}\n{}\n{}\n{}\n{}\n{}\n{}",
+    let head = format!(
+        "{}\n{}\n{}\n{}",
         publication.channel(),
         publication.position().epoch,
         publication.offset(),
         publication.published_at_ms(),
-        publication.event().map_or("", EventName::as_str),
-        publication.data()
-    )
+    );
+    let event = publication.event().map_or("", EventName::as_str);
+    match publication.user_json() {
+        None => format!("{WIRE_VERSION}\n{head}\n{event}\n{}", publication.data()),
+        Some(user) => format!(
+            "{WIRE_VERSION_BY_USER}\n{head}\n{event}\n{user}\n{}",
+            publication.data()
+        ),
+    }
 }
 
 /// Decodes a publication from the publish script's format. `None` for
 /// anything malformed (logged by the caller; never trusted blindly).
 pub fn decode(payload: &[u8]) -> Option<Publication> {
     let text = std::str::from_utf8(payload).ok()?;
-    let mut fields = text.splitn(7, '\n');
-    if fields.next()? != WIRE_VERSION {
-        return None;
-    }
+    let (by_user, rest) = match text.split_once('\n')? {
+        (WIRE_VERSION, rest) => (false, rest),
+        (WIRE_VERSION_BY_USER, rest) => (true, rest),
+        _ => return None,
+    };
+    let mut fields = rest.splitn(if by_user { 7 } else { 6 }, '\n');
     let channel = ChannelName::parse(fields.next()?).ok()?;
     let epoch = Epoch::parse(fields.next()?).ok()?;
     let offset = fields.next()?.parse().ok()?;
@@ -82,12 +96,17 @@ pub fn decode(payload: &[u8]) -> Option<Publication> {
         "" => None,
         name => Some(EventName::parse(name).ok()?),
     };
+    let user = match by_user {
+        true => Some(serde_json::from_str::<String>(fields.next()?).ok()?),
+        false => None,
+    };
     let data = fields.next()?;
     serde_json::from_str::<&serde_json::value::RawValue>(data).ok()?;
-    Some(Publication::new(
+    Some(Publication::by(
         channel,
         Position::new(epoch, offset),
         event,
+        user.as_deref(),
         data,
         published_at_ms,
     ))
@@ -119,6 +138,35 @@ mod tests {
             "1\nchat\nabc\nx\n0\n\n1",
             "1\nchat\nabc\n1\n0\n\nnot json",
             "1\nchat\nabc\n1\n0\n",
+        ] {
+            assert!(decode(bad.as_bytes()).is_none(), "{bad:?} refused");
+        }
+    }
+
+    #[test]
+    fn a_clients_publication_carries_its_user_through_the_wire() {
+        for user in ["42", "a\nb \"quoted\"", "ünï", "\u{2028}"] {
+            let publication = Publication::by(
+                ChannelName::parse("chat:1").unwrap(),
+                Position::new(Epoch::parse("abc").unwrap(), 7),
+                None,
+                Some(user),
+                "{\"text\":\"hi\"}",
+                1_700_000_000_123,
+            );
+            let wire = encode(&publication);
+            assert!(wire.starts_with("2\n"), "{wire:?}");
+            let back = decode(wire.as_bytes()).expect("decodes");
+            assert_eq!(back.envelope(), publication.envelope());
+            let envelope: serde_json::Value = serde_json::from_slice(back.envelope()).unwrap();
+            assert_eq!(envelope["user"], user);
+            assert_eq!(envelope["data"]["text"], "hi");
+        }
+        // A user that is not one JSON string is refused, not guessed at.
+        for bad in [
+            "2\nchat\nabc\n1\n0\n\n42\n{}",
+            "2\nchat\nabc\n1\n0\n\n\"unterminated\n{}",
+            "2\nchat\nabc\n1\n0\n\n\"u\"",
         ] {
             assert!(decode(bad.as_bytes()).is_none(), "{bad:?} refused");
         }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::cursor::Position;
 use crate::error::Refusal;
-use crate::message::{ChannelName, Publication};
+use crate::message::{ChannelName, EventName, Publication};
 
 /// A client command (docs/protocol.md, "Commands and replies"), parsed at
 /// the edge: nothing past [`parse_command`] looks at the JSON again.
@@ -26,7 +26,30 @@ pub(super) enum Command {
     Refresh {
         token: String,
     },
+    /// Answered when it ends, while the connection goes on.
+    Call(Call),
 }
+
+/// A command that waits on the app or the engine.
+#[derive(Debug, PartialEq)]
+pub(super) enum Call {
+    /// A call to the app (`rpc.path`).
+    Rpc {
+        method: String,
+        /// JSON text.
+        data: String,
+    },
+    /// A publish from the client, where its channel's rule allows one.
+    Publish {
+        channel: ChannelName,
+        event: Option<EventName>,
+        /// JSON text.
+        data: String,
+    },
+}
+
+/// Longest `rpc` method name.
+pub(super) const MAX_METHOD_LEN: usize = 128;
 
 /// Parses one text frame into a command, or the error to answer it with;
 /// either way with the id to answer under (null when the frame has no
@@ -48,7 +71,7 @@ pub(super) fn parse_command(text: &str) -> (Id, Result<Command, Refusal>) {
         );
         return (id, Err(error));
     }
-    (id, command_from(&command))
+    (id, command_from(text, &command))
 }
 
 /// A command as it arrives: `op` picks the variant. The fields are taken
@@ -72,11 +95,24 @@ pub(super) enum WireCommand {
         #[serde(default)]
         token: Option<Value>,
     },
+    /// `data` is read raw from the frame ([`raw_data`]).
+    Rpc {
+        #[serde(default)]
+        method: Option<Value>,
+    },
+    /// `data` is read raw from the frame ([`raw_data`]).
+    Publish {
+        #[serde(default)]
+        channel: Option<Value>,
+        #[serde(default)]
+        event: Option<Value>,
+    },
     #[serde(other)]
     Unknown,
 }
 
-pub(super) fn command_from(command: &Value) -> Result<Command, Refusal> {
+/// The command in `command`, read from `text`.
+pub(super) fn command_from(text: &str, command: &Value) -> Result<Command, Refusal> {
     let no_op = || Refusal::bad_request("bad_command", "a command needs an \"op\"");
     // Only the tag can fail: every field takes any JSON.
     let wire = WireCommand::deserialize(command).map_err(|_| no_op())?;
@@ -109,14 +145,86 @@ pub(super) fn command_from(command: &Value) -> Result<Command, Refusal> {
                 "`refresh` needs a \"token\"",
             )),
         },
+        WireCommand::Rpc { method } => {
+            let method = match method {
+                Some(Value::String(method)) => method,
+                _ => {
+                    return Err(Refusal::bad_request(
+                        "missing_method",
+                        "`rpc` needs a \"method\": \"...\"",
+                    ))
+                }
+            };
+            let valid = (1..=MAX_METHOD_LEN).contains(&method.len())
+                && method.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-')
+                });
+            if !valid {
+                return Err(Refusal::bad_request(
+                    "bad_method",
+                    format!("a method is 1-{MAX_METHOD_LEN} characters of [A-Za-z0-9_.:/-]"),
+                ));
+            }
+            Ok(Command::Call(Call::Rpc {
+                method,
+                // `data: null` is there; no `data` is null too.
+                data: match command.get("data") {
+                    Some(_) => raw_data(text)?,
+                    None => "null".to_owned(),
+                },
+            }))
+        }
+        WireCommand::Publish { channel, event } => {
+            let channel = channel_of(channel)?;
+            let event = match event {
+                None | Some(Value::Null) => None,
+                Some(Value::String(name)) => Some(EventName::parse(&name).map_err(|err| {
+                    Refusal::bad_request("bad_event", format!("`{name}`: {err}"))
+                })?),
+                Some(_) => {
+                    return Err(Refusal::bad_request(
+                        "bad_event",
+                        "`event` is a name: [A-Za-z0-9_.:-]{1,64}",
+                    ))
+                }
+            };
+            // `data: null` is data; no `data` is not.
+            if command.get("data").is_none() {
+                return Err(Refusal::bad_request(
+                    "missing_data",
+                    "`publish` needs \"data\": any JSON",
+                ));
+            }
+            Ok(Command::Call(Call::Publish {
+                channel,
+                event,
+                data: raw_data(text)?,
+            }))
+        }
         WireCommand::Unknown => match command.get("op").and_then(Value::as_str) {
             None | Some("") => Err(no_op()),
             Some(other) => Err(Refusal::bad_request(
                 "unknown_op",
-                format!("unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh"),
+                format!(
+                    "unknown op `{other}`; ops are subscribe, unsubscribe, ping, refresh, rpc, publish"
+                ),
             )),
         },
     }
+}
+
+/// A command's `data` as the client wrote it: numbers keep every digit
+/// (read into a `Value` they would round to an f64), so what reaches the
+/// app and the channel is the client's JSON.
+fn raw_data(text: &str) -> Result<String, Refusal> {
+    #[derive(Deserialize)]
+    struct Written<'a> {
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    serde_json::from_str::<Written>(text)
+        .map(|written| written.data.get().to_owned())
+        .map_err(|err| Refusal::bad_request("bad_json", format!("`data`: {err}")))
 }
 
 /// A command's `channel`, checked against the naming rules.
@@ -211,6 +319,12 @@ pub(super) fn error_reply(id: &Id, error: &Refusal) -> String {
     format!(r#"{{"id":{id},"error":{}}}"#, error.body())
 }
 
+/// An error reply with a code that is not pushgate's own (an app's).
+pub(super) fn error_reply_from(id: &Id, code: &str, message: &str) -> String {
+    let error = json!({"code": code, "message": message});
+    format!(r#"{{"id":{id},"error":{error}}}"#)
+}
+
 pub(super) fn reset_push(channel: &ChannelName, position: Position) -> String {
     json!({
         "op": "reset",
@@ -281,12 +395,51 @@ mod tests {
             ),
             (r#"{"id":1,"op":"ping","extra":{"x":1}}"#, Ok("ping")),
             (r#"{"op":"refresh","token":"t","id":"r"}"#, Ok("refresh")),
+            (r#"{"id":1,"op":"rpc"}"#, Err("missing_method")),
+            (r#"{"id":1,"op":"rpc","method":7}"#, Err("missing_method")),
+            (r#"{"id":1,"op":"rpc","method":""}"#, Err("bad_method")),
+            (r#"{"id":1,"op":"rpc","method":"a b"}"#, Err("bad_method")),
+            (r#"{"id":1,"op":"rpc","method":"likes.add"}"#, Ok("rpc")),
+            (
+                r#"{"id":1,"op":"rpc","method":"m","data":{"x":[1]}}"#,
+                Ok("rpc"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","data":1}"#,
+                Err("missing_channel"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a b","data":1}"#,
+                Err("bad_channel"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a"}"#,
+                Err("missing_data"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a","data":1,"event":"a b"}"#,
+                Err("bad_event"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a","data":1,"event":3}"#,
+                Err("bad_event"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a","data":null}"#,
+                Ok("publish"),
+            ),
+            (
+                r#"{"id":1,"op":"publish","channel":"a","data":{},"event":"typing"}"#,
+                Ok("publish"),
+            ),
         ] {
             let got = match parse_command(frame).1 {
                 Ok(Command::Subscribe { .. }) => Ok("subscribe"),
                 Ok(Command::Unsubscribe { .. }) => Ok("unsubscribe"),
                 Ok(Command::Ping) => Ok("ping"),
                 Ok(Command::Refresh { .. }) => Ok("refresh"),
+                Ok(Command::Call(Call::Rpc { .. })) => Ok("rpc"),
+                Ok(Command::Call(Call::Publish { .. })) => Ok("publish"),
                 Err(error) => Err(error.code),
             };
             assert_eq!(got, expected, "{frame}");
@@ -364,6 +517,20 @@ mod tests {
                         prop_assert_eq!(value["token"].as_str(), Some(token.as_str()));
                         "refresh"
                     }
+                    Command::Call(Call::Rpc { method, data }) => {
+                        prop_assert_eq!(value["method"].as_str(), Some(method.as_str()));
+                        let sent = value.get("data").cloned().unwrap_or(Value::Null);
+                        prop_assert_eq!(serde_json::from_str::<Value>(data).ok(), Some(sent));
+                        "rpc"
+                    }
+                    Command::Call(Call::Publish { channel, data, .. }) => {
+                        prop_assert_eq!(value["channel"].as_str(), Some(channel.as_str()));
+                        prop_assert_eq!(
+                            serde_json::from_str::<Value>(data).ok(),
+                            Some(value["data"].clone())
+                        );
+                        "publish"
+                    }
                 };
                 prop_assert_eq!(value["op"].as_str(), Some(op));
             }
@@ -414,6 +581,32 @@ mod tests {
             let unsubscribe = json!({"id": id, "op": "unsubscribe", "channel": channel});
             let parsed = parse_command(&unsubscribe.to_string()).1;
             prop_assert!(matches!(parsed, Ok(Command::Unsubscribe { .. })), "{:?}", parsed);
+        }
+
+        /// A call's data reaches the app and the channel as the client's
+        /// JSON, whatever it holds.
+        #[test]
+        fn calls_carry_any_data(
+            channel in "[A-Za-z0-9_:.@=/-]{1,40}",
+            method in "[A-Za-z0-9_.:/-]{1,128}",
+            data in json_value(),
+        ) {
+            let publish = json!({"id": 1, "op": "publish", "channel": channel, "data": data});
+            match parse_command(&publish.to_string()).1 {
+                Ok(Command::Call(Call::Publish { channel: c, data: sent, event: None })) => {
+                    prop_assert_eq!(c.as_str(), channel.as_str());
+                    prop_assert_eq!(sent, data.to_string());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+            let rpc = json!({"id": 1, "op": "rpc", "method": method, "data": data});
+            match parse_command(&rpc.to_string()).1 {
+                Ok(Command::Call(Call::Rpc { method: m, data: sent })) => {
+                    prop_assert_eq!(m, method);
+                    prop_assert_eq!(sent, data.to_string());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
         }
     }
 }

@@ -33,14 +33,19 @@ use tokio_tungstenite::WebSocketStream;
 
 mod commands;
 
+use super::calls;
 use super::{origin_refused, Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
+use crate::config::ClientPublish;
 use crate::conn::ConnInfo;
 use crate::error::{Kind, Refusal};
 use crate::headers::has_token;
 use crate::message::{ChannelName, Publication};
 use crate::signal::Wait;
-use commands::{error_reply, parse_command, reset_push, result_reply, Command, Id, Replay, Reply};
+use commands::{
+    error_reply, error_reply_from, parse_command, reset_push, result_reply, Call, Command, Id,
+    Replay, Reply,
+};
 
 /// Close codes (docs/protocol.md lists them all).
 pub mod close {
@@ -389,8 +394,15 @@ struct Connection {
     /// `ready` fired while a write waited, and not for a lag: the serve loop
     /// drains the outbox for it next.
     woken: bool,
+    /// `rpc` and `publish` commands under way, each ending in its reply;
+    /// made at the first.
+    calls: Option<Box<Calls>>,
     _gauge: super::ConnectionGauge,
 }
+
+/// Calls under way, polled by the serve loop.
+type Calls =
+    futures_util::stream::FuturesUnordered<futures_util::future::BoxFuture<'static, String>>;
 
 /// One write to the socket ([`Connection::io`]).
 enum Io {
@@ -426,6 +438,7 @@ impl Connection {
             batch: Vec::new(),
             ready,
             woken: false,
+            calls: None,
             _gauge: gauge,
         }
     }
@@ -520,6 +533,11 @@ impl Connection {
                                 return end;
                             }
                         }
+                    }
+                }
+                Some(reply) = async { self.calls.as_mut()?.next().await }, if self.calls.as_ref().is_some_and(|calls| !calls.is_empty()) => {
+                    if let Err(end) = Box::pin(self.write(Message::text(reply))).await {
+                        return end;
                     }
                 }
                 () = &mut heartbeat => {
@@ -708,11 +726,13 @@ impl Connection {
     async fn on_command(&mut self, text: &str) -> Result<(), End> {
         let (id, command) = parse_command(text);
         let result = match command {
-            Ok(command) => self.execute(command).await,
+            Ok(command) => self.execute(&id, command).await,
             Err(error) => Err(error),
         };
         match result {
-            Ok(Reply { result, replay }) => {
+            // A call: its reply comes when it ends.
+            Ok(None) => Ok(()),
+            Ok(Some(Reply { result, replay })) => {
                 self.write(Message::text(result_reply(&id, &result)))
                     .await?;
                 for channel in replay.left {
@@ -735,15 +755,72 @@ impl Connection {
         }
     }
 
-    async fn execute(&mut self, command: Command) -> Result<Reply, Refusal> {
-        match command {
+    /// Starts an `rpc` or a `publish`, whose reply the serve loop sends
+    /// when it ends; refuses at once what may not start.
+    fn start_call(&mut self, id: &Id, call: Call) -> Result<(), Refusal> {
+        let max = self.realtime.rpc_config.max_in_flight;
+        if self.calls.as_ref().is_some_and(|calls| calls.len() >= max) {
+            return Err(Refusal::new(
+                Kind::OverLimit,
+                "too_many_calls",
+                format!("at most {max} rpc and publish commands at once (rpc.max_in_flight)"),
+            ));
+        }
+        let realtime = self.realtime.clone();
+        let caller = Arc::new(self.session.caller());
+        let call = match call {
+            Call::Rpc { method, data } => calls::rpc(realtime, caller, method, data).boxed(),
+            Call::Publish {
+                channel,
+                event,
+                data,
+            } => {
+                let via_app = match self.realtime.channels.rules().publish(channel.as_str()) {
+                    ClientPublish::Off => {
+                        return Err(Refusal::new(
+                            Kind::Forbidden,
+                            "publish_not_allowed",
+                            format!("clients may not publish on `{channel}` (channels[].publish)"),
+                        ))
+                    }
+                    ClientPublish::Direct => false,
+                    ClientPublish::ViaApp => true,
+                };
+                if !self.session.grant_allows(&channel) {
+                    return Err(Refusal::new(
+                        Kind::Forbidden,
+                        "forbidden",
+                        format!("this connection's grant does not cover `{channel}`"),
+                    ));
+                }
+                let publish = calls::ClientPublish {
+                    channel,
+                    event,
+                    data,
+                    via_app,
+                };
+                calls::publish(realtime, caller, publish).boxed()
+            }
+        };
+        let id = id.clone();
+        let reply = call.map(move |outcome| match outcome {
+            Ok(result) => format!(r#"{{"id":{id},"result":{result}}}"#),
+            Err(failure) => error_reply_from(&id, &failure.code, &failure.message),
+        });
+        self.calls.get_or_insert_default().push(reply.boxed());
+        Ok(())
+    }
+
+    /// Carries out a command: its reply, or none yet for a call.
+    async fn execute(&mut self, id: &Id, command: Command) -> Result<Option<Reply>, Refusal> {
+        let reply = match command {
             Command::Subscribe { channel, since } => {
                 let subscribed = self.session.subscribe(channel.clone(), since).await?;
                 // Asked to resume and could not: say so after the reply, so
                 // the client reloads its state, then go on from now.
                 let reset = (since.is_some() && !subscribed.recovered)
                     .then_some((channel, subscribed.position));
-                Ok(Reply {
+                Reply {
                     result: json!({
                         "recovered": subscribed.recovered,
                         "epoch": subscribed.position.epoch,
@@ -754,30 +831,34 @@ impl Connection {
                         publications: subscribed.replay,
                         left: Vec::new(),
                     },
-                })
-            }
-            Command::Unsubscribe { channel } => {
-                if self.session.unsubscribe(channel.as_str()) {
-                    Ok(Reply::plain(json!({})))
-                } else {
-                    Err(Refusal::bad_request(
-                        "not_subscribed",
-                        format!("not subscribed to `{channel}`"),
-                    ))
                 }
             }
-            Command::Ping => Ok(Reply::plain(json!({}))),
+            Command::Unsubscribe { channel } => {
+                if !self.session.unsubscribe(channel.as_str()) {
+                    return Err(Refusal::bad_request(
+                        "not_subscribed",
+                        format!("not subscribed to `{channel}`"),
+                    ));
+                }
+                Reply::plain(json!({}))
+            }
+            Command::Ping => Reply::plain(json!({})),
+            Command::Call(call) => {
+                self.start_call(id, call)?;
+                return Ok(None);
+            }
             Command::Refresh { token } => {
                 let left = self.session.refresh_token(&token)?;
-                Ok(Reply {
+                Reply {
                     result: json!({}),
                     replay: Replay {
                         left,
                         ..Replay::default()
                     },
-                })
+                }
             }
-        }
+        };
+        Ok(Some(reply))
     }
 }
 
