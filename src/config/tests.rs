@@ -293,3 +293,65 @@ fn waiting_for_replicas_must_end_before_redis_counts_as_down() {
     // Not waiting, a long wait_timeout is no problem.
     assert!(from_yaml(&redis("    wait_timeout: 5s\n"), "test.yaml", NO_ENV).is_ok());
 }
+
+#[test]
+fn the_apps_own_endpoints_are_recognised_in_every_spelling() {
+    let settings = from_yaml(
+        &format!("{KEYS}rpc:\n  path: /internal/rpc\n  publish_path: /hooks/Publish\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap();
+    let paths = &settings.rpc;
+    for path in [
+        "/internal/rpc",
+        "/internal/rpc/",
+        "//internal///rpc//",
+        "/Internal/RPC",
+        "/./internal/./rpc",
+        "/internal/%72%70%63",
+        "/internal%2frpc",
+        "/internal/%2572pc",
+        "/hooks/publish",
+        "/HOOKS/%50ublish/",
+    ] {
+        assert!(paths.is_app_only(path), "{path}");
+    }
+    for path in [
+        "/",
+        "/internal",
+        "/internal/rpcs",
+        "/internal/rpc/x",
+        "/internal/rp",
+        "/x/internal/rpc",
+        "/hooks/publish2",
+        "/internal/rpc%00",
+    ] {
+        assert!(!paths.is_app_only(path), "{path}");
+    }
+    let none = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap();
+    assert!(!none.rpc.is_app_only("/internal/rpc"));
+}
+
+#[test]
+fn a_via_app_channel_needs_the_apps_endpoint() {
+    let err = from_yaml(
+        &format!("{KEYS}channels:\n  - prefix: \"m:\"\n    publish: via_app\nrpc:\n  max_in_flight: 0\n  timeout: 0s\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    let mut found = keys(&err);
+    found.sort();
+    assert_eq!(
+        found,
+        ["channels[0].publish", "rpc.max_in_flight", "rpc.timeout"]
+    );
+    let err = from_yaml(
+        &format!("{KEYS}rpc:\n  path: internal/rpc\n"),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    assert_eq!(keys(&err), ["rpc.path"]);
+}

@@ -12,5 +12,6 @@ mod jwks;
 mod jwt;
 mod presence;
 mod sse_poll;
+mod two_way;
 mod websocket;
 mod ws_abuse;
