@@ -40,6 +40,8 @@
 //!       response-head parser against every shape.
 //!   - `app::streamed`: uploads and upgrades, over hyper's HTTP/1 client on
 //!     the same pool.
+//!   - `app::call`: a JSON request to the app on a client's behalf (auth,
+//!     `rpc`, publishes the app decides on), bounded in size and time.
 //! - [`conn`]: facts about a client connection, and the `X-Forwarded-For`
 //!   the app is told of it.
 //! - [`headers`]: reading header fields of comma-separated tokens.
@@ -56,6 +58,8 @@
 //!       typed command (`op` is the serde tag); replies and pushes.
 //!     - `transport::websocket::tests`: frames, handshakes and closes over
 //!       real sockets.
+//!   - `transport::calls`: `rpc` and publishes from WebSocket clients,
+//!     each a future beside the connection's loop; the publisher's user.
 //!   - `transport::sse`: Server-Sent Events at `{prefix}/sse`.
 //!   - `transport::longpoll`: long-poll at `{prefix}/poll`.
 //!   - `transport::control`: reaching live sessions by user: the per-user
