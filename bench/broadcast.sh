@@ -106,6 +106,8 @@ auth:
   mode: none
 realtime:
   max_connections_per_ip: 100000
+  connects_per_second: 1000000
+  connect_burst: 1000000
 history:
   size: 100
 limits:

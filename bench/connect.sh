@@ -103,6 +103,8 @@ auth:
     cache_ttl: $1
 realtime:
   max_connections_per_ip: 100000
+  connects_per_second: 1000000
+  connect_burst: 1000000
 limits:
   max_connections: 0         # the most the open-file limit allows
   connections_per_user: 0    # unlimited: one user holds many at once

@@ -75,6 +75,8 @@ engine:
     url: redis://127.0.0.1:$REDIS_PORT
 realtime:
   max_connections_per_ip: 100000
+  connects_per_second: 1000000
+  connect_burst: 1000000
 log:
   level: info
 YAML

@@ -58,6 +58,8 @@ auth:
     cache_ttl: 0s
 realtime:
   max_connections_per_ip: 100000
+  connects_per_second: 1000000
+  connect_burst: 1000000
 limits:
   connections_per_user: 0
 log:

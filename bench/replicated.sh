@@ -82,6 +82,8 @@ engine:
     wait_replicas: $wait
 realtime:
   max_connections_per_ip: 100000
+  connects_per_second: 1000000
+  connect_burst: 1000000
 log:
   level: info
 YAML

@@ -178,6 +178,9 @@ pub struct Refusal {
     pub message: String,
     /// For [`Kind::NotAllowed`]: the methods the endpoint answers.
     pub allow: Option<&'static str>,
+    /// For a rate limit: when to try again (`Retry-After`, whole seconds,
+    /// at least 1).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Refusal {
@@ -187,6 +190,7 @@ impl Refusal {
             code,
             message: message.into(),
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -257,6 +261,13 @@ impl Refusal {
             response
                 .headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+        }
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(seconds.max(1)),
+            );
         }
         if self.code == "unauthorized" {
             response.headers_mut().insert(

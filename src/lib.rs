@@ -148,6 +148,7 @@
 //! - [`metrics`]: what `GET /metrics` exposes, encoded by prometheus-client
 //!   in the Prometheus text format.
 //! - [`latency`]: the latency histogram that auth and Redis observe into.
+//! - [`rate`]: rate limits per connection, client address and API key.
 //! - [`logging`]: tracing setup, human or JSON.
 //! - [`demo`]: `pushgate demo`: a built-in chat app behind pushgate, for a
 //!   first look in a browser.
@@ -191,6 +192,7 @@ mod metrics;
 mod names;
 mod node;
 mod proxy;
+mod rate;
 mod server;
 pub mod shutdown;
 mod signal;

@@ -17,6 +17,7 @@ use crate::auth::AuthStats;
 use crate::broker::{EngineStats, RedisStats};
 use crate::hub::Hub;
 use crate::latency::Latency;
+use crate::rate::{Limit, Refused};
 use crate::transport::Gauges;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
@@ -59,6 +60,8 @@ pub struct Metrics {
     pub realtime: Arc<Gauges>,
     /// By [`PublishOutcome`], in its order.
     publishes: [Counter; 4],
+    /// Refusals by rate limit, counted where each limit is kept.
+    pub refused: Arc<Refused>,
 }
 
 impl Metrics {
@@ -71,6 +74,7 @@ impl Metrics {
         let scrape = Scrape {
             publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
             realtime: self.realtime.read(),
+            rate_limited: Limit::ALL.map(|limit| (limit.label(), self.refused.get(limit))),
             auth,
             engine,
             subscribed_channels: hub.channel_count() as u64,
@@ -91,6 +95,7 @@ impl Metrics {
 struct Scrape {
     publishes: [(&'static str, u64); 4],
     realtime: Vec<(&'static str, i64, i64)>,
+    rate_limited: [(&'static str, u64); 4],
     auth: AuthStats,
     engine: EngineStats,
     subscribed_channels: u64,
@@ -186,6 +191,13 @@ impl Collector for Scrape {
             self.realtime
                 .iter()
                 .map(|&(t, _, subscriptions)| (t, subscriptions)),
+        )?;
+        out.labelled(
+            "pushgate_rate_limited",
+            "Commands, publishes and connects refused by a rate limit, by limit: commands and client_publishes per WebSocket connection, connects per client address, api_publishes per API key.",
+            MetricType::Counter,
+            "limit",
+            counts(&self.rate_limited),
         )?;
         let auth = &self.auth;
         out.labelled(

@@ -21,7 +21,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::shutdown::Drain;
-use crate::transport::Realtime;
+use crate::transport::{Meters, Realtime};
 
 /// A node's parts, ready for the listeners.
 pub struct Node {
@@ -110,7 +110,10 @@ impl Node {
             settings,
             channels.clone(),
             drain.clone(),
-            metrics.realtime.clone(),
+            Meters {
+                gauges: metrics.realtime.clone(),
+                refused: metrics.refused.clone(),
+            },
             name,
             Auth::new(settings, calls.clone()),
             calls,

@@ -26,6 +26,7 @@ use crate::error::{json, json_bytes, Kind, Refusal};
 use crate::keyed::KeyedDigest;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
+use crate::rate::{KeyedRate, Limit};
 use crate::transport::Realtime;
 
 mod service;
@@ -57,6 +58,8 @@ pub struct Api {
     body_timeout: Duration,
     /// Requests served at once (`api.max_connections`).
     max_in_flight: usize,
+    /// `api.publishes_per_second`, by the key's digest.
+    publish_rate: KeyedRate<[u8; 32]>,
 }
 
 impl Api {
@@ -82,6 +85,7 @@ impl Api {
             max_body: config.api.max_body.bytes(),
             body_timeout: config.limits.body_timeout,
             max_in_flight: config.api.max_connections,
+            publish_rate: KeyedRate::new(config.api.publishes_per_second, config.api.publish_burst),
         }
     }
 
@@ -121,9 +125,21 @@ impl Api {
         }
         // Before anything else, so an unauthenticated caller learns nothing,
         // not even which endpoints exist.
-        self.authorize(request.headers())?;
+        let key = self.authorize(request.headers())?;
         match (path, request.method()) {
-            ("/api/publish", &Method::POST) => self.publish(request).await,
+            ("/api/publish", &Method::POST) => {
+                if let Err(wait) = self.publish_rate.take(&key) {
+                    self.metrics.refused.count(Limit::ApiPublishes);
+                    let mut refusal = Refusal::new(
+                        Kind::OverLimit,
+                        "rate_limited",
+                        "too many publish requests for this key (api.publishes_per_second); retry later",
+                    );
+                    refusal.retry_after = Some(wait);
+                    return Err(refusal);
+                }
+                self.publish(request).await
+            }
             ("/api/publish", _) => Err(Refusal::method_not_allowed("POST")),
             ("/api/disconnect", &Method::POST) => self.disconnect(request).await,
             ("/api/unsubscribe", &Method::POST) => self.unsubscribe(request).await,
@@ -142,7 +158,9 @@ impl Api {
         }
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// Checks the request's key; answers its digest (the API's one
+    /// identity, all zeros without keys), which rate limits are kept by.
+    fn authorize(&self, headers: &HeaderMap) -> Result<[u8; 32], Refusal> {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
@@ -152,7 +170,7 @@ impl Api {
             });
         if self.keys.is_empty() {
             // Only possible with api.insecure_no_auth on a loopback listener.
-            return Ok(());
+            return Ok([0; 32]);
         }
         let Some(presented) = presented else {
             return Err(Refusal::unauthorized());
@@ -169,7 +187,7 @@ impl Api {
                 found | key.ct_eq(&digest)
             });
         if bool::from(matched) {
-            Ok(())
+            Ok(digest)
         } else {
             Err(Refusal::unauthorized())
         }

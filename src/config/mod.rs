@@ -267,6 +267,10 @@ pub struct ApiConfig {
     #[serde(with = "duration")]
     pub idempotency_window: Duration,
     pub max_connections: usize,
+    /// Publish requests per second per API key, on average.
+    pub publishes_per_second: u32,
+    /// How many publish requests one key may send at once above that.
+    pub publish_burst: u32,
 }
 
 impl Default for ApiConfig {
@@ -278,6 +282,8 @@ impl Default for ApiConfig {
             max_body: DEFAULT_API_MAX_BODY,
             idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             max_connections: DEFAULT_API_MAX_CONNECTIONS,
+            publishes_per_second: 10_000,
+            publish_burst: 20_000,
         }
     }
 }
@@ -297,6 +303,14 @@ pub struct RealtimeConfig {
     pub max_connections_per_ip: usize,
     pub commands_per_second: u32,
     pub command_burst: u32,
+    /// WebSocket `publish` commands per connection per second, and their
+    /// burst (within `commands_per_second`).
+    pub publishes_per_second: u32,
+    pub publish_burst: u32,
+    /// New realtime connections per client address per second, and their
+    /// burst.
+    pub connects_per_second: u32,
+    pub connect_burst: u32,
     /// Messages for one connection closer together than this are written
     /// in one go (at most one write per window); 0 writes each at once.
     #[serde(with = "duration")]
@@ -315,6 +329,10 @@ impl Default for RealtimeConfig {
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
             command_burst: DEFAULT_COMMAND_BURST,
+            publishes_per_second: 10,
+            publish_burst: 20,
+            connects_per_second: 20,
+            connect_burst: 100,
             coalesce_window: DEFAULT_COALESCE_WINDOW,
             websocket: WebSocketConfig::default(),
             sse: SseConfig::default(),

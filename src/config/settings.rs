@@ -560,6 +560,36 @@ impl Config {
                 realtime.command_burst as usize,
                 100_000,
             ),
+            (
+                "realtime.publishes_per_second",
+                realtime.publishes_per_second as usize,
+                100_000,
+            ),
+            (
+                "realtime.publish_burst",
+                realtime.publish_burst as usize,
+                100_000,
+            ),
+            (
+                "realtime.connects_per_second",
+                realtime.connects_per_second as usize,
+                1_000_000,
+            ),
+            (
+                "realtime.connect_burst",
+                realtime.connect_burst as usize,
+                1_000_000,
+            ),
+            (
+                "api.publishes_per_second",
+                self.api.publishes_per_second as usize,
+                10_000_000,
+            ),
+            (
+                "api.publish_burst",
+                self.api.publish_burst as usize,
+                10_000_000,
+            ),
         ] {
             if !(1..=max).contains(&value) {
                 problem(

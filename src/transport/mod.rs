@@ -46,6 +46,7 @@ use crate::cursor::{Cursor, DecodedCursor};
 use crate::error::{Kind, Refusal};
 use crate::hub::QueueLimits;
 use crate::message::ChannelName;
+use crate::rate::{KeyedRate, Limit, Refused};
 use crate::shutdown::Drain;
 
 pub use session::{Admit, Session};
@@ -101,6 +102,12 @@ impl Gauges {
     }
 }
 
+/// What the transports count for `/metrics`.
+pub struct Meters {
+    pub gauges: Arc<Gauges>,
+    pub refused: Arc<Refused>,
+}
+
 /// Counts a connection in the gauges while it lives.
 pub struct ConnectionGauge {
     gauges: Arc<Gauges>,
@@ -137,6 +144,10 @@ pub struct Realtime {
     /// The largest data a client may publish: `api.max_body`, as for the
     /// API.
     max_publication: usize,
+    /// `realtime.connects_per_second`, per client address.
+    connect_rate: KeyedRate<IpAddr>,
+    /// Refusals by rate limit, for `/metrics`.
+    refused: Arc<Refused>,
 }
 
 impl Realtime {
@@ -144,11 +155,12 @@ impl Realtime {
         settings: &Settings,
         channels: Arc<Channels>,
         drain: Drain,
-        gauges: Arc<Gauges>,
+        meters: Meters,
         node: String,
         auth: Auth,
         calls: AppCalls,
     ) -> Realtime {
+        let Meters { gauges, refused } = meters;
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
@@ -170,6 +182,11 @@ impl Realtime {
             rpc: settings.rpc.clone(),
             rpc_config: config.rpc.clone(),
             max_publication: usize::try_from(config.api.max_body.bytes()).unwrap_or(usize::MAX),
+            connect_rate: KeyedRate::new(
+                config.realtime.connects_per_second,
+                config.realtime.connect_burst,
+            ),
+            refused,
         }
     }
 
@@ -286,9 +303,29 @@ impl Realtime {
         }
     }
 
-    /// Takes one of the client address's `max_connections_per_ip` slots.
-    fn claim_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
+    /// Takes one of the client address's `max_connections_per_ip` slots;
+    /// a WebSocket or SSE connection also within its `connects_per_second`.
+    /// A long-poll request is not a new connection: a client polls again
+    /// after each answer, as often as messages come.
+    fn claim_ip(self: &Arc<Self>, ip: IpAddr, transport: Transport) -> Result<IpSlot, Refusal> {
         let ip = ip.to_canonical();
+        let counted = transport != Transport::Poll;
+        let within = if counted {
+            self.connect_rate.take(&ip)
+        } else {
+            Ok(())
+        };
+        if let Err(wait) = within {
+            self.refused.count(Limit::Connects);
+            tracing::debug!(%ip, "limit: realtime.connects_per_second exceeded");
+            let mut refusal = Refusal::new(
+                Kind::OverLimit,
+                "rate_limited",
+                "too many new realtime connections from this address (realtime.connects_per_second); retry later",
+            );
+            refusal.retry_after = Some(wait);
+            return Err(refusal);
+        }
         let mut per_ip = self.per_ip.lock().expect("per-ip lock");
         let open = per_ip.entry(ip).or_insert(0);
         if *open >= self.config.max_connections_per_ip {
@@ -328,7 +365,7 @@ impl Realtime {
                 ),
             ));
         }
-        let slot = self.claim_ip(conn.peer.ip())?;
+        let slot = self.claim_ip(conn.peer.ip(), transport)?;
         let grant = self
             .auth
             .authorize(AuthRequest {

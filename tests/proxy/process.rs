@@ -300,7 +300,9 @@ fn start_with_nofile(
         &path,
         config_for(
             app,
-            &format!("realtime:\n  max_connections_per_ip: 100000\n{extra}"),
+            &format!(
+                "realtime:\n  max_connections_per_ip: 100000\n  connects_per_second: 1000000\n  connect_burst: 1000000\n{extra}"
+            ),
         ),
     )
     .unwrap();

@@ -11,6 +11,7 @@ mod exactness;
 mod jwks;
 mod jwt;
 mod presence;
+mod rate_limits;
 mod sse_poll;
 mod two_way;
 mod websocket;

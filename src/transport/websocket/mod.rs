@@ -41,6 +41,7 @@ use crate::conn::ConnInfo;
 use crate::error::{Kind, Refusal};
 use crate::headers::has_token;
 use crate::message::{ChannelName, Publication};
+use crate::rate::{Limit, Rate};
 use crate::signal::Wait;
 use commands::{
     error_reply, error_reply_from, parse_command, reset_push, result_reply, Call, Command, Id,
@@ -341,49 +342,17 @@ impl Heartbeat {
     }
 }
 
-/// Token bucket for client commands.
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-    /// Commands refused in a row; at `burst` the client is cut off.
-    refused_in_a_row: u32,
-}
-
-impl Bucket {
-    fn new(rate: u32, burst: u32) -> Bucket {
-        Bucket {
-            tokens: f64::from(burst),
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            last: Instant::now(),
-            refused_in_a_row: 0,
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.refused_in_a_row = 0;
-            true
-        } else {
-            self.refused_in_a_row += 1;
-            false
-        }
-    }
-}
-
 struct Connection {
     realtime: Arc<Realtime>,
     socket: Socket,
     session: Session,
     conn: ConnInfo,
-    bucket: Bucket,
+    /// `realtime.commands_per_second`.
+    commands: Rate,
+    /// Commands refused in a row; at `command_burst` the client is cut off.
+    refused_in_a_row: u32,
+    /// `realtime.publishes_per_second`; made at the first publish.
+    publishes: Option<Box<Rate>>,
     heartbeat: Heartbeat,
     pace: super::Pace,
     batch: Vec<Arc<Publication>>,
@@ -423,7 +392,7 @@ impl Connection {
         gauge: super::ConnectionGauge,
     ) -> Connection {
         let config = &realtime.config;
-        let bucket = Bucket::new(config.commands_per_second, config.command_burst);
+        let commands = Rate::new(config.commands_per_second, config.command_burst);
         let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
         let pace = super::Pace::new(config.coalesce_window);
         let ready = session.outbox().ready_owned();
@@ -432,7 +401,9 @@ impl Connection {
             socket,
             session,
             conn,
-            bucket,
+            commands,
+            refused_in_a_row: 0,
+            publishes: None,
             heartbeat,
             pace,
             batch: Vec::new(),
@@ -688,8 +659,12 @@ impl Connection {
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
         match message {
             Message::Text(text) => {
-                if !self.bucket.take() {
-                    if self.bucket.refused_in_a_row >= self.realtime.config.command_burst {
+                if self.commands.take() {
+                    self.refused_in_a_row = 0;
+                } else {
+                    self.refused_in_a_row += 1;
+                    self.realtime.refused.count(Limit::Commands);
+                    if self.refused_in_a_row >= self.realtime.config.command_burst {
                         tracing::info!(peer = %self.conn.peer, "limit: realtime.commands_per_second exceeded persistently; closed with 4029");
                         return Err(End::Close(
                             close::RATE_LIMITED,
@@ -786,6 +761,18 @@ impl Connection {
                     ClientPublish::Direct => false,
                     ClientPublish::ViaApp => true,
                 };
+                let config = &self.realtime.config;
+                let publishes = self.publishes.get_or_insert_with(|| {
+                    Box::new(Rate::new(config.publishes_per_second, config.publish_burst))
+                });
+                if !publishes.take() {
+                    self.realtime.refused.count(Limit::ClientPublishes);
+                    return Err(Refusal::new(
+                        Kind::OverLimit,
+                        "rate_limited",
+                        "too many publishes; slow down (realtime.publishes_per_second)",
+                    ));
+                }
                 if !self.session.grant_allows(&channel) {
                     return Err(Refusal::new(
                         Kind::Forbidden,
