@@ -137,6 +137,16 @@ pub struct Realtime {
     /// The largest data a client may publish: `api.max_body`, as for the
     /// API.
     max_publication: usize,
+    /// Where connection events go (nowhere unless `events.path` is set).
+    events: crate::events::Events,
+}
+
+/// The transports' ways to the app: asking who a connection is, calling
+/// it on a client's behalf, and telling it what happens to connections.
+pub struct AppLinks {
+    pub auth: Auth,
+    pub calls: AppCalls,
+    pub events: crate::events::Events,
 }
 
 impl Realtime {
@@ -146,9 +156,13 @@ impl Realtime {
         drain: Drain,
         gauges: Arc<Gauges>,
         node: String,
-        auth: Auth,
-        calls: AppCalls,
+        app: AppLinks,
     ) -> Realtime {
+        let AppLinks {
+            auth,
+            calls,
+            events,
+        } = app;
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
@@ -170,6 +184,7 @@ impl Realtime {
             rpc: settings.rpc.clone(),
             rpc_config: config.rpc.clone(),
             max_publication: usize::try_from(config.api.max_body.bytes()).unwrap_or(usize::MAX),
+            events,
         }
     }
 
@@ -240,6 +255,12 @@ impl Realtime {
                 }
             }
         }
+    }
+
+    /// Where connection events go: the API reads its counts, and shutdown
+    /// flushes it.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     /// Auth outcomes, for /metrics.
