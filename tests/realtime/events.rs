@@ -413,3 +413,74 @@ async fn while_the_app_is_down_the_oldest_events_are_dropped_and_counted_and_cli
     .await;
     assert_eq!(metric(api, "pushgate_events_queued").await, 0);
 }
+
+/// The code block of `language` in docs/api.md's "Verifying the signature".
+fn documented_verifier(language: &str) -> String {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    let section = docs
+        .split("### Verifying the signature")
+        .nth(1)
+        .expect("docs/api.md has the section");
+    let fence = format!("```{language}\n");
+    let start = section.find(&fence).expect("a code block") + fence.len();
+    let end = start + section[start..].find("```").unwrap();
+    section[start..end].to_owned()
+}
+
+/// Runs the verifier documented for `language` on `body` and `signature`:
+/// whether it accepted them.
+fn documented_verifier_accepts(language: &str, body: &[u8], signature: &str) -> bool {
+    let scratch = common::TempDir::new("events-verifier");
+    let file = scratch.0.join("body");
+    std::fs::write(&file, body).unwrap();
+    let file = file.to_str().unwrap();
+    let snippet = documented_verifier(language);
+    let mut command = match language {
+        "python" => {
+            let mut command = std::process::Command::new("python3");
+            let script = format!(
+                "{snippet}\nimport sys\nverify(sys.argv[1].encode(), open(sys.argv[2], 'rb').read(), sys.argv[3])\n"
+            );
+            command.args(["-c", &script]);
+            command
+        }
+        _ => {
+            let mut command = std::process::Command::new("node");
+            let script = format!(
+                "{snippet}\nverify(process.argv[1], require('fs').readFileSync(process.argv[2]), process.argv[3]);\n"
+            );
+            command.args(["-e", &script]);
+            command
+        }
+    };
+    command.args([SECRET, file, signature]);
+    let ran = common::pyenv::run(&mut command, &scratch.0, PATIENCE)
+        .unwrap_or_else(|err| panic!("this test runs python3 and node: {err}"));
+    assert!(ran.status.is_some(), "{}", ran.describe(PATIENCE));
+    ran.ok()
+}
+
+#[tokio::test]
+async fn the_documented_verifiers_accept_a_real_batch_and_refuse_a_forged_one() {
+    let app = EventsApp::start().await;
+    let gate = Pushgate::start(&app.url(), &config("  interval: 10ms\n")).await;
+    close(common::ws_connect(gate.addr, "").await).await;
+    let batch = eventually("a batch reaches the app", || async {
+        app.batches().into_iter().next()
+    })
+    .await;
+    let signature = batch.signature.clone().unwrap();
+    let mut forged = batch.body.clone();
+    forged.extend_from_slice(b" ");
+    for language in ["python", "js"] {
+        assert!(
+            documented_verifier_accepts(language, &batch.body, &signature),
+            "the {language} verifier refused a real batch"
+        );
+        assert!(
+            !documented_verifier_accepts(language, &forged, &signature),
+            "the {language} verifier accepted a forged batch"
+        );
+    }
+}

@@ -267,21 +267,19 @@ enum End {
 }
 
 impl End {
-    /// Why the connection ended, as the app is told (`events`). A close
-    /// the app ordered was recorded as such when the order was taken.
+    /// Why the connection ended, as the app is told (`events`); a close the
+    /// app ordered was recorded as such when the order was taken.
     fn reason(&self) -> Reason {
         match self {
             End::Gone => Reason::ConnectionLost,
             End::PeerClosed => Reason::ClientClosed,
-            End::Close(code, _) => match *code {
-                close::SLOW_CONSUMER => Reason::SlowConsumer,
-                close::RATE_LIMITED => Reason::RateLimited,
-                close::GOING_AWAY => Reason::Shutdown,
-                close::TOO_BIG => Reason::MessageTooBig,
-                close::PROTOCOL_ERROR | close::INVALID_DATA => Reason::ProtocolError,
-                4001 => Reason::AuthExpired,
-                _ => Reason::AppDisconnect,
-            },
+            End::Close(close::SLOW_CONSUMER, _) => Reason::SlowConsumer,
+            End::Close(close::RATE_LIMITED, _) => Reason::RateLimited,
+            End::Close(close::GOING_AWAY, _) => Reason::Shutdown,
+            End::Close(close::TOO_BIG, _) => Reason::MessageTooBig,
+            End::Close(close::PROTOCOL_ERROR | close::INVALID_DATA, _) => Reason::ProtocolError,
+            End::Close(4001, _) => Reason::AuthExpired,
+            End::Close(..) => Reason::AppDisconnect,
         }
     }
 
