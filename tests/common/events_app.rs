@@ -1,7 +1,8 @@
 //! An app that takes pushgate's connection events: it records every batch
 //! POSTed to [`EVENTS_PATH`] with its signature header, answers it with the
 //! status the test sets (200 until told otherwise, so a test can play an app
-//! that is down), and answers anything else 200.
+//! that is down). As the auth endpoint ([`AUTH_PATH`]) it grants user `42`
+//! every channel; it answers anything else 200.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,8 @@ use tokio::net::TcpListener;
 
 /// Where the app takes events.
 pub const EVENTS_PATH: &str = "/realtime/events";
+/// Where the app answers auth requests.
+pub const AUTH_PATH: &str = "/realtime/auth";
 /// The secret the tests sign with: 32 bytes.
 pub const SECRET: &str = "test-secret-0123456789abcdef0123";
 
@@ -85,7 +88,13 @@ impl Drop for EventsApp {
 
 impl EventsApp {
     pub async fn start() -> EventsApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        EventsApp::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// The app on `addr`: a port pushgate was pointed at before the app
+    /// listened there.
+    pub async fn start_on(addr: SocketAddr) -> EventsApp {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let batches: Arc<Mutex<Vec<Batch>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(200));
@@ -139,6 +148,10 @@ async fn serve(
     batches: Arc<Mutex<Vec<Batch>>>,
     status: Arc<AtomicU16>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if request.uri().path() == AUTH_PATH {
+        let grant = r#"{"user": "42", "channels": ["*"]}"#;
+        return Ok(Response::new(Full::new(Bytes::from(grant))));
+    }
     if request.uri().path() != EVENTS_PATH {
         return Ok(Response::new(Full::new(Bytes::from("hello from the app"))));
     }

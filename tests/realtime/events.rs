@@ -484,3 +484,104 @@ async fn the_documented_verifiers_accept_a_real_batch_and_refuse_a_forged_one() 
         );
     }
 }
+
+#[tokio::test]
+async fn the_app_is_told_of_its_own_orders_with_the_user_it_named() {
+    let app = EventsApp::start().await;
+    let extra = format!("auth:\n  mode: upstream\n{}", config("  interval: 10ms\n"));
+    let gate = Pushgate::start(&app.url(), &extra).await;
+    let mut ws = common::ws_connect(gate.addr, "?channel=news").await;
+    let reply = common::ws_subscribe(&mut ws, 1, "room:1", None).await;
+    assert!(reply.get("result").is_some(), "{reply}");
+
+    let (status, body) = common::api_call(
+        gate.api_addr,
+        "POST",
+        "/api/unsubscribe",
+        Some(json!({"user": "42", "channel": "room:1"})),
+    )
+    .await;
+    assert!(status.is_success(), "{body}");
+    loop {
+        if common::ws_next_json(&mut ws).await["op"] == "unsubscribed" {
+            break;
+        }
+    }
+    let (status, body) = common::api_call(
+        gate.api_addr,
+        "POST",
+        "/api/disconnect",
+        Some(json!({"user": "42"})),
+    )
+    .await;
+    assert!(status.is_success(), "{body}");
+    assert_eq!(common::ws_close_code(&mut ws).await, Some(4000));
+
+    let events = eventually("the disconnect reaches the app", || async {
+        let events = app.accepted_events();
+        events
+            .iter()
+            .any(|e| e["kind"] == "disconnect")
+            .then_some(events)
+    })
+    .await;
+    assert!(events.iter().all(|e| e["user"] == "42"), "{events:#?}");
+    assert_eq!(
+        summaries(&events.iter().collect::<Vec<_>>()),
+        expected(&[
+            ("connect", "", ""),
+            ("subscribe", "news", ""),
+            ("subscribe", "room:1", ""),
+            ("join", "room:1", ""),
+            ("leave", "room:1", "app_unsubscribe"),
+            ("unsubscribe", "room:1", "app_unsubscribe"),
+            ("unsubscribe", "news", "app_disconnect"),
+            ("disconnect", "", "app_disconnect"),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn events_wait_for_an_app_that_is_not_listening_yet_within_the_bound() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gate = Pushgate::start(
+        &format!("http://{addr}"),
+        &config("  batch_size: 2\n  queue: 4\n  interval: 10ms\n  timeout: 1s\n"),
+    )
+    .await;
+    // Three connections come and go: six events, of which four are kept.
+    for _ in 0..3 {
+        close(common::ws_connect(gate.addr, "").await).await;
+    }
+    let api = gate.api_addr;
+    eventually(
+        "two events dropped and the refused connections retried",
+        || async {
+            let metrics = event_metrics(api).await;
+            (metrics["pushgate_events_dropped_total{reason=\"queue_full\"}"] == 2
+                && metrics["pushgate_events_retries_total"] >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(metric(api, "pushgate_events_queued").await, 4);
+
+    let app = EventsApp::start_on(addr).await;
+    eventually("the queue is empty", || async {
+        (metric(api, "pushgate_events_queued").await == 0).then_some(())
+    })
+    .await;
+    let numbers: Vec<u64> = app
+        .accepted_events()
+        .iter()
+        .map(|e| {
+            let id = e["id"].as_str().unwrap();
+            id.rsplit_once(':').unwrap().1.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(numbers, [2, 3, 4, 5], "the newest four, in order, once");
+    assert_eq!(metric(api, "pushgate_events_sent_total").await, 4);
+}
