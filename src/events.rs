@@ -550,6 +550,39 @@ mod tests {
         })
     }
 
+    /// Only the kinds `events.kinds` lists are queued; with events off,
+    /// nothing is.
+    #[tokio::test]
+    async fn only_the_configured_kinds_are_queued() {
+        let yaml = "api: {keys: [k]}\nupstream: {url: 'http://127.0.0.1:9'}\n\
+                    events: {path: /e, secret: 0123456789abcdef0123456789abcdef, \
+                    kinds: [disconnect]}\n";
+        let settings =
+            crate::config::from_yaml(yaml, "test.yaml", Vec::<(String, String)>::new()).unwrap();
+        let calls = AppCalls::new(
+            crate::app::app_client(&settings),
+            Arc::new(tokio::sync::Semaphore::new(1)),
+        );
+        let events = Events::start(&settings, calls, "n1".into());
+        let event = |kind| Event {
+            kind,
+            member: member(),
+            transport: "sse",
+            channel: None,
+            reason: None,
+        };
+        assert!(!events.wants(EventKind::Connect));
+        assert!(events.wants(EventKind::Disconnect));
+        events.send(event(EventKind::Connect));
+        events.send(event(EventKind::Disconnect));
+        assert_eq!(events.stats().unwrap().queued, 1);
+
+        let off = Events::default();
+        assert!(!off.wants(EventKind::Disconnect));
+        off.send(event(EventKind::Disconnect));
+        assert!(off.stats().is_none());
+    }
+
     #[test]
     fn a_batch_is_the_documented_json_and_its_signature_is_the_hmac_of_it() {
         let batch = vec![
