@@ -75,7 +75,8 @@ pub struct EventsConfig {
     pub interval: Duration,
     /// Most events waiting; past it the oldest is dropped (and counted).
     pub queue: usize,
-    /// How long one batch's request may take, answer included.
+    /// How long the app may take to answer a batch (its answer's head, then
+    /// its body, each within this).
     #[serde(with = "duration")]
     pub timeout: Duration,
     /// Which kinds are sent.
