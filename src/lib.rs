@@ -117,6 +117,9 @@
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
 //!   bounded outboxes, the lag policy, one lane per shard thread.
 //!   - `hub::tests`: fan-out, lanes, the lag policy and discards.
+//! - [`events`]: connection events sent to the app: a bounded queue that
+//!   never makes a session wait, and one task per node posting signed
+//!   batches, retried with backoff.
 //! - [`keyed`]: keyed digests (HMAC-SHA256 under a per-process random key)
 //!   for the API keys and the grant cache.
 //! - [`message`]: a publication and its per-transport encodings, made once.
@@ -138,6 +141,7 @@
 //!   - `config::tls`: certificate and key loading, ALPN.
 //!   - `config::jwt`: the JWT key and where it comes from.
 //!   - `config::redis`: `engine.redis.url` checked, and its CA file read.
+//!   - `config::events`: `events` checked, and the kinds of event.
 //!   - `config::units`: sizes (`32KiB`) and durations (`10s`).
 //!   - `config::tests`: loading and checking, end to end.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and
@@ -181,6 +185,7 @@ pub mod cursor;
 pub mod demo;
 mod detach;
 mod error;
+mod events;
 pub mod files;
 mod headers;
 pub mod hub;

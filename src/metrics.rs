@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 
 use crate::auth::AuthStats;
 use crate::broker::{EngineStats, RedisStats};
+use crate::events::EventStats;
 use crate::hub::Hub;
 use crate::latency::Latency;
 use crate::rate::{Limit, Refused};
@@ -70,7 +71,13 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything pushgate measures.
-    pub fn render(&self, engine: EngineStats, hub: &Hub, auth: AuthStats) -> String {
+    pub fn render(
+        &self,
+        engine: EngineStats,
+        hub: &Hub,
+        auth: AuthStats,
+        events: Option<EventStats>,
+    ) -> String {
         let scrape = Scrape {
             publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
             realtime: self.realtime.read(),
@@ -80,6 +87,7 @@ impl Metrics {
             subscribed_channels: hub.channel_count() as u64,
             deliveries: hub.delivered_total(),
             slow_consumers: hub.lagged_total(),
+            events,
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(scrape));
@@ -101,6 +109,8 @@ struct Scrape {
     subscribed_channels: u64,
     deliveries: u64,
     slow_consumers: u64,
+    /// `None` while `events.path` is not set.
+    events: Option<EventStats>,
 }
 
 /// Writes metric families into one scrape. Names are given as exposed,
@@ -246,8 +256,41 @@ impl Collector for Scrape {
         if let Some(redis) = &self.engine.redis {
             encode_redis(&mut out, redis)?;
         }
+        if let Some(events) = &self.events {
+            encode_events(&mut out, events)?;
+        }
         Ok(())
     }
+}
+
+fn encode_events(out: &mut Out, events: &EventStats) -> Written {
+    let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    out.counter(
+        "pushgate_events_sent",
+        "Connection events the app acknowledged (2xx).",
+        events.sent,
+    )?;
+    out.labelled(
+        "pushgate_events_dropped",
+        "Connection events never acknowledged: queue_full (the oldest dropped while the app was slow or down), refused (the app answered a 4xx), shutdown (left unsent when the node stopped).",
+        MetricType::Counter,
+        "reason",
+        [
+            ("queue_full", count(events.dropped_queue_full)),
+            ("refused", count(events.dropped_refused)),
+            ("shutdown", count(events.dropped_shutdown)),
+        ],
+    )?;
+    out.counter(
+        "pushgate_events_retries",
+        "Batches of connection events that failed (no 2xx or 4xx answer) and were sent again.",
+        events.retries,
+    )?;
+    out.gauge(
+        "pushgate_events_queued",
+        "Connection events waiting to be sent, the batch in flight included.",
+        count(events.queued),
+    )
 }
 
 fn encode_redis(out: &mut Out, redis: &RedisStats) -> Written {

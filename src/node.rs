@@ -16,12 +16,13 @@ use crate::broker::Broker;
 use crate::channels::{ChannelRules, Channels};
 use crate::config::{EngineKind, Settings};
 use crate::error::Error;
+use crate::events::Events;
 use crate::files;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::shutdown::Drain;
-use crate::transport::{Meters, Realtime};
+use crate::transport::{AppLinks, Meters, Realtime};
 
 /// A node's parts, ready for the listeners.
 pub struct Node {
@@ -106,6 +107,7 @@ impl Node {
             ChannelRules::new(&config.channels),
         ));
         let calls = app::AppCalls::new(app.clone(), app_files.clone());
+        let events = Events::start(settings, calls.clone(), name.clone());
         let realtime = Arc::new(Realtime::new(
             settings,
             channels.clone(),
@@ -115,8 +117,11 @@ impl Node {
                 refused: metrics.refused.clone(),
             },
             name,
-            Auth::new(settings, calls.clone()),
-            calls,
+            AppLinks {
+                auth: Auth::new(settings, calls.clone()),
+                calls,
+                events,
+            },
         ));
         let orders = Arc::downgrade(&realtime);
         broker.on_orders(Arc::new(move |order| {

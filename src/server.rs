@@ -398,6 +398,8 @@ impl Server {
                 "shutdown.grace passed with work in flight; closing it"
             );
         }
+        // The sessions' last events (their disconnects) are queued by now.
+        shard.realtime.events().close().await;
         shard.finished.cancel();
         for thread in threads {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -208,6 +208,7 @@ impl Api {
             self.channels.broker.stats(),
             &self.channels.hub,
             self.realtime.auth_stats(),
+            self.realtime.events().stats(),
         );
         let mut response = Response::new(crate::body::full(text));
         response.headers_mut().insert(

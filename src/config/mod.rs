@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod events;
 pub mod jwt;
 mod load;
 mod origin;
@@ -36,6 +37,7 @@ pub mod tls;
 mod units;
 mod upstream;
 
+pub use events::{EventKind, EventsConfig, EventsSettings};
 pub use jwt::JwtKey;
 pub use load::{from_yaml, load, ConfigError, Problem};
 pub use origin::OriginPattern;
@@ -199,6 +201,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub fast_paths: FastPathsConfig,
+    /// Connection events posted to the app.
+    pub events: EventsConfig,
 }
 
 impl Default for Config {
@@ -218,6 +222,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             fast_paths: FastPathsConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Settings {
     pub redis_ca: Option<Vec<u8>>,
     /// `rpc.path` and `rpc.publish_path`.
     pub rpc: RpcPaths,
+    /// `events`, when `events.path` is set.
+    pub events: Option<EventsSettings>,
 }
 
 /// The app's endpoints for calls from clients. Only pushgate calls them:
@@ -150,6 +152,7 @@ impl Settings {
             jwt: _,
             log_directives,
             rpc,
+            events,
         } = parsed;
         match (upstream, auth, log_directives) {
             (Some(upstream), Some(auth), Some(log_directives)) if problems.is_empty() => {
@@ -165,6 +168,7 @@ impl Settings {
                     log_directives,
                     redis_ca,
                     rpc,
+                    events,
                 })
             }
             // A value that did not parse left a problem behind.
@@ -192,6 +196,7 @@ struct Parsed {
     jwt: Option<JwtKey>,
     log_directives: Option<Vec<Directive>>,
     rpc: RpcPaths,
+    events: Option<EventsSettings>,
 }
 
 impl Config {
@@ -783,6 +788,8 @@ impl Config {
             );
         }
 
+        let events = super::events::check(&self.events, &mut problem);
+
         let log_directives = match log_directives(&self.log.level) {
             Ok(directives) => Some(directives),
             Err(err) => {
@@ -807,6 +814,7 @@ impl Config {
             jwt,
             log_directives,
             rpc,
+            events,
         }
     }
 }

@@ -355,3 +355,64 @@ fn a_via_app_channel_needs_the_apps_endpoint() {
     .unwrap_err();
     assert_eq!(keys(&err), ["rpc.path"]);
 }
+
+#[test]
+fn events_need_a_long_secret_which_may_come_from_the_environment() {
+    // Off by default.
+    let settings = from_yaml(KEYS, "test.yaml", NO_ENV).unwrap();
+    assert!(settings.events.is_none());
+
+    // On without a secret, or with a short one: refused, naming the key.
+    let on = format!("{KEYS}events: {{path: /realtime/events}}\n");
+    let err = from_yaml(&on, "test.yaml", NO_ENV).unwrap_err();
+    assert_eq!(keys(&err), ["events.secret"]);
+    assert!(err.problems[0].fix.contains("PUSHGATE_EVENTS__SECRET"));
+    let short = [("PUSHGATE_EVENTS__SECRET", "too-short")];
+    let err = from_yaml(&on, "test.yaml", short).unwrap_err();
+    assert_eq!(keys(&err), ["events.secret"]);
+    assert_eq!(
+        err.problems[0].origin,
+        "environment PUSHGATE_EVENTS__SECRET"
+    );
+
+    let secret = "0123456789abcdef0123456789abcdef";
+    let settings = from_yaml(&on, "test.yaml", [("PUSHGATE_EVENTS__SECRET", secret)]).unwrap();
+    assert_eq!(
+        settings.events.as_ref().unwrap().path.as_str(),
+        "/realtime/events"
+    );
+    assert_eq!(settings.config.events.secret.as_deref(), Some(secret));
+    assert!(
+        !format!("{settings:?}").contains(secret),
+        "the secret stays out of logs"
+    );
+
+    // Every other bad value at once, each with its key.
+    let bad = format!(
+        "{KEYS}events: {{path: 'no-slash', secret: '{secret}', batch_size: 0, queue: 0, interval: 0s, timeout: 0s, kinds: []}}\n"
+    );
+    let err = from_yaml(&bad, "test.yaml", NO_ENV).unwrap_err();
+    let mut found = keys(&err);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "events.batch_size",
+            "events.interval",
+            "events.kinds",
+            "events.path",
+            "events.timeout"
+        ]
+    );
+    let kinds = [("PUSHGATE_EVENTS__KINDS", "connect,disconnect")];
+    let settings = from_yaml(
+        &format!("{KEYS}events: {{path: /e, secret: '{secret}'}}\n"),
+        "test.yaml",
+        kinds,
+    )
+    .unwrap();
+    assert_eq!(
+        settings.config.events.kinds,
+        [EventKind::Connect, EventKind::Disconnect]
+    );
+}

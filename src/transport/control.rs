@@ -25,6 +25,8 @@ pub struct Control {
 #[derive(Default)]
 struct Orders {
     disconnect: Option<(u16, String)>,
+    /// The disconnect is the grant running out, not the app's order.
+    expired: bool,
     unsubscribe: Vec<ChannelName>,
     regrant: Option<Grant>,
 }
@@ -34,6 +36,8 @@ struct Orders {
 pub struct Taken {
     /// Close with this code and reason.
     pub disconnect: Option<(u16, String)>,
+    /// The close is for a grant that ran out, not the app's order.
+    pub expired: bool,
     /// Stop hearing these channels (and tell the client).
     pub unsubscribe: Vec<ChannelName>,
     /// The app renewed the grant: hear only what it allows from now on.
@@ -48,9 +52,18 @@ impl Control {
         })
     }
 
-    /// Orders the session to close (also used when its grant runs out).
+    /// Orders the session to close.
     pub fn disconnect(&self, code: u16, reason: &str) {
         self.orders.lock().expect("control lock").disconnect = Some((code, reason.to_owned()));
+        self.wake.notify();
+    }
+
+    /// Orders the session to close with 4001: its grant ran out.
+    pub fn expire(&self, reason: &str) {
+        let mut orders = self.orders.lock().expect("control lock");
+        orders.disconnect = Some((4001, reason.to_owned()));
+        orders.expired = true;
+        drop(orders);
         self.wake.notify();
     }
 
@@ -85,6 +98,7 @@ impl Control {
         let mut orders = self.orders.lock().expect("control lock");
         Taken {
             disconnect: orders.disconnect.take(),
+            expired: std::mem::take(&mut orders.expired),
             unsubscribe: std::mem::take(&mut orders.unsubscribe),
             regrant: orders.regrant.take(),
         }

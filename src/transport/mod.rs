@@ -148,6 +148,16 @@ pub struct Realtime {
     connect_rate: KeyedRate<IpAddr>,
     /// Refusals by rate limit, for `/metrics`.
     refused: Arc<Refused>,
+    /// Where connection events go (nowhere unless `events.path` is set).
+    events: crate::events::Events,
+}
+
+/// The transports' ways to the app: asking who a connection is, calling
+/// it on a client's behalf, and telling it what happens to connections.
+pub struct AppLinks {
+    pub auth: Auth,
+    pub calls: AppCalls,
+    pub events: crate::events::Events,
 }
 
 impl Realtime {
@@ -157,10 +167,14 @@ impl Realtime {
         drain: Drain,
         meters: Meters,
         node: String,
-        auth: Auth,
-        calls: AppCalls,
+        app: AppLinks,
     ) -> Realtime {
         let Meters { gauges, refused } = meters;
+        let AppLinks {
+            auth,
+            calls,
+            events,
+        } = app;
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
@@ -187,6 +201,7 @@ impl Realtime {
                 config.realtime.connect_burst,
             ),
             refused,
+            events,
         }
     }
 
@@ -257,6 +272,12 @@ impl Realtime {
                 }
             }
         }
+    }
+
+    /// Where connection events go: the API reads its counts, and shutdown
+    /// flushes it.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     /// Auth outcomes, for /metrics.

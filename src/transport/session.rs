@@ -16,8 +16,10 @@ use super::control::{Control, Registration};
 use super::{Admission, Realtime, Transport};
 use crate::auth::{Credentials, Grant};
 use crate::broker::Member;
+use crate::config::EventKind;
 use crate::cursor::{Cursor, Position};
 use crate::error::Refusal;
+use crate::events::{Event, Reason};
 use crate::hub::Outbox;
 use crate::message::{ChannelName, Publication};
 
@@ -77,6 +79,9 @@ pub struct Session {
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
     /// and long-poll answers.
     cursor: Cursor,
+    /// Why the session ends, once known: the first reason given wins (an
+    /// order from the app, then the transport's own close).
+    end: Option<Reason>,
 }
 
 impl Session {
@@ -109,7 +114,7 @@ impl Session {
                 .clone()
                 .and_then(|info| serde_json::value::RawValue::from_string(info).ok()),
         });
-        Session {
+        let session = Session {
             member,
             realtime,
             transport,
@@ -122,7 +127,32 @@ impl Session {
             outbox,
             subscriptions: Vec::new(),
             cursor: Cursor::new(),
+            end: None,
+        };
+        session.event(EventKind::Connect, None, None);
+        session
+    }
+
+    /// Tells the app (`events`) of what happened to this connection.
+    /// Long-poll requests tell nothing: each is a short request, and no
+    /// connection lasts between them whose start or end would mean anything
+    /// to the app.
+    fn event(&self, kind: EventKind, channel: Option<&ChannelName>, reason: Option<Reason>) {
+        let events = &self.realtime.events;
+        if self.transport != Transport::Poll && events.wants(kind) {
+            events.send(Event {
+                kind,
+                member: self.member.clone(),
+                transport: self.transport.name(),
+                channel: channel.cloned(),
+                reason,
+            });
         }
+    }
+
+    /// Records why the session ends, unless a reason was recorded already.
+    pub fn end_with(&mut self, reason: Reason) {
+        self.end.get_or_insert(reason);
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -222,6 +252,10 @@ impl Session {
         if self.subscriptions.is_empty() {
             self.subscriptions.reserve_exact(1);
         }
+        self.event(EventKind::Subscribe, Some(&channel), None);
+        if mode.any() {
+            self.event(EventKind::Join, Some(&channel), None);
+        }
         self.subscriptions.push(Subscription { channel, position });
         self.realtime.gauges.add_subscriptions(self.transport, 1);
         Ok(Subscribed {
@@ -231,8 +265,9 @@ impl Session {
         })
     }
 
-    /// Stops hearing `channel`. Returns whether it was subscribed.
-    pub fn unsubscribe(&mut self, channel: &str) -> bool {
+    /// Stops hearing `channel`, for `why`. Returns whether it was
+    /// subscribed.
+    pub fn unsubscribe(&mut self, channel: &str, why: Reason) -> bool {
         let Some(index) = self
             .subscriptions
             .iter()
@@ -242,7 +277,7 @@ impl Session {
         };
         let subscription = self.subscriptions.remove(index);
         self.realtime.gauges.add_subscriptions(self.transport, -1);
-        self.leave(subscription.channel);
+        self.leave(subscription.channel, why);
         self.cursor = Cursor::new();
         for s in &self.subscriptions {
             self.cursor.set(&s.channel, s.position);
@@ -258,10 +293,17 @@ impl Session {
         let mut left: Vec<ChannelName> = orders
             .unsubscribe
             .into_iter()
-            .filter(|channel| self.unsubscribe(channel.as_str()))
+            .filter(|channel| self.unsubscribe(channel.as_str(), Reason::AppUnsubscribe))
             .collect();
         if let Some(grant) = orders.regrant {
             left.extend(self.regrant(grant));
+        }
+        if orders.disconnect.is_some() {
+            self.end_with(if orders.expired {
+                Reason::AuthExpired
+            } else {
+                Reason::AppDisconnect
+            });
         }
         (left, orders.disconnect)
     }
@@ -285,16 +327,21 @@ impl Session {
             .map(|s| s.channel.clone())
             .collect();
         for channel in &refused {
-            self.unsubscribe(channel.as_str());
+            self.unsubscribe(channel.as_str(), Reason::GrantRevoked);
         }
         refused
     }
 
-    /// Leaves `channel`: the hub at once, the engine (presence, and
-    /// listening when this was the node's last subscriber) on its own task.
-    fn leave(&self, channel: ChannelName) {
+    /// Leaves `channel` for `why`: the hub at once, the engine (presence,
+    /// and listening when this was the node's last subscriber) on its own
+    /// task.
+    fn leave(&self, channel: ChannelName, why: Reason) {
         let channels = &self.realtime.channels;
         let mode = channels.rules().presence(channel.as_str());
+        if mode.any() {
+            self.event(EventKind::Leave, Some(&channel), Some(why));
+        }
+        self.event(EventKind::Unsubscribe, Some(&channel), Some(why));
         let present = mode.any().then(|| (self.member.clone(), mode));
         channels.release(&channel, &self.outbox, present);
     }
@@ -355,9 +402,13 @@ impl Drop for Session {
         realtime
             .gauges
             .add_subscriptions(self.transport, -(self.subscriptions.len() as i64));
+        // A transport that records no reason lost its client: an SSE
+        // stream whose client went away, a poll answered.
+        let why = self.end.unwrap_or(Reason::ClientClosed);
         for subscription in std::mem::take(&mut self.subscriptions) {
-            self.leave(subscription.channel);
+            self.leave(subscription.channel, why);
         }
+        self.event(EventKind::Disconnect, None, Some(why));
     }
 }
 
@@ -401,7 +452,7 @@ async fn refresh(
                     reason = %refusal.message,
                     "grant expired and was not renewed; closing with 4001"
                 );
-                control.disconnect(4001, &refusal.message);
+                control.expire(&refusal.message);
                 return;
             }
         }

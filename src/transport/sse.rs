@@ -32,6 +32,7 @@ use crate::conn::ConnInfo;
 use crate::cursor::{Cursor, Position, Start};
 use crate::detach::{DetachHandle, Detached};
 use crate::error::Refusal;
+use crate::events::Reason;
 use crate::hub::Drained;
 use crate::message::{ChannelName, Publication};
 
@@ -207,12 +208,14 @@ async fn serve_detached(
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
                     tracing::debug!(error = %err, "SSE write failed");
+                    stream.as_mut().lost();
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(
                         "SSE client read nothing within realtime.sse.keepalive; dropped"
                     );
+                    stream.as_mut().lost();
                     return;
                 }
             }
@@ -368,6 +371,14 @@ impl SseStream {
         self.state.out.push_event(ids, publication);
     }
 
+    /// The connection failed, or its client stopped reading.
+    fn lost(self: Pin<&mut Self>) {
+        self.project()
+            .state
+            .session
+            .end_with(Reason::ConnectionLost);
+    }
+
     /// A `pushgate.reset` event whose id is `id`, an encoded cursor.
     fn push_reset(&mut self, id: &str, channel: &ChannelName, position: Position) {
         self.state.out.push_reset_with_id(id, channel, position);
@@ -471,6 +482,7 @@ impl State {
                 tracing::info!(
                     "slow consumer: SSE stream ended; the client resumes from its last id"
                 );
+                self.session.end_with(Reason::SlowConsumer);
                 self.out
                     .push_static(": slow consumer; reconnect to resume\n\n".into());
                 false
@@ -535,6 +547,7 @@ impl http_body::Body for SseStream {
             if this.shutdown.as_mut().poll(cx).is_ready() {
                 // Come back soon, but not all at once.
                 let retry = jittered(state.retry);
+                state.session.end_with(Reason::Shutdown);
                 state
                     .out
                     .push_static(format!("retry: {}\n\n", retry.as_millis()));

@@ -578,6 +578,7 @@ pub async fn get_raw(
 /// as `tests/clients/third_party.rs` builds: either test reuses what the other built.
 pub mod chaos;
 pub mod command_json;
+pub mod events_app;
 pub mod node;
 pub mod recording;
 pub mod redis;

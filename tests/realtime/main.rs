@@ -1,12 +1,14 @@
 //! The realtime transports (WebSocket, SSE, long-poll), resume and
-//! cursors, presence, exactness, and how connections are authorized: one
-//! test binary, so the shared support in tests/common is built once.
+//! cursors, presence, exactness, connection events to the app, and how
+//! connections are authorized: one test binary, so the shared support in
+//! tests/common is built once.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod auth;
 mod cursors;
+mod events;
 mod exactness;
 mod jwks;
 mod jwt;

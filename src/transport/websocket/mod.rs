@@ -39,6 +39,7 @@ use crate::body::Body;
 use crate::config::ClientPublish;
 use crate::conn::ConnInfo;
 use crate::error::{Kind, Refusal};
+use crate::events::Reason;
 use crate::headers::has_token;
 use crate::message::{ChannelName, Publication};
 use crate::rate::{Limit, Rate};
@@ -267,6 +268,22 @@ enum End {
 }
 
 impl End {
+    /// Why the connection ended, as the app is told (`events`); a close the
+    /// app ordered was recorded as such when the order was taken.
+    fn reason(&self) -> Reason {
+        match self {
+            End::Gone => Reason::ConnectionLost,
+            End::PeerClosed => Reason::ClientClosed,
+            End::Close(close::SLOW_CONSUMER, _) => Reason::SlowConsumer,
+            End::Close(close::RATE_LIMITED, _) => Reason::RateLimited,
+            End::Close(close::GOING_AWAY, _) => Reason::Shutdown,
+            End::Close(close::TOO_BIG, _) => Reason::MessageTooBig,
+            End::Close(close::PROTOCOL_ERROR | close::INVALID_DATA, _) => Reason::ProtocolError,
+            End::Close(4001, _) => Reason::AuthExpired,
+            End::Close(..) => Reason::AppDisconnect,
+        }
+    }
+
     fn slow_consumer() -> End {
         End::Close(
             close::SLOW_CONSUMER,
@@ -428,6 +445,7 @@ impl Connection {
         if let End::Close(code, reason) = &end {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
         }
+        self.session.end_with(end.reason());
         let within = self.realtime.config.websocket.ping_timeout;
         Box::pin(finish(&mut self.socket, end, within)).await;
     }
@@ -436,6 +454,7 @@ impl Connection {
     async fn start(&mut self, channels: Vec<ChannelName>) -> Result<(), End> {
         for channel in channels {
             if let Err(err) = self.session.subscribe(channel, None).await {
+                self.session.end_with(Reason::SubscribeRefused);
                 return Err(End::Close(err.close_code(), err.message));
             }
         }
@@ -821,7 +840,10 @@ impl Connection {
                 }
             }
             Command::Unsubscribe { channel } => {
-                if !self.session.unsubscribe(channel.as_str()) {
+                let left = self
+                    .session
+                    .unsubscribe(channel.as_str(), Reason::ClientUnsubscribed);
+                if !left {
                     return Err(Refusal::bad_request(
                         "not_subscribed",
                         format!("not subscribed to `{channel}`"),

@@ -231,3 +231,44 @@ fn a_close_reason_is_cut_to_123_bytes_on_a_character_boundary() {
     assert_eq!(frame.reason.len(), 122);
     assert_eq!(u16::from(frame.code), 4008);
 }
+
+/// The app is told why a connection ended by the close that ended it: a
+/// failed read's close (`read_failure`) and each close pushgate sends.
+#[test]
+fn every_end_names_its_reason_for_the_app() {
+    let close_of = |err: tungstenite::Error| read_failure(&err).reason().as_str();
+    assert_eq!(
+        close_of(tungstenite::Error::Capacity(
+            tungstenite::error::CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1
+            }
+        )),
+        "message_too_big"
+    );
+    assert_eq!(close_of(tungstenite::Error::Utf8), "protocol_error");
+    assert_eq!(
+        close_of(tungstenite::Error::Protocol(
+            ProtocolError::UnmaskedFrameFromClient
+        )),
+        "protocol_error"
+    );
+    assert_eq!(
+        close_of(tungstenite::Error::ConnectionClosed),
+        "connection_lost"
+    );
+    for (end, reason) in [
+        (End::slow_consumer(), "slow_consumer"),
+        (End::PeerClosed, "client_closed"),
+        (End::Gone, "connection_lost"),
+        (
+            End::Close(close::RATE_LIMITED, String::new()),
+            "rate_limited",
+        ),
+        (End::Close(close::GOING_AWAY, String::new()), "shutdown"),
+        (End::Close(4001, String::new()), "auth_expired"),
+        (End::Close(4000, String::new()), "app_disconnect"),
+    ] {
+        assert_eq!(end.reason().as_str(), reason, "{end:?}");
+    }
+}
