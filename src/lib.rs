@@ -54,6 +54,8 @@
 //!     its position in each and its outbox; replay, duplicates, resets.
 //!   - `transport::websocket`: WebSocket at `{prefix}/ws`: the handshake,
 //!     the connection's loop, heartbeat and closing.
+//!     - `transport::websocket::closing`: close codes, why a connection
+//!       ended, the closing handshake and the TCP close.
 //!     - `transport::websocket::commands`: a text frame parsed once into a
 //!       typed command (`op` is the serde tag); replies and pushes.
 //!     - `transport::websocket::tests`: frames, handshakes and closes over

@@ -1,5 +1,8 @@
+use super::closing::close_frame;
 use super::*;
 use proptest::prelude::*;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 
 /// Serves a WebSocket echo on `listener` through pushgate's own frame
 /// handling — the handshake's checks, the socket's configuration, the
