@@ -144,10 +144,13 @@ impl ChannelRules {
             })
     }
 
-    /// Whether, and how, clients may publish on `channel`.
-    pub fn publish(&self, channel: &str) -> ClientPublish {
+    /// Whether, and how, clients may publish on `channel`, and whether
+    /// their publications there are ephemeral.
+    pub fn publish(&self, channel: &str) -> (ClientPublish, bool) {
         self.rule(channel)
-            .map_or(ClientPublish::Off, |rule| rule.publish)
+            .map_or((ClientPublish::Off, false), |rule| {
+                (rule.publish, rule.ephemeral)
+            })
     }
 }
 
@@ -208,6 +211,7 @@ mod tests {
             presence,
             join_leave,
             publish: ClientPublish::Off,
+            ephemeral: false,
         }
     }
 

@@ -58,9 +58,10 @@ enum Kind {
     Message,
     /// Subscribers must reset to `position` ([`Publication::reset_marker`]).
     Reset,
-    /// Someone joined or left ([`Publication::presence_event`]): sent as it
-    /// is, outside the stream (no position, not in history).
-    Presence,
+    /// Sent as it is, outside the stream (no position, not in history):
+    /// someone joined or left ([`Publication::presence_event`]), or an
+    /// ephemeral publication ([`Publication::ephemeral`]).
+    Aside,
 }
 
 impl Publication {
@@ -176,6 +177,72 @@ impl Publication {
     /// so the JSON is compacted here, the one place these lines are made.
     pub fn presence_event(channel: ChannelName, joined: bool, json: String) -> Publication {
         let name = if joined { "join" } else { "leave" };
+        Publication::aside(channel, None, &format!("pushgate.{name}"), json)
+    }
+
+    /// A publication outside the stream, from a client on an ephemeral
+    /// channel: the envelope without a position, `{"channel", "event"?,
+    /// "user"?, "data"}`, for whoever listens now; never stored, never
+    /// replayed. `data` must be valid JSON.
+    pub fn ephemeral(
+        channel: ChannelName,
+        event: Option<EventName>,
+        user: Option<&str>,
+        data: &str,
+    ) -> Publication {
+        let mut json = Vec::with_capacity(48 + channel.as_str().len() + data.len());
+        json.extend_from_slice(b"{\"channel\":\"");
+        json.extend_from_slice(channel.as_str().as_bytes());
+        json.push(b'"');
+        if let Some(event) = &event {
+            json.extend_from_slice(b",\"event\":\"");
+            json.extend_from_slice(event.as_str().as_bytes());
+            json.push(b'"');
+        }
+        if let Some(user) = user {
+            json.extend_from_slice(b",\"user\":");
+            serde_json::to_writer(&mut json, user).expect("writing to a Vec cannot fail");
+        }
+        json.extend_from_slice(b",\"data\":");
+        compact_json(data, &mut json);
+        json.push(b'}');
+        let json = String::from_utf8(json).expect("built from UTF-8");
+        let sse_event = event
+            .as_ref()
+            .map_or("message", EventName::as_str)
+            .to_owned();
+        Publication::aside(channel, event, &sse_event, json)
+    }
+
+    /// An ephemeral publication as another node sent it: its SSE event
+    /// name is its `event`, if any. `None` unless `json` is an object.
+    pub fn ephemeral_from(
+        channel: ChannelName,
+        event: Option<EventName>,
+        json: &str,
+    ) -> Option<Publication> {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json).ok()?;
+        let sse_event = event
+            .as_ref()
+            .map_or("message", EventName::as_str)
+            .to_owned();
+        Some(Publication::aside(
+            channel,
+            event,
+            &sse_event,
+            json.to_owned(),
+        ))
+    }
+
+    /// Something sent as it is to whoever listens, outside the stream (no
+    /// position, not in history): `json` on WebSocket, and an SSE event
+    /// named `sse_event` with `json` as its data.
+    fn aside(
+        channel: ChannelName,
+        event: Option<EventName>,
+        sse_event: &str,
+        json: String,
+    ) -> Publication {
         let json = if json.bytes().any(|b| b == b'\n' || b == b'\r') {
             let mut compact = Vec::with_capacity(json.len());
             compact_json(&json, &mut compact);
@@ -183,14 +250,14 @@ impl Publication {
         } else {
             json
         };
-        let sse = format!("event: pushgate.{name}\ndata: {json}\n");
+        let sse = format!("event: {sse_event}\ndata: {json}\n");
         let envelope = Bytes::from(json);
         let ws_text = tokio_tungstenite::tungstenite::Utf8Bytes::try_from(envelope.clone())
             .expect("built from a String");
         Publication {
             channel,
             position: Position::new(crate::cursor::Epoch::random(), 0),
-            event: None,
+            event,
             published_at_ms: 0,
             data: 0..0,
             user: None,
@@ -198,13 +265,14 @@ impl Publication {
             envelope,
             sse: Bytes::from(sse),
             sse_sole_id: OnceLock::new(),
-            kind: Kind::Presence,
+            kind: Kind::Aside,
         }
     }
 
-    /// Whether this is a [`Publication::presence_event`].
-    pub fn is_presence_event(&self) -> bool {
-        self.kind == Kind::Presence
+    /// Whether this is sent as it is, outside the stream: a presence event
+    /// or an ephemeral publication.
+    pub fn is_aside(&self) -> bool {
+        self.kind == Kind::Aside
     }
 
     pub fn channel(&self) -> &ChannelName {

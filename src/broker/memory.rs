@@ -421,6 +421,11 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn send_ephemeral(&self, publication: Arc<Publication>) -> Result<(), BrokerError> {
+        self.hub.deliver(&publication);
+        Ok(())
+    }
+
     fn on_orders(&self, _handler: OrderHandler) {}
 
     async fn claim_user_slot(

@@ -468,6 +468,11 @@ pub trait Broker: Send + Sync + 'static {
     /// this one. The memory engine has no other node.
     async fn broadcast(&self, order: &Order) -> Result<(), BrokerError>;
 
+    /// Hands an ephemeral publication ([`Publication::ephemeral`]) to
+    /// whoever listens on its channel now, on every node. Nothing is
+    /// stored: a subscriber that is away misses it, and is not told.
+    async fn send_ephemeral(&self, publication: Arc<Publication>) -> Result<(), BrokerError>;
+
     /// Where orders from other nodes go (set once, at start).
     fn on_orders(&self, handler: OrderHandler);
 

@@ -569,6 +569,9 @@ pub struct ChannelRule {
     pub join_leave: bool,
     /// Whether, and how, WebSocket clients may publish here.
     pub publish: ClientPublish,
+    /// Publications from clients go to whoever listens now and are never
+    /// stored (no position, no history, no resume): typing indicators.
+    pub ephemeral: bool,
 }
 
 /// Publishes from clients on a channel (`channels[].publish`).

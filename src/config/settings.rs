@@ -734,6 +734,13 @@ impl Config {
             );
         }
         for (index, rule) in self.channels.iter().enumerate() {
+            if rule.ephemeral && rule.publish == super::ClientPublish::Off {
+                problem(
+                    &format!("channels[{index}].ephemeral"),
+                    "applies to publishes from clients, which this rule does not allow".into(),
+                    "set publish: direct (or via_app) on the rule, or drop ephemeral",
+                );
+            }
             if rule.publish == super::ClientPublish::ViaApp && self.rpc.publish_path.is_none() {
                 problem(
                     &format!("channels[{index}].publish"),

@@ -21,7 +21,7 @@ use crate::app::CallError;
 use crate::auth::{printable, Credentials};
 use crate::broker::Publish;
 use crate::error::Refusal;
-use crate::message::{ChannelName, EventName};
+use crate::message::{ChannelName, EventName, Publication};
 
 /// Who is calling: what the app is told about a connection.
 pub(super) struct Caller {
@@ -65,6 +65,8 @@ pub(super) struct ClientPublish {
     pub(super) data: String,
     /// The app decides first (`publish: via_app`).
     pub(super) via_app: bool,
+    /// Sent to whoever listens now, never stored (`ephemeral: true`).
+    pub(super) ephemeral: bool,
 }
 
 /// `rpc`: the app's JSON answer, as JSON text, or why there is none.
@@ -124,6 +126,21 @@ pub(super) async fn publish(
                 realtime.max_publication
             ),
         ));
+    }
+    if publish.ephemeral {
+        let publication = Publication::ephemeral(
+            publish.channel,
+            publish.event,
+            caller.user.as_deref(),
+            &data,
+        );
+        realtime
+            .channels
+            .broker
+            .send_ephemeral(Arc::new(publication))
+            .await
+            .map_err(|err| Failure::from(Refusal::from(err)))?;
+        return Ok("{}".to_owned());
     }
     let data = RawValue::from_string(data).expect("checked JSON");
     let outcome = realtime

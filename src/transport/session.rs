@@ -356,7 +356,7 @@ impl Session {
         else {
             return Admit::Skip;
         };
-        if publication.is_presence_event() {
+        if publication.is_aside() {
             return Admit::Event;
         }
         let at = subscription.position;

@@ -112,7 +112,7 @@ async fn answer(
     Ok(match path.as_str() {
         "/realtime/auth" if user.is_empty() => reply(401, r#"{"reason":"who are you"}"#),
         "/realtime/auth" => {
-            let mut channels = vec!["chat:*", "moderated:*", "room:*"];
+            let mut channels = vec!["chat:*", "moderated:*", "room:*", "typing:*"];
             if user == "boss" {
                 channels.push("secret:*");
             }
@@ -159,7 +159,7 @@ async fn answer(
     })
 }
 
-const RULES: &str = "channels:\n  - prefix: \"chat:\"\n    publish: direct\n  - prefix: \"secret:\"\n    publish: direct\n  - prefix: \"moderated:\"\n    publish: via_app\n";
+const RULES: &str = "channels:\n  - prefix: \"typing:\"\n    publish: direct\n    ephemeral: true\n  - prefix: \"chat:\"\n    publish: direct\n  - prefix: \"secret:\"\n    publish: direct\n  - prefix: \"moderated:\"\n    publish: via_app\n";
 
 fn config(extra: &str) -> String {
     format!(
@@ -447,6 +447,73 @@ async fn client_publishes(gate: &Pushgate, app: &App) {
     // Nothing refused reached bob.
     let pong = call(&mut bob, 9, json!({"op": "ping"})).await;
     assert_eq!(pong["result"], json!({}));
+}
+
+/// On an ephemeral channel a client's publication reaches whoever listens
+/// now, on every node, and nothing of it is kept.
+async fn ephemeral_publishes(publishing: &Pushgate, listening: &Pushgate) {
+    let mut bob = connect(listening, "bob").await;
+    let answer = call(
+        &mut bob,
+        1,
+        json!({"op": "subscribe", "channel": "typing:1"}),
+    )
+    .await;
+    let position = answer["result"].clone();
+    let mut alice = connect(publishing, "alice").await;
+    let sent = call(
+        &mut alice,
+        1,
+        json!({"op": "publish", "channel": "typing:1", "event": "typing", "data": {"on": true, "user": "mallory"}}),
+    )
+    .await;
+    assert_eq!(sent["result"], json!({}), "{sent}");
+    let heard = next(&mut bob).await;
+    assert_eq!(
+        heard,
+        json!({"channel": "typing:1", "event": "typing", "user": "alice", "data": {"on": true, "user": "mallory"}})
+    );
+    // Nothing stored: no history, the channel's position unmoved.
+    for gate in [publishing, listening] {
+        let (_, history) =
+            common::api_call(gate.api_addr, "GET", "/api/history?channel=typing:1", None).await;
+        assert_eq!(history["messages"], json!([]), "{history}");
+    }
+    let mut late = connect(listening, "carol").await;
+    let again = call(
+        &mut late,
+        1,
+        json!({"op": "subscribe", "channel": "typing:1"}),
+    )
+    .await;
+    assert_eq!(again["result"]["offset"], position["offset"], "{again}");
+    let pong = call(&mut late, 2, json!({"op": "ping"})).await;
+    assert_eq!(
+        pong["result"],
+        json!({}),
+        "nothing was replayed before the pong"
+    );
+}
+
+#[tokio::test]
+async fn ephemeral_publishes_reach_listeners_and_leave_nothing_on_the_memory_engine() {
+    let app = App::start().await;
+    let gate = Pushgate::start(&app.url(), &config("")).await;
+    ephemeral_publishes(&gate, &gate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_publishes_cross_nodes_and_leave_nothing_on_the_redis_engine() {
+    let redis = Redis::start();
+    let app = App::start().await;
+    let extra = format!(
+        "engine:\n  kind: redis\n  redis:\n    url: {}\n",
+        redis.url()
+    );
+    let a = Pushgate::start(&app.url(), &config(&extra)).await;
+    let b = Pushgate::start(&app.url(), &config(&extra)).await;
+    ephemeral_publishes(&a, &b).await;
+    ephemeral_publishes(&a, &a).await;
 }
 
 #[tokio::test]

@@ -224,6 +224,29 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn send_ephemeral(&self, publication: Arc<Publication>) -> Result<(), BrokerError> {
+        let shared = &self.shared;
+        let event = publication.event().map_or("", EventName::as_str);
+        let payload = format!(
+            "{WIRE_EPHEMERAL}{event}\n{}",
+            std::str::from_utf8(publication.envelope()).expect("an envelope is UTF-8")
+        );
+        let pubsub = shared.keys.pubsub(publication.channel().as_str());
+        let (command, pubsub, payload) = (shared.publish_command, &pubsub, &payload);
+        // Heard on this node too, through its own subscription, like a
+        // publication.
+        let _receivers: i64 = shared
+            .run(Route::Key(pubsub), true, |mut conn| async move {
+                redis::cmd(command)
+                    .arg(pubsub)
+                    .arg(payload)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
     fn on_orders(&self, handler: OrderHandler) {
         *self.shared.orders.lock().expect("orders lock") = Some(handler);
     }

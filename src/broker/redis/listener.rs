@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use redis::Client;
 use tokio::sync::mpsc;
 
-use super::wire::{decode, Digest, WIRE_PRESENCE};
+use super::wire::{decode, Digest, WIRE_EPHEMERAL, WIRE_PRESENCE};
 use super::{
     Command, Shared, Tracked, BACKOFF_CAP, BACKOFF_FIRST, PUBSUB_PING, RESYNC_CONCURRENCY,
     SUBSCRIBE_CHUNK,
@@ -239,6 +239,29 @@ pub(super) fn on_payload(shared: &Shared, name: &str, payload: &[u8]) {
     shared.stats.messages.fetch_add(1, Ordering::Relaxed);
     if name == shared.keys.orders() {
         on_order(shared, payload);
+        return;
+    }
+    if let Some(rest) = payload.strip_prefix(WIRE_EPHEMERAL.as_bytes()) {
+        let ephemeral = shared
+            .keys
+            .channel_of(name)
+            .and_then(|c| ChannelName::parse(c).ok())
+            .and_then(|channel| {
+                let (event, json) = std::str::from_utf8(rest).ok()?.split_once('\n')?;
+                let event = match event {
+                    "" => None,
+                    name => Some(crate::message::EventName::parse(name).ok()?),
+                };
+                Publication::ephemeral_from(channel, event, json)
+            });
+        match ephemeral {
+            Some(publication) => {
+                shared.hub.deliver(&Arc::new(publication));
+            }
+            None => {
+                shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         return;
     }
     if let Some(event) = payload.strip_prefix(WIRE_PRESENCE.as_bytes()) {

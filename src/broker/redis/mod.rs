@@ -82,7 +82,7 @@ use self::scripts::{
     PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
 };
 pub use self::wire::{decode, encode};
-use self::wire::{Digest, WIRE_PRESENCE};
+use self::wire::{Digest, WIRE_EPHEMERAL, WIRE_PRESENCE};
 use super::{
     replay_from, Broker, BrokerError, EngineStats, Fanout, History, Member, Order, OrderHandler,
     PresenceMode, Publish, PublishOutcome, Published, RedisStats,

@@ -17,6 +17,10 @@ pub(super) const WIRE_VERSION_BY_USER: &str = "2";
 /// [`WIRE_VERSION`]).
 pub(super) const WIRE_PRESENCE: &str = "p\n";
 
+/// Tag of an ephemeral publication on pub/sub (never in a stream): then its
+/// event name ('' for none), a newline, and its envelope.
+pub(super) const WIRE_EPHEMERAL: &str = "e\n";
+
 /// The SHA-1 of a publication's payload as the stream entry (field `p`)
 /// holds it, which is byte for byte the pub/sub message: what a node
 /// remembers of the last publication it handed to its subscribers, and

@@ -641,7 +641,8 @@ impl Connection {
                 event,
                 data,
             } => {
-                let via_app = match self.realtime.channels.rules().publish(channel.as_str()) {
+                let (publish, ephemeral) = self.realtime.channels.rules().publish(channel.as_str());
+                let via_app = match publish {
                     ClientPublish::Off => {
                         return Err(Refusal::new(
                             Kind::Forbidden,
@@ -676,6 +677,7 @@ impl Connection {
                     event,
                     data,
                     via_app,
+                    ephemeral,
                 };
                 calls::publish(realtime, caller, publish).boxed()
             }
