@@ -139,6 +139,7 @@ if (!me) {
       const { users } = await client.rpc("online");
       $("online").textContent = users.length ? users.join(", ") : "nobody";
       document.body.dataset.online = users.join(",");
+      document.body.dataset.onlineAnswers = Number(document.body.dataset.onlineAnswers || 0) + 1;
     } catch ({ code, message }) {
       $("online").textContent = `the app could not say: ${message} (${code})`;
     }
