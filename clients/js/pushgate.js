@@ -205,7 +205,7 @@ export function connect(url = "/realtime", options = {}) {
     },
     cursor: () => buildCursor(known()),
     rpc: (method, data) => request({ op: "rpc", method, data }),
-    publish: (channel, data, { event } = {}) => request({ op: "publish", channel, data, event }),
+    publish: (channel, data, options) => request({ op: "publish", channel, data, event: (options || {}).event }),
     reconnect() {
       if (closed) return;
       attempt = 0;

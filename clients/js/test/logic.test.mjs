@@ -254,6 +254,12 @@ test("calls wait for the WebSocket to open, and replies settle them by id in any
   assert.deepEqual(call, { id: call.id, op: "rpc", method: "ping" });
   ws.reply({ id: call.id, result: null });
   assert.equal(await later, null);
+  // Options may be left out, or null.
+  const bare = client.publish("chat:1", 0, null);
+  const [sent] = ws.calls().slice(4);
+  assert.deepEqual(sent, { id: sent.id, op: "publish", channel: "chat:1", data: 0 });
+  ws.reply({ id: sent.id, result: { epoch: "E", offset: 44 } });
+  assert.deepEqual(await bare, { epoch: "E", offset: 44 });
   client.close();
 });
 
