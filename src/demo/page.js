@@ -31,8 +31,8 @@ function event(text, className) {
 // both the history and the live stream carry shows once.
 let shown = { epoch: "", offset: 0 };
 
-// Who is typing: user -> when their page last said so (by this clock:
-// the demo runs on one machine).
+// Who is typing: user -> when this page last heard so (the demo runs on
+// one machine, so pages' clocks agree).
 const typing = new Map();
 
 function showTyping() {
@@ -112,9 +112,12 @@ if (!me) {
   // Typing: pages publish on TYPING themselves; pushgate adds `user`, so a
   // page cannot type in another's name. A resumed connection replays what
   // it missed: old news by its `at`, not shown.
-  client.subscribe(TYPING, ({ at }, { user }) => {
-    if (user == me || !(Date.now() - at < TYPING_SHOWN)) return;
-    typing.set(user, at);
+  client.subscribe(TYPING, (data, { user }) => {
+    // Any page may publish here: anything but a recent {at} is not shown,
+    // and what is shown lasts by this page's clock.
+    const at = data && data.at;
+    if (user == me || !(Math.abs(Date.now() - at) < TYPING_SHOWN)) return;
+    typing.set(user, Date.now());
     showTyping();
   });
   setInterval(showTyping, 500);
