@@ -10,9 +10,16 @@
 //! - `POST /login`, `POST /logout`, `GET /me`: a toy login, a cookie holding
 //!   the user's name (no password, not signed: a demo on loopback only).
 //! - `POST /realtime/auth`: pushgate's auth request (`auth.mode: upstream`),
-//!   answered from that cookie: the lobby and the user's own channels.
+//!   answered from that cookie: the lobby, its typing channel and the user's
+//!   own channels.
 //! - `POST /say`, `POST /notify`, `GET /history`: publish and read history
 //!   through pushgate's API with its key, as an app's backend does.
+//! - `POST /rpc`: the pages' `rpc` calls, which pushgate passes on
+//!   (`rpc.path`): `online` answers who is in the lobby, from pushgate's
+//!   presence.
+//!
+//! Pages publish on the typing channel themselves (`publish: direct`): the
+//! app is not involved, and pushgate sets the publisher's user.
 //!
 //! Both listeners must be loopback addresses: the toy login lets anyone be
 //! anyone.
@@ -34,7 +41,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::config::{AuthMode, Config, EngineKind, Settings};
+use crate::config::{AuthMode, ChannelRule, ClientPublish, Config, EngineKind, Settings};
 use crate::error::Error;
 use crate::Server;
 
@@ -44,6 +51,10 @@ pub const DEFAULT_API_LISTEN: &str = crate::config::DEFAULT_API_LISTEN;
 
 /// The chat everyone logged in hears.
 pub const LOBBY: &str = "chat:lobby";
+/// Who is typing in the lobby: pages publish here themselves.
+pub const TYPING: &str = "typing:lobby";
+/// Where pushgate passes on the pages' `rpc` calls (only pushgate reaches it).
+pub const RPC_PATH: &str = "/rpc";
 /// The cookie of the toy login: the user's name.
 const COOKIE: &str = "pushgate_demo_user";
 /// Longest chat line.
@@ -93,6 +104,20 @@ impl DemoOptions {
         config.api.keys = vec![key.to_owned()];
         config.auth.mode = AuthMode::Upstream;
         config.auth.upstream.forward_headers = vec!["cookie".to_owned()];
+        config.rpc.path = Some(RPC_PATH.to_owned());
+        config.channels = vec![
+            // `online` lists the lobby's presence.
+            ChannelRule {
+                prefix: "chat:".to_owned(),
+                presence: true,
+                ..ChannelRule::default()
+            },
+            ChannelRule {
+                prefix: "typing:".to_owned(),
+                publish: ClientPublish::Direct,
+                ..ChannelRule::default()
+            },
+        ];
         if let Some(url) = &self.redis {
             config.engine.kind = EngineKind::Redis;
             config.engine.redis.url = url.clone();
@@ -247,12 +272,14 @@ impl App {
                     StatusCode::OK,
                     json!({
                         "user": user,
-                        "channels": [LOBBY, format!("user:{user}:*")],
+                        "channels": [LOBBY, TYPING, format!("user:{user}:*")],
                         "info": {"name": user},
                     }),
                 ),
                 None => answer(StatusCode::UNAUTHORIZED, json!({"reason": "not logged in"})),
             },
+            // pushgate passes on a page's `rpc` call.
+            (Method::POST, RPC_PATH) => self.rpc(request).await,
             (Method::POST, "/say") => {
                 let Some(user) = user else {
                     return not_logged_in();
@@ -297,8 +324,74 @@ impl App {
         }
     }
 
+    /// A page's `rpc` call, as pushgate sends it: `{"user", "connection",
+    /// "method", "data"}`, `user` from the connection's grant. The answer's
+    /// JSON is the call's result; a 4xx `{"error": {"code", "message"}}` is
+    /// its error.
+    async fn rpc(&self, request: Request<Incoming>) -> Response<Body> {
+        let call: Value = match Limited::new(request.into_body(), MAX_FORM).collect().await {
+            Ok(body) => serde_json::from_slice(&body.to_bytes()).unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        match call["method"].as_str() {
+            Some("online") => {
+                let path = format!("/api/presence?channel={LOBBY}");
+                match self.api_send(Method::GET, &path, None).await {
+                    Ok((StatusCode::OK, presence)) => {
+                        let presence = serde_json::from_slice(&presence).unwrap_or_default();
+                        let caller = call["user"].as_str();
+                        answer(
+                            StatusCode::OK,
+                            json!({ "users": online(&presence, caller) }),
+                        )
+                    }
+                    Ok((status, _)) => call_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "presence_unavailable",
+                        &format!("pushgate's presence answered {status}"),
+                    ),
+                    Err(why) => call_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "presence_unavailable",
+                        &why,
+                    ),
+                }
+            }
+            _ => call_error(
+                StatusCode::NOT_FOUND,
+                "no_such_method",
+                "this app answers the method `online`",
+            ),
+        }
+    }
+
     /// Calls pushgate's API with the key; passes its status and JSON on.
     async fn api_call(&self, method: Method, path: &str, body: Option<Value>) -> Response<Body> {
+        match self.api_send(method, path, body).await {
+            Ok((status, json)) => {
+                let mut answer = Response::new(crate::body::full(json));
+                *answer.status_mut() = status;
+                answer.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                answer
+            }
+            Err(why) => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": format!("pushgate's API: {why}")}),
+            ),
+        }
+    }
+
+    /// Calls pushgate's API with the key: its status and body, or why there
+    /// is none.
+    async fn api_send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Bytes), String> {
         let request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.api))
@@ -308,31 +401,37 @@ impl App {
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
             .expect("a valid request");
-        let unavailable = |why: String| {
-            answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": format!("pushgate's API: {why}")}),
-            )
-        };
         let response = match tokio::time::timeout(API_TIMEOUT, self.client.request(request)).await {
             Ok(Ok(response)) => response,
-            Ok(Err(err)) => return unavailable(err.to_string()),
-            Err(_) => return unavailable("no answer".to_owned()),
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err("no answer".to_owned()),
         };
         let status = response.status();
-        match Limited::new(response.into_body(), 1 << 20).collect().await {
-            Ok(body) => {
-                let mut answer = Response::new(crate::body::full(body.to_bytes()));
-                *answer.status_mut() = status;
-                answer.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                answer
-            }
-            Err(err) => unavailable(err.to_string()),
-        }
+        let body = Limited::new(response.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok((status, body.to_bytes()))
     }
+}
+
+/// The users of a presence answer (`{"presence": [{"user", ...}]}`) and the
+/// caller, whose connection is up even before its subscription is listed:
+/// each once, in name order (a user may have several pages open).
+fn online(presence: &Value, caller: Option<&str>) -> Vec<String> {
+    let users: std::collections::BTreeSet<&str> = presence["presence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry["user"].as_str())
+        .chain(caller)
+        .collect();
+    users.into_iter().map(str::to_owned).collect()
+}
+
+/// An `rpc` call's error: pushgate passes the code and message on.
+fn call_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    answer(status, json!({"error": {"code": code, "message": message}}))
 }
 
 /// The logged-in user's name, from the cookie.
@@ -480,6 +579,19 @@ mod tests {
             HeaderValue::from_static("http://evil.example"),
         );
         assert!(!same_origin(&headers));
+    }
+
+    #[test]
+    fn online_lists_each_user_once_with_the_caller() {
+        let presence = json!({"channel": LOBBY, "presence": [
+            {"user": "bob", "connection": "n-1"},
+            {"user": "ada", "connection": "n-2"},
+            {"user": "bob", "connection": "n-3"},
+            {"user": null, "connection": "n-4"},
+        ]});
+        assert_eq!(online(&presence, Some("cy")), ["ada", "bob", "cy"]);
+        assert_eq!(online(&presence, Some("ada")), ["ada", "bob"]);
+        assert_eq!(online(&json!({}), None), Vec::<String>::new());
     }
 
     #[test]

@@ -20,6 +20,8 @@ export interface Envelope<T = unknown> {
   offset: number;
   /** Present when the publisher named an event. */
   event?: string;
+  /** Present on a publication a client sent (`publish`): its user, set by pushgate from the grant. */
+  user?: string;
   data: T;
 }
 
@@ -113,6 +115,37 @@ export interface Options {
    * reconnects when the reason starts with "reconnect", and stops otherwise.
    */
   onDisconnect?: (code: number, reason: string) => boolean;
+  /**
+   * The longest a call (`rpc`, `publish`) may take, waiting for a WebSocket
+   * included, ms (15000); then it is rejected with `timeout`.
+   */
+  callTimeout?: number;
+  /** Calls that may wait for a WebSocket at once (100); one more is rejected with `queue_full`. */
+  maxQueued?: number;
+}
+
+/**
+ * Why a call (`rpc`, `publish`) failed: an Error with a `code`.
+ * - pushgate's or the app's code from the error reply (docs/protocol.md#errors),
+ *   e.g. `forbidden`, `publish_not_allowed`, `app_timeout`, or the app's own;
+ *   `message` is the reply's message.
+ * - `needs_websocket`: the client uses SSE or long-poll (it fell back, or
+ *   `transports` has no WebSocket); calls need the WebSocket.
+ * - `disconnected`: the connection ended after the call was sent; pushgate
+ *   never answers it on another one. A publish may or may not have been made.
+ * - `timeout`: no reply within `callTimeout` (a publish may still have been made).
+ * - `queue_full`: `maxQueued` calls already wait for a connection.
+ * - `closed`: the client was closed, or stopped for good.
+ * - `bad_json`: the data cannot be written as JSON.
+ */
+export interface CallError extends Error {
+  code: string;
+}
+
+/** Where a client's publish was stored. */
+export interface Published {
+  epoch: string;
+  offset: number;
 }
 
 export interface Subscription {
@@ -136,6 +169,18 @@ export interface Client {
   position(channel: string): string | undefined;
   /** A cursor holding every known position (docs/protocol.md#cursors). */
   cursor(): string;
+  /**
+   * Calls the app's `rpc.path` with `method` and `data` over the WebSocket;
+   * resolves to the app's JSON answer, or rejects with a {@link CallError}.
+   * Waits for the WebSocket when it is not open yet (opening one if needed).
+   */
+  rpc<R = unknown>(method: string, data?: unknown): Promise<R>;
+  /**
+   * Publishes `data` on `channel` (its `channels` rule must allow clients to
+   * publish, and the grant cover it); resolves to where it was stored, or
+   * rejects with a {@link CallError}. Subscribers get it with `user` set.
+   */
+  publish(channel: string, data: unknown, options?: { event?: string }): Promise<Published>;
   /** Reconnects now, e.g. after the user logged in again. */
   reconnect(): void;
   /** Closes the connection for good. */

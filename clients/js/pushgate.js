@@ -6,6 +6,11 @@
 // `since` (WebSocket) or a cursor built from those positions (SSE,
 // long-poll): nothing is missed while history covers the gap, nothing is
 // delivered twice, and a `reset` event says when history could not cover it.
+//
+// Calls (`rpc`, `publish`) need the WebSocket: they wait, bounded in number
+// and time, for one to be open, and are answered by id, in any order. A call
+// sent on a connection that then ends is never answered (pushgate forgets it
+// with the connection), so it is rejected then, never sent again.
 
 /** The transports, most capable first. */
 export const TRANSPORTS = ["websocket", "sse", "poll"];
@@ -140,6 +145,8 @@ export function connect(url = "/realtime", options = {}) {
     healthyAfter: 5000,
     pollTimeout: 25,
     tokenParam: "token",
+    callTimeout: 15000,
+    maxQueued: 100,
     ...options,
   };
   const g = globalThis;
@@ -157,6 +164,9 @@ export function connect(url = "/realtime", options = {}) {
   let healthy;
   let token;
   let closed;
+  // Calls not yet answered: {command, ok, no, timer, on}, `on` being the
+  // connection a call was sent on (unset while it waits for one).
+  const calls = new Set();
 
   const client = {
     get state() {
@@ -194,6 +204,8 @@ export function connect(url = "/realtime", options = {}) {
       return p && `${p.epoch}:${p.offset}`;
     },
     cursor: () => buildCursor(known()),
+    rpc: (method, data) => request({ op: "rpc", method, data }),
+    publish: (channel, data, options) => request({ op: "publish", channel, data, event: (options || {}).event }),
     reconnect() {
       if (closed) return;
       attempt = 0;
@@ -201,6 +213,7 @@ export function connect(url = "/realtime", options = {}) {
     },
     close() {
       closed = 1;
+      refuseAll("closed", "the client was closed");
       stop();
       setState("closed", { code: 1000, reason: "closed by the page" });
       g.removeEventListener && (g.removeEventListener("online", online), g.removeEventListener("offline", offline));
@@ -221,6 +234,52 @@ export function connect(url = "/realtime", options = {}) {
       });
     }
   }
+
+  // A call: sent at once on an open WebSocket, else queued for the next one.
+  function request(command) {
+    return new Promise((ok, no) => {
+      const r = { command, ok, no };
+      try {
+        JSON.stringify(command);
+      } catch (error) {
+        return refuse(r, "bad_json", String(error));
+      }
+      if (closed) return refuse(r, "closed", "the client is closed");
+      if (available[index] != "websocket") return refuse(r, "needs_websocket", needsWebSocket());
+      if ([...calls].filter((q) => !q.on).length >= o.maxQueued) {
+        return refuse(r, "queue_full", `${o.maxQueued} calls already wait for a connection`);
+      }
+      calls.add(r);
+      r.timer = setTimeout(
+        () =>
+          refuse(r, "timeout", r.on ? "no reply in time (a publish may still have been made)" : "no connection in time"),
+        o.callTimeout,
+      );
+      conn && conn.call ? conn.call(r) : state == "idle" && start();
+    });
+  }
+
+  // A call's reply (one that timed out meanwhile is already settled).
+  function answer(r, m) {
+    if (!calls.has(r)) return;
+    if (m.error) return refuse(r, m.error.code, m.error.message);
+    clearTimeout(r.timer);
+    calls.delete(r);
+    r.ok(m.result);
+  }
+
+  function refuse(r, code, message) {
+    clearTimeout(r.timer);
+    calls.delete(r);
+    r.no(Object.assign(new Error(message), { code }));
+  }
+
+  // Refuses every call (`on` given: those sent on that connection).
+  function refuseAll(code, message, on) {
+    for (const r of calls) if (!on || r.on == on) refuse(r, code, message);
+  }
+
+  const needsWebSocket = () => `rpc and publish need the WebSocket; this client uses ${available[index] || "no transport"}`;
 
   function setState(next, detail) {
     state = next;
@@ -297,7 +356,7 @@ export function connect(url = "/realtime", options = {}) {
   function start() {
     clearTimeout(timer);
     stop();
-    if (closed || !subs.size) return void (state = "idle");
+    if (closed || !(subs.size || calls.size)) return void (state = "idle");
     if (g.navigator && g.navigator.onLine === false) return setState("offline");
     setState("connecting");
     (o.getToken && !token ? Promise.resolve(o.getToken()).then((t) => (token = t)) : Promise.resolve()).then(
@@ -310,7 +369,7 @@ export function connect(url = "/realtime", options = {}) {
     clearTimeout(healthy);
     const c = conn;
     conn = undefined;
-    c && c.close();
+    c && (c.close(), refuseAll("disconnected", "the connection ended before the reply", c));
   }
 
   function open() {
@@ -329,31 +388,38 @@ export function connect(url = "/realtime", options = {}) {
       if (conn != c) return;
       conn = undefined;
       clearTimeout(healthy);
+      refuseAll("disconnected", `the connection ended before the reply: ${code} ${why}`, c);
       end(code, why, reached);
     };
 
     if (transport == "websocket") {
       const ws = new WebSocket(endpoint("ws", []));
+      // id -> the channel a subscribe or unsubscribe named, or the call.
       const pending = new Map();
       let id = 0;
+      const write = (command, entry) => {
+        pending.set(++id, entry);
+        ws.readyState == 1 && ws.send(JSON.stringify({ id, ...command }));
+      };
       const send = (op, channel) => {
-        const command = { id: ++id, op, channel };
+        const command = { op, channel };
         const p = subs.get(channel) && subs.get(channel).p;
         if (op == "subscribe" && p) command.since = `${p.epoch}:${p.offset}`;
-        pending.set(id, channel);
-        ws.readyState == 1 && ws.send(JSON.stringify(command));
+        write(command, channel);
       };
       ws.onopen = () => {
         up();
         for (const channel of subs.keys()) send("subscribe", channel);
+        for (const r of calls) r.on || c.call(r);
       };
       ws.onmessage = (event) => {
         const m = JSON.parse(event.data);
         if ("id" in m) {
-          const channel = pending.get(m.id);
+          const entry = pending.get(m.id);
           pending.delete(m.id);
-          const sub = subs.get(channel);
-          if (m.error) emit("error", { channel, ...m.error });
+          if (entry && entry.ok) return answer(entry, m);
+          const sub = subs.get(entry);
+          if (m.error) emit("error", { channel: entry, ...m.error });
           // Replayed publications follow the reply and advance the position
           // themselves; a channel new to us starts where the reply says.
           else if (sub && !sub.p && m.result.epoch) sub.p = { epoch: m.result.epoch, offset: m.result.offset };
@@ -364,6 +430,12 @@ export function connect(url = "/realtime", options = {}) {
       c.close = () => {
         ws.onclose = null;
         ws.close();
+      };
+      // Sent only on an open socket: until then the call waits for onopen.
+      c.call = (r) => {
+        if (ws.readyState != 1) return;
+        r.on = c;
+        write(r.command, r);
       };
       c.add = (channel) => send("subscribe", channel);
       c.drop = (channel) => send("unsubscribe", channel);
@@ -459,6 +531,7 @@ export function connect(url = "/realtime", options = {}) {
         blocked = 0;
         index++;
         emit("fallback", { transport: available[index] });
+        refuseAll("needs_websocket", needsWebSocket());
         return start();
       }
       if (status && status != 200) return end(statusCode(status), probeWhy, 1);
@@ -483,6 +556,7 @@ export function connect(url = "/realtime", options = {}) {
     }
     if (action == "stop") {
       closed = 1;
+      refuseAll("closed", `the client stopped: ${code} ${why}`);
       return setState("closed", { code, reason: why });
     }
     const delay = retryDelay(action, action == "soon" ? 0 : attempt++, o);

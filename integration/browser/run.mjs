@@ -12,6 +12,8 @@
 //                   made meanwhile by another node): resumed without loss
 //   restart-memory  pushgate restarted on the memory engine: the page shows
 //                   the reset event and goes on
+//   two-way         two users' pages: each asks the app who is online (rpc),
+//                   and sees the other typing (publishes from the page)
 //
 // It starts `pushgate demo` itself (on 127.0.0.1:0, then again on the same
 // port for a restart), kills every process it started on the way out, and
@@ -170,6 +172,19 @@ async function browser() {
   page.on("console", (message) => log("page console:", message.text()));
   page.on("pageerror", (error) => log("page error:", error.message));
   return page;
+}
+
+/** A second browser, with cookies of its own: another user. */
+async function secondBrowser() {
+  const other = await chromium.launch({
+    executablePath: args.chromium,
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"],
+  });
+  const page = await (await other.newContext({ viewport: { width: 1000, height: 900 } })).newPage();
+  page.setDefaultTimeout(PATIENCE);
+  page.on("pageerror", (error) => log("second page error:", error.message));
+  return { other, page };
 }
 
 async function login(page, url, name) {
@@ -378,6 +393,44 @@ const scenarios = {
     await say(demo.api, demo.key, "after the restart");
     await lobbyIs(page, ["api: after the restart"]);
     await screenshot(page, "demo-restart-memory");
+    await stop(demo.child);
+  },
+
+  async "two-way"() {
+    const demo = await startDemo();
+    const ada = await browser();
+    await login(ada, demo.url, "ada");
+    // The page asks the app who is online once connected.
+    await ada.waitForFunction(() => document.body.dataset.online == "ada");
+    const { other, page: bob } = await secondBrowser();
+    try {
+      await login(bob, demo.url, "bob");
+      await bob.waitForFunction(() => document.body.dataset.online == "ada,bob");
+      // Asked again, ada's page hears of bob (once his subscription is listed).
+      const until = Date.now() + PATIENCE;
+      for (;;) {
+        const answers = await ada.evaluate(() => Number(document.body.dataset.onlineAnswers));
+        await ada.click("#who");
+        await ada.waitForFunction((n) => Number(document.body.dataset.onlineAnswers) > n, answers);
+        const online = await ada.evaluate(() => document.body.dataset.online);
+        if (online == "ada,bob") break;
+        check(Date.now() < until, `ada's page lists ${online}, not ada and bob`);
+      }
+      check((await ada.textContent("#online")) == "ada, bob", "the list shown");
+
+      // bob types: ada's page shows it, under the name pushgate set; his
+      // message clears it.
+      await bob.type('#say input[name="text"]', "hi ada");
+      await ada.waitForFunction(() => document.body.dataset.typing == "bob");
+      check((await ada.textContent("#typing")) == "bob is typing…", "the typing line");
+      check(!(await bob.evaluate(() => document.body.dataset.typing)), "bob's page does not show bob typing");
+      await screenshot(ada, "demo-two-way");
+      await bob.click("#say button");
+      await lobbyIs(ada, ["bob: hi ada"]);
+      await ada.waitForFunction(() => document.body.dataset.typing == "");
+    } finally {
+      await other.close();
+    }
     await stop(demo.child);
   },
 };

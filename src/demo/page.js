@@ -1,8 +1,15 @@
 // The demo page: the lobby's history from the app, then live publications
-// through pushgate's client library, served by pushgate itself.
+// through pushgate's client library, served by pushgate itself. The page
+// also publishes itself (who is typing) and calls the app (who is online)
+// over the library's WebSocket.
 import { connect } from "/realtime/client.js";
 
 const LOBBY = "chat:lobby";
+const TYPING = "typing:lobby";
+// A page says it is typing at most this often, and shows others as typing
+// for this long after their last word.
+const TYPING_EVERY = 1000;
+const TYPING_SHOWN = 3000;
 const $ = (id) => document.getElementById(id);
 
 function item(text, attributes = {}) {
@@ -24,10 +31,24 @@ function event(text, className) {
 // both the history and the live stream carry shows once.
 let shown = { epoch: "", offset: 0 };
 
+// Who is typing: user -> when this page last heard so (the demo runs on
+// one machine, so pages' clocks agree).
+const typing = new Map();
+
+function showTyping() {
+  const now = Date.now();
+  for (const [user, at] of typing) if (now - at > TYPING_SHOWN) typing.delete(user);
+  const who = [...typing.keys()].sort();
+  $("typing").textContent = who.length ? `${who.join(", ")} ${who.length > 1 ? "are" : "is"} typing…` : "";
+  document.body.dataset.typing = who.join(",");
+}
+
 function render(envelope) {
   if (envelope.epoch == shown.epoch && envelope.offset <= shown.offset) return;
   shown = { epoch: envelope.epoch, offset: envelope.offset };
   const { from, text } = envelope.data;
+  typing.delete(from);
+  showTyping();
   add("messages", `${from}: ${text}`, { "data-offset": envelope.offset });
 }
 
@@ -87,6 +108,47 @@ if (!me) {
     render(envelope);
   });
   client.subscribe(`user:${me}:notifications`, ({ from, text }) => add("notes", `${from}: ${text}`));
+
+  // Typing: pages publish on TYPING themselves; pushgate adds `user`, so a
+  // page cannot type in another's name. A resumed connection replays what
+  // it missed: old news by its `at`, not shown.
+  client.subscribe(TYPING, (data, { user }) => {
+    // Any page may publish here: anything but a recent {at} is not shown,
+    // and what is shown lasts by this page's clock.
+    const at = data && data.at;
+    if (user == me || !(Math.abs(Date.now() - at) < TYPING_SHOWN)) return;
+    typing.set(user, Date.now());
+    showTyping();
+  });
+  setInterval(showTyping, 500);
+  let typed = 0;
+  let typingError;
+  $("say").elements.text.addEventListener("input", () => {
+    if (Date.now() - typed < TYPING_EVERY) return;
+    typed = Date.now();
+    client.publish(TYPING, { at: typed }, { event: "typing" }).then(
+      () => (typingError = undefined),
+      ({ code, message }) => {
+        // Said once, not at every key (e.g. needs_websocket after a fallback).
+        if (code != typingError) event(`typing not shown to others: ${message} (${code})`);
+        typingError = code;
+      },
+    );
+  });
+
+  // Who is online: the page asks the app (rpc), which asks pushgate's presence.
+  async function online() {
+    try {
+      const { users } = await client.rpc("online");
+      $("online").textContent = users.length ? users.join(", ") : "nobody";
+      document.body.dataset.online = users.join(",");
+      document.body.dataset.onlineAnswers = Number(document.body.dataset.onlineAnswers || 0) + 1;
+    } catch ({ code, message }) {
+      $("online").textContent = `the app could not say: ${message} (${code})`;
+    }
+  }
+  $("who").addEventListener("click", online);
+  client.on("state", ({ state }) => state == "connected" && online());
 
   $("say").addEventListener("submit", (e) => {
     e.preventDefault();

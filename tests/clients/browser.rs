@@ -51,6 +51,11 @@ fn shows_the_reset_across_a_restart_on_memory() {
     scenario("restart-memory", None);
 }
 
+#[test]
+fn pages_call_the_app_and_publish_who_is_typing() {
+    scenario("two-way", None);
+}
+
 fn scenario(name: &str, redis: Option<&str>) {
     let _one = ONE_BROWSER
         .lock()

@@ -1,21 +1,31 @@
 //! The browser client, `clients/js/pushgate.js`: served at
 //! `/realtime/client.js`, its pure logic under Node's test runner, the
-//! library itself against real pushgate servers, and its size once minified
-//! and gzipped.
+//! library itself against real pushgate servers (one of them in front of a
+//! real app that answers auth and `rpc`), and its size once minified and
+//! gzipped.
 //!
 //! Needs Node.js 20 or newer, and npm for the size check (`npm ci` into
 //! integration/browser/node_modules, done here when missing).
 
 use crate::common;
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::node::{node, node_modules, BROWSER_DIR, ROOT};
 use common::pyenv::run;
 use common::{Pushgate, TempDir, API_KEY};
-use http::{header, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// The client's budget, minified and gzipped.
 const MAX_GZIPPED: usize = 6 * 1024;
@@ -119,18 +129,130 @@ fn pure_logic_under_node_test_runner() {
     println!("{output}");
 }
 
+/// A real app for calls from the library. Its `/rpc` answers by method:
+/// `whoami` (the caller's user and data), `refuse` (the app's own error),
+/// `wait {key}` (answers once `release {key}` was called), `waiting {key}`
+/// (whether a `wait` on the key is under way).
+struct CallsApp {
+    url: String,
+}
+
+/// `wait` calls under way and their releases, by key.
+#[derive(Default)]
+struct Waits {
+    under_way: Mutex<HashMap<String, usize>>,
+    releases: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Waits {
+    fn releases(&self, key: &str) -> Arc<Semaphore> {
+        let mut releases = self.releases.lock().unwrap();
+        releases
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(0)))
+            .clone()
+    }
+
+    fn count(&self, key: &str, change: isize) {
+        let mut under_way = self.under_way.lock().unwrap();
+        let count = under_way.entry(key.to_owned()).or_default();
+        *count = count.saturating_add_signed(change);
+    }
+}
+
+/// Counts a `wait` as under way until it ends, answered or dropped.
+struct Waiting<'a>(&'a Waits, String);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.count(&self.1, -1);
+    }
+}
+
+impl CallsApp {
+    async fn start() -> CallsApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let waits = Arc::new(Waits::default());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let waits = waits.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| calls_app(request, waits.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        CallsApp { url }
+    }
+}
+
+async fn calls_app(
+    request: Request<Incoming>,
+    waits: Arc<Waits>,
+) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
+    let reply = |status: u16, body: Value| {
+        Ok(Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body.to_string().into()))
+            .unwrap())
+    };
+    let path = request.uri().path().to_owned();
+    let bytes = request.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if path != "/rpc" {
+        return reply(404, json!({}));
+    }
+    let key = body["data"]["key"].as_str().unwrap_or_default().to_owned();
+    match body["method"].as_str().unwrap_or_default() {
+        "whoami" => reply(200, json!({"user": body["user"], "data": body["data"]})),
+        "refuse" => reply(
+            403,
+            json!({"error": {"code": "not_yours", "message": "that is not yours"}}),
+        ),
+        "wait" => {
+            waits.count(&key, 1);
+            let _waiting = Waiting(&waits, key.clone());
+            waits.releases(&key).acquire().await.unwrap().forget();
+            reply(200, json!("waited"))
+        }
+        "waiting" => {
+            let under_way = waits.under_way.lock().unwrap().get(&key).copied();
+            reply(200, json!(under_way.unwrap_or(0) > 0))
+        }
+        "release" => {
+            waits.releases(&key).add_permits(1);
+            reply(200, json!("released"))
+        }
+        _ => reply(404, json!({})),
+    }
+}
+
+/// The config of a node in front of [`CallsApp`], after the JWT settings:
+/// its `rpc`, and clients may publish on `room:` and `secret:`. JWT mode,
+/// because a WebSocket (Node's as a browser's) cannot send the headers an
+/// app's own login would read, and `?token=` is JWT's.
+const CALLS_CONFIG: &str = "rpc:\n  path: /rpc\nchannels:\n  - prefix: \"room:\"\n    publish: direct\n  - prefix: \"secret:\"\n    publish: direct\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_library_against_real_pushgate() {
     let scratch = TempDir::new("client-js-live");
     let app = common::Upstream::start().await;
     let open = Pushgate::start(&app.url(), "history:\n  size: 5\n").await;
+    let jwt_auth = format!(
+        "auth:\n  mode: jwt\n  jwt:\n    algorithm: HS256\n    secret: \"{JWT_SECRET}\"\n    leeway: 0s\n"
+    );
     let jwt = Pushgate::start(
         &app.url(),
-        &format!(
-            "auth:\n  mode: jwt\n  jwt:\n    algorithm: HS256\n    secret: \"{JWT_SECRET}\"\n    leeway: 0s\nlimits:\n  connections_per_user: 1\n"
-        ),
+        &format!("{jwt_auth}limits:\n  connections_per_user: 1\n"),
     )
     .await;
+    let calls_app = CallsApp::start().await;
+    let calls = Pushgate::start(&calls_app.url, &format!("{jwt_auth}{CALLS_CONFIG}")).await;
     let mut command = node(&scratch.0);
     command
         .args([
@@ -143,7 +265,9 @@ async fn the_library_against_real_pushgate() {
         .env("PUSHGATE_KEY", API_KEY)
         .env("PUSHGATE_JWT_PUBLIC", format!("http://{}", jwt.addr))
         .env("PUSHGATE_JWT_API", format!("http://{}", jwt.api_addr))
-        .env("PUSHGATE_JWT_SECRET", JWT_SECRET);
+        .env("PUSHGATE_JWT_SECRET", JWT_SECRET)
+        .env("PUSHGATE_CALLS_PUBLIC", format!("http://{}", calls.addr))
+        .env("PUSHGATE_CALLS_API", format!("http://{}", calls.api_addr));
     // The servers run on this runtime; node is waited for beside it.
     let output = tokio::task::spawn_blocking(move || {
         run_node(

@@ -1,8 +1,9 @@
 //! `pushgate demo` as a process, over HTTP: what it prints, the page and the
 //! client it serves, the toy login answering pushgate's auth request, a
 //! publish through the app reaching an SSE stream, the cross-site guard,
-//! logout closing the user's streams, and a clean exit on SIGTERM. (The page
-//! itself runs in Chromium in tests/clients/browser.rs.)
+//! logout closing the user's streams, a clean exit on SIGTERM, and what its
+//! pages do over the WebSocket: publish who is typing, and ask the app who
+//! is online. (The page itself runs in Chromium in tests/clients/browser.rs.)
 
 use crate::common;
 
@@ -11,8 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::SinkExt;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -279,4 +284,173 @@ async fn the_demo_app_behind_pushgate() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+}
+
+/// A page's WebSocket to the demo, logged in as `user`.
+async fn page_socket(demo: &Demo, user: &str) -> common::WsClient {
+    let url = format!("{}realtime/ws", demo.url.replacen("http", "ws", 1));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "cookie",
+        format!("pushgate_demo_user={user}").parse().unwrap(),
+    );
+    tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+        .expect("handshake accepted")
+        .0
+}
+
+/// Sends `command` with `id`; its reply, keeping what else arrives in `other`.
+async fn command(
+    socket: &mut common::WsClient,
+    id: u64,
+    mut command: Value,
+    other: &mut Vec<Value>,
+) -> Value {
+    command["id"] = json!(id);
+    socket
+        .send(Message::text(command.to_string()))
+        .await
+        .unwrap();
+    loop {
+        let frame = common::ws_next_json(socket).await;
+        if frame["id"] == id {
+            return frame;
+        }
+        other.push(frame);
+    }
+}
+
+/// The next envelope on `channel`, from `seen` first, then from the socket.
+async fn envelope_on(socket: &mut common::WsClient, channel: &str, seen: &mut Vec<Value>) -> Value {
+    if let Some(at) = seen.iter().position(|m| m["channel"] == channel) {
+        return seen.remove(at);
+    }
+    loop {
+        let frame = common::ws_next_json(socket).await;
+        if frame["channel"] == channel && frame.get("op").is_none() {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn pages_publish_who_is_typing_and_ask_the_app_who_is_online() {
+    let demo = start_demo();
+    let (mut ada, mut bob) = (
+        page_socket(&demo, "ada").await,
+        page_socket(&demo, "bob").await,
+    );
+    let (mut ada_saw, mut bob_saw) = (Vec::new(), Vec::new());
+    for (socket, saw) in [(&mut ada, &mut ada_saw), (&mut bob, &mut bob_saw)] {
+        for (id, channel) in [(1, "chat:lobby"), (2, "typing:lobby")] {
+            let reply = command(
+                socket,
+                id,
+                json!({"op": "subscribe", "channel": channel}),
+                saw,
+            )
+            .await;
+            assert!(reply["result"]["epoch"].is_string(), "{channel}: {reply}");
+        }
+    }
+
+    // Who is online: the page asks, the app answers from pushgate's presence.
+    let online = command(
+        &mut bob,
+        3,
+        json!({"op": "rpc", "method": "online"}),
+        &mut bob_saw,
+    )
+    .await;
+    assert_eq!(
+        online["result"],
+        json!({"users": ["ada", "bob"]}),
+        "{online}"
+    );
+    let unknown = command(
+        &mut bob,
+        4,
+        json!({"op": "rpc", "method": "likes"}),
+        &mut bob_saw,
+    )
+    .await;
+    assert_eq!(unknown["error"]["code"], "no_such_method", "{unknown}");
+    // The app's rpc endpoint is pushgate's to call, not a page's.
+    let direct = call(
+        "POST",
+        &format!("{}rpc", demo.url),
+        &[("cookie", "pushgate_demo_user=bob")],
+        r#"{"method":"online"}"#,
+    )
+    .await;
+    assert_eq!(direct.status, StatusCode::NOT_FOUND, "{}", direct.body);
+
+    // Typing: ada's page publishes itself; bob hears it under ada's name,
+    // whatever the data says.
+    let typed = command(
+        &mut ada,
+        5,
+        json!({"op": "publish", "channel": "typing:lobby", "event": "typing", "data": {"at": 1, "user": "mallory"}}),
+        &mut ada_saw,
+    )
+    .await;
+    let stored = &typed["result"];
+    assert!(
+        stored["epoch"].is_string() && stored["offset"] == 1,
+        "{typed}"
+    );
+    let heard = envelope_on(&mut bob, "typing:lobby", &mut bob_saw).await;
+    assert_eq!(
+        heard,
+        json!({"channel": "typing:lobby", "epoch": stored["epoch"], "offset": 1, "event": "typing", "user": "ada", "data": {"at": 1, "user": "mallory"}})
+    );
+    // The publisher hears its own too (the page skips its own name).
+    assert_eq!(
+        envelope_on(&mut ada, "typing:lobby", &mut ada_saw).await["user"],
+        "ada"
+    );
+
+    // The chat itself goes through the app (POST /say), not from pages.
+    let chat = command(
+        &mut ada,
+        6,
+        json!({"op": "publish", "channel": "chat:lobby", "data": {"from": "ada", "text": "x"}}),
+        &mut ada_saw,
+    )
+    .await;
+    assert_eq!(chat["error"]["code"], "publish_not_allowed", "{chat}");
+    // Nor on another user's typing channel the grant does not cover.
+    let other = command(
+        &mut ada,
+        7,
+        json!({"op": "publish", "channel": "typing:elsewhere", "data": {}}),
+        &mut ada_saw,
+    )
+    .await;
+    assert_eq!(other["error"]["code"], "forbidden", "{other}");
+
+    // bob leaves: the app no longer lists him.
+    drop(bob);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut id = 8;
+    loop {
+        let online = command(
+            &mut ada,
+            id,
+            json!({"op": "rpc", "method": "online"}),
+            &mut ada_saw,
+        )
+        .await;
+        if online["result"] == json!({"users": ["ada"]}) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob still listed: {online}"
+        );
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,13 +1,17 @@
 // The client against real pushgate servers: positions and resume on each
-// transport, the cursor it builds, resets, and what it does on 4001, 4029,
-// 4000 and 4008. tests/clients/client_js.rs starts the servers and runs this file
+// transport, the cursor it builds, resets, what it does on 4001, 4029,
+// 4000 and 4008, and rpc and publish against a real app. tests/clients/client_js.rs starts the servers and runs this file
 // with `node --experimental-websocket --test` (Node 20 has WebSocket behind
 // that flag; fetch streams SSE).
 //
 // Environment: PUSHGATE_PUBLIC, PUSHGATE_API, PUSHGATE_KEY: a node on the
 // memory engine with `auth.mode: none` and `history.size: 5`;
 // PUSHGATE_JWT_PUBLIC, PUSHGATE_JWT_API, PUSHGATE_JWT_SECRET: a node in JWT
-// mode (HS256, no leeway) with `limits.connections_per_user: 1`.
+// mode (HS256, no leeway) with `limits.connections_per_user: 1`;
+// PUSHGATE_CALLS_PUBLIC, PUSHGATE_CALLS_API: a node in the same JWT mode in
+// front of a real app (CallsApp in tests/clients/client_js.rs) that answers
+// rpc methods `whoami`, `refuse`, `wait`/`waiting`/`release` (by
+// `data.key`), whose rules let clients publish on `room:` and `secret:`.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac, randomUUID } from "node:crypto";
@@ -25,6 +29,8 @@ const KEY = env("PUSHGATE_KEY");
 const JWT_PUBLIC = env("PUSHGATE_JWT_PUBLIC");
 const JWT_API = env("PUSHGATE_JWT_API");
 const JWT_SECRET = env("PUSHGATE_JWT_SECRET");
+const CALLS_PUBLIC = env("PUSHGATE_CALLS_PUBLIC");
+const CALLS_API = env("PUSHGATE_CALLS_API");
 
 /** How long any one thing may take to happen. */
 const PATIENCE = 15000;
@@ -44,7 +50,7 @@ function open(base, options) {
 async function until(check, what, ms = PATIENCE) {
   const deadline = Date.now() + ms;
   for (;;) {
-    const value = check();
+    const value = await check();
     if (value) return value;
     if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 10));
@@ -268,4 +274,113 @@ test("4000 follows the app's reason; 4008 resumes; SSE gets the same from pushga
     await until(() => client.state == "closed", `${transport}: the stop the reason asked for`);
     assert.deepEqual(states[states.length - 1], { state: "closed", transport, code: 4000, reason: "logged out" });
   }
+});
+
+/** A client of the node in front of the calls app, as `user`, granted `room:*` and `news:*`. */
+const caller = (user, options) =>
+  open(CALLS_PUBLIC, { getToken: () => token(user, ["room:*", "news:*"], 600), ...options });
+
+/** The error a promise rejected with (fails if it resolved). */
+async function rejection(promise) {
+  try {
+    assert.fail(`resolved to ${JSON.stringify(await promise)}`);
+  } catch (error) {
+    return error;
+  }
+}
+
+test("rpc: the app's answer as the connection's user, its refusals, and replies out of order", async () => {
+  const user = unique("u");
+  const { client, states } = caller(user);
+  // No channel: the call opens the WebSocket itself.
+  const data = { n: 1.5, nested: [true, null, "x"] };
+  assert.deepEqual(await client.rpc("whoami", data), { user, data });
+  assert.equal(client.state, "connected");
+  assert.equal(client.transport, "websocket");
+
+  const refused = await rejection(client.rpc("refuse"));
+  assert.ok(refused instanceof Error);
+  assert.equal(refused.code, "not_yours");
+  assert.equal(refused.message, "that is not yours");
+  assert.equal((await rejection(client.rpc("no_such_method"))).code, "app_refused");
+  assert.equal((await rejection(client.rpc("bad method!"))).code, "bad_method");
+
+  // The first call waits in the app until the second releases it: the
+  // second's reply comes first, and each settles its own promise.
+  const key = unique("k");
+  const settled = [];
+  const held = client.rpc("wait", { key }).then((result) => settled.push(["wait", result]));
+  await until(async () => await client.rpc("waiting", { key }), "the app holding the first call");
+  settled.push(["release", await client.rpc("release", { key })]);
+  await held;
+  assert.deepEqual(settled, [
+    ["release", "released"],
+    ["wait", "waited"],
+  ]);
+  assert.ok(!states.some((s) => s.state == "disconnected"), JSON.stringify(states));
+});
+
+test("publish: stored, heard by every subscriber with the publisher's user; refused where no rule or grant allows", async () => {
+  const room = unique("room");
+  const [alice, bob] = [unique("alice"), unique("bob")];
+  const heard = { [alice]: [], [bob]: [] };
+  const clients = {};
+  for (const user of [alice, bob]) {
+    clients[user] = caller(user).client;
+    clients[user].subscribe(room, (data, envelope) => heard[user].push(envelope));
+  }
+  await until(() => clients[alice].position(room) && clients[bob].position(room), "both subscriptions");
+
+  const stored = await clients[alice].publish(room, { text: "hi" }, { event: "msg" });
+  assert.deepEqual(Object.keys(stored).sort(), ["epoch", "offset"]);
+  assert.equal(stored.offset, 1);
+  const plain = await clients[bob].publish(room, 2);
+  assert.deepEqual(plain, { epoch: stored.epoch, offset: 2 });
+  await until(() => heard[alice].length == 2 && heard[bob].length == 2, "both publications at both clients");
+  for (const user of [alice, bob]) {
+    assert.deepEqual(heard[user], [
+      { channel: room, epoch: stored.epoch, offset: 1, event: "msg", user: alice, data: { text: "hi" } },
+      { channel: room, epoch: stored.epoch, offset: 2, user: bob, data: 2 },
+    ]);
+  }
+
+  // Stored in history like any publication.
+  const res = await fetch(`${CALLS_API}/api/history?channel=${room}`, { headers: { authorization: `Bearer ${KEY}` } });
+  const history = await res.json();
+  assert.deepEqual(history.messages.map((m) => m.data), [{ text: "hi" }, 2]);
+
+  // Granted but no rule lets clients publish; a rule but no grant; a bad event.
+  const denied = await rejection(clients[alice].publish(unique("news"), 1));
+  assert.equal(denied.code, "publish_not_allowed");
+  assert.equal((await rejection(clients[alice].publish(unique("secret"), 1))).code, "forbidden");
+  assert.equal((await rejection(clients[alice].publish(room, 1, { event: "no spaces" }))).code, "bad_event");
+});
+
+test("calls need the WebSocket, and one under way at a disconnect is rejected while the next goes on the new connection", async () => {
+  const user = unique("u");
+  const sse = caller(user, { transports: ["sse"] }).client;
+  sse.subscribe(unique("room"));
+  await until(() => sse.state == "connected", "the SSE stream");
+  const error = await rejection(sse.rpc("whoami"));
+  assert.equal(error.code, "needs_websocket");
+  sse.close();
+
+  const { client, states } = caller(user);
+  const room = unique("room");
+  const got = [];
+  client.subscribe(room, (data) => got.push(data));
+  await until(() => client.position(room), "the subscription");
+  const key = unique("k");
+  const held = client.rpc("wait", { key });
+  await until(async () => await client.rpc("waiting", { key }), "the app holding the call");
+  await api(CALLS_API, "/api/disconnect", { user, code: 4008, reason: "slow consumer" });
+  const lost = await rejection(held);
+  assert.equal(lost.code, "disconnected");
+  // Made at once: waits for the reconnect, then goes on the new connection.
+  const stored = await client.publish(room, "after");
+  assert.equal(states.filter((s) => s.state == "connected").length, 2);
+  await until(() => got.length == 1, "the publication made after the reconnect");
+  assert.deepEqual(got, ["after"]);
+  assert.equal(client.position(room), `${stored.epoch}:${stored.offset}`);
+  await client.rpc("release", { key });
 });

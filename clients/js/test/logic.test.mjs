@@ -1,5 +1,7 @@
-// The client's pure logic: FNV-1a, the cursor codec, backoff and the
-// close-code policy. Run: node --test clients/js/test/logic.test.mjs
+// The client's pure logic: FNV-1a, the cursor codec, backoff, the
+// close-code policy, and how calls (rpc, publish) wait for, use and lose a
+// WebSocket, with a scripted WebSocket in place of a real one.
+// Run: node --test clients/js/test/logic.test.mjs
 // (tests/clients/client_js.rs runs it in `cargo test`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -8,6 +10,7 @@ import {
   TRANSPORTS,
   backoff,
   buildCursor,
+  connect,
   fnv1a32,
   parseCursor,
   policy,
@@ -159,4 +162,206 @@ test("HTTP refusals stand for close codes", () => {
 
 test("transports, most capable first", () => {
   assert.deepEqual(TRANSPORTS, ["websocket", "sse", "poll"]);
+});
+
+// A WebSocket the test drives: it records what the client sends, and opens,
+// answers and closes when told to.
+class ScriptedSocket {
+  static made = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    ScriptedSocket.made.push(this);
+  }
+  send(text) {
+    assert.equal(this.readyState, 1, "sent on an open socket only");
+    this.sent.push(JSON.parse(text));
+  }
+  close() {
+    this.readyState = 3;
+  }
+  open() {
+    this.readyState = 1;
+    this.onopen();
+  }
+  reply(message) {
+    this.onmessage({ data: JSON.stringify(message) });
+  }
+  drop(code, reason = "") {
+    this.readyState = 3;
+    this.onclose({ code, reason });
+  }
+  calls() {
+    return this.sent.filter((c) => c.op == "rpc" || c.op == "publish");
+  }
+}
+
+/** A client on scripted sockets; `latest()` is the newest socket. */
+function scripted(options = {}) {
+  globalThis.WebSocket = ScriptedSocket;
+  ScriptedSocket.made = [];
+  const client = connect("http://pushgate.test/realtime", { minDelay: 1, maxDelay: 1, ...options });
+  return { client, latest: () => ScriptedSocket.made[ScriptedSocket.made.length - 1] };
+}
+
+/** Waits until `check()` is truthy (a few event-loop turns at most). */
+async function settled(check, what) {
+  for (let i = 0; i < 200 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 1));
+  assert.ok(check(), `waited for ${what}`);
+}
+
+/** The error a promise rejected with (fails if it resolved). */
+async function rejection(promise) {
+  try {
+    assert.fail(`resolved to ${JSON.stringify(await promise)}`);
+  } catch (error) {
+    return error;
+  }
+}
+
+test("calls wait for the WebSocket to open, and replies settle them by id in any order", async () => {
+  const { client, latest } = scripted();
+  // No channel yet: a call opens the connection itself.
+  const liked = client.rpc("like", { post: 12 });
+  const published = client.publish("chat:1", { text: "hi" }, { event: "msg" });
+  const plain = client.publish("chat:1", "x");
+  await settled(latest, "a socket");
+  const ws = latest();
+  assert.equal(ws.url, "ws://pushgate.test/realtime/ws");
+  assert.deepEqual(ws.sent, [], "nothing is sent before the socket is open");
+  ws.open();
+  const [like, msg, x] = ws.calls();
+  assert.deepEqual(like, { id: like.id, op: "rpc", method: "like", data: { post: 12 } });
+  assert.deepEqual(msg, { id: msg.id, op: "publish", channel: "chat:1", data: { text: "hi" }, event: "msg" });
+  assert.deepEqual(x, { id: x.id, op: "publish", channel: "chat:1", data: "x" });
+  assert.equal(new Set([like.id, msg.id, x.id]).size, 3, "distinct ids");
+
+  // Out of order; each reply goes to its own call.
+  ws.reply({ id: x.id, error: { code: "publish_not_allowed", message: "no rule lets clients publish here" } });
+  ws.reply({ id: msg.id, result: { epoch: "E", offset: 43 } });
+  ws.reply({ id: like.id, result: { likes: 31 } });
+  assert.deepEqual(await liked, { likes: 31 });
+  assert.deepEqual(await published, { epoch: "E", offset: 43 });
+  const error = await rejection(plain);
+  assert.ok(error instanceof Error);
+  assert.equal(error.code, "publish_not_allowed");
+  assert.equal(error.message, "no rule lets clients publish here");
+
+  // Once open, a call goes at once; a null result is a result.
+  const later = client.rpc("ping");
+  const [call] = ws.calls().slice(3);
+  assert.deepEqual(call, { id: call.id, op: "rpc", method: "ping" });
+  ws.reply({ id: call.id, result: null });
+  assert.equal(await later, null);
+  // Options may be left out, or null.
+  const bare = client.publish("chat:1", 0, null);
+  const [sent] = ws.calls().slice(4);
+  assert.deepEqual(sent, { id: sent.id, op: "publish", channel: "chat:1", data: 0 });
+  ws.reply({ id: sent.id, result: { epoch: "E", offset: 44 } });
+  assert.deepEqual(await bare, { epoch: "E", offset: 44 });
+  client.close();
+});
+
+test("a call sent on a connection that ends is rejected, not sent again; queued ones wait for the next", async () => {
+  const { client, latest } = scripted();
+  const got = [];
+  client.subscribe("chat:1", (data) => got.push(data));
+  await settled(latest, "a socket");
+  const first = latest();
+  first.open();
+  const subscribe = first.sent.find((c) => c.op == "subscribe");
+  first.reply({ id: subscribe.id, result: { recovered: true, epoch: "E", offset: 5 } });
+  const lost = client.rpc("slow");
+  first.drop(1006);
+  const error = await rejection(lost);
+  assert.equal(error.code, "disconnected");
+  assert.equal(client.state, "disconnected");
+
+  // Made while disconnected: waits, then goes on the next socket, which
+  // resumes the subscription as before.
+  const queued = client.rpc("later");
+  await settled(() => latest() != first, "a reconnect");
+  const second = latest();
+  second.open();
+  assert.deepEqual(second.sent.find((c) => c.op == "subscribe"), { id: 1, op: "subscribe", channel: "chat:1", since: "E:5" });
+  assert.deepEqual(second.calls().map((c) => c.method), ["later"], "the lost call is not sent again");
+  second.reply({ id: second.calls()[0].id, result: "done" });
+  assert.equal(await queued, "done");
+  // A reply to a subscribe is still a subscribe's reply, and messages flow.
+  second.reply({ channel: "chat:1", epoch: "E", offset: 6, data: "m", user: "42" });
+  assert.deepEqual(got, ["m"]);
+
+  // reconnect() ends the connection too.
+  const again = client.rpc("x");
+  client.reconnect();
+  assert.equal((await rejection(again)).code, "disconnected");
+  // close() refuses what waits, and every later call.
+  const waiting = client.rpc("y");
+  client.close();
+  assert.equal((await rejection(waiting)).code, "closed");
+  assert.equal((await rejection(client.rpc("z"))).code, "closed");
+});
+
+test("calls need the WebSocket: refused at once without one", async () => {
+  const { client } = scripted({ transports: ["sse", "poll"] });
+  const error = await rejection(client.publish("chat:1", 1));
+  assert.equal(error.code, "needs_websocket");
+  assert.match(error.message, /sse/);
+  client.close();
+});
+
+test("queued calls are refused when the client falls back to SSE", async () => {
+  const realFetch = globalThis.fetch;
+  // pushgate answers long-poll (the probe) while the WebSocket never opens;
+  // the SSE stream that follows never answers.
+  globalThis.fetch = async (url) =>
+    String(url).includes("/poll")
+      ? new Response(JSON.stringify({ messages: [], cursor: buildCursor([]), reset: [] }))
+      : new Promise(() => {});
+  try {
+    const { client, latest } = scripted();
+    const fallbacks = [];
+    client.on("fallback", (f) => fallbacks.push(f.transport));
+    client.subscribe("chat:1");
+    const waiting = client.rpc("who");
+    await settled(latest, "a socket");
+    latest().drop(1006);
+    await settled(() => ScriptedSocket.made.length == 2, "a second try");
+    latest().drop(1006);
+    const error = await rejection(waiting);
+    assert.equal(error.code, "needs_websocket");
+    assert.deepEqual(fallbacks, ["sse"]);
+    assert.equal((await rejection(client.rpc("who"))).code, "needs_websocket");
+    client.close();
+  } finally {
+    globalThis.fetch = realFetch;
+  }
+});
+
+test("calls waiting for a connection are bounded in number and in time", async () => {
+  const { client, latest } = scripted({ maxQueued: 2, callTimeout: 30 });
+  const waiting = [client.rpc("a"), client.rpc("b")];
+  const refused = await rejection(client.rpc("c"));
+  assert.equal(refused.code, "queue_full");
+  for (const call of waiting) assert.equal((await rejection(call)).code, "timeout");
+  // The socket that opens late sends nothing that timed out.
+  latest().open();
+  assert.deepEqual(latest().calls(), []);
+  // Sent but unanswered: the same bound, and a late reply changes nothing.
+  const sent = client.rpc("d");
+  const [call] = latest().calls();
+  const error = await rejection(sent);
+  assert.equal(error.code, "timeout");
+  assert.match(error.message, /publish may still/);
+  latest().reply({ id: call.id, result: "late" });
+  client.close();
+});
+
+test("data that is not JSON is refused before anything is sent", async () => {
+  const { client } = scripted();
+  const error = await rejection(client.rpc("x", { n: 1n }));
+  assert.equal(error.code, "bad_json");
+  assert.equal(client.state, "idle");
+  client.close();
 });
