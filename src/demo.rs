@@ -18,8 +18,9 @@
 //!   (`rpc.path`): `online` answers who is in the lobby, from pushgate's
 //!   presence.
 //!
-//! Pages publish on the typing channel themselves (`publish: direct`): the
-//! app is not involved, and pushgate sets the publisher's user.
+//! Pages publish on the typing channel themselves (`publish: direct`,
+//! `ephemeral`: heard by who is there, never stored): the app is not
+//! involved, and pushgate sets the publisher's user.
 //!
 //! Both listeners must be loopback addresses: the toy login lets anyone be
 //! anyone.
@@ -112,9 +113,11 @@ impl DemoOptions {
                 presence: true,
                 ..ChannelRule::default()
             },
+            // Who is typing is news only now: never stored.
             ChannelRule {
                 prefix: "typing:".to_owned(),
                 publish: ClientPublish::Direct,
+                ephemeral: true,
                 ..ChannelRule::default()
             },
         ];

@@ -16,8 +16,9 @@ export interface Position {
 /** Every publication arrives as this envelope, on every transport. */
 export interface Envelope<T = unknown> {
   channel: string;
-  epoch: string;
-  offset: number;
+  /** Absent on an ephemeral publication (a client's, on a channel with `ephemeral: true`): it is not stored and has no position. */
+  epoch?: string;
+  offset?: number;
   /** Present when the publisher named an event. */
   event?: string;
   /** Present on a publication a client sent (`publish`): its user, set by pushgate from the grant. */

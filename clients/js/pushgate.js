@@ -303,6 +303,11 @@ export function connect(url = "/realtime", options = {}) {
   function deliver(m) {
     const sub = subs.get(m.channel);
     if (!sub) return;
+    // An ephemeral publication has no position: handed on, never counted.
+    if (m.offset === undefined) {
+      for (const h of sub.h) call(h, m.data, m);
+      return emit("message", m);
+    }
     const p = sub.p;
     if (p && p.epoch == m.epoch && m.offset <= p.offset) return;
     sub.p = { epoch: m.epoch, offset: m.offset };

@@ -396,15 +396,12 @@ async fn pages_publish_who_is_typing_and_ask_the_app_who_is_online() {
         &mut ada_saw,
     )
     .await;
-    let stored = &typed["result"];
-    assert!(
-        stored["epoch"].is_string() && stored["offset"] == 1,
-        "{typed}"
-    );
+    // Ephemeral: nothing stored, so no position.
+    assert_eq!(typed["result"], json!({}), "{typed}");
     let heard = envelope_on(&mut bob, "typing:lobby", &mut bob_saw).await;
     assert_eq!(
         heard,
-        json!({"channel": "typing:lobby", "epoch": stored["epoch"], "offset": 1, "event": "typing", "user": "ada", "data": {"at": 1, "user": "mallory"}})
+        json!({"channel": "typing:lobby", "event": "typing", "user": "ada", "data": {"at": 1, "user": "mallory"}})
     );
     // The publisher hears its own too (the page skips its own name).
     assert_eq!(

@@ -365,3 +365,28 @@ test("data that is not JSON is refused before anything is sent", async () => {
   assert.equal(client.state, "idle");
   client.close();
 });
+
+test("an ephemeral publication is handed on and leaves the resume position alone", async () => {
+  const { client, latest } = scripted();
+  const heard = [];
+  client.subscribe("typing:1", (data, envelope) => heard.push([data, envelope]));
+  await settled(latest, "a socket");
+  const ws = latest();
+  ws.open();
+  const [subscribe] = ws.sent.filter((c) => c.op == "subscribe");
+  ws.reply({ id: subscribe.id, result: { recovered: true, epoch: "E", offset: 4 } });
+  ws.reply({ channel: "typing:1", epoch: "E", offset: 5, data: "stored" });
+  ws.reply({ channel: "typing:1", event: "typing", user: "ada", data: { on: true } });
+  assert.deepEqual(
+    heard.map(([data]) => data),
+    ["stored", { on: true }]
+  );
+  assert.equal(heard[1][1].user, "ada");
+  // Resuming asks for what follows the last stored publication.
+  ws.drop(1006);
+  await settled(() => latest() != ws, "a new socket");
+  latest().open();
+  const [again] = latest().sent.filter((c) => c.op == "subscribe");
+  assert.equal(again.since, "E:5");
+  client.close();
+});
