@@ -25,6 +25,7 @@ mod broadcast;
 mod connect;
 mod floor;
 mod grip;
+mod rpc;
 mod subscriber;
 mod upstream;
 
@@ -51,6 +52,9 @@ enum Command {
     Connect(connect::Args),
     /// The least a server can do to broadcast over SSE: the machine's floor.
     Floor(floor::Args),
+    /// Calls to the app through pushgate: WebSocket `rpc`, or plain HTTP
+    /// through its proxy.
+    Rpc(rpc::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Broadcast(args) => broadcast::run(args),
         Command::Connect(args) => connect::run(args),
         Command::Floor(args) => floor::run(args),
+        Command::Rpc(args) => rpc::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
