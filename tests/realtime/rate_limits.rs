@@ -240,3 +240,57 @@ async fn publishes_per_connection_are_limited_and_the_connection_goes_on() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn commands_over_the_rate_are_answered_with_an_error_and_then_served_again() {
+    let app = Upstream::start().await;
+    let gate = Pushgate::start(
+        &app.url(),
+        "realtime:\n  commands_per_second: 1\n  command_burst: 3\n",
+    )
+    .await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/realtime/ws", gate.addr))
+        .await
+        .unwrap();
+    let ping = |id: u64| json!({"id": id, "op": "ping"}).to_string();
+    let mut answers = Vec::new();
+    for id in 1..=4 {
+        ws.send(Message::text(ping(id))).await.unwrap();
+    }
+    while answers.len() < 4 {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = frame {
+            answers.push(serde_json::from_str::<Value>(&text).unwrap());
+        }
+    }
+    let limited: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a["error"]["code"] == "rate_limited")
+        .collect();
+    assert_eq!(
+        limited.len(),
+        1,
+        "the burst passes, then one is refused: {answers:?}"
+    );
+    assert_eq!(limited[0]["id"], 4);
+    assert_eq!(refused(&gate, "commands").await, 1);
+    // One refusal is not a flood: the connection stays, and once the rate
+    // has put a command back (1 a second) it is served again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ws.send(Message::text(ping(10))).await.unwrap();
+    let reply: Value = loop {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .expect("still open")
+            .unwrap();
+        if let Message::Text(text) = frame {
+            break serde_json::from_str(&text).unwrap();
+        }
+    };
+    assert_eq!(reply, json!({"id": 10, "result": {}}));
+}
