@@ -464,6 +464,38 @@ async fn a_master_that_hangs_under_load_fails_only_its_own_channels() {
     run(RedisCluster::start(3), Fault::Hang).await;
 }
 
+/// A numbered stream of `total` publications on each channel, through
+/// both nodes, let through up to the gate's value (at first [`COPIED`]).
+fn gated_publishers(
+    channels: &[String],
+    total: u64,
+    nodes: &[Node],
+    rng: &mut StdRng,
+    deadline: Instant,
+) -> (
+    watch::Sender<u64>,
+    Tally,
+    Vec<tokio::task::JoinHandle<common::chaos::Stream>>,
+) {
+    let (gate, gated) = watch::channel(COPIED);
+    let tally = Tally::default();
+    let publishers = channels
+        .iter()
+        .map(|channel| {
+            tokio::spawn(publish_stream(
+                channel.clone(),
+                total,
+                nodes.to_vec(),
+                StdRng::seed_from_u64(rng.random()),
+                gated.clone(),
+                tally.clone(),
+                deadline,
+            ))
+        })
+        .collect();
+    (gate, tally, publishers)
+}
+
 /// Publications per channel in each phase of the lagging replica's test:
 /// copied to the replica; acknowledged by the master and never copied;
 /// numbered by the promoted replica before any node checked the channel;
@@ -539,22 +571,7 @@ async fn a_promoted_replica_that_lacked_acknowledged_publications_leaves_no_sile
     }
 
     let total = COPIED + UNCOPIED + NUMBERED_OVER + AFTER;
-    let (gate, gated) = watch::channel(COPIED);
-    let tally = Tally::default();
-    let publishers: Vec<_> = channels
-        .iter()
-        .map(|channel| {
-            tokio::spawn(publish_stream(
-                channel.clone(),
-                total,
-                nodes.clone(),
-                StdRng::seed_from_u64(rng.random()),
-                gated.clone(),
-                tally.clone(),
-                deadline,
-            ))
-        })
-        .collect();
+    let (gate, tally, publishers) = gated_publishers(&channels, total, &nodes, &mut rng, deadline);
     let n = channels.len() as u64;
     let stored = |tally: &Tally| tally.stored.load(Ordering::Relaxed);
     wait_until(deadline, "the copied publications", || {
@@ -691,22 +708,7 @@ async fn waiting_for_a_replica_a_promoted_one_holds_every_acknowledged_publicati
     let replica = cluster.replica_of(master);
 
     let total = COPIED + UNCOPIED + AFTER;
-    let (gate, gated) = watch::channel(COPIED);
-    let tally = Tally::default();
-    let publishers: Vec<_> = channels
-        .iter()
-        .map(|channel| {
-            tokio::spawn(publish_stream(
-                channel.clone(),
-                total,
-                nodes.clone(),
-                StdRng::seed_from_u64(rng.random()),
-                gated.clone(),
-                tally.clone(),
-                deadline,
-            ))
-        })
-        .collect();
+    let (gate, tally, publishers) = gated_publishers(&channels, total, &nodes, &mut rng, deadline);
     let n = channels.len() as u64;
     let stored = |tally: &Tally| tally.stored.load(Ordering::Relaxed);
     let refused = |tally: &Tally| tally.refused.load(Ordering::Relaxed);

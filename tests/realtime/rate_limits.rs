@@ -83,6 +83,20 @@ async fn refused(gate: &Pushgate, limit: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {line} in {text}"))
 }
 
+/// The next text frame of `ws`, as JSON.
+async fn next_json(ws: &mut common::WsClient) -> Value {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .expect("still open")
+            .unwrap();
+        if let Message::Text(text) = frame {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
 /// Retries `attempt` until it succeeds, within `PATIENCE`.
 async fn recovers<F, Fut>(what: &str, mut attempt: F)
 where
@@ -201,15 +215,7 @@ async fn publishes_per_connection_are_limited_and_the_connection_goes_on() {
         ws.send(Message::text(publish().to_string())).await.unwrap();
     }
     while replies.len() < 3 {
-        let frame = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(text) = frame {
-            let reply: Value = serde_json::from_str(&text).unwrap();
-            replies.push(reply);
-        }
+        replies.push(next_json(&mut ws).await);
     }
     replies.sort_by_key(|r| r["id"].as_u64());
     assert!(replies[0]["result"]["offset"].is_u64(), "{replies:?}");
@@ -221,16 +227,7 @@ async fn publishes_per_connection_are_limited_and_the_connection_goes_on() {
     loop {
         let command = publish();
         ws.send(Message::text(command.to_string())).await.unwrap();
-        let reply: Value = loop {
-            let frame = tokio::time::timeout(PATIENCE, ws.next())
-                .await
-                .expect("in time")
-                .unwrap()
-                .unwrap();
-            if let Message::Text(text) = frame {
-                break serde_json::from_str(&text).unwrap();
-            }
-        };
+        let reply = next_json(&mut ws).await;
         assert_eq!(reply["id"], command["id"]);
         if reply["result"]["offset"].is_u64() {
             break;
@@ -258,14 +255,7 @@ async fn commands_over_the_rate_are_answered_with_an_error_and_then_served_again
         ws.send(Message::text(ping(id))).await.unwrap();
     }
     while answers.len() < 4 {
-        let frame = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(text) = frame {
-            answers.push(serde_json::from_str::<Value>(&text).unwrap());
-        }
+        answers.push(next_json(&mut ws).await);
     }
     let limited: Vec<&Value> = answers
         .iter()
@@ -282,15 +272,5 @@ async fn commands_over_the_rate_are_answered_with_an_error_and_then_served_again
     // has put a command back (1 a second) it is served again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     ws.send(Message::text(ping(10))).await.unwrap();
-    let reply: Value = loop {
-        let frame = tokio::time::timeout(PATIENCE, ws.next())
-            .await
-            .expect("in time")
-            .expect("still open")
-            .unwrap();
-        if let Message::Text(text) = frame {
-            break serde_json::from_str(&text).unwrap();
-        }
-    };
-    assert_eq!(reply, json!({"id": 10, "result": {}}));
+    assert_eq!(next_json(&mut ws).await, json!({"id": 10, "result": {}}));
 }
