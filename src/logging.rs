@@ -13,8 +13,12 @@ pub fn init(settings: &Settings) {
         .cloned()
         .fold(EnvFilter::default(), EnvFilter::add_directive);
     let config = &settings.config.log;
+    // Colour only for a person at a terminal: in a file or a pipe the
+    // escape codes are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Text => builder.try_init(),

@@ -491,3 +491,43 @@ async fn a_request_the_app_cannot_take_is_logged_with_its_method_and_path() {
         assert_eq!(event["path"], path, "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_to_a_file_or_pipe_carry_no_colour_codes() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("plain-log");
+    let path = dir.0.join("pushgate.yaml");
+    std::fs::write(&path, config_for(&app, "log:\n  format: text\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("--config")
+        .arg(&path)
+        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_API__KEYS", common::API_KEY)
+        .env("PUSHGATE_AUTH__MODE", "none")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _child = Killed(child);
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("listening") {
+                break;
+            }
+        }
+        seen
+    });
+    let seen = tokio::time::timeout(PATIENCE, seen)
+        .await
+        .expect("pushgate logs a listening line")
+        .unwrap();
+    assert!(seen.contains("listening"), "{seen}");
+    assert!(!seen.contains('\u{1b}'), "colour codes in a pipe: {seen:?}");
+}
