@@ -79,6 +79,8 @@ pub struct DemoOptions {
     pub api_listen: SocketAddr,
     /// Use the Redis engine at this URL instead of the memory engine.
     pub redis: Option<String>,
+    /// The API key; made up at start when not given.
+    pub api_key: Option<String>,
 }
 
 impl DemoOptions {
@@ -145,13 +147,18 @@ pub async fn run(
     let app_addr = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr: any, source })?;
-    let key = format!("{:032x}", rand::random::<u128>());
+    let given = options.api_key.is_some();
+    let key = options
+        .api_key
+        .clone()
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let settings = Settings::new(options.config(app_addr, &key))?;
     let server = Server::bind(settings).await?;
     let running = Running {
         url: format!("http://{}/", server.local_addr()),
         api: format!("http://{}", server.api_addr()),
         key,
+        key_given: given,
         engine: if options.redis.is_some() {
             "redis"
         } else {
@@ -177,8 +184,11 @@ pub struct Running {
     pub url: String,
     /// pushgate's API.
     pub api: String,
-    /// The API key, made up at start.
+    /// The API key, given or made up at start.
     pub key: String,
+    /// The key was given (`--api-key`): the printed command outlives a
+    /// restart.
+    pub key_given: bool,
     pub engine: &'static str,
 }
 
@@ -190,15 +200,21 @@ impl Running {
             url,
             api,
             key,
+            key_given,
             engine,
         } = self;
+        let kept = if *key_given {
+            ""
+        } else {
+            "          (a new one at each start; --api-key or PUSHGATE_DEMO_API_KEY keeps one)\n"
+        };
         let engine = match *engine {
             "redis" => "redis: history survives a restart of pushgate",
             _ => "memory: one node; a restart loses history (pages get a reset)",
         };
         format!(
             "pushgate demo: open {url} in two windows (one private), log in, and chat.\n\
-             \n  engine  {engine}\n  api     {api}\n  key     {key}\n\
+             \n  engine  {engine}\n  api     {api}\n  key     {key}\n{kept}\
              \nPublish from a terminal:\n  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    \
              -d '{{\"channel\": \"{LOBBY}\", \"event\": \"message\", \"data\": {{\"from\": \"curl\", \"text\": \"hello\"}}}}' \\\n    \
              {api}/api/publish\n\nCtrl-C stops it.\n"
@@ -603,6 +619,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             redis: None,
+            api_key: None,
         };
         assert!(options("127.0.0.1:0").problem().is_none());
         assert!(options("[::1]:8080").problem().is_none());
@@ -618,6 +635,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             api_listen: "127.0.0.1:0".parse().unwrap(),
             redis: Some("redis://127.0.0.1:6379".into()),
+            api_key: None,
         };
         let config = options.config("127.0.0.1:9".parse().unwrap(), "k".repeat(32).as_str());
         assert_eq!(config.engine.kind, EngineKind::Redis);

@@ -48,6 +48,10 @@ enum Command {
         /// instead of the memory engine.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+        /// The API key the demo prints (at least 32 characters); without
+        /// it, a new one at each start, so a copied command stops working.
+        #[arg(long, value_name = "KEY", env = "PUSHGATE_DEMO_API_KEY")]
+        api_key: Option<String>,
     },
 }
 
@@ -80,12 +84,14 @@ fn main() -> ExitCode {
                 listen,
                 api_listen,
                 redis,
+                api_key,
             }),
             _,
         ) => demo(pushgate::demo::DemoOptions {
             listen,
             api_listen,
             redis,
+            api_key,
         }),
         (None, Some(file)) => {
             let settings = match load(&file) {

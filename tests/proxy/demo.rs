@@ -36,6 +36,11 @@ impl Drop for Demo {
 }
 
 fn start_demo() -> Demo {
+    start_demo_with(&[]).0
+}
+
+/// The demo with extra arguments; also everything it printed up to its key.
+fn start_demo_with(extra: &[&str]) -> (Demo, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
         .args([
             "demo",
@@ -44,6 +49,8 @@ fn start_demo() -> Demo {
             "--api-listen",
             "127.0.0.1:0",
         ])
+        .args(extra)
+        .env_remove("PUSHGATE_DEMO_API_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -80,7 +87,48 @@ fn start_demo() -> Demo {
         printed.push(line);
     }
     assert!(demo.url.starts_with("http://127.0.0.1:") && demo.url.ends_with('/'));
-    demo
+    // The rest of the banner, to its last line.
+    while !printed.iter().any(|l| l.contains("Ctrl-C stops it")) {
+        let line = lines.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            panic!("the demo printed its whole banner; it printed {printed:?}")
+        });
+        printed.push(line);
+    }
+    (demo, printed)
+}
+
+#[tokio::test]
+async fn a_given_api_key_keeps_the_printed_command_valid_across_restarts() {
+    let key = "demo-key-that-outlives-a-restart-0123456789";
+    for _ in 0..2 {
+        let (demo, printed) = start_demo_with(&["--api-key", key]);
+        assert_eq!(demo.key, key);
+        assert!(
+            printed.iter().any(|l| l.contains(&format!("Bearer {key}"))),
+            "the printed curl uses the key: {printed:?}"
+        );
+        assert!(!printed
+            .iter()
+            .any(|l| l.contains("a new one at each start")));
+        let published = call(
+            "POST",
+            &format!("{}/api/publish", demo.api),
+            &[
+                ("authorization", &format!("Bearer {key}")),
+                ("content-type", "application/json"),
+            ],
+            r#"{"channel": "chat:lobby", "data": {"from": "curl", "text": "hi"}}"#,
+        )
+        .await;
+        assert_eq!(published.status, StatusCode::OK, "{}", published.body);
+    }
+    // Without one, a key made up at start, and the page says so.
+    let (demo, printed) = start_demo_with(&[]);
+    assert_eq!(demo.key.len(), 32);
+    assert!(
+        printed.iter().any(|l| l.contains("--api-key")),
+        "{printed:?}"
+    );
 }
 
 struct Answer {
