@@ -33,6 +33,9 @@ pub enum Error {
 pub enum ProxyError {
     #[error("the upstream app refused the connection")]
     UpstreamRefused(#[source] body::BoxError),
+    /// The app could not be reached, for a reason other than a refusal.
+    #[error("the upstream app could not be reached: {0}")]
+    UpstreamUnreachable(&'static str, #[source] body::BoxError),
     #[error("the upstream app sent no response headers within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
     #[error("the upstream app closed the connection without a valid response")]
@@ -60,9 +63,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::UpstreamRefused(_) | ProxyError::UpstreamFailed(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamRefused(_)
+            | ProxyError::UpstreamUnreachable(..)
+            | ProxyError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ConnectRefused => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UploadStalled(_) => StatusCode::REQUEST_TIMEOUT,

@@ -124,11 +124,24 @@ impl Pools {
         })
     }
 
-    /// A new connection to the app, never used before.
+    /// A new connection to the app, never used before. A host name that
+    /// does not resolve is `NotFound`, told apart from a failed connect.
     pub async fn connect(&self) -> io::Result<Conn> {
         let stream = match self.addr {
             Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(self.authority.as_str()).await,
+            None => {
+                let addrs: Vec<_> = tokio::net::lookup_host(self.authority.as_str())
+                    .await
+                    .map_err(|err| io::Error::new(io::ErrorKind::NotFound, err))?
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{} resolved to no address", self.authority),
+                    ));
+                }
+                TcpStream::connect(&addrs[..]).await
+            }
         }?;
         stream.set_nodelay(true)?;
         Ok(Conn::new(stream))

@@ -340,7 +340,9 @@ fn answer_for(
         Ok(response) => response,
         Err(err) => {
             match &err {
-                ProxyError::UpstreamRefused(cause) | ProxyError::UpstreamFailed(cause) => {
+                ProxyError::UpstreamRefused(cause)
+                | ProxyError::UpstreamUnreachable(_, cause)
+                | ProxyError::UpstreamFailed(cause) => {
                     tracing::warn!(%method, %path, error = %err, cause = %error_chain(cause.as_ref()), "proxy error")
                 }
                 // The client's doing, not an error of pushgate or the app.

@@ -1139,3 +1139,25 @@ async fn bytes_after_an_answer_never_answer_the_next_request() {
     assert_eq!(second.unwrap(), "fine");
     assert_eq!(app.accepted(), 2);
 }
+
+/// Each way the app cannot be reached is told in its own words: nothing
+/// listening, and a host name that does not resolve.
+#[tokio::test]
+async fn an_app_that_cannot_be_reached_is_told_apart_by_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for (upstream, words) in [
+        (format!("http://{closed}"), "refused the connection"),
+        (
+            "http://pushgate-test-host.invalid:3000".to_owned(),
+            "could not be reached: its host name did not resolve",
+        ),
+    ] {
+        let gate = Pushgate::start(&upstream, "").await;
+        let (status, body) = common::get(&format!("http://{}/", gate.addr)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{upstream}");
+        assert!(body.contains(words), "{upstream}: {body}");
+    }
+}

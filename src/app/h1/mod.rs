@@ -53,8 +53,21 @@ fn failed(cause: impl Into<BoxError>) -> ProxyError {
     ProxyError::UpstreamFailed(cause.into())
 }
 
+/// A connection to the app that could not be made, in words for its cause.
 fn refused(cause: io::Error) -> ProxyError {
-    ProxyError::UpstreamRefused(cause.into())
+    let why = match cause.kind() {
+        io::ErrorKind::ConnectionRefused => return ProxyError::UpstreamRefused(cause.into()),
+        io::ErrorKind::NotFound => "its host name did not resolve",
+        io::ErrorKind::TimedOut => "connecting to it timed out",
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            "there is no route to it"
+        }
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+            "it reset the connection"
+        }
+        _ => "connecting to it failed",
+    };
+    ProxyError::UpstreamUnreachable(why, cause.into())
 }
 
 /// Sends requests to the app over kept-alive connections (see
