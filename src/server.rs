@@ -350,6 +350,7 @@ impl Server {
             shards,
             "listening"
         );
+        tracing::info!("{}", realtime.describe_auth());
         let addr = public.addr;
         let first = public
             .tcp

@@ -93,13 +93,21 @@ pub(super) fn grant_or_refusal(
             "forbidden",
             reason(body, "the app refused this connection"),
         )),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Err(unavailable(&format!(
+            "the app answered {status}: it has no auth endpoint there; add one that answers \
+             {{\"user\", \"channels\"}}, or set auth.upstream.path to it, or choose another \
+             auth.mode"
+        ))),
         other => Err(unavailable(&format!("the app answered {other}"))),
     }
 }
 
 pub(super) fn parse_grant(body: &[u8]) -> Result<Grant, String> {
     let grant: AppGrant = serde_json::from_slice(body).map_err(|err| {
-        format!("the app's 200 is not a grant ({{\"user\", \"channels\"}}): {err}")
+        format!(
+            "the app's 200 is not a grant ({{\"user\", \"channels\"}}): {err}; is \
+             auth.upstream.path the app's auth endpoint?"
+        )
     })?;
     if grant.user.is_empty() || grant.user.len() > 256 {
         return Err("the grant's user must be 1 to 256 bytes".into());
@@ -217,6 +225,31 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn an_app_without_an_auth_endpoint_is_told_what_to_do() {
+        for status in [StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED] {
+            let why = std::cell::RefCell::new(String::new());
+            let refused = grant_or_refusal(status, b"<html>", |text| {
+                *why.borrow_mut() = text.to_owned();
+                Refusal::new(Kind::Unavailable, "auth_unavailable", "x")
+            });
+            assert!(refused.is_err());
+            assert!(
+                why.borrow().contains("no auth endpoint"),
+                "{}",
+                why.borrow()
+            );
+        }
+        let page = grant_or_refusal(StatusCode::OK, b"<html>", |text| {
+            assert!(
+                text.contains("is auth.upstream.path the app's auth endpoint"),
+                "{text}"
+            );
+            Refusal::new(Kind::Unavailable, "auth_unavailable", "x")
+        });
+        assert!(page.is_err());
     }
 
     #[test]

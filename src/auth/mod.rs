@@ -122,6 +122,24 @@ impl Auth {
         }
     }
 
+    /// How realtime connections are authorized, in words for the log at
+    /// start: a new user's first question when every connect is refused.
+    pub fn describe(&self) -> String {
+        match &self.mode {
+            Mode::None => "auth.mode none: every realtime connection may hear every channel \
+                 (allowed on a loopback listener only)"
+                .to_owned(),
+            Mode::Upstream(app) => format!(
+                "auth.mode upstream: each realtime connection is asked of the app at POST {}, \
+                 which answers {{\"user\", \"channels\"}}, 401 or 403 (docs/protocol.md#connecting)",
+                app.url
+            ),
+            Mode::Jwt(_) => "auth.mode jwt: realtime connections carry a token signed with \
+                 auth.jwt's key"
+                .to_owned(),
+        }
+    }
+
     /// What to keep of a connection's request for later questions to the app.
     pub fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
         match &self.mode {

@@ -280,6 +280,11 @@ impl Realtime {
         &self.events
     }
 
+    /// How realtime connections are authorized, for the log at start.
+    pub fn describe_auth(&self) -> String {
+        self.auth.describe()
+    }
+
     /// Auth outcomes, for /metrics.
     pub fn auth_stats(&self) -> crate::auth::AuthStats {
         self.auth.stats()

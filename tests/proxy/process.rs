@@ -531,3 +531,63 @@ async fn text_logs_to_a_file_or_pipe_carry_no_colour_codes() {
     assert!(seen.contains("listening"), "{seen}");
     assert!(!seen.contains('\u{1b}'), "colour codes in a pipe: {seen:?}");
 }
+
+/// A new user's first question when every realtime connect is refused:
+/// the log says at start how connections are authorized, and says what to
+/// do when the app has no auth endpoint (here the app answers every path
+/// with a page, as a catch-all route does).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_names_the_auth_mode_and_what_to_do_without_an_auth_endpoint() {
+    let app = Upstream::start().await;
+    let dir = TempDir::new("auth-hint");
+    let path = dir.0.join("pushgate.yaml");
+    std::fs::write(&path, config_for(&app, "")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("--config")
+        .arg(&path)
+        .env("PUSHGATE_LOG__FORMAT", "json")
+        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_API__KEYS", common::API_KEY)
+        .env("PUSHGATE_AUTH__MODE", "upstream")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _child = Killed(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> serde_json::Value {
+        loop {
+            let line = lines
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("pushgate logs {what}"));
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["message"].as_str().is_some_and(|m| m.contains(what)) {
+                return event;
+            }
+        }
+    };
+    let listening = next("listening");
+    let mode = next("auth.mode upstream");
+    let message = mode["message"].as_str().unwrap();
+    assert!(message.contains("/realtime/auth"), "{message}");
+    let public = listening["addr"].as_str().unwrap();
+    let (status, _) = common::get(&format!("http://{public}/realtime/sse?channel=a")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let failed = next("request to the app failed");
+    let why = failed["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("is auth.upstream.path the app's auth endpoint"),
+        "{failed}"
+    );
+}
