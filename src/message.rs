@@ -64,6 +64,54 @@ enum Kind {
     Aside,
 }
 
+/// An envelope's JSON, and where its `user` and `data` sit in it.
+struct Envelope {
+    bytes: Vec<u8>,
+    user: Option<Range<usize>>,
+    data: Range<usize>,
+}
+
+impl Envelope {
+    /// `{"channel", "epoch", "offset", "event"?, "user"?, "data"}`; without
+    /// a position (an ephemeral publication), no `epoch` and `offset`.
+    fn write(
+        channel: &ChannelName,
+        position: Option<Position>,
+        event: Option<&EventName>,
+        user: Option<&str>,
+        data: &str,
+    ) -> Envelope {
+        let mut bytes = Vec::with_capacity(64 + channel.as_str().len() + data.len());
+        bytes.extend_from_slice(b"{\"channel\":\"");
+        // Channel, epoch and event characters never need JSON escaping.
+        bytes.extend_from_slice(channel.as_str().as_bytes());
+        bytes.push(b'"');
+        if let Some(position) = position {
+            bytes.extend_from_slice(b",\"epoch\":\"");
+            bytes.extend_from_slice(position.epoch.as_str().as_bytes());
+            bytes.extend_from_slice(b"\",\"offset\":");
+            write!(bytes, "{}", position.offset).expect("writing to a Vec cannot fail");
+        }
+        if let Some(event) = event {
+            bytes.extend_from_slice(b",\"event\":\"");
+            bytes.extend_from_slice(event.as_str().as_bytes());
+            bytes.push(b'"');
+        }
+        let user = user.map(|user| {
+            bytes.extend_from_slice(b",\"user\":");
+            let start = bytes.len();
+            serde_json::to_writer(&mut bytes, user).expect("writing to a Vec cannot fail");
+            start..bytes.len()
+        });
+        bytes.extend_from_slice(b",\"data\":");
+        let data_start = bytes.len();
+        compact_json(data, &mut bytes);
+        let data = data_start..bytes.len();
+        bytes.push(b'}');
+        Envelope { bytes, user, data }
+    }
+}
+
 impl Publication {
     /// Encodes a publication. `data` must be valid JSON (the API checks it);
     /// its insignificant whitespace is dropped so the envelope is one line.
@@ -87,30 +135,11 @@ impl Publication {
         data: &str,
         published_at_ms: u64,
     ) -> Publication {
-        let mut envelope = Vec::with_capacity(64 + channel.as_str().len() + data.len());
-        envelope.extend_from_slice(b"{\"channel\":\"");
-        // Channel, epoch and event characters never need JSON escaping.
-        envelope.extend_from_slice(channel.as_str().as_bytes());
-        envelope.extend_from_slice(b"\",\"epoch\":\"");
-        envelope.extend_from_slice(position.epoch.as_str().as_bytes());
-        envelope.extend_from_slice(b"\",\"offset\":");
-        write!(envelope, "{}", position.offset).expect("writing to a Vec cannot fail");
-        if let Some(event) = &event {
-            envelope.extend_from_slice(b",\"event\":\"");
-            envelope.extend_from_slice(event.as_str().as_bytes());
-            envelope.push(b'"');
-        }
-        let user = user.map(|user| {
-            envelope.extend_from_slice(b",\"user\":");
-            let start = envelope.len();
-            serde_json::to_writer(&mut envelope, user).expect("writing to a Vec cannot fail");
-            start..envelope.len()
-        });
-        envelope.extend_from_slice(b",\"data\":");
-        let data_start = envelope.len();
-        compact_json(data, &mut envelope);
-        let data_range = data_start..envelope.len();
-        envelope.push(b'}');
+        let Envelope {
+            bytes: envelope,
+            user,
+            data: data_range,
+        } = Envelope::write(&channel, Some(position), event.as_ref(), user, data);
 
         let mut sse = Vec::with_capacity(envelope.len() + 16 + MAX_EVENT_LEN);
         if let Some(event) = &event {
@@ -190,22 +219,7 @@ impl Publication {
         user: Option<&str>,
         data: &str,
     ) -> Publication {
-        let mut json = Vec::with_capacity(48 + channel.as_str().len() + data.len());
-        json.extend_from_slice(b"{\"channel\":\"");
-        json.extend_from_slice(channel.as_str().as_bytes());
-        json.push(b'"');
-        if let Some(event) = &event {
-            json.extend_from_slice(b",\"event\":\"");
-            json.extend_from_slice(event.as_str().as_bytes());
-            json.push(b'"');
-        }
-        if let Some(user) = user {
-            json.extend_from_slice(b",\"user\":");
-            serde_json::to_writer(&mut json, user).expect("writing to a Vec cannot fail");
-        }
-        json.extend_from_slice(b",\"data\":");
-        compact_json(data, &mut json);
-        json.push(b'}');
+        let json = Envelope::write(&channel, None, event.as_ref(), user, data).bytes;
         let json = String::from_utf8(json).expect("built from UTF-8");
         let sse_event = event
             .as_ref()

@@ -56,21 +56,33 @@ pub struct RpcPaths {
     pub call: Option<PathAndQuery>,
     /// `rpc.publish_path`: publishes on `publish: via_app` channels.
     pub publish: Option<PathAndQuery>,
+    /// Both, folded once ([`fold_path`]).
+    folded: Vec<Vec<u8>>,
 }
 
 impl RpcPaths {
+    pub fn new(call: Option<PathAndQuery>, publish: Option<PathAndQuery>) -> RpcPaths {
+        let folded = [&call, &publish]
+            .into_iter()
+            .flatten()
+            .map(|endpoint| fold_path(endpoint.path()))
+            .collect();
+        RpcPaths {
+            call,
+            publish,
+            folded,
+        }
+    }
+
     /// Whether a client's request for `path` is for one of these, in any
-    /// spelling an app's router may read as it: compared folded.
+    /// spelling an app's router may read as it: compared folded. Without
+    /// either (the common case) nothing is folded.
     pub fn is_app_only(&self, path: &str) -> bool {
-        let mut endpoints = [&self.call, &self.publish].into_iter().flatten();
-        // The common case, no endpoint, folds nothing.
-        let Some(first) = endpoints.next() else {
+        if self.folded.is_empty() {
             return false;
-        };
+        }
         let path = fold_path(path);
-        std::iter::once(first)
-            .chain(endpoints)
-            .any(|endpoint| fold_path(endpoint.path()) == path)
+        self.folded.contains(&path)
     }
 }
 
@@ -700,18 +712,16 @@ impl Config {
             }
             _ => None,
         };
-        let rpc = RpcPaths {
-            call: self
-                .rpc
+        let rpc = RpcPaths::new(
+            self.rpc
                 .path
                 .as_ref()
                 .and_then(|path| auth_path("rpc.path", path)),
-            publish: self
-                .rpc
+            self.rpc
                 .publish_path
                 .as_ref()
                 .and_then(|path| auth_path("rpc.publish_path", path)),
-        };
+        );
         if self.rpc.timeout.is_zero() {
             problem(
                 "rpc.timeout",

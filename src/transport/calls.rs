@@ -204,8 +204,8 @@ fn rewritten_data(answer: &Answer) -> Result<Option<String>, Failure> {
         return Ok(None);
     }
     // An object only: a struct would also be read from an array.
-    let decision: std::collections::HashMap<&str, &RawValue> =
-        serde_json::from_str(text).map_err(|_| {
+    let decision: std::collections::HashMap<String, &RawValue> = serde_json::from_str(text)
+        .map_err(|_| {
             Failure::new(
                 "app_error",
                 "the app's answer to a publish is not an object such as {\"data\": …}",
@@ -354,6 +354,11 @@ mod tests {
             rewritten_data(&answer(200, r#"{"data": null}"#)).unwrap(),
             None,
             "null data is no rewrite"
+        );
+        // Keys as JSON allows them to be written, escapes included.
+        assert_eq!(
+            rewritten_data(&answer(200, r#"{"d\u0061ta": 1, "n\u00e9": 2}"#)).unwrap(),
+            Some("1".to_owned())
         );
         for bad in ["[1]", "not json", "\"text\""] {
             assert_eq!(

@@ -492,43 +492,52 @@ async fn a_request_the_app_cannot_take_is_logged_with_its_method_and_path() {
     }
 }
 
+/// pushgate as a process on the config at `path`, with `env`; its log
+/// lines as they come (stderr is a pipe).
+fn spawn_logging(
+    path: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Killed, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
+        .arg("--config")
+        .arg(path)
+        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
+        .env("PUSHGATE_API__KEYS", common::API_KEY)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Killed(child), lines)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn text_logs_to_a_file_or_pipe_carry_no_colour_codes() {
     let app = Upstream::start().await;
     let dir = TempDir::new("plain-log");
     let path = dir.0.join("pushgate.yaml");
     std::fs::write(&path, config_for(&app, "log:\n  format: text\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
-        .arg("--config")
-        .arg(&path)
-        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
-        .env("PUSHGATE_API__KEYS", common::API_KEY)
-        .env("PUSHGATE_AUTH__MODE", "none")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _child = Killed(child);
-    let seen = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut seen = String::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.contains("listening") {
-                break;
-            }
-        }
-        seen
-    });
-    let seen = tokio::time::timeout(PATIENCE, seen)
-        .await
-        .expect("pushgate logs a listening line")
-        .unwrap();
-    assert!(seen.contains("listening"), "{seen}");
+    let (_child, lines) = spawn_logging(&path, &[("PUSHGATE_AUTH__MODE", "none")]);
+    let mut seen = String::new();
+    while !seen.contains("listening") {
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("pushgate logs a listening line; it logged {seen:?}"));
+        seen.push_str(&line);
+        seen.push('\n');
+    }
     assert!(!seen.contains('\u{1b}'), "colour codes in a pipe: {seen:?}");
 }
 
@@ -542,30 +551,13 @@ async fn the_log_names_the_auth_mode_and_what_to_do_without_an_auth_endpoint() {
     let dir = TempDir::new("auth-hint");
     let path = dir.0.join("pushgate.yaml");
     std::fs::write(&path, config_for(&app, "")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
-        .arg("--config")
-        .arg(&path)
-        .env("PUSHGATE_LOG__FORMAT", "json")
-        .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
-        .env("PUSHGATE_API__KEYS", common::API_KEY)
-        .env("PUSHGATE_AUTH__MODE", "upstream")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _child = Killed(child);
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (_child, lines) = spawn_logging(
+        &path,
+        &[
+            ("PUSHGATE_LOG__FORMAT", "json"),
+            ("PUSHGATE_AUTH__MODE", "upstream"),
+        ],
+    );
     let next = |what: &str| -> serde_json::Value {
         loop {
             let line = lines
