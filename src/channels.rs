@@ -26,11 +26,53 @@ pub struct Channels {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     rules: ChannelRules,
+    /// Told when a channel's first subscriber on this node arrived or its
+    /// last left.
+    watch: Option<Arc<dyn Watch>>,
+}
+
+/// What wants to know when this node starts or stops hearing a channel
+/// (Pusher's occupied and vacated webhooks).
+pub trait Watch: Send + Sync + 'static {
+    /// Whether `channel` is watched at all: only those are reported.
+    fn watches(&self, channel: &str) -> bool;
+    /// This node's first subscriber to `channel` arrived or its last left,
+    /// and the engine has started or stopped listening. Run on a task of
+    /// its own, in no particular order across channels.
+    fn changed(
+        self: Arc<Self>,
+        channel: ChannelName,
+    ) -> futures_util::future::BoxFuture<'static, ()>;
 }
 
 impl Channels {
     pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, rules: ChannelRules) -> Channels {
-        Channels { hub, broker, rules }
+        Channels {
+            hub,
+            broker,
+            rules,
+            watch: None,
+        }
+    }
+
+    /// Reports first and last subscribers to `watch`.
+    pub fn watched_by(mut self, watch: Option<Arc<dyn Watch>>) -> Channels {
+        self.watch = watch;
+        self
+    }
+
+    /// Tells the watch, on its own task, that `channel` changed here.
+    fn report(&self, channel: &ChannelName) {
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        if !watch.watches(channel.as_str()) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (watch, channel) = (watch.clone(), channel.clone());
+            runtime.spawn(watch.changed(channel));
+        }
     }
 
     pub fn rules(&self) -> &ChannelRules {
@@ -51,7 +93,7 @@ impl Channels {
         channel: &'a ChannelName,
         outbox: &'a Arc<Outbox>,
     ) -> Result<Joining<'a>, BrokerError> {
-        self.hub.subscribe(channel, outbox);
+        let first = self.hub.subscribe(channel, outbox);
         let joining = Joining {
             channels: self,
             channel,
@@ -59,6 +101,9 @@ impl Channels {
             kept: false,
         };
         self.broker.subscribe(channel).await?;
+        if first {
+            self.report(channel);
+        }
         Ok(joining)
     }
 
@@ -81,12 +126,18 @@ impl Channels {
         };
         let broker = self.broker.clone();
         let channel = channel.clone();
+        let watch = (last && self.watch.as_ref().is_some_and(|w| w.watches(channel.as_str())))
+            .then(|| self.watch.clone())
+            .flatten();
         runtime.spawn(async move {
             if let Some((member, mode)) = present {
                 broker.leave(&channel, &member, mode).await;
             }
             if last {
                 broker.unsubscribe(&channel).await;
+            }
+            if let Some(watch) = watch {
+                watch.changed(channel).await;
             }
         });
     }

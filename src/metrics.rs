@@ -77,6 +77,7 @@ impl Metrics {
         hub: &Hub,
         auth: AuthStats,
         events: Option<PostStats>,
+        webhooks: Option<PostStats>,
     ) -> String {
         let scrape = Scrape {
             publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
@@ -88,6 +89,7 @@ impl Metrics {
             deliveries: hub.delivered_total(),
             slow_consumers: hub.lagged_total(),
             events,
+            webhooks,
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(scrape));
@@ -111,6 +113,8 @@ struct Scrape {
     slow_consumers: u64,
     /// `None` while `events.path` is not set.
     events: Option<PostStats>,
+    /// `None` while no Pusher app has `webhook.url` set.
+    webhooks: Option<PostStats>,
 }
 
 /// Writes metric families into one scrape. Names are given as exposed,
@@ -257,39 +261,44 @@ impl Collector for Scrape {
             encode_redis(&mut out, redis)?;
         }
         if let Some(events) = &self.events {
-            encode_events(&mut out, events)?;
+            encode_posted(&mut out, "pushgate_events", "Connection events", events)?;
+        }
+        if let Some(webhooks) = &self.webhooks {
+            encode_posted(&mut out, "pushgate_pusher_webhooks", "Pusher webhooks", webhooks)?;
         }
         Ok(())
     }
 }
 
-fn encode_events(out: &mut Out, events: &PostStats) -> Written {
+/// A `posting` queue's counts, as `{prefix}_sent`, `_dropped`, `_retries`
+/// and `_queued`; `what` names its items.
+fn encode_posted(out: &mut Out, prefix: &str, what: &str, posted: &PostStats) -> Written {
     let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
     out.counter(
-        "pushgate_events_sent",
-        "Connection events the app acknowledged (2xx).",
-        events.sent,
+        &format!("{prefix}_sent"),
+        &format!("{what} the app acknowledged (2xx)."),
+        posted.sent,
     )?;
     out.labelled(
-        "pushgate_events_dropped",
-        "Connection events never acknowledged: queue_full (the oldest dropped while the app was slow or down), refused (the app answered a 4xx), shutdown (left unsent when the node stopped).",
+        &format!("{prefix}_dropped"),
+        &format!("{what} never acknowledged: queue_full (the oldest dropped while the app was slow or down), refused (the app answered a 4xx), shutdown (left unsent when the node stopped)."),
         MetricType::Counter,
         "reason",
         [
-            ("queue_full", count(events.dropped_queue_full)),
-            ("refused", count(events.dropped_refused)),
-            ("shutdown", count(events.dropped_shutdown)),
+            ("queue_full", count(posted.dropped_queue_full)),
+            ("refused", count(posted.dropped_refused)),
+            ("shutdown", count(posted.dropped_shutdown)),
         ],
     )?;
     out.counter(
-        "pushgate_events_retries",
-        "Batches of connection events that failed (no 2xx or 4xx answer) and were sent again.",
-        events.retries,
+        &format!("{prefix}_retries"),
+        &format!("Batches of {} that failed (no 2xx or 4xx answer) and were sent again.", what.to_lowercase()),
+        posted.retries,
     )?;
     out.gauge(
-        "pushgate_events_queued",
-        "Connection events waiting to be sent, the batch in flight included.",
-        count(events.queued),
+        &format!("{prefix}_queued"),
+        &format!("{what} waiting to be sent, the batch in flight included."),
+        count(posted.queued),
     )
 }
 

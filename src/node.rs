@@ -13,7 +13,7 @@ use crate::auth::Auth;
 use crate::broker::memory::{MemoryBroker, MemoryOptions};
 use crate::broker::redis::{RedisBroker, RedisOptions};
 use crate::broker::Broker;
-use crate::channels::{ChannelRules, Channels};
+use crate::channels::{ChannelRules, Channels, Watch};
 use crate::config::{EngineKind, Settings};
 use crate::error::Error;
 use crate::events::Events;
@@ -21,6 +21,7 @@ use crate::files;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::pusher::PusherApps;
 use crate::shutdown::Drain;
 use crate::transport::{AppLinks, Meters, Realtime};
 
@@ -101,12 +102,21 @@ impl Node {
             ),
         };
         let metrics = Arc::new(Metrics::default());
-        let channels = Arc::new(Channels::new(
-            hub.clone(),
-            broker.clone(),
-            ChannelRules::new(&config.channels),
-        ));
         let calls = app::AppCalls::new(app.clone(), app_files.clone());
+        let pusher = PusherApps::new(settings);
+        if let Some(pusher) = &pusher {
+            pusher.start_webhooks(&calls, broker.clone());
+        }
+        // Pusher's occupied and vacated webhooks watch the channels.
+        let watch = pusher.clone().map(|pusher| pusher as Arc<dyn Watch>);
+        let channels = Arc::new(
+            Channels::new(
+                hub.clone(),
+                broker.clone(),
+                ChannelRules::new(&config.channels),
+            )
+            .watched_by(watch),
+        );
         let events = Events::start(settings, calls.clone(), name.clone());
         let realtime = Arc::new(Realtime::new(
             settings,
@@ -121,6 +131,7 @@ impl Node {
                 auth: Auth::new(settings, calls.clone()),
                 calls,
                 events,
+                pusher: pusher.clone(),
             },
         ));
         let orders = Arc::downgrade(&realtime);
@@ -134,7 +145,7 @@ impl Node {
             channels,
             realtime.clone(),
             metrics,
-            realtime.pusher(),
+            pusher,
         ));
         let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
 

@@ -401,6 +401,9 @@ impl Server {
         }
         // The sessions' last events (their disconnects) are queued by now.
         shard.realtime.events().close().await;
+        if let Some(pusher) = shard.realtime.pusher() {
+            pusher.close().await;
+        }
         shard.finished.cancel();
         for thread in threads {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

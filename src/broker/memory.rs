@@ -51,6 +51,8 @@ pub struct MemoryBroker {
     history_len: AtomicU64,
     /// Who is on each channel with presence, by connection.
     presence: Mutex<HashMap<ChannelName, HashMap<String, Member>>>,
+    /// The channels [`Broker::occupancy`] last found heard.
+    occupied: Mutex<std::collections::HashSet<ChannelName>>,
 }
 
 struct Channel {
@@ -151,6 +153,7 @@ impl MemoryBroker {
             idempotency: Mutex::default(),
             history_len: AtomicU64::new(0),
             presence: Mutex::default(),
+            occupied: Mutex::default(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(sweep(
@@ -369,14 +372,16 @@ impl Broker for MemoryBroker {
         channel: &ChannelName,
         member: &Member,
         mode: PresenceMode,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
+        let mut first = false;
         if mode.listed {
-            self.presence
-                .lock()
-                .expect("presence lock")
-                .entry(channel.clone())
-                .or_default()
-                .insert(member.connection.clone(), member.clone());
+            let mut presence = self.presence.lock().expect("presence lock");
+            let members = presence.entry(channel.clone()).or_default();
+            first = member.user.is_some()
+                && !members
+                    .values()
+                    .any(|m| m.user == member.user && m.connection != member.connection);
+            members.insert(member.connection.clone(), member.clone());
         }
         if mode.announced {
             self.hub.deliver(&Arc::new(Publication::presence_event(
@@ -385,14 +390,18 @@ impl Broker for MemoryBroker {
                 member.event_json(channel, true),
             )));
         }
-        Ok(())
+        Ok(first)
     }
 
-    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) {
+    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) -> bool {
+        let mut last = false;
         if mode.listed {
             let mut presence = self.presence.lock().expect("presence lock");
             if let Some(members) = presence.get_mut(channel.as_str()) {
-                members.remove(&member.connection);
+                let removed = members.remove(&member.connection).is_some();
+                last = removed
+                    && member.user.is_some()
+                    && !members.values().any(|m| m.user == member.user);
                 if members.is_empty() {
                     presence.remove(channel.as_str());
                 }
@@ -405,6 +414,18 @@ impl Broker for MemoryBroker {
                 member.event_json(channel, false),
             )));
         }
+        last
+    }
+
+    async fn occupancy(&self, channel: &ChannelName) -> Result<Option<bool>, BrokerError> {
+        let heard = self.hub.has_subscribers(channel.as_str());
+        let mut occupied = self.occupied.lock().expect("occupied lock");
+        let changed = if heard {
+            occupied.insert(channel.clone())
+        } else {
+            occupied.remove(channel)
+        };
+        Ok(changed.then_some(heard))
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError> {

@@ -451,15 +451,28 @@ pub trait Broker: Send + Sync + 'static {
     async fn unsubscribe(&self, channel: &ChannelName);
 
     /// `member` subscribed to `channel`: list it and/or announce it.
+    /// Answers whether it is its user's first live connection listed on
+    /// the channel, on any node (`false` without a user, or unlisted):
+    /// decided where the list is kept, atomically, so of two connections
+    /// of one user joining at once on two nodes exactly one is first.
     async fn join(
         &self,
         channel: &ChannelName,
         member: &Member,
         mode: PresenceMode,
-    ) -> Result<(), BrokerError>;
+    ) -> Result<bool, BrokerError>;
 
-    /// `member` left `channel` (unsubscribed or disconnected).
-    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode);
+    /// `member` left `channel` (unsubscribed or disconnected). Answers
+    /// whether that was its user's last live connection listed there, on
+    /// any node, decided as [`Broker::join`] decides the first.
+    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) -> bool;
+
+    /// Records whether `channel` has a subscriber on any node now, after
+    /// this node's first subscriber arrived or its last left (the engine
+    /// listening, or not, already). `Some(true)`: the channel just became
+    /// occupied; `Some(false)`: just became vacant; `None`: no change.
+    /// Each change is answered `Some` once, to one node, in order.
+    async fn occupancy(&self, channel: &ChannelName) -> Result<Option<bool>, BrokerError>;
 
     /// Who is on `channel`, across every node the engine spans.
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError>;

@@ -42,7 +42,9 @@ pub use events::{EventKind, EventsConfig, EventsSettings};
 pub use jwt::JwtKey;
 pub use load::{from_yaml, load, ConfigError, Problem};
 pub use origin::OriginPattern;
-pub use pusher::{PusherApp, PusherAppSettings, PusherConfig};
+pub use pusher::{
+    PusherApp, PusherAppSettings, PusherConfig, PusherWebhook, WebhookKind, WebhookSettings,
+};
 pub use settings::{AuthPaths, AuthSettings, RpcPaths, Settings};
 use units::duration;
 pub use units::ByteSize;

@@ -3,9 +3,12 @@
 
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
+use http::Uri;
 use serde::{Deserialize, Serialize};
 
 use super::units::{duration, ByteSize};
+use super::upstream::Upstream;
 
 /// `pusher.activity_timeout`: what clients are told to ping within.
 pub const DEFAULT_PUSHER_ACTIVITY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -67,6 +70,68 @@ pub struct PusherApp {
     pub secret_env: Option<String>,
     /// Clients may send `client-*` events on private and presence channels.
     pub client_events: bool,
+    /// Webhooks to the app.
+    pub webhook: PusherWebhook,
+}
+
+/// Pusher's webhooks: what happened to channels, posted to the app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PusherWebhook {
+    /// Where on the app: a path, or a URL on `upstream.url`'s host and
+    /// port. None: no webhooks.
+    pub url: Option<String>,
+    /// Which are sent.
+    pub events: Vec<WebhookKind>,
+}
+
+impl Default for PusherWebhook {
+    fn default() -> Self {
+        PusherWebhook {
+            url: None,
+            events: WebhookKind::ALL.to_vec(),
+        }
+    }
+}
+
+/// A webhook's `name`, as Pusher names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookKind {
+    /// A channel has its first subscriber, on any node.
+    ChannelOccupied,
+    /// A channel lost its last subscriber, on every node.
+    ChannelVacated,
+    /// A user's first connection joined a presence channel.
+    MemberAdded,
+    /// A user's last connection left a presence channel.
+    MemberRemoved,
+    /// A client sent a `client-*` event.
+    ClientEvent,
+    /// A subscriber to a cache channel found no event to be sent.
+    CacheMiss,
+}
+
+impl WebhookKind {
+    pub const ALL: [WebhookKind; 6] = [
+        WebhookKind::ChannelOccupied,
+        WebhookKind::ChannelVacated,
+        WebhookKind::MemberAdded,
+        WebhookKind::MemberRemoved,
+        WebhookKind::ClientEvent,
+        WebhookKind::CacheMiss,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookKind::ChannelOccupied => "channel_occupied",
+            WebhookKind::ChannelVacated => "channel_vacated",
+            WebhookKind::MemberAdded => "member_added",
+            WebhookKind::MemberRemoved => "member_removed",
+            WebhookKind::ClientEvent => "client_event",
+            WebhookKind::CacheMiss => "cache_miss",
+        }
+    }
 }
 
 impl std::fmt::Debug for PusherApp {
@@ -78,6 +143,7 @@ impl std::fmt::Debug for PusherApp {
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
             .field("secret_env", &self.secret_env)
             .field("client_events", &self.client_events)
+            .field("webhook", &self.webhook)
             .finish()
     }
 }
@@ -89,6 +155,44 @@ pub struct PusherAppSettings {
     pub key: String,
     pub secret: String,
     pub client_events: bool,
+    /// Where webhooks go on the app, and which: none when `webhook.url` is
+    /// not set.
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// `webhook` with its url set, as a node runs it.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// The path (and query) on the app.
+    pub target: PathAndQuery,
+    /// Which are sent, by `WebhookKind as usize`.
+    pub kinds: [bool; 6],
+}
+
+impl WebhookSettings {
+    pub fn wants(&self, kind: WebhookKind) -> bool {
+        self.kinds[kind as usize]
+    }
+}
+
+/// Where `url` points on the app: a path, or a URL on the app's own host
+/// and port (webhooks go to the app pushgate stands beside).
+fn webhook_target(url: &str, upstream: Option<&Upstream>) -> Result<PathAndQuery, String> {
+    let uri: Uri = url.parse().map_err(|err| format!("`{url}` is not a URL: {err}"))?;
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let app = upstream.map(|upstream| upstream.authority());
+        if uri.scheme_str() != Some("http") || uri.authority() != app {
+            return Err(format!(
+                "`{url}` is not on the app (upstream.url): webhooks go to the app pushgate stands beside"
+            ));
+        }
+    } else if !url.starts_with('/') {
+        return Err(format!("`{url}` is neither a path nor a URL"));
+    }
+    Ok(uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/")))
 }
 
 /// Whether `text` may be an app id or key: 1–64 of `[A-Za-z0-9_-]`, so it
@@ -132,8 +236,10 @@ pub(super) fn find_secrets(
 }
 
 /// Checks `pusher`; reports each problem through `problem(key, why, fix)`.
+/// `upstream` is the app, when its URL parsed.
 pub(super) fn check(
     pusher: &PusherConfig,
+    upstream: Option<&Upstream>,
     problem: &mut impl FnMut(&str, String, &str),
 ) -> Vec<PusherAppSettings> {
     let mut apps = Vec::with_capacity(pusher.apps.len());
@@ -195,12 +301,34 @@ pub(super) fn check(
                 None
             }
         };
+        let webhook = match &app.webhook.url {
+            None => None,
+            Some(url) => match webhook_target(url, upstream) {
+                Ok(target) => {
+                    let mut kinds = [false; 6];
+                    for kind in &app.webhook.events {
+                        kinds[*kind as usize] = true;
+                    }
+                    Some(WebhookSettings { target, kinds })
+                }
+                Err(why) => {
+                    ok = false;
+                    problem(
+                        &key("webhook.url"),
+                        why,
+                        "give the app's webhook endpoint as a path, e.g. /pusher/webhook",
+                    );
+                    None
+                }
+            },
+        };
         if let (Some(secret), true) = (secret, ok) {
             apps.push(PusherAppSettings {
                 id: app.id.clone(),
                 key: app.key.clone(),
                 secret,
                 client_events: app.client_events,
+                webhook,
             });
         }
     }

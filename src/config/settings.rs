@@ -811,7 +811,7 @@ impl Config {
         }
 
         let events = super::events::check(&self.events, &mut problem);
-        let pusher = super::pusher::check(&self.pusher, &mut problem);
+        let pusher = super::pusher::check(&self.pusher, upstream.as_ref(), &mut problem);
 
         let log_directives = match log_directives(&self.log.level) {
             Ok(directives) => Some(directives),

@@ -13,11 +13,13 @@
 //! - `pusher::sign`: the signatures: HTTP API requests, channel
 //!   authorizations, webhooks.
 //! - `pusher::api`: the HTTP API at `/apps/{id}/…`.
+//! - `pusher::webhooks`: webhooks to the app, each once across nodes.
 //!
 //! The WebSocket side is a transport (`transport::pusher`).
 
 pub mod api;
 pub mod sign;
+pub mod webhooks;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -37,9 +39,12 @@ pub const MAX_CHANNEL_LEN: usize = 164;
 /// Longest event name, in bytes (Pusher's own limit).
 pub const MAX_EVENT_LEN: usize = 200;
 
-/// The Pusher apps a node serves, and the protocol's settings.
+/// The Pusher apps a node serves, the protocol's settings, and the
+/// webhooks' queues.
 pub struct PusherApps {
     apps: Vec<Arc<PusherAppSettings>>,
+    /// Started with the node ([`PusherApps::start_webhooks`]).
+    webhooks: std::sync::OnceLock<webhooks::Webhooks>,
     pub activity_timeout: Duration,
     pub client_events_per_second: u32,
     pub max_presence_members: usize,
@@ -56,6 +61,7 @@ impl PusherApps {
         let config = &settings.config.pusher;
         Some(Arc::new(PusherApps {
             apps: settings.pusher.iter().cloned().map(Arc::new).collect(),
+            webhooks: std::sync::OnceLock::new(),
             activity_timeout: config.activity_timeout,
             client_events_per_second: config.client_events_per_second,
             max_presence_members: config.max_presence_members,
@@ -69,6 +75,50 @@ impl PusherApps {
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<PusherAppSettings>> {
         self.apps.iter().find(|app| app.id == id)
+    }
+
+    /// Starts the webhooks' queues, for the apps with `webhook.url` set.
+    /// Must be called within a tokio runtime.
+    pub fn start_webhooks(&self, calls: &crate::app::AppCalls, broker: Arc<dyn crate::broker::Broker>) {
+        let _ = self
+            .webhooks
+            .set(webhooks::Webhooks::start(&self.apps, calls, broker));
+    }
+
+    /// Queues a webhook of `app`, if it wants that kind.
+    pub fn webhook(&self, app: &PusherAppSettings, kind: crate::config::WebhookKind, hook: webhooks::Hook) {
+        let (Some(webhooks), Some(index)) = (
+            self.webhooks.get(),
+            self.apps.iter().position(|a| a.id == app.id),
+        ) else {
+            return;
+        };
+        webhooks.send(self, index, kind, hook);
+    }
+
+    /// Whether `app` sends webhooks of `kind`: build one only when it does.
+    pub fn wants(app: &PusherAppSettings, kind: crate::config::WebhookKind) -> bool {
+        app.webhook.as_ref().is_some_and(|webhook| webhook.wants(kind))
+    }
+
+    /// The webhooks' counts for /metrics; `None` with no webhooks.
+    pub fn webhook_stats(&self) -> Option<crate::posting::PostStats> {
+        self.webhooks.get()?.stats()
+    }
+
+    /// Stops the webhooks' queues once they have tried to send what they
+    /// hold.
+    pub async fn close(&self) {
+        if let Some(webhooks) = self.webhooks.get() {
+            webhooks.close().await;
+        }
+    }
+
+    /// The app (by its place) whose channel the pushgate channel `engine`
+    /// is.
+    fn app_of_channel(&self, engine: &str) -> Option<usize> {
+        let (id, _) = engine.strip_prefix(CHANNEL_PREFIX)?.split_once('/')?;
+        self.apps.iter().position(|app| app.id == id)
     }
 
     /// The app whose WebSocket path `/app/{key}` this is.

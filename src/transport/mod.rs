@@ -177,6 +177,8 @@ pub struct AppLinks {
     pub auth: Auth,
     pub calls: AppCalls,
     pub events: crate::events::Events,
+    /// The Pusher apps (with their webhooks), when any are configured.
+    pub pusher: Option<Arc<crate::pusher::PusherApps>>,
 }
 
 impl Realtime {
@@ -193,6 +195,7 @@ impl Realtime {
             auth,
             calls,
             events,
+            pusher,
         } = app;
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
@@ -221,7 +224,7 @@ impl Realtime {
             ),
             refused,
             events,
-            pusher: crate::pusher::PusherApps::new(settings),
+            pusher,
             node_number: rand::random(),
         }
     }

@@ -38,6 +38,8 @@ use crate::conn::ConnInfo;
 use crate::error::Refusal;
 use crate::hub::{Drained, Outbox};
 use crate::message::{ChannelName, Publication};
+use crate::config::WebhookKind;
+use crate::pusher::webhooks::Hook;
 use crate::pusher::{self, sign, Access, Frame, Kind, PusherApps};
 use crate::rate::{Limit, Rate};
 use crate::signal::Wait;
@@ -215,7 +217,8 @@ impl Presence {
     }
 }
 
-/// The heartbeat: ping when idle, drop the peer when the pong is late.
+/// The heartbeat: `pusher:ping` when idle, drop the peer when no frame
+/// answers it in time.
 enum Heartbeat {
     PingAt(Instant),
     PongBy(Instant),
@@ -330,7 +333,7 @@ impl Connection {
         let ordered = registration.control.ordered_owned();
         let config = &realtime.config;
         let commands = Rate::new(config.commands_per_second, config.command_burst);
-        let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
+        let heartbeat = Heartbeat::PingAt(Instant::now() + pusher.activity_timeout);
         let gauge = realtime.count(Transport::Pusher);
         Connection {
             realtime,
@@ -377,7 +380,9 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> End {
-        let ping_interval = self.realtime.config.websocket.ping_interval;
+        // Pusher's heartbeat: after `activity_timeout` without a frame, a
+        // `pusher:ping`, which clients answer with `pusher:pong`.
+        let ping_interval = self.pusher.activity_timeout;
         let ping_timeout = self.realtime.config.websocket.ping_timeout;
         let drain = self.realtime.drain.signalled_owned();
         let deadline = |heartbeat: &Heartbeat| match heartbeat {
@@ -430,7 +435,8 @@ impl Connection {
                         Heartbeat::PingAt(_) => {
                             self.heartbeat = Heartbeat::PongBy(Instant::now() + ping_timeout);
                             heartbeat.as_mut().reset(deadline(&self.heartbeat));
-                            if Box::pin(self.io(Io::Send(Message::Ping(Default::default())))).await.is_err() {
+                            let ping = pusher::server_event("pusher:ping", None, &json!({}));
+                            if Box::pin(self.send(ping)).await.is_err() {
                                 return End::Gone;
                             }
                         }
@@ -801,7 +807,7 @@ impl Connection {
         let presence = match member {
             None => None,
             Some(me) => {
-                channels.broker.join(&engine, &me, PRESENCE).await?;
+                let first = channels.broker.join(&engine, &me, PRESENCE).await?;
                 let mut presence = Presence {
                     me: me.clone(),
                     users: HashMap::new(),
@@ -832,6 +838,11 @@ impl Connection {
                         403,
                     ));
                 }
+                if first {
+                    let mut hook = Hook::new(WebhookKind::MemberAdded, &name);
+                    hook.user_id = me.user.clone();
+                    self.pusher.webhook(&app, WebhookKind::MemberAdded, hook);
+                }
                 Some(Box::new(presence))
             }
         };
@@ -859,11 +870,15 @@ impl Connection {
             let frame = last.as_ref().and_then(|last| pusher::frame(last));
             match frame {
                 Some(frame) => frames.push(frame.text.to_string()),
-                None => frames.push(pusher::server_event(
-                    "pusher:cache_miss",
-                    Some(&name),
-                    &json!({}),
-                )),
+                None => {
+                    frames.push(pusher::server_event(
+                        "pusher:cache_miss",
+                        Some(&name),
+                        &json!({}),
+                    ));
+                    let hook = Hook::new(WebhookKind::CacheMiss, &name);
+                    self.pusher.webhook(&app, WebhookKind::CacheMiss, hook);
+                }
             }
             sent_up_to = Some(now.position);
         }
@@ -889,13 +904,28 @@ impl Connection {
         self.release(subscription);
     }
 
+    /// Leaves a channel: the hub at once, the engine on its own task; a
+    /// presence member's leaving is its user's `member_removed` webhook
+    /// when it was their last connection there, on any node.
     fn release(&self, subscription: Subscription) {
-        let present = subscription
-            .presence
-            .map(|presence| (presence.me, PRESENCE));
-        self.realtime
-            .channels
-            .release(&subscription.engine, &self.outbox, present);
+        let channels = &self.realtime.channels;
+        channels.release(&subscription.engine, &self.outbox, None);
+        let (Some(presence), Ok(runtime)) =
+            (subscription.presence, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let broker = channels.broker.clone();
+        let (pusher, app) = (self.pusher.clone(), self.app.clone());
+        let (engine, name) = (subscription.engine, subscription.name);
+        runtime.spawn(async move {
+            let last = broker.leave(&engine, &presence.me, PRESENCE).await;
+            if last {
+                let mut hook = Hook::new(WebhookKind::MemberRemoved, &name);
+                hook.user_id = presence.me.user.clone();
+                pusher.webhook(&app, WebhookKind::MemberRemoved, hook);
+            }
+        });
     }
 
     /// Sends a `client-*` event to the channel's other subscribers; a
@@ -957,6 +987,7 @@ impl Connection {
                 .map(Into::into),
             except: Some(self.socket_id.as_str().into()),
         };
+        let user_id = stored.user_id.as_deref().map(str::to_owned);
         let stored = serde_json::to_string(&stored).expect("plain fields serialize");
         let publication = Publication::ephemeral(subscription.engine.clone(), None, None, &stored);
         self.realtime
@@ -964,7 +995,20 @@ impl Connection {
             .broker
             .send_ephemeral(Arc::new(publication))
             .await
-            .map_err(|err| (None, format!("client event not sent: {err}")))
+            .map_err(|err| (None, format!("client event not sent: {err}")))?;
+        if PusherApps::wants(&self.app, WebhookKind::ClientEvent) {
+            let mut hook = Hook::new(WebhookKind::ClientEvent, channel);
+            hook.event = Some(event.to_owned());
+            // The data as a string, as Pusher sends it.
+            hook.data = Some(match serde_json::from_str::<String>(data.get()) {
+                Ok(text) => text,
+                Err(_) => data.get().to_owned(),
+            });
+            hook.socket_id = Some(self.socket_id.clone());
+            hook.user_id = user_id;
+            self.pusher.webhook(&self.app, WebhookKind::ClientEvent, hook);
+        }
+        Ok(())
     }
 }
 

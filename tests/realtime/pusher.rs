@@ -597,3 +597,93 @@ async fn http_api_requests_must_be_signed_by_the_app() {
     .await;
     assert_eq!(got, StatusCode::BAD_REQUEST, "{body}");
 }
+
+/// The webhooks the app received so far, in order, each checked as the
+/// server SDKs check one: `X-Pusher-Key` is the app's key and
+/// `X-Pusher-Signature` the HMAC of the body under its secret.
+fn webhooks(app: &common::recording::RecordingApp) -> Vec<Value> {
+    let mut events = Vec::new();
+    for request in app.requests() {
+        assert_eq!(request.target, "/pusher/webhook");
+        assert_eq!(request.value("x-pusher-key").as_deref(), Some(KEY));
+        let signature = request.value("x-pusher-signature").unwrap();
+        assert_eq!(signature, sign::webhook_signature(SECRET, &request.body));
+        let batch: Value = serde_json::from_slice(&request.body).unwrap();
+        assert!(batch["time_ms"].as_u64().unwrap() > 0);
+        events.extend(batch["events"].as_array().unwrap().iter().cloned());
+    }
+    events
+}
+
+/// Waits until the app has had `count` webhooks.
+async fn wait_webhooks(app: &common::recording::RecordingApp, count: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = webhooks(app);
+        if got.len() >= count {
+            return got;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {got:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Webhooks of different kinds come from different places (occupancy from
+/// the engine's answer, the rest from the connection), so in no fixed
+/// order between them: compared as sets.
+fn sorted(mut hooks: Vec<Value>) -> Vec<Value> {
+    hooks.sort_by_key(|hook| hook.to_string());
+    hooks
+}
+
+#[tokio::test]
+async fn webhooks_tell_the_app_what_happened_once_signed_as_pusher_signs() {
+    let app = common::recording::RecordingApp::start().await;
+    let pushgate = Pushgate::start(
+        &app.url(),
+        &format!("pusher:\n  apps:\n    - {{id: \"{ID}\", key: {KEY}, secret: {SECRET}, client_events: true, webhook: {{url: /pusher/webhook}}}}\n"),
+    )
+    .await;
+    let mut a = Client::connect(pushgate.addr, KEY).await;
+    a.subscribe("room", None, None).await;
+    let got = wait_webhooks(&app, 1).await;
+    assert_eq!(got, [json!({"name": "channel_occupied", "channel": "room"})]);
+
+    // A user's two connections: added once, removed once.
+    let ada = json!({"user_id": "1"}).to_string();
+    let mut b = Client::connect(pushgate.addr, KEY).await;
+    let mut b2 = Client::connect(pushgate.addr, KEY).await;
+    b.subscribe_signed("presence-x", Some(&ada)).await;
+    b2.subscribe_signed("presence-x", Some(&ada)).await;
+    b.send(json!({"event": "client-hi", "channel": "presence-x", "data": {"n": 1}})).await;
+    a.subscribe("cache-c", None, None).await;
+    assert_eq!(a.next().await["event"], "pusher:cache_miss");
+    let got = wait_webhooks(&app, 6).await;
+    let b_socket = b.socket_id.clone();
+    assert_eq!(
+        sorted(got[1..].to_vec()),
+        sorted(vec![
+            json!({"name": "cache_miss", "channel": "cache-c"}),
+            json!({"name": "channel_occupied", "channel": "cache-c"}),
+            json!({"name": "channel_occupied", "channel": "presence-x"}),
+            json!({"name": "client_event", "channel": "presence-x", "event": "client-hi", "data": "{\"n\":1}", "socket_id": b_socket, "user_id": "1"}),
+            json!({"name": "member_added", "channel": "presence-x", "user_id": "1"}),
+        ])
+    );
+    drop(b2);
+    b.quiet().await;
+    drop(b);
+    let got = wait_webhooks(&app, 8).await;
+    assert_eq!(
+        sorted(got[6..].to_vec()),
+        sorted(vec![
+            json!({"name": "channel_vacated", "channel": "presence-x"}),
+            json!({"name": "member_removed", "channel": "presence-x", "user_id": "1"}),
+        ])
+    );
+    a.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "room"}})).await;
+    let got = wait_webhooks(&app, 9).await;
+    assert_eq!(got[8], json!({"name": "channel_vacated", "channel": "room"}));
+    a.quiet().await;
+    assert_eq!(webhooks(&app).len(), 9, "{:#?}", webhooks(&app));
+}

@@ -124,7 +124,7 @@ impl Broker for RedisBroker {
         channel: &ChannelName,
         member: &Member,
         mode: PresenceMode,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<bool, BrokerError> {
         let shared = &self.shared;
         let json = serde_json::to_string(member).expect("a member serializes");
         let event = if mode.announced {
@@ -132,13 +132,14 @@ impl Broker for RedisBroker {
         } else {
             String::new()
         };
-        shared
+        let first = shared
             .list(
                 channel.as_str(),
                 &member.connection,
                 &json,
                 mode.listed,
                 &event,
+                member.user.as_deref(),
             )
             .await?;
         if mode.listed {
@@ -148,10 +149,10 @@ impl Broker for RedisBroker {
                 .expect("listed lock")
                 .insert((channel.clone(), member.connection.clone()), json);
         }
-        Ok(())
+        Ok(first)
     }
 
-    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) {
+    async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) -> bool {
         let shared = &self.shared;
         if mode.listed {
             shared
@@ -171,7 +172,8 @@ impl Broker for RedisBroker {
             .arg(&member.connection)
             .arg(shared.keys.pubsub(channel.as_str()))
             .arg(event)
-            .arg(shared.publish_command);
+            .arg(shared.publish_command)
+            .arg(member.user.as_deref().unwrap_or(""));
         let invocation = &invocation;
         let left = shared
             .run(
@@ -180,10 +182,39 @@ impl Broker for RedisBroker {
                 |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await },
             )
             .await;
-        if let Err(err) = left {
-            // The entry expires with presence_ttl, unrefreshed.
-            tracing::debug!(error = %err, %channel, "engine: could not remove a presence entry");
+        match left {
+            Ok(last) => last == 2,
+            Err(err) => {
+                // The entry expires with presence_ttl, unrefreshed.
+                tracing::debug!(error = %err, %channel, "engine: could not remove a presence entry");
+                false
+            }
         }
+    }
+
+    async fn occupancy(&self, channel: &ChannelName) -> Result<Option<bool>, BrokerError> {
+        let shared = &self.shared;
+        let key = shared.keys.occupied(channel.as_str());
+        let mut invocation = shared.occupancy_script.prepare_invoke();
+        invocation
+            .key(&key)
+            .arg(shared.keys.pubsub(channel.as_str()))
+            .arg(if shared.options.cluster {
+                "SHARDNUMSUB"
+            } else {
+                "NUMSUB"
+            });
+        let invocation = &invocation;
+        let changed: i64 = shared
+            .run(Route::Key(&key), false, |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
+        Ok(match changed {
+            1 => Some(true),
+            0 => Some(false),
+            _ => None,
+        })
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<Vec<Member>, BrokerError> {

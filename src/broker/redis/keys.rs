@@ -23,6 +23,11 @@ impl Keys {
         format!("{}:{{{channel}}}:p", self.prefix)
     }
 
+    /// Present while the channel is heard on some node (`occupancy`).
+    pub(super) fn occupied(&self, channel: &str) -> String {
+        format!("{}:{{{channel}}}:o", self.prefix)
+    }
+
     pub(super) fn user(&self, user: &str) -> String {
         format!("{}:u:{{{user}}}", self.prefix)
     }

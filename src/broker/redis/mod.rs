@@ -79,7 +79,7 @@ use self::keys::Keys;
 use self::router::{routed, Router};
 use self::scripts::{
     parse_history_reply, parse_publish_reply, HISTORY_SCRIPT, JOIN_SCRIPT, LEAVE_SCRIPT,
-    PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
+    OCCUPANCY_SCRIPT, PRESENCE_SCRIPT, PUBLISH_SCRIPT, USER_SLOT_SCRIPT,
 };
 pub use self::wire::{decode, encode};
 use self::wire::{Digest, WIRE_EPHEMERAL, WIRE_PRESENCE};
@@ -207,6 +207,7 @@ struct Shared {
     join_script: Script,
     leave_script: Script,
     presence_script: Script,
+    occupancy_script: Script,
     user_slot_script: Script,
     stats: Stats,
     /// Connection places this node holds, refreshed until released: user
@@ -266,6 +267,7 @@ impl RedisBroker {
             join_script: Script::new(JOIN_SCRIPT),
             leave_script: Script::new(LEAVE_SCRIPT),
             presence_script: Script::new(PRESENCE_SCRIPT),
+            occupancy_script: Script::new(OCCUPANCY_SCRIPT),
             user_slot_script: Script::new(USER_SLOT_SCRIPT),
             stats: Stats::default(),
             slots: Mutex::default(),

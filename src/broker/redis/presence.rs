@@ -6,7 +6,8 @@ use crate::broker::BrokerError;
 use crate::message::ChannelName;
 
 impl Shared {
-    /// Runs the join script for one member (also its heartbeat refresh).
+    /// Runs the join script for one member (also its heartbeat refresh);
+    /// whether it is the first live entry of `user`, when one is given.
     pub(super) async fn list(
         &self,
         channel: &str,
@@ -14,7 +15,8 @@ impl Shared {
         member_json: &str,
         listed: bool,
         event: &str,
-    ) -> Result<(), BrokerError> {
+        user: Option<&str>,
+    ) -> Result<bool, BrokerError> {
         let mut invocation = self.join_script.prepare_invoke();
         invocation
             .key(self.keys.presence(channel))
@@ -24,7 +26,8 @@ impl Shared {
             .arg(if listed { "1" } else { "0" })
             .arg(self.keys.pubsub(channel))
             .arg(event)
-            .arg(self.publish_command);
+            .arg(self.publish_command)
+            .arg(user.unwrap_or(""));
         let invocation = &invocation;
         self.run(
             Route::Key(&self.keys.presence(channel)),
@@ -32,7 +35,7 @@ impl Shared {
             |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await },
         )
         .await
-        .map(drop)
+        .map(|first| first == 2)
     }
 
     pub(super) async fn take_user_slot(
@@ -108,8 +111,9 @@ pub(super) async fn refresh_presence(shared: std::sync::Weak<Shared>) {
             let shared = &shared;
             async move {
                 shared
-                    .list(channel.as_str(), &connection, &json, true, "")
+                    .list(channel.as_str(), &connection, &json, true, "", None)
                     .await
+                    .map(drop)
             }
         }))
         .await;

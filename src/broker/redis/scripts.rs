@@ -9,12 +9,34 @@ use crate::cursor::Epoch;
 /// defined first: Redis's clock decides expiry, so nodes' clocks need not
 /// agree.
 macro_rules! script {
-    ($body:literal) => {
+    ($($body:tt)+) => {
         concat!(
             "local t = redis.call('TIME')\n",
             "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
-            $body
+            $($body)+
         )
+    };
+}
+
+/// A Lua function for the presence scripts: whether a presence hash has a
+/// live entry of `user` other than `connection`'s.
+macro_rules! others_of {
+    () => {
+        r#"
+local function others_of(hash, connection, user)
+  local entries = redis.call('HGETALL', hash)
+  for i = 1, #entries, 2 do
+    if entries[i] ~= connection then
+      local expiry, member = string.match(entries[i + 1], '^(%d+) (.*)$')
+      if expiry and tonumber(expiry) > now then
+        local ok, decoded = pcall(cjson.decode, member)
+        if ok and decoded.user == user then return true end
+      end
+    end
+  end
+  return false
+end
+"#
     };
 }
 
@@ -172,11 +194,20 @@ return {epoch, top, len, out}
 ///
 /// KEYS: the channel's presence hash. ARGV: connection, member JSON, ttl ms,
 /// '1' to list, pub/sub channel, the event to publish ('' for none),
-/// `PUBLISH` or `SPUBLISH`.
+/// `PUBLISH` or `SPUBLISH`, the member's user ('' for none, or not asked).
 /// A listed entry is `<expiry ms> <member JSON>`; Redis time decides
 /// expiry, so nodes' clocks need not agree.
+///
+/// Returns 2 when the user was asked about and no other live entry has
+/// it (its first connection here), else 1.
 pub(super) const JOIN_SCRIPT: &str = script!(
+    others_of!(),
     r#"
+local first = 1
+local user = ARGV[8] or ''
+if user ~= '' and ARGV[4] == '1' and not others_of(KEYS[1], ARGV[1], user) then
+  first = 2
+end
 if ARGV[4] == '1' then
   local ttl = tonumber(ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', now + ttl) .. ' ' .. ARGV[2])
@@ -185,20 +216,52 @@ end
 if ARGV[6] ~= '' then
   redis.call(ARGV[7], ARGV[5], ARGV[6])
 end
-return 1
+return first
 "#
 );
 
 /// Unlists and/or announces a member. KEYS: presence hash. ARGV:
 /// connection, pub/sub channel, event ('' for none), `PUBLISH` or
-/// `SPUBLISH`.
+/// `SPUBLISH`, the member's user ('' for none, or not asked).
+///
+/// Returns 2 when the user was asked about, its entry was there, and no
+/// other live entry has the user (its last connection left), else 1.
 pub(super) const LEAVE_SCRIPT: &str = script!(
+    others_of!(),
     r#"
-redis.call('HDEL', KEYS[1], ARGV[1])
+local last = 1
+local user = ARGV[5] or ''
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if user ~= '' and removed == 1 and not others_of(KEYS[1], ARGV[1], user) then
+  last = 2
+end
 if ARGV[3] ~= '' then
   redis.call(ARGV[4], ARGV[2], ARGV[3])
 end
-return 1
+return last
+"#
+);
+
+/// Records whether a channel is heard anywhere: by the subscribers of its
+/// pub/sub channel, which are the nodes with subscribers of their own (a
+/// node that stops, or crashes, stops being one). KEYS: the channel's
+/// occupancy key. ARGV: pub/sub channel, `NUMSUB` or `SHARDNUMSUB`.
+///
+/// Returns 1 when the channel just became occupied, 0 when it just became
+/// vacant, -1 when nothing changed. Every node runs it after its own first
+/// subscriber arrived or its last left, and it is atomic, so each change is
+/// reported once, by one node, in the order the changes happened.
+pub(super) const OCCUPANCY_SCRIPT: &str = script!(
+    r#"
+local heard = redis.call('PUBSUB', ARGV[2], ARGV[1])[2] > 0
+if heard then
+  if redis.call('SET', KEYS[1], '1', 'NX') then
+    return 1
+  end
+elseif redis.call('DEL', KEYS[1]) == 1 then
+  return 0
+end
+return -1
 "#
 );
 
