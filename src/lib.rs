@@ -199,6 +199,7 @@ mod metrics;
 mod names;
 mod node;
 mod proxy;
+mod pusher;
 mod rate;
 mod server;
 pub mod shutdown;

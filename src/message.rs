@@ -42,6 +42,10 @@ pub struct Publication {
     /// `id: <cursor>\n\n` for a connection that hears this channel alone:
     /// the same for every such connection, so made once, when first asked.
     sse_sole_id: OnceLock<SoleId>,
+    /// The publication as another protocol frames it (the Pusher
+    /// protocol's), made once, by the first subscriber that asks
+    /// ([`Publication::rendered`]).
+    rendered: OnceLock<Box<dyn std::any::Any + Send + Sync>>,
     kind: Kind,
 }
 
@@ -165,6 +169,7 @@ impl Publication {
             user,
             sse: Bytes::from(sse),
             sse_sole_id: OnceLock::new(),
+            rendered: OnceLock::new(),
             kind: Kind::Message,
         }
     }
@@ -185,6 +190,7 @@ impl Publication {
             ws_text: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(""),
             sse: Bytes::new(),
             sse_sole_id: OnceLock::new(),
+            rendered: OnceLock::new(),
             kind: Kind::Reset,
         }
     }
@@ -279,8 +285,21 @@ impl Publication {
             envelope,
             sse: Bytes::from(sse),
             sse_sole_id: OnceLock::new(),
+            rendered: OnceLock::new(),
             kind: Kind::Aside,
         }
+    }
+
+    /// The publication as another protocol frames it: made by `render` for
+    /// the first subscriber that asks, shared by every other. One protocol
+    /// renders a publication: `None` if it was rendered as another type.
+    pub fn rendered<T: std::any::Any + Send + Sync>(
+        &self,
+        render: impl FnOnce(&Publication) -> T,
+    ) -> Option<&T> {
+        self.rendered
+            .get_or_init(|| Box::new(render(self)))
+            .downcast_ref::<T>()
     }
 
     /// Whether this is sent as it is, outside the stream: a presence event

@@ -122,7 +122,13 @@ where
     let defaults = serde_yaml::to_value(Config::default()).expect("defaults serialize");
     let mut problems = Vec::new();
     let mut origins = BTreeMap::new();
-    apply_env(&mut tree, &defaults, env, &mut origins, &mut problems);
+    // Kept whole: besides the `PUSHGATE_*` overrides, the variables that
+    // `pusher.apps[].secret_env` names are read from it.
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    apply_env(&mut tree, &defaults, env.iter().cloned(), &mut origins, &mut problems);
     let mut bad_paths = Vec::new();
     check_tree(
         &tree,
@@ -142,7 +148,7 @@ where
             None => remove(&mut tree, path),
         }
     }
-    let config = match Config::deserialize(tree) {
+    let mut config = match Config::deserialize(tree) {
         Ok(config) => config,
         // Only a key we could not repair (a non-string key) gets here, and it
         // is already among the problems.
@@ -156,6 +162,14 @@ where
             ))
         }
     };
+    super::pusher::find_secrets(&mut config.pusher, &env, &mut |key, why, fix| {
+        problems.push(Problem {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            why,
+            fix: fix.to_owned(),
+        })
+    });
     let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
     match Settings::check(config, origin) {
         Ok(settings) if problems.is_empty() => Ok(settings),

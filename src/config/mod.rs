@@ -29,6 +29,7 @@ mod events;
 pub mod jwt;
 mod load;
 mod origin;
+mod pusher;
 mod redis;
 mod settings;
 #[cfg(test)]
@@ -41,6 +42,7 @@ pub use events::{EventKind, EventsConfig, EventsSettings};
 pub use jwt::JwtKey;
 pub use load::{from_yaml, load, ConfigError, Problem};
 pub use origin::OriginPattern;
+pub use pusher::{PusherApp, PusherAppSettings, PusherConfig};
 pub use settings::{AuthPaths, AuthSettings, RpcPaths, Settings};
 use units::duration;
 pub use units::ByteSize;
@@ -203,6 +205,8 @@ pub struct Config {
     pub fast_paths: FastPathsConfig,
     /// Connection events posted to the app.
     pub events: EventsConfig,
+    /// The Pusher Channels protocol, for apps built on Pusher's libraries.
+    pub pusher: PusherConfig,
 }
 
 impl Default for Config {
@@ -223,6 +227,7 @@ impl Default for Config {
             log: LogConfig::default(),
             fast_paths: FastPathsConfig::default(),
             events: EventsConfig::default(),
+            pusher: PusherConfig::default(),
         }
     }
 }

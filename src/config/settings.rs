@@ -46,6 +46,8 @@ pub struct Settings {
     pub rpc: RpcPaths,
     /// `events`, when `events.path` is set.
     pub events: Option<EventsSettings>,
+    /// `pusher.apps`, each with its secret.
+    pub pusher: Vec<PusherAppSettings>,
 }
 
 /// The app's endpoints for calls from clients. Only pushgate calls them:
@@ -165,6 +167,7 @@ impl Settings {
             log_directives,
             rpc,
             events,
+            pusher,
         } = parsed;
         match (upstream, auth, log_directives) {
             (Some(upstream), Some(auth), Some(log_directives)) if problems.is_empty() => {
@@ -181,6 +184,7 @@ impl Settings {
                     redis_ca,
                     rpc,
                     events,
+                    pusher,
                 })
             }
             // A value that did not parse left a problem behind.
@@ -209,6 +213,7 @@ struct Parsed {
     log_directives: Option<Vec<Directive>>,
     rpc: RpcPaths,
     events: Option<EventsSettings>,
+    pusher: Vec<PusherAppSettings>,
 }
 
 impl Config {
@@ -806,6 +811,7 @@ impl Config {
         }
 
         let events = super::events::check(&self.events, &mut problem);
+        let pusher = super::pusher::check(&self.pusher, &mut problem);
 
         let log_directives = match log_directives(&self.log.level) {
             Ok(directives) => Some(directives),
@@ -832,6 +838,7 @@ impl Config {
             log_directives,
             rpc,
             events,
+            pusher,
         }
     }
 }

@@ -180,6 +180,13 @@ impl Registry {
         })
     }
 
+    /// Registers a session that no user reaches (a Pusher connection
+    /// before it signs in).
+    pub fn anonymous(self: &Arc<Self>) -> Registration {
+        self.register(None)
+            .expect("only a user's session can be over the per-user limit")
+    }
+
     /// `limits.connections_per_user`; 0: unlimited.
     pub fn per_user(&self) -> usize {
         self.per_user

@@ -19,6 +19,7 @@ mod longpoll;
 mod opening;
 mod origin;
 mod pace;
+mod pusher;
 mod session;
 mod sse;
 mod websocket;
@@ -57,6 +58,8 @@ pub enum Transport {
     WebSocket,
     Sse,
     Poll,
+    /// The Pusher Channels WebSocket at `/app/{key}`.
+    Pusher,
 }
 
 impl Transport {
@@ -65,10 +68,16 @@ impl Transport {
             Transport::WebSocket => "websocket",
             Transport::Sse => "sse",
             Transport::Poll => "poll",
+            Transport::Pusher => "pusher",
         }
     }
 
-    const ALL: [Transport; 3] = [Transport::WebSocket, Transport::Sse, Transport::Poll];
+    const ALL: [Transport; 4] = [
+        Transport::WebSocket,
+        Transport::Sse,
+        Transport::Poll,
+        Transport::Pusher,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -78,8 +87,8 @@ impl Transport {
 /// Open connections (or waiting long-polls) and subscriptions, for /metrics.
 #[derive(Default)]
 pub struct Gauges {
-    connections: [AtomicI64; 3],
-    subscriptions: [AtomicI64; 3],
+    connections: [AtomicI64; 4],
+    subscriptions: [AtomicI64; 4],
 }
 
 impl Gauges {
@@ -150,6 +159,11 @@ pub struct Realtime {
     refused: Arc<Refused>,
     /// Where connection events go (nowhere unless `events.path` is set).
     events: crate::events::Events,
+    /// The Pusher apps, whose WebSocket is `/app/{key}`; none: off.
+    pusher: Option<Arc<crate::pusher::PusherApps>>,
+    /// This node's number in Pusher socket ids (`{node}.{connection}`),
+    /// random like its name.
+    node_number: u32,
 }
 
 /// The transports' ways to the app: asking who a connection is, calling
@@ -202,6 +216,8 @@ impl Realtime {
             ),
             refused,
             events,
+            pusher: crate::pusher::PusherApps::new(settings),
+            node_number: rand::random(),
         }
     }
 
@@ -294,6 +310,13 @@ impl Realtime {
     pub fn owns(&self, path: &str) -> bool {
         path.strip_prefix(self.prefix.as_str())
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            || self.pusher_app(path).is_some()
+    }
+
+    /// The Pusher app whose WebSocket path is `path` (`/app/{key}`). Any
+    /// other path under `/app/` is the app's own.
+    fn pusher_app(&self, path: &str) -> Option<&Arc<crate::config::PusherAppSettings>> {
+        self.pusher.as_ref()?.socket_app(path)
     }
 
     /// Answers a request under `realtime.prefix`.
@@ -302,6 +325,12 @@ impl Realtime {
         request: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<Body> {
+        if let (Some(pusher), Some(app)) = (&self.pusher, self.pusher_app(request.uri().path())) {
+            let (pusher, app) = (pusher.clone(), app.clone());
+            return pusher::handle(self, pusher, app, request, conn)
+                .await
+                .unwrap_or_else(Refusal::into_response);
+        }
         let rest = &request.uri().path()[self.prefix.len()..];
         let result = match rest {
             "/ws" => websocket::handle(self, request, conn).await,

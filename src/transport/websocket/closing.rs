@@ -53,7 +53,7 @@ pub(super) fn close_frame(code: u16, reason: &str) -> Message {
 
 /// Why a connection ends.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum End {
+pub(in crate::transport) enum End {
     /// The connection failed, was reset, or the peer stopped answering:
     /// nothing can reach it any more.
     Gone,
@@ -92,7 +92,7 @@ impl End {
 /// gets the close code RFC 6455 §7.4.1 names for it, in a Close frame:
 /// tungstenite stops reading after the error, but its writing side is still
 /// sound. A connection that failed or was reset has nobody left to tell.
-pub(super) fn read_failure(err: &tungstenite::Error) -> End {
+pub(in crate::transport) fn read_failure(err: &tungstenite::Error) -> End {
     use tungstenite::Error;
     match err {
         Error::Capacity(_) => End::Close(
@@ -120,7 +120,7 @@ pub(super) fn read_failure(err: &tungstenite::Error) -> End {
 /// read and dropped until it closes its side, for at most [`LINGER`]:
 /// closing a socket that holds unread bytes resets the connection, and a
 /// reset can destroy our Close frame before the client reads it.
-pub(super) async fn finish(socket: &mut Socket, end: End, within: Duration) {
+pub(in crate::transport) async fn finish(socket: &mut Socket, end: End, within: Duration) {
     let handshake = async {
         match end {
             End::Gone => Err(()),

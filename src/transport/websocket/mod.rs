@@ -27,11 +27,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-mod closing;
+pub(super) mod closing;
 mod commands;
 
 pub use closing::close;
-use closing::{finish, read_failure, End};
+pub(super) use closing::{finish, read_failure, End};
 
 use super::calls;
 use super::{origin_refused, Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
@@ -49,7 +49,7 @@ use commands::{
     Replay, Reply,
 };
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(super) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,
@@ -58,15 +58,7 @@ pub(super) async fn handle(
 ) -> Result<Response<Body>, Refusal> {
     let key = match handshake_key(&request) {
         Ok(key) => key,
-        Err(refusal) => {
-            // RFC 6455 §4.4: a refused handshake names the version spoken.
-            let mut response = refusal.into_response();
-            response.headers_mut().insert(
-                header::SEC_WEBSOCKET_VERSION,
-                HeaderValue::from_static("13"),
-            );
-            return Ok(response);
-        }
+        Err(refusal) => return Ok(refused_handshake(refusal)),
     };
     let origin = realtime.origins.check(&request);
     if origin == OriginCheck::Refused {
@@ -96,6 +88,11 @@ pub(super) async fn handle(
     };
     realtime.drain.spawn(task);
 
+    Ok(switching_protocols(&key))
+}
+
+/// The `101` that accepts a handshake whose key is `key`.
+pub(super) fn switching_protocols(key: &HeaderValue) -> Response<Body> {
     let mut response = Response::new(crate::body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -106,7 +103,17 @@ pub(super) async fn handle(
         HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
             .expect("base64 is a valid header value"),
     );
-    Ok(response)
+    response
+}
+
+/// A refused handshake, naming the version spoken (RFC 6455 §4.4).
+pub(super) fn refused_handshake(refusal: Refusal) -> Response<Body> {
+    let mut response = refusal.into_response();
+    response.headers_mut().insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    response
 }
 
 /// What an accepted handshake needs until the socket is open.
@@ -161,7 +168,7 @@ impl Opening {
 /// the client's key. Not an upgrade at all: 426. An upgrade that breaks
 /// RFC 6455 §4.2.1 (a version other than 13, a key that is not 16 bytes in
 /// base64): 400, so a broken client is told so rather than half-served.
-fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, Refusal> {
+pub(super) fn handshake_key(request: &Request<Incoming>) -> Result<HeaderValue, Refusal> {
     let headers = request.headers();
     let is_upgrade = request.method() == http::Method::GET
         && request.version() == http::Version::HTTP_11
@@ -206,7 +213,7 @@ fn is_handshake_key(key: &[u8]) -> bool {
         && &key[22..] == b"=="
 }
 
-fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
+pub(super) fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketConfig {
     let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
     let max_message = size(ws.max_message_size.bytes());
     WebSocketConfig::default()
@@ -262,8 +269,8 @@ struct Connection {
 type Calls =
     futures_util::stream::FuturesUnordered<futures_util::future::BoxFuture<'static, String>>;
 
-/// One write to the socket ([`Connection::io`]).
-enum Io {
+/// One write to the socket ([`write_watching`]).
+pub(super) enum Io {
     /// Queue a message (written once tungstenite's buffer fills or on the
     /// next flush).
     Feed(Message),
@@ -440,41 +447,29 @@ impl Connection {
         self.io(Io::Send(message)).await
     }
 
-    /// One write, bounded by the ping timeout: a peer that reads nothing
-    /// for that long is gone.
-    ///
-    /// A session that falls behind while a write waits on its client ends
-    /// at once as a slow consumer. The invariant: a lagging session writes
-    /// no further publication, and its 4008 Close frame goes out directly
-    /// behind the bytes already handed to the socket — never behind the
-    /// rest of a batch, never after a write timeout — so a client that
-    /// reads again soon sees 4008 and resumes exactly.
+    /// One write, bounded by the ping timeout ([`write_watching`]); a
+    /// lagging session ends with 4008.
     async fn io(&mut self, io: Io) -> Result<(), End> {
-        let socket = &mut self.socket;
-        let write = async move {
-            match io {
-                Io::Feed(message) => socket.feed(message).await,
-                Io::Flush => socket.flush().await,
-                Io::Send(message) => socket.send(message).await,
+        let woken = write_watching(
+            &mut self.socket,
+            io,
+            Watch {
+                ready: &mut self.ready,
+                outbox: self.session.outbox(),
+                within: self.realtime.config.websocket.ping_timeout,
+            },
+        )
+        .await
+        .map_err(|lag| {
+            if lag == Lagged {
+                tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
+                End::slow_consumer()
+            } else {
+                End::Gone
             }
-        };
-        tokio::pin!(write);
-        let deadline = tokio::time::sleep(self.realtime.config.websocket.ping_timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                biased;
-                written = &mut write => return written.map_err(|_| End::Gone),
-                () = &mut self.ready => {
-                    if self.session.outbox().is_lagging() {
-                        tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
-                        return Err(End::slow_consumer());
-                    }
-                    self.woken = true;
-                }
-                () = &mut deadline => return Err(End::Gone),
-            }
-        }
+        })?;
+        self.woken |= woken;
+        Ok(())
     }
 
     /// Writes what the outbox holds now, or holds the write back until the
@@ -742,6 +737,66 @@ impl Connection {
             }
         };
         Ok(Some(reply))
+    }
+}
+
+/// What a write watches while it waits on the client.
+pub(super) struct Watch<'a> {
+    /// The outbox's wake-up.
+    pub ready: &'a mut Wait,
+    pub outbox: &'a crate::hub::Outbox,
+    /// How long the client may take to read: a peer that reads nothing for
+    /// this long is gone.
+    pub within: std::time::Duration,
+}
+
+/// Why a write did not complete.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum WriteFailed {
+    /// The session fell behind while the write waited.
+    Lagged,
+    /// The socket failed, or the client read nothing within the time.
+    Gone,
+}
+use WriteFailed::Lagged;
+
+/// One write, bounded in time; returns whether the outbox woke the
+/// session meanwhile (not for a lag), so the caller drains it next.
+///
+/// A session that falls behind while a write waits on its client ends at
+/// once as a slow consumer. The invariant: a lagging session writes no
+/// further publication, and its Close frame goes out directly behind the
+/// bytes already handed to the socket — never behind the rest of a batch,
+/// never after a write timeout — so a client that reads again soon sees
+/// why it was closed and resumes exactly.
+pub(super) async fn write_watching(
+    socket: &mut Socket,
+    io: Io,
+    watch: Watch<'_>,
+) -> Result<bool, WriteFailed> {
+    let write = async move {
+        match io {
+            Io::Feed(message) => socket.feed(message).await,
+            Io::Flush => socket.flush().await,
+            Io::Send(message) => socket.send(message).await,
+        }
+    };
+    tokio::pin!(write);
+    let deadline = tokio::time::sleep(watch.within);
+    tokio::pin!(deadline);
+    let mut woken = false;
+    loop {
+        tokio::select! {
+            biased;
+            written = &mut write => return written.map(|()| woken).map_err(|_| WriteFailed::Gone),
+            () = &mut *watch.ready => {
+                if watch.outbox.is_lagging() {
+                    return Err(WriteFailed::Lagged);
+                }
+                woken = true;
+            }
+            () = &mut deadline => return Err(WriteFailed::Gone),
+        }
     }
 }
 
