@@ -15,6 +15,8 @@ const require = createRequire(new URL("../browser/package.json", import.meta.url
 export const PusherClient = require("pusher-js");
 /** The Node server SDK (`pusher`). */
 export const PusherServer = require("pusher");
+/** playwright-core, to drive Chromium. */
+export const playwright = () => require("playwright-core");
 
 /** How long any one thing may take. */
 export const PATIENCE = 15000;
@@ -89,7 +91,10 @@ export function main(budget, body) {
         return 0;
       },
       (err) => {
-        console.error("FAILED:", err && err.stack ? err.stack : err);
+        // The SDK's RequestError keeps what pushgate answered beside the stack.
+        const answer =
+          err && err.url ? `\n  ${err.message}: ${err.status} ${JSON.stringify(err.body)} for ${err.url}` : "";
+        console.error("FAILED:", err && err.stack ? err.stack : err, answer);
         return 1;
       },
     )

@@ -40,7 +40,7 @@ const SECRET: &str = "pushgate-app-secret";
 const QUIET_ID: &str = "1002";
 const QUIET_KEY: &str = "quiet-app-key";
 const QUIET_SECRET: &str = "quiet-app-secret";
-const QUIET_SECRET_ENV: &str = "PUSHGATE_TEST_QUIET_SECRET";
+const QUIET_SECRET_ENV: &str = "QUIET_APP_SECRET";
 
 /// The scripts bound themselves (60 s, 120 s for Chromium); this is the backstop.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
