@@ -199,7 +199,7 @@ mod metrics;
 mod names;
 mod node;
 mod proxy;
-mod pusher;
+pub mod pusher;
 mod rate;
 mod server;
 pub mod shutdown;

@@ -129,7 +129,13 @@ impl Node {
                 realtime.obey(order);
             }
         }));
-        let api = Arc::new(Api::new(config, channels, realtime.clone(), metrics));
+        let api = Arc::new(Api::new(
+            config,
+            channels,
+            realtime.clone(),
+            metrics,
+            realtime.pusher(),
+        ));
         let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
 
         Ok(Node {

@@ -26,6 +26,8 @@ use crate::error::{json, json_bytes, Kind, Refusal};
 use crate::keyed::KeyedDigest;
 use crate::message::{ChannelName, EventName};
 use crate::metrics::{self, Metrics};
+use crate::pusher::api::PusherApi;
+use crate::pusher::PusherApps;
 use crate::rate::{KeyedRate, Limit};
 use crate::transport::Realtime;
 
@@ -60,6 +62,8 @@ pub struct Api {
     max_in_flight: usize,
     /// `api.publishes_per_second`, by the key's digest.
     publish_rate: KeyedRate<[u8; 32]>,
+    /// Pusher's HTTP API at `/apps/…`, when `pusher.apps` has any.
+    pusher: Option<PusherApi>,
 }
 
 impl Api {
@@ -68,7 +72,9 @@ impl Api {
         channels: Arc<Channels>,
         realtime: Arc<Realtime>,
         metrics: Arc<Metrics>,
+        pusher: Option<Arc<PusherApps>>,
     ) -> Api {
+        let channels_for_pusher = channels.clone();
         let key_digest = KeyedDigest::random();
         let keys = config
             .api
@@ -86,6 +92,7 @@ impl Api {
             body_timeout: config.limits.body_timeout,
             max_in_flight: config.api.max_connections,
             publish_rate: KeyedRate::new(config.api.publishes_per_second, config.api.publish_burst),
+            pusher: pusher.map(|apps| PusherApi::new(apps, channels_for_pusher)),
         }
     }
 
@@ -119,6 +126,9 @@ impl Api {
                 return Ok(self.metrics());
             }
             _ => {}
+        }
+        if let (Some(pusher), true) = (&self.pusher, path.starts_with("/apps/")) {
+            return self.pusher(pusher, request).await;
         }
         if !path.starts_with("/api/") {
             return Err(Refusal::not_found());
@@ -388,6 +398,34 @@ impl Api {
         }
     }
 
+    /// Answers Pusher's HTTP API (`pusher::api`), which is signed with the
+    /// app's secret rather than `api.keys`.
+    async fn pusher<B>(
+        &self,
+        pusher: &PusherApi,
+        request: Request<B>,
+    ) -> Result<Response<Body>, Refusal>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = request.into_parts();
+        let body = self.body(body).await?;
+        let answer = pusher
+            .handle(&parts.method, parts.uri.path(), parts.uri.query(), &body)
+            .await;
+        match answer {
+            crate::pusher::api::Answer::Done(response) => Ok(response),
+            crate::pusher::api::Answer::Terminate { user } => {
+                let code = crate::transport::PUSHER_TERMINATED;
+                self.realtime
+                    .disconnect_user(&user, code, "terminated by the app")
+                    .await?;
+                Ok(json(StatusCode::OK, &serde_json::json!({})))
+            }
+        }
+    }
+
     /// Reads a JSON request body of at most `api.max_body` bytes.
     async fn json_body<B>(&self, request: Request<B>) -> Result<Bytes, Refusal>
     where
@@ -403,10 +441,19 @@ impl Api {
         if !is_json {
             return Err(Refusal::not_json());
         }
+        self.body(request.into_body()).await
+    }
+
+    /// Reads a request body of at most `api.max_body` bytes.
+    async fn body<B>(&self, body: B) -> Result<Bytes, Refusal>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<BoxError>,
+    {
         // The listener's layers bound the body: its size (api.max_body) and
         // each pause in it (limits.body_timeout); here their errors are
         // answered.
-        match request.into_body().collect().await {
+        match body.collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(err) => {
                 let err: BoxError = err.into();

@@ -124,11 +124,14 @@ where
     let mut origins = BTreeMap::new();
     // Kept whole: besides the `PUSHGATE_*` overrides, the variables that
     // `pusher.apps[].secret_env` names are read from it.
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .map(|(k, v)| (k.into(), v.into()))
-        .collect();
-    apply_env(&mut tree, &defaults, env.iter().cloned(), &mut origins, &mut problems);
+    let env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+    apply_env(
+        &mut tree,
+        &defaults,
+        env.iter().cloned(),
+        &mut origins,
+        &mut problems,
+    );
     let mut bad_paths = Vec::new();
     check_tree(
         &tree,

@@ -164,7 +164,10 @@ pub(super) fn check(
                 "give each app its own id",
             );
         }
-        if pusher.apps[..index].iter().any(|other| other.key == app.key) {
+        if pusher.apps[..index]
+            .iter()
+            .any(|other| other.key == app.key)
+        {
             ok = false;
             problem(
                 &key("key"),

@@ -4,7 +4,8 @@
 //! Pusher's channels live in pushgate's engine like any other: Pusher
 //! channel `C` of app `ID` is the pushgate channel `pusher/ID/C'`, where
 //! `C'` is `C` with the two characters pushgate's names lack escaped (`,`
-//! as `:c`, `;` as `:s`; Pusher names have no `:`, so the escape cannot be
+//! as `:c`, `;` as `:s`, the `#` of a user's channel as `:h`; Pusher names
+//! have no `:`, so the escape cannot be
 //! mistaken). An event is stored as one publication whose data is
 //! [`Stored`], and framed for Pusher clients once per publication
 //! ([`frame`]), whichever node it came from.
@@ -89,6 +90,8 @@ pub enum Access {
     Private,
     /// A member the app signed for, with its user (`presence-`).
     Presence,
+    /// The connections signed in as one user (`#server-to-user-{id}`).
+    User,
 }
 
 /// What a channel's name makes of it.
@@ -105,6 +108,13 @@ pub struct Kind {
 
 impl Kind {
     pub fn of(channel: &str) -> Kind {
+        if channel.starts_with(USER_CHANNEL_PREFIX) {
+            return Kind {
+                access: Access::User,
+                encrypted: false,
+                cache: false,
+            };
+        }
         let (access, encrypted, rest) = if let Some(rest) = channel.strip_prefix("private-") {
             match rest.strip_prefix("encrypted-") {
                 Some(rest) => (Access::Private, true, rest),
@@ -123,8 +133,19 @@ impl Kind {
     }
 }
 
-/// Why a channel name is refused, in Pusher's words.
+/// The channel of the connections signed in as one user: the prefix, then
+/// the user's id.
+pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
+
+/// Why a channel name is refused, in Pusher's words. Only a user's channel
+/// ([`USER_CHANNEL_PREFIX`]) may hold a `#`, at its start.
 pub fn check_channel(name: &str) -> Result<(), String> {
+    if name.starts_with('#') && !name.starts_with(USER_CHANNEL_PREFIX) {
+        return Err(format!(
+            "only a user's channel ({USER_CHANNEL_PREFIX}{{id}}) starts with #"
+        ));
+    }
+    let name = name.strip_prefix('#').unwrap_or(name);
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN {
         return Err(format!(
             "a channel name is 1-{MAX_CHANNEL_LEN} characters, not {}",
@@ -155,6 +176,7 @@ pub fn engine_channel(app_id: &str, name: &str) -> Result<ChannelName, String> {
         match c {
             ',' => engine.push_str(":c"),
             ';' => engine.push_str(":s"),
+            '#' => engine.push_str(":h"),
             c => engine.push(c),
         }
     }
@@ -188,7 +210,12 @@ fn unescape(escaped: &str) -> Cow<'_, str> {
     if !escaped.contains(':') {
         return Cow::Borrowed(escaped);
     }
-    Cow::Owned(escaped.replace(":c", ",").replace(":s", ";"))
+    Cow::Owned(
+        escaped
+            .replace(":c", ",")
+            .replace(":s", ";")
+            .replace(":h", "#"),
+    )
 }
 
 /// An event as stored in a publication's data.
@@ -327,6 +354,7 @@ mod tests {
         assert!(kind("presence-cache-x").cache);
         assert!(!kind("presencex").cache);
         assert_eq!(kind("presencex").access, Access::Public);
+        assert_eq!(kind("#server-to-user-7").access, Access::User);
     }
 
     proptest! {
@@ -334,13 +362,13 @@ mod tests {
         /// and no two names (or apps) share one.
         #[test]
         fn names_map_one_to_one(
-            a in "[A-Za-z0-9_=@,.;-]{1,164}",
-            b in "[A-Za-z0-9_=@,.;-]{1,164}",
+            a in "(#server-to-user-)?[A-Za-z0-9_=@,.;-]{1,140}",
+            b in "(#server-to-user-)?[A-Za-z0-9_=@,.;-]{1,140}",
             app in "[A-Za-z0-9_-]{1,64}",
         ) {
             prop_assert!(check_channel(&a).is_ok());
             let escaped_len = |name: &str| {
-                CHANNEL_PREFIX.len() + app.len() + 1 + name.len() + name.matches([',', ';']).count()
+                CHANNEL_PREFIX.len() + app.len() + 1 + name.len() + name.matches([',', ';', '#']).count()
             };
             // Refused only when the escaped name is longer than a pushgate name.
             let (engine, other) = match (engine_channel(&app, &a), engine_channel(&app, &b)) {
@@ -354,13 +382,26 @@ mod tests {
             prop_assert_eq!(pusher_name(&app, engine.as_str()).unwrap(), a.as_str());
             prop_assert_eq!(any_pusher_name(engine.as_str()).unwrap(), a.as_str());
             prop_assert_eq!(a == b, engine == other);
-            prop_assert!(pusher_name(&format!("{app}x"), engine.as_str()).is_none());
+            let other_app = format!("{app}x");
+            prop_assert!(pusher_name(&other_app, engine.as_str()).is_none());
         }
     }
 
     #[test]
     fn names_outside_pushers_rules_are_refused() {
-        for bad in ["", "a b", "a:b", "a/b", "#server-to-user-1", "é", &"x".repeat(165)] {
+        for bad in [
+            "",
+            "#",
+            "a b",
+            "a:b",
+            "a/b",
+            "a#b",
+            "##a",
+            "#server-to-user",
+            "#private-a",
+            "é",
+            &"x".repeat(165),
+        ] {
             assert!(check_channel(bad).is_err(), "{bad:?}");
         }
     }

@@ -52,6 +52,11 @@ use crate::shutdown::Drain;
 
 pub use session::{Admit, Session};
 
+/// The close code of a Pusher connection whose user the app terminated
+/// (`POST /apps/{id}/users/{user}/terminate_connections`): Pusher clients
+/// do not reconnect after it.
+pub const PUSHER_TERMINATED: u16 = pusher::close::UNAUTHORIZED;
+
 /// The three transports, for gauges and the auth request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -347,6 +352,11 @@ impl Realtime {
             )),
         };
         result.unwrap_or_else(Refusal::into_response)
+    }
+
+    /// The Pusher apps, when any are configured.
+    pub fn pusher(&self) -> Option<Arc<crate::pusher::PusherApps>> {
+        self.pusher.clone()
     }
 
     /// Starts counting a connection of `transport` in the gauges.

@@ -233,8 +233,11 @@ struct Connection {
     connection_id: String,
     outbox: Arc<Outbox>,
     ready: Wait,
-    /// Where orders for this connection arrive (terminate_connections).
+    /// Where orders for this connection arrive (terminate_connections):
+    /// under its user once signed in.
     registration: super::control::Registration,
+    /// The user `pusher:signin` named, as the app signed it.
+    user: Option<String>,
     ordered: Wait,
     subscriptions: Vec<Subscription>,
     commands: Rate,
@@ -296,7 +299,11 @@ impl SubscribeError {
 
 impl From<Refusal> for SubscribeError {
     fn from(refusal: Refusal) -> SubscribeError {
-        SubscribeError::new("Unavailable", refusal.message, refusal.kind.status().as_u16())
+        SubscribeError::new(
+            "Unavailable",
+            refusal.message,
+            refusal.kind.status().as_u16(),
+        )
     }
 }
 
@@ -336,6 +343,7 @@ impl Connection {
             outbox,
             ready,
             registration,
+            user: None,
             ordered,
             subscriptions: Vec::new(),
             commands,
@@ -567,14 +575,15 @@ impl Connection {
                 if !self.commands.take() {
                     self.realtime.refused.count(Limit::Commands);
                     return self
-                        .error(Some(CLIENT_EVENT_RATE_LIMITED), "too many messages; slow down")
+                        .error(
+                            Some(CLIENT_EVENT_RATE_LIMITED),
+                            "too many messages; slow down",
+                        )
                         .await;
                 }
                 self.on_event(text.as_str()).await
             }
-            Message::Binary(_) => {
-                self.error(None, "send events as JSON text frames").await
-            }
+            Message::Binary(_) => self.error(None, "send events as JSON text frames").await,
             Message::Ping(_) => self.io(Io::Flush).await,
             Message::Pong(_) | Message::Frame(_) => Ok(()),
             Message::Close(_) => Err(End::PeerClosed),
@@ -633,6 +642,23 @@ impl Connection {
                 }
                 Ok(())
             }
+            "pusher:signin" => {
+                #[derive(Deserialize)]
+                struct Signin {
+                    auth: String,
+                    user_data: String,
+                }
+                let signin = event.data.and_then(object_or_string::<Signin>);
+                match signin
+                    .ok_or_else(|| {
+                        "pusher:signin needs data with `auth` and `user_data`".to_owned()
+                    })
+                    .and_then(|signin| self.signin(&signin.auth, signin.user_data))
+                {
+                    Ok(success) => self.send(success).await,
+                    Err(why) => self.error(Some(close::UNAUTHORIZED), &why).await,
+                }
+            }
             name if name.starts_with("client-") => {
                 let channel = event.channel.as_deref().unwrap_or("").to_owned();
                 let data = event.data.map_or("null", RawValue::get).to_owned();
@@ -648,11 +674,49 @@ impl Connection {
         }
     }
 
+    /// Signs the connection in as the user `user_data` names, when the app
+    /// signed it; answers `pusher:signin_success`. From then on the
+    /// connection hears its user's channel and is reached by
+    /// `terminate_connections`.
+    fn signin(&mut self, auth: &str, user_data: String) -> Result<String, String> {
+        let app = &self.app;
+        if !sign::verify_user_auth(&app.key, &app.secret, &self.socket_id, &user_data, auth) {
+            return Err("the signature does not authorize this user".into());
+        }
+        #[derive(Deserialize)]
+        struct UserData {
+            id: Value,
+        }
+        let id = match serde_json::from_str::<UserData>(&user_data).map(|data| data.id) {
+            Ok(Value::String(id)) if !id.is_empty() => id,
+            Ok(Value::Number(id)) => id.to_string(),
+            _ => return Err("user_data must be JSON with an `id`".into()),
+        };
+        if self.user.is_some() {
+            return Err("this connection is signed in already".into());
+        }
+        let key = crate::pusher::api::user_key(&app.id, &id);
+        let registration = self
+            .realtime
+            .registry
+            .register(Some(&key))
+            .map_err(|refusal| refusal.message)?;
+        self.ordered = registration.control.ordered_owned();
+        self.registration = registration;
+        self.user = Some(id);
+        Ok(pusher::server_event(
+            "pusher:signin_success",
+            None,
+            &json!({ "user_data": user_data }),
+        ))
+    }
+
     /// Subscribes to the channel `data` names; the frames to send: the
     /// success, then the last event of a cache channel (or its miss).
     async fn subscribe(&mut self, data: SubscribeData) -> Result<Vec<String>, SubscribeError> {
         let name = data.channel;
-        pusher::check_channel(&name).map_err(|why| SubscribeError::new("InvalidChannel", why, 400))?;
+        pusher::check_channel(&name)
+            .map_err(|why| SubscribeError::new("InvalidChannel", why, 400))?;
         if self.subscriptions.iter().any(|s| s.name == name) {
             return Err(SubscribeError::new(
                 "AlreadySubscribed",
@@ -683,6 +747,17 @@ impl Connection {
         };
         let member = match kind.access {
             Access::Public => None,
+            Access::User => {
+                let id = name.strip_prefix(pusher::USER_CHANNEL_PREFIX);
+                if id.is_none() || id != self.user.as_deref() {
+                    return Err(SubscribeError::new(
+                        "AuthError",
+                        "a user's channel is heard only by connections signed in as that user",
+                        403,
+                    ));
+                }
+                None
+            }
             Access::Private => {
                 if !authorized(None) {
                     return Err(unauthorized(&name));
@@ -808,7 +883,9 @@ impl Connection {
             return;
         };
         let subscription = self.subscriptions.remove(index);
-        self.realtime.gauges.add_subscriptions(Transport::Pusher, -1);
+        self.realtime
+            .gauges
+            .add_subscriptions(Transport::Pusher, -1);
         self.release(subscription);
     }
 

@@ -13,6 +13,7 @@ mod exactness;
 mod jwks;
 mod jwt;
 mod presence;
+mod pusher;
 mod rate_limits;
 mod sse_poll;
 mod two_way;
