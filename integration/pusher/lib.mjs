@@ -125,7 +125,8 @@ export function splitAddr(addr) {
 /**
  * The app's channel authorization endpoint, as Laravel's /broadcasting/auth
  * answers it: `{"auth":"key:signature"}`, and `channel_data` on presence
- * channels, signed by the SDK's `authorizeChannel`. The user is the `user`
+ * channels, signed by the SDK's `authorizeChannel`; and at /pusher/user-auth
+ * pusher-js's signin, signed by `authenticateUser`. The user is the `user`
  * parameter the client sends along; `sign=forged` signs with a wrong secret,
  * `deny=1` answers 403 as an app refusing the user does.
  */
@@ -141,7 +142,7 @@ export async function authEndpoint(sdk, forger, cleanups) {
       const channel = form.get("channel_name");
       const user = form.get("user");
       requests.push({ path: req.url, socketId, channel, user });
-      if (req.method !== "POST" || !socketId || !channel) {
+      if (req.method !== "POST" || !socketId || (!channel && req.url !== "/pusher/user-auth")) {
         res.writeHead(400).end("socket_id and channel_name expected");
         return;
       }
@@ -150,6 +151,12 @@ export async function authEndpoint(sdk, forger, cleanups) {
         return;
       }
       const signer = form.get("sign") === "forged" ? forger : sdk;
+      if (req.url === "/pusher/user-auth") {
+        // pusher-js's signin: the user's data, signed by authenticateUser.
+        const answer = signer.authenticateUser(socketId, { id: user, user_info: { name: `${user} the tester` } });
+        res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
+        return;
+      }
       const presence = channel.startsWith("presence-")
         ? { user_id: user, user_info: { name: `${user} the tester` } }
         : undefined;
@@ -160,7 +167,8 @@ export async function authEndpoint(sdk, forger, cleanups) {
   await new Promise((resolve) => http.listen(0, "127.0.0.1", resolve));
   cleanups.push(() => new Promise((resolve) => http.close(resolve)));
   http.closeAllConnections && cleanups.push(() => http.closeAllConnections());
-  return { url: `http://127.0.0.1:${http.address().port}/broadcasting/auth`, requests };
+  const origin = `http://127.0.0.1:${http.address().port}`;
+  return { url: `${origin}/broadcasting/auth`, userUrl: `${origin}/pusher/user-auth`, requests };
 }
 
 /**
@@ -168,7 +176,7 @@ export async function authEndpoint(sdk, forger, cleanups) {
  * connected: its socket_id checked against Pusher's `\d+\.\d+` form.
  * `params` go to the authorization endpoint with each request.
  */
-export async function connect(publicAddr, key, { authUrl, params = {}, name = "client" } = {}, cleanups) {
+export async function connect(publicAddr, key, { authUrl, userUrl, params = {}, name = "client" } = {}, cleanups) {
   const [wsHost, wsPort] = splitAddr(publicAddr);
   const client = new PusherClient(key, {
     cluster: "pushgate",
@@ -178,6 +186,7 @@ export async function connect(publicAddr, key, { authUrl, params = {}, name = "c
     enabledTransports: ["ws"],
     disableStats: true,
     channelAuthorization: authUrl ? { endpoint: authUrl, transport: "ajax", params } : undefined,
+    userAuthentication: userUrl ? { endpoint: userUrl, transport: "ajax", params } : undefined,
   });
   cleanups.push(() => client.disconnect());
   client.label = name;
@@ -215,12 +224,15 @@ export async function subscribe(client, name) {
   return recorded;
 }
 
-/** Records what a channel hands on; `next(pred)` waits for a matching event. */
+/**
+ * Records what a channel hands on; `next(pred)` waits for a matching event.
+ * (A global callback gets no metadata: user_id is read with `bind`.)
+ */
 export function record(channel) {
   const events = [];
   const waiters = [];
-  channel.bind_global((event, data, metadata) => {
-    const entry = { event, data, metadata };
+  channel.bind_global((event, data) => {
+    const entry = { event, data };
     events.push(entry);
     for (const waiter of [...waiters]) {
       if (waiter.pred(entry)) {

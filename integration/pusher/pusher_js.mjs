@@ -20,7 +20,9 @@
 //   client-events-off  the app without client events refuses them
 //   cache           cache- channels: the last event on subscribe, or
 //                   pusher:cache_miss
-//   terminate       terminateUserConnections closes the user's connections
+//   terminate       signin (userAuthentication signed by authenticateUser),
+//                   sendToUser, and terminateUserConnections closing every
+//                   connection of that user, no other
 //   api-refusals    the HTTP API refuses a wrong secret, a wrong key, a stale
 //                   timestamp, a tampered body, an unknown app, a bad request
 import { createHash, createHmac } from "node:crypto";
@@ -254,8 +256,14 @@ const scenarios = {
     log("presence: channel queries");
 
     // A client event on a presence channel carries the sender's user_id.
+    // (pusher-js hands the metadata to an event's own callbacks only.)
+    const typed = deadline(
+      new Promise((resolve) => bob.channel(ROOM).bind("client-typing", (data, metadata) => resolve({ data, metadata }))),
+      PATIENCE,
+      "client-typing from alice, with its metadata",
+    );
     alice.channel(ROOM).trigger("client-typing", { typing: true });
-    const typing = await bobRoom.next((e) => e.event === "client-typing", "client-typing from alice");
+    const typing = await typed;
     checkEqual(typing.data, { typing: true }, "the client event's data");
     checkEqual(typing.metadata && typing.metadata.user_id, "alice", "user_id on the client event");
     await marker(sdk, ROOM, [aliceRoom]);
@@ -345,7 +353,7 @@ const scenarios = {
     checkEqual(last.data, { v: 2 }, "the cached event is the last one");
     await marker(sdk, "cache-prices", [later]);
     checkEqual(
-      later.names().filter((n) => n !== "marker"),
+      later.names().filter((n) => n !== "marker" && !n.startsWith("pusher:")),
       ["price"],
       "what a late subscriber to a cache channel got before the next event",
     );
@@ -355,12 +363,57 @@ const scenarios = {
   async terminate(cleanups) {
     const sdk = server(opts.api, opts["app-id"], opts.key, opts.secret);
     const auth = await authEndpoint(sdk, sdk, cleanups);
-    const as = (user, name) =>
-      connect(opts.public, opts.key, { authUrl: auth.url, params: { user }, name }, cleanups);
+    const as = async (user, name) => {
+      const client = await connect(
+        opts.public,
+        opts.key,
+        { authUrl: auth.url, userUrl: auth.userUrl, params: { user }, name },
+        cleanups,
+      );
+      client.signin();
+      await deadline(client.user.signinDonePromise, PATIENCE, `${name} to sign in`);
+      checkEqual(client.user.user_data && client.user.user_data.id, user, `${name}'s signed-in user`);
+      // pusher-js subscribes to the user's #server-to-user- channel on signin.
+      const own = client.user.serverToUserChannel;
+      check(own && own.name === `#server-to-user-${user}`, `${name}: pusher-js made the user channel`);
+      if (!own.subscribed) {
+        await deadline(
+          new Promise((resolve, reject) => {
+            own.bind("pusher:subscription_succeeded", resolve);
+            own.bind("pusher:subscription_error", (e) => reject(new Error(`${name}: ${own.name} refused: ${JSON.stringify(e)}`)));
+          }),
+          PATIENCE,
+          `${name}'s subscription to ${own.name}`,
+        );
+      }
+      client.userEvents = [];
+      client.user.bind_global((event, data) => client.userEvents.push({ event, data }));
+      return client;
+    };
     const carol = await as("carol", "carol");
     const carol2 = await as("carol", "carol-again");
     const dave = await as("dave", "dave");
-    for (const c of [carol, carol2, dave]) await subscribe(c, "presence-team");
+    log("carol (twice) and dave signed in");
+
+    // sendToUser reaches every connection of that user, through the
+    // #server-to-user- channel pusher-js subscribed to on signin.
+    const userEvent = (client, event) =>
+      deadline(
+        new Promise((resolve) => {
+          const seen = () => client.userEvents.find((e) => e.event === event);
+          if (seen()) return resolve(seen().data);
+          client.user.bind(event, resolve);
+        }),
+        PATIENCE,
+        `${client.label}: the user event ${event}`,
+      );
+    await json(sdk.sendToUser("carol", "note", { hello: "carol" }));
+    for (const c of [carol, carol2]) checkEqual(await userEvent(c, "note"), { hello: "carol" }, "sendToUser's data");
+    await json(sdk.sendToUser("dave", "marker", { n: 1 }));
+    await userEvent(dave, "marker");
+    check(!dave.userEvents.some((e) => e.event === "note"), "dave got carol's sendToUser event");
+    log("sendToUser reached both of carol's connections, not dave");
+
     const closed = (client) =>
       deadline(
         new Promise((resolve) => {
@@ -374,14 +427,9 @@ const scenarios = {
     checkEqual(await json(sdk.terminateUserConnections("carol")), {}, "terminate_connections' answer");
     await carolClosed;
     await carol2Closed;
-    const daveRoom = dave.channel("presence-team");
     check(dave.connection.state === "connected", "dave is still connected");
-    await sdk.trigger("presence-team", "still-here", {});
-    await deadline(
-      new Promise((resolve) => daveRoom.bind("still-here", resolve)),
-      PATIENCE,
-      "dave to still get events",
-    );
+    await json(sdk.sendToUser("dave", "still-here", {}));
+    await userEvent(dave, "still-here");
     log("terminateUserConnections closed both of carol's connections, not dave's");
   },
 
