@@ -54,7 +54,8 @@ export function deadline(promise, ms, what) {
 
 /**
  * The arguments every script takes: pushgate's public and API addresses, and
- * two apps: one that allows client events, one that does not.
+ * two apps: one that allows client events, one that does not; a second
+ * node's addresses where a scenario needs one.
  */
 export function args(extra = {}) {
   const { values } = parseArgs({
@@ -68,6 +69,8 @@ export function args(extra = {}) {
       key2: { type: "string" },
       secret2: { type: "string" },
       scenario: { type: "string" },
+      public2: { type: "string" },
+      api2: { type: "string" },
       ...extra,
     },
   });

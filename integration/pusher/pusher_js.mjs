@@ -5,10 +5,11 @@
 //   node pusher_js.mjs --scenario NAME --public ADDR --api ADDR
 //       --app-id ID --key KEY --secret SECRET
 //       [--app2-id ID --key2 KEY --secret2 SECRET]   (an app without client events)
+//       [--public2 ADDR --api2 ADDR]                  (a second node on the same Redis)
 //
 // Scenarios:
 //   public          trigger, multi-channel trigger, triggerBatch, info on a
-//                   trigger, and socket_id exclusion
+//                   trigger, socket_id exclusion, names with , and ;
 //   private         authorization through the app's endpoint (signed by the
 //                   SDK's authorizeChannel), a forged signature, a missing
 //                   one, another socket's; private-encrypted- end to end
@@ -23,6 +24,9 @@
 //   terminate       signin (userAuthentication signed by authenticateUser),
 //                   sendToUser, and terminateUserConnections closing every
 //                   connection of that user, no other
+//   two-nodes       two pushgate nodes on one Redis: presence members,
+//                   triggers, socket_id exclusion, client events and
+//                   terminate_connections across them
 //   api-refusals    the HTTP API refuses a wrong secret, a wrong key, a stale
 //                   timestamp, a tampered body, an unknown app, a bad request
 import { createHash, createHmac } from "node:crypto";
@@ -132,6 +136,19 @@ const scenarios = {
       `the excluded socket got the event: ${JSON.stringify(aliceOrders.names())}`,
     );
     log("socket_id exclusion: the excluded socket got nothing, the other did");
+
+    // Pusher's channel names may hold `,` and `;`: each is its own channel.
+    const comma = await subscribe(bob, "a,b");
+    const semicolon = await subscribe(bob, "a;b");
+    await sdk.trigger("a,b", "which", { channel: "a,b" });
+    await sdk.trigger("a;b", "which", { channel: "a;b" });
+    checkEqual((await comma.next((e) => e.event === "which", "a,b's event")).data, { channel: "a,b" }, "a,b's event");
+    checkEqual((await semicolon.next((e) => e.event === "which", "a;b's event")).data, { channel: "a;b" }, "a;b's event");
+    await marker(sdk, "a,b", [comma]);
+    await marker(sdk, "a;b", [semicolon]);
+    checkEqual(comma.names().filter((n) => n === "which").length, 1, "events on a,b");
+    checkEqual(semicolon.names().filter((n) => n === "which").length, 1, "events on a;b");
+    log("channel names with , and ; kept apart");
   },
 
   async private(cleanups) {
@@ -431,6 +448,81 @@ const scenarios = {
     await json(sdk.sendToUser("dave", "still-here", {}));
     await userEvent(dave, "still-here");
     log("terminateUserConnections closed both of carol's connections, not dave's");
+  },
+
+  async "two-nodes"(cleanups) {
+    for (const name of ["public2", "api2"]) check(opts[name], `--${name} is required`);
+    const one = server(opts.api, opts["app-id"], opts.key, opts.secret);
+    const two = server(opts.api2, opts["app-id"], opts.key, opts.secret);
+    const auth = await authEndpoint(one, one, cleanups);
+    const as = async (user, addr) => {
+      const client = await connect(
+        addr,
+        opts.key,
+        { authUrl: auth.url, userUrl: auth.userUrl, params: { user }, name: `${user}@${addr}` },
+        cleanups,
+      );
+      client.signin();
+      await deadline(client.user.signinDonePromise, PATIENCE, `${user} to sign in`);
+      return client;
+    };
+    const ROOM = "presence-crew";
+    const alice = await as("alice", opts.public);
+    const aliceRoom = await subscribe(alice, ROOM);
+    const bob = await as("bob", opts.public2);
+    const bobRoom = await subscribe(bob, ROOM);
+    const members = [];
+    bobRoom.subscribed.each((m) => members.push(m.id));
+    checkEqual(members.sort(), ["alice", "bob"], "the members bob sees on the other node");
+    checkEqual(
+      (await aliceRoom.next((e) => e.event === "pusher:member_added", "member_added from the other node")).data.id,
+      "bob",
+      "member_added across nodes",
+    );
+    log("presence across nodes: members and member_added");
+
+    await one.trigger(ROOM, "from-one", { n: 1 });
+    await two.trigger(ROOM, "from-two", { n: 2 });
+    for (const rec of [aliceRoom, bobRoom]) {
+      await rec.next((e) => e.event === "from-one", "node one's trigger");
+      await rec.next((e) => e.event === "from-two", "node two's trigger");
+    }
+    await two.trigger(ROOM, "not-for-alice", {}, { socket_id: alice.connection.socket_id });
+    await bobRoom.next((e) => e.event === "not-for-alice", "the event that excludes alice");
+    await marker(two, ROOM, [aliceRoom, bobRoom]);
+    check(!aliceRoom.names().includes("not-for-alice"), "a socket_id on another node was not excluded");
+    log("triggers through either node reach both; socket_id excluded across nodes");
+
+    const waved = deadline(
+      new Promise((resolve) => bob.channel(ROOM).bind("client-wave", (data, metadata) => resolve({ data, metadata }))),
+      PATIENCE,
+      "alice's client event on the other node",
+    );
+    alice.channel(ROOM).trigger("client-wave", { hi: true });
+    const wave = await waved;
+    checkEqual(wave.metadata && wave.metadata.user_id, "alice", "user_id on a client event across nodes");
+
+    for (const sdk of [one, two]) {
+      const users = await until(
+        () => json(sdk.get({ path: `/channels/${ROOM}/users` })),
+        (a) => a.users && a.users.length === 2,
+        "both users in the users query on each node",
+      );
+      checkEqual(users.users.map((u) => u.id).sort(), ["alice", "bob"], "users across nodes");
+    }
+    log("client events and queries across nodes");
+
+    const bobClosed = deadline(
+      new Promise((resolve) => bob.connection.bind("state_change", (s) => s.current !== "connected" && resolve())),
+      PATIENCE,
+      "bob's connection on node two closed by terminate_connections on node one",
+    );
+    checkEqual(await json(one.terminateUserConnections("bob")), {}, "terminate_connections' answer");
+    await bobClosed;
+    const removed = await aliceRoom.next((e) => e.event === "pusher:member_removed", "member_removed from the other node");
+    checkEqual(removed.data.id, "bob", "member_removed across nodes");
+    check(alice.connection.state === "connected", "alice is still connected");
+    log("terminate_connections across nodes; member_removed followed");
   },
 
   async "api-refusals"() {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::node::{node, node_modules, ROOT};
 use common::pyenv::{python, run};
+use common::redis::Redis;
 use common::{ws_next_json, Process, TempDir, WsClient, PATIENCE};
 use futures_util::SinkExt;
 use serde_json::{json, Value};
@@ -162,6 +163,48 @@ fn node_sdk_terminates_a_users_connections() {
 #[test]
 fn node_sdk_refused_with_bad_credentials() {
     pusher_js("api-refusals");
+}
+
+/// Two nodes on one Redis: presence, triggers, socket_id exclusion, client
+/// events and terminate_connections across them.
+#[test]
+fn pusher_js_across_two_nodes_on_redis() {
+    let scratch = TempDir::new("pusher-js-two-nodes");
+    node_modules(&scratch.0);
+    let redis = Redis::start();
+    let engine = format!(
+        "engine:\n  kind: redis\n  redis:\n    url: {}\n",
+        redis.url()
+    );
+    let yaml = format!("{}{engine}", config("http://127.0.0.1:9"));
+    let secret = [(QUIET_SECRET_ENV, QUIET_SECRET)];
+    let one_dir = scratch.0.join("one");
+    let two_dir = scratch.0.join("two");
+    fs::create_dir_all(&one_dir).unwrap();
+    fs::create_dir_all(&two_dir).unwrap();
+    let one = Process::start(&one_dir, &yaml, &secret);
+    let two = Process::start(&two_dir, &yaml, &secret);
+    let ran = run(
+        node(&scratch.0)
+            .arg(Path::new(ROOT).join("integration/pusher/pusher_js.mjs"))
+            .args(["--scenario", "two-nodes"])
+            .args(script_args(&one))
+            .args(["--public2", &two.addr.to_string()])
+            .args(["--api2", &two.api_addr.to_string()]),
+        &scratch.0,
+        SCRIPT_TIMEOUT,
+    )
+    .expect("run node");
+    if !ran.ok() {
+        let logs: Vec<String> = two.logs.try_iter().collect();
+        println!("node two's log:\n{}", logs.join("\n"));
+        fail(
+            "integration/pusher/pusher_js.mjs --scenario two-nodes",
+            &ran,
+            &one,
+        );
+    }
+    println!("{}", ran.output);
 }
 
 /// Pusher's Python SDK: trigger, trigger_batch, the channel queries, and a
@@ -562,4 +605,88 @@ async fn client_event_refused_when_the_app_disallows_them() {
         heard["event"], "pusher:pong",
         "the other subscriber heard the refused client event: {heard}"
     );
+}
+
+#[tokio::test]
+async fn a_foreign_origin_is_refused_and_the_own_one_accepted() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let scratch = TempDir::new("pusher-origin");
+    let pushgate = start(&scratch.0);
+    let url = format!("ws://{}/app/{KEY}?protocol=7", pushgate.addr);
+    let handshake = |origin: String| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().unwrap());
+        tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+    };
+    let foreign = handshake("http://evil.example".into())
+        .await
+        .expect("in time");
+    match foreign {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("a foreign Origin must be refused with 403: {other:?}"),
+    }
+    let (mut own, _) = handshake(format!("http://{}", pushgate.addr))
+        .await
+        .expect("in time")
+        .expect("pushgate's own origin is accepted");
+    let hello = next_event(&mut own).await;
+    assert_eq!(hello["event"], "pusher:connection_established", "{hello}");
+}
+
+/// The spec: the server pings with `pusher:ping` when a connection was idle
+/// for `activity_timeout` (the value it told the client), and a client that
+/// answers `pusher:pong` stays connected.
+#[tokio::test]
+async fn an_idle_connection_is_pinged_with_pusher_ping_after_activity_timeout() {
+    let scratch = TempDir::new("pusher-activity");
+    let yaml = format!("{}  activity_timeout: 1s\n", config("http://127.0.0.1:9"));
+    let pushgate = Process::start(&scratch.0, &yaml, &[(QUIET_SECRET_ENV, QUIET_SECRET)]);
+    let url = format!("ws://{}/app/{KEY}?protocol=7", pushgate.addr);
+    let (mut ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+        .expect("handshake accepted");
+    let hello = ws_next_json(&mut ws).await;
+    let told: Value = serde_json::from_str(hello["data"].as_str().unwrap()).unwrap();
+    assert_eq!(told["activity_timeout"], 1, "{hello}");
+    // Idle: within the activity timeout and some slack, a pusher:ping.
+    for round in 0..2 {
+        let started = Instant::now();
+        let ping = tokio::time::timeout(Duration::from_secs(5), ws_next_json(&mut ws))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: no pusher:ping within 5 s of idleness (activity_timeout 1s)")
+            });
+        assert_eq!(ping["event"], "pusher:ping", "round {round}: {ping}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "not before the client was idle"
+        );
+        send(&mut ws, json!({"event": "pusher:pong", "data": {}})).await;
+    }
+}
+
+/// A node shutting down closes its Pusher connections with 4200, which
+/// tells pusher-js to reconnect at once (to another node).
+#[tokio::test]
+async fn shutdown_closes_pusher_connections_with_4200() {
+    let scratch = TempDir::new("pusher-shutdown");
+    let pushgate = start(&scratch.0);
+    let (mut ws, _) = pusher_connect(&pushgate, KEY).await;
+    send(
+        &mut ws,
+        json!({"event": "pusher:subscribe", "data": {"channel": "news"}}),
+    )
+    .await;
+    let answer = next_event(&mut ws).await;
+    assert_eq!(
+        answer["event"], "pusher_internal:subscription_succeeded",
+        "{answer}"
+    );
+    pushgate.signal("TERM");
+    assert_eq!(common::ws_close_code(&mut ws).await, Some(4200));
 }
