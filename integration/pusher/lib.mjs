@@ -70,6 +70,7 @@ export function args(extra = {}) {
       secret2: { type: "string" },
       scenario: { type: "string" },
       public2: { type: "string" },
+      "pushgate-key": { type: "string" },
       api2: { type: "string" },
       ...extra,
     },

@@ -6,10 +6,12 @@
 //       --app-id ID --key KEY --secret SECRET
 //       [--app2-id ID --key2 KEY --secret2 SECRET]   (an app without client events)
 //       [--public2 ADDR --api2 ADDR]                  (a second node on the same Redis)
+//       [--pushgate-key KEY]                          (pushgate's own API key)
 //
 // Scenarios:
 //   public          trigger, multi-channel trigger, triggerBatch, info on a
-//                   trigger, socket_id exclusion, names with , and ;
+//                   trigger, socket_id exclusion, names with , and ;, and
+//                   pushgate's own publish API into pusher/{id}/{channel}
 //   private         authorization through the app's endpoint (signed by the
 //                   SDK's authorizeChannel), a forged signature, a missing
 //                   one, another socket's; private-encrypted- end to end
@@ -126,6 +128,13 @@ const scenarios = {
 
     const counted = await json(sdk.trigger("orders", "counted", {}, { info: "subscription_count" }));
     checkEqual(counted, { channels: { orders: { subscription_count: 2 } } }, "a trigger's answer with info");
+    const batchCounted = await json(
+      sdk.triggerBatch([
+        { channel: "orders", name: "counted", data: {}, info: "subscription_count" },
+        { channel: "news", name: "counted", data: {} },
+      ]),
+    );
+    checkEqual(batchCounted, { batch: [{ subscription_count: 2 }, {}] }, "a batch's answer with info");
 
     // Pusher's socket_id: everyone but that connection gets the event.
     await sdk.trigger("orders", "not-for-alice", { x: 1 }, { socket_id: alice.connection.socket_id });
@@ -149,6 +158,27 @@ const scenarios = {
     checkEqual(comma.names().filter((n) => n === "which").length, 1, "events on a,b");
     checkEqual(semicolon.names().filter((n) => n === "which").length, 1, "events on a;b");
     log("channel names with , and ; kept apart");
+
+    // pushgate's own publish API reaches Pusher clients: channel C of app
+    // ID is pushgate's pusher/ID/C, with `,` written `:c` and `;` `:s`.
+    check(opts["pushgate-key"], "--pushgate-key is required");
+    const publish = async (channel, event, data) => {
+      const res = await fetch(`http://${opts.api}/api/publish`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${opts["pushgate-key"]}`, "content-type": "application/json" },
+        body: JSON.stringify({ channel, event, data }),
+        signal: AbortSignal.timeout(PATIENCE),
+      });
+      check(res.status === 200, `POST /api/publish to ${channel}: ${res.status} ${await res.text()}`);
+    };
+    await publish(`pusher/${opts["app-id"]}/orders`, "native", { from: "pushgate" });
+    for (const rec of [aliceOrders, bobOrders]) {
+      const got = await rec.next((e) => e.event === "native", "pushgate's own publication");
+      checkEqual(got.data, { from: "pushgate" }, "pushgate's own publication's data");
+    }
+    await publish(`pusher/${opts["app-id"]}/a:cb`, "native", { to: "a,b" });
+    checkEqual((await comma.next((e) => e.event === "native", "a,b via pusher/ID/a:cb")).data, { to: "a,b" }, "a:cb is a,b");
+    log("pushgate's own publish API reached the Pusher subscribers");
   },
 
   async private(cleanups) {

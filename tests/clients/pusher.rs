@@ -109,6 +109,7 @@ fn pusher_js(scenario: &str) {
             .arg(Path::new(ROOT).join("integration/pusher/pusher_js.mjs"))
             .args(["--scenario", scenario])
             .args(script_args(&pushgate))
+            .args(["--pushgate-key", common::API_KEY])
             .args(["--app2-id", QUIET_ID, "--key2", QUIET_KEY])
             .args(["--secret2", QUIET_SECRET]),
         &scratch.0,
@@ -689,4 +690,39 @@ async fn shutdown_closes_pusher_connections_with_4200() {
     );
     pushgate.signal("TERM");
     assert_eq!(common::ws_close_code(&mut ws).await, Some(4200));
+}
+
+/// `pusher.max_presence_members`: the member over it is refused, and a user
+/// already present may still open another connection.
+#[tokio::test]
+async fn a_presence_channel_refuses_members_over_the_limit() {
+    let scratch = TempDir::new("pusher-presence-limit");
+    let yaml = format!(
+        "{}  max_presence_members: 2\n",
+        config("http://127.0.0.1:9")
+    );
+    let pushgate = Process::start(&scratch.0, &yaml, &[(QUIET_SECRET_ENV, QUIET_SECRET)]);
+    let channel = "presence-small";
+    let mut kept = Vec::new();
+    for (user, admitted) in [("1", true), ("2", true), ("1", true), ("3", false)] {
+        let (mut ws, socket_id) = pusher_connect(&pushgate, KEY).await;
+        let channel_data = json!({"user_id": user, "user_info": {}}).to_string();
+        let auth = format!(
+            "{KEY}:{}",
+            hmac_hex(SECRET, &format!("{socket_id}:{channel}:{channel_data}"))
+        );
+        send(
+            &mut ws,
+            json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}),
+        )
+        .await;
+        let answer = next_event(&mut ws).await;
+        let expected = if admitted {
+            "pusher_internal:subscription_succeeded"
+        } else {
+            "pusher:subscription_error"
+        };
+        assert_eq!(answer["event"], expected, "user {user}: {answer}");
+        kept.push(ws);
+    }
 }
