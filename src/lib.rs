@@ -66,6 +66,9 @@
 //!   - `transport::longpoll`: long-poll at `{prefix}/poll`.
 //!   - `transport::control`: reaching live sessions by user: the per-user
 //!     limit, and the API's disconnect and unsubscribe.
+//!   - `transport::pusher`: the Pusher Channels WebSocket (protocol 7) at
+//!     `/app/{key}`: subscriptions signed by the app, presence members,
+//!     client events, `pusher:signin`.
 //!   - `transport::client_js`: the browser client, served at
 //!     `{prefix}/client.js`.
 //!   - `transport::origin`: the `Origin` check, and CORS for SSE and
@@ -90,6 +93,14 @@
 //!   - `api::service`: the listener's tower layers: body limit, body
 //!     timeout, requests in flight, tracing.
 //!   - `api::tests`: the JSON nesting scan, against a real parse.
+//! - [`pusher`]: the Pusher Channels protocol's apps, its channels' names
+//!   inside pushgate (`pusher/{id}/…`), and an event framed once for every
+//!   Pusher subscriber.
+//!   - `pusher::api`: Pusher's HTTP API at `/apps/{id}/…` on the API
+//!     listener: events, batches, channel and user queries,
+//!     `terminate_connections`.
+//!   - `pusher::sign`: Pusher's signatures: HTTP API requests, channel
+//!     authorizations, sign-ins, webhooks.
 //! - [`broker`]: the engine behind channels, one `Broker` trait: numbering,
 //!   history, recovery, presence, and the bus between nodes.
 //!   - `broker::tests`: a publish's fingerprint is its JSON value's, written
@@ -122,6 +133,9 @@
 //! - [`events`]: connection events sent to the app: a bounded queue that
 //!   never makes a session wait, and one task per node posting signed
 //!   batches, retried with backoff.
+//! - [`posting`]: batches posted to the app (connection events, Pusher
+//!   webhooks): a bounded queue nobody waits on, one task posting signed
+//!   batches in order, retried with backoff.
 //! - [`keyed`]: keyed digests (HMAC-SHA256 under a per-process random key)
 //!   for the API keys and the grant cache.
 //! - [`message`]: a publication and its per-transport encodings, made once.
@@ -144,6 +158,7 @@
 //!   - `config::jwt`: the JWT key and where it comes from.
 //!   - `config::redis`: `engine.redis.url` checked, and its CA file read.
 //!   - `config::events`: `events` checked, and the kinds of event.
+//!   - `config::pusher`: `pusher` checked, and each app's secret found.
 //!   - `config::units`: sizes (`32KiB`) and durations (`10s`).
 //!   - `config::tests`: loading and checking, end to end.
 //! - [`shutdown`]: OS signals and the drain tracker that connections and
@@ -198,6 +213,7 @@ pub mod message;
 mod metrics;
 mod names;
 mod node;
+mod posting;
 mod proxy;
 pub mod pusher;
 mod rate;

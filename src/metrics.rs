@@ -15,9 +15,9 @@ use prometheus_client::registry::Registry;
 
 use crate::auth::AuthStats;
 use crate::broker::{EngineStats, RedisStats};
-use crate::events::EventStats;
 use crate::hub::Hub;
 use crate::latency::Latency;
+use crate::posting::PostStats;
 use crate::rate::{Limit, Refused};
 use crate::transport::Gauges;
 
@@ -76,7 +76,7 @@ impl Metrics {
         engine: EngineStats,
         hub: &Hub,
         auth: AuthStats,
-        events: Option<EventStats>,
+        events: Option<PostStats>,
     ) -> String {
         let scrape = Scrape {
             publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
@@ -110,7 +110,7 @@ struct Scrape {
     deliveries: u64,
     slow_consumers: u64,
     /// `None` while `events.path` is not set.
-    events: Option<EventStats>,
+    events: Option<PostStats>,
 }
 
 /// Writes metric families into one scrape. Names are given as exposed,
@@ -263,7 +263,7 @@ impl Collector for Scrape {
     }
 }
 
-fn encode_events(out: &mut Out, events: &EventStats) -> Written {
+fn encode_events(out: &mut Out, events: &PostStats) -> Written {
     let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
     out.counter(
         "pushgate_events_sent",

@@ -416,3 +416,51 @@ fn events_need_a_long_secret_which_may_come_from_the_environment() {
         [EventKind::Connect, EventKind::Disconnect]
     );
 }
+
+#[test]
+fn pusher_apps_are_checked_and_their_secrets_may_come_from_the_environment() {
+    let apps = "pusher:\n  apps:\n    - {id: \"1\", key: k1, secret_env: APP_SECRET, client_events: true}\n    - {id: \"2\", key: k2, secret: second-secret}\n";
+    let settings = from_yaml(
+        &format!("{KEYS}{apps}"),
+        "test.yaml",
+        [("APP_SECRET", "from-the-environment")],
+    )
+    .unwrap();
+    let secrets: Vec<&str> = settings.pusher.iter().map(|a| a.secret.as_str()).collect();
+    assert_eq!(secrets, ["from-the-environment", "second-secret"]);
+    assert!(settings.pusher[0].client_events);
+    // The secret never reaches a log line.
+    assert!(!format!("{:?}", settings.config.pusher).contains("second-secret"));
+
+    let err = from_yaml(&format!("{KEYS}{apps}"), "test.yaml", NO_ENV).unwrap_err();
+    assert_eq!(keys(&err), ["pusher.apps[0].secret_env"]);
+
+    let bad = "pusher:\n  apps:\n    - {id: \"1\", key: k, secret: s1234567, secret_env: X}\n    - {id: \"1\", key: k, secret: short}\n    - {id: \"a/b\", key: \"\", secret: s1234567}\n    - {id: \"4\", key: k4}\n  max_presence_members: 0\n  client_events_per_second: 0\n";
+    let err = from_yaml(&format!("{KEYS}{bad}"), "test.yaml", [("X", "y")]).unwrap_err();
+    let mut found = keys(&err);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "pusher.apps[0].secret_env",
+            "pusher.apps[1].id",
+            "pusher.apps[1].key",
+            "pusher.apps[1].secret",
+            "pusher.apps[2].id",
+            "pusher.apps[2].key",
+            "pusher.apps[3].secret",
+            "pusher.client_events_per_second",
+            "pusher.max_presence_members",
+        ]
+    );
+    // Unknown keys in an app are refused by name.
+    let err = from_yaml(
+        &format!(
+            "{KEYS}pusher:\n  apps:\n    - {{id: \"1\", key: k, secret: s1234567, webhok: x}}\n"
+        ),
+        "test.yaml",
+        NO_ENV,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("webhok"), "{err}");
+}

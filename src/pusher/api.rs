@@ -394,9 +394,11 @@ impl Info {
             match attribute {
                 "user_count" => info.user_count = true,
                 "subscription_count" => info.subscription_count = true,
-                other => return Err(Refused::bad(format!(
+                other => {
+                    return Err(Refused::bad(format!(
                     "info attribute `{other}` is not known; use user_count or subscription_count"
-                ))),
+                )))
+                }
             }
         }
         Ok(info)
