@@ -21,14 +21,14 @@ use common::node::{node, node_modules, BROWSER_DIR};
 use common::redis::Redis;
 use common::TempDir;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+pub(crate) const CHROMIUM: &str = "/usr/bin/chromium";
 /// run.mjs bounds itself at 170 s; this is the backstop.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(240);
 const APT_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// One Chromium at a time: the scenarios measure delivery, not a machine
 /// under three browsers.
-static ONE_BROWSER: Mutex<()> = Mutex::new(());
+pub(crate) static ONE_BROWSER: Mutex<()> = Mutex::new(());
 
 #[test]
 fn demo_over_websocket_with_login_publishes_and_offline() {
@@ -110,7 +110,7 @@ fn artifacts_dir() -> PathBuf {
 
 /// Installs Debian's `chromium` when it is missing, with the same guard as
 /// .ci/run: no service may start during the install.
-fn ensure_chromium(scratch: &Path) {
+pub(crate) fn ensure_chromium(scratch: &Path) {
     if Path::new(CHROMIUM).exists() {
         return;
     }

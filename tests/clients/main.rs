@@ -1,5 +1,6 @@
 //! Real clients: the browser client library in Node and in Chromium,
-//! third-party Python clients, and the example app: one test binary, so the
+//! third-party Python clients, Pusher's libraries (pusher-js, the Node and
+//! Python server SDKs, Laravel Echo), and the example app: one test binary, so the
 //! shared support in tests/common is built once.
 
 #[path = "../common/mod.rs"]
@@ -8,4 +9,5 @@ mod common;
 mod browser;
 mod client_js;
 mod example_app;
+mod pusher;
 mod third_party;

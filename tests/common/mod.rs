@@ -705,7 +705,7 @@ pub mod pyenv {
     /// from.
     const STAMP: &str = "pushgate-requirements.txt";
     /// What a usable virtualenv can import.
-    const PROBE: &str = "import websockets, httpx, httpx_sse, flask";
+    const PROBE: &str = "import websockets, httpx, httpx_sse, flask, pusher";
 
     const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
     const VENV_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,6 +1,7 @@
 //! Node.js for the tests of the browser client: `node` itself, and the npm
 //! packages of `integration/browser` (playwright-core to drive Chromium,
-//! terser to measure the minified client), installed with `npm ci` from the
+//! terser to measure the minified client, Pusher's libraries for the Pusher
+//! compatibility checks), installed with `npm ci` from the
 //! committed lock file when missing or out of date.
 
 use std::fs;
@@ -57,9 +58,15 @@ pub fn node_modules(scratch: &Path) -> PathBuf {
     let lock = fs::read_to_string(dir.join("package-lock.json"))
         .expect("integration/browser/package-lock.json");
     let installed = fs::read_to_string(modules.join(STAMP)).ok();
-    let complete = ["playwright-core/package.json", "terser/package.json"]
-        .iter()
-        .all(|file| modules.join(file).is_file());
+    let complete = [
+        "playwright-core/package.json",
+        "terser/package.json",
+        "pusher-js/package.json",
+        "pusher/package.json",
+        "laravel-echo/package.json",
+    ]
+    .iter()
+    .all(|file| modules.join(file).is_file());
     if installed.as_deref() == Some(lock.as_str()) && complete {
         return modules;
     }
