@@ -25,7 +25,9 @@ use crate::message::ChannelName;
 pub struct Channels {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
-    rules: ChannelRules,
+    /// Replaced whole by a reload: a subscription takes the rules of the
+    /// moment it is made, and leaves by them.
+    rules: arc_swap::ArcSwap<ChannelRules>,
     /// Told when a channel's first subscriber on this node arrived or its
     /// last left.
     watch: Option<Arc<dyn Watch>>,
@@ -50,7 +52,7 @@ impl Channels {
         Channels {
             hub,
             broker,
-            rules,
+            rules: arc_swap::ArcSwap::from_pointee(rules),
             watch: None,
         }
     }
@@ -75,8 +77,13 @@ impl Channels {
         }
     }
 
-    pub fn rules(&self) -> &ChannelRules {
-        &self.rules
+    pub fn rules(&self) -> arc_swap::Guard<Arc<ChannelRules>> {
+        self.rules.load()
+    }
+
+    /// Takes the `channels` rules of a reload.
+    pub fn reload(&self, rules: ChannelRules) {
+        self.rules.store(Arc::new(rules));
     }
 
     /// Subscribes `outbox` to `channel`: the hub first, then the engine, so
