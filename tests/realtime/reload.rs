@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{Process, TempDir, API_KEY, PATIENCE};
 use futures_util::{SinkExt, StreamExt};
