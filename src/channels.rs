@@ -39,8 +39,9 @@ pub trait Watch: Send + Sync + 'static {
     /// Whether `channel` is watched at all: only those are reported.
     fn watches(&self, channel: &str) -> bool;
     /// This node's first subscriber to `channel` arrived or its last left,
-    /// and the engine has started or stopped listening. Run on a task of
-    /// its own, in no particular order across channels.
+    /// and the engine has started or stopped listening. A first
+    /// subscriber's subscribe waits for it; a last one's runs on the
+    /// release's own task.
     fn changed(
         self: Arc<Self>,
         channel: ChannelName,
@@ -63,20 +64,6 @@ impl Channels {
         self
     }
 
-    /// Tells the watch, on its own task, that `channel` changed here.
-    fn report(&self, channel: &ChannelName) {
-        let Some(watch) = &self.watch else {
-            return;
-        };
-        if !watch.watches(channel.as_str()) {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (watch, channel) = (watch.clone(), channel.clone());
-            runtime.spawn(watch.changed(channel));
-        }
-    }
-
     pub fn rules(&self) -> arc_swap::Guard<Arc<ChannelRules>> {
         self.rules.load()
     }
@@ -84,6 +71,15 @@ impl Channels {
     /// Takes the `channels` rules of a reload.
     pub fn reload(&self, rules: ChannelRules) {
         self.rules.store(Arc::new(rules));
+    }
+
+    /// Tells the watch that `channel` changed here.
+    async fn report(&self, channel: &ChannelName) {
+        if let Some(watch) = &self.watch {
+            if watch.watches(channel.as_str()) {
+                watch.clone().changed(channel.clone()).await;
+            }
+        }
     }
 
     /// Subscribes `outbox` to `channel`: the hub first, then the engine, so
@@ -109,7 +105,9 @@ impl Channels {
         };
         self.broker.subscribe(channel).await?;
         if first {
-            self.report(channel);
+            // Awaited: what the subscriber does next on the channel (a
+            // presence join) is reported after the channel's occupancy.
+            self.report(channel).await;
         }
         Ok(joining)
     }

@@ -359,6 +359,9 @@ impl Server {
             "listening"
         );
         tracing::info!("{}", realtime.describe_auth());
+        if let Some(pusher) = realtime.pusher() {
+            tracing::info!("{}", pusher.describe());
+        }
         let addr = public.addr;
         let first = public
             .tcp

@@ -54,6 +54,10 @@ pub struct Api {
     channels: Arc<Channels>,
     realtime: Arc<Realtime>,
     metrics: Arc<Metrics>,
+    /// `api.insecure_no_auth`: without keys, `/api/...` is open. Without
+    /// keys and without it (a node serving Pusher's API only), every
+    /// `/api/...` request is refused.
+    insecure_no_auth: bool,
     /// The digests of `api.keys`; the keys themselves are not kept.
     /// Replaced whole by a reload.
     keys: ArcSwap<Vec<[u8; 32]>>,
@@ -83,6 +87,7 @@ impl Api {
             channels,
             realtime,
             metrics,
+            insecure_no_auth: config.api.insecure_no_auth,
             keys: ArcSwap::from_pointee(keys),
             key_digest,
             max_body: config.api.max_body.bytes(),
@@ -191,8 +196,8 @@ impl Api {
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             });
         let keys = self.keys.load();
-        if keys.is_empty() {
-            // Only possible with api.insecure_no_auth on a loopback listener.
+        if keys.is_empty() && self.insecure_no_auth {
+            // Only on a loopback listener (checked with the config).
             return Ok([0; 32]);
         }
         let Some(presented) = presented else {

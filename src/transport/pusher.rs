@@ -907,24 +907,31 @@ impl Connection {
     /// Leaves a channel: the hub at once, the engine on its own task; a
     /// presence member's leaving is its user's `member_removed` webhook
     /// when it was their last connection there, on any node.
+    ///
+    /// A member leaves before the channel is released, so its
+    /// `member_removed` is queued before the channel's `channel_vacated`.
     fn release(&self, subscription: Subscription) {
-        let channels = &self.realtime.channels;
-        channels.release(&subscription.engine, &self.outbox, None);
+        let realtime = &self.realtime;
         let (Some(presence), Ok(runtime)) =
             (subscription.presence, tokio::runtime::Handle::try_current())
         else {
+            realtime
+                .channels
+                .release(&subscription.engine, &self.outbox, None);
             return;
         };
-        let broker = channels.broker.clone();
+        let (realtime, outbox) = (realtime.clone(), self.outbox.clone());
         let (pusher, app) = (self.pusher.clone(), self.app.clone());
         let (engine, name) = (subscription.engine, subscription.name);
         runtime.spawn(async move {
-            let last = broker.leave(&engine, &presence.me, PRESENCE).await;
+            let channels = &realtime.channels;
+            let last = channels.broker.leave(&engine, &presence.me, PRESENCE).await;
             if last {
                 let mut hook = Hook::new(WebhookKind::MemberRemoved, &name);
                 hook.user_id = presence.me.user.clone();
                 pusher.webhook(&app, WebhookKind::MemberRemoved, hook);
             }
+            channels.release(&engine, &outbox, None);
         });
     }
 
