@@ -18,6 +18,7 @@ use crate::broker::{EngineStats, RedisStats};
 use crate::hub::Hub;
 use crate::latency::Latency;
 use crate::posting::PostStats;
+use crate::proxy::ProxyStats;
 use crate::rate::{Limit, Refused};
 use crate::transport::Gauges;
 
@@ -63,6 +64,8 @@ pub struct Metrics {
     publishes: [Counter; 4],
     /// Refusals by rate limit, counted where each limit is kept.
     pub refused: Arc<Refused>,
+    /// Proxied requests, counted by the proxy.
+    pub proxied: Arc<ProxyStats>,
 }
 
 impl Metrics {
@@ -82,6 +85,10 @@ impl Metrics {
         let scrape = Scrape {
             publishes: PublishOutcome::ALL.map(|o| (o.label(), self.publishes[o as usize].get())),
             realtime: self.realtime.read(),
+            realtime_counts: self.realtime.counts(),
+            delivery: self.realtime.delivery.clone(),
+            proxied: self.proxied.classes(),
+            proxy_latency: self.proxied.latency.clone(),
             rate_limited: Limit::ALL.map(|limit| (limit.label(), self.refused.get(limit))),
             auth,
             engine,
@@ -105,6 +112,10 @@ impl Metrics {
 struct Scrape {
     publishes: [(&'static str, u64); 4],
     realtime: Vec<(&'static str, i64, i64)>,
+    realtime_counts: crate::transport::RealtimeCounts,
+    delivery: Latency,
+    proxied: [(&'static str, u64); 5],
+    proxy_latency: Latency,
     rate_limited: [(&'static str, u64); 4],
     auth: AuthStats,
     engine: EngineStats,
@@ -205,6 +216,43 @@ impl Collector for Scrape {
             self.realtime
                 .iter()
                 .map(|&(t, _, subscriptions)| (t, subscriptions)),
+        )?;
+        let realtime = &self.realtime_counts;
+        out.labelled(
+            "pushgate_connects_refused",
+            "Realtime connects refused, by the refusal's code (origin_not_allowed, rate_limited, too_many_connections, unauthenticated, forbidden, auth_unavailable, …).",
+            MetricType::Counter,
+            "reason",
+            counts(&realtime.refused),
+        )?;
+        out.labelled(
+            "pushgate_resumes",
+            "Subscriptions that asked to resume from a position: recovered from history, or told to reset (history did not cover the gap).",
+            MetricType::Counter,
+            "outcome",
+            counts(&[("recovered", realtime.recovered), ("reset", realtime.reset)]),
+        )?;
+        out.gauge(
+            "pushgate_calls_in_flight",
+            "rpc and publish commands from WebSocket clients waiting for their answer.",
+            realtime.calls,
+        )?;
+        out.histogram(
+            "pushgate_delivery_latency_seconds",
+            "From a publication's storing to its write to a subscriber's socket, per write (its oldest publication), at millisecond resolution.",
+            &self.delivery,
+        )?;
+        out.labelled(
+            "pushgate_proxied_requests",
+            "Requests proxied to the app, by the status class of their answer (the app's, or pushgate's 502/503/504 when the app could not answer).",
+            MetricType::Counter,
+            "class",
+            counts(&self.proxied),
+        )?;
+        out.histogram(
+            "pushgate_proxy_response_seconds",
+            "Time from a proxied request's arrival to its answer's head.",
+            &self.proxy_latency,
         )?;
         out.labelled(
             "pushgate_rate_limited",

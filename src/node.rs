@@ -105,6 +105,7 @@ impl Node {
             ),
         };
         let metrics = Arc::new(Metrics::default());
+        let proxied = metrics.proxied.clone();
         let calls = app::AppCalls::new(app.clone(), app_files.clone());
         let pusher = PusherApps::new(settings);
         if let Some(pusher) = &pusher {
@@ -158,7 +159,13 @@ impl Node {
             calls_for_reload,
             config.clone(),
         ));
-        let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
+        let proxy = Arc::new(Proxy::new(
+            settings,
+            drain.clone(),
+            app_files.clone(),
+            app,
+            proxied,
+        ));
 
         Ok(Node {
             hub,

@@ -66,6 +66,38 @@ pub struct Proxy {
     app_files: Arc<Semaphore>,
     /// The app's endpoints only pushgate calls.
     app_only: RpcPaths,
+    /// Answers by status class, and how long the app took, for /metrics.
+    stats: Arc<ProxyStats>,
+}
+
+/// Proxied requests for /metrics: answers by status class (whoever gave
+/// them: the app, or pushgate when it could not reach the app), and the
+/// time to the answer's head.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// `1xx` … `5xx`, by the class's first digit less one.
+    classes: [std::sync::atomic::AtomicU64; 5],
+    pub latency: crate::latency::Latency,
+}
+
+impl ProxyStats {
+    fn record(&self, status: http::StatusCode, took: std::time::Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.latency.observe(took);
+    }
+
+    /// `(class, answers)` for each status class.
+    pub fn classes(&self) -> [(&'static str, u64); 5] {
+        let read = |i: usize| self.classes[i].load(std::sync::atomic::Ordering::Relaxed);
+        [
+            ("1xx", read(0)),
+            ("2xx", read(1)),
+            ("3xx", read(2)),
+            ("4xx", read(3)),
+            ("5xx", read(4)),
+        ]
+    }
 }
 
 impl Proxy {
@@ -76,6 +108,7 @@ impl Proxy {
         drain: Drain,
         app_files: Arc<Semaphore>,
         app: AppClient,
+        stats: Arc<ProxyStats>,
     ) -> Proxy {
         let config = &settings.config;
         Proxy {
@@ -90,6 +123,7 @@ impl Proxy {
             drain,
             app_files,
             app_only: settings.rpc.clone(),
+            stats,
         }
     }
 
@@ -107,8 +141,8 @@ impl Proxy {
         request: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
-        // The clock is read only for the debug line that uses it.
-        let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        // For the latency histogram and the debug line.
+        let started = Instant::now();
         let method = request.method().clone();
         let path = LoggedPath::of(request.uri());
         let proxy = Arc::clone(self);
@@ -121,7 +155,9 @@ impl Proxy {
                 Ok(Prepared::Streamed(streamed)) => Box::pin(proxy.send_streamed(*streamed)).await,
                 Err(err) => Err(err),
             };
-            Ok(answer_for(answer, &method, path.as_str(), conn, started))
+            let response = answer_for(answer, &method, path.as_str(), conn, started);
+            proxy.stats.record(response.status(), started.elapsed());
+            Ok(response)
         }
     }
 
@@ -334,7 +370,7 @@ fn answer_for(
     method: &Method,
     path: &str,
     conn: ConnInfo,
-    started: Option<Instant>,
+    started: Instant,
 ) -> Response<Body> {
     let response = match answer {
         Ok(response) => response,
@@ -371,7 +407,7 @@ fn answer_for(
             err.into_response()
         }
     };
-    if let Some(started) = started {
+    if tracing::enabled!(tracing::Level::DEBUG) {
         tracing::debug!(
             %method,
             %path,

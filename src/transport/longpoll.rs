@@ -75,6 +75,9 @@ pub(super) async fn handle(
                 // recovers from history.
                 break;
             }
+            if let Some(oldest) = batch.first() {
+                realtime.gauges.delivered(oldest);
+            }
             for publication in batch.drain(..) {
                 match session.admit(&publication) {
                     // Join and leave events are for WebSocket and SSE,

@@ -31,7 +31,7 @@ use pace::{jittered, Pace};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -90,14 +90,88 @@ impl Transport {
     }
 }
 
-/// Open connections (or waiting long-polls) and subscriptions, for /metrics.
+/// Open connections (or waiting long-polls) and subscriptions, and what
+/// happens to connections, for /metrics.
 #[derive(Default)]
 pub struct Gauges {
     connections: [AtomicI64; 4],
     subscriptions: [AtomicI64; 4],
+    /// Connects refused, by the refusal's code (a short, fixed set).
+    refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Subscriptions that resumed from a position: recovered, reset.
+    resumes: [AtomicU64; 2],
+    /// `rpc` and `publish` calls waiting for the app or the engine.
+    calls: AtomicI64,
+    /// From a publication's storing to its write to a subscriber's socket,
+    /// observed once per write (for the batch's oldest publication).
+    pub delivery: crate::latency::Latency,
+}
+
+/// What /metrics reads of the realtime side besides the gauges.
+#[derive(Debug)]
+pub struct RealtimeCounts {
+    pub refused: Vec<(&'static str, u64)>,
+    pub recovered: u64,
+    pub reset: u64,
+    pub calls: i64,
+}
+
+/// A call counted in `Gauges::calls` while it lives.
+pub struct CallInFlight(Arc<Gauges>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Gauges {
+    /// A connect refused for `code`.
+    pub fn refused(&self, code: &'static str) {
+        *self
+            .refused
+            .lock()
+            .expect("refused lock")
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    /// A subscription asked to resume: `recovered`, or told to reset.
+    pub fn resumed(&self, recovered: bool) {
+        self.resumes[usize::from(!recovered)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call until the returned guard is dropped.
+    pub fn call(self: &Arc<Self>) -> CallInFlight {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        CallInFlight(self.clone())
+    }
+
+    /// A write to a subscriber whose oldest publication is `oldest`.
+    pub fn delivered(&self, oldest: &crate::message::Publication) {
+        let at = oldest.published_at_ms();
+        if at > 0 {
+            let now = crate::message::now_ms();
+            self.delivery
+                .observe(std::time::Duration::from_millis(now.saturating_sub(at)));
+        }
+    }
+
+    pub fn counts(&self) -> RealtimeCounts {
+        RealtimeCounts {
+            refused: self
+                .refused
+                .lock()
+                .expect("refused lock")
+                .iter()
+                .map(|(code, count)| (*code, *count))
+                .collect(),
+            recovered: self.resumes[0].load(Ordering::Relaxed),
+            reset: self.resumes[1].load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+        }
+    }
+
     /// `(transport, open connections, subscriptions)` for each transport.
     pub fn read(&self) -> Vec<(&'static str, i64, i64)> {
         Transport::ALL
@@ -402,6 +476,13 @@ impl Realtime {
         self.pusher.clone()
     }
 
+    /// The refusal of a connect from a foreign `Origin`, counted.
+    fn refuse_origin(&self) -> Refusal {
+        let refusal = origin_refused();
+        self.gauges.refused(refusal.code);
+        refusal
+    }
+
     /// Starts counting a connection of `transport` in the gauges.
     fn count(&self, transport: Transport) -> ConnectionGauge {
         self.gauges.connections[transport.index()].fetch_add(1, Ordering::Relaxed);
@@ -456,8 +537,23 @@ impl Realtime {
     }
 
     /// The checks every transport makes before it starts a session: the
-    /// query, the Origin, the per-address limit and the grant.
+    /// query, the per-address limit and the grant; a refusal is counted by
+    /// its code.
     async fn admit(
+        self: &Arc<Self>,
+        transport: Transport,
+        request: &Request<Incoming>,
+        query: &RealtimeQuery,
+        conn: ConnInfo,
+    ) -> Result<Admission, Refusal> {
+        let admitted = self.admit_uncounted(transport, request, query, conn).await;
+        if let Err(refusal) = &admitted {
+            self.gauges.refused(refusal.code);
+        }
+        admitted
+    }
+
+    async fn admit_uncounted(
         self: &Arc<Self>,
         transport: Transport,
         request: &Request<Incoming>,

@@ -21,7 +21,7 @@ pub(super) fn open_http(
     }
     let origin = realtime.origins().check(request);
     if origin == OriginCheck::Refused {
-        return Err(origin_refused());
+        return Err(realtime.refuse_origin());
     }
     let query = RealtimeQuery::parse(request.uri().query(), known, realtime.auth().token_param())?;
     if query.channels.is_empty() {

@@ -30,7 +30,7 @@ use super::websocket::{
     finish, handshake_key, read_failure, refused_handshake, socket_config, switching_protocols,
     write_watching, End, Io, Socket, Watch, WriteFailed,
 };
-use super::{origin_refused, ConnectionGauge, IpSlot, OriginCheck, Realtime, Transport};
+use super::{ConnectionGauge, IpSlot, OriginCheck, Realtime, Transport};
 use crate::body::Body;
 use crate::broker::{Member, PresenceMode};
 use crate::config::PusherAppSettings;
@@ -85,7 +85,7 @@ pub(super) async fn handle(
     };
     if realtime.origins().check(&request) == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(http::header::ORIGIN), "Pusher WebSocket from a foreign Origin refused");
-        return Err(origin_refused());
+        return Err(realtime.refuse_origin());
     }
     // A refusal from here on is a close frame after the upgrade, as Pusher
     // clients expect it.
@@ -130,14 +130,19 @@ fn admit(
     let protocol = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .find(|(key, _)| key == "protocol")
         .map(|(_, value)| value);
-    match protocol.as_deref() {
-        None => return Err((close::NO_PROTOCOL, "no protocol version supplied")),
-        Some(PROTOCOL) => {}
-        Some(_) => return Err((close::UNSUPPORTED_PROTOCOL, "only protocol 7 is spoken")),
+    let unspoken = match protocol.as_deref() {
+        None => Some((close::NO_PROTOCOL, "no protocol version supplied")),
+        Some(PROTOCOL) => None,
+        Some(_) => Some((close::UNSUPPORTED_PROTOCOL, "only protocol 7 is spoken")),
+    };
+    if let Some(refused) = unspoken {
+        realtime.gauges.refused("pusher_protocol");
+        return Err(refused);
     }
     realtime
         .claim_ip(conn.peer.ip(), Transport::Pusher)
-        .map_err(|_| {
+        .map_err(|refusal| {
+            realtime.gauges.refused(refusal.code);
             (
                 close::OVER_CAPACITY,
                 "too many connections from this address; reconnect later",
@@ -491,6 +496,9 @@ impl Connection {
             Drained::Lagging => return Err(self.slow_consumer()),
             Drained::Closed => return Err(End::Gone),
             Drained::Open => {}
+        }
+        if let Some(oldest) = batch.first() {
+            self.realtime.gauges.delivered(oldest);
         }
         let mut fed = false;
         for publication in batch.drain(..) {

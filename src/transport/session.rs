@@ -158,6 +158,11 @@ impl Session {
         self.end.get_or_insert(reason);
     }
 
+    /// Counts a write whose oldest publication is `oldest` (/metrics).
+    pub fn delivered(&self, oldest: &Publication) {
+        self.realtime.gauges.delivered(oldest);
+    }
+
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
     }
@@ -254,6 +259,9 @@ impl Session {
         // first growth is to four), held for the connection's life.
         if self.subscriptions.is_empty() {
             self.subscriptions.reserve_exact(1);
+        }
+        if since.is_some() {
+            self.realtime.gauges.resumed(history.recovered);
         }
         self.event(EventKind::Subscribe, Some(&channel), None);
         if mode.any() {

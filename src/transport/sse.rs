@@ -491,6 +491,9 @@ impl State {
             Drained::Open => true,
         };
         if open {
+            if let Some(oldest) = batch.first() {
+                self.session.delivered(oldest);
+            }
             for publication in batch.drain(..) {
                 let verdict = self.session.admit(&publication);
                 if verdict == Admit::Skip {

@@ -12,6 +12,7 @@ mod events;
 mod exactness;
 mod jwks;
 mod jwt;
+mod operator_metrics;
 mod presence;
 mod pusher;
 mod rate_limits;

@@ -34,7 +34,7 @@ pub use closing::close;
 pub(super) use closing::{finish, read_failure, End};
 
 use super::calls;
-use super::{origin_refused, Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
+use super::{Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
 use crate::config::ClientPublish;
 use crate::conn::ConnInfo;
@@ -63,7 +63,7 @@ pub(super) async fn handle(
     let origin = realtime.origins().check(&request);
     if origin == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(header::ORIGIN), "WebSocket from a foreign Origin refused");
-        return Err(origin_refused());
+        return Err(realtime.refuse_origin());
     }
     let query = RealtimeQuery::parse(request.uri().query(), &[], realtime.auth().token_param())?;
     // A refusal from here on is a close frame after the upgrade.
@@ -498,6 +498,9 @@ impl Connection {
             crate::hub::Drained::Closed => return Err(End::Gone),
             crate::hub::Drained::Open => {}
         }
+        if let Some(oldest) = batch.first() {
+            self.realtime.gauges.delivered(oldest);
+        }
         let mut fed = false;
         for publication in batch.drain(..) {
             let message = match self.session.admit(&publication) {
@@ -678,7 +681,10 @@ impl Connection {
             }
         };
         let id = id.clone();
-        let reply = call.map(move |outcome| match outcome {
+        // Counted while it waits, however it ends (the connection may close
+        // first).
+        let in_flight = self.realtime.gauges.call();
+        let reply = call.map(move |outcome| match (outcome, in_flight).0 {
             Ok(result) => format!(r#"{{"id":{id},"result":{result}}}"#),
             Err(failure) => error_reply_from(&id, &failure.code, &failure.message),
         });
