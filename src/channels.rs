@@ -126,9 +126,13 @@ impl Channels {
         };
         let broker = self.broker.clone();
         let channel = channel.clone();
-        let watch = (last && self.watch.as_ref().is_some_and(|w| w.watches(channel.as_str())))
-            .then(|| self.watch.clone())
-            .flatten();
+        let watch = (last
+            && self
+                .watch
+                .as_ref()
+                .is_some_and(|w| w.watches(channel.as_str())))
+        .then(|| self.watch.clone())
+        .flatten();
         runtime.spawn(async move {
             if let Some((member, mode)) = present {
                 broker.leave(&channel, &member, mode).await;

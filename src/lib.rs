@@ -101,6 +101,8 @@
 //!     `terminate_connections`.
 //!   - `pusher::sign`: Pusher's signatures: HTTP API requests, channel
 //!     authorizations, sign-ins, webhooks.
+//!   - `pusher::webhooks`: Pusher's webhooks to the app, each once across
+//!     nodes.
 //! - [`broker`]: the engine behind channels, one `Broker` trait: numbering,
 //!   history, recovery, presence, and the bus between nodes.
 //!   - `broker::tests`: a publish's fingerprint is its JSON value's, written

@@ -264,7 +264,12 @@ impl Collector for Scrape {
             encode_posted(&mut out, "pushgate_events", "Connection events", events)?;
         }
         if let Some(webhooks) = &self.webhooks {
-            encode_posted(&mut out, "pushgate_pusher_webhooks", "Pusher webhooks", webhooks)?;
+            encode_posted(
+                &mut out,
+                "pushgate_pusher_webhooks",
+                "Pusher webhooks",
+                webhooks,
+            )?;
         }
         Ok(())
     }
@@ -292,7 +297,10 @@ fn encode_posted(out: &mut Out, prefix: &str, what: &str, posted: &PostStats) ->
     )?;
     out.counter(
         &format!("{prefix}_retries"),
-        &format!("Batches of {} that failed (no 2xx or 4xx answer) and were sent again.", what.to_lowercase()),
+        &format!(
+            "Batches of {} that failed (no 2xx or 4xx answer) and were sent again.",
+            what.to_lowercase()
+        ),
         posted.retries,
     )?;
     out.gauge(

@@ -219,7 +219,9 @@ impl Api {
             &self.channels.hub,
             self.realtime.auth_stats(),
             self.realtime.events().stats(),
-            self.realtime.pusher().and_then(|pusher| pusher.webhook_stats()),
+            self.realtime
+                .pusher()
+                .and_then(|pusher| pusher.webhook_stats()),
         );
         let mut response = Response::new(crate::body::full(text));
         response.headers_mut().insert(

@@ -178,7 +178,9 @@ impl WebhookSettings {
 /// Where `url` points on the app: a path, or a URL on the app's own host
 /// and port (webhooks go to the app pushgate stands beside).
 fn webhook_target(url: &str, upstream: Option<&Upstream>) -> Result<PathAndQuery, String> {
-    let uri: Uri = url.parse().map_err(|err| format!("`{url}` is not a URL: {err}"))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|err| format!("`{url}` is not a URL: {err}"))?;
     if uri.scheme().is_some() || uri.authority().is_some() {
         let app = upstream.map(|upstream| upstream.authority());
         if uri.scheme_str() != Some("http") || uri.authority() != app {

@@ -79,14 +79,23 @@ impl PusherApps {
 
     /// Starts the webhooks' queues, for the apps with `webhook.url` set.
     /// Must be called within a tokio runtime.
-    pub fn start_webhooks(&self, calls: &crate::app::AppCalls, broker: Arc<dyn crate::broker::Broker>) {
+    pub fn start_webhooks(
+        &self,
+        calls: &crate::app::AppCalls,
+        broker: Arc<dyn crate::broker::Broker>,
+    ) {
         let _ = self
             .webhooks
             .set(webhooks::Webhooks::start(&self.apps, calls, broker));
     }
 
     /// Queues a webhook of `app`, if it wants that kind.
-    pub fn webhook(&self, app: &PusherAppSettings, kind: crate::config::WebhookKind, hook: webhooks::Hook) {
+    pub fn webhook(
+        &self,
+        app: &PusherAppSettings,
+        kind: crate::config::WebhookKind,
+        hook: webhooks::Hook,
+    ) {
         let (Some(webhooks), Some(index)) = (
             self.webhooks.get(),
             self.apps.iter().position(|a| a.id == app.id),
@@ -98,7 +107,9 @@ impl PusherApps {
 
     /// Whether `app` sends webhooks of `kind`: build one only when it does.
     pub fn wants(app: &PusherAppSettings, kind: crate::config::WebhookKind) -> bool {
-        app.webhook.as_ref().is_some_and(|webhook| webhook.wants(kind))
+        app.webhook
+            .as_ref()
+            .is_some_and(|webhook| webhook.wants(kind))
     }
 
     /// The webhooks' counts for /metrics; `None` with no webhooks.

@@ -192,10 +192,9 @@ impl Watch for PusherApps {
         channel: ChannelName,
     ) -> futures_util::future::BoxFuture<'static, ()> {
         Box::pin(async move {
-            let (Some(app), Some(webhooks)) = (
-                self.app_of_channel(channel.as_str()),
-                self.webhooks.get(),
-            ) else {
+            let (Some(app), Some(webhooks)) =
+                (self.app_of_channel(channel.as_str()), self.webhooks.get())
+            else {
                 return;
             };
             let occupied = match webhooks.broker.occupancy(&channel).await {

@@ -34,11 +34,11 @@ use super::{origin_refused, ConnectionGauge, IpSlot, OriginCheck, Realtime, Tran
 use crate::body::Body;
 use crate::broker::{Member, PresenceMode};
 use crate::config::PusherAppSettings;
+use crate::config::WebhookKind;
 use crate::conn::ConnInfo;
 use crate::error::Refusal;
 use crate::hub::{Drained, Outbox};
 use crate::message::{ChannelName, Publication};
-use crate::config::WebhookKind;
 use crate::pusher::webhooks::Hook;
 use crate::pusher::{self, sign, Access, Frame, Kind, PusherApps};
 use crate::rate::{Limit, Rate};
@@ -1006,7 +1006,8 @@ impl Connection {
             });
             hook.socket_id = Some(self.socket_id.clone());
             hook.user_id = user_id;
-            self.pusher.webhook(&self.app, WebhookKind::ClientEvent, hook);
+            self.pusher
+                .webhook(&self.app, WebhookKind::ClientEvent, hook);
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::redis::Redis;
 use pushgate::broker::memory::{MemoryBroker, MemoryOptions};
 use pushgate::broker::redis::{RedisBroker, RedisOptions};
-use pushgate::broker::{Broker, Publish};
+use pushgate::broker::{Broker, Member, PresenceMode, Publish};
 use pushgate::cursor::{Epoch, Position};
 use pushgate::hub::{Drained, Hub, Outbox, QueueLimits};
 use pushgate::message::{ChannelName, Publication};
@@ -492,6 +492,103 @@ async fn position_of_a_new_channel_is_offset_zero(make: Factory) {
     assert_eq!(offsets(&replay.publications), vec![1, 2]);
 }
 
+fn member(user: Option<&str>, connection: usize) -> Member {
+    Member {
+        user: user.map(str::to_owned),
+        connection: format!("test-node-{connection}"),
+        node: "test-node".into(),
+        info: None,
+    }
+}
+
+/// The invariant `Broker::join` and `Broker::leave` keep: of a user's
+/// connections on a channel, however they race, exactly one is told it is
+/// the first (while none was there) and exactly one that it is the last
+/// (when none is left). Connections without a user, and unlisted ones,
+/// are never first or last.
+async fn a_users_first_and_last_connection_are_told_once_however_they_race(make: Factory) {
+    let broker = make(Arc::new(Hub::new()), OPTIONS);
+    let c = channel("presence-room");
+    let listed = PresenceMode {
+        listed: true,
+        announced: true,
+    };
+    for round in 0..5 {
+        let members: Vec<Member> = (0..8).map(|i| member(Some("ada"), round * 8 + i)).collect();
+        let firsts =
+            futures_util::future::join_all(members.iter().map(|m| broker.join(&c, m, listed)))
+                .await;
+        let firsts = firsts
+            .into_iter()
+            .map(Result::unwrap)
+            .filter(|first| *first)
+            .count();
+        assert_eq!(firsts, 1, "round {round}: first joins");
+        // Another user's comings and goings do not count for ada.
+        assert!(broker
+            .join(&c, &member(Some("bob"), 1000), listed)
+            .await
+            .unwrap());
+        assert!(broker.leave(&c, &member(Some("bob"), 1000), listed).await);
+        let lasts =
+            futures_util::future::join_all(members.iter().map(|m| broker.leave(&c, m, listed)))
+                .await;
+        assert_eq!(
+            lasts.iter().filter(|last| **last).count(),
+            1,
+            "round {round}: last leaves"
+        );
+        // Leaving again (a connection already gone) is nobody's last.
+        assert!(!broker.leave(&c, &members[0], listed).await);
+    }
+    let anonymous = member(None, 2000);
+    assert!(!broker.join(&c, &anonymous, listed).await.unwrap());
+    assert!(!broker.leave(&c, &anonymous, listed).await);
+    let unlisted = PresenceMode {
+        listed: false,
+        announced: true,
+    };
+    assert!(!broker
+        .join(&c, &member(Some("cy"), 3000), unlisted)
+        .await
+        .unwrap());
+    assert!(!broker.leave(&c, &member(Some("cy"), 3000), unlisted).await);
+}
+
+/// `Broker::occupancy` answers each change of a channel's occupancy once,
+/// however many ask at once, and `None` when nothing changed.
+async fn occupancy_changes_are_answered_once(make: Factory) {
+    let hub = Arc::new(Hub::new());
+    let broker = make(hub.clone(), OPTIONS);
+    let c = channel("pusher/1/room");
+    let ask_all = || futures_util::future::join_all((0..6).map(|_| broker.occupancy(&c)));
+    assert!(ask_all()
+        .await
+        .into_iter()
+        .all(|answer| answer.unwrap().is_none()));
+    for _ in 0..3 {
+        let outbox = Outbox::new(ROOMY);
+        hub.subscribe(&c, &outbox);
+        broker.subscribe(&c).await.unwrap();
+        let answers: Vec<_> = ask_all().await.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            answers.iter().filter(|a| **a == Some(true)).count(),
+            1,
+            "{answers:?}"
+        );
+        assert!(answers.iter().all(|a| *a != Some(false)), "{answers:?}");
+        hub.unsubscribe(c.as_str(), &outbox);
+        broker.unsubscribe(&c).await;
+        let answers: Vec<_> = ask_all().await.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            answers.iter().filter(|a| **a == Some(false)).count(),
+            1,
+            "{answers:?}"
+        );
+        assert!(answers.iter().all(|a| *a != Some(true)), "{answers:?}");
+    }
+}
+
 macro_rules! broker_suite {
     ($engine:ident, $factory:expr) => {
         mod $engine {
@@ -515,6 +612,8 @@ macro_rules! broker_suite {
             case!(a_lagging_subscriber_is_cut_off_and_the_others_get_everything);
             case!(a_subscribed_channel_keeps_its_epoch_while_idle);
             case!(position_of_a_new_channel_is_offset_zero);
+            case!(a_users_first_and_last_connection_are_told_once_however_they_race);
+            case!(occupancy_changes_are_answered_once);
         }
     };
 }
@@ -616,4 +715,58 @@ async fn redis_publishes_exactly_the_wire_format_every_version_reads() {
         .await
         .unwrap();
     assert_eq!(digest, "aa60737816e3a5db51480ff005f6813fd05a6aeb");
+}
+
+/// Two nodes on one Redis: a channel is occupied while either hears it,
+/// and each change is answered to exactly one of them, however they race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_occupancy_spans_nodes_and_each_change_is_answered_once() {
+    let redis = Redis::start();
+    let node = |name: &str| {
+        let hub = Arc::new(Hub::new());
+        let mut options = redis_options(&redis, OPTIONS);
+        options.node = name.into();
+        let broker: Arc<dyn Broker> = RedisBroker::new(hub.clone(), options).unwrap();
+        (hub, broker)
+    };
+    let (hub_a, a) = node("a");
+    let (hub_b, b) = node("b");
+    let c = channel("pusher/1/shared");
+    let (outbox_a, outbox_b) = (Outbox::new(ROOMY), Outbox::new(ROOMY));
+    let hear = |hub: &Arc<Hub>, broker: &Arc<dyn Broker>, outbox: &Arc<Outbox>| {
+        let (hub, broker, outbox, c) = (hub.clone(), broker.clone(), outbox.clone(), c.clone());
+        async move {
+            hub.subscribe(&c, &outbox);
+            broker.subscribe(&c).await.unwrap();
+            broker.occupancy(&c).await.unwrap()
+        }
+    };
+    let leave = |hub: &Arc<Hub>, broker: &Arc<dyn Broker>, outbox: &Arc<Outbox>| {
+        let (hub, broker, outbox, c) = (hub.clone(), broker.clone(), outbox.clone(), c.clone());
+        async move {
+            hub.unsubscribe(c.as_str(), &outbox);
+            broker.unsubscribe(&c).await;
+            broker.occupancy(&c).await.unwrap()
+        }
+    };
+    // One after the other: the first to hear and the last to leave tell.
+    assert_eq!(hear(&hub_a, &a, &outbox_a).await, Some(true));
+    assert_eq!(hear(&hub_b, &b, &outbox_b).await, None);
+    assert_eq!(leave(&hub_a, &a, &outbox_a).await, None);
+    assert_eq!(leave(&hub_b, &b, &outbox_b).await, Some(false));
+    // At once, again and again: exactly one each way.
+    for round in 0..10 {
+        let (x, y) = tokio::join!(hear(&hub_a, &a, &outbox_a), hear(&hub_b, &b, &outbox_b));
+        assert_eq!(
+            [x, y].iter().filter(|o| **o == Some(true)).count(),
+            1,
+            "round {round}: {x:?} {y:?}"
+        );
+        let (x, y) = tokio::join!(leave(&hub_a, &a, &outbox_a), leave(&hub_b, &b, &outbox_b));
+        assert_eq!(
+            [x, y].iter().filter(|o| **o == Some(false)).count(),
+            1,
+            "round {round}: {x:?} {y:?}"
+        );
+    }
 }

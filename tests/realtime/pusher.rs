@@ -647,7 +647,10 @@ async fn webhooks_tell_the_app_what_happened_once_signed_as_pusher_signs() {
     let mut a = Client::connect(pushgate.addr, KEY).await;
     a.subscribe("room", None, None).await;
     let got = wait_webhooks(&app, 1).await;
-    assert_eq!(got, [json!({"name": "channel_occupied", "channel": "room"})]);
+    assert_eq!(
+        got,
+        [json!({"name": "channel_occupied", "channel": "room"})]
+    );
 
     // A user's two connections: added once, removed once.
     let ada = json!({"user_id": "1"}).to_string();
@@ -655,7 +658,8 @@ async fn webhooks_tell_the_app_what_happened_once_signed_as_pusher_signs() {
     let mut b2 = Client::connect(pushgate.addr, KEY).await;
     b.subscribe_signed("presence-x", Some(&ada)).await;
     b2.subscribe_signed("presence-x", Some(&ada)).await;
-    b.send(json!({"event": "client-hi", "channel": "presence-x", "data": {"n": 1}})).await;
+    b.send(json!({"event": "client-hi", "channel": "presence-x", "data": {"n": 1}}))
+        .await;
     a.subscribe("cache-c", None, None).await;
     assert_eq!(a.next().await["event"], "pusher:cache_miss");
     let got = wait_webhooks(&app, 6).await;
@@ -681,9 +685,35 @@ async fn webhooks_tell_the_app_what_happened_once_signed_as_pusher_signs() {
             json!({"name": "member_removed", "channel": "presence-x", "user_id": "1"}),
         ])
     );
-    a.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "room"}})).await;
+    a.send(json!({"event": "pusher:unsubscribe", "data": {"channel": "room"}}))
+        .await;
     let got = wait_webhooks(&app, 9).await;
-    assert_eq!(got[8], json!({"name": "channel_vacated", "channel": "room"}));
+    assert_eq!(
+        got[8],
+        json!({"name": "channel_vacated", "channel": "room"})
+    );
     a.quiet().await;
     assert_eq!(webhooks(&app).len(), 9, "{:#?}", webhooks(&app));
+    let (status, metrics) = common::get(&format!("http://{}/metrics", pushgate.api_addr)).await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "pushgate_pusher_webhooks_sent_total 9",
+        "pushgate_pusher_webhooks_queued 0",
+        "pushgate_connections{transport=\"pusher\"} 1",
+        "pushgate_subscriptions{transport=\"pusher\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    for family in metrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let family = family.split_whitespace().next().unwrap();
+        assert!(
+            docs.contains(&format!("`{family}")),
+            "{family} is not in docs/api.md"
+        );
+    }
 }

@@ -298,7 +298,7 @@ impl Listener {
                     }
                 }
             }
-            Command::Unsubscribe(channel) => {
+            Command::Unsubscribe(channel, _done) => {
                 let gone = !shared.hub.has_subscribers(channel.as_str())
                     && shared
                         .tracked

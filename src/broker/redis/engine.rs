@@ -116,7 +116,16 @@ impl Broker for RedisBroker {
     }
 
     async fn unsubscribe(&self, channel: &ChannelName) {
-        let _ = self.listener.send(Command::Unsubscribe(channel.clone()));
+        // Done when Redis no longer counts this node among the channel's
+        // listeners: an occupancy check after it sees the node gone.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if self
+            .listener
+            .send(Command::Unsubscribe(channel.clone(), done))
+            .is_ok()
+        {
+            let _ = finished.await;
+        }
     }
 
     async fn join(

@@ -102,7 +102,7 @@ impl Listener {
                     "the engine's pub/sub connection to Redis is down".into(),
                 )));
             }
-            Command::Unsubscribe(channel) => {
+            Command::Unsubscribe(channel, _done) => {
                 if !shared.hub.has_subscribers(channel.as_str()) {
                     shared
                         .tracked
@@ -349,6 +349,9 @@ async fn apply(
     let mut fresh = Vec::new();
     let mut replies = Vec::new();
     let mut unsubscribe = Vec::new();
+    // Held until the UNSUBSCRIBE is answered: dropping one tells its
+    // caller the node no longer listens.
+    let mut unsubscribed = Vec::new();
     {
         let mut tracked = shared.tracked.lock().expect("tracked lock");
         for command in batch {
@@ -362,7 +365,8 @@ async fn apply(
                     }
                     replies.push(reply);
                 }
-                Command::Unsubscribe(channel) => {
+                Command::Unsubscribe(channel, done) => {
+                    unsubscribed.push(done);
                     // A new local subscriber may have come since the last
                     // one left: then keep listening.
                     if !shared.hub.has_subscribers(channel.as_str())
@@ -383,6 +387,7 @@ async fn apply(
             Err(_) => Err("UNSUBSCRIBE was not answered in time".into()),
         };
     }
+    drop(unsubscribed);
     if outcome.is_ok() && !fresh.is_empty() {
         for chunk in fresh.chunks(SUBSCRIBE_CHUNK) {
             let names: Vec<String> = chunk

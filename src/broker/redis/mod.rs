@@ -224,7 +224,10 @@ struct Shared {
 
 enum Command {
     Subscribe(ChannelName, oneshot::Sender<Result<(), BrokerError>>),
-    Unsubscribe(ChannelName),
+    /// Stop listening (unless a local subscriber came back meanwhile). The
+    /// sender is dropped once Redis has answered the unsubscribe, or once
+    /// the command was found to need none: the caller's wait ends then.
+    Unsubscribe(ChannelName, oneshot::Sender<()>),
 }
 
 pub struct RedisBroker {
