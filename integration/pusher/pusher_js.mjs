@@ -140,9 +140,11 @@ function bare({ batch, node, time_ms, ...event }) {
   return event;
 }
 
-/** Matches webhook events by name, channel and (member events) user. */
+/** Matches webhook events by name, channel and (member events) user; knows its channel. */
 function is(name, channel, user) {
-  return (hook) => hook.name === name && hook.channel === channel && (user === undefined || hook.user_id === user);
+  const pred = (hook) => hook.name === name && hook.channel === channel && (user === undefined || hook.user_id === user);
+  pred.channel = channel;
+  return pred;
 }
 
 /**
@@ -234,7 +236,12 @@ async function webhookApp(cleanups) {
   Object.assign(opts, JSON.parse(line));
   log("pushgate is in front of the app:", line);
 
-  const received = () => hooks.map((hook) => `\n    ${describeHook(hook)}`).join("");
+  /** What the app received, in order: on `channels` if named. */
+  const received = (channels) => {
+    const shown = hooks.filter((hook) => !channels || channels.includes(hook.channel));
+    const where = channels ? ` on ${channels.join(", ")}` : "";
+    return `\nthe webhooks the app received${where}, in order:${shown.map((hook) => `\n    ${describeHook(hook)}`).join("")}`;
+  };
   const refusedNone = () =>
     check(problems.length === 0, `webhooks the SDK refused or got wrong:\n  ${problems.join("\n  ")}`);
   return {
@@ -248,7 +255,7 @@ async function webhookApp(cleanups) {
         const seen = hooks.filter(pred).length;
         if (seen >= count) return;
         if (Date.now() > end) {
-          throw new Error(`check failed: ${what}: ${seen} of ${count} after ${PATIENCE} ms; the app received:${received()}`);
+          throw new Error(`check failed: ${what}: ${seen} of ${count} after ${PATIENCE} ms;${received(pred.channel && [pred.channel])}`);
         }
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
@@ -256,7 +263,7 @@ async function webhookApp(cleanups) {
     /** Exactly `count` webhook events match `pred` so far. */
     count(pred, count, what) {
       const seen = hooks.filter(pred).length;
-      check(seen === count, `${what}: ${seen} where ${count} were expected; the app received:${received()}`);
+      check(seen === count, `${what}: ${seen} where ${count} were expected;${received(pred.channel && [pred.channel])}`);
     },
     /**
      * The events received are `expected`, each as many times, in any order;
@@ -274,9 +281,10 @@ async function webhookApp(cleanups) {
         else left.splice(at, 1);
       }
       const extra = left.map((got) => describeHook(got.hook));
+      const channels = [...new Set([...missing.map((m) => JSON.parse(m).channel), ...left.map((got) => got.hook.channel)])];
       check(
         missing.length === 0 && extra.length === 0,
-        `${what}:\n  missing: ${missing.join("\n           ") || "none"}\n  extra: ${extra.join("\n         ") || "none"}\n  the app received:${received()}`,
+        `${what}:\n  missing: ${missing.join("\n           ") || "none"}\n  extra: ${extra.join("\n         ") || "none"}${received(channels)}`,
       );
       check(others.length === 0, `requests to the app that were not webhooks: ${others.join(", ")}`);
     },
@@ -298,10 +306,13 @@ async function webhookApp(cleanups) {
           continue;
         }
         const expected = last.get(key) === first ? second : first;
-        if (hook.name !== expected) wrong.push(`${describeHook(hook)} came after ${last.get(key) || "nothing"} (${key})`);
+        if (hook.name !== expected) {
+          wrong.push({ channel: hook.channel, text: `${describeHook(hook)} came after ${last.get(key) || "nothing"} (${key})` });
+        }
         last.set(key, hook.name);
       }
-      check(wrong.length === 0, `${what}:\n  ${wrong.join("\n  ")}\n  the app received:${received()}`);
+      const channels = [...new Set(wrong.map((w) => w.channel))];
+      check(wrong.length === 0, `${what}:\n  ${wrong.map((w) => w.text).join("\n  ")}${received(channels)}`);
     },
   };
 }
@@ -1143,15 +1154,17 @@ const scenarios = {
       const occupied = count("channel_occupied");
       check(
         added >= 1 && added === count("member_removed", "alice") && occupied >= 1 && occupied === count("channel_vacated"),
-        `alice added ${added} and removed ${count("member_removed", "alice")} times; the channel occupied ${occupied} and vacated ${count("channel_vacated")} times; the app received:${hooks.received()}`,
+        `alice added ${added} and removed ${count("member_removed", "alice")} times; the channel occupied ${occupied} and vacated ${count("channel_vacated")} times;${hooks.received([HANDOVER])}`,
       );
       log(`  ${HANDOVER}: alice added and removed ${added} times, the channel occupied and vacated ${occupied} times`);
     });
 
-    await part("exactly the expected webhooks, each once, in order", async () => {
+    await part("exactly the expected webhooks, each once", async () => {
       await flush("one");
       await flush("two");
       hooks.exactly(expected, "the webhooks the app received", [HANDOVER]);
+    });
+    await part("in order on each channel, as the app received them", async () => {
       hooks.inOrder("the webhooks' order");
     });
     check(failures.length === 0, `${failures.length} failed:\n${failures.join("\n")}`);
