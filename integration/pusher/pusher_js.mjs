@@ -43,8 +43,10 @@
 //                       the expected webhooks, each once
 //   webhooks-two-nodes  two nodes on one Redis: the same channel and the same
 //                       presence user on both, joining and leaving in every
-//                       order and at once; each occupied/vacated and
-//                       member_added/removed once per change, in order
+//                       order and at once, and a user handed over from one
+//                       node to the other; each occupied/vacated and
+//                       member_added/removed once per change, in order as
+//                       the app receives them
 import { createHash, createHmac } from "node:crypto";
 import { createServer } from "node:http";
 import { createInterface } from "node:readline";
@@ -1163,6 +1165,7 @@ const scenarios = {
       await flush("one");
       await flush("two");
       hooks.exactly(expected, "the webhooks the app received", [HANDOVER]);
+      log(`  ${expected.length} webhooks as expected, besides ${HANDOVER}'s`);
     });
     await part("in order on each channel, as the app received them", async () => {
       hooks.inOrder("the webhooks' order");
