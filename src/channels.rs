@@ -25,7 +25,9 @@ use crate::message::ChannelName;
 pub struct Channels {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
-    rules: ChannelRules,
+    /// Replaced whole by a reload: a subscription takes the rules of the
+    /// moment it is made, and leaves by them.
+    rules: arc_swap::ArcSwap<ChannelRules>,
     /// Told when a channel's first subscriber on this node arrived or its
     /// last left.
     watch: Option<Arc<dyn Watch>>,
@@ -37,8 +39,9 @@ pub trait Watch: Send + Sync + 'static {
     /// Whether `channel` is watched at all: only those are reported.
     fn watches(&self, channel: &str) -> bool;
     /// This node's first subscriber to `channel` arrived or its last left,
-    /// and the engine has started or stopped listening. Run on a task of
-    /// its own, in no particular order across channels.
+    /// and the engine has started or stopped listening. A first
+    /// subscriber's subscribe waits for it; a last one's runs on the
+    /// release's own task.
     fn changed(
         self: Arc<Self>,
         channel: ChannelName,
@@ -50,7 +53,7 @@ impl Channels {
         Channels {
             hub,
             broker,
-            rules,
+            rules: arc_swap::ArcSwap::from_pointee(rules),
             watch: None,
         }
     }
@@ -61,22 +64,22 @@ impl Channels {
         self
     }
 
-    /// Tells the watch, on its own task, that `channel` changed here.
-    fn report(&self, channel: &ChannelName) {
-        let Some(watch) = &self.watch else {
-            return;
-        };
-        if !watch.watches(channel.as_str()) {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (watch, channel) = (watch.clone(), channel.clone());
-            runtime.spawn(watch.changed(channel));
-        }
+    pub fn rules(&self) -> arc_swap::Guard<Arc<ChannelRules>> {
+        self.rules.load()
     }
 
-    pub fn rules(&self) -> &ChannelRules {
-        &self.rules
+    /// Takes the `channels` rules of a reload.
+    pub fn reload(&self, rules: ChannelRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// Tells the watch that `channel` changed here.
+    async fn report(&self, channel: &ChannelName) {
+        if let Some(watch) = &self.watch {
+            if watch.watches(channel.as_str()) {
+                watch.clone().changed(channel.clone()).await;
+            }
+        }
     }
 
     /// Subscribes `outbox` to `channel`: the hub first, then the engine, so
@@ -102,7 +105,9 @@ impl Channels {
         };
         self.broker.subscribe(channel).await?;
         if first {
-            self.report(channel);
+            // Awaited: what the subscriber does next on the channel (a
+            // presence join) is reported after the channel's occupancy.
+            self.report(channel).await;
         }
         Ok(joining)
     }

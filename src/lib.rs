@@ -172,7 +172,9 @@
 //!   in the Prometheus text format.
 //! - [`latency`]: the latency histogram that auth and Redis observe into.
 //! - [`rate`]: rate limits per connection, client address and API key.
-//! - [`logging`]: tracing setup, human or JSON.
+//! - [`logging`]: tracing setup, human or JSON; `log.level` changed live.
+//! - [`reload`]: `SIGHUP`: the config file read again, taken whole by the
+//!   running node or refused whole; what cannot change live is named.
 //! - [`demo`]: `pushgate demo`: a built-in chat app behind pushgate, for a
 //!   first look in a browser.
 //!
@@ -219,6 +221,7 @@ mod posting;
 mod proxy;
 pub mod pusher;
 mod rate;
+pub mod reload;
 mod server;
 pub mod shutdown;
 mod signal;

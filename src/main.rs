@@ -99,7 +99,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             pushgate::logging::init(&settings);
-            serve(settings)
+            serve(settings, file)
         }
         (None, None) => {
             eprintln!(
@@ -166,7 +166,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn serve(settings: pushgate::Settings) -> ExitCode {
+fn serve(settings: pushgate::Settings, file: PathBuf) -> ExitCode {
     // One single-threaded runtime per core, each accepting on its own socket
     // (see Server::bind_sharded): measured faster than one work-stealing
     // runtime for proxying, since a request never changes threads.
@@ -176,10 +176,10 @@ fn serve(settings: pushgate::Settings) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime.block_on(async move {
-        pushgate::Server::bind_sharded(settings, shards)
-            .await?
-            .run(pushgate::shutdown::signal())
-            .await
+        let server = pushgate::Server::bind_sharded(settings, shards).await?;
+        // SIGHUP reads the same file again (docs/operations.md).
+        tokio::spawn(pushgate::reload::on_hangup(file, server.reloader()));
+        server.run(pushgate::shutdown::signal()).await
     });
     // Tunnels still open after the grace period are dropped here.
     runtime.shutdown_background();

@@ -22,6 +22,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::pusher::PusherApps;
+use crate::reload::Reloader;
 use crate::shutdown::Drain;
 use crate::transport::{AppLinks, Meters, Realtime};
 
@@ -40,6 +41,8 @@ pub struct Node {
     /// The public listener's connection limit, and its permits.
     pub public_max: usize,
     pub public_permits: Arc<Semaphore>,
+    /// Takes a new config while running (`SIGHUP`).
+    pub reloader: Arc<Reloader>,
 }
 
 impl Node {
@@ -118,6 +121,7 @@ impl Node {
             .watched_by(watch),
         );
         let events = Events::start(settings, calls.clone(), name.clone());
+        let calls_for_reload = calls.clone();
         let realtime = Arc::new(Realtime::new(
             settings,
             channels.clone(),
@@ -142,10 +146,17 @@ impl Node {
         }));
         let api = Arc::new(Api::new(
             config,
-            channels,
+            channels.clone(),
             realtime.clone(),
             metrics,
             pusher,
+        ));
+        let reloader = Arc::new(Reloader::new(
+            api.clone(),
+            realtime.clone(),
+            channels,
+            calls_for_reload,
+            config.clone(),
         ));
         let proxy = Arc::new(Proxy::new(settings, drain.clone(), app_files.clone(), app));
 
@@ -158,6 +169,7 @@ impl Node {
             drain,
             public_max,
             public_permits,
+            reloader,
         })
     }
 }

@@ -113,6 +113,7 @@ pub struct Server {
     /// The shards' switches.
     fast_paths: FastPathsConfig,
     shards: usize,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 /// One listening socket and what its connections are served with.
@@ -262,6 +263,7 @@ impl Server {
             drain,
             public_max,
             public_permits,
+            reloader,
         } = node;
 
         Ok(Server {
@@ -300,7 +302,13 @@ impl Server {
             proxy,
             fast_paths: config.fast_paths.clone(),
             shards,
+            reloader,
         })
+    }
+
+    /// What takes a new config while the server runs (see `reload`).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        self.reloader.clone()
     }
 
     /// The address the public listener is bound to.
@@ -351,6 +359,9 @@ impl Server {
             "listening"
         );
         tracing::info!("{}", realtime.describe_auth());
+        if let Some(pusher) = realtime.pusher() {
+            tracing::info!("{}", pusher.describe());
+        }
         let addr = public.addr;
         let first = public
             .tcp

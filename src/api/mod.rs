@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -53,15 +54,20 @@ pub struct Api {
     channels: Arc<Channels>,
     realtime: Arc<Realtime>,
     metrics: Arc<Metrics>,
+    /// `api.insecure_no_auth`: without keys, `/api/...` is open. Without
+    /// keys and without it (a node serving Pusher's API only), every
+    /// `/api/...` request is refused.
+    insecure_no_auth: bool,
     /// The digests of `api.keys`; the keys themselves are not kept.
-    keys: Vec<[u8; 32]>,
+    /// Replaced whole by a reload.
+    keys: ArcSwap<Vec<[u8; 32]>>,
     key_digest: KeyedDigest,
     max_body: u64,
     body_timeout: Duration,
     /// Requests served at once (`api.max_connections`).
     max_in_flight: usize,
     /// `api.publishes_per_second`, by the key's digest.
-    publish_rate: KeyedRate<[u8; 32]>,
+    publish_rate: ArcSwap<KeyedRate<[u8; 32]>>,
     /// Pusher's HTTP API at `/apps/…`, when `pusher.apps` has any.
     pusher: Option<PusherApi>,
 }
@@ -76,24 +82,35 @@ impl Api {
     ) -> Api {
         let channels_for_pusher = channels.clone();
         let key_digest = KeyedDigest::random();
-        let keys = config
-            .api
-            .keys
-            .iter()
-            .map(|key| key_digest.of(key.as_bytes()))
-            .collect();
+        let keys = digests(&key_digest, &config.api.keys);
         Api {
             channels,
             realtime,
             metrics,
-            keys,
+            insecure_no_auth: config.api.insecure_no_auth,
+            keys: ArcSwap::from_pointee(keys),
             key_digest,
             max_body: config.api.max_body.bytes(),
             body_timeout: config.limits.body_timeout,
             max_in_flight: config.api.max_connections,
-            publish_rate: KeyedRate::new(config.api.publishes_per_second, config.api.publish_burst),
+            publish_rate: ArcSwap::from_pointee(KeyedRate::new(
+                config.api.publishes_per_second,
+                config.api.publish_burst,
+            )),
             pusher: pusher.map(|apps| PusherApi::new(apps, channels_for_pusher)),
         }
+    }
+
+    /// Takes the API keys and `api.publishes_per_second` of a reload. The
+    /// old keys stop working at once; a request already past its check
+    /// completes.
+    pub fn reload(&self, config: &Config) {
+        self.keys
+            .store(Arc::new(digests(&self.key_digest, &config.api.keys)));
+        self.publish_rate.store(Arc::new(KeyedRate::new(
+            config.api.publishes_per_second,
+            config.api.publish_burst,
+        )));
     }
 
     /// Answers one API request. Never fails: errors become JSON answers.
@@ -138,7 +155,7 @@ impl Api {
         let key = self.authorize(request.headers())?;
         match (path, request.method()) {
             ("/api/publish", &Method::POST) => {
-                if let Err(wait) = self.publish_rate.take(&key) {
+                if let Err(wait) = self.publish_rate.load().take(&key) {
                     self.metrics.refused.count(Limit::ApiPublishes);
                     let mut refusal = Refusal::new(
                         Kind::OverLimit,
@@ -178,8 +195,9 @@ impl Api {
                 let (scheme, token) = value.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             });
-        if self.keys.is_empty() {
-            // Only possible with api.insecure_no_auth on a loopback listener.
+        let keys = self.keys.load();
+        if keys.is_empty() && self.insecure_no_auth {
+            // Only on a loopback listener (checked with the config).
             return Ok([0; 32]);
         }
         let Some(presented) = presented else {
@@ -190,12 +208,9 @@ impl Api {
         // checked in constant time, so it tells neither which key matched
         // nor how much of one did.
         let digest = self.key_digest.of(presented.as_bytes());
-        let matched = self
-            .keys
-            .iter()
-            .fold(subtle::Choice::from(0), |found, key| {
-                found | key.ct_eq(&digest)
-            });
+        let matched = keys.iter().fold(subtle::Choice::from(0), |found, key| {
+            found | key.ct_eq(&digest)
+        });
         if bool::from(matched) {
             Ok(digest)
         } else {
@@ -562,6 +577,13 @@ impl Api {
             &serde_json::json!({ "channels": channels, "total": total }),
         ))
     }
+}
+
+/// The keyed digests of `keys`.
+fn digests(key_digest: &KeyedDigest, keys: &[String]) -> Vec<[u8; 32]> {
+    keys.iter()
+        .map(|key| key_digest.of(key.as_bytes()))
+        .collect()
 }
 
 /// The close code of `POST /api/disconnect` without one.

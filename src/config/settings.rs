@@ -354,7 +354,9 @@ impl Config {
             );
         }
         let api = &self.api;
-        if api.keys.is_empty() && !api.insecure_no_auth {
+        // An app that only speaks Pusher's API (signed with its own
+        // secrets) needs no key: then `/api/...` refuses every request.
+        if api.keys.is_empty() && !api.insecure_no_auth && self.pusher.apps.is_empty() {
             problem(
                 "api.keys",
                 "no API key: the publish API would be open to anyone who can reach it".into(),

@@ -453,6 +453,11 @@ fn pusher_apps_are_checked_and_their_secrets_may_come_from_the_environment() {
             "pusher.max_presence_members",
         ]
     );
+    // Serving Pusher's API only, a node needs no api.keys.
+    let pusher_only = "pusher:\n  apps:\n    - {id: \"1\", key: k, secret: s1234567}\n";
+    let settings = from_yaml(pusher_only, "test.yaml", NO_ENV).unwrap();
+    assert!(settings.config.api.keys.is_empty());
+    assert!(from_yaml("", "test.yaml", NO_ENV).is_err(), "without Pusher apps it does");
     // Unknown keys in an app are refused by name.
     let err = from_yaml(
         &format!(

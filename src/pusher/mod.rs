@@ -77,6 +77,29 @@ impl PusherApps {
         self.apps.iter().find(|app| app.id == id)
     }
 
+    /// What the start-up log says of the protocol: each app, where its
+    /// clients connect and where its webhooks go.
+    pub fn describe(&self) -> String {
+        let apps: Vec<String> = self
+            .apps
+            .iter()
+            .map(|app| {
+                let webhooks = app
+                    .webhook
+                    .as_ref()
+                    .map_or("no webhooks".to_owned(), |w| format!("webhooks to {}", w.target));
+                format!(
+                    "app {} (WebSocket /app/{}, HTTP API /apps/{}/..., client events {}, {webhooks})",
+                    app.id,
+                    app.key,
+                    app.id,
+                    if app.client_events { "on" } else { "off" },
+                )
+            })
+            .collect();
+        format!("Pusher protocol: {}", apps.join("; "))
+    }
+
     /// Starts the webhooks' queues, for the apps with `webhook.url` set.
     /// Must be called within a tokio runtime.
     pub fn start_webhooks(

@@ -121,7 +121,7 @@ pub(super) async fn handle(
 
 /// `timeout=` in whole seconds, capped by `realtime.poll.max_timeout`.
 fn poll_timeout(realtime: &Realtime, text: Option<&str>) -> Result<Duration, Refusal> {
-    let poll = &realtime.config.poll;
+    let poll = &realtime.config().poll;
     let Some(text) = text else {
         return Ok(poll.default_timeout);
     };

@@ -34,6 +34,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -137,9 +138,12 @@ impl Drop for ConnectionGauge {
 /// Everything the realtime endpoints share.
 pub struct Realtime {
     prefix: String,
-    config: RealtimeConfig,
-    origins: Origins,
-    auth: Auth,
+    /// `realtime`, `realtime.allowed_origins` and `auth`: replaced whole
+    /// by a reload ([`Realtime::reload`]); a connection reads them when it
+    /// needs them, so a new value reaches every connection from then on.
+    config: ArcSwap<RealtimeConfig>,
+    origins: ArcSwap<Origins>,
+    auth: ArcSwap<Auth>,
     /// The hub, the engine and the channel rules.
     channels: Arc<Channels>,
     queue: QueueLimits,
@@ -159,7 +163,7 @@ pub struct Realtime {
     /// API.
     max_publication: usize,
     /// `realtime.connects_per_second`, per client address.
-    connect_rate: KeyedRate<IpAddr>,
+    connect_rate: ArcSwap<KeyedRate<IpAddr>>,
     /// Refusals by rate limit, for `/metrics`.
     refused: Arc<Refused>,
     /// Where connection events go (nowhere unless `events.path` is set).
@@ -201,9 +205,9 @@ impl Realtime {
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
         Realtime {
             prefix: config.realtime.prefix.clone(),
-            config: config.realtime.clone(),
-            origins: Origins::new(settings.allowed_origins.clone()),
-            auth,
+            config: ArcSwap::from_pointee(config.realtime.clone()),
+            origins: ArcSwap::from_pointee(Origins::new(settings.allowed_origins.clone())),
+            auth: ArcSwap::from_pointee(auth),
             channels,
             queue: QueueLimits {
                 messages: config.limits.queue_messages,
@@ -218,10 +222,10 @@ impl Realtime {
             rpc: settings.rpc.clone(),
             rpc_config: config.rpc.clone(),
             max_publication: usize::try_from(config.api.max_body.bytes()).unwrap_or(usize::MAX),
-            connect_rate: KeyedRate::new(
+            connect_rate: ArcSwap::from_pointee(KeyedRate::new(
                 config.realtime.connects_per_second,
                 config.realtime.connect_burst,
-            ),
+            )),
             refused,
             events,
             pusher,
@@ -269,7 +273,7 @@ impl Realtime {
     }
 
     fn disconnect_here(&self, user: &str, code: u16, reason: &str) -> usize {
-        self.auth.forget_user(user);
+        self.auth().forget_user(user);
         self.registry.disconnect(user, code, reason)
     }
 
@@ -306,12 +310,12 @@ impl Realtime {
 
     /// How realtime connections are authorized, for the log at start.
     pub fn describe_auth(&self) -> String {
-        self.auth.describe()
+        self.auth().describe()
     }
 
     /// Auth outcomes, for /metrics.
     pub fn auth_stats(&self) -> crate::auth::AuthStats {
-        self.auth.stats()
+        self.auth().stats()
     }
 
     /// Whether `path` is one of pushgate's own realtime paths.
@@ -357,6 +361,42 @@ impl Realtime {
         result.unwrap_or_else(Refusal::into_response)
     }
 
+    /// `realtime`, as it stands now.
+    fn config(&self) -> arc_swap::Guard<Arc<RealtimeConfig>> {
+        self.config.load()
+    }
+
+    fn origins(&self) -> arc_swap::Guard<Arc<Origins>> {
+        self.origins.load()
+    }
+
+    /// How connections are authorized now: held for as long as a connect
+    /// or a refresh asks.
+    fn auth(&self) -> Arc<Auth> {
+        self.auth.load_full()
+    }
+
+    /// Takes what a reload may change live: `realtime` (its limits and
+    /// timings reach new connections, and open ones at their next read of
+    /// them), `realtime.allowed_origins` and `auth` (with a new, empty
+    /// grant cache). Open connections keep their grants.
+    pub fn reload(&self, settings: &Settings, auth: Auth) {
+        let config = &settings.config.realtime;
+        let old = self.config();
+        if (old.connects_per_second, old.connect_burst)
+            != (config.connects_per_second, config.connect_burst)
+        {
+            self.connect_rate.store(Arc::new(KeyedRate::new(
+                config.connects_per_second,
+                config.connect_burst,
+            )));
+        }
+        self.config.store(Arc::new(config.clone()));
+        self.origins
+            .store(Arc::new(Origins::new(settings.allowed_origins.clone())));
+        self.auth.store(Arc::new(auth));
+    }
+
     /// The Pusher apps, when any are configured.
     pub fn pusher(&self) -> Option<Arc<crate::pusher::PusherApps>> {
         self.pusher.clone()
@@ -379,7 +419,7 @@ impl Realtime {
         let ip = ip.to_canonical();
         let counted = transport != Transport::Poll;
         let within = if counted {
-            self.connect_rate.take(&ip)
+            self.connect_rate.load().take(&ip)
         } else {
             Ok(())
         };
@@ -396,10 +436,10 @@ impl Realtime {
         }
         let mut per_ip = self.per_ip.lock().expect("per-ip lock");
         let open = per_ip.entry(ip).or_insert(0);
-        if *open >= self.config.max_connections_per_ip {
+        if *open >= self.config().max_connections_per_ip {
             tracing::info!(
                 %ip,
-                limit = self.config.max_connections_per_ip,
+                limit = self.config().max_connections_per_ip,
                 "limit: realtime.max_connections_per_ip reached"
             );
             return Err(Refusal::new(
@@ -424,18 +464,18 @@ impl Realtime {
         query: &RealtimeQuery,
         conn: ConnInfo,
     ) -> Result<Admission, Refusal> {
-        if query.channels.len() > self.config.max_channels {
+        if query.channels.len() > self.config().max_channels {
             return Err(Refusal::bad_request(
                 "too_many_channels",
                 format!(
                     "a connection may hear at most {} channels (realtime.max_channels)",
-                    self.config.max_channels
+                    self.config().max_channels
                 ),
             ));
         }
         let slot = self.claim_ip(conn.peer.ip(), transport)?;
         let grant = self
-            .auth
+            .auth()
             .authorize(AuthRequest {
                 transport: transport.name(),
                 channels: &query.channels,
@@ -480,7 +520,7 @@ impl Realtime {
             }));
         }
         Ok(Admission {
-            credentials: self.auth.credentials(request.headers(), conn),
+            credentials: self.auth().credentials(request.headers(), conn),
             grant,
             slot,
             registration,

@@ -19,11 +19,11 @@ pub(super) fn open_http(
     if let Some(answer) = get_or_preflight(realtime, request) {
         return Ok(Opening::Preflight(answer));
     }
-    let origin = realtime.origins.check(request);
+    let origin = realtime.origins().check(request);
     if origin == OriginCheck::Refused {
         return Err(origin_refused());
     }
-    let query = RealtimeQuery::parse(request.uri().query(), known, realtime.auth.token_param())?;
+    let query = RealtimeQuery::parse(request.uri().query(), known, realtime.auth().token_param())?;
     if query.channels.is_empty() {
         return Err(Refusal::bad_request(
             "missing_channel",
@@ -40,7 +40,7 @@ pub(super) fn get_or_preflight(
 ) -> Option<Result<Response<Body>, Refusal>> {
     match *request.method() {
         Method::GET => None,
-        Method::OPTIONS => Some(preflight(&realtime.origins, request)),
+        Method::OPTIONS => Some(preflight(&realtime.origins(), request)),
         _ => Some(Err(Refusal::method_not_allowed("GET, OPTIONS"))),
     }
 }

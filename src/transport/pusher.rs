@@ -83,7 +83,7 @@ pub(super) async fn handle(
         Ok(key) => key,
         Err(refusal) => return Ok(refused_handshake(refusal)),
     };
-    if realtime.origins.check(&request) == OriginCheck::Refused {
+    if realtime.origins().check(&request) == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(http::header::ORIGIN), "Pusher WebSocket from a foreign Origin refused");
         return Err(origin_refused());
     }
@@ -91,7 +91,7 @@ pub(super) async fn handle(
     // clients expect it.
     let admitted = admit(realtime, request.uri().query(), conn);
     let upgrade = hyper::upgrade::on(&mut request);
-    let config = socket_config(&realtime.config.websocket);
+    let config = socket_config(&realtime.config().websocket);
     let spawner = realtime.clone();
     let realtime = realtime.clone();
     let task = async move {
@@ -107,7 +107,7 @@ pub(super) async fn handle(
                 .await;
         match admitted {
             Err((code, reason)) => {
-                let within = realtime.config.websocket.ping_timeout;
+                let within = realtime.config().websocket.ping_timeout;
                 finish(&mut socket, End::Close(code, reason.into()), within).await;
             }
             Ok(slot) => {
@@ -331,7 +331,7 @@ impl Connection {
         let outbox = Outbox::new(realtime.queue);
         let ready = outbox.ready_owned();
         let ordered = registration.control.ordered_owned();
-        let config = &realtime.config;
+        let config = realtime.config();
         let commands = Rate::new(config.commands_per_second, config.command_burst);
         let heartbeat = Heartbeat::PingAt(Instant::now() + pusher.activity_timeout);
         let gauge = realtime.count(Transport::Pusher);
@@ -375,7 +375,7 @@ impl Connection {
         if let End::Close(code, reason) = &end {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing Pusher WebSocket");
         }
-        let within = self.realtime.config.websocket.ping_timeout;
+        let within = self.realtime.config().websocket.ping_timeout;
         Box::pin(finish(&mut self.socket, end, within)).await;
     }
 
@@ -383,7 +383,7 @@ impl Connection {
         // Pusher's heartbeat: after `activity_timeout` without a frame, a
         // `pusher:ping`, which clients answer with `pusher:pong`.
         let ping_interval = self.pusher.activity_timeout;
-        let ping_timeout = self.realtime.config.websocket.ping_timeout;
+        let ping_timeout = self.realtime.config().websocket.ping_timeout;
         let drain = self.realtime.drain.signalled_owned();
         let deadline = |heartbeat: &Heartbeat| match heartbeat {
             Heartbeat::PingAt(at) | Heartbeat::PongBy(at) => *at,
@@ -456,7 +456,7 @@ impl Connection {
         let watch = Watch {
             ready: &mut self.ready,
             outbox: &self.outbox,
-            within: self.realtime.config.websocket.ping_timeout,
+            within: self.realtime.config().websocket.ping_timeout,
         };
         match write_watching(&mut self.socket, io, watch).await {
             Ok(woken) => {
@@ -730,7 +730,7 @@ impl Connection {
                 400,
             ));
         }
-        let max = self.realtime.config.max_channels;
+        let max = self.realtime.config().max_channels;
         if self.subscriptions.len() >= max {
             return Err(SubscribeError::new(
                 "LimitReached",
@@ -907,24 +907,31 @@ impl Connection {
     /// Leaves a channel: the hub at once, the engine on its own task; a
     /// presence member's leaving is its user's `member_removed` webhook
     /// when it was their last connection there, on any node.
+    ///
+    /// A member leaves before the channel is released, so its
+    /// `member_removed` is queued before the channel's `channel_vacated`.
     fn release(&self, subscription: Subscription) {
-        let channels = &self.realtime.channels;
-        channels.release(&subscription.engine, &self.outbox, None);
+        let realtime = &self.realtime;
         let (Some(presence), Ok(runtime)) =
             (subscription.presence, tokio::runtime::Handle::try_current())
         else {
+            realtime
+                .channels
+                .release(&subscription.engine, &self.outbox, None);
             return;
         };
-        let broker = channels.broker.clone();
+        let (realtime, outbox) = (realtime.clone(), self.outbox.clone());
         let (pusher, app) = (self.pusher.clone(), self.app.clone());
         let (engine, name) = (subscription.engine, subscription.name);
         runtime.spawn(async move {
-            let last = broker.leave(&engine, &presence.me, PRESENCE).await;
+            let channels = &realtime.channels;
+            let last = channels.broker.leave(&engine, &presence.me, PRESENCE).await;
             if last {
                 let mut hook = Hook::new(WebhookKind::MemberRemoved, &name);
                 hook.user_id = presence.me.user.clone();
                 pusher.webhook(&app, WebhookKind::MemberRemoved, hook);
             }
+            channels.release(&engine, &outbox, None);
         });
     }
 

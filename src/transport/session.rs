@@ -15,7 +15,7 @@ use std::sync::Weak;
 use super::control::{Control, Registration};
 use super::{Admission, Realtime, Transport};
 use crate::auth::{Credentials, Grant};
-use crate::broker::Member;
+use crate::broker::{Member, PresenceMode};
 use crate::config::EventKind;
 use crate::cursor::{Cursor, Position};
 use crate::error::Refusal;
@@ -28,6 +28,9 @@ struct Subscription {
     /// The last publication delivered (or the point the client started
     /// from).
     position: Position,
+    /// What the channel's rule said of presence when the subscription was
+    /// made: it leaves by the same, whatever a reload changed meanwhile.
+    presence: PresenceMode,
 }
 
 /// The result of a subscribe.
@@ -201,12 +204,12 @@ impl Session {
                 format!("already subscribed to `{channel}`"),
             ));
         }
-        if self.subscriptions.len() >= self.realtime.config.max_channels {
+        if self.subscriptions.len() >= self.realtime.config().max_channels {
             return Err(Refusal::bad_request(
                 "too_many_channels",
                 format!(
                     "a connection may hear at most {} channels (realtime.max_channels)",
-                    self.realtime.config.max_channels
+                    self.realtime.config().max_channels
                 ),
             ));
         }
@@ -214,7 +217,7 @@ impl Session {
             // Outside the grant: the app may still allow it
             // (auth.upstream.subscribe_path); else forbidden.
             self.realtime
-                .auth
+                .auth()
                 .may_subscribe(
                     &self.grant,
                     &self.credentials,
@@ -256,7 +259,11 @@ impl Session {
         if mode.any() {
             self.event(EventKind::Join, Some(&channel), None);
         }
-        self.subscriptions.push(Subscription { channel, position });
+        self.subscriptions.push(Subscription {
+            channel,
+            position,
+            presence: mode,
+        });
         self.realtime.gauges.add_subscriptions(self.transport, 1);
         Ok(Subscribed {
             recovered: history.recovered,
@@ -277,7 +284,7 @@ impl Session {
         };
         let subscription = self.subscriptions.remove(index);
         self.realtime.gauges.add_subscriptions(self.transport, -1);
-        self.leave(subscription.channel, why);
+        self.leave(subscription, why);
         self.cursor = Cursor::new();
         for s in &self.subscriptions {
             self.cursor.set(&s.channel, s.position);
@@ -311,7 +318,7 @@ impl Session {
     /// A new token from the client (JWT mode): renews the grant; returns the
     /// channels the new grant no longer allows.
     pub fn refresh_token(&mut self, token: &str) -> Result<Vec<ChannelName>, Refusal> {
-        let renewed = self.realtime.auth.refresh_token(&self.grant, token)?;
+        let renewed = self.realtime.auth().refresh_token(&self.grant, token)?;
         Ok(self.regrant(renewed))
     }
 
@@ -335,9 +342,9 @@ impl Session {
     /// Leaves `channel` for `why`: the hub at once, the engine (presence,
     /// and listening when this was the node's last subscriber) on its own
     /// task.
-    fn leave(&self, channel: ChannelName, why: Reason) {
+    fn leave(&self, subscription: Subscription, why: Reason) {
         let channels = &self.realtime.channels;
-        let mode = channels.rules().presence(channel.as_str());
+        let (channel, mode) = (subscription.channel, subscription.presence);
         if mode.any() {
             self.event(EventKind::Leave, Some(&channel), Some(why));
         }
@@ -406,7 +413,7 @@ impl Drop for Session {
         // stream whose client went away, a poll answered.
         let why = self.end.unwrap_or(Reason::ClientClosed);
         for subscription in std::mem::take(&mut self.subscriptions) {
-            self.leave(subscription.channel, why);
+            self.leave(subscription, why);
         }
         self.event(EventKind::Disconnect, None, Some(why));
     }
@@ -434,7 +441,7 @@ async fn refresh(
             continue;
         }
         let renewed = realtime
-            .auth
+            .auth()
             .refresh(&grant, &credentials, connection_id, transport.name())
             .await;
         let Some(control) = control.upgrade() else {

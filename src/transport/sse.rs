@@ -88,7 +88,7 @@ pub(super) async fn handle(
         replays.push(subscribed.replay);
     }
 
-    let retry = realtime.config.sse.retry;
+    let retry = realtime.config().sse.retry;
     let mut stream = SseStream::new(realtime, session, gauge);
     // Every id names where the client may resume from: the opening's (so a
     // stream that drops before its first event still resumes from here),
@@ -141,7 +141,7 @@ pub(super) async fn handle(
     cors(&mut response, &origin);
     if let Some((stream, socket)) = detached {
         let head = detached_head(&response);
-        let write_timeout = realtime.config.sse.keepalive;
+        let write_timeout = realtime.config().sse.keepalive;
         realtime.drain.spawn(serve_detached(
             head,
             Box::pin(stream),
@@ -332,7 +332,7 @@ impl SseStream {
     fn new(realtime: &Arc<Realtime>, session: Session, gauge: super::ConnectionGauge) -> SseStream {
         let ready = session.outbox().ready_owned();
         let ordered = session.control().ordered_owned();
-        let every = realtime.config.sse.keepalive;
+        let every = realtime.config().sse.keepalive;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         SseStream {
@@ -343,10 +343,10 @@ impl SseStream {
             keepalive,
             state: State {
                 session,
-                retry: realtime.config.sse.retry,
+                retry: realtime.config().sse.retry,
                 out: Out::default(),
                 batch: Vec::new(),
-                pace: super::Pace::new(realtime.config.coalesce_window),
+                pace: super::Pace::new(realtime.config().coalesce_window),
                 done: false,
                 _gauge: gauge,
             },

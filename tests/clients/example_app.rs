@@ -43,15 +43,15 @@ const REFRESHED: &str = r#""POST /realtime/refresh HTTP/1.1" 200"#;
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The example app's process, killed on drop.
-struct App {
+/// An example app's process, killed on drop.
+pub(crate) struct App {
     child: Child,
     log: PathBuf,
 }
 
 impl App {
     /// Everything the app printed so far (Flask logs each request).
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 }
@@ -65,7 +65,7 @@ impl Drop for App {
 
 /// A port nobody listens on right now. Flask's server cannot be told to take
 /// port 0 and say which it got, so the port is picked here and released; if
-/// something takes it meanwhile, [`start`] tries another.
+/// something takes it meanwhile, [`start_example`] tries another.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -74,8 +74,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether the example app answers `GET /` on `addr`.
-fn app_answers(addr: SocketAddr) -> bool {
+/// Whether an app answers `GET /` on `addr` with a page whose title is `title`.
+fn app_answers(addr: SocketAddr, title: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };
@@ -89,36 +89,46 @@ fn app_answers(addr: SocketAddr) -> bool {
     }
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer).contains("<title>pushgate chat</title>")
+    String::from_utf8_lossy(&answer).contains(&format!("<title>{title}</title>"))
+}
+
+/// One of examples/: its Flask app and its own pushgate.yaml.
+pub(crate) struct Example<'a> {
+    /// The app's script, run with the virtualenv's python.
+    pub app: &'a str,
+    /// The `<title>` of its `GET /` page, so the test knows it is this app
+    /// that answers.
+    pub title: &'a str,
+    /// The example's pushgate.yaml.
+    pub config: &'a str,
+    /// pushgate's environment beside `PUSHGATE_LISTEN` and `PUSHGATE_UPSTREAM__URL`.
+    pub pushgate_env: &'a [(&'a str, &'a str)],
 }
 
 /// pushgate with the example's config in front of a free port, then the app
-/// on that port, publishing to pushgate's API; returns once the app answers.
-fn start(python: &Path, scratch: &Path) -> (App, Process) {
+/// on that port with `PORT` and the environment `app_env` gives for that
+/// pushgate; returns once the app answers.
+pub(crate) fn start_example(
+    python: &Path,
+    scratch: &Path,
+    example: &Example,
+    app_env: impl Fn(&Process) -> Vec<(String, String)>,
+) -> (App, Process) {
     for attempt in 1..=3 {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let upstream = format!("http://{addr}");
-        let pushgate = Process::start(
-            scratch,
-            CONFIG,
-            &[
-                ("PUSHGATE_LISTEN", "127.0.0.1:0"),
-                ("PUSHGATE_UPSTREAM__URL", &upstream),
-                ("PUSHGATE_AUTH__MODE", "upstream"),
-                // The app's settings may sit in pushgate's environment too
-                // (one shell, one container): pushgate must not refuse them.
-                ("REALTIME_API_KEY", API_KEY),
-            ],
-        );
+        let mut env = vec![
+            ("PUSHGATE_LISTEN", "127.0.0.1:0"),
+            ("PUSHGATE_UPSTREAM__URL", upstream.as_str()),
+        ];
+        env.extend_from_slice(example.pushgate_env);
+        let pushgate = Process::start(scratch, example.config, &env);
         let log = scratch.join(format!("app-{attempt}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(python)
-            .arg(APP)
+            .arg(example.app)
             .env("PORT", addr.port().to_string())
-            .env("REALTIME_API_URL", format!("http://{}", pushgate.api_addr))
-            .env("REALTIME_API_KEY", API_KEY)
-            .env("GRANT_SECONDS", GRANT_SECONDS)
-            .env("SECRET_KEY", "example-app-test-secret")
+            .envs(app_env(&pushgate))
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -135,7 +145,7 @@ fn start(python: &Path, scratch: &Path) -> (App, Process) {
                 }
                 panic!("the example app exited ({status}) before it answered:\n{log}");
             }
-            if app_answers(addr) {
+            if app_answers(addr, example.title) {
                 // Answered, and by this app (not by whoever else took the port).
                 if app.child.try_wait().unwrap().is_none() {
                     return (app, pushgate);
@@ -151,6 +161,33 @@ fn start(python: &Path, scratch: &Path) -> (App, Process) {
         }
     }
     panic!("the example app could not get a free port in 3 tries");
+}
+
+/// pushgate with flask-chat's config in front of the app, which publishes
+/// to pushgate's API.
+fn start(python: &Path, scratch: &Path) -> (App, Process) {
+    let example = Example {
+        app: APP,
+        title: "pushgate chat",
+        config: CONFIG,
+        pushgate_env: &[
+            ("PUSHGATE_AUTH__MODE", "upstream"),
+            // The app's settings may sit in pushgate's environment too
+            // (one shell, one container): pushgate must not refuse them.
+            ("REALTIME_API_KEY", API_KEY),
+        ],
+    };
+    start_example(python, scratch, &example, |pushgate| {
+        [
+            ("REALTIME_API_URL", format!("http://{}", pushgate.api_addr)),
+            ("REALTIME_API_KEY", API_KEY.to_owned()),
+            ("GRANT_SECONDS", GRANT_SECONDS.to_owned()),
+            ("SECRET_KEY", "example-app-test-secret".to_owned()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+    })
 }
 
 /// One request through pushgate's public listener, as a browser sends it.
@@ -453,15 +490,20 @@ fn flask_chat_through_pushgate() {
 /// runs the versions the README tells people to install.
 #[test]
 fn the_example_pins_what_the_test_installs() {
+    assert_pins_installed("examples/flask-chat/requirements.txt", EXAMPLE_REQUIREMENTS);
+}
+
+/// Each pin of an example's requirements (`path`, whose text is
+/// `requirements`) is one the tests' virtualenv installs.
+pub(crate) fn assert_pins_installed(path: &str, requirements: &str) {
     let installed: Vec<&str> = pyenv::REQUIREMENTS.lines().map(str::trim).collect();
-    for line in EXAMPLE_REQUIREMENTS.lines().map(str::trim) {
+    for line in requirements.lines().map(str::trim) {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         assert!(
             installed.contains(&line),
-            "examples/flask-chat/requirements.txt pins `{line}`, which \
-             integration/requirements.txt does not: add it there too"
+            "{path} pins `{line}`, which integration/requirements.txt does not: add it there too"
         );
     }
 }

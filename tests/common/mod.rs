@@ -436,15 +436,25 @@ impl Process {
     /// Starts the binary with `config` (a YAML file's text) and waits until it
     /// logs the address it listens on.
     pub fn start(dir: &std::path::Path, config: &str, env: &[(&str, &str)]) -> Process {
+        let mut all = vec![
+            ("PUSHGATE_API__LISTEN", "127.0.0.1:0"),
+            ("PUSHGATE_API__KEYS", API_KEY),
+            ("PUSHGATE_AUTH__MODE", "none"),
+        ];
+        all.extend_from_slice(env);
+        Process::start_plain(dir, config, &all)
+    }
+
+    /// Like [`Process::start`], with only JSON logs laid over `config`:
+    /// the file alone says the API's address and keys and the auth mode
+    /// (as a reload must be able to change them).
+    pub fn start_plain(dir: &std::path::Path, config: &str, env: &[(&str, &str)]) -> Process {
         let path = dir.join("pushgate.yaml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pushgate"))
             .arg("--config")
             .arg(&path)
             .env("PUSHGATE_LOG__FORMAT", "json")
-            .env("PUSHGATE_API__LISTEN", "127.0.0.1:0")
-            .env("PUSHGATE_API__KEYS", API_KEY)
-            .env("PUSHGATE_AUTH__MODE", "none")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -15,6 +15,7 @@ mod jwt;
 mod presence;
 mod pusher;
 mod rate_limits;
+mod reload;
 mod sse_poll;
 mod two_way;
 mod websocket;

@@ -674,10 +674,22 @@ async fn webhooks_tell_the_app_what_happened_once_signed_as_pusher_signs() {
             json!({"name": "member_added", "channel": "presence-x", "user_id": "1"}),
         ])
     );
+    // On one node a channel is occupied before its first member is added.
+    let at = |hook: Value| got.iter().position(|h| *h == hook).unwrap();
+    assert!(
+        at(json!({"name": "channel_occupied", "channel": "presence-x"}))
+            < at(json!({"name": "member_added", "channel": "presence-x", "user_id": "1"}))
+    );
     drop(b2);
     b.quiet().await;
     drop(b);
     let got = wait_webhooks(&app, 8).await;
+    // ... and its last member removed before it is vacated.
+    let at = |hook: Value| got.iter().position(|h| *h == hook).unwrap();
+    assert!(
+        at(json!({"name": "member_removed", "channel": "presence-x", "user_id": "1"}))
+            < at(json!({"name": "channel_vacated", "channel": "presence-x"}))
+    );
     assert_eq!(
         sorted(got[6..].to_vec()),
         sorted(vec![

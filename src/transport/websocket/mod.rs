@@ -60,12 +60,12 @@ pub(super) async fn handle(
         Ok(key) => key,
         Err(refusal) => return Ok(refused_handshake(refusal)),
     };
-    let origin = realtime.origins.check(&request);
+    let origin = realtime.origins().check(&request);
     if origin == OriginCheck::Refused {
         tracing::info!(peer = %conn.peer, origin = ?request.headers().get(header::ORIGIN), "WebSocket from a foreign Origin refused");
         return Err(origin_refused());
     }
-    let query = RealtimeQuery::parse(request.uri().query(), &[], realtime.auth.token_param())?;
+    let query = RealtimeQuery::parse(request.uri().query(), &[], realtime.auth().token_param())?;
     // A refusal from here on is a close frame after the upgrade.
     let admitted = realtime
         .admit(Transport::WebSocket, &request, &query, conn)
@@ -74,7 +74,7 @@ pub(super) async fn handle(
     let opening = Box::new(Opening {
         upgrade: hyper::upgrade::on(&mut request),
         admitted,
-        config: socket_config(&realtime.config.websocket),
+        config: socket_config(&realtime.config().websocket),
         realtime: realtime.clone(),
         conn,
         channels: query.channels,
@@ -151,7 +151,7 @@ impl Opening {
         match admitted {
             Err(refusal) => {
                 let end = End::Close(refusal.close_code(), refusal.message);
-                finish(&mut socket, end, realtime.config.websocket.ping_timeout).await;
+                finish(&mut socket, end, realtime.config().websocket.ping_timeout).await;
                 None
             }
             Ok(admission) => {
@@ -287,7 +287,7 @@ impl Connection {
         conn: ConnInfo,
         gauge: super::ConnectionGauge,
     ) -> Connection {
-        let config = &realtime.config;
+        let config = realtime.config();
         let commands = Rate::new(config.commands_per_second, config.command_burst);
         let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
         let pace = super::Pace::new(config.coalesce_window);
@@ -325,7 +325,7 @@ impl Connection {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
         }
         self.session.end_with(end.reason());
-        let within = self.realtime.config.websocket.ping_timeout;
+        let within = self.realtime.config().websocket.ping_timeout;
         Box::pin(finish(&mut self.socket, end, within)).await;
     }
 
@@ -341,8 +341,8 @@ impl Connection {
     }
 
     async fn serve(&mut self) -> End {
-        let ping_interval = self.realtime.config.websocket.ping_interval;
-        let ping_timeout = self.realtime.config.websocket.ping_timeout;
+        let ping_interval = self.realtime.config().websocket.ping_interval;
+        let ping_timeout = self.realtime.config().websocket.ping_timeout;
         // The wake-ups live across turns of the loop and are re-armed only
         // when they fire: making them afresh on every delivery (a waiter
         // registered and dropped in three wait lists, a timer inserted and
@@ -456,7 +456,7 @@ impl Connection {
             Watch {
                 ready: &mut self.ready,
                 outbox: self.session.outbox(),
-                within: self.realtime.config.websocket.ping_timeout,
+                within: self.realtime.config().websocket.ping_timeout,
             },
         )
         .await
@@ -550,7 +550,7 @@ impl Connection {
                 } else {
                     self.refused_in_a_row += 1;
                     self.realtime.refused.count(Limit::Commands);
-                    if self.refused_in_a_row >= self.realtime.config.command_burst {
+                    if self.refused_in_a_row >= self.realtime.config().command_burst {
                         tracing::info!(peer = %self.conn.peer, "limit: realtime.commands_per_second exceeded persistently; closed with 4029");
                         return Err(End::Close(
                             close::RATE_LIMITED,
@@ -648,7 +648,7 @@ impl Connection {
                     ClientPublish::Direct => false,
                     ClientPublish::ViaApp => true,
                 };
-                let config = &self.realtime.config;
+                let config = self.realtime.config();
                 let publishes = self.publishes.get_or_insert_with(|| {
                     Box::new(Rate::new(config.publishes_per_second, config.publish_burst))
                 });
