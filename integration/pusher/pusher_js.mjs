@@ -291,26 +291,39 @@ async function webhookApp(cleanups) {
       check(others.length === 0, `requests to the app that were not webhooks: ${others.join(", ")}`);
     },
     /**
-     * In arrival order, per channel: channel_occupied, channel_vacated,
-     * channel_occupied, …; per channel and user: member_added,
-     * member_removed, ….
+     * In arrival order, as an app rebuilding the channels' state from them
+     * reads them: per channel, channel_occupied, channel_vacated,
+     * channel_occupied, …; per channel and user, member_added,
+     * member_removed, …; every other event on a channel (members, client
+     * events, cache misses) while it is occupied; no member left when it
+     * is vacated.
      */
     inOrder(what) {
       const last = new Map();
+      const occupied = new Set();
+      const members = new Map();
       const wrong = [];
+      const fault = (hook, why) => wrong.push({ channel: hook.channel, text: `${describeHook(hook)} ${why}` });
       for (const hook of hooks) {
+        const present = members.get(hook.channel) || new Set();
+        members.set(hook.channel, present);
         let key, first, second;
         if (hook.name === "channel_occupied" || hook.name === "channel_vacated") {
           [key, first, second] = [`occupancy of ${hook.channel}`, "channel_occupied", "channel_vacated"];
-        } else if (hook.name === "member_added" || hook.name === "member_removed") {
-          [key, first, second] = [`user ${hook.user_id} in ${hook.channel}`, "member_added", "member_removed"];
+          if (hook.name === "channel_vacated" && present.size > 0) {
+            fault(hook, `while ${[...present].join(", ")} had not been removed`);
+          }
+          if (hook.name === "channel_occupied") occupied.add(hook.channel);
+          else occupied.delete(hook.channel);
         } else {
-          continue;
+          if (!occupied.has(hook.channel)) fault(hook, "while the channel was not occupied");
+          if (hook.name !== "member_added" && hook.name !== "member_removed") continue;
+          [key, first, second] = [`user ${hook.user_id} in ${hook.channel}`, "member_added", "member_removed"];
+          if (hook.name === "member_added") present.add(hook.user_id);
+          else present.delete(hook.user_id);
         }
         const expected = last.get(key) === first ? second : first;
-        if (hook.name !== expected) {
-          wrong.push({ channel: hook.channel, text: `${describeHook(hook)} came after ${last.get(key) || "nothing"} (${key})` });
-        }
+        if (hook.name !== expected) fault(hook, `came after ${last.get(key) || "nothing"} (${key})`);
         last.set(key, hook.name);
       }
       const channels = [...new Set(wrong.map((w) => w.channel))];
