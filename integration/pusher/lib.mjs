@@ -36,7 +36,8 @@ export function checkEqual(actual, expected, what) {
   check(a === e, `${what}: expected ${e}, got ${a}`);
 }
 
-function canonical(value) {
+/** A JSON value as text, objects' keys sorted: equal values, equal texts. */
+export function canonical(value) {
   return JSON.stringify(value, (_, v) =>
     v && typeof v === "object" && !Array.isArray(v)
       ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, v[k]]))
@@ -55,9 +56,10 @@ export function deadline(promise, ms, what) {
 /**
  * The arguments every script takes: pushgate's public and API addresses, and
  * two apps: one that allows client events, one that does not; a second
- * node's addresses where a scenario needs one.
+ * node's addresses where a scenario needs one. `required` are checked here;
+ * a script that is pushgate's app hears pushgate's addresses later.
  */
-export function args(extra = {}) {
+export function args(extra = {}, required = ["public", "api", "app-id", "key", "secret"]) {
   const { values } = parseArgs({
     options: {
       public: { type: "string" },
@@ -75,7 +77,7 @@ export function args(extra = {}) {
       ...extra,
     },
   });
-  for (const name of ["public", "api", "app-id", "key", "secret"]) {
+  for (const name of required) {
     check(values[name], `--${name} is required`);
   }
   return values;

@@ -31,10 +31,29 @@
 //                   terminate_connections across them
 //   api-refusals    the HTTP API refuses a wrong secret, a wrong key, a stale
 //                   timestamp, a tampered body, an unknown app, a bad request
+//
+// Webhook scenarios, in which this script is pushgate's app: it listens
+// first and prints `app-listening URL` (pushgate's upstream.url), then reads
+// pushgate's addresses as one JSON line on stdin: {"public", "api",
+// "public2"?, "api2"?}. Every webhook is checked with the Node SDK's own
+// verification, which must refuse it tampered with or under another key.
+//   webhooks            one node: a public, a presence (two connections of
+//                       one user, one of another), a private and a cache
+//                       channel filled and emptied, client events; exactly
+//                       the expected webhooks, each once
+//   webhooks-two-nodes  two nodes on one Redis: the same channel and the same
+//                       presence user on both, joining and leaving in every
+//                       order and at once, and a user handed over from one
+//                       node to the other; each occupied/vacated and
+//                       member_added/removed once per change, in order as
+//                       the app receives them
 import { createHash, createHmac } from "node:crypto";
+import { createServer } from "node:http";
+import { createInterface } from "node:readline";
 import {
   args,
   authEndpoint,
+  canonical,
   check,
   checkEqual,
   connect,
@@ -43,14 +62,22 @@ import {
   main,
   nextError,
   PATIENCE,
+  PusherServer,
   record,
   server,
   statusOf,
   subscribe,
 } from "./lib.mjs";
 
-const opts = args();
-const BUDGET = 60000;
+/** The scenarios in which this script is pushgate's app (see above). */
+const AS_THE_APP = ["webhooks", "webhooks-two-nodes"];
+const opts = args({}, ["app-id", "key", "secret", "scenario"]);
+if (AS_THE_APP.includes(opts.scenario)) {
+  for (const name of ["app2-id", "key2", "secret2"]) check(opts[name], `--${name} is required`);
+} else {
+  for (const name of ["public", "api"]) check(opts[name], `--${name} is required`);
+}
+const BUDGET = opts.scenario === "webhooks-two-nodes" ? 170000 : 60000;
 
 /** The body of a successful SDK request, as JSON. */
 async function json(promise) {
@@ -82,6 +109,227 @@ async function marker(sdk, channel, recorders) {
   for (const rec of recorders) {
     await rec.next((e) => e.event === "marker" && e.data.n === n, `marker ${n}`);
   }
+}
+
+/** A ping answered: pushgate has handled everything `client` sent before it. */
+async function roundTrip(client) {
+  const pong = new Promise((resolve) => {
+    const heard = (message) => {
+      if (message.event !== "pusher:pong") return;
+      client.connection.unbind("message", heard);
+      resolve();
+    };
+    client.connection.bind("message", heard);
+  });
+  client.send_event("pusher:ping", {});
+  await deadline(pong, PATIENCE, `${client.label}: pusher:pong`);
+}
+
+// Webhooks.
+
+/** Where pushgate posts webhooks on its app (`webhook.url` in tests/clients/pusher.rs). */
+const WEBHOOK_PATH = "/pusher/webhook";
+
+/** One webhook event, for messages: what, where, who, and which node's batch brought it. */
+function describeHook(hook) {
+  const user = hook.user_id !== undefined ? ` user ${hook.user_id}` : "";
+  const event = hook.event !== undefined ? ` ${hook.event} ${hook.data} from ${hook.socket_id}` : "";
+  return `${hook.name} ${hook.channel}${user}${event} (node ${hook.node}, batch ${hook.batch}, time_ms ${hook.time_ms})`;
+}
+
+/** A webhook event without what the test adds to it. */
+function bare({ batch, node, time_ms, ...event }) {
+  return event;
+}
+
+/** Matches webhook events by name, channel and (member events) user; knows its channel. */
+function is(name, channel, user) {
+  const pred = (hook) => hook.name === name && hook.channel === channel && (user === undefined || hook.user_id === user);
+  pred.channel = channel;
+  return pred;
+}
+
+/**
+ * pushgate's app, as far as webhooks go. It listens before pushgate starts,
+ * prints `app-listening URL`, and reads pushgate's addresses from stdin into
+ * `opts`.
+ *
+ * Each POST to WEBHOOK_PATH is checked as an app checks it, with the Node
+ * SDK (`pusher.webhook({headers, rawBody})`, `isValid()`, `getEvents()`),
+ * and the SDK must refuse the same batch with a tampered body, under
+ * another X-Pusher-Key, and under another secret's or another app's token.
+ * Valid batches are answered 200 and their events recorded in arrival
+ * order, with the node that sent them (the `node` query parameter of each
+ * node's `webhook.url`). What was wrong with any batch is kept in
+ * `problems`; every wait fails on it.
+ */
+async function webhookApp(cleanups) {
+  const sdk = new PusherServer({ appId: opts["app-id"], key: opts.key, secret: opts.secret });
+  const strangers = [
+    ["an SDK with another secret", new PusherServer({ appId: opts["app-id"], key: opts.key, secret: `${opts.secret}-not` })],
+    ["the other app's SDK", new PusherServer({ appId: opts["app2-id"], key: opts.key2, secret: opts.secret2 })],
+  ];
+  const hooks = [];
+  const problems = [];
+  const others = [];
+  let batches = 0;
+
+  /** What is wrong with a batch as the SDK sees it; its events when nothing is. */
+  const verify = (headers, body) => {
+    const wrong = [];
+    const webhook = sdk.webhook({ headers, rawBody: body });
+    if (headers["x-pusher-key"] !== opts.key) wrong.push(`X-Pusher-Key is ${JSON.stringify(headers["x-pusher-key"])}`);
+    if (!/^[0-9a-f]{64}$/.test(headers["x-pusher-signature"] || "")) {
+      wrong.push(`X-Pusher-Signature is ${JSON.stringify(headers["x-pusher-signature"])}`);
+    }
+    if (!webhook.isValid()) {
+      wrong.push(`the SDK's isValid() refused it (content-type ${JSON.stringify(headers["content-type"])})`);
+      return { wrong };
+    }
+    // The same batch, changed: each must be refused.
+    const forged = body.replace('"events":[', '"events":[{"name":"channel_vacated","channel":"forged"},');
+    const tampered = sdk.webhook({ headers, rawBody: forged });
+    if (forged === body || !tampered.isBodyValid()) wrong.push("the body could not be tampered with as JSON");
+    if (tampered.isValid()) wrong.push(`the SDK accepted a tampered body: ${forged}`);
+    if (sdk.webhook({ headers, rawBody: `${body} ` }).isValid()) wrong.push("the SDK accepted the body with a space added");
+    const rekeyed = { ...headers, "x-pusher-key": opts.key2 };
+    if (sdk.webhook({ headers: rekeyed, rawBody: body }).isValid()) wrong.push("the SDK accepted it under another X-Pusher-Key");
+    for (const [who, stranger] of strangers) {
+      if (stranger.webhook({ headers, rawBody: body }).isValid()) wrong.push(`${who} accepted it`);
+    }
+    const events = webhook.getEvents();
+    if (!Array.isArray(events) || events.length === 0) wrong.push(`getEvents() is ${JSON.stringify(events)}`);
+    const time = webhook.getTime().getTime();
+    if (!(Math.abs(time - Date.now()) < 60000)) wrong.push(`time_ms ${webhook.getData().time_ms} is not now`);
+    return { wrong, events, time };
+  };
+
+  const http = createServer((req, res) => {
+    let body = "";
+    req.setEncoding("utf8");
+    req.on("data", (chunk) => (body += chunk));
+    req.on("end", () => {
+      const url = new URL(req.url, "http://app");
+      if (req.method !== "POST" || url.pathname !== WEBHOOK_PATH) {
+        others.push(`${req.method} ${req.url}`);
+        res.writeHead(404).end("not a webhook");
+        return;
+      }
+      const batch = ++batches;
+      const node = url.searchParams.get("node") || "one";
+      const { wrong, events, time } = verify(req.headers, body);
+      if (wrong.length > 0) {
+        problems.push(`batch ${batch} from node ${node}: ${wrong.join("; ")}; its body: ${body}`);
+        res.writeHead(401).end("invalid webhook");
+        return;
+      }
+      for (const event of events) hooks.push({ ...event, batch, node, time_ms: time });
+      res.writeHead(200, { "content-type": "application/json" }).end("{}");
+    });
+  });
+  await new Promise((resolve) => http.listen(0, "127.0.0.1", resolve));
+  cleanups.push(() => new Promise((resolve) => http.close(resolve)));
+  http.closeAllConnections && cleanups.push(() => http.closeAllConnections());
+  console.log(`app-listening http://127.0.0.1:${http.address().port}`);
+
+  const lines = createInterface({ input: process.stdin });
+  const line = await deadline(new Promise((resolve) => lines.once("line", resolve)), 4 * PATIENCE, "pushgate's addresses on stdin");
+  lines.close();
+  Object.assign(opts, JSON.parse(line));
+  log("pushgate is in front of the app:", line);
+
+  /** What the app received, in order: on `channels` if named. */
+  const received = (channels) => {
+    const shown = hooks.filter((hook) => !channels || channels.includes(hook.channel));
+    const where = channels ? ` on ${channels.join(", ")}` : "";
+    return `\nthe webhooks the app received${where}, in order:${shown.map((hook) => `\n    ${describeHook(hook)}`).join("")}`;
+  };
+  const refusedNone = () =>
+    check(problems.length === 0, `webhooks the SDK refused or got wrong:\n  ${problems.join("\n  ")}`);
+  return {
+    hooks,
+    received,
+    /** Waits until `count` webhook events match `pred`. */
+    async until(pred, count, what) {
+      const end = Date.now() + PATIENCE;
+      for (;;) {
+        refusedNone();
+        const seen = hooks.filter(pred).length;
+        if (seen >= count) return;
+        if (Date.now() > end) {
+          throw new Error(`check failed: ${what}: ${seen} of ${count} after ${PATIENCE} ms;${received(pred.channel && [pred.channel])}`);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    },
+    /** Exactly `count` webhook events match `pred` so far. */
+    count(pred, count, what) {
+      const seen = hooks.filter(pred).length;
+      check(seen === count, `${what}: ${seen} where ${count} were expected;${received(pred.channel && [pred.channel])}`);
+    },
+    /**
+     * The events received are `expected`, each as many times, in any order;
+     * those on channels in `besides` are not counted.
+     */
+    exactly(expected, what, besides = []) {
+      refusedNone();
+      const left = hooks
+        .filter((hook) => !besides.includes(hook.channel))
+        .map((hook) => ({ text: canonical(bare(hook)), hook }));
+      const missing = [];
+      for (const want of expected) {
+        const at = left.findIndex((got) => got.text === canonical(want));
+        if (at < 0) missing.push(canonical(want));
+        else left.splice(at, 1);
+      }
+      const extra = left.map((got) => describeHook(got.hook));
+      const channels = [...new Set([...missing.map((m) => JSON.parse(m).channel), ...left.map((got) => got.hook.channel)])];
+      check(
+        missing.length === 0 && extra.length === 0,
+        `${what}:\n  missing: ${missing.join("\n           ") || "none"}\n  extra: ${extra.join("\n         ") || "none"}${received(channels)}`,
+      );
+      check(others.length === 0, `requests to the app that were not webhooks: ${others.join(", ")}`);
+    },
+    /**
+     * In arrival order, as an app rebuilding the channels' state from them
+     * reads them: per channel, channel_occupied, channel_vacated,
+     * channel_occupied, …; per channel and user, member_added,
+     * member_removed, …; every other event on a channel (members, client
+     * events, cache misses) while it is occupied; no member left when it
+     * is vacated.
+     */
+    inOrder(what) {
+      const last = new Map();
+      const occupied = new Set();
+      const members = new Map();
+      const wrong = [];
+      const fault = (hook, why) => wrong.push({ channel: hook.channel, text: `${describeHook(hook)} ${why}` });
+      for (const hook of hooks) {
+        const present = members.get(hook.channel) || new Set();
+        members.set(hook.channel, present);
+        let key, first, second;
+        if (hook.name === "channel_occupied" || hook.name === "channel_vacated") {
+          [key, first, second] = [`occupancy of ${hook.channel}`, "channel_occupied", "channel_vacated"];
+          if (hook.name === "channel_vacated" && present.size > 0) {
+            fault(hook, `while ${[...present].join(", ")} had not been removed`);
+          }
+          if (hook.name === "channel_occupied") occupied.add(hook.channel);
+          else occupied.delete(hook.channel);
+        } else {
+          if (!occupied.has(hook.channel)) fault(hook, "while the channel was not occupied");
+          if (hook.name !== "member_added" && hook.name !== "member_removed") continue;
+          [key, first, second] = [`user ${hook.user_id} in ${hook.channel}`, "member_added", "member_removed"];
+          if (hook.name === "member_added") present.add(hook.user_id);
+          else present.delete(hook.user_id);
+        }
+        const expected = last.get(key) === first ? second : first;
+        if (hook.name !== expected) fault(hook, `came after ${last.get(key) || "nothing"} (${key})`);
+        last.set(key, hook.name);
+      }
+      const channels = [...new Set(wrong.map((w) => w.channel))];
+      check(wrong.length === 0, `${what}:\n  ${wrong.map((w) => w.text).join("\n  ")}${received(channels)}`);
+    },
+  };
 }
 
 const scenarios = {
@@ -609,6 +857,333 @@ const scenarios = {
     res = await signed(now, noName);
     checkEqual(res.status, 400, `an event without a name (body ${JSON.stringify(await res.text())})`);
     log("HTTP API refusals: wrong secret, wrong key, stale/future timestamp, tampered body 401; unknown app 404; bad request 400");
+  },
+
+  async webhooks(cleanups) {
+    const hooks = await webhookApp(cleanups);
+    const sdk = server(opts.api, opts["app-id"], opts.key, opts.secret);
+    const auth = await authEndpoint(sdk, sdk, cleanups);
+    const as = (user, name = user) =>
+      connect(opts.public, opts.key, { authUrl: auth.url, params: { user }, name }, cleanups);
+    const ROOM = "presence-room.1";
+    const CHAT = "private-chat";
+    const expected = [];
+    const expect = (name, channel, more = {}) => expected.push({ name, channel, ...more });
+
+    // A public channel's first subscriber; the same name in the app without
+    // webhooks tells nobody.
+    const anon = await connect(opts.public, opts.key, { name: "anon" }, cleanups);
+    await subscribe(anon, "orders");
+    await hooks.until(is("channel_occupied", "orders"), 1, "channel_occupied for orders' first subscriber");
+    expect("channel_occupied", "orders");
+    const quiet = await connect(opts.public, opts.key2, { name: "quiet" }, cleanups);
+    await subscribe(quiet, "orders");
+    log("webhooks: a public channel occupied");
+
+    // Presence: alice on two connections, bob on one.
+    const alice = await as("alice");
+    const alice2 = await as("alice", "alice-again");
+    const bob = await as("bob");
+    await subscribe(alice, ROOM);
+    await hooks.until(is("channel_occupied", ROOM), 1, `channel_occupied for ${ROOM}`);
+    await hooks.until(is("member_added", ROOM, "alice"), 1, `member_added for alice in ${ROOM}`);
+    expect("channel_occupied", ROOM);
+    expect("member_added", ROOM, { user_id: "alice" });
+    await subscribe(alice2, ROOM);
+    const bobRoom = await subscribe(bob, ROOM);
+    await hooks.until(is("member_added", ROOM, "bob"), 1, `member_added for bob in ${ROOM}`);
+    expect("member_added", ROOM, { user_id: "bob" });
+    log("webhooks: presence channel occupied, alice and bob added");
+
+    // Client events: on a presence channel with the sender's user_id, on a
+    // private one without.
+    const typed = bobRoom.next((e) => e.event === "client-typing", "alice's client-typing");
+    alice.channel(ROOM).trigger("client-typing", { typing: true });
+    await typed;
+    await hooks.until(is("client_event", ROOM), 1, `client_event on ${ROOM}`);
+    expect("client_event", ROOM, {
+      event: "client-typing",
+      data: JSON.stringify({ typing: true }),
+      socket_id: alice.connection.socket_id,
+      user_id: "alice",
+    });
+    const aliceChat = await subscribe(alice, CHAT);
+    await subscribe(bob, CHAT);
+    const noted = aliceChat.next((e) => e.event === "client-note", "bob's client-note");
+    bob.channel(CHAT).trigger("client-note", { text: "hi alice" });
+    await noted;
+    await hooks.until(is("client_event", CHAT), 1, `client_event on ${CHAT}`);
+    expect("channel_occupied", CHAT);
+    expect("client_event", CHAT, {
+      event: "client-note",
+      data: JSON.stringify({ text: "hi alice" }),
+      socket_id: bob.connection.socket_id,
+    });
+    alice.unsubscribe(CHAT);
+    bob.unsubscribe(CHAT);
+    await hooks.until(is("channel_vacated", CHAT), 1, `channel_vacated for ${CHAT}`);
+    expect("channel_vacated", CHAT);
+    log("webhooks: client events on presence and private channels");
+
+    // A cache channel with nothing cached: cache_miss. Once an event is
+    // cached, the next subscriber gets it and the app hears nothing.
+    const prices = await subscribe(anon, "cache-prices");
+    await prices.next((e) => e.event === "pusher:cache_miss", "pusher:cache_miss");
+    await hooks.until(is("cache_miss", "cache-prices"), 1, "cache_miss for cache-prices");
+    expect("channel_occupied", "cache-prices");
+    expect("cache_miss", "cache-prices");
+    await sdk.trigger("cache-prices", "price", { v: 1 });
+    await prices.next((e) => e.event === "price", "the price");
+    const later = await subscribe(bob, "cache-prices");
+    await later.next((e) => e.event === "price", "the cached price on subscribe");
+    log("webhooks: cache_miss, and none once something is cached");
+
+    // Leaving: alice's second connection first (she is still there), then
+    // her first (removed), then bob (removed, and the channel vacated).
+    alice2.unsubscribe(ROOM);
+    await roundTrip(alice2);
+    alice.disconnect();
+    await hooks.until(is("member_removed", ROOM, "alice"), 1, `member_removed for alice once her last connection left`);
+    expect("member_removed", ROOM, { user_id: "alice" });
+    bob.unsubscribe(ROOM);
+    await hooks.until(is("member_removed", ROOM, "bob"), 1, "member_removed for bob");
+    await hooks.until(is("channel_vacated", ROOM), 1, `channel_vacated for ${ROOM}`);
+    expect("member_removed", ROOM, { user_id: "bob" });
+    expect("channel_vacated", ROOM);
+    anon.unsubscribe("orders");
+    await hooks.until(is("channel_vacated", "orders"), 1, "channel_vacated for orders");
+    expect("channel_vacated", "orders");
+    anon.unsubscribe("cache-prices");
+    bob.disconnect();
+    await hooks.until(is("channel_vacated", "cache-prices"), 1, "channel_vacated for cache-prices");
+    expect("channel_vacated", "cache-prices");
+    quiet.disconnect();
+    log("webhooks: members removed, channels vacated");
+
+    // The last webhook: everything before it is in.
+    await subscribe(anon, "last");
+    anon.unsubscribe("last");
+    await hooks.until(is("channel_vacated", "last"), 1, "channel_vacated for the last channel");
+    expect("channel_occupied", "last");
+    expect("channel_vacated", "last");
+    hooks.exactly(expected, "the webhooks the app received");
+    hooks.inOrder("the webhooks' order");
+    log(`webhooks: exactly the ${expected.length} expected, each once, in order; each batch checked by the SDK`);
+  },
+
+  async "webhooks-two-nodes"(cleanups) {
+    const hooks = await webhookApp(cleanups);
+    for (const name of ["public2", "api2"]) check(opts[name], `--${name} is required`);
+    const sdk = server(opts.api, opts["app-id"], opts.key, opts.secret);
+    const auth = await authEndpoint(sdk, sdk, cleanups);
+    const nodes = { one: opts.public, two: opts.public2 };
+    const as = (user, node) =>
+      connect(nodes[node], opts.key, { authUrl: auth.url, params: { user }, name: `${user}@${node}` }, cleanups);
+    const anon = { one: await as("anon", "one"), two: await as("anon", "two") };
+    const alice = { one: await as("alice", "one"), two: await as("alice", "two") };
+    const other = (node) => (node === "one" ? "two" : "one");
+
+    const expected = [];
+    const expect = (name, channel, more = {}) => expected.push({ name, channel, ...more });
+    // Each part runs on channels of its own; a failed one is reported with
+    // the others at the end.
+    const failures = [];
+    const part = async (what, body) => {
+      try {
+        await body();
+        log("webhooks across nodes:", what);
+      } catch (err) {
+        failures.push(`${what}:\n  ${err.message}`);
+        log("FAILED:", what);
+      }
+    };
+    // Everything `node` queued before is in once a channel that only `node`
+    // hears has been occupied and vacated: each node posts its webhooks in
+    // order.
+    let flushes = 0;
+    const flush = async (node) => {
+      const channel = `flush.${node}.${++flushes}`;
+      expect("channel_occupied", channel);
+      expect("channel_vacated", channel);
+      await subscribe(anon[node], channel);
+      anon[node].unsubscribe(channel);
+      await hooks.until(is("channel_vacated", channel), 1, `node ${node}'s flush (${channel} vacated)`);
+    };
+    const leave = async (client, channel) => {
+      client.unsubscribe(channel);
+      await roundTrip(client);
+    };
+
+    // Every order of two joins and two leaves, one on each node.
+    const ORDERS = [
+      ["one", "two", "one", "two"],
+      ["one", "two", "two", "one"],
+      ["two", "one", "one", "two"],
+      ["two", "one", "two", "one"],
+    ];
+    const told = (order) => `joins on ${order[0]} then ${order[1]}, leaves on ${order[2]} then ${order[3]}`;
+
+    for (const [i, order] of ORDERS.entries()) {
+      const [first, second, early, last] = order;
+      const channel = `ticker.${i + 1}`;
+      expect("channel_occupied", channel);
+      expect("channel_vacated", channel);
+      await part(`${channel}, a public channel: ${told(order)}`, async () => {
+        await subscribe(anon[first], channel);
+        await hooks.until(is("channel_occupied", channel), 1, `channel_occupied once node ${first}'s subscriber came`);
+        await subscribe(anon[second], channel);
+        await leave(anon[early], channel);
+        await flush(early);
+        hooks.count(is("channel_vacated", channel), 0, `channel_vacated while node ${last} still has a subscriber`);
+        await leave(anon[last], channel);
+        await hooks.until(is("channel_vacated", channel), 1, `channel_vacated once node ${last}'s subscriber left`);
+        await flush(first);
+        await flush(second);
+        hooks.count(is("channel_occupied", channel), 1, "channel_occupied");
+        hooks.count(is("channel_vacated", channel), 1, "channel_vacated");
+      });
+    }
+
+    for (const [i, order] of ORDERS.entries()) {
+      const [first, second, early, last] = order;
+      const channel = `presence-crew.${i + 1}`;
+      expect("channel_occupied", channel);
+      expect("member_added", channel, { user_id: "alice" });
+      expect("member_removed", channel, { user_id: "alice" });
+      expect("channel_vacated", channel);
+      await part(`${channel}, alice on both nodes: ${told(order)}`, async () => {
+        await subscribe(alice[first], channel);
+        await hooks.until(is("member_added", channel, "alice"), 1, `member_added once alice's node ${first} connection came`);
+        await hooks.until(is("channel_occupied", channel), 1, `channel_occupied once node ${first}'s subscriber came`);
+        await subscribe(alice[second], channel);
+        await leave(alice[early], channel);
+        await flush(early);
+        hooks.count(is("member_removed", channel, "alice"), 0, `member_removed while alice is still on node ${last}`);
+        hooks.count(is("channel_vacated", channel), 0, `channel_vacated while node ${last} still has a subscriber`);
+        await leave(alice[last], channel);
+        await hooks.until(is("member_removed", channel, "alice"), 1, `member_removed once alice's last connection (node ${last}) left`);
+        await hooks.until(is("channel_vacated", channel), 1, `channel_vacated once node ${last}'s subscriber left`);
+        await flush(first);
+        await flush(second);
+        for (const [name, user] of [
+          ["member_added", "alice"],
+          ["member_removed", "alice"],
+          ["channel_occupied"],
+          ["channel_vacated"],
+        ]) {
+          hooks.count(is(name, channel, user), 1, name);
+        }
+      });
+    }
+
+    // bob stays on node two while alice comes and goes on both nodes; then
+    // his connection closes.
+    {
+      const channel = "presence-crew.bob";
+      const rounds = [ORDERS[1], ORDERS[2]];
+      expect("channel_occupied", channel);
+      expect("member_added", channel, { user_id: "bob" });
+      for (const _ of rounds) {
+        expect("member_added", channel, { user_id: "alice" });
+        expect("member_removed", channel, { user_id: "alice" });
+      }
+      expect("member_removed", channel, { user_id: "bob" });
+      expect("channel_vacated", channel);
+      await part(`${channel}: bob on node two throughout, alice ${rounds.map(told).join("; then ")}; bob's connection closes`, async () => {
+        const bob = await as("bob", "two");
+        await subscribe(bob, channel);
+        await hooks.until(is("member_added", channel, "bob"), 1, "member_added for bob");
+        for (const [n, [first, second, early, last]] of rounds.entries()) {
+          await subscribe(alice[first], channel);
+          await hooks.until(is("member_added", channel, "alice"), n + 1, `alice added, round ${n + 1}`);
+          await subscribe(alice[second], channel);
+          await leave(alice[early], channel);
+          await leave(alice[last], channel);
+          await hooks.until(is("member_removed", channel, "alice"), n + 1, `alice removed, round ${n + 1}`);
+        }
+        bob.disconnect();
+        await hooks.until(is("member_removed", channel, "bob"), 1, "member_removed once bob's connection closed");
+        await hooks.until(is("channel_vacated", channel), 1, "channel_vacated once bob's connection closed");
+        await flush("one");
+        await flush("two");
+        hooks.count(is("member_added", channel, "alice"), rounds.length, "member_added for alice");
+        hooks.count(is("channel_occupied", channel), 1, "channel_occupied (bob was there throughout)");
+      });
+    }
+
+    // Both nodes' first subscribers at once, both last ones leaving at once,
+    // round after round on the same channel; the next round starts once the
+    // last one's webhooks are in.
+    const ROUNDS = 6;
+    const together = async (channel, clients, user) => {
+      for (let round = 1; round <= ROUNDS; round++) {
+        await Promise.all([subscribe(clients.one, channel), subscribe(clients.two, channel)]);
+        clients.one.unsubscribe(channel);
+        clients.two.unsubscribe(channel);
+        await Promise.all([roundTrip(clients.one), roundTrip(clients.two)]);
+        const kinds = user
+          ? [["member_added", user], ["member_removed", user], ["channel_occupied"], ["channel_vacated"]]
+          : [["channel_occupied"], ["channel_vacated"]];
+        for (const [name, who] of kinds) {
+          await hooks.until(is(name, channel, who), round, `${name}, round ${round}`);
+        }
+        for (const node of ["one", "two"]) await flush(node);
+        for (const [name, who] of kinds) hooks.count(is(name, channel, who), round, `${name} after round ${round}`);
+      }
+    };
+    for (let round = 1; round <= ROUNDS; round++) {
+      expect("channel_occupied", "ticker.together");
+      expect("channel_vacated", "ticker.together");
+      expect("channel_occupied", "presence-together");
+      expect("member_added", "presence-together", { user_id: "alice" });
+      expect("member_removed", "presence-together", { user_id: "alice" });
+      expect("channel_vacated", "presence-together");
+    }
+    await part(`ticker.together: both nodes' subscribers join at once and leave at once, ${ROUNDS} rounds`, () =>
+      together("ticker.together", anon),
+    );
+    await part(`presence-together: alice joins on both nodes at once and leaves both at once, ${ROUNDS} rounds`, () =>
+      together("presence-together", alice, "alice"),
+    );
+
+    // Handing over: alice leaves one node as she joins the other, at once.
+    // Whether the app is told she left and came back depends on which the
+    // engine saw first; either way, each change it is told of is told
+    // once, in order, and she ends removed.
+    const HANDOVER = "presence-handover";
+    await part(`${HANDOVER}: alice leaves one node as she joins the other, at once, 4 times`, async () => {
+      let at = "one";
+      await subscribe(alice[at], HANDOVER);
+      for (let n = 0; n < 4; n++) {
+        alice[at].unsubscribe(HANDOVER);
+        await subscribe(alice[other(at)], HANDOVER);
+        await roundTrip(alice[at]);
+        at = other(at);
+      }
+      await leave(alice[at], HANDOVER);
+      await hooks.until(is("channel_vacated", HANDOVER), 1, "channel_vacated once alice left");
+      await flush("one");
+      await flush("two");
+      const count = (name, user) => hooks.hooks.filter(is(name, HANDOVER, user)).length;
+      const added = count("member_added", "alice");
+      const occupied = count("channel_occupied");
+      check(
+        added >= 1 && added === count("member_removed", "alice") && occupied >= 1 && occupied === count("channel_vacated"),
+        `alice added ${added} and removed ${count("member_removed", "alice")} times; the channel occupied ${occupied} and vacated ${count("channel_vacated")} times;${hooks.received([HANDOVER])}`,
+      );
+      log(`  ${HANDOVER}: alice added and removed ${added} times, the channel occupied and vacated ${occupied} times`);
+    });
+
+    await part("exactly the expected webhooks, each once", async () => {
+      await flush("one");
+      await flush("two");
+      hooks.exactly(expected, "the webhooks the app received", [HANDOVER]);
+      log(`  ${expected.length} webhooks as expected, besides ${HANDOVER}'s`);
+    });
+    await part("in order on each channel, as the app received them", async () => {
+      hooks.inOrder("the webhooks' order");
+    });
+    check(failures.length === 0, `${failures.length} failed:\n${failures.join("\n")}`);
   },
 };
 

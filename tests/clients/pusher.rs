@@ -47,6 +47,11 @@ const QUIET_SECRET_ENV: &str = "QUIET_APP_SECRET";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn config(upstream: &str) -> String {
+    config_with(upstream, "")
+}
+
+/// The config, `first_app` added to the first app's settings (lines of its own).
+fn config_with(upstream: &str, first_app: &str) -> String {
     format!(
         "listen: 127.0.0.1:0
 upstream:
@@ -57,7 +62,7 @@ pusher:
       key: \"{KEY}\"
       secret: \"{SECRET}\"
       client_events: true
-    - id: \"{QUIET_ID}\"
+{first_app}    - id: \"{QUIET_ID}\"
       key: \"{QUIET_KEY}\"
       secret_env: {QUIET_SECRET_ENV}
       client_events: false
@@ -206,6 +211,91 @@ fn pusher_js_across_two_nodes_on_redis() {
         );
     }
     println!("{}", ran.output);
+}
+
+/// The webhook scenarios of integration/pusher/pusher_js.mjs, in which the
+/// script is pushgate's app: it listens first, then hears the addresses of
+/// the pushgate `nodes` put in front of it (on one Redis when `redis`). Each
+/// node posts its webhooks to `/pusher/webhook?node=NAME`, so the script
+/// knows which node sent what.
+fn pusher_js_as_the_app(scenario: &str, nodes: usize, redis: bool) {
+    let scratch = TempDir::new(&format!("pusher-js-{scenario}"));
+    node_modules(&scratch.0);
+    let mut script = Script::spawn(
+        node(&scratch.0)
+            .arg(Path::new(ROOT).join("integration/pusher/pusher_js.mjs"))
+            .args(["--scenario", scenario])
+            .args(["--app-id", APP_ID, "--key", KEY, "--secret", SECRET])
+            .args(["--app2-id", QUIET_ID, "--key2", QUIET_KEY])
+            .args(["--secret2", QUIET_SECRET]),
+        &scratch.0.join("script.log"),
+    );
+    let app = script.wait_line("app-listening ", PATIENCE);
+    let redis = redis.then(Redis::start);
+    let engine = redis.as_ref().map_or_else(String::new, |redis| {
+        format!(
+            "engine:\n  kind: redis\n  redis:\n    url: {}\n",
+            redis.url()
+        )
+    });
+    let pushgates: Vec<(&str, Process)> = ["one", "two"][..nodes]
+        .iter()
+        .map(|&name| {
+            let dir = scratch.0.join(name);
+            fs::create_dir_all(&dir).unwrap();
+            let webhook = format!("      webhook: {{url: \"/pusher/webhook?node={name}\"}}\n");
+            let yaml = format!("{}{engine}", config_with(&app, &webhook));
+            let pushgate = Process::start(&dir, &yaml, &[(QUIET_SECRET_ENV, QUIET_SECRET)]);
+            (name, pushgate)
+        })
+        .collect();
+    let mut addresses = json!({});
+    for ((_, pushgate), suffix) in pushgates.iter().zip(["", "2"]) {
+        addresses[format!("public{suffix}")] = json!(pushgate.addr.to_string());
+        addresses[format!("api{suffix}")] = json!(pushgate.api_addr.to_string());
+    }
+    script.say(&addresses);
+    let (ended, output) = script.wait(SCRIPT_TIMEOUT);
+    if !ended.is_some_and(|status| status.success()) {
+        let logs: Vec<String> = pushgates
+            .iter()
+            .map(|(name, pushgate)| {
+                let lines: Vec<String> = pushgate.logs.try_iter().collect();
+                format!("node {name}'s log:\n{}", lines.join("\n"))
+            })
+            .collect();
+        panic!(
+            "integration/pusher/pusher_js.mjs --scenario {scenario} ended {}; its output:\n{output}\n{}",
+            ended.map_or_else(
+                || format!("killed after {SCRIPT_TIMEOUT:?}"),
+                |s| s.to_string()
+            ),
+            logs.join("\n")
+        );
+    }
+    println!("{output}");
+}
+
+/// Webhooks checked by the Node SDK as an app checks them: exactly the
+/// expected ones, each once, on one node.
+#[test]
+fn node_sdk_verifies_each_webhook_once() {
+    pusher_js_as_the_app("webhooks", 1, false);
+}
+
+/// The same on one node whose engine is Redis: occupancy decided by the
+/// engine's script.
+#[test]
+fn node_sdk_verifies_each_webhook_once_on_redis() {
+    pusher_js_as_the_app("webhooks", 1, true);
+}
+
+/// Two nodes on one Redis: each change of occupancy and membership is told
+/// once, by one node, in order, whatever the order (or simultaneity) of the
+/// joins and leaves across the nodes.
+#[test]
+fn webhooks_once_across_two_nodes_on_redis() {
+    pusher_js_as_the_app("webhooks-two-nodes", 2, true);
 }
 
 /// Pusher's Python SDK: trigger, trigger_batch, the channel queries, and a
