@@ -298,13 +298,14 @@ async function webhookApp(cleanups) {
      * events, cache misses) while it is occupied; no member left when it
      * is vacated.
      */
-    inOrder(what) {
+    inOrder(what, except = []) {
       const last = new Map();
       const occupied = new Set();
       const members = new Map();
       const wrong = [];
       const fault = (hook, why) => wrong.push({ channel: hook.channel, text: `${describeHook(hook)} ${why}` });
       for (const hook of hooks) {
+        if (except.includes(hook.channel)) continue;
         const present = members.get(hook.channel) || new Set();
         members.set(hook.channel, present);
         let key, first, second;
@@ -1180,8 +1181,14 @@ const scenarios = {
       hooks.exactly(expected, "the webhooks the app received", [HANDOVER]);
       log(`  ${expected.length} webhooks as expected, besides ${HANDOVER}'s`);
     });
-    await part("in order on each channel, as the app received them", async () => {
-      hooks.inOrder("the webhooks' order");
+    // Each node posts the changes it decided; two changes of one channel
+    // decided on different nodes within a batch interval of each other
+    // may reach the app in either order (docs/pusher.md, "Webhooks"). So
+    // the order is checked on the channels changed one step at a time;
+    // the rounds at once and the handover are held to exactly-once and
+    // balance above.
+    await part("in order on each channel changed one step at a time", async () => {
+      hooks.inOrder("the webhooks' order", ["ticker.together", "presence-together", HANDOVER]);
     });
     check(failures.length === 0, `${failures.length} failed:\n${failures.join("\n")}`);
   },
