@@ -146,7 +146,12 @@ fn demo(options: pushgate::demo::DemoOptions) -> ExitCode {
     ));
     runtime.shutdown_background();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // Whoever started the demo in a terminal sees it end, as they
+            // saw it start.
+            println!("pushgate demo stopped: connections closed, state (memory engine) gone.");
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("pushgate demo: {err}");
             ExitCode::from(EXIT_FAILURE)

@@ -26,6 +26,8 @@ struct Demo {
     url: String,
     api: String,
     key: String,
+    /// What it prints after its banner.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Demo {
@@ -70,10 +72,12 @@ fn start_demo_with(extra: &[&str]) -> (Demo, Vec<String>) {
         url: String::new(),
         api: String::new(),
         key: String::new(),
+        lines,
     };
     let mut printed = Vec::new();
     while demo.url.is_empty() || demo.api.is_empty() || demo.key.is_empty() {
-        let line = lines
+        let line = demo
+            .lines
             .recv_timeout(PATIENCE)
             .unwrap_or_else(|_| panic!("the demo printed its addresses; it printed {printed:?}"));
         let field = |prefix: &str| line.strip_prefix(prefix).map(|rest| rest.trim().to_owned());
@@ -89,7 +93,7 @@ fn start_demo_with(extra: &[&str]) -> (Demo, Vec<String>) {
     assert!(demo.url.starts_with("http://127.0.0.1:") && demo.url.ends_with('/'));
     // The rest of the banner, to its last line.
     while !printed.iter().any(|l| l.contains("Ctrl-C stops it")) {
-        let line = lines.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+        let line = demo.lines.recv_timeout(PATIENCE).unwrap_or_else(|_| {
             panic!("the demo printed its whole banner; it printed {printed:?}")
         });
         printed.push(line);
@@ -332,6 +336,14 @@ async fn the_demo_app_behind_pushgate() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+    // ... and says so, as it said it started.
+    // Read to the end of its output (the reader stops at EOF).
+    let said: Vec<String> = std::iter::from_fn(|| demo.lines.recv_timeout(PATIENCE).ok()).collect();
+    assert!(
+        said.iter()
+            .any(|line| line.starts_with("pushgate demo stopped")),
+        "{said:?}"
+    );
 }
 
 /// A page's WebSocket to the demo, logged in as `user`.
