@@ -120,3 +120,32 @@ mod tests {
         }
     }
 }
+
+/// The header that carries a request's id, to the app and in the access
+/// log.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives the request in `headers` its id and returns it: the one a trusted
+/// proxy sent (a balancer that made its own, so logs along the way agree),
+/// when it is 1–128 visible ASCII characters; else a new one, 32 hex
+/// digits. Whatever a client from elsewhere sent is replaced: an id is
+/// only worth something if nobody outside can choose it.
+pub fn request_id(
+    headers: &mut http::HeaderMap,
+    conn: ConnInfo,
+    trusted_proxies: &[IpNet],
+) -> HeaderValue {
+    let kept = is_trusted(trusted_proxies, conn)
+        .then(|| headers.get(REQUEST_ID))
+        .flatten()
+        .filter(|id| {
+            (1..=128).contains(&id.len()) && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned();
+    let id = kept.unwrap_or_else(|| {
+        let id = format!("{:032x}", rand::random::<u128>());
+        HeaderValue::from_str(&id).expect("hex is a header value")
+    });
+    headers.insert(REQUEST_ID, id.clone());
+    id
+}

@@ -27,7 +27,7 @@ type Read = fn(&Config) -> serde_yaml::Value;
 
 /// The keys a running node cannot take, each with how to read it from a
 /// config.
-pub const NOT_LIVE: [(&str, Read); 18] = [
+pub const NOT_LIVE: [(&str, Read); 19] = [
     ("listen", |c| value(&c.listen)),
     ("tls", |c| value(&c.tls)),
     ("upstream", |c| value(&c.upstream)),
@@ -48,6 +48,7 @@ pub const NOT_LIVE: [(&str, Read); 18] = [
     ("rpc", |c| value(&c.rpc)),
     ("pusher", |c| value(&c.pusher)),
     ("log.format", |c| value(&c.log.format)),
+    ("log.access", |c| value(&c.log.access)),
 ];
 
 fn value(part: &impl serde::Serialize) -> serde_yaml::Value {

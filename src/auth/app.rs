@@ -13,6 +13,8 @@ pub(super) struct AppAuth {
     pub(super) refresh_url: Option<Uri>,
     pub(super) subscribe_url: Option<Uri>,
     pub(super) forward: Vec<HeaderName>,
+    /// `log.access`: each auth request carries the connect's request id.
+    pub(super) request_ids: bool,
     pub(super) timeout: Duration,
     pub(super) trusted_proxies: Vec<IpNet>,
     pub(super) cache: GrantCache,
@@ -32,6 +34,7 @@ impl AppAuth {
                 .as_ref()
                 .map(|path| upstream.uri(Some(path))),
             forward: settings.forward_headers.clone(),
+            request_ids: settings.config.log.access,
             timeout: options.timeout,
             trusted_proxies: settings.trusted_proxies.clone(),
             cache: GrantCache::new(options.cache_size, options.cache_ttl),
@@ -48,8 +51,19 @@ impl AppAuth {
             return Ok(grant);
         }
         let started = Instant::now();
+        // The request's id (set with `log.access`) goes to the app too, so
+        // its logs and pushgate's name the same connect; it stays out of
+        // the credentials, which key the grant cache.
+        let sent = match request.headers.get(crate::conn::REQUEST_ID) {
+            Some(id) if self.request_ids => {
+                let mut with_id = credentials.clone();
+                with_id.headers.insert(crate::conn::REQUEST_ID, id.clone());
+                std::borrow::Cow::Owned(with_id)
+            }
+            _ => std::borrow::Cow::Borrowed(&credentials),
+        };
         let outcome = self
-            .exchange(&self.url, &credentials, &body)
+            .exchange(&self.url, &sent, &body)
             .await
             .and_then(|answer| {
                 let grant = grant_or_refusal(answer.status, &answer.body, |why| {

@@ -803,6 +803,10 @@ pub struct LogConfig {
     /// A `tracing` filter: `info`, `debug`, `pushgate=debug,hyper=info`, …
     pub level: String,
     pub format: LogFormat,
+    /// One line per proxied request and per realtime connect (target
+    /// `pushgate::access`), each with a request id the app is sent too
+    /// (`X-Request-Id`).
+    pub access: bool,
 }
 
 impl Default for LogConfig {
@@ -810,6 +814,7 @@ impl Default for LogConfig {
         LogConfig {
             level: DEFAULT_LOG_LEVEL.to_owned(),
             format: LogFormat::Text,
+            access: false,
         }
     }
 }

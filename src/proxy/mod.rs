@@ -68,6 +68,8 @@ pub struct Proxy {
     app_only: RpcPaths,
     /// Answers by status class, and how long the app took, for /metrics.
     stats: Arc<ProxyStats>,
+    /// `log.access`: a line per request, with the id the app is sent.
+    access: bool,
 }
 
 /// Proxied requests for /metrics: answers by status class (whoever gave
@@ -124,6 +126,7 @@ impl Proxy {
             app_files,
             app_only: settings.rpc.clone(),
             stats,
+            access: config.log.access,
         }
     }
 
@@ -138,11 +141,18 @@ impl Proxy {
     /// Uploads and upgrades wait on a future boxed on its own.
     pub fn forward(
         self: &Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         conn: ConnInfo,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         // For the latency histogram and the debug line.
         let started = Instant::now();
+        let id = self.access.then(|| {
+            crate::conn::request_id(
+                request.headers_mut(),
+                conn,
+                &self.forwarding.trusted_proxies,
+            )
+        });
         let method = request.method().clone();
         let path = LoggedPath::of(request.uri());
         let proxy = Arc::clone(self);
@@ -156,7 +166,20 @@ impl Proxy {
                 Err(err) => Err(err),
             };
             let response = answer_for(answer, &method, path.as_str(), conn, started);
-            proxy.stats.record(response.status(), started.elapsed());
+            let took = started.elapsed();
+            proxy.stats.record(response.status(), took);
+            if let Some(id) = id {
+                tracing::info!(
+                    target: "pushgate::access",
+                    request_id = id.to_str().unwrap_or_default(),
+                    peer = %conn.peer,
+                    %method,
+                    path = path.as_str(),
+                    status = response.status().as_u16(),
+                    ms = took.as_secs_f64() * 1e3,
+                    "proxied"
+                );
+            }
             Ok(response)
         }
     }

@@ -247,6 +247,11 @@ pub struct Realtime {
     /// This node's number in Pusher socket ids (`{node}.{connection}`),
     /// random like its name.
     node_number: u32,
+    /// `log.access`: a line per connect, with a request id the app's auth
+    /// request carries too.
+    access: bool,
+    /// `upstream.trusted_proxies`: whose request ids are kept.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The transports' ways to the app: asking who a connection is, calling
@@ -304,6 +309,8 @@ impl Realtime {
             events,
             pusher,
             node_number: rand::random(),
+            access: config.log.access,
+            trusted_proxies: settings.trusted_proxies.clone(),
         }
     }
 
@@ -408,9 +415,12 @@ impl Realtime {
     /// Answers a request under `realtime.prefix`.
     pub async fn handle(
         self: &Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<Body> {
+        if self.access {
+            crate::conn::request_id(request.headers_mut(), conn, &self.trusted_proxies);
+        }
         if let (Some(pusher), Some(app)) = (&self.pusher, self.pusher_app(request.uri().path())) {
             let (pusher, app) = (pusher.clone(), app.clone());
             return pusher::handle(self, pusher, app, request, conn)
@@ -550,6 +560,13 @@ impl Realtime {
         if let Err(refusal) = &admitted {
             self.gauges.refused(refusal.code);
         }
+        if self.access {
+            let (outcome, user) = match &admitted {
+                Ok(admission) => ("accepted", admission.grant.user.as_deref()),
+                Err(refusal) => (refusal.code, None),
+            };
+            access_line(request, conn, transport, outcome, user);
+        }
         admitted
     }
 
@@ -626,6 +643,32 @@ impl Realtime {
     fn session(self: &Arc<Self>, transport: Transport, admission: Admission) -> Session {
         Session::new(self.clone(), transport, admission)
     }
+}
+
+/// The access log's line for a realtime connect: its request id, peer,
+/// transport, path, and `accepted` (with the user) or the refusal's code.
+fn access_line<B>(
+    request: &Request<B>,
+    conn: ConnInfo,
+    transport: Transport,
+    outcome: &str,
+    user: Option<&str>,
+) {
+    let id = request
+        .headers()
+        .get(crate::conn::REQUEST_ID)
+        .and_then(|id| id.to_str().ok())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "pushgate::access",
+        request_id = id,
+        peer = %conn.peer,
+        transport = transport.name(),
+        path = request.uri().path(),
+        outcome,
+        user = user.unwrap_or_default(),
+        "realtime connect"
+    );
 }
 
 /// Everything a connection was admitted with; held by its session.

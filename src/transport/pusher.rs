@@ -90,6 +90,13 @@ pub(super) async fn handle(
     // A refusal from here on is a close frame after the upgrade, as Pusher
     // clients expect it.
     let admitted = admit(realtime, request.uri().query(), conn);
+    if realtime.access {
+        let outcome = match &admitted {
+            Ok(_) => "accepted",
+            Err(_) => "refused",
+        };
+        super::access_line(&request, conn, Transport::Pusher, outcome, None);
+    }
     let upgrade = hyper::upgrade::on(&mut request);
     let config = socket_config(&realtime.config().websocket);
     let spawner = realtime.clone();
