@@ -92,35 +92,6 @@ fn ip_value(ip: std::net::IpAddr) -> HeaderValue {
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ip_value_reads_as_the_address_does() {
-        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-        for octet in 0..=255u8 {
-            for ip in [
-                Ipv4Addr::new(octet, 0, 255, octet),
-                Ipv4Addr::new(9, octet, 10, 99),
-                Ipv4Addr::new(100, 200, octet, 1),
-            ] {
-                assert_eq!(ip_value(IpAddr::V4(ip)), ip.to_string().as_str());
-            }
-        }
-        let longest: Ipv6Addr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-            .parse()
-            .unwrap();
-        for ip in [
-            Ipv6Addr::LOCALHOST,
-            longest,
-            "2001:db8::8a2e:370:7334".parse().unwrap(),
-        ] {
-            assert_eq!(ip_value(IpAddr::V6(ip)), ip.to_string().as_str());
-        }
-    }
-}
-
 /// The header that carries a request's id, to the app and in the access
 /// log.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -148,4 +119,33 @@ pub fn request_id(
     });
     headers.insert(REQUEST_ID, id.clone());
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ip_value_reads_as_the_address_does() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        for octet in 0..=255u8 {
+            for ip in [
+                Ipv4Addr::new(octet, 0, 255, octet),
+                Ipv4Addr::new(9, octet, 10, 99),
+                Ipv4Addr::new(100, 200, octet, 1),
+            ] {
+                assert_eq!(ip_value(IpAddr::V4(ip)), ip.to_string().as_str());
+            }
+        }
+        let longest: Ipv6Addr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap();
+        for ip in [
+            Ipv6Addr::LOCALHOST,
+            longest,
+            "2001:db8::8a2e:370:7334".parse().unwrap(),
+        ] {
+            assert_eq!(ip_value(IpAddr::V6(ip)), ip.to_string().as_str());
+        }
+    }
 }
