@@ -53,7 +53,7 @@ async fn each_request_has_an_id_the_app_and_the_access_log_share() {
     assert_eq!(line["path"], "/page");
     let seen = app.requests();
     let page = seen.iter().find(|r| r.target == "/page").unwrap();
-    assert_eq!(page.values("x-request-id"), [id.clone()]);
+    assert_eq!(page.values("x-request-id"), std::slice::from_ref(&id));
 
     // A realtime connect: its id reaches the app with the auth request.
     let (status, _) = common::get(&format!(
