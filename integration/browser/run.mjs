@@ -379,6 +379,10 @@ const scenarios = {
     await login(page, demo.url, "dee");
     await say(demo.api, demo.key, "before the restart");
     await lobbyIs(page, ["api: before the restart"]);
+    await page.fill('#notify input[name="to"]', "dee");
+    await page.fill('#notify input[name="text"]', "a note before the restart");
+    await page.click("#notify button");
+    await page.waitForFunction(() => document.querySelector("#notes li")?.textContent == "dee: a note before the restart");
 
     await stop(demo.child);
     await page.waitForFunction(() => document.body.dataset.state != "connected");
@@ -389,7 +393,22 @@ const scenarios = {
     await page.waitForFunction(() => Number(document.body.dataset.resets) >= 1);
     await lobbyIs(page, []);
     const seen = await events(page);
-    check(seen.some((e) => e.includes("reset on chat:lobby")), `a reset event in ${JSON.stringify(seen)}`);
+    check(
+      seen.some((e) => e.includes("reset on chat:lobby") && e.includes("reloaded from the app")),
+      `the lobby's reset says it is reloaded, in ${JSON.stringify(seen)}`,
+    );
+    // The notifications only pushgate had: kept as they were, with the
+    // gap marked after them, as the page says.
+    await page.waitForFunction(() => document.querySelectorAll("#notes li").length >= 2);
+    const notes = await page.$$eval("#notes li", (items) => items.map((li) => li.textContent));
+    check(
+      notes[0] == "dee: a note before the restart" && notes[notes.length - 1].includes("may be missing"),
+      `the notifications keep the old note and mark the gap: ${JSON.stringify(notes)}`,
+    );
+    check(
+      seen.some((e) => e.includes("reset on user:dee:notifications") && e.includes("the line marks the gap")),
+      `the notifications' reset says what the page did, in ${JSON.stringify(seen)}`,
+    );
     await say(demo.api, demo.key, "after the restart");
     await lobbyIs(page, ["api: after the restart"]);
     await screenshot(page, "demo-restart-memory");

@@ -78,6 +78,7 @@ if (!me) {
 } else {
   $("chat").hidden = false;
   $("me").textContent = me;
+  const NOTES = `user:${me}:notifications`;
   const since = await loadLobby();
   const client = connect("/realtime", { positions: { [LOBBY]: since } });
   window.pushgateDemo = { client };
@@ -93,9 +94,21 @@ if (!me) {
     event(text);
   });
   client.on("fallback", ({ transport }) => event(`falling back to ${transport}`));
+  // A reset: pushgate's history could not cover the gap (after a restart
+  // on the memory engine, everything). Each channel is put right its own
+  // way, and the page says which.
   client.on("reset", async ({ channel }) => {
-    event(`reset on ${channel}: history could not cover the gap; reloading`, "reset");
-    if (channel == LOBBY) await loadLobby();
+    if (channel == LOBBY) {
+      event(`reset on ${channel}: history could not cover the gap; the lobby is reloaded from the app`, "reset");
+      await loadLobby();
+    } else if (channel == NOTES) {
+      // Only pushgate had them: what came while away is lost, and the
+      // list says where.
+      event(`reset on ${channel}: notifications sent while away are lost; the line marks the gap`, "reset");
+      add("notes", "— notifications may be missing here —", { class: "gap" });
+    } else {
+      event(`reset on ${channel}: nothing to reload (who is typing is not kept)`, "reset");
+    }
     document.body.dataset.resets = Number(document.body.dataset.resets || 0) + 1;
   });
   client.on("error", ({ channel, message }) => event(`${channel}: ${message}`));
@@ -107,7 +120,7 @@ if (!me) {
     document.body.dataset.delivered = ++delivered;
     render(envelope);
   });
-  client.subscribe(`user:${me}:notifications`, ({ from, text }) => add("notes", `${from}: ${text}`));
+  client.subscribe(NOTES, ({ from, text }) => add("notes", `${from}: ${text}`));
 
   // Typing: pages publish on TYPING themselves; pushgate adds `user`, so a
   // page cannot type in another's name. A resumed connection replays what
