@@ -417,6 +417,14 @@ impl Broker for MemoryBroker {
         last
     }
 
+    async fn heard(&self, prefix: &str) -> Result<Vec<ChannelName>, BrokerError> {
+        Ok(self.hub.heard_here(prefix))
+    }
+
+    async fn hearing(&self, channel: &ChannelName) -> Result<usize, BrokerError> {
+        Ok(usize::from(self.hub.has_subscribers(channel.as_str())))
+    }
+
     async fn occupancy(&self, channel: &ChannelName) -> Result<Option<bool>, BrokerError> {
         let heard = self.hub.has_subscribers(channel.as_str());
         let mut occupied = self.occupied.lock().expect("occupied lock");

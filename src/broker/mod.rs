@@ -365,6 +365,9 @@ pub trait Fanout: Send + Sync + 'static {
     /// it is about to stop listening, so a late release never silences a
     /// channel a new subscriber joined.
     fn has_subscribers(&self, channel: &str) -> bool;
+
+    /// The channels starting with `prefix` this node has subscribers on.
+    fn heard_here(&self, prefix: &str) -> Vec<ChannelName>;
 }
 
 /// What a channel does about who is subscribed (from `channels` rules).
@@ -466,6 +469,13 @@ pub trait Broker: Send + Sync + 'static {
     /// whether that was its user's last live connection listed there, on
     /// any node, decided as [`Broker::join`] decides the first.
     async fn leave(&self, channel: &ChannelName, member: &Member, mode: PresenceMode) -> bool;
+
+    /// The channels starting with `prefix` that some node hears (has
+    /// subscribers of its own on), across every node the engine spans.
+    async fn heard(&self, prefix: &str) -> Result<Vec<ChannelName>, BrokerError>;
+
+    /// How many nodes hear `channel` now.
+    async fn hearing(&self, channel: &ChannelName) -> Result<usize, BrokerError>;
 
     /// Records whether `channel` has a subscriber on any node now, after
     /// this node's first subscriber arrived or its last left (the engine

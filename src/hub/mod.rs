@@ -697,6 +697,14 @@ impl Fanout for Hub {
     fn has_subscribers(&self, channel: &str) -> bool {
         Hub::has_subscribers(self, channel)
     }
+
+    fn heard_here(&self, prefix: &str) -> Vec<ChannelName> {
+        self.channels()
+            .into_iter()
+            .filter(|(name, subscribers)| *subscribers > 0 && name.as_str().starts_with(prefix))
+            .map(|(name, _)| name)
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -273,8 +273,9 @@ impl PusherApi {
                 "info=user_count needs filter_by_prefix=presence-",
             ));
         }
+        // Heard on any node: the engine knows.
         let mut listed = BTreeMap::new();
-        for (engine, _) in self.channels.hub.channels() {
+        for engine in self.channels.broker.heard(&engine_prefix(&app.id)).await? {
             let Some(name) = pusher_name(&app.id, engine.as_str()) else {
                 continue;
             };
@@ -301,11 +302,8 @@ impl PusherApi {
         let engine = engine_channel(&app.id, name).map_err(Refused::bad)?;
         let wanted = Info::parse(params.get("info").unwrap_or(""))?;
         let mut info = self.info(name, &engine, wanted).await?;
-        let occupied = match Kind::of(name).access {
-            // Presence is kept by the engine: counted on every node.
-            Access::Presence => !self.members(&engine).await?.is_empty(),
-            _ => self.channels.hub.has_subscribers(engine.as_str()),
-        };
+        // Heard by a node, on any node.
+        let occupied = self.channels.broker.hearing(&engine).await? > 0;
         info["occupied"] = Value::Bool(occupied);
         Ok(info)
     }

@@ -589,6 +589,32 @@ async fn occupancy_changes_are_answered_once(make: Factory) {
     }
 }
 
+/// `Broker::heard` lists the channels some node hears, by prefix, and
+/// `Broker::hearing` counts the nodes; both follow subscribes and
+/// unsubscribes.
+async fn the_engine_knows_which_channels_are_heard(make: Factory) {
+    let hub = Arc::new(Hub::new());
+    let broker = make(hub.clone(), OPTIONS);
+    let names = ["pusher/1/a", "pusher/1/b", "pusher/10/c", "other"];
+    let outbox = Outbox::new(ROOMY);
+    for name in names {
+        hub.subscribe(&channel(name), &outbox);
+        broker.subscribe(&channel(name)).await.unwrap();
+    }
+    let heard = broker.heard("pusher/1/").await.unwrap();
+    assert_eq!(heard, [channel("pusher/1/a"), channel("pusher/1/b")]);
+    assert_eq!(broker.hearing(&channel("pusher/1/a")).await.unwrap(), 1);
+    assert_eq!(broker.hearing(&channel("nobody")).await.unwrap(), 0);
+    hub.unsubscribe("pusher/1/a", &outbox);
+    broker.unsubscribe(&channel("pusher/1/a")).await;
+    assert_eq!(
+        broker.heard("pusher/1/").await.unwrap(),
+        [channel("pusher/1/b")]
+    );
+    assert_eq!(broker.hearing(&channel("pusher/1/a")).await.unwrap(), 0);
+    assert_eq!(broker.heard("").await.unwrap().len(), 3);
+}
+
 macro_rules! broker_suite {
     ($engine:ident, $factory:expr) => {
         mod $engine {
@@ -614,6 +640,7 @@ macro_rules! broker_suite {
             case!(position_of_a_new_channel_is_offset_zero);
             case!(a_users_first_and_last_connection_are_told_once_however_they_race);
             case!(occupancy_changes_are_answered_once);
+            case!(the_engine_knows_which_channels_are_heard);
         }
     };
 }
@@ -751,7 +778,11 @@ async fn redis_occupancy_spans_nodes_and_each_change_is_answered_once() {
     };
     // One after the other: the first to hear and the last to leave tell.
     assert_eq!(hear(&hub_a, &a, &outbox_a).await, Some(true));
+    // Heard on a, so listed by b too.
+    assert_eq!(b.heard("pusher/1/").await.unwrap(), [c.clone()]);
+    assert_eq!(b.hearing(&c).await.unwrap(), 1);
     assert_eq!(hear(&hub_b, &b, &outbox_b).await, None);
+    assert_eq!(a.hearing(&c).await.unwrap(), 2);
     assert_eq!(leave(&hub_a, &a, &outbox_a).await, None);
     assert_eq!(leave(&hub_b, &b, &outbox_b).await, Some(false));
     // At once, again and again: exactly one each way.

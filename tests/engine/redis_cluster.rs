@@ -226,3 +226,73 @@ async fn a_master_restarted_empty_means_an_explicit_reset_then_new_messages() {
     );
     drop(restarted);
 }
+
+/// Pusher's channel queries on a cluster: channels heard on one node,
+/// spread over the masters' slots, are listed and occupied through the
+/// other node's HTTP API (each master asked for its sharded channels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pusher_channel_queries_span_the_cluster() {
+    use futures_util::{SinkExt, StreamExt};
+    use pushgate::pusher::sign;
+    let cluster = RedisCluster::start(3);
+    let app = Upstream::start().await;
+    let config = format!(
+        "engine: {{kind: redis, redis: {{url: '{}', cluster: true}}}}\npusher: {{apps: [{{id: '7', key: k7, secret: cluster-secret}}]}}\n",
+        cluster.url()
+    );
+    let a = Pushgate::start(&app.url(), &config).await;
+    let b = Pushgate::start(&app.url(), &config).await;
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/app/k7?protocol=7", a.addr))
+            .await
+            .unwrap();
+    let names: Vec<String> = (0..12).map(|i| format!("feed-{i}")).collect();
+    for name in &names {
+        let event = json!({"event": "pusher:subscribe", "data": {"channel": name}});
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                event.to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    let mut succeeded = 0;
+    while succeeded < names.len() {
+        let frame = tokio::time::timeout(common::PATIENCE, socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let frame: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if frame["event"] == "pusher_internal:subscription_succeeded" {
+            succeeded += 1;
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |path: &str| {
+        let query = sign::sign_request("GET", path, &[], b"", "k7", "cluster-secret", now);
+        format!("http://{}{path}?{query}", b.api_addr)
+    };
+    let (status, listed) = common::get(&signed("/apps/7/channels")).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let mut got: Vec<&String> = listed["channels"].as_object().unwrap().keys().collect();
+    got.sort();
+    let mut want: Vec<&String> = names.iter().collect();
+    want.sort();
+    assert_eq!(got, want);
+    let (status, one) = common::get(&signed("/apps/7/channels/feed-3")).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&one).unwrap()["occupied"],
+        true
+    );
+    let (_, none) = common::get(&signed("/apps/7/channels/feed-99")).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&none).unwrap()["occupied"],
+        false
+    );
+}

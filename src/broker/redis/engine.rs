@@ -201,6 +201,89 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn heard(&self, prefix: &str) -> Result<Vec<ChannelName>, BrokerError> {
+        // A node subscribes to a channel's pub/sub channel exactly while it
+        // has subscribers of its own: Redis's list of pub/sub channels is
+        // the list of channels heard somewhere.
+        let shared = &self.shared;
+        let pattern = shared.keys.pubsub_pattern(prefix);
+        let names: Vec<String> = match &shared.conn {
+            Connector::Single(_) => {
+                let pattern = &pattern;
+                shared
+                    .run(Route::Any, false, |mut conn| async move {
+                        redis::cmd("PUBSUB")
+                            .arg("CHANNELS")
+                            .arg(pattern)
+                            .query_async(&mut conn)
+                            .await
+                    })
+                    .await?
+            }
+            // Sharded pub/sub channels live on their slot's master: ask
+            // each.
+            Connector::Cluster(router) => {
+                let mut names = Vec::new();
+                for (addr, _) in router.map().masters() {
+                    let mut conn = router.node(&addr).map_err(|err| {
+                        BrokerError::Unavailable(format!("Redis master {addr}: {err}"))
+                    })?;
+                    let asked = tokio::time::timeout(
+                        shared.options.command_timeout,
+                        redis::cmd("PUBSUB")
+                            .arg("SHARDCHANNELS")
+                            .arg(&pattern)
+                            .query_async::<Vec<String>>(&mut conn),
+                    )
+                    .await;
+                    match asked {
+                        Ok(Ok(found)) => names.extend(found),
+                        Ok(Err(err)) => {
+                            return Err(BrokerError::Unavailable(format!(
+                                "Redis master {addr}: {err}"
+                            )))
+                        }
+                        Err(_) => {
+                            return Err(BrokerError::Unavailable(format!(
+                                "Redis master {addr} did not answer in time"
+                            )))
+                        }
+                    }
+                }
+                names
+            }
+        };
+        let mut heard: Vec<ChannelName> = names
+            .iter()
+            .filter_map(|name| shared.keys.channel_of(name))
+            .filter_map(|channel| ChannelName::parse(channel).ok())
+            .collect();
+        heard.sort_unstable();
+        heard.dedup();
+        Ok(heard)
+    }
+
+    async fn hearing(&self, channel: &ChannelName) -> Result<usize, BrokerError> {
+        let shared = &self.shared;
+        let pubsub = shared.keys.pubsub(channel.as_str());
+        let count = if shared.options.cluster {
+            "SHARDNUMSUB"
+        } else {
+            "NUMSUB"
+        };
+        let pubsub = &pubsub;
+        let answer: (String, usize) = shared
+            .run(Route::Key(pubsub), false, |mut conn| async move {
+                redis::cmd("PUBSUB")
+                    .arg(count)
+                    .arg(pubsub)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(answer.1)
+    }
+
     async fn occupancy(&self, channel: &ChannelName) -> Result<Option<bool>, BrokerError> {
         let shared = &self.shared;
         let key = shared.keys.occupied(channel.as_str());

@@ -50,6 +50,20 @@ impl Keys {
         format!("{}:{{{channel}}}", self.prefix)
     }
 
+    /// A glob matching the pub/sub channels of every channel starting with
+    /// `prefix` (its glob characters escaped).
+    pub(super) fn pubsub_pattern(&self, prefix: &str) -> String {
+        let mut pattern = String::with_capacity(self.prefix.len() + prefix.len() + 8);
+        for c in self.prefix.chars().chain(":{".chars()) {
+            push_literal(&mut pattern, c);
+        }
+        for c in prefix.chars() {
+            push_literal(&mut pattern, c);
+        }
+        pattern.push_str("*}");
+        pattern
+    }
+
     /// The channel a pub/sub channel name carries.
     pub(super) fn channel_of<'a>(&self, pubsub: &'a str) -> Option<&'a str> {
         pubsub
@@ -57,6 +71,14 @@ impl Keys {
             .strip_prefix(":{")?
             .strip_suffix('}')
     }
+}
+
+/// `c` in a Redis glob, as itself.
+fn push_literal(pattern: &mut String, c: char) {
+    if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+        pattern.push('\\');
+    }
+    pattern.push(c);
 }
 
 #[cfg(test)]
