@@ -47,7 +47,7 @@ enum Command {
     /// and grants to `POST /realtime/auth`.
     Upstream(upstream::Args),
     /// Many subscribers on one channel or many, publications at a steady rate.
-    Broadcast(broadcast::Args),
+    Broadcast(Box<broadcast::Args>),
     /// Authenticated realtime connects per second.
     Connect(connect::Args),
     /// The least a server can do to broadcast over SSE: the machine's floor.
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Upstream(args) => upstream::run(args),
-        Command::Broadcast(args) => broadcast::run(args),
+        Command::Broadcast(args) => broadcast::run(*args),
         Command::Connect(args) => connect::run(args),
         Command::Floor(args) => floor::run(args),
         Command::Rpc(args) => rpc::run(args),
