@@ -230,6 +230,11 @@ pub struct Args {
     /// Seconds to wait for every subscriber to be counted on the channel.
     #[arg(long, default_value_t = 120.0)]
     subscribe_timeout: f64,
+    /// Seconds to keep the subscribers connected after the last delivery,
+    /// once `broadcast: delivered` is on stderr: a profiler reads the
+    /// server's counters then, before the connections close.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
     /// Print the table's header line (off to append rows to an earlier table).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     header: bool,
@@ -787,6 +792,13 @@ async fn broadcast(args: Args) -> io::Result<()> {
     );
     let _ = sampler_tx.send(true);
     let rss_load = sampler.await.unwrap_or(None);
+    if args.hold > 0.0 {
+        eprintln!(
+            "broadcast: delivered; holding the subscribers {} s",
+            args.hold
+        );
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = task.await;
