@@ -336,23 +336,27 @@ async fn subscribe(
         let first = head.lines().next().unwrap_or("");
         return Ok(format!("answered `{first}`"));
     }
+    // A Pusher subscriber is connected once the server confirms its
+    // subscription.
+    if dial.transport != Transport::Pusher {
+        check.connected(shared);
+    }
     let chunked = head
         .lines()
         .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
     match dial.transport {
-        Transport::Ws => {
-            check.connected(shared);
-            read_ws(&mut stream, buf, &mut Speaking::Pushgate, check, shared).await
-        }
-        // Connected once the server confirms the subscription.
+        Transport::Ws => read_ws(&mut stream, buf, &Speaking::Pushgate, check, shared).await,
         Transport::Pusher => {
-            let mut speaking = Speaking::Pusher { channel };
-            read_ws(&mut stream, buf, &mut speaking, check, shared).await
+            read_ws(
+                &mut stream,
+                buf,
+                &Speaking::Pusher { channel },
+                check,
+                shared,
+            )
+            .await
         }
-        _ => {
-            check.connected(shared);
-            read_sse(&mut stream, buf, chunked, check, shared).await
-        }
+        _ => read_sse(&mut stream, buf, chunked, check, shared).await,
     }
 }
 
@@ -570,7 +574,7 @@ impl Speaking<'_> {
     /// Takes one text message; answers the text to send back, if any, or
     /// why the subscription ended.
     fn on_text(
-        &mut self,
+        &self,
         text: &[u8],
         check: &mut SeqCheck,
         shared: &Shared,
@@ -620,7 +624,7 @@ impl Speaking<'_> {
 async fn read_ws(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
-    speaking: &mut Speaking<'_>,
+    speaking: &Speaking<'_>,
     check: &mut SeqCheck,
     shared: &Shared,
 ) -> io::Result<String> {
