@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Broadcast benchmark: many SSE, WebSocket or long-poll subscribers on one
-# channel (or one channel each), publications at a steady rate; pushgate and
-# its peers in the same run, one after the other (TARGETS="pushgate nchan
-# pushpin"; Nchan from bench/nchan.conf, Pushpin from bench/pushpin/; both
-# are installed with apt-get when missing).
+# Broadcast benchmark: many SSE, WebSocket, long-poll or Pusher-protocol
+# subscribers on one channel (or one channel each), publications at a steady
+# rate; pushgate and its peers in the same run, one after the other
+# (TARGETS="pushgate nchan pushpin"; Nchan from bench/nchan.conf, Pushpin
+# from bench/pushpin/; both are installed with apt-get when missing).
 #
 #   bench/broadcast.sh
 #   TARGETS="pushgate nchan pushpin" SUBSCRIBERS=10000 CHANNELS=10000 \
 #     RATES="2000 5000" TRANSPORTS=sse bench/broadcast.sh       # many channels
 #   SEARCH=1 RATES="5 10 20 40" bench/broadcast.sh             # rising rates
+#   TRANSPORTS="ws pusher" bench/broadcast.sh                  # Pusher beside ws
 #
 # Knobs (environment):
 #   TARGETS       servers, in this order in every round     (default pushgate);
@@ -18,7 +19,11 @@
 #                 write per subscriber, no queues; SSE only): what the
 #                 machine itself allows
 #   TRANSPORTS    "sse ws" (poll: long-poll; Pushpin is measured on sse and
-#                 ws only and skipped for poll)
+#                 ws only and skipped for poll; pusher: pushgate's Pusher
+#                 protocol 7 at /app/{key}, published through its signed
+#                 Pusher HTTP API, pushgate and baseline only). Without
+#                 SEARCH the transports take turns at each count and rate,
+#                 as the servers do
 #   SUBSCRIBERS   subscriber counts, one row set each      (default "1000 9900")
 #   CHANNELS      channels; 1 = all subscribers on one     (default 1)
 #   PUBLISHERS    publishing connections (at most CHANNELS) (default 1, or 16
@@ -95,6 +100,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+pusher_app=bench
+pusher_key=bench-key
+pusher_secret=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 cat >"$WORK/pushgate.yaml" <<YAML
 listen: 127.0.0.1:0
 upstream:
@@ -114,6 +122,11 @@ limits:
   max_connections: 0         # the most the open-file limit allows
 log:
   level: info                # warn would hide the "listening" line
+pusher:                      # TRANSPORTS=pusher: /app/$pusher_key, /apps/$pusher_app/events
+  apps:
+    - id: "$pusher_app"
+      key: "$pusher_key"
+      secret: "$pusher_secret"
 YAML
 
 start_target() {
@@ -155,6 +168,7 @@ measure() {
     [[ $target == floor ]] && kind=nchan
     out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$kind" --label "$target" \
         --public "$PUBLIC" --api "$API" --key "$api_key" \
+        --pusher-app "$pusher_app" --pusher-key "$pusher_key" --pusher-secret "$pusher_secret" \
         --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
         --channels "$CHANNELS" --publishers "$PUBLISHERS" \
         --rate "$rate" --duration "$DURATION" --connect-rate "$connect_rate" \
@@ -183,16 +197,17 @@ held() {
 }
 
 # skip TARGET TRANSPORT: whether the target does not speak the transport
-# (Pushpin long-poll, the floor anything but SSE).
+# (Pushpin long-poll, the floor anything but SSE, a peer Pusher's protocol).
 skip() {
-    [[ $1 == pushpin && $2 == poll ]] || [[ $1 == floor && $2 != sse ]]
+    [[ $1 == pushpin && $2 == poll ]] || [[ $1 == floor && $2 != sse ]] ||
+        [[ $2 == pusher && $1 != pushgate && $1 != baseline ]]
 }
 
 SUMMARY=$WORK/search.txt
 : >"$SUMMARY"
-for transport in $TRANSPORTS; do
-    for subs in $SUBSCRIBERS; do
-        if ((SEARCH)); then
+if ((SEARCH)); then
+    for transport in $TRANSPORTS; do
+        for subs in $SUBSCRIBERS; do
             # Every server that still holds gets the next rate, so the servers
             # take turns at each rate as in the plain runs.
             declare -A best=() failed=()
@@ -206,21 +221,27 @@ for transport in $TRANSPORTS; do
             done
             for target in $TARGETS; do
                 skip "$target" "$transport" && continue
-                printf '%-8s %-4s %6s subscribers: highest rate held %s/s (failed at %s)\n' \
+                printf '%-8s %-6s %6s subscribers: highest rate held %s/s (failed at %s)\n' \
                     "$target" "$transport" "$subs" "${best[$target]:-none}" \
                     "${failed[$target]:-none}" >>"$SUMMARY"
             done
             unset best failed
-        else
-            for rate in $RATES; do
+        done
+    done
+else
+    # The transports take turns like the servers, so a drift in what else
+    # the machine does falls on all of them alike.
+    for subs in $SUBSCRIBERS; do
+        for rate in $RATES; do
+            for transport in $TRANSPORTS; do
                 for target in $TARGETS; do
                     skip "$target" "$transport" && continue
                     measure "$target" "$transport" "$subs" "$rate"
                 done
             done
-        fi
+        done
     done
-done
+fi
 
 if ((SEARCH)); then
     echo

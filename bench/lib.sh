@@ -135,12 +135,13 @@ start_floor() {
 }
 
 # build_release: builds pushgate and pushgate-bench (release) and sets
-# PUSHGATE and BENCH to them.
+# PUSHGATE and BENCH to them (in CARGO_TARGET_DIR when it is set).
 build_release() {
     log "building pushgate and pushgate-bench (release)"
     cargo build --release --quiet -p pushgate -p pushgate-bench
-    PUSHGATE=$ROOT/target/release/pushgate
-    BENCH=$ROOT/target/release/pushgate-bench
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    PUSHGATE=$target/release/pushgate
+    BENCH=$target/release/pushgate-bench
 }
 
 # start_pushgate CONFIG [NAME]: pushgate with that config; its listeners on

@@ -23,7 +23,7 @@ NAMES = {
     "nginx": "nginx",
     "direct": "direct",
 }
-TRANSPORTS = {"sse": "SSE", "ws": "WebSocket", "poll": "long-poll"}
+TRANSPORTS = {"sse": "SSE", "ws": "WebSocket", "poll": "long-poll", "pusher": "Pusher protocol"}
 BARS_MS = (50, 250, 500, 1000)
 
 

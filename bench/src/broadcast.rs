@@ -1,8 +1,8 @@
 //! `pushgate-bench broadcast`: many subscribers on one channel (or on many),
 //! a steady publish rate.
 //!
-//! 1. Opens `--subscribers` subscribers (SSE, WebSocket or long-poll; see
-//!    [`crate::subscriber`]), at most `--connect-rate` per second, each client
+//! 1. Opens `--subscribers` subscribers (SSE, WebSocket, long-poll, or
+//!    pushgate's Pusher protocol; see [`crate::subscriber`]), at most `--connect-rate` per second, each client
 //!    socket bound to the next of `--bind-ips` (for more source ports) before
 //!    it connects. With `--channels N`, subscriber i is on channel i mod N.
 //! 2. Waits until pushgate's API (`GET /api/channels`) counts all of them (for
@@ -13,7 +13,10 @@
 //!    n mod N with `s` that channel's own sequence, over `--publishers`
 //!    keep-alive connections (channel c always on connection c mod K, so a
 //!    channel's publications stay in order), sampling the server's RSS and
-//!    CPU meanwhile.
+//!    CPU meanwhile. Over the Pusher transport the same payload, as a JSON
+//!    string, is the `data` of an event `bench` sent through pushgate's
+//!    Pusher HTTP API (`POST /apps/{id}/events`, signed as Pusher's server
+//!    SDKs sign), so the path measured is the Pusher one end to end.
 //! 4. Waits (at most `--drain` seconds) for the last deliveries, then reports.
 //!
 //! Every subscriber checks its own sequence (gaps, duplicates, reordering) and
@@ -42,6 +45,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+
+use pushgate::pusher::sign;
 
 use crate::subscriber::{now_us, subscriber, Dial, Shared};
 
@@ -78,6 +83,10 @@ pub enum Transport {
     Ws,
     /// Long-poll (`broadcast` only).
     Poll,
+    /// pushgate's Pusher Channels protocol 7 (`broadcast` only): WebSocket
+    /// subscribers at `/app/{key}`, publications through the signed Pusher
+    /// HTTP API.
+    Pusher,
 }
 
 impl Transport {
@@ -86,6 +95,7 @@ impl Transport {
             Transport::Sse => "sse",
             Transport::Ws => "ws",
             Transport::Poll => "poll",
+            Transport::Pusher => "pusher",
         }
     }
 }
@@ -161,6 +171,15 @@ pub struct Args {
     /// API key, sent as `Authorization: Bearer <key>`.
     #[arg(long)]
     key: String,
+    /// The Pusher app's id (`pusher.apps[].id`), for `--transport pusher`.
+    #[arg(long)]
+    pusher_app: Option<String>,
+    /// The Pusher app's key: what subscribers connect with.
+    #[arg(long)]
+    pusher_key: Option<String>,
+    /// The Pusher app's secret: what signs its HTTP API calls.
+    #[arg(long)]
+    pusher_secret: Option<String>,
     #[arg(long, value_enum)]
     transport: Transport,
     /// Subscribers in all, over every shard.
@@ -211,6 +230,11 @@ pub struct Args {
     /// Seconds to wait for every subscriber to be counted on the channel.
     #[arg(long, default_value_t = 120.0)]
     subscribe_timeout: f64,
+    /// Seconds to keep the subscribers connected after the last delivery,
+    /// once `broadcast: delivered` is on stderr: a profiler reads the
+    /// server's counters then, before the connections close.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
     /// Print the table's header line (off to append rows to an earlier table).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     header: bool,
@@ -229,6 +253,16 @@ pub fn run(args: Args) -> io::Result<()> {
         return Err(invalid(
             "pushpin: no long-poll here (SSE and WebSocket only)",
         ));
+    }
+    if args.transport == Transport::Pusher {
+        if args.target != Target::Pushgate {
+            return Err(invalid("--transport pusher: pushgate only"));
+        }
+        if args.pusher_app.is_none() || args.pusher_key.is_none() || args.pusher_secret.is_none() {
+            return Err(invalid(
+                "--transport pusher needs --pusher-app, --pusher-key and --pusher-secret",
+            ));
+        }
     }
     if args.connect_rate <= 0.0 {
         return Err(invalid("--connect-rate must be above 0"));
@@ -319,18 +353,20 @@ struct Api {
     addr: SocketAddr,
     sender: SendRequest<Full<Bytes>>,
     host: String,
-    auth: String,
+    /// `Bearer <key>`; none for Pusher's HTTP API, whose every request is
+    /// signed in its query instead.
+    auth: Option<String>,
     /// The server said it closes the connection after this answer.
     closing: bool,
 }
 
 impl Api {
-    async fn connect(addr: SocketAddr, key: &str) -> io::Result<Api> {
+    async fn connect(addr: SocketAddr, key: Option<&str>) -> io::Result<Api> {
         Ok(Api {
             addr,
             sender: Self::handshake(addr).await?,
             host: addr.to_string(),
-            auth: format!("Bearer {key}"),
+            auth: key.map(|key| format!("Bearer {key}")),
             closing: false,
         })
     }
@@ -356,8 +392,10 @@ impl Api {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(HOST, &self.host)
-            .header(AUTHORIZATION, &self.auth);
+            .header(HOST, &self.host);
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth);
+        }
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");
         }
@@ -444,7 +482,9 @@ async fn publish(
     published: Arc<Vec<AtomicU64>>,
     shared: Arc<Shared>,
 ) -> io::Result<Published> {
-    let mut api = Api::connect(args.api, &args.key).await?;
+    // Pusher's HTTP API takes no API key: each request is signed.
+    let key = (args.transport != Transport::Pusher).then_some(args.key.as_str());
+    let mut api = Api::connect(args.api, key).await?;
     let channels = args.channels;
     let publishers = args.publishers.min(channels);
     let end = start + Duration::from_secs_f64(args.duration);
@@ -465,23 +505,7 @@ async fn publish(
         tokio::time::sleep_until(at.into()).await;
         let channel = channel_name(&args.channel, channels, c);
         let payload = format!(r#"{{"seq":{seq},"t":{}}}"#, now_us());
-        let (path, body) = match args.target {
-            Target::Pushgate => (
-                "/api/publish".to_owned(),
-                format!(r#"{{"channel":"{channel}","data":{payload}}}"#),
-            ),
-            Target::Nchan => (format!("/pub/{channel}"), payload),
-            Target::Pushpin => {
-                let format = match args.transport {
-                    Transport::Ws => serde_json::json!({"ws-message": {"content": payload}}),
-                    _ => serde_json::json!({"http-stream": {
-                        "content": format!("event: message\ndata: {payload}\n\n")
-                    }}),
-                };
-                let items = serde_json::json!({"items": [{"channel": channel, "formats": format}]});
-                ("/publish/".to_owned(), items.to_string())
-            }
-        };
+        let (path, body) = publication(&args, &channel, &payload);
         let sent = Instant::now();
         match api.call(Method::POST, &path, Some(body)).await {
             Ok((status, _)) if accepted(args.target, status) => {
@@ -499,11 +523,45 @@ async fn publish(
             Err(err) => {
                 done.errors += 1;
                 shared.error(format!("publish {n}: {err}"));
-                api = Api::connect(args.api, &args.key).await?;
+                api = Api::connect(args.api, key).await?;
             }
         }
     }
     Ok(done)
+}
+
+/// The request that publishes `payload` on `channel`: its path (and
+/// query) and body.
+fn publication(args: &Args, channel: &str, payload: &str) -> (String, String) {
+    match (args.target, args.transport) {
+        (Target::Pushgate, Transport::Pusher) => {
+            // Checked in `run`.
+            let app = args.pusher_app.as_deref().unwrap_or_default();
+            let key = args.pusher_key.as_deref().unwrap_or_default();
+            let secret = args.pusher_secret.as_deref().unwrap_or_default();
+            let body = serde_json::json!({"name": "bench", "channel": channel, "data": payload})
+                .to_string();
+            let path = format!("/apps/{app}/events");
+            let now = now_us() / 1_000_000;
+            let query = sign::sign_request("POST", &path, &[], body.as_bytes(), key, secret, now);
+            (format!("{path}?{query}"), body)
+        }
+        (Target::Pushgate, _) => (
+            "/api/publish".to_owned(),
+            format!(r#"{{"channel":"{channel}","data":{payload}}}"#),
+        ),
+        (Target::Nchan, _) => (format!("/pub/{channel}"), payload.to_owned()),
+        (Target::Pushpin, transport) => {
+            let format = match transport {
+                Transport::Ws => serde_json::json!({"ws-message": {"content": payload}}),
+                _ => serde_json::json!({"http-stream": {
+                    "content": format!("event: message\ndata: {payload}\n\n")
+                }}),
+            };
+            let items = serde_json::json!({"items": [{"channel": channel, "formats": format}]});
+            ("/publish/".to_owned(), items.to_string())
+        }
+    }
 }
 
 /// Whether the server took a publication.
@@ -541,6 +599,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
             .map(|c| channel_name(&args.channel, channels, c))
             .collect(),
         poll_timeout: args.poll_timeout,
+        pusher_key: args.pusher_key.clone(),
     });
     let shared = Arc::new(Shared::new(channels));
     let server = Proc(args.pid.clone());
@@ -605,12 +664,17 @@ async fn broadcast(args: Args) -> io::Result<()> {
             // Without --count-api, the API that publishes counts.
             args.count_api.is_empty().then_some(&args.api),
         ) {
-            counters.push(Api::connect(*addr, &args.key).await?);
+            counters.push(Api::connect(*addr, Some(&args.key)).await?);
         }
+        // A Pusher channel is `pusher/{app id}/{name}` inside pushgate.
+        let counted_as = match (&args.pusher_app, args.transport) {
+            (Some(app), Transport::Pusher) => format!("pusher/{app}/{}", args.channel),
+            _ => args.channel.clone(),
+        };
         while Instant::now() < deadline {
             counted = 0;
             for counter in &mut counters {
-                counted += counter.subscribers(&args.channel).await?;
+                counted += counter.subscribers(&counted_as).await?;
             }
             if counted >= want {
                 break;
@@ -728,6 +792,13 @@ async fn broadcast(args: Args) -> io::Result<()> {
     );
     let _ = sampler_tx.send(true);
     let rss_load = sampler.await.unwrap_or(None);
+    if args.hold > 0.0 {
+        eprintln!(
+            "broadcast: delivered; holding the subscribers {} s",
+            args.hold
+        );
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = task.await;
@@ -816,14 +887,14 @@ async fn broadcast(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<8} {:<4} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+            "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
             "server", "tr", "subs", "chans", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
             "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "srv%", "bench%", "other%"
         );
     }
     let _ = writeln!(
         table,
-        "{:<8} {:<4} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
         label,
         args.transport.name(),
         connected,

@@ -102,10 +102,11 @@ pub fn run(args: Args) -> io::Result<()> {
             "--connections, --concurrency and --timeout must be above 0",
         ));
     }
-    if args.transport == Transport::Poll {
+    if matches!(args.transport, Transport::Poll | Transport::Pusher) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "--transport: sse or ws (a long-poll holds no connection to count)",
+            "--transport: sse or ws (a long-poll holds no connection to count; \
+             a Pusher connection is anonymous, no app decides it)",
         ));
     }
     let runtime = if args.threads <= 1 {
@@ -346,7 +347,7 @@ async fn one(
     }
     match args.transport {
         Transport::Sse | Transport::Poll => request.push_str("Accept: text/event-stream\r\n\r\n"),
-        Transport::Ws => request.push_str(
+        Transport::Ws | Transport::Pusher => request.push_str(
             "Upgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         ),
@@ -372,7 +373,7 @@ async fn one(
     let status = head.split(' ').nth(1).unwrap_or("");
     let expected = match args.transport {
         Transport::Sse | Transport::Poll => "200",
-        Transport::Ws => "101",
+        Transport::Ws | Transport::Pusher => "101",
     };
     if status != expected {
         let first = head.lines().next().unwrap_or("").to_string();
@@ -397,7 +398,7 @@ async fn one(
                 read_more(&mut stream, buf).await?;
             }
         }
-        Transport::Ws => {
+        Transport::Ws | Transport::Pusher => {
             stream.write_all(PING).await.map_err(Failure::io)?;
             'reply: loop {
                 while let Some((_, opcode, start, len)) = frame(buf) {

@@ -6,9 +6,10 @@
 //! - `upstream`: a fast stand-in for the app behind the proxy, answering every
 //!   request with a small JSON body (see [`upstream`]), and GRIP holds for
 //!   subscribers that come through Pushpin (see [`grip`]).
-//! - `broadcast`: many SSE, WebSocket or long-poll subscribers on one channel
-//!   or many, a steady publish rate; reports delivery rate and ratio, latency percentiles,
-//!   sequence faults and the server's memory (see [`broadcast`]).
+//! - `broadcast`: many SSE, WebSocket, long-poll or Pusher-protocol
+//!   subscribers on one channel or many, a steady publish rate; reports
+//!   delivery rate and ratio, latency percentiles, sequence faults and the
+//!   server's memory (see [`broadcast`]).
 //! - `floor`: the least a server can do to broadcast over SSE (one write per
 //!   subscriber, no queues, a thread per core), to show what the machine
 //!   allows (see [`floor`]).
@@ -47,7 +48,7 @@ enum Command {
     /// and grants to `POST /realtime/auth`.
     Upstream(upstream::Args),
     /// Many subscribers on one channel or many, publications at a steady rate.
-    Broadcast(broadcast::Args),
+    Broadcast(Box<broadcast::Args>),
     /// Authenticated realtime connects per second.
     Connect(connect::Args),
     /// The least a server can do to broadcast over SSE: the machine's floor.
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Upstream(args) => upstream::run(args),
-        Command::Broadcast(args) => broadcast::run(args),
+        Command::Broadcast(args) => broadcast::run(*args),
         Command::Connect(args) => connect::run(args),
         Command::Floor(args) => floor::run(args),
         Command::Rpc(args) => rpc::run(args),

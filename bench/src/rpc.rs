@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::subscriber::{connect, find, frame};
+use crate::subscriber::{client_frame, connect, find, frame};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -132,21 +132,6 @@ fn count(totals: &Totals, sent: Instant, started: Instant, until: Instant) {
     }
 }
 
-/// A masked client text frame (an all-zero key leaves the payload as is).
-fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x81];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-    out
-}
-
 async fn websocket(
     args: &Args,
     totals: &Totals,
@@ -181,7 +166,7 @@ async fn websocket(
         let id = sent_at.len();
         sent_at.push(Instant::now());
         let command = format!(r#"{{"id":{id},"op":"rpc","method":"bench","data":{{"n":{id}}}}}"#);
-        stream_buf.extend_from_slice(&text_frame(command.as_bytes()));
+        stream_buf.extend_from_slice(&client_frame(0x1, command.as_bytes()));
     };
     let mut out = Vec::new();
     for _ in 0..args.in_flight {

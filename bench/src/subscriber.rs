@@ -4,9 +4,11 @@
 //! SSE and WebSocket clients are hand-written on plain `TcpStream`s
 //! (HTTP/1.1 chunked SSE, RFC 6455 frames) with a 2 KiB read buffer each, one
 //! small task per connection, so that 10,000 of them cost the load generator
-//! little. Long-poll clients use hyper's HTTP/1.1 client connection, one
-//! keep-alive connection per subscriber.
+//! little. A Pusher subscriber is the same WebSocket client speaking Pusher's
+//! protocol 7 over its text frames. Long-poll clients use hyper's HTTP/1.1
+//! client connection, one keep-alive connection per subscriber.
 
+use std::borrow::Cow;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -21,6 +23,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -102,6 +105,8 @@ pub struct Dial {
     pub channels: Vec<String>,
     /// Seconds a pushgate long-poll waits.
     pub poll_timeout: u64,
+    /// The Pusher app's key (`/app/{key}`), for the Pusher transport.
+    pub pusher_key: Option<String>,
 }
 
 impl Dial {
@@ -111,6 +116,11 @@ impl Dial {
             (Target::Pushgate, Transport::Sse) => format!("/realtime/sse?channel={channel}"),
             (Target::Pushgate, Transport::Ws) => format!("/realtime/ws?channel={channel}"),
             (Target::Pushgate, Transport::Poll) => format!("/realtime/poll?channel={channel}"),
+            // The channel is named in `pusher:subscribe`, not in the URL.
+            (Target::Pushgate, Transport::Pusher) => {
+                let key = self.pusher_key.as_deref().unwrap_or_default();
+                format!("/app/{key}?protocol=7")
+            }
             (Target::Nchan, _) => format!("/sub/{channel}"),
             (Target::Pushpin, Transport::Ws) => format!("{}?channel={channel}", grip::WS_PATH),
             (Target::Pushpin, _) => format!("{}?channel={channel}", grip::SSE_PATH),
@@ -125,7 +135,7 @@ impl Dial {
             self.public
         );
         match self.transport {
-            Transport::Ws => request.push_str(
+            Transport::Ws | Transport::Pusher => request.push_str(
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             ),
@@ -144,10 +154,23 @@ enum Envelope {
     Bare(Payload),
 }
 
+/// What every publication carries: its sequence number on its channel and
+/// when it was published (µs since the Unix epoch).
 #[derive(Deserialize)]
 struct Payload {
     seq: u64,
     t: u64,
+}
+
+/// A Pusher event: `{"event","channel"?,"data"?}`. A channel event's data
+/// is the publisher's string (here the [`Payload`]'s JSON); the server's own
+/// events carry a string or an object.
+#[derive(Deserialize)]
+struct PusherEvent<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
 }
 
 /// A pushgate long-poll answer (what the check needs of it).
@@ -198,11 +221,12 @@ impl SeqCheck {
     }
 
     fn on_envelope(&mut self, envelope: Envelope, shared: &Shared) {
+        let (Envelope::Wrapped { data: payload } | Envelope::Bare(payload)) = envelope;
+        self.on_payload(payload, shared);
+    }
+
+    fn on_payload(&mut self, Payload { seq, t }: Payload, shared: &Shared) {
         let now = now_us();
-        let (Envelope::Wrapped {
-            data: Payload { seq, t },
-        }
-        | Envelope::Bare(Payload { seq, t })) = envelope;
         shared.received.fetch_add(1, Relaxed);
         shared
             .latency
@@ -304,7 +328,7 @@ async fn subscribe(
     let mut buf = Vec::with_capacity(READ_BUFFER);
     let head = read_head(&mut stream, &mut buf).await?;
     let expected = match dial.transport {
-        Transport::Ws => "101",
+        Transport::Ws | Transport::Pusher => "101",
         _ => "200",
     };
     let status = head.split(' ').nth(1).unwrap_or("");
@@ -312,12 +336,26 @@ async fn subscribe(
         let first = head.lines().next().unwrap_or("");
         return Ok(format!("answered `{first}`"));
     }
-    check.connected(shared);
+    // A Pusher subscriber is connected once the server confirms its
+    // subscription.
+    if dial.transport != Transport::Pusher {
+        check.connected(shared);
+    }
     let chunked = head
         .lines()
         .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
     match dial.transport {
-        Transport::Ws => read_ws(&mut stream, buf, check, shared).await,
+        Transport::Ws => read_ws(&mut stream, buf, &Speaking::Pushgate, check, shared).await,
+        Transport::Pusher => {
+            read_ws(
+                &mut stream,
+                buf,
+                &Speaking::Pusher { channel },
+                check,
+                shared,
+            )
+            .await
+        }
         _ => read_sse(&mut stream, buf, chunked, check, shared).await,
     }
 }
@@ -521,10 +559,72 @@ async fn read_sse(
     }
 }
 
-/// Reads WebSocket frames until the connection ends; answers pings.
+/// What a WebSocket subscriber's text frames carry.
+enum Speaking<'a> {
+    /// pushgate's own protocol: every text frame is an envelope (the
+    /// channel was named in the URL).
+    Pushgate,
+    /// Pusher's protocol 7: once the connection is established, subscribe
+    /// to `channel`; the subscriber is connected when the server confirms
+    /// it, and every channel event's data is a [`Payload`] as a JSON string.
+    Pusher { channel: &'a str },
+}
+
+impl Speaking<'_> {
+    /// Takes one text message; answers the text to send back, if any, or
+    /// why the subscription ended.
+    fn on_text(
+        &self,
+        text: &[u8],
+        check: &mut SeqCheck,
+        shared: &Shared,
+    ) -> Result<Option<String>, String> {
+        let Speaking::Pusher { channel } = self else {
+            check.on_message(text, shared);
+            return Ok(None);
+        };
+        let Ok(event) = serde_json::from_slice::<PusherEvent>(text) else {
+            shared.malformed.fetch_add(1, Relaxed);
+            return Ok(None);
+        };
+        let data = event.data.map_or("null", RawValue::get);
+        match event.event.as_ref() {
+            "pusher:connection_established" => {
+                let subscribe = serde_json::json!({
+                    "event": "pusher:subscribe",
+                    "data": {"channel": channel},
+                });
+                Ok(Some(subscribe.to_string()))
+            }
+            "pusher_internal:subscription_succeeded" => {
+                check.connected(shared);
+                Ok(None)
+            }
+            "pusher:ping" => Ok(Some(r#"{"event":"pusher:pong","data":{}}"#.into())),
+            "pusher:error" | "pusher:subscription_error" => Err(format!("{}: {data}", event.event)),
+            name if name.starts_with("pusher") => Ok(None),
+            _ => {
+                let payload = serde_json::from_str::<String>(data)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<Payload>(&text).ok());
+                match payload {
+                    Some(payload) => check.on_payload(payload, shared),
+                    None => {
+                        shared.malformed.fetch_add(1, Relaxed);
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Reads WebSocket frames until the connection ends; answers pings, and
+/// whatever the protocol spoken answers.
 async fn read_ws(
     stream: &mut TcpStream,
     mut buf: Vec<u8>,
+    speaking: &Speaking<'_>,
     check: &mut SeqCheck,
     shared: &Shared,
 ) -> io::Result<String> {
@@ -532,14 +632,11 @@ async fn read_ws(
     loop {
         while let Some((fin, opcode, start, len)) = frame(&buf) {
             let payload = &buf[start..start + len];
-            match opcode {
-                0x1 if fin => check.on_message(payload, shared),
+            let text = match opcode {
+                0x1 if fin => Some(payload),
                 0x1 | 0x0 => {
                     fragments.extend_from_slice(payload);
-                    if fin {
-                        check.on_message(&fragments, shared);
-                        fragments = Vec::new();
-                    }
+                    fin.then_some(&fragments[..])
                 }
                 0x8 => {
                     let code = if len >= 2 {
@@ -551,13 +648,24 @@ async fn read_ws(
                     return Ok(format!("closed by the server: {code} {reason}"));
                 }
                 0x9 => {
-                    // Pong with the same payload; a client frame is masked
-                    // (an all-zero key leaves the payload as is).
-                    let mut pong = vec![0x8A, 0x80 | len as u8, 0, 0, 0, 0];
-                    pong.extend_from_slice(payload);
-                    stream.write_all(&pong).await?;
+                    stream.write_all(&client_frame(0xA, payload)).await?;
+                    None
                 }
-                _ => {}
+                _ => None,
+            };
+            if let Some(text) = text {
+                match speaking.on_text(text, check, shared) {
+                    Ok(None) => {}
+                    Ok(Some(reply)) => {
+                        stream
+                            .write_all(&client_frame(0x1, reply.as_bytes()))
+                            .await?
+                    }
+                    Err(why) => return Ok(why),
+                }
+                if fin && opcode == 0x0 {
+                    fragments = Vec::new();
+                }
             }
             buf.drain(..start + len);
         }
@@ -565,6 +673,27 @@ async fn read_ws(
             return Ok("the server closed the connection".into());
         }
     }
+}
+
+/// A client frame (final, of `opcode`), masked as a client's must be: an
+/// all-zero key leaves the payload as it is.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// A complete server frame at the start of `buf`:
