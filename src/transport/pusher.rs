@@ -260,6 +260,10 @@ struct Connection {
     client_events: Option<Box<Rate>>,
     heartbeat: Heartbeat,
     batch: Vec<Arc<Publication>>,
+    /// Paces writes as for pushgate's own WebSocket
+    /// (`realtime.coalesce_window`): what arrives within the window goes
+    /// out in one write.
+    pace: super::Pace,
     /// The outbox woke the connection while a write waited.
     woken: bool,
     _slot: IpSlot,
@@ -365,6 +369,7 @@ impl Connection {
             client_events: None,
             heartbeat,
             batch: Vec::new(),
+            pace: super::Pace::new(config.coalesce_window),
             woken: false,
             _slot: slot,
             _gauge: gauge,
@@ -401,10 +406,13 @@ impl Connection {
             Heartbeat::PingAt(at) | Heartbeat::PongBy(at) => *at,
         };
         let heartbeat = tokio::time::sleep_until(deadline(&self.heartbeat));
-        tokio::pin!(drain, heartbeat);
+        // While the pace holds a write back, what arrives meanwhile goes
+        // out with it when `hold` fires.
+        let hold = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(drain, heartbeat, hold);
         loop {
             if std::mem::take(&mut self.woken) {
-                if let Err(end) = Box::pin(self.flush_outbox()).await {
+                if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
                     return end;
                 }
             }
@@ -420,7 +428,12 @@ impl Connection {
                     }
                 }
                 () = &mut self.ready => {
-                    if let Err(end) = Box::pin(self.flush_outbox()).await {
+                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                        return end;
+                    }
+                }
+                () = &mut hold, if self.pace.holding() => {
+                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
                         return end;
                     }
                 }
@@ -496,8 +509,25 @@ impl Connection {
         self.io(Io::Feed(message)).await
     }
 
-    /// Writes everything the outbox holds, with one flush.
-    async fn flush_outbox(&mut self) -> Result<(), End> {
+    /// Writes what the outbox holds now, or holds the write back until the
+    /// pace's window has passed (resetting `hold` to fire then).
+    async fn paced_flush(
+        &mut self,
+        hold: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Result<(), End> {
+        let now = Instant::now();
+        match self.pace.on_wake(now, || self.outbox.is_urgent()) {
+            Some(until) => {
+                hold.reset(until);
+                Ok(())
+            }
+            None => self.flush_outbox(now).await,
+        }
+    }
+
+    /// Writes everything the outbox holds, with one flush (the pace's
+    /// write at `now`).
+    async fn flush_outbox(&mut self, now: Instant) -> Result<(), End> {
         let mut batch = std::mem::take(&mut self.batch);
         match self.outbox.drain_into(&mut batch) {
             Drained::Lagging => return Err(self.slow_consumer()),
@@ -516,6 +546,7 @@ impl Connection {
         }
         self.batch = batch;
         if fed {
+            self.pace.wrote(now);
             self.io(Io::Flush).await?;
         }
         Ok(())
