@@ -1,9 +1,10 @@
 //! The deployment recipes of examples/deploy, each exercised as far as this
 //! machine allows: nginx in front of two real nodes on one real Redis, and
-//! the docker-compose files checked against the real binary's
-//! `check-config`.
+//! the docker-compose and Kubernetes files checked against the real
+//! binary's `check-config`.
 
 mod compose;
+mod kubernetes;
 mod nginx;
 
 use std::path::{Path, PathBuf};
