@@ -1,11 +1,12 @@
 //! The deployment recipes of examples/deploy, each exercised as far as this
 //! machine allows: nginx in front of two real nodes on one real Redis, and
-//! the docker-compose and Kubernetes files checked against the real
-//! binary's `check-config`.
+//! the docker-compose, Kubernetes and systemd files checked against the
+//! real binary's `check-config` and the tools that read them.
 
 mod compose;
 mod kubernetes;
 mod nginx;
+mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
