@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{read_recipe, substitute};
 use crate::common::events_app::EventsApp;
-use crate::common::realtime::{self, Got, Sse};
+use crate::common::realtime::{self, Got, Sse, Ws};
 use crate::common::redis::Redis;
 use crate::common::{self, Process, TempDir, PATIENCE};
 
@@ -407,7 +407,7 @@ async fn every_transport_works_through_nginx_on_either_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_moves_to_the_other_node_when_its_node_stops_and_misses_nothing() {
+async fn an_sse_client_moves_to_the_other_node_when_its_node_stops_and_misses_nothing() {
     let mut cluster = Cluster::start().await;
     let nginx = cluster.nginx.addr;
 
@@ -481,4 +481,91 @@ async fn a_client_moves_to_the_other_node_when_its_node_stops_and_misses_nothing
     publish(cluster.node(other), "moved", 11).await;
     assert_eq!(sse_next(&mut sse).await.0, 11, "and live ones after");
     assert!(connections(cluster.node(other), "sse").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_moves_to_the_other_node_with_its_position() {
+    let mut cluster = Cluster::start().await;
+    let nginx = cluster.nginx.addr;
+
+    let mut socket = within("a WebSocket through nginx", Ws::connect(nginx))
+        .await
+        .unwrap();
+    let mut early = Vec::new();
+    let subscribed = within(
+        "the subscribe reply",
+        socket.subscribe("moved", None, &mut early),
+    )
+    .await
+    .unwrap();
+    let mut position = subscribed.position;
+    let on = if connections(cluster.node(0), "websocket").await == 1 {
+        0
+    } else {
+        assert_eq!(connections(cluster.node(1), "websocket").await, 1);
+        1
+    };
+    let other = 1 - on;
+
+    for n in 1..=3 {
+        publish(cluster.node(other), "moved", n).await;
+        let got = within("a publication", socket.next())
+            .await
+            .unwrap()
+            .expect("the connection is open");
+        assert_eq!(number(&got), n);
+        position = got.position();
+    }
+
+    // The node stops: it closes the connection (1001), and exits.
+    cluster.node(on).signal("TERM");
+    let after = within("the close", socket.next()).await;
+    assert!(
+        matches!(after, Ok(None) | Err(_)),
+        "nothing was published: {after:?}"
+    );
+    let mut stopped = cluster.nodes[on].take().unwrap();
+    assert_eq!(stopped.wait_exit(PATIENCE), Some(0), "a clean drain");
+
+    for n in 4..=10 {
+        publish(cluster.node(other), "moved", n).await;
+    }
+
+    // Back through nginx to the other node, subscribing since the last
+    // position it had: the gap comes from Redis's history, then live.
+    let mut socket = within("a WebSocket through nginx again", Ws::connect(nginx))
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "reconnect through nginx: {err}\n{}",
+                cluster.nginx.error_log()
+            )
+        });
+    let mut heard = Vec::new();
+    let subscribed = within(
+        "the resuming subscribe",
+        socket.subscribe("moved", Some(position), &mut heard),
+    )
+    .await
+    .unwrap();
+    assert!(subscribed.recovered, "history covers the gap");
+    while heard.len() < 7 {
+        let got = within("a missed publication", socket.next())
+            .await
+            .unwrap()
+            .expect("the connection is open");
+        heard.push(got);
+    }
+    assert_eq!(
+        heard.iter().map(number).collect::<Vec<_>>(),
+        (4..=10).collect::<Vec<_>>(),
+        "every publication, in order"
+    );
+    publish(cluster.node(other), "moved", 11).await;
+    let live = within("a live publication", socket.next())
+        .await
+        .unwrap()
+        .expect("the connection is open");
+    assert_eq!(number(&live), 11);
+    assert_eq!(connections(cluster.node(other), "websocket").await, 1);
 }
