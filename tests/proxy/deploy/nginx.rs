@@ -108,6 +108,8 @@ impl Nginx {
             let text = substitute(&conf, "listen 80;", &format!("listen 127.0.0.1:{port};"));
             let path = dir.0.join("nginx.conf");
             std::fs::write(&path, text).unwrap();
+            // What the last attempt logged is not this one's reason.
+            let _ = std::fs::remove_file(dir.0.join("error.log"));
             let mut child = Command::new(&binary)
                 .arg("-p")
                 .arg(&dir.0)
