@@ -7,6 +7,7 @@ mod common;
 mod access_log;
 mod adversarial;
 mod demo;
+mod deploy;
 mod limits;
 mod process;
 mod proxy;
