@@ -122,12 +122,18 @@ limits:
   max_connections: 0         # the most the open-file limit allows
 log:
   level: info                # warn would hide the "listening" line
+YAML
+# Only when measured: a BASELINE from before the Pusher protocol would
+# refuse the section.
+if [[ " $TRANSPORTS " == *" pusher "* ]]; then
+    cat >>"$WORK/pushgate.yaml" <<YAML
 pusher:                      # TRANSPORTS=pusher: /app/$pusher_key, /apps/$pusher_app/events
   apps:
     - id: "$pusher_app"
       key: "$pusher_key"
       secret: "$pusher_secret"
 YAML
+fi
 
 start_target() {
     case $1 in
