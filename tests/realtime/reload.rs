@@ -96,6 +96,22 @@ async fn all_hear(sockets: &mut [Socket], data: u64) {
     }
 }
 
+/// Waits until the node counts `n` WebSocket subscriptions: a connection's
+/// channels from its query are subscribed after the handshake's answer, so
+/// a publish right after connecting could pass some by.
+async fn wait_subscribed(gate: &Process, n: usize) {
+    let want = format!("pushgate_subscriptions{{transport=\"websocket\"}} {n}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = common::get(&format!("http://{}/metrics", gate.api_addr)).await;
+        if metrics.lines().any(|line| line == want) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never {want}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 fn wait_log(gate: &Process, needle: &str) -> Value {
     let line = tokio::task::block_in_place(|| gate.wait_log(needle, PATIENCE))
         .unwrap_or_else(|| panic!("no log line with {needle:?}"));
@@ -113,6 +129,7 @@ async fn sighup_rotates_keys_under_open_connections_and_refuses_a_broken_file() 
         let batch = (0..100).map(|_| connect(&gate, OLD_SECRET));
         sockets.extend(futures_util::future::join_all(batch).await);
     }
+    wait_subscribed(&gate, CONNECTIONS).await;
     assert_eq!(publish(&gate, OLD_KEY, 1).await, StatusCode::OK);
     all_hear(&mut sockets, 1).await;
 
@@ -130,6 +147,7 @@ async fn sighup_rotates_keys_under_open_connections_and_refuses_a_broken_file() 
     let mut stale = connect(&gate, OLD_SECRET).await;
     assert_eq!(next(&mut stale).await.unwrap_err(), Some(4001));
     let mut fresh = connect(&gate, NEW_SECRET).await;
+    wait_subscribed(&gate, CONNECTIONS + 1).await;
 
     // A broken file is refused whole: the running config stays.
     std::fs::write(
