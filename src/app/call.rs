@@ -66,9 +66,18 @@ impl AppCalls {
         let Ok(file) = self.files.clone().try_acquire_owned() else {
             return Err(CallError::NoFiles);
         };
+        // Every call is JSON both ways. Added here, not kept in each
+        // connection's credentials: a connection holds no header map of its
+        // own unless the app's auth forwards some of its headers.
+        let mut added = super::Added::default();
+        for name in [http::header::CONTENT_TYPE, http::header::ACCEPT] {
+            if !headers.contains_key(&name) {
+                added.push(name, http::HeaderValue::from_static("application/json"));
+            }
+        }
         let sent = self
             .client
-            .send_full(&Method::POST, target, headers, body, file);
+            .send_full(&Method::POST, target, headers, &added, body, file);
         let response = match timer::within(timeout, sent).await {
             None => return Err(CallError::NoAnswer),
             Some(Err(err)) => return Err(CallError::Failed(error_chain(&err))),

@@ -143,8 +143,7 @@ impl AppAuth {
 }
 
 /// The headers the app is sent on a connection's behalf: the client's
-/// `forward` headers, `X-Forwarded-For`, and the JSON content type and
-/// accept.
+/// `forward` headers and `X-Forwarded-For`.
 pub(super) fn forwarded(
     forward: &[HeaderName],
     trusted_proxies: &[IpNet],
@@ -161,10 +160,8 @@ pub(super) fn forwarded(
         "x-forwarded-for",
         forwarded_for(headers, conn, trusted_proxies),
     );
-    // Every request to the app carries a JSON body and wants JSON back.
-    let json = HeaderValue::from_static("application/json");
-    forwarded.insert(header::CONTENT_TYPE, json.clone());
-    forwarded.insert(header::ACCEPT, json);
+    // The JSON content type and accept are added when a call is sent
+    // (`AppCalls::post`), not kept per connection.
     Credentials { headers: forwarded }
 }
 

@@ -27,7 +27,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HeaderValue;
 use http::{header, HeaderMap, HeaderName, StatusCode, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -143,13 +142,9 @@ impl Auth {
     /// What to keep of a connection's request for later questions to the app.
     pub fn credentials(&self, headers: &HeaderMap, conn: ConnInfo) -> Credentials {
         match &self.mode {
-            Mode::None | Mode::Jwt(_) => {
-                let json = HeaderValue::from_static("application/json");
-                let mut headers = HeaderMap::new();
-                headers.insert(header::CONTENT_TYPE, json.clone());
-                headers.insert(header::ACCEPT, json);
-                Credentials { headers }
-            }
+            // Nothing of the client's request: an empty map, which holds
+            // no memory (`AppCalls::post` adds the JSON fields).
+            Mode::None | Mode::Jwt(_) => Credentials::default(),
             Mode::Upstream(app) => app.credentials(headers, conn),
         }
     }

@@ -122,11 +122,11 @@ impl AppClient {
         method: &Method,
         target: &str,
         headers: &HeaderMap,
+        added: &Added,
         body: &[u8],
         file: OwnedSemaphorePermit,
     ) -> Result<Response<Body>, ProxyError> {
-        let added = Added::default();
-        let request = encode_request(method, target, headers, &added, &self.host, Some(body));
+        let request = encode_request(method, target, headers, added, &self.host, Some(body));
         self.send_encoded(method, &request, file).await
     }
 
