@@ -372,9 +372,12 @@ test("calls need the WebSocket, and one under way at a disconnect is rejected wh
   await until(() => client.position(room), "the subscription");
   const key = unique("k");
   const held = client.rpc("wait", { key });
+  // Watched from now: the close can reach the client before the API's
+  // answer does, and a rejection nobody watches yet is a test failure.
+  const losing = rejection(held);
   await until(async () => await client.rpc("waiting", { key }), "the app holding the call");
   await api(CALLS_API, "/api/disconnect", { user, code: 4008, reason: "slow consumer" });
-  const lost = await rejection(held);
+  const lost = await losing;
   assert.equal(lost.code, "disconnected");
   // Made at once: waits for the reconnect, then goes on the new connection.
   const stored = await client.publish(room, "after");
