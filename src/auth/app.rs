@@ -56,9 +56,9 @@ impl AppAuth {
         // the credentials, which key the grant cache.
         let sent = match request.headers.get(crate::conn::REQUEST_ID) {
             Some(id) if self.request_ids => {
-                let mut with_id = credentials.clone();
-                with_id.headers.insert(crate::conn::REQUEST_ID, id.clone());
-                std::borrow::Cow::Owned(with_id)
+                let mut with_id = credentials.headers().clone();
+                with_id.insert(crate::conn::REQUEST_ID, id.clone());
+                std::borrow::Cow::Owned(Credentials::new(with_id))
             }
             _ => std::borrow::Cow::Borrowed(&credentials),
         };
@@ -112,7 +112,7 @@ impl AppAuth {
             .calls
             .post(
                 target,
-                &credentials.headers,
+                credentials.headers(),
                 body,
                 self.timeout,
                 MAX_GRANT_BYTES,
@@ -162,7 +162,7 @@ pub(super) fn forwarded(
     );
     // The JSON content type and accept are added when a call is sent
     // (`AppCalls::post`), not kept per connection.
-    Credentials { headers: forwarded }
+    Credentials::new(forwarded)
 }
 
 /// The JSON body of an auth request.
@@ -325,7 +325,7 @@ mod tests {
         fn seen_by_app(&self) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
             let (credentials, body) = self.request();
             let headers = credentials
-                .headers
+                .headers()
                 .iter()
                 .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
                 .collect();

@@ -42,7 +42,7 @@ impl GrantCache {
     /// `credentials` and `body`, and so into the key.
     pub(super) fn key(&self, credentials: &Credentials, body: &[u8]) -> CacheKey {
         let headers = credentials
-            .headers
+            .headers()
             .iter()
             .flat_map(|(name, value)| [name.as_str().as_bytes(), value.as_bytes()]);
         // A header name is never empty, so an empty part ends the headers.
@@ -90,7 +90,7 @@ mod tests {
         let credentials = |cookie: &str| {
             let mut headers = HeaderMap::new();
             headers.insert(header::COOKIE, HeaderValue::from_str(cookie).unwrap());
-            Credentials { headers }
+            Credentials::new(headers)
         };
         let grant = |user: &str| Grant {
             user: Some(user.into()),

@@ -26,11 +26,15 @@ pub struct Grant {
 pub(super) enum Channels {
     /// Every channel (auth mode `none`).
     All,
-    /// Exact names, and prefixes (from patterns ending in `*`).
-    Listed {
-        exact: Vec<String>,
-        prefixes: Vec<String>,
-    },
+    /// Exact names, and prefixes (from patterns ending in `*`). Boxed: every
+    /// connection holds its grant, and `All` needs no room for lists.
+    Listed(Box<Listed>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Listed {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
 }
 
 impl Grant {
@@ -46,8 +50,8 @@ impl Grant {
 
     /// Adds one exact channel (the app allowed it through `subscribe_path`).
     pub fn allow(&mut self, channel: &ChannelName) {
-        if let Channels::Listed { exact, .. } = &mut self.channels {
-            exact.push(channel.as_str().to_owned());
+        if let Channels::Listed(listed) = &mut self.channels {
+            listed.exact.push(channel.as_str().to_owned());
         }
     }
 
@@ -55,7 +59,8 @@ impl Grant {
     pub fn allows(&self, channel: &ChannelName) -> bool {
         match &self.channels {
             Channels::All => true,
-            Channels::Listed { exact, prefixes } => {
+            Channels::Listed(listed) => {
+                let Listed { exact, prefixes } = &**listed;
                 let name = channel.as_str();
                 exact.iter().any(|e| e == name)
                     || prefixes.iter().any(|p| name.starts_with(p.as_str()))
@@ -143,7 +148,7 @@ pub(super) fn grant_from(
     }
     Grant {
         user: Some(user),
-        channels: Channels::Listed { exact, prefixes },
+        channels: Channels::Listed(Box::new(Listed { exact, prefixes })),
         expires_at: expires_in
             .map(|seconds| Instant::now() + Duration::from_secs(seconds.min(MAX_GRANT_SECONDS))),
         info: info.map(|info| info.get().to_owned()),

@@ -68,19 +68,26 @@ pub struct AuthRequest<'a> {
 }
 
 /// The headers sent to the app on a connection's behalf (the client's
-/// configured ones, `X-Forwarded-For`, and the JSON content type and
-/// accept of every such request), kept for refresh and subscribe requests
-/// later in the connection's life.
+/// configured ones and `X-Forwarded-For`), kept for refresh and subscribe
+/// requests later in the connection's life. With `auth.mode` `none` or
+/// `jwt` there are none, and an idle connection keeps no map for them.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
-    headers: HeaderMap,
+    headers: Option<Box<HeaderMap>>,
 }
 
 impl Credentials {
-    /// The headers to send; with `auth.mode` `none` or `jwt`, only the JSON
-    /// content type and accept.
+    pub fn new(headers: HeaderMap) -> Credentials {
+        Credentials {
+            headers: (!headers.is_empty()).then(|| Box::new(headers)),
+        }
+    }
+
+    /// The headers to send (the JSON content type and accept are added
+    /// when a call is sent, by `AppCalls::post`).
     pub fn headers(&self) -> &HeaderMap {
-        &self.headers
+        static NONE: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+        self.headers.as_deref().unwrap_or(&NONE)
     }
 }
 

@@ -148,6 +148,10 @@ impl Outbox {
             // The lane hands publications over in stamp order: a fence
             // older than this one has nothing left behind it.
             state.fences.retain(|(_, fence)| *fence >= stamp);
+            if state.fences.is_empty() {
+                // Not kept for a session that may stay idle for hours.
+                state.fences = Vec::new();
+            }
             let superseded = state
                 .fences
                 .iter()
@@ -573,10 +577,21 @@ impl Hub {
     /// the order it was handed them, each stamped with its place, so the
     /// lane's newest stamp now is the fence: whatever the lane hands this
     /// session later with a stamp at or before it is dropped.
+    ///
+    /// No fence is needed when the session discards on its lane's own thread
+    /// while the lane neither queues nor holds anything: the lane's task is
+    /// not running then (one thread), so everything stamped so far has been
+    /// handed over already. That is the common case (a session subscribing
+    /// on its own task), and it keeps an idle session from holding a fence.
     pub fn discard(&self, channel: &ChannelName, outbox: &Outbox) {
-        let fence = self
-            .lane_of(outbox.home)
-            .map(|lane| self.lanes[lane].queue.lock().expect("lane lock").stamped);
+        let fence = self.lane_of(outbox.home).and_then(|lane| {
+            let queue = self.lanes[lane].queue.lock().expect("lane lock");
+            let settled = self.current_lane() == Some(lane)
+                && queue.publications.is_empty()
+                && !queue.overflowed
+                && !queue.paused;
+            (!settled).then_some(queue.stamped)
+        });
         outbox.discard(channel, fence);
     }
 

@@ -19,16 +19,9 @@ use crate::signal::{Signal, Wait};
 pub struct Control {
     /// Wakes the session when an order arrives.
     wake: Arc<Signal>,
-    orders: Mutex<Orders>,
-}
-
-#[derive(Default)]
-struct Orders {
-    disconnect: Option<(u16, String)>,
-    /// The disconnect is the grant running out, not the app's order.
-    expired: bool,
-    unsubscribe: Vec<ChannelName>,
-    regrant: Option<Grant>,
+    /// Made at the first order: most sessions never get one, and an idle
+    /// connection should not carry room for them.
+    orders: Mutex<Option<Box<Taken>>>,
 }
 
 /// What a session must do, taken from its control.
@@ -52,34 +45,34 @@ impl Control {
         })
     }
 
-    /// Orders the session to close.
-    pub fn disconnect(&self, code: u16, reason: &str) {
-        self.orders.lock().expect("control lock").disconnect = Some((code, reason.to_owned()));
-        self.wake.notify();
-    }
-
-    /// Orders the session to close with 4001: its grant ran out.
-    pub fn expire(&self, reason: &str) {
+    /// Adds to the orders waiting and wakes the session.
+    fn order(&self, add: impl FnOnce(&mut Taken)) {
         let mut orders = self.orders.lock().expect("control lock");
-        orders.disconnect = Some((4001, reason.to_owned()));
-        orders.expired = true;
+        add(orders.get_or_insert_default());
         drop(orders);
         self.wake.notify();
     }
 
+    /// Orders the session to close.
+    pub fn disconnect(&self, code: u16, reason: &str) {
+        self.order(|orders| orders.disconnect = Some((code, reason.to_owned())));
+    }
+
+    /// Orders the session to close with 4001: its grant ran out.
+    pub fn expire(&self, reason: &str) {
+        self.order(|orders| {
+            orders.disconnect = Some((4001, reason.to_owned()));
+            orders.expired = true;
+        });
+    }
+
     /// Hands the session a renewed grant.
     pub fn regrant(&self, grant: Grant) {
-        self.orders.lock().expect("control lock").regrant = Some(grant);
-        self.wake.notify();
+        self.order(|orders| orders.regrant = Some(grant));
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
-        self.orders
-            .lock()
-            .expect("control lock")
-            .unsubscribe
-            .push(channel.clone());
-        self.wake.notify();
+        self.order(|orders| orders.unsubscribe.push(channel.clone()));
     }
 
     /// Waits for an order.
@@ -95,13 +88,8 @@ impl Control {
 
     /// Takes the orders waiting.
     pub fn take(&self) -> Taken {
-        let mut orders = self.orders.lock().expect("control lock");
-        Taken {
-            disconnect: orders.disconnect.take(),
-            expired: std::mem::take(&mut orders.expired),
-            unsubscribe: std::mem::take(&mut orders.unsubscribe),
-            regrant: orders.regrant.take(),
-        }
+        let orders = self.orders.lock().expect("control lock").take();
+        orders.map(|orders| *orders).unwrap_or_default()
     }
 }
 

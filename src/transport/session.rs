@@ -73,11 +73,14 @@ pub struct Session {
     /// Renews the grant when it runs out; stopped with the session.
     refresher: Option<tokio::task::AbortHandle>,
     /// When the grant runs out; shared with the refresher, so a grant
-    /// renewed by the client (a new token) moves its deadline.
-    expiry: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// renewed by the client (a new token) moves its deadline. Only with a
+    /// refresher: a grant that never runs out has none.
+    expiry: Option<Arc<std::sync::Mutex<Option<std::time::Instant>>>>,
     outbox: Arc<Outbox>,
-    /// This connection in presence entries and join/leave events.
-    member: Arc<Member>,
+    /// This connection in presence entries, join/leave events and calls to
+    /// the app: made from the grant the session started with when first
+    /// needed (most connections never need it).
+    member: std::sync::OnceLock<Arc<Member>>,
     subscriptions: Vec<Subscription>,
     /// The positions of all subscriptions, kept encoded-ready for SSE ids
     /// and long-poll answers.
@@ -94,8 +97,11 @@ impl Session {
         admission: Admission,
     ) -> Session {
         let outbox = Outbox::new(realtime.queue);
-        let expiry = Arc::new(std::sync::Mutex::new(admission.grant.expires_at));
-        let refresher = admission.grant.expires_at.is_some().then(|| {
+        let expiry = admission
+            .grant
+            .expires_at
+            .map(|at| Arc::new(std::sync::Mutex::new(Some(at))));
+        let refresher = expiry.as_ref().map(|expiry| {
             tokio::spawn(refresh(
                 realtime.clone(),
                 Arc::downgrade(&admission.registration.control),
@@ -107,18 +113,8 @@ impl Session {
             ))
             .abort_handle()
         });
-        let member = Arc::new(Member {
-            user: admission.grant.user.clone(),
-            connection: realtime.connection_id(admission.registration.id),
-            node: realtime.node.clone(),
-            info: admission
-                .grant
-                .info
-                .clone()
-                .and_then(|info| serde_json::value::RawValue::from_string(info).ok()),
-        });
         let session = Session {
-            member,
+            member: std::sync::OnceLock::new(),
             realtime,
             transport,
             grant: admission.grant,
@@ -136,6 +132,22 @@ impl Session {
         session
     }
 
+    /// This connection as presence entries, events and calls name it.
+    fn member(&self) -> &Arc<Member> {
+        self.member.get_or_init(|| {
+            Arc::new(Member {
+                user: self.grant.user.clone(),
+                connection: self.realtime.connection_id(self.registration.id),
+                node: self.realtime.node.clone(),
+                info: self
+                    .grant
+                    .info
+                    .clone()
+                    .and_then(|info| serde_json::value::RawValue::from_string(info).ok()),
+            })
+        })
+    }
+
     /// Tells the app (`events`) of what happened to this connection.
     /// Long-poll requests tell nothing: each is a short request, and no
     /// connection lasts between them whose start or end would mean anything
@@ -145,7 +157,7 @@ impl Session {
         if self.transport != Transport::Poll && events.wants(kind) {
             events.send(Event {
                 kind,
-                member: self.member.clone(),
+                member: self.member().clone(),
                 transport: self.transport.name(),
                 channel: channel.cloned(),
                 reason,
@@ -161,6 +173,11 @@ impl Session {
     /// Counts a write whose oldest publication is `oldest` (/metrics).
     pub fn delivered(&self, oldest: &Publication) {
         self.realtime.gauges.delivered(oldest);
+    }
+
+    /// The node's realtime side, as its config stands now.
+    pub(super) fn realtime(&self) -> &Arc<Realtime> {
+        &self.realtime
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -184,8 +201,8 @@ impl Session {
     /// Who this connection is, for calls to the app on its behalf.
     pub(super) fn caller(&self) -> super::calls::Caller {
         super::calls::Caller {
-            user: self.member.user.clone(),
-            connection: self.member.connection.clone(),
+            user: self.member().user.clone(),
+            connection: self.member().connection.clone(),
             credentials: self.credentials.clone(),
         }
     }
@@ -248,7 +265,7 @@ impl Session {
         let history = channels.broker.history(&channel, since, limit).await?;
         let mode = channels.rules().presence(channel.as_str());
         if mode.any() {
-            channels.broker.join(&channel, &self.member, mode).await?;
+            channels.broker.join(&channel, self.member(), mode).await?;
         }
         joining.keep();
         // The replay runs up to the stream's end, so the subscription now
@@ -333,7 +350,11 @@ impl Session {
     /// Takes a renewed grant; returns the channels it no longer allows, which
     /// the session has left (the transport tells the client).
     pub fn regrant(&mut self, grant: Grant) -> Vec<ChannelName> {
-        *self.expiry.lock().expect("expiry lock") = grant.expires_at;
+        if let Some(expiry) = &self.expiry {
+            *expiry.lock().expect("expiry lock") = grant.expires_at;
+        }
+        // The connection stays who it was when it started.
+        self.member();
         self.grant = grant;
         let refused: Vec<ChannelName> = self
             .subscriptions
@@ -357,7 +378,7 @@ impl Session {
             self.event(EventKind::Leave, Some(&channel), Some(why));
         }
         self.event(EventKind::Unsubscribe, Some(&channel), Some(why));
-        let present = mode.any().then(|| (self.member.clone(), mode));
+        let present = mode.any().then(|| (self.member().clone(), mode));
         channels.release(&channel, &self.outbox, present);
     }
 

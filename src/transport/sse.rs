@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
-use http_body::Body as _;
 use hyper::body::{Frame, Incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -201,17 +200,20 @@ async fn serve_detached(
     let mut out = Frames::default();
     out.0.push_back(head);
     let mut ended = false;
-    let mut discard = [0u8; 64];
+    // Clients send nothing on an SSE stream; this only notices them go.
+    let mut discard = [0u8; 16];
     loop {
         if out.has_remaining() {
-            match tokio::time::timeout(write_timeout, io.write_all_buf(&mut out)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
+            // `within` keeps an 8-byte handle to a timer rather than the
+            // timer itself: this task's largest state is an idle stream's.
+            match crate::timer::within(write_timeout, io.write_all_buf(&mut out)).await {
+                Some(Ok(())) => {}
+                Some(Err(err)) => {
                     tracing::debug!(error = %err, "SSE write failed");
                     stream.as_mut().lost();
                     return;
                 }
-                Err(_) => {
+                None => {
                     tracing::debug!(
                         "SSE client read nothing within realtime.sse.keepalive; dropped"
                     );
@@ -219,13 +221,12 @@ async fn serve_detached(
                     return;
                 }
             }
-            // A burst's worth of room is not kept for an idle stream.
-            if out.0.capacity() > IDLE_FRAMES {
-                out.0 = VecDeque::new();
-            }
+            // No room is kept for an idle stream: the next batch brings
+            // its own (see `Frames::gather`).
+            out.0 = VecDeque::new();
         }
         if ended {
-            let _ = tokio::time::timeout(write_timeout, io.shutdown()).await;
+            let _ = crate::timer::within(write_timeout, io.shutdown()).await;
             return;
         }
         let frames = std::future::poll_fn(|cx| out.gather(stream.as_mut(), cx));
@@ -239,9 +240,6 @@ async fn serve_detached(
     }
 }
 
-/// Frames a detached stream keeps room for between writes.
-const IDLE_FRAMES: usize = 4;
-
 /// Bytes waiting to be written, as one vectored write.
 #[derive(Default)]
 struct Frames(VecDeque<Bytes>);
@@ -251,13 +249,12 @@ impl Frames {
     /// is at least one, or the stream ended (`false`).
     fn gather(&mut self, mut stream: Pin<&mut SseStream>, cx: &mut Context<'_>) -> Poll<bool> {
         loop {
-            match stream.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.0.push_back(data);
-                    }
-                }
-                Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(false),
+            match stream.as_mut().poll_frames(cx) {
+                // The stream's frames as they are, room and all: between
+                // writes neither side keeps any.
+                Poll::Ready(Some(frames)) if self.0.is_empty() => self.0 = frames,
+                Poll::Ready(Some(frames)) => self.0.extend(frames),
+                Poll::Ready(None) => return Poll::Ready(false),
                 Poll::Pending if self.0.is_empty() => return Poll::Pending,
                 Poll::Pending => return Poll::Ready(true),
             }
@@ -307,9 +304,9 @@ pin_project_lite::pin_project! {
         #[pin]
         shutdown: crate::shutdown::Signalled,
         ordered: crate::signal::Wait,
-        // The pace's wait (see `State::pace`).
-        #[pin]
-        hold: tokio::time::Sleep,
+        // The pace's wait (see `State::pace`), on a timer only while it
+        // holds a write back.
+        hold: Option<crate::timer::Deadline>,
         keepalive: tokio::time::Interval,
         state: State,
     }
@@ -318,9 +315,7 @@ pin_project_lite::pin_project! {
 /// The stream's unpinned part.
 struct State {
     session: Session,
-    retry: std::time::Duration,
     out: Out,
-    batch: Vec<Arc<Publication>>,
     /// While it holds a write back, the outbox is drained when `hold`
     /// fires, with everything that came meanwhile.
     pace: super::Pace,
@@ -339,13 +334,11 @@ impl SseStream {
             ready,
             shutdown: realtime.drain.signalled_owned(),
             ordered,
-            hold: tokio::time::sleep_until(tokio::time::Instant::now()),
+            hold: None,
             keepalive,
             state: State {
                 session,
-                retry: realtime.config().sse.retry,
                 out: Out::default(),
-                batch: Vec::new(),
                 pace: super::Pace::new(realtime.config().coalesce_window),
                 done: false,
                 _gauge: gauge,
@@ -392,11 +385,23 @@ struct Out {
     frames: VecDeque<Bytes>,
     /// Whether an event was sent since the last keep-alive tick.
     active: bool,
-    /// Per-connection bytes (id lines) are written here and split off, so
-    /// steady streaming reuses one allocation.
-    scratch: BytesMut,
-    /// The encoded cursor, reused.
+}
+
+/// Room for a connection's own lines, shared by the streams of one thread
+/// (a stream writes its lines without yielding in between): an id line is
+/// written into `bytes` and split off, so steady streaming reuses one
+/// allocation, and an idle stream holds none.
+#[derive(Default)]
+struct Scratch {
+    bytes: BytesMut,
+    /// The encoded cursor.
     text: String,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    /// The publications a stream drains from its outbox at once.
+    static BATCH: std::cell::Cell<Vec<Arc<Publication>>> = std::cell::Cell::default();
 }
 
 impl Out {
@@ -414,12 +419,16 @@ impl Out {
             self.frames.push_back(id.clone());
             return;
         }
-        self.encode(ids);
-        self.scratch.reserve(self.text.len() + 6);
-        self.scratch.put_slice(b"id: ");
-        self.scratch.put_slice(self.text.as_bytes());
-        self.scratch.put_slice(b"\n\n");
-        self.frames.push_back(self.scratch.split().freeze());
+        let line = SCRATCH.with_borrow_mut(|Scratch { bytes, text }| {
+            text.clear();
+            ids.encode_into(text);
+            bytes.reserve(text.len() + 6);
+            bytes.put_slice(b"id: ");
+            bytes.put_slice(text.as_bytes());
+            bytes.put_slice(b"\n\n");
+            bytes.split().freeze()
+        });
+        self.frames.push_back(line);
     }
 
     /// A join or leave event: no id, as it is not a position.
@@ -430,10 +439,7 @@ impl Out {
 
     /// A `pushgate.reset` event, with `id: <ids>`.
     fn push_reset(&mut self, ids: &Cursor, channel: &ChannelName, position: Position) {
-        self.encode(ids);
-        let id = std::mem::take(&mut self.text);
-        self.push_reset_with_id(&id, channel, position);
-        self.text = id;
+        self.push_reset_with_id(&ids.encode(), channel, position);
     }
 
     /// A `pushgate.reset` event, with `id: <id>` (an encoded cursor).
@@ -443,12 +449,6 @@ impl Out {
             position.epoch, position.offset
         );
         self.frames.push_back(Bytes::from(event));
-    }
-
-    /// `ids`, encoded into `text`.
-    fn encode(&mut self, ids: &Cursor) {
-        self.text.clear();
-        ids.encode_into(&mut self.text);
     }
 }
 
@@ -475,7 +475,9 @@ impl State {
     /// `now`). Returns `false` when the stream must end (the session lagged
     /// or was closed).
     fn take_outbox(&mut self, now: tokio::time::Instant) -> bool {
-        let mut batch = std::mem::take(&mut self.batch);
+        // Taken from the thread and given back: a stream holds no room for
+        // batches while it is idle.
+        let mut batch = BATCH.take();
         let drained = self.session.outbox().drain_into(&mut batch);
         let open = match drained {
             Drained::Lagging => {
@@ -522,7 +524,7 @@ impl State {
             }
         }
         batch.clear();
-        self.batch = batch;
+        BATCH.set(batch);
         if !self.out.frames.is_empty() {
             self.pace.wrote(now);
         }
@@ -535,21 +537,46 @@ impl http_body::Body for SseStream {
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.as_mut().poll_ready(cx) {
+            Poll::Ready(true) => {
+                let frame = self.project().state.out.frames.pop_front();
+                Poll::Ready(frame.map(|bytes| Ok(Frame::data(bytes))))
+            }
+            Poll::Ready(false) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl SseStream {
+    /// Every frame ready now, at least one; `None` once the stream ended.
+    fn poll_frames(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<VecDeque<Bytes>>> {
+        self.as_mut()
+            .poll_ready(cx)
+            .map(|more| more.then(|| std::mem::take(&mut self.project().state.out.frames)))
+    }
+
+    /// Runs the stream until it has a frame to send (`true`) or has ended
+    /// (`false`).
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut this = self.project();
         loop {
             let state = &mut *this.state;
-            if let Some(bytes) = state.out.frames.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            if !state.out.frames.is_empty() {
+                return Poll::Ready(true);
             }
             if state.done {
-                return Poll::Ready(None);
+                return Poll::Ready(false);
             }
             if this.shutdown.as_mut().poll(cx).is_ready() {
                 // Come back soon, but not all at once.
-                let retry = jittered(state.retry);
+                let retry = jittered(state.session.realtime().config().sse.retry);
                 state.session.end_with(Reason::Shutdown);
                 state
                     .out
@@ -564,15 +591,26 @@ impl http_body::Body for SseStream {
             // A wake-up while holding (the outbox half full, lagging or
             // closed) writes at once.
             let woken = Pin::new(&mut *this.ready).poll(cx).is_ready();
-            let held_out = state.pace.holding() && this.hold.as_mut().poll(cx).is_ready();
+            let held_out = state.pace.holding()
+                && this
+                    .hold
+                    .as_mut()
+                    .is_some_and(|hold| Pin::new(hold).poll(cx).is_ready());
             if woken || held_out {
                 let now = tokio::time::Instant::now();
                 match state
                     .pace
                     .on_wake(now, || state.session.outbox().is_urgent())
                 {
-                    Some(until) => this.hold.as_mut().reset(until),
-                    None => state.done |= !state.take_outbox(now),
+                    Some(until) => match this.hold {
+                        Some(hold) => hold.reset(until),
+                        None => *this.hold = Some(crate::timer::Deadline::at(until)),
+                    },
+                    None => {
+                        // The timer goes back to the thread (or is freed).
+                        *this.hold = None;
+                        state.done |= !state.take_outbox(now);
+                    }
                 }
                 continue;
             }
