@@ -102,6 +102,9 @@ pub fn plain(status: StatusCode, text: String) -> Response<Body> {
     response
 }
 
+/// When a publish refused as `overloaded` may try again.
+pub const OVERLOADED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What kind of refusal an error is: the one fact the edges turn into a
 /// protocol's terms, an HTTP status ([`Kind::status`]) or a WebSocket close
 /// code ([`Kind::close_code`]). Nothing else maps errors to either.
@@ -195,6 +198,18 @@ impl Refusal {
             allow: None,
             retry_after: None,
         }
+    }
+
+    /// A publish refused unstored because the node's fan-out stayed
+    /// behind (`api.backpressure`).
+    pub fn overloaded() -> Refusal {
+        let mut refusal = Refusal::new(
+            Kind::Unavailable,
+            "overloaded",
+            "this node's subscribers are receiving publications late; nothing was stored: retry after Retry-After (api.backpressure)",
+        );
+        refusal.retry_after = Some(OVERLOADED_RETRY_AFTER);
+        refusal
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Refusal {

@@ -131,6 +131,8 @@
 //!   subscriptions counted across the hub and the engine, with one way out.
 //! - [`hub`]: the local channel registry and the fan-out to sessions:
 //!   bounded outboxes, the lag policy, one lane per shard thread.
+//!   - `hub::lateness`: how late sessions take what they are handed: what
+//!     publishers' backpressure waits on.
 //!   - `hub::tests`: fan-out, lanes, the lag policy and discards.
 //! - [`events`]: connection events sent to the app: a bounded queue that
 //!   never makes a session wait, and one task per node posting signed

@@ -36,14 +36,18 @@ pub enum PublishOutcome {
     Rejected,
     /// The engine could not store it (503).
     Failed,
+    /// Refused unstored: the node's fan-out stayed behind for
+    /// `api.backpressure.max_wait` (503 `overloaded`).
+    Overloaded,
 }
 
 impl PublishOutcome {
-    const ALL: [PublishOutcome; 4] = [
+    const ALL: [PublishOutcome; 5] = [
         PublishOutcome::Stored,
         PublishOutcome::Duplicate,
         PublishOutcome::Rejected,
         PublishOutcome::Failed,
+        PublishOutcome::Overloaded,
     ];
 
     fn label(self) -> &'static str {
@@ -52,6 +56,7 @@ impl PublishOutcome {
             PublishOutcome::Duplicate => "duplicate",
             PublishOutcome::Rejected => "rejected",
             PublishOutcome::Failed => "failed",
+            PublishOutcome::Overloaded => "overloaded",
         }
     }
 }
@@ -61,7 +66,7 @@ pub struct Metrics {
     /// Realtime connection and subscription gauges, kept by the transports.
     pub realtime: Arc<Gauges>,
     /// By [`PublishOutcome`], in its order.
-    publishes: [Counter; 4],
+    publishes: [Counter; 5],
     /// Refusals by rate limit, counted where each limit is kept.
     pub refused: Arc<Refused>,
     /// Proxied requests, counted by the proxy.
@@ -95,6 +100,7 @@ impl Metrics {
             subscribed_channels: hub.channel_count() as u64,
             deliveries: hub.delivered_total(),
             slow_consumers: hub.lagged_total(),
+            fanout_behind: hub.is_behind(),
             events,
             webhooks,
         };
@@ -110,7 +116,7 @@ impl Metrics {
 /// Everything read for one scrape.
 #[derive(Debug)]
 struct Scrape {
-    publishes: [(&'static str, u64); 4],
+    publishes: [(&'static str, u64); 5],
     realtime: Vec<(&'static str, i64, i64)>,
     realtime_counts: crate::transport::RealtimeCounts,
     delivery: Latency,
@@ -122,6 +128,7 @@ struct Scrape {
     subscribed_channels: u64,
     deliveries: u64,
     slow_consumers: u64,
+    fanout_behind: bool,
     /// `None` while `events.path` is not set.
     events: Option<PostStats>,
     /// `None` while no Pusher app has `webhook.url` set.
@@ -194,7 +201,7 @@ impl Collector for Scrape {
         };
         out.labelled(
             "pushgate_publishes",
-            "Publishes through the API by outcome: stored and duplicate count one per channel, rejected one per refused request or batch item, failed one per channel the engine could not store.",
+            "Publishes through the API by outcome: stored and duplicate count one per channel, rejected one per refused request or batch item, failed one per channel the engine could not store, overloaded one per request refused unstored because the fan-out stayed behind (api.backpressure).",
             MetricType::Counter,
             "outcome",
             counts(&self.publishes),
@@ -231,6 +238,11 @@ impl Collector for Scrape {
             MetricType::Counter,
             "outcome",
             counts(&[("recovered", realtime.recovered), ("reset", realtime.reset)]),
+        )?;
+        out.gauge(
+            "pushgate_fanout_behind",
+            "1 while this node's fan-out runs behind (most sessions take their publications later than api.backpressure.max_delay) and publishes wait; else 0.",
+            i64::from(self.fanout_behind),
         )?;
         out.gauge(
             "pushgate_calls_in_flight",

@@ -53,6 +53,7 @@ impl Node {
         let config = &settings.config;
         let drain = Drain::new();
         let hub = Arc::new(Hub::with_lanes(shards));
+        hub.set_backpressure(&config.api.backpressure);
         // This node's name in presence, connection ids and orders.
         let name = crate::cursor::Epoch::random().to_string();
         let broker: Arc<dyn Broker> = match config.engine.kind {

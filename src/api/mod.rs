@@ -105,6 +105,7 @@ impl Api {
     /// old keys stop working at once; a request already past its check
     /// completes.
     pub fn reload(&self, config: &Config) {
+        self.channels.hub.set_backpressure(&config.api.backpressure);
         self.keys
             .store(Arc::new(digests(&self.key_digest, &config.api.keys)));
         self.publish_rate.store(Arc::new(KeyedRate::new(
@@ -348,6 +349,12 @@ impl Api {
         B::Error: Into<BoxError>,
     {
         let body = self.json_body(request).await?;
+        // Before anything is stored: a batch waits once, and is refused
+        // whole.
+        if !self.channels.hub.caught_up().await {
+            self.metrics.publish(metrics::PublishOutcome::Overloaded, 1);
+            return Err(Refusal::overloaded());
+        }
         let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
         if first == Some(b'[') {
             return self.publish_batch(&body).await;

@@ -283,6 +283,37 @@ pub struct ApiConfig {
     pub publishes_per_second: u32,
     /// How many publish requests one key may send at once above that.
     pub publish_burst: u32,
+    pub backpressure: BackpressureConfig,
+}
+
+/// Publishers wait while this node's fan-out runs behind (docs/api.md,
+/// "Backpressure").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackpressureConfig {
+    /// A session that takes a publication more than this after it was
+    /// published takes it late; when most do, the fan-out is behind. 0s:
+    /// never wait.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+    /// How long a publish waits for the fan-out to catch up before it is
+    /// refused (503 `overloaded`, not stored).
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+}
+
+pub const DEFAULT_BACKPRESSURE_MAX_DELAY: Duration = Duration::from_millis(500);
+pub const DEFAULT_BACKPRESSURE_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Longest a publish may be held.
+pub const MAX_BACKPRESSURE_WAIT: Duration = Duration::from_secs(60);
+
+impl Default for BackpressureConfig {
+    fn default() -> Self {
+        BackpressureConfig {
+            max_delay: DEFAULT_BACKPRESSURE_MAX_DELAY,
+            max_wait: DEFAULT_BACKPRESSURE_MAX_WAIT,
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -296,6 +327,7 @@ impl Default for ApiConfig {
             max_connections: DEFAULT_API_MAX_CONNECTIONS,
             publishes_per_second: 10_000,
             publish_burst: 20_000,
+            backpressure: BackpressureConfig::default(),
         }
     }
 }

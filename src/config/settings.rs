@@ -623,6 +623,17 @@ impl Config {
                 );
             }
         }
+        if self.api.backpressure.max_wait > MAX_BACKPRESSURE_WAIT {
+            problem(
+                "api.backpressure.max_wait",
+                format!(
+                    "{} is longer than {}",
+                    humantime::format_duration(self.api.backpressure.max_wait),
+                    humantime::format_duration(MAX_BACKPRESSURE_WAIT)
+                ),
+                "publishers' own timeouts are shorter; use e.g. 2s, or 0s to refuse at once",
+            );
+        }
         if realtime.coalesce_window > MAX_COALESCE_WINDOW {
             problem(
                 "realtime.coalesce_window",

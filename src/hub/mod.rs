@@ -55,6 +55,9 @@ use crate::signal::{Signal, Wait};
 
 use crate::message::{ChannelName, Publication};
 
+mod lateness;
+use lateness::Lateness;
+
 /// Bounds of one session's queue.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -197,8 +200,12 @@ impl Outbox {
         if state.lagging {
             return Drained::Lagging;
         }
+        let from = batch.len();
         batch.extend(state.queue.drain(..));
         state.bytes = 0;
+        if let Some(oldest) = batch.get(from) {
+            Lateness::took(oldest.published_at_ms(), crate::message::now_ms);
+        }
         if state.closed {
             Drained::Closed
         } else {
@@ -339,6 +346,8 @@ impl Subscribers {
 struct Lane {
     queue: Mutex<LaneQueue>,
     ready: Signal,
+    /// How late its sessions take what they are handed.
+    lateness: Arc<Lateness>,
 }
 
 #[derive(Default)]
@@ -399,7 +408,15 @@ pub struct Hub {
     lagged: AtomicU64,
     /// Publications handed to sessions, for /metrics.
     delivered: AtomicU64,
+    /// Past this (ms), a session takes its publications late (see
+    /// [`Hub::is_behind`]); 0 measures nothing.
+    max_delay_ms: Arc<AtomicU64>,
+    /// How long [`Hub::caught_up`] waits (ms).
+    max_wait_ms: AtomicU64,
 }
+
+/// How often a publish held back looks again whether the fan-out caught up.
+const CATCH_UP_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Default for Hub {
     fn default() -> Self {
@@ -423,7 +440,66 @@ impl Hub {
             lanes: (0..lanes).map(|_| Lane::default()).collect(),
             lagged: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            max_delay_ms: Arc::default(),
+            max_wait_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Takes `api.backpressure`: sessions that take publications more than
+    /// `max_delay` after they were published take them late (zero turns
+    /// backpressure off), and a publish waits at most `max_wait` for the
+    /// fan-out to catch up ([`Hub::caught_up`]).
+    pub fn set_backpressure(&self, config: &crate::config::BackpressureConfig) {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.max_delay_ms
+            .store(ms(config.max_delay), Ordering::Relaxed);
+        self.max_wait_ms
+            .store(ms(config.max_wait), Ordering::Relaxed);
+    }
+
+    /// Waits while the fan-out runs behind ([`Hub::is_behind`]), at most
+    /// the max wait; says whether it caught up. A publisher calls it before
+    /// it stores anything, so one refused has stored nothing.
+    ///
+    /// This is the node's overload policy: when publications come faster
+    /// than its sessions can write them, publishers are slowed (and told to
+    /// retry when slowing them is not enough), rather than every message
+    /// arriving ever later.
+    pub async fn caught_up(&self) -> bool {
+        if !self.is_behind() {
+            return true;
+        }
+        let max_wait = self.max_wait_ms.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(max_wait);
+        loop {
+            // Looked at again after each short pause: only an overloaded
+            // node's publishers pay for it.
+            let pause = deadline.min(tokio::time::Instant::now() + CATCH_UP_POLL);
+            tokio::time::sleep_until(pause).await;
+            if !self.is_behind() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// The largest share, over the lanes, of recent takes from outboxes
+    /// that came late (0 to 1; see `hub::lateness`).
+    pub fn late_share(&self) -> f64 {
+        let now = crate::message::now_ms();
+        self.lanes
+            .iter()
+            .map(|lane| lane.lateness.late_share(now))
+            .fold(0.0, f64::max)
+    }
+
+    /// Whether the fan-out runs behind: on some lane, most sessions take
+    /// their publications more than the max delay after they were
+    /// published. Never with the measure off.
+    pub fn is_behind(&self) -> bool {
+        self.max_delay_ms.load(Ordering::Relaxed) > 0 && self.late_share() > 0.5
     }
 
     fn bucket(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Subscribers>> {
@@ -460,6 +536,10 @@ impl Hub {
             hub: self.id,
             lane: index,
         }));
+        Lateness::serve_on_this_thread(
+            self.lanes[index].lateness.clone(),
+            self.max_delay_ms.clone(),
+        );
         async move {
             let lane = &self.lanes[index];
             let mut batch = VecDeque::new();

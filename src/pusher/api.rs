@@ -118,6 +118,14 @@ impl PusherApi {
         let params = Params::parse(query);
         let segments: Vec<&str> = rest.split('/').collect();
         let done = |value: Value| Ok(Answer::Done(json_answer(StatusCode::OK, &value)));
+        let publishes = matches!(segments.as_slice(), ["events" | "batch_events"]);
+        if method == Method::POST && publishes && !self.channels.hub.caught_up().await {
+            // Before anything is stored, as for pushgate's own API.
+            return Err(Refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::error::Refusal::overloaded().message,
+            ));
+        }
         match (method, segments.as_slice()) {
             (&Method::POST, ["events"]) => {
                 let event = parse_json::<Event>(body)?;

@@ -7,6 +7,7 @@
 mod common;
 
 mod auth;
+mod backpressure;
 mod cursors;
 mod events;
 mod exactness;
