@@ -111,7 +111,9 @@ struct OutboxState {
     /// publications for them, each with the lane's newest stamp at the
     /// discard (see [`Hub::discard`]). At most one per channel; dropped once
     /// the lane hands over anything stamped later.
-    fences: Vec<(ChannelName, u64)>,
+    /// Boxed, and none at all without a fence: every session has an
+    /// outbox, and almost none has a fence for long.
+    fences: Option<Box<Vec<(ChannelName, u64)>>>,
 }
 
 /// What a session finds when it drains its outbox.
@@ -147,18 +149,16 @@ impl Outbox {
         if state.lagging || state.closed {
             return Push::Refused;
         }
-        if let (Some(stamp), false) = (stamp, state.fences.is_empty()) {
+        if let (Some(stamp), Some(fences)) = (stamp, state.fences.as_mut()) {
             // The lane hands publications over in stamp order: a fence
             // older than this one has nothing left behind it.
-            state.fences.retain(|(_, fence)| *fence >= stamp);
-            if state.fences.is_empty() {
-                // Not kept for a session that may stay idle for hours.
-                state.fences = Vec::new();
-            }
-            let superseded = state
-                .fences
+            fences.retain(|(_, fence)| *fence >= stamp);
+            let superseded = fences
                 .iter()
                 .any(|(channel, _)| channel == publication.channel());
+            if fences.is_empty() {
+                state.fences = None;
+            }
             if superseded {
                 return Push::Superseded;
             }
@@ -285,8 +285,9 @@ impl Outbox {
         });
         state.bytes -= dropped;
         if let Some(fence) = fence {
-            state.fences.retain(|(fenced, _)| fenced != channel);
-            state.fences.push((channel.clone(), fence));
+            let fences = state.fences.get_or_insert_default();
+            fences.retain(|(fenced, _)| fenced != channel);
+            fences.push((channel.clone(), fence));
         }
     }
 
@@ -311,8 +312,8 @@ pub const LANE_QUEUE_MAX: usize = 65_536;
 /// Where a session's task runs: one lane of one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Home {
-    hub: u64,
-    lane: usize,
+    hub: u32,
+    lane: u32,
 }
 
 thread_local! {
@@ -321,7 +322,7 @@ thread_local! {
 }
 
 /// Tells hubs apart in [`Home`].
-static NEXT_HUB_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_HUB_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// A channel's local subscribers: one list per lane, then one for the
 /// sessions that run outside any lane.
@@ -400,7 +401,7 @@ impl Lane {
 
 /// Who on this node hears which channel.
 pub struct Hub {
-    id: u64,
+    id: u32,
     buckets: Box<[RwLock<HashMap<ChannelName, Subscribers>>]>,
     hasher: RandomState,
     lanes: Box<[Lane]>,
@@ -513,8 +514,9 @@ impl Hub {
     }
 
     fn lane_of(&self, home: Option<Home>) -> Option<usize> {
-        home.filter(|home| home.hub == self.id && home.lane < self.lanes.len())
-            .map(|home| home.lane)
+        home.map(|home| (home.hub, home.lane as usize))
+            .filter(|&(hub, lane)| hub == self.id && lane < self.lanes.len())
+            .map(|(_, lane)| lane)
     }
 
     /// Which of a channel's lists holds `outbox`.
@@ -534,7 +536,7 @@ impl Hub {
         assert!(index < self.lanes.len(), "the hub has no lane {index}");
         LANE.set(Some(Home {
             hub: self.id,
-            lane: index,
+            lane: u32::try_from(index).expect("fewer lanes than u32::MAX"),
         }));
         Lateness::serve_on_this_thread(
             self.lanes[index].lateness.clone(),

@@ -453,7 +453,7 @@ fn a_discard_drops_what_the_sessions_lane_still_holds_for_that_channel_only() {
         assert_eq!(offsets(&session), [o(1), c(8)]);
         assert_eq!(offsets(&neighbour), [c(0), o(1), c(7), c(8)]);
         assert!(
-            session.state.lock().unwrap().fences.is_empty(),
+            session.state.lock().unwrap().fences.is_none(),
             "the lane is past the fence: it is gone"
         );
         // Later ones come through, from either side of the lane.
