@@ -27,7 +27,27 @@ mod websocket;
 use opening::{open_http, parse_cursor, Opening, RealtimeQuery};
 use origin::{cors, origin_refused, preflight};
 pub use origin::{OriginCheck, Origins};
-use pace::{jittered, Pace};
+use pace::{jittered, Hold, Pace};
+
+thread_local! {
+    /// Room for the publications a session drains from its outbox at once,
+    /// one per thread ([`take_batch`]).
+    static BATCH: std::cell::Cell<Vec<Arc<crate::message::Publication>>> =
+        std::cell::Cell::default();
+}
+
+/// Room for a drain, taken from the thread: a session holds none while it
+/// is idle. A session that awaits while it holds it leaves the thread's
+/// next taker an empty one, which grows its own.
+fn take_batch() -> Vec<Arc<crate::message::Publication>> {
+    BATCH.take()
+}
+
+/// Gives a drain's room back to the thread, emptied.
+fn give_batch(mut batch: Vec<Arc<crate::message::Publication>>) {
+    batch.clear();
+    BATCH.set(batch);
+}
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -64,6 +64,42 @@ impl Pace {
     }
 }
 
+/// What a paced connection waits on while it holds a write back: a timer
+/// taken (a kept one, where the thread keeps them) when a hold starts and
+/// given back when it ends, so an idle connection holds none. Pending for
+/// as long as nothing is held.
+#[derive(Default)]
+pub(super) struct Hold(Option<crate::timer::Deadline>);
+
+impl Hold {
+    /// Holds until `at`.
+    pub(super) fn until(&mut self, at: tokio::time::Instant) {
+        match &mut self.0 {
+            Some(deadline) => deadline.reset(at),
+            None => self.0 = Some(crate::timer::Deadline::at(at)),
+        }
+    }
+
+    /// The hold is over: its timer goes back.
+    pub(super) fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl std::future::Future for Hold {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match &mut self.0 {
+            Some(deadline) => std::pin::Pin::new(deadline).poll(cx),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
 #[cfg(test)]
 mod pace_tests {
     use super::Pace;

@@ -304,9 +304,8 @@ pin_project_lite::pin_project! {
         #[pin]
         shutdown: crate::shutdown::Signalled,
         ordered: crate::signal::Wait,
-        // The pace's wait (see `State::pace`), on a timer only while it
-        // holds a write back.
-        hold: Option<crate::timer::Deadline>,
+        // The pace's wait (see `State::pace`).
+        hold: super::Hold,
         keepalive: tokio::time::Interval,
         state: State,
     }
@@ -334,7 +333,7 @@ impl SseStream {
             ready,
             shutdown: realtime.drain.signalled_owned(),
             ordered,
-            hold: None,
+            hold: super::Hold::default(),
             keepalive,
             state: State {
                 session,
@@ -400,8 +399,6 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
-    /// The publications a stream drains from its outbox at once.
-    static BATCH: std::cell::Cell<Vec<Arc<Publication>>> = std::cell::Cell::default();
 }
 
 impl Out {
@@ -475,9 +472,7 @@ impl State {
     /// `now`). Returns `false` when the stream must end (the session lagged
     /// or was closed).
     fn take_outbox(&mut self, now: tokio::time::Instant) -> bool {
-        // Taken from the thread and given back: a stream holds no room for
-        // batches while it is idle.
-        let mut batch = BATCH.take();
+        let mut batch = super::take_batch();
         let drained = self.session.outbox().drain_into(&mut batch);
         let open = match drained {
             Drained::Lagging => {
@@ -523,8 +518,7 @@ impl State {
                 self.out.push_event(self.session.cursor(), &publication);
             }
         }
-        batch.clear();
-        BATCH.set(batch);
+        super::give_batch(batch);
         if !self.out.frames.is_empty() {
             self.pace.wrote(now);
         }
@@ -591,24 +585,16 @@ impl SseStream {
             // A wake-up while holding (the outbox half full, lagging or
             // closed) writes at once.
             let woken = Pin::new(&mut *this.ready).poll(cx).is_ready();
-            let held_out = state.pace.holding()
-                && this
-                    .hold
-                    .as_mut()
-                    .is_some_and(|hold| Pin::new(hold).poll(cx).is_ready());
+            let held_out = state.pace.holding() && Pin::new(&mut *this.hold).poll(cx).is_ready();
             if woken || held_out {
                 let now = tokio::time::Instant::now();
                 match state
                     .pace
                     .on_wake(now, || state.session.outbox().is_urgent())
                 {
-                    Some(until) => match this.hold {
-                        Some(hold) => hold.reset(until),
-                        None => *this.hold = Some(crate::timer::Deadline::at(until)),
-                    },
+                    Some(until) => this.hold.until(until),
                     None => {
-                        // The timer goes back to the thread (or is freed).
-                        *this.hold = None;
+                        this.hold.release();
                         state.done |= !state.take_outbox(now);
                     }
                 }

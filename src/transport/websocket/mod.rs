@@ -14,7 +14,6 @@
 //! UTF-8, a message over the limit) closes with the code RFC 6455 §7.4.1
 //! names for it ([`read_failure`]).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -41,7 +40,7 @@ use crate::conn::ConnInfo;
 use crate::error::{Kind, Refusal};
 use crate::events::Reason;
 use crate::headers::has_token;
-use crate::message::{ChannelName, Publication};
+use crate::message::ChannelName;
 use crate::rate::{Limit, Rate};
 use crate::signal::Wait;
 use commands::{
@@ -251,7 +250,6 @@ struct Connection {
     publishes: Option<Box<Rate>>,
     heartbeat: Heartbeat,
     pace: super::Pace,
-    batch: Vec<Arc<Publication>>,
     /// The outbox's wake-up. Kept here rather than in the serve loop so that
     /// a write waiting on a client that stopped reading still hears the
     /// session fall behind ([`Connection::io`]).
@@ -302,7 +300,6 @@ impl Connection {
             publishes: None,
             heartbeat,
             pace,
-            batch: Vec::new(),
             ready,
             woken: false,
             calls: None,
@@ -352,16 +349,16 @@ impl Connection {
         let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
         // While the pace holds a write back, what arrives meanwhile goes
         // out with it when `hold` fires (or the outbox wakes the session
-        // again: half full, lagging or closed).
-        let hold = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(drain, ordered, heartbeat, hold);
+        // again: half full, lagging or closed). It has a timer only then.
+        let mut hold = super::Hold::default();
+        tokio::pin!(drain, ordered, heartbeat);
         // The task of an idle connection holds this future at its largest
         // state, so what a branch awaits (a flush, an order, a ping, the
         // frame read) is boxed while it runs: one short-lived allocation per
         // write or frame, against about 400 B held by every connection.
         loop {
             if std::mem::take(&mut self.woken) {
-                if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                     return end;
                 }
             }
@@ -376,12 +373,12 @@ impl Connection {
                     }
                 }
                 () = &mut self.ready => {
-                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                         return end;
                     }
                 }
                 () = &mut hold, if self.pace.holding() => {
-                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                         return end;
                     }
                 }
@@ -473,22 +470,25 @@ impl Connection {
     }
 
     /// Writes what the outbox holds now, or holds the write back until the
-    /// pace's window has passed (resetting `hold` to fire then).
-    async fn paced_flush(&mut self, hold: Pin<&mut tokio::time::Sleep>) -> Result<(), End> {
+    /// pace's window has passed (setting `hold` to fire then).
+    async fn paced_flush(&mut self, hold: &mut super::Hold) -> Result<(), End> {
         let now = Instant::now();
         match self.pace.on_wake(now, || self.session.outbox().is_urgent()) {
             Some(until) => {
-                hold.reset(until);
+                hold.until(until);
                 Ok(())
             }
-            None => self.flush_outbox(now).await,
+            None => {
+                hold.release();
+                self.flush_outbox(now).await
+            }
         }
     }
 
     /// Writes everything the outbox holds, with one flush (the pace's write
     /// at `now`).
     async fn flush_outbox(&mut self, now: Instant) -> Result<(), End> {
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = super::take_batch();
         let drained = self.session.outbox().drain_into(&mut batch);
         match drained {
             crate::hub::Drained::Lagging => {
@@ -529,7 +529,7 @@ impl Connection {
                 .await?;
             fed = true;
         }
-        self.batch = batch;
+        super::give_batch(batch);
         if fed {
             self.pace.wrote(now);
             self.flush().await?;
