@@ -21,3 +21,4 @@ mod sse_poll;
 mod two_way;
 mod websocket;
 mod ws_abuse;
+mod ws_compression;
