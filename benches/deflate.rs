@@ -22,7 +22,9 @@ const SIZES: [usize; 8] = [64, 128, 256, 512, 1024, 2048, 8192, 32768];
 
 /// An envelope of about `size` bytes.
 fn envelope(size: usize) -> Vec<u8> {
-    let mut json = String::from(r#"{"channel":"prices","epoch":"Xk2v9Qa1","offset":42,"data":{"seq":7,"rows":["#);
+    let mut json = String::from(
+        r#"{"channel":"prices","epoch":"Xk2v9Qa1","offset":42,"data":{"seq":7,"rows":["#,
+    );
     let mut n = 0u64;
     while json.len() + 3 < size {
         if n > 0 {
