@@ -16,36 +16,60 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 /// What ends every sync-flushed message, left off on the wire.
 pub const TRAILER: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
+/// A thread's compressor, and the buffer it compresses into.
+struct Compressor {
+    deflate: Compress,
+    out: Vec<u8>,
+}
+
+/// Scratch a thread keeps between messages; a larger buffer (grown for a
+/// larger message) is let go.
+const KEPT_SCRATCH: usize = 64 << 10;
+
 thread_local! {
     /// Each thread's compressor, reset for every message. Making one
     /// allocates and zeroes about 300 KiB (miniz's window, hash chains and
     /// buffers): on fresh pages that cost a server about 150 µs per message
-    /// where the reset costs under 20 µs
     /// (docs/perf-log/2026-12-07-websocket-compression.md).
-    static COMPRESSOR: RefCell<Compress> =
-        RefCell::new(Compress::new(Compression::default(), false));
+    static COMPRESSOR: RefCell<Compressor> = RefCell::new(Compressor {
+        deflate: Compress::new(Compression::default(), false),
+        out: Vec::new(),
+    });
     /// Each thread's inflater (about 40 KiB), reset for every message, for
     /// the same reason.
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
 /// `message` compressed, when that is smaller than the message itself;
-/// `None` when compressing does not pay (short or random bytes).
+/// `None` when compressing does not pay (short or random bytes). The bytes
+/// returned hold no more than the compressed length.
 pub fn compress(message: &[u8]) -> Option<Bytes> {
-    COMPRESSOR.with_borrow_mut(|compressor| {
+    COMPRESSOR.with_borrow_mut(|Compressor { deflate, out }| {
         // Every message on its own: no context taken over from the last.
-        compressor.reset();
-        compress_with(compressor, message)
+        deflate.reset();
+        out.clear();
+        out.reserve(message.len() + TRAILER.len());
+        let compressed = compress_into(deflate, message, out).map(Bytes::copy_from_slice);
+        if out.capacity() > KEPT_SCRATCH {
+            *out = Vec::new();
+        }
+        compressed
     })
 }
 
-fn compress_with(compressor: &mut Compress, message: &[u8]) -> Option<Bytes> {
-    let mut out = Vec::with_capacity(message.len() + TRAILER.len());
+/// Compresses `message` into `out`, whose room is the message's length
+/// and the trailer's; the compressed bytes, without the trailer.
+fn compress_into<'a>(
+    compressor: &mut Compress,
+    message: &[u8],
+    out: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    let room = out.len() + message.len() + TRAILER.len();
     loop {
         let consumed = compressor.total_in() as usize;
         let written = out.len();
         compressor
-            .compress_vec(&message[consumed..], &mut out, FlushCompress::Sync)
+            .compress_vec(&message[consumed..], out, FlushCompress::Sync)
             .ok()?;
         let taken = compressor.total_in() as usize;
         if taken == message.len() && out.ends_with(&TRAILER) {
@@ -53,12 +77,12 @@ fn compress_with(compressor: &mut Compress, message: &[u8]) -> Option<Bytes> {
         }
         // The output has room for the whole message and the trailer: once
         // it is full (or stuck), the result would be no smaller.
-        if out.len() == out.capacity() || (taken == consumed && out.len() == written) {
+        if out.len() >= room || (taken == consumed && out.len() == written) {
             return None;
         }
     }
-    out.truncate(out.len() - TRAILER.len());
-    (out.len() < message.len()).then(|| Bytes::from(out))
+    let compressed = &out[..out.len() - TRAILER.len()];
+    (compressed.len() < message.len()).then_some(compressed)
 }
 
 /// Why a message could not be inflated.
