@@ -1,6 +1,7 @@
 //! Raw DEFLATE for one WebSocket message at a time: permessage-deflate
 //! (RFC 7692) without context takeover, so every message is compressed and
-//! inflated on its own, and nothing is kept between messages.
+//! inflated on its own: each thread's compressor and inflater are reset for
+//! every message, and no window carries over.
 //!
 //! A message is compressed as RFC 7692 §7.2.1 says: a raw DEFLATE stream
 //! (no zlib header) ended with a sync flush, whose closing empty block
