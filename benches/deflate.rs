@@ -30,7 +30,7 @@ fn envelope(size: usize) -> Vec<u8> {
         if n > 0 {
             json.push(',');
         }
-        let side = if n % 3 == 0 { "sell" } else { "buy" };
+        let side = if n.is_multiple_of(3) { "sell" } else { "buy" };
         let _ = write!(
             json,
             r#"{{"symbol":"S{:03}","price":{}.{:02},"size":{},"side":"{side}"}}"#,

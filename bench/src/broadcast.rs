@@ -959,7 +959,7 @@ fn padding(size: usize) -> String {
         if n > 0 {
             rows.push(',');
         }
-        let side = if n % 3 == 0 { "sell" } else { "buy" };
+        let side = if n.is_multiple_of(3) { "sell" } else { "buy" };
         let _ = write!(
             rows,
             r#"{{"symbol":"S{:03}","price":{}.{:02},"size":{},"side":"{side}"}}"#,
