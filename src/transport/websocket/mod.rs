@@ -134,10 +134,10 @@ pub(super) async fn open_socket(
     deflate: bool,
 ) -> Socket {
     let io = TokioIo::new(upgraded);
-    let io = match (deflate, config.max_message_size) {
-        (true, Some(limit)) => Inflating::deflate(io, limit),
-        (true, None) => Inflating::deflate(io, usize::MAX),
-        (false, _) => Inflating::plain(io),
+    let io = if deflate {
+        Inflating::deflate(io, config.max_message_size.unwrap_or(usize::MAX))
+    } else {
+        Inflating::plain(io)
     };
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
