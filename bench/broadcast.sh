@@ -10,6 +10,7 @@
 #     RATES="2000 5000" TRANSPORTS=sse bench/broadcast.sh       # many channels
 #   SEARCH=1 RATES="5 10 20 40" bench/broadcast.sh             # rising rates
 #   TRANSPORTS="ws pusher" bench/broadcast.sh                  # Pusher beside ws
+#   TRANSPORTS=ws DEFLATE="0 1" PAYLOAD_SIZE=2048 bench/broadcast.sh   # compression off/on
 #
 # Knobs (environment):
 #   TARGETS       servers, in this order in every round     (default pushgate);
@@ -30,6 +31,12 @@
 #                 when CHANNELS > 1)
 #   RATES         publications per second, in all          (default "5 10 20")
 #   DURATION      seconds of publishing per run            (default 10)
+#   PAYLOAD_SIZE  each publication's JSON padded to about this many bytes
+#                 with rows of a made-up price feed; 0: `{"seq","t"}` alone,
+#                 about 30 bytes                           (default 0)
+#   DEFLATE       "0 1": WebSocket subscribers without and with a
+#                 permessage-deflate offer (as browsers make), taking turns
+#                 like the transports; 1 applies to ws only (default 0)
 #   CONNECT_RATE  new connections per second               (default 2000)
 #   PUSHPIN_CONNECT_RATE  the same for Pushpin, whose every subscribe goes
 #                 through the upstream; at 1,000/s some WebSocket-over-HTTP
@@ -53,7 +60,9 @@
 # (MiB) idle after connecting and its peak under load; CPU in % of one core of
 # the server (all its processes), of the load generator, and of everything
 # else on the machine ("other%": well above a few %, other work shared the 2
-# cores and the row is not comparable).
+# cores and the row is not comparable); the server's CPU per delivery in µs
+# ("us/del") and the bytes subscribers read per delivery ("B/del", frames or
+# SSE lines included; not counted for long-poll).
 #
 # Every run gets a fresh server (so its RSS is that run's alone) and a fresh
 # set of subscribers. pushgate sizes its connection limit from the open-file
@@ -74,6 +83,8 @@ CHANNELS=${CHANNELS:-1}
 if ((CHANNELS > 1)); then PUBLISHERS=${PUBLISHERS:-16}; else PUBLISHERS=${PUBLISHERS:-1}; fi
 RATES=${RATES:-"5 10 20"}
 DURATION=${DURATION:-10}
+PAYLOAD_SIZE=${PAYLOAD_SIZE:-0}
+DEFLATE=${DEFLATE:-0}
 CONNECT_RATE=${CONNECT_RATE:-2000}
 PUSHPIN_CONNECT_RATE=${PUSHPIN_CONNECT_RATE:-500}
 SEARCH=${SEARCH:-0}
@@ -150,6 +161,7 @@ machine:  $(machine_info)
 $(versions)
 runs:     targets "$TARGETS", transports "$TRANSPORTS", subscribers "$SUBSCRIBERS" on $CHANNELS channel(s),
           rates "$RATES"/s over $PUBLISHERS publishing connection(s), ${DURATION}s each,
+          payload ${PAYLOAD_SIZE:-0} bytes (0: bare), permessage-deflate offered: "$DEFLATE",
           connect rate $CONNECT_RATE/s (Pushpin $PUSHPIN_CONNECT_RATE/s), client addresses $BIND_IPS,
           $THREADS load-generator thread(s)$( ((SEARCH)) && printf '\n%s' "          search: rising rates until ratio < $MIN_RATIO, p99 > $MAX_P99_MS ms or the rate not kept")
 
@@ -160,10 +172,12 @@ RESULTS=$WORK/results.jsonl
 header=true
 run=0
 
-# measure TARGET TRANSPORT SUBS RATE: one run on a fresh server; prints the
-# row, appends the JSON line to RESULTS and leaves it in LAST.
+# measure TARGET TRANSPORT SUBS RATE [DEFLATE]: one run on a fresh server;
+# prints the row, appends the JSON line to RESULTS and leaves it in LAST.
 measure() {
-    local target=$1 transport=$2 subs=$3 rate=$4 out connect_rate=$CONNECT_RATE pid_args=()
+    local target=$1 transport=$2 subs=$3 rate=$4 out connect_rate=$CONNECT_RATE pid_args=() deflate_args=()
+    local label=$target
+    [[ ${5:-0} == 1 ]] && deflate_args=(--deflate) && label=$target+deflate
     run=$((run + 1))
     [[ $target == pushpin ]] && connect_rate=$PUSHPIN_CONNECT_RATE
     wait_quiet
@@ -172,13 +186,14 @@ measure() {
     local kind=$target
     [[ $target == baseline ]] && kind=pushgate
     [[ $target == floor ]] && kind=nchan
-    out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$kind" --label "$target" \
+    out=$(timeout $((DURATION * 10 + 300)) "$BENCH" broadcast --target "$kind" --label "$label" \
         --public "$PUBLIC" --api "$API" --key "$api_key" \
         --pusher-app "$pusher_app" --pusher-key "$pusher_key" --pusher-secret "$pusher_secret" \
         --transport "$transport" --subscribers "$subs" --channel "bench-$run" \
         --channels "$CHANNELS" --publishers "$PUBLISHERS" \
         --rate "$rate" --duration "$DURATION" --connect-rate "$connect_rate" \
         --bind-ips "$BIND_IPS" "${pid_args[@]}" --threads "$THREADS" \
+        --payload-size "$PAYLOAD_SIZE" "${deflate_args[@]}" \
         --header "$header" 2>"$WORK/bench.err") || {
         cat "$WORK/bench.err" >&2
         die "the load generator failed (run $run: $target, $transport, $subs subscribers, $rate/s)"
@@ -240,9 +255,12 @@ else
     for subs in $SUBSCRIBERS; do
         for rate in $RATES; do
             for transport in $TRANSPORTS; do
-                for target in $TARGETS; do
-                    skip "$target" "$transport" && continue
-                    measure "$target" "$transport" "$subs" "$rate"
+                for deflate in $DEFLATE; do
+                    [[ $deflate == 1 && $transport != ws ]] && continue
+                    for target in $TARGETS; do
+                        skip "$target" "$transport" && continue
+                        measure "$target" "$transport" "$subs" "$rate" "$deflate"
+                    done
                 done
             done
         done

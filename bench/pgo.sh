@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A profile-guided release build of pushgate: build it instrumented, run it
 # through what it spends its time on (pass-through, authenticated connects,
-# fan-out over WebSocket, SSE and long-poll), and build it again with the
-# profile, so the compiler lays out and inlines the hot paths for how they
+# fan-out over WebSocket, compressed or not, SSE and long-poll), and build it
+# again with the profile, so the compiler lays out and inlines the hot paths for how they
 # are used. What it buys is measured in docs/benchmarks.md (scenario e) and
 # docs/perf-log/2026-12-04-profile-guided-build.md.
 #
@@ -102,6 +102,15 @@ YAML
         grep -q '"delivery_ratio":1.0,' <<<"$out" && grep -q '"gaps":0,' <<<"$out" ||
             die "the $transport fan-out lost messages: $out"
     done
+    # WebSocket compression: subscribers that negotiate permessage-deflate,
+    # publications large enough to be compressed.
+    log "training: compressed ws fan-out to $SUBSCRIBERS subscribers"
+    out=$("$BENCH" broadcast --target pushgate --public "$PUBLIC" --api "$API" --key "$key" \
+        --transport ws --deflate --payload-size 1024 --subscribers "$SUBSCRIBERS" \
+        --channel train-deflate --rate 20 --duration 3 --connect-rate 2000 --header false) ||
+        die "the compressed fan-out failed: $out"
+    grep -q '"delivery_ratio":1.0,' <<<"$out" && grep -q '"gaps":0,' <<<"$out" ||
+        die "the compressed fan-out lost messages: $out"
     # SIGTERM: pushgate drains and exits, and the instrumented binary
     # writes its counts on the way out.
     stop_server

@@ -12,6 +12,10 @@ pushgate:
            Last-Event-ID and gets the rest exactly once, in order.
   origin   a WebSocket handshake from a foreign Origin is refused with 403;
            one from pushgate's own origin is accepted.
+  deflate  the client's permessage-deflate offer is accepted (the 101 says
+           so); a large publication (sent compressed) and a small one (sent
+           as it is) arrive intact; commands, which the client compresses,
+           get their replies.
 
 Usage:
 
@@ -227,6 +231,36 @@ async def check_websocket(public: str, api: Api, run: str):
         )
 
 
+async def check_deflate(public: str, api: Api, run: str):
+    channel = f"py.deflate.{run}"
+    # websockets offers permessage-deflate by default; say so, so the check
+    # holds whatever its defaults become.
+    async with ws_connect(f"ws://{public}/realtime/ws", compression="deflate") as ws:
+        offer = ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        answer = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        check(
+            answer.startswith("permessage-deflate"),
+            f"deflate: the 101 did not take permessage-deflate: {answer!r}",
+        )
+        names = [extension.name for extension in ws.protocol.extensions]
+        check(names == ["permessage-deflate"], f"deflate: negotiated {names}")
+        # The client compresses every message it sends; a long command too.
+        result = await ws_command(
+            ws, {"id": 1, "op": "subscribe", "channel": channel, "note": "x" * 2000}
+        )
+        check(isinstance(result.get("epoch"), str), f"deflate: subscribe: {result}")
+        large = {"rows": [{"n": n, "text": f"row {n}: ü → 世界"} for n in range(100)]}
+        small = {"n": 1}
+        sent = [await api.publish(channel, large), await api.publish(channel, small)]
+        check(len(json.dumps(large)) > 2000, "deflate: the large publication is large")
+        await ws_expect(ws, sent, f"compressed and plain publications on {channel}")
+        check(await ws_command(ws, {"id": 2, "op": "ping"}) == {}, "deflate: ping")
+    log(
+        f"ok  deflate: offered {offer!r}, answered {answer!r}; a {len(json.dumps(large))}-byte and a "
+        "small publication arrived intact; compressed commands were answered"
+    )
+
+
 async def check_origin(public: str):
     url = f"ws://{public}/realtime/ws?channel=py.origin"
     foreign = "https://evil.example"
@@ -351,6 +385,7 @@ async def run_checks(public: str, api_addr: str, key: str):
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
         api = Api(client, api_addr, key)
         await check_websocket(public, api, run)
+        await check_deflate(public, api, run)
         await check_sse(public, api, client, run)
         await check_origin(public)
 

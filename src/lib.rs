@@ -58,6 +58,14 @@
 //!       ended, the closing handshake and the TCP close.
 //!     - `transport::websocket::commands`: a text frame parsed once into a
 //!       typed command (`op` is the serde tag); replies and pushes.
+//!     - `transport::websocket::extensions`: the client's
+//!       `Sec-WebSocket-Extensions` offers, and the permessage-deflate one
+//!       pushgate takes.
+//!     - `transport::websocket::inflating`: the client's compressed
+//!       messages inflated under tungstenite, which then reads exactly the
+//!       uncompressed frame stream.
+//!       - `transport::websocket::inflating::tests`: that invariant against
+//!         random messages, fragments, pings and read splits; the refusals.
 //!     - `transport::websocket::tests`: frames, handshakes and closes over
 //!       real sockets.
 //!   - `transport::calls`: `rpc` and publishes from WebSocket clients,
@@ -143,6 +151,8 @@
 //! - [`keyed`]: keyed digests (HMAC-SHA256 under a per-process random key)
 //!   for the API keys and the grant cache.
 //! - [`message`]: a publication and its per-transport encodings, made once.
+//! - [`deflate`]: raw DEFLATE for one WebSocket message at a time
+//!   (permessage-deflate without context takeover), inflated within a limit.
 //! - [`names`]: channel and event names, checked once against the contract.
 //! - [`cursor`]: epochs, positions (`<epoch>:<offset>`) and the cursor codec:
 //!   any input is accepted or refused with a reason, never a panic.
@@ -205,6 +215,7 @@ mod channels;
 pub mod config;
 mod conn;
 pub mod cursor;
+pub mod deflate;
 pub mod demo;
 mod detach;
 mod error;

@@ -39,6 +39,11 @@ pub struct Publication {
     /// `event: …\n` (when named) and `data: <envelope>\n`: an SSE event
     /// without its `id:` line and closing blank line, which are per connection.
     sse: Bytes,
+    /// The envelope compressed for WebSocket connections that negotiated
+    /// permessage-deflate: made once, by the first such subscriber, and
+    /// shared by all; `None` inside when compressing does not make it
+    /// smaller ([`Publication::ws_deflated`]).
+    ws_deflated: OnceLock<Option<Bytes>>,
     /// `id: <cursor>\n\n` for a connection that hears this channel alone:
     /// the same for every such connection, so made once, when first asked.
     sse_sole_id: OnceLock<SoleId>,
@@ -168,6 +173,7 @@ impl Publication {
             data: data_range,
             user,
             sse: Bytes::from(sse),
+            ws_deflated: OnceLock::new(),
             sse_sole_id: OnceLock::new(),
             rendered: OnceLock::new(),
             kind: Kind::Message,
@@ -189,6 +195,7 @@ impl Publication {
             user: None,
             ws_text: tokio_tungstenite::tungstenite::Utf8Bytes::from_static(""),
             sse: Bytes::new(),
+            ws_deflated: OnceLock::new(),
             sse_sole_id: OnceLock::new(),
             rendered: OnceLock::new(),
             kind: Kind::Reset,
@@ -284,6 +291,7 @@ impl Publication {
             ws_text,
             envelope,
             sse: Bytes::from(sse),
+            ws_deflated: OnceLock::new(),
             sse_sole_id: OnceLock::new(),
             rendered: OnceLock::new(),
             kind: Kind::Aside,
@@ -336,6 +344,15 @@ impl Publication {
     /// The envelope as a WebSocket text payload, shared.
     pub fn ws_text(&self) -> &tokio_tungstenite::tungstenite::Utf8Bytes {
         &self.ws_text
+    }
+
+    /// The envelope compressed as a permessage-deflate message (RFC 7692,
+    /// no context takeover): compressed by the first caller, shared by
+    /// every other; `None` when that is not smaller than the envelope.
+    pub fn ws_deflated(&self) -> Option<&Bytes> {
+        self.ws_deflated
+            .get_or_init(|| crate::deflate::compress(&self.envelope))
+            .as_ref()
     }
 
     /// The publishing client's user as a JSON string (quotes included),

@@ -8,7 +8,8 @@
 //! 2. Waits until pushgate's API (`GET /api/channels`) counts all of them (for
 //!    a peer, or for long-poll, until each has its answer head or first
 //!    cursor), waits 1 s and samples the server's RSS (`--pid`): "idle".
-//! 3. Publishes `{"seq": s, "t": <µs since the Unix epoch>}` at `--rate` per
+//! 3. Publishes `{"seq": s, "t": <µs since the Unix epoch>}` (padded to
+//!    `--payload-size` bytes with rows of a made-up price feed) at `--rate` per
 //!    second in all for `--duration` seconds, publication n on channel
 //!    n mod N with `s` that channel's own sequence, over `--publishers`
 //!    keep-alive connections (channel c always on connection c mod K, so a
@@ -235,6 +236,15 @@ pub struct Args {
     /// server's counters then, before the connections close.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// WebSocket subscribers offer permessage-deflate, as browsers do, and
+    /// inflate what comes compressed.
+    #[arg(long)]
+    deflate: bool,
+    /// Pads each publication's JSON to about this many bytes with rows of a
+    /// made-up price feed (JSON as apps send it: repeated keys, varied
+    /// values); 0 publishes `{"seq","t"}` alone (about 30 bytes).
+    #[arg(long, default_value_t = 0)]
+    payload_size: usize,
     /// Print the table's header line (off to append rows to an earlier table).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     header: bool,
@@ -491,6 +501,7 @@ async fn publish(
     let channels = args.channels;
     let publishers = args.publishers.min(channels);
     let end = start + Duration::from_secs_f64(args.duration);
+    let padding = padding(args.payload_size);
     let mut done = Published {
         answer_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
         errors: 0,
@@ -508,7 +519,7 @@ async fn publish(
         let seq = n / channels as u64;
         tokio::time::sleep_until(at.into()).await;
         let channel = channel_name(&args.channel, channels, c);
-        let payload = format!(r#"{{"seq":{seq},"t":{}}}"#, now_us());
+        let payload = format!(r#"{{"seq":{seq},"t":{}{padding}}}"#, now_us());
         let (path, body) = publication(&args, &channel, &payload);
         let sent = Instant::now();
         let mut answer = api.call(Method::POST, &path, Some(body.clone())).await;
@@ -616,6 +627,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
             .collect(),
         poll_timeout: args.poll_timeout,
         pusher_key: args.pusher_key.clone(),
+        deflate: args.deflate,
     });
     let shared = Arc::new(Shared::new(channels));
     let server = Proc(args.pid.clone());
@@ -739,6 +751,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
     let published = Arc::new((0..channels).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
     let load_start = Instant::now();
     let received0 = shared.received.load(Relaxed);
+    let wire_bytes0 = shared.wire_bytes.load(Relaxed);
     if publisher {
         let publishers = args.publishers.min(channels);
         eprintln!(
@@ -827,6 +840,10 @@ async fn broadcast(args: Args) -> io::Result<()> {
     // --- report -----------------------------------------------------------
     let window = last_delivery.as_secs_f64().max(publish_secs).max(1e-3);
     let received = shared.received.load(Relaxed) - received0;
+    let wire_bytes = shared.wire_bytes.load(Relaxed) - wire_bytes0;
+    // Long-poll reads through hyper and is not counted.
+    let wire_bytes_per_delivery = (received > 0 && args.transport != Transport::Poll)
+        .then(|| wire_bytes as f64 / received as f64);
     let connected = shared.connected.load(Relaxed) as u64;
     let expected = expected(&shared, &counts);
     let ratio = if expected > 0 {
@@ -862,6 +879,8 @@ async fn broadcast(args: Args) -> io::Result<()> {
         "scenario": "broadcast",
         "target": label,
         "transport": args.transport.name(),
+        "deflate": args.deflate,
+        "payload_size": args.payload_size,
         "subscribers": args.subscribers,
         "channels": channels,
         "publishers": args.publishers.min(channels),
@@ -896,6 +915,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
         "bench_cpu_pct": bench_cpu.map(|v| round(v, 0)),
         "other_cpu_pct": other_cpu.map(|v| round(v, 0)),
         "server_cpu_us_per_delivery": server_us_per_delivery.map(|v| round(v, 2)),
+        "wire_bytes_per_delivery": wire_bytes_per_delivery.map(|v| round(v, 1)),
         "first_error": first_error,
     });
     let opt = |v: Option<f64>, digits: usize| match v {
@@ -906,14 +926,15 @@ async fn broadcast(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+            "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7}",
             "server", "tr", "subs", "chans", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
-            "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "srv%", "bench%", "other%"
+            "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "srv%", "bench%", "other%",
+            "us/del", "B/del"
         );
     }
     let _ = writeln!(
         table,
-        "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7}",
         label,
         args.transport.name(),
         connected,
@@ -935,6 +956,8 @@ async fn broadcast(args: Args) -> io::Result<()> {
         opt(server_cpu, 0),
         opt(bench_cpu, 0),
         opt(other_cpu, 0),
+        opt(server_us_per_delivery, 2),
+        opt(wire_bytes_per_delivery, 0),
     );
     print!("{table}");
     println!("{report}");
@@ -942,6 +965,35 @@ async fn broadcast(args: Args) -> io::Result<()> {
         eprintln!("broadcast: first problem: {err}");
     }
     Ok(())
+}
+
+/// `,"rows":[…]`: what brings a publication's JSON to about `size` bytes,
+/// rows of a made-up price feed (the same for every publication); empty for
+/// a size the bare payload already fills.
+fn padding(size: usize) -> String {
+    const BARE: usize = r#"{"seq":0,"t":1700000000000000}"#.len();
+    let mut rows = String::new();
+    let mut n = 0u64;
+    while BARE + r#","rows":[]"#.len() + rows.len() < size {
+        if n > 0 {
+            rows.push(',');
+        }
+        let side = if n.is_multiple_of(3) { "sell" } else { "buy" };
+        let _ = write!(
+            rows,
+            r#"{{"symbol":"S{:03}","price":{}.{:02},"size":{},"side":"{side}"}}"#,
+            n * 7 % 500,
+            100 + n * 37 % 900,
+            n * 13 % 100,
+            (n * 53 % 40 + 1) * 100,
+        );
+        n += 1;
+    }
+    if rows.is_empty() {
+        rows
+    } else {
+        format!(r#","rows":[{rows}]"#)
+    }
 }
 
 pub fn round(v: f64, digits: i32) -> f64 {

@@ -35,6 +35,8 @@ use crate::grip;
 const READ_BUFFER: usize = 2048;
 /// Largest response head accepted from the server.
 const MAX_HEAD: usize = 16 * 1024;
+/// Largest message a compressed one may inflate to.
+const MAX_MESSAGE: usize = 16 << 20;
 /// Highest sequence number a subscriber tracks (bounds its bitmap).
 const MAX_SEQ: u64 = 1 << 24;
 
@@ -64,6 +66,9 @@ pub struct Shared {
     /// Highest sequence number seen per channel, plus one.
     pub seq_end: Vec<AtomicU64>,
     pub first_error: Mutex<Option<String>>,
+    /// Bytes read off WebSocket and SSE connections after their answer's
+    /// head: what crossed the wire for the deliveries.
+    pub wire_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -81,6 +86,7 @@ impl Shared {
             gaps: AtomicU64::new(0),
             seq_end: (0..channels).map(|_| AtomicU64::new(0)).collect(),
             first_error: Mutex::new(None),
+            wire_bytes: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +113,9 @@ pub struct Dial {
     pub poll_timeout: u64,
     /// The Pusher app's key (`/app/{key}`), for the Pusher transport.
     pub pusher_key: Option<String>,
+    /// WebSocket subscribers offer permessage-deflate (as browsers do) and
+    /// inflate what comes compressed.
+    pub deflate: bool,
 }
 
 impl Dial {
@@ -135,10 +144,19 @@ impl Dial {
             self.public
         );
         match self.transport {
-            Transport::Ws | Transport::Pusher => request.push_str(
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            ),
+            Transport::Ws | Transport::Pusher => {
+                request.push_str(
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: cHVzaGdhdGUtYmVuY2gtMQ==\r\nSec-WebSocket-Version: 13\r\n",
+                );
+                if self.deflate {
+                    // What Chromium offers.
+                    request.push_str(
+                        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+                    );
+                }
+                request.push_str("\r\n");
+            }
             _ => request.push_str("Accept: text/event-stream\r\n\r\n"),
         }
         request.into_bytes()
@@ -335,6 +353,13 @@ async fn subscribe(
     if status != expected {
         let first = head.lines().next().unwrap_or("");
         return Ok(format!("answered `{first}`"));
+    }
+    if dial.deflate
+        && !head
+            .to_ascii_lowercase()
+            .contains("\r\nsec-websocket-extensions: permessage-deflate")
+    {
+        return Ok("permessage-deflate was offered and not taken".into());
     }
     // A Pusher subscriber is connected once the server confirms its
     // subscription.
@@ -553,7 +578,9 @@ async fn read_sse(
             start += end + 2;
         }
         events.drain(..start);
-        if read_more(stream, &mut raw).await? == 0 {
+        let read = read_more(stream, &mut raw).await?;
+        shared.wire_bytes.fetch_add(read as u64, Relaxed);
+        if read == 0 {
             return Ok("the server closed the connection".into());
         }
     }
@@ -629,10 +656,27 @@ async fn read_ws(
     shared: &Shared,
 ) -> io::Result<String> {
     let mut fragments: Vec<u8> = Vec::new();
+    // The message being read came compressed (RSV1 on its first frame).
+    let mut compressed = false;
+    let mut inflated: Vec<u8>;
     loop {
         while let Some((fin, opcode, start, len)) = frame(&buf) {
             let payload = &buf[start..start + len];
+            if opcode == 0x1 {
+                compressed = buf[0] & 0x40 != 0;
+            }
             let text = match opcode {
+                0x1 | 0x0 if compressed => {
+                    fragments.extend_from_slice(payload);
+                    if fin {
+                        fragments.extend_from_slice(&pushgate::deflate::TRAILER);
+                        inflated = pushgate::deflate::inflate(&fragments, MAX_MESSAGE)
+                            .map_err(|err| io::Error::other(format!("inflating: {err:?}")))?;
+                        Some(&inflated[..])
+                    } else {
+                        None
+                    }
+                }
                 0x1 if fin => Some(payload),
                 0x1 | 0x0 => {
                     fragments.extend_from_slice(payload);
@@ -663,13 +707,15 @@ async fn read_ws(
                     }
                     Err(why) => return Ok(why),
                 }
-                if fin && opcode == 0x0 {
+                if fin && (opcode == 0x0 || compressed) {
                     fragments = Vec::new();
                 }
             }
             buf.drain(..start + len);
         }
-        if read_more(stream, &mut buf).await? == 0 {
+        let read = read_more(stream, &mut buf).await?;
+        shared.wire_bytes.fetch_add(read as u64, Relaxed);
+        if read == 0 {
             return Ok("the server closed the connection".into());
         }
     }

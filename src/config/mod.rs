@@ -130,6 +130,11 @@ pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(256);
 pub const DEFAULT_WS_WRITE_BUFFER: ByteSize = ByteSize(8 * 1024);
 /// Most bytes tungstenite may hold unwritten for one connection.
 pub const DEFAULT_WS_MAX_WRITE_BUFFER: ByteSize = ByteSize(8 << 20);
+/// Publications whose envelope is shorter than this go uncompressed to
+/// connections that negotiated permessage-deflate: below it, compressing
+/// saves too few bytes for what it costs
+/// (docs/perf-log/2026-12-07-websocket-compression.md).
+pub const DEFAULT_WS_COMPRESSION_MIN_SIZE: ByteSize = ByteSize(256);
 /// An idle SSE stream gets a comment line this often, so proxies keep it.
 pub const DEFAULT_SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 /// The `retry:` an SSE stream asks the browser to wait before reconnecting.
@@ -397,6 +402,27 @@ pub struct WebSocketConfig {
     pub read_buffer_size: ByteSize,
     pub write_buffer_size: ByteSize,
     pub max_write_buffer_size: ByteSize,
+    pub compression: CompressionConfig,
+}
+
+/// WebSocket compression: permessage-deflate (RFC 7692) without context
+/// takeover, each publication compressed once for all its subscribers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Whether a client's permessage-deflate offer is accepted at all.
+    pub enabled: bool,
+    /// Shorter publications are sent uncompressed.
+    pub min_size: ByteSize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: true,
+            min_size: DEFAULT_WS_COMPRESSION_MIN_SIZE,
+        }
+    }
 }
 
 impl Default for WebSocketConfig {
@@ -408,6 +434,7 @@ impl Default for WebSocketConfig {
             read_buffer_size: DEFAULT_WS_READ_BUFFER,
             write_buffer_size: DEFAULT_WS_WRITE_BUFFER,
             max_write_buffer_size: DEFAULT_WS_MAX_WRITE_BUFFER,
+            compression: CompressionConfig::default(),
         }
     }
 }

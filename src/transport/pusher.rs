@@ -17,18 +17,15 @@ use std::sync::Arc;
 use futures_util::{FutureExt, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use super::websocket::{
-    finish, handshake_key, read_failure, refused_handshake, socket_config, switching_protocols,
-    write_watching, End, Io, Socket, Watch, WriteFailed,
+    finish, handshake_key, open_socket, read_failure, refused_handshake, socket_config,
+    switching_protocols, write_watching, End, Io, Socket, Watch, WriteFailed,
 };
 use super::{ConnectionGauge, IpSlot, OriginCheck, Realtime, Transport};
 use crate::body::Body;
@@ -109,9 +106,8 @@ pub(super) async fn handle(
                 return;
             }
         };
-        let mut socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        // Pusher's socket sends its frames uncompressed: no extension.
+        let mut socket = open_socket(upgraded, config, false).await;
         match admitted {
             Err((code, reason)) => {
                 let within = realtime.config().websocket.ping_timeout;
@@ -124,7 +120,7 @@ pub(super) async fn handle(
         }
     };
     spawner.drain.spawn(task);
-    Ok(switching_protocols(&key))
+    Ok(switching_protocols(&key, false))
 }
 
 /// The checks before a connection opens: the protocol version, and the

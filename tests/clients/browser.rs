@@ -56,6 +56,11 @@ fn pages_call_the_app_and_publish_who_is_typing() {
     scenario("two-way", None);
 }
 
+#[test]
+fn a_page_negotiates_websocket_compression() {
+    scenario("compression", None);
+}
+
 fn scenario(name: &str, redis: Option<&str>) {
     let _one = ONE_BROWSER
         .lock()

@@ -22,8 +22,10 @@ const SCRIPT: &str = concat!(
 /// The script bounds itself at 90 s; this is the backstop.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The WebSocket and SSE transports, the publish API and the Origin check,
-/// through third-party Python clients against the real binary.
+/// The WebSocket and SSE transports, WebSocket compression
+/// (permessage-deflate, which `websockets` negotiates), the publish API and
+/// the Origin check, through third-party Python clients against the real
+/// binary.
 #[test]
 fn python_websockets_and_httpx_sse_clients() {
     let scratch = TempDir::new("third-party");

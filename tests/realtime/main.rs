@@ -22,3 +22,4 @@ mod sse_poll;
 mod two_way;
 mod websocket;
 mod ws_abuse;
+mod ws_compression;

@@ -26,26 +26,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CONTINUATION: u8 = 0x0;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
+pub(crate) const TEXT: u8 = 0x1;
+pub(crate) const BINARY: u8 = 0x2;
+pub(crate) const CONTINUATION: u8 = 0x0;
+pub(crate) const CLOSE: u8 = 0x8;
+pub(crate) const PING: u8 = 0x9;
+pub(crate) const PONG: u8 = 0xA;
 
 /// Whether this is the full-size run (`PUSHGATE_SUITE_SIZE=full`).
 fn full_size() -> bool {
     std::env::var("PUSHGATE_SUITE_SIZE").is_ok_and(|size| size == "full")
 }
 
-async fn start(extra: &str) -> (Upstream, Pushgate) {
+pub(crate) async fn start(extra: &str) -> (Upstream, Pushgate) {
     let app = Upstream::start().await;
     let gate = Pushgate::start(&app.url(), extra).await;
     (app, gate)
 }
 
 /// One frame as a client writes it: masked unless `masked` is false.
-fn frame(fin: bool, rsv: u8, opcode: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(fin: bool, rsv: u8, opcode: u8, masked: bool, payload: &[u8]) -> Vec<u8> {
     let mut bytes = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
     let mask_bit = if masked { 0x80 } else { 0 };
     match payload.len() {
@@ -70,7 +70,7 @@ fn frame(fin: bool, rsv: u8, opcode: u8, masked: bool, payload: &[u8]) -> Vec<u8
 }
 
 /// A final, masked frame.
-fn whole(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn whole(opcode: u8, payload: &[u8]) -> Vec<u8> {
     frame(true, 0, opcode, true, payload)
 }
 
@@ -83,30 +83,41 @@ fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 
 /// A frame the server sent.
 #[derive(Debug)]
-struct Received {
-    fin: bool,
-    opcode: u8,
-    payload: Vec<u8>,
+pub(crate) struct Received {
+    pub fin: bool,
+    /// RSV1: a compressed message (permessage-deflate).
+    pub rsv1: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
 }
 
 /// A WebSocket client that writes raw bytes.
-struct Raw {
+pub(crate) struct Raw {
     stream: TcpStream,
     /// Bytes read and not yet parsed.
     buffer: Vec<u8>,
+    /// permessage-deflate was negotiated: RSV1 may come on a message.
+    deflate: bool,
 }
 
 impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
+    pub(crate) async fn connect(addr: SocketAddr) -> Raw {
+        Raw::connect_with(addr, "").await.0
+    }
+
+    /// Connects with `fields` (each line ending in CRLF) added to the
+    /// handshake; the connection and the 101's head.
+    pub(crate) async fn connect_with(addr: SocketAddr, fields: &str) -> (Raw, String) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let request = format!(
             "GET /realtime/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{fields}\r\n"
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Raw {
             stream,
             buffer: Vec::new(),
+            deflate: false,
         };
         let end = loop {
             if let Some(at) = raw.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -117,10 +128,13 @@ impl Raw {
         let head = String::from_utf8_lossy(&raw.buffer[..end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         raw.buffer.drain(..end);
-        raw
+        raw.deflate = head
+            .to_ascii_lowercase()
+            .contains("\r\nsec-websocket-extensions: permessage-deflate");
+        (raw, head)
     }
 
-    async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
 
@@ -137,9 +151,9 @@ impl Raw {
     }
 
     /// The next frame, or `None` when the server closed the connection.
-    async fn next(&mut self) -> Option<Received> {
+    pub(crate) async fn next(&mut self) -> Option<Received> {
         loop {
-            if let Some((frame, used)) = parse(&self.buffer) {
+            if let Some((frame, used)) = parse(&self.buffer, self.deflate) {
                 self.buffer.drain(..used);
                 return Some(frame);
             }
@@ -153,7 +167,7 @@ impl Raw {
     /// Reads up to the server's Close frame (skipping anything before it),
     /// answers it as a client does, and checks that the server then closes
     /// the TCP connection. The close code (`None`: an empty Close frame).
-    async fn closed(&mut self) -> Option<u16> {
+    pub(crate) async fn closed(&mut self) -> Option<u16> {
         let close = loop {
             match self.next().await {
                 Some(frame) if frame.opcode == CLOSE => break frame,
@@ -178,13 +192,19 @@ impl Raw {
     }
 }
 
-/// One server frame from the front of `bytes`, and how many bytes it took.
-fn parse(bytes: &[u8]) -> Option<(Received, usize)> {
+/// One server frame from the front of `bytes`, and how many bytes it took;
+/// RSV1 only on a data frame, and only with permessage-deflate.
+fn parse(bytes: &[u8], deflate: bool) -> Option<(Received, usize)> {
     if bytes.len() < 2 {
         return None;
     }
     assert_eq!(bytes[1] & 0x80, 0, "a server never masks");
-    assert_eq!(bytes[0] & 0x70, 0, "no reserved bits from the server");
+    let rsv1 = bytes[0] & 0x40 != 0;
+    assert_eq!(bytes[0] & 0x30, 0, "no RSV2 or RSV3 from the server");
+    assert!(
+        !rsv1 || (deflate && matches!(bytes[0] & 0x0f, TEXT | BINARY)),
+        "RSV1 only on a message, and only with permessage-deflate"
+    );
     let (len, header) = match bytes[1] & 0x7f {
         126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
         127 if bytes.len() >= 10 => (
@@ -199,6 +219,7 @@ fn parse(bytes: &[u8]) -> Option<(Received, usize)> {
     }
     let frame = Received {
         fin: bytes[0] & 0x80 != 0,
+        rsv1,
         opcode: bytes[0] & 0x0f,
         payload: bytes[header..header + len].to_vec(),
     };
@@ -206,7 +227,7 @@ fn parse(bytes: &[u8]) -> Option<(Received, usize)> {
 }
 
 /// A fresh client connects, runs a command and gets its reply.
-async fn still_serves(gate: &Pushgate) {
+pub(crate) async fn still_serves(gate: &Pushgate) {
     let mut client = common::ws_connect(gate.addr, "").await;
     client
         .send(Message::text(json!({"id": "ok", "op": "ping"}).to_string()))
@@ -439,7 +460,7 @@ async fn a_ping_flood_is_answered_and_the_connection_stays_usable() {
     let mut last_pong = None;
     let mut buffer = std::mem::take(&mut raw.buffer);
     let reply = loop {
-        if let Some((frame, used)) = parse(&buffer) {
+        if let Some((frame, used)) = parse(&buffer, false) {
             buffer.drain(..used);
             match frame.opcode {
                 PONG => {
@@ -473,6 +494,7 @@ async fn a_ping_flood_is_answered_and_the_connection_stays_usable() {
     let mut raw = Raw {
         stream: read.reunite(write).unwrap(),
         buffer,
+        deflate: false,
     };
     raw.send(&whole(CLOSE, &close_payload(1000, b""))).await;
     assert_eq!(raw.closed().await, Some(1000));

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::inflating::Refused;
 use super::Socket;
 use crate::events::Reason;
 
@@ -102,6 +103,8 @@ pub(in crate::transport) fn read_failure(err: &tungstenite::Error) -> End {
         Error::Utf8 => End::Close(close::INVALID_DATA, "text is not valid UTF-8".into()),
         Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
         Error::Protocol(err) => End::Close(close::PROTOCOL_ERROR, format!("protocol error: {err}")),
+        // The client's compressed frames, refused under tungstenite.
+        Error::Io(err) => Refused::of(err).map_or(End::Gone, Refused::end),
         _ => End::Gone,
     }
 }

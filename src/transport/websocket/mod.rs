@@ -13,6 +13,12 @@
 //! A frame that breaks the protocol (tungstenite's `ProtocolError`, invalid
 //! UTF-8, a message over the limit) closes with the code RFC 6455 §7.4.1
 //! names for it ([`read_failure`]).
+//!
+//! A client that offers permessage-deflate (RFC 7692) in a form pushgate
+//! takes ([`extensions`]) gets each publication of at least
+//! `realtime.websocket.compression.min_size` compressed — once per
+//! publication, the same bytes for every subscriber — and its own
+//! compressed messages are inflated under tungstenite ([`inflating`]).
 
 use std::sync::Arc;
 
@@ -28,6 +34,8 @@ use tokio_tungstenite::WebSocketStream;
 
 pub(super) mod closing;
 mod commands;
+mod extensions;
+mod inflating;
 
 pub use closing::close;
 pub(super) use closing::{finish, read_failure, End};
@@ -47,8 +55,9 @@ use commands::{
     error_reply, error_reply_from, parse_command, reset_push, result_reply, Call, Command, Id,
     Replay, Reply,
 };
+use inflating::Inflating;
 
-pub(super) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(super) type Socket = WebSocketStream<Inflating<TokioIo<hyper::upgrade::Upgraded>>>;
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,
@@ -65,6 +74,8 @@ pub(super) async fn handle(
         return Err(realtime.refuse_origin());
     }
     let query = RealtimeQuery::parse(request.uri().query(), &[], realtime.auth().token_param())?;
+    let deflate = realtime.config().websocket.compression.enabled
+        && extensions::offers_deflate(request.headers());
     // A refusal from here on is a close frame after the upgrade.
     let admitted = realtime
         .admit(Transport::WebSocket, &request, &query, conn)
@@ -74,6 +85,7 @@ pub(super) async fn handle(
         upgrade: hyper::upgrade::on(&mut request),
         admitted,
         config: socket_config(&realtime.config().websocket),
+        deflate,
         realtime: realtime.clone(),
         conn,
         channels: query.channels,
@@ -87,11 +99,12 @@ pub(super) async fn handle(
     };
     realtime.drain.spawn(task);
 
-    Ok(switching_protocols(&key))
+    Ok(switching_protocols(&key, deflate))
 }
 
-/// The `101` that accepts a handshake whose key is `key`.
-pub(super) fn switching_protocols(key: &HeaderValue) -> Response<Body> {
+/// The `101` that accepts a handshake whose key is `key`, with
+/// permessage-deflate when `deflate`.
+pub(super) fn switching_protocols(key: &HeaderValue, deflate: bool) -> Response<Body> {
     let mut response = Response::new(crate::body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
@@ -102,7 +115,30 @@ pub(super) fn switching_protocols(key: &HeaderValue) -> Response<Body> {
         HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
             .expect("base64 is a valid header value"),
     );
+    if deflate {
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            extensions::deflate_accepted(),
+        );
+    }
     response
+}
+
+/// The socket over an upgraded connection, configured by `config`; with
+/// the client's compressed messages inflated when it negotiated
+/// permessage-deflate.
+pub(super) async fn open_socket(
+    upgraded: hyper::upgrade::Upgraded,
+    config: WebSocketConfig,
+    deflate: bool,
+) -> Socket {
+    let io = TokioIo::new(upgraded);
+    let io = if deflate {
+        Inflating::deflate(io, config.max_message_size.unwrap_or(usize::MAX))
+    } else {
+        Inflating::plain(io)
+    };
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
 }
 
 /// A refused handshake, naming the version spoken (RFC 6455 §4.4).
@@ -120,6 +156,8 @@ struct Opening {
     upgrade: hyper::upgrade::OnUpgrade,
     admitted: Result<super::Admission, Refusal>,
     config: WebSocketConfig,
+    /// permessage-deflate was negotiated.
+    deflate: bool,
     realtime: Arc<Realtime>,
     conn: ConnInfo,
     channels: Vec<ChannelName>,
@@ -133,6 +171,7 @@ impl Opening {
             upgrade,
             admitted,
             config,
+            deflate,
             realtime,
             conn,
             channels,
@@ -144,9 +183,7 @@ impl Opening {
                 return None;
             }
         };
-        let mut socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let mut socket = open_socket(upgraded, config, deflate).await;
         match admitted {
             Err(refusal) => {
                 let end = End::Close(refusal.close_code(), refusal.message);
@@ -156,7 +193,12 @@ impl Opening {
             Ok(admission) => {
                 let gauge = realtime.count(Transport::WebSocket);
                 let session = realtime.session(Transport::WebSocket, admission);
-                let connection = Connection::new(realtime, socket, session, conn, gauge);
+                let mut connection = Connection::new(realtime, socket, session, conn, gauge);
+                if deflate {
+                    let min_size = connection.realtime.config().websocket.compression.min_size;
+                    connection.deflate_from =
+                        Some(usize::try_from(min_size.bytes()).unwrap_or(usize::MAX));
+                }
                 Some((Box::new(connection), channels))
             }
         }
@@ -260,6 +302,10 @@ struct Connection {
     /// `rpc` and `publish` commands under way, each ending in its reply;
     /// made at the first.
     calls: Option<Box<Calls>>,
+    /// With permessage-deflate negotiated: publications of at least this
+    /// many bytes go compressed (`compression.min_size` when the connection
+    /// opened).
+    deflate_from: Option<usize>,
     _gauge: super::ConnectionGauge,
 }
 
@@ -303,6 +349,7 @@ impl Connection {
             ready,
             woken: false,
             calls: None,
+            deflate_from: None,
             _gauge: gauge,
         }
     }
@@ -510,7 +557,7 @@ impl Connection {
                     Some(reset_push(publication.channel(), position))
                 }
                 Admit::Event => {
-                    self.feed(Message::Text(publication.ws_text().clone()))
+                    self.feed(publication_message(&publication, self.deflate_from))
                         .await?;
                     fed = true;
                     continue;
@@ -525,7 +572,7 @@ impl Connection {
             if let Some(reset) = message {
                 self.feed(Message::text(reset)).await?;
             }
-            self.feed(Message::Text(publication.ws_text().clone()))
+            self.feed(publication_message(&publication, self.deflate_from))
                 .await?;
             fed = true;
         }
@@ -610,7 +657,7 @@ impl Connection {
                 // The replay ends where the subscription now stands; the
                 // outbox's copies of these publications will be skipped.
                 for publication in replay.publications {
-                    self.feed(Message::Text(publication.ws_text().clone()))
+                    self.feed(publication_message(&publication, self.deflate_from))
                         .await?;
                 }
                 self.flush().await
@@ -744,6 +791,30 @@ impl Connection {
         };
         Ok(Some(reply))
     }
+}
+
+/// A publication as a message for a connection: its compressed frame,
+/// shared with every other subscriber, when the connection negotiated
+/// permessage-deflate (`deflate_from`), the envelope is at least that long
+/// and compressing it paid; else its shared text.
+fn publication_message(publication: &Publication, deflate_from: Option<usize>) -> Message {
+    let compressed = deflate_from
+        .filter(|&min_size| publication.size() >= min_size)
+        .and_then(|_| publication.ws_deflated());
+    match compressed {
+        Some(payload) => Message::Frame(compressed_text(payload.clone())),
+        None => Message::Text(publication.ws_text().clone()),
+    }
+}
+
+/// One final text frame holding a compressed message: RSV1 set (RFC 7692
+/// §6), written by tungstenite as it is.
+fn compressed_text(payload: bytes::Bytes) -> tungstenite::protocol::frame::Frame {
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut frame =
+        tungstenite::protocol::frame::Frame::message(payload, OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    frame
 }
 
 /// What a write watches while it waits on the client.

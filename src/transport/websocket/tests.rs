@@ -27,12 +27,7 @@ async fn serve_echo(listener: tokio::net::TcpListener, ws: crate::config::WebSoc
                     let upgrade = hyper::upgrade::on(&mut request);
                     tokio::spawn(async move {
                         let Ok(upgraded) = upgrade.await else { return };
-                        let socket = WebSocketStream::from_raw_socket(
-                            TokioIo::new(upgraded),
-                            Role::Server,
-                            Some(socket_config(&ws)),
-                        )
-                        .await;
+                        let socket = open_socket(upgraded, socket_config(&ws), false).await;
                         echo(socket, ws.ping_timeout).await;
                     });
                     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
