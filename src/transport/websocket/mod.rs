@@ -48,7 +48,7 @@ use crate::conn::ConnInfo;
 use crate::error::{Kind, Refusal};
 use crate::events::Reason;
 use crate::headers::has_token;
-use crate::message::ChannelName;
+use crate::message::{ChannelName, Publication};
 use crate::rate::{Limit, Rate};
 use crate::signal::Wait;
 use commands::{
