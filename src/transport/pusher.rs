@@ -255,7 +255,6 @@ struct Connection {
     /// `pusher.client_events_per_second`; made at the first client event.
     client_events: Option<Box<Rate>>,
     heartbeat: Heartbeat,
-    batch: Vec<Arc<Publication>>,
     /// Paces writes as for pushgate's own WebSocket
     /// (`realtime.coalesce_window`): what arrives within the window goes
     /// out in one write.
@@ -364,7 +363,6 @@ impl Connection {
             commands,
             client_events: None,
             heartbeat,
-            batch: Vec::new(),
             pace: super::Pace::new(config.coalesce_window),
             woken: false,
             _slot: slot,
@@ -403,12 +401,12 @@ impl Connection {
         };
         let heartbeat = tokio::time::sleep_until(deadline(&self.heartbeat));
         // While the pace holds a write back, what arrives meanwhile goes
-        // out with it when `hold` fires.
-        let hold = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(drain, heartbeat, hold);
+        // out with it when `hold` fires. It has a timer only then.
+        let mut hold = super::Hold::default();
+        tokio::pin!(drain, heartbeat);
         loop {
             if std::mem::take(&mut self.woken) {
-                if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                     return end;
                 }
             }
@@ -424,12 +422,12 @@ impl Connection {
                     }
                 }
                 () = &mut self.ready => {
-                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                         return end;
                     }
                 }
                 () = &mut hold, if self.pace.holding() => {
-                    if let Err(end) = Box::pin(self.paced_flush(hold.as_mut())).await {
+                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
                         return end;
                     }
                 }
@@ -506,25 +504,25 @@ impl Connection {
     }
 
     /// Writes what the outbox holds now, or holds the write back until the
-    /// pace's window has passed (resetting `hold` to fire then).
-    async fn paced_flush(
-        &mut self,
-        hold: std::pin::Pin<&mut tokio::time::Sleep>,
-    ) -> Result<(), End> {
+    /// pace's window has passed (setting `hold` to fire then).
+    async fn paced_flush(&mut self, hold: &mut super::Hold) -> Result<(), End> {
         let now = Instant::now();
         match self.pace.on_wake(now, || self.outbox.is_urgent()) {
             Some(until) => {
-                hold.reset(until);
+                hold.until(until);
                 Ok(())
             }
-            None => self.flush_outbox(now).await,
+            None => {
+                hold.release();
+                self.flush_outbox(now).await
+            }
         }
     }
 
     /// Writes everything the outbox holds, with one flush (the pace's
     /// write at `now`).
     async fn flush_outbox(&mut self, now: Instant) -> Result<(), End> {
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = super::take_batch();
         match self.outbox.drain_into(&mut batch) {
             Drained::Lagging => return Err(self.slow_consumer()),
             Drained::Closed => return Err(End::Gone),
@@ -540,7 +538,7 @@ impl Connection {
                 fed = true;
             }
         }
-        self.batch = batch;
+        super::give_batch(batch);
         if fed {
             self.pace.wrote(now);
             self.io(Io::Flush).await?;
