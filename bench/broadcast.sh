@@ -62,7 +62,12 @@
 # else on the machine ("other%": well above a few %, other work shared the 2
 # cores and the row is not comparable); the server's CPU per delivery in µs
 # ("us/del") and the bytes subscribers read per delivery ("B/del", frames or
-# SSE lines included; not counted for long-poll).
+# SSE lines included; not counted for long-poll); per publication, the
+# median time from publish to its first receipt ("1st-p50": the path to the
+# first socket, plus any backlog the subscribers still had to read) and the
+# p99 of the time from its first receipt to its last ("spr-p99": how long
+# the fan-out took to reach everyone), in ms. The publishers run on a thread
+# of their own, so a publish is never queued behind the subscribers' reads.
 #
 # Every run gets a fresh server (so its RSS is that run's alone) and a fresh
 # set of subscribers. pushgate sizes its connection limit from the open-file

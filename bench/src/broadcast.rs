@@ -49,7 +49,7 @@ use tokio::sync::watch;
 
 use pushgate::pusher::sign;
 
-use crate::subscriber::{now_us, subscriber, Dial, Shared};
+use crate::subscriber::{histogram, now_us, subscriber, Dial, Shared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
@@ -503,7 +503,7 @@ async fn publish(
     let end = start + Duration::from_secs_f64(args.duration);
     let padding = padding(args.payload_size);
     let mut done = Published {
-        answer_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+        answer_us: histogram(),
         errors: 0,
         overloaded: 0,
     };
@@ -745,7 +745,7 @@ async fn broadcast(args: Args) -> io::Result<()> {
         ticks("/proc/self/stat"),
         machine_busy_ticks(),
     );
-    let mut publish_us = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+    let mut publish_us = histogram();
     let mut publish_errors = 0u64;
     let mut publish_overloaded = 0u64;
     let published = Arc::new((0..channels).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
@@ -758,18 +758,43 @@ async fn broadcast(args: Args) -> io::Result<()> {
             "broadcast: publishing {}/s for {} s over {publishers} connection(s)",
             args.rate, args.duration
         );
-        let mut publishing = Vec::new();
-        for k in 0..publishers {
-            publishing.push(tokio::spawn(publish(
-                args.clone(),
-                k,
-                load_start,
-                published.clone(),
-                shared.clone(),
-            )));
-        }
-        for task in publishing {
-            let done = task.await.map_err(io::Error::other)??;
+        // The publishers run on a thread of their own, as an app's backend
+        // is a process of its own: on the subscribers' runtime a publish
+        // would wait behind every read that came due before it, after its
+        // timestamp was taken, and count that wait as the server's latency.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (args, published, shared) = (args.clone(), published.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("publishers".into())
+            .spawn(move || {
+                let all = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|runtime| {
+                        runtime.block_on(async {
+                            let tasks: Vec<_> = (0..publishers)
+                                .map(|k| {
+                                    tokio::spawn(publish(
+                                        args.clone(),
+                                        k,
+                                        load_start,
+                                        published.clone(),
+                                        shared.clone(),
+                                    ))
+                                })
+                                .collect();
+                            let mut all = Vec::with_capacity(tasks.len());
+                            for task in tasks {
+                                all.push(task.await.map_err(io::Error::other).and_then(|r| r));
+                            }
+                            all
+                        })
+                    });
+                let _ = done_tx.send(all);
+            })?;
+        let all = done_rx.await.map_err(io::Error::other)??;
+        for done in all {
+            let done = done?;
             publish_us.add(&done.answer_us).map_err(io::Error::other)?;
             publish_errors += done.errors;
             publish_overloaded += done.overloaded;
@@ -853,6 +878,20 @@ async fn broadcast(args: Args) -> io::Result<()> {
     };
     let latency = shared.latency.lock().unwrap().clone();
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    // Per publication: until its first receipt (the path to the first
+    // socket) and from first to last (the fan-out's spread).
+    let (mut first, mut spread) = (histogram(), histogram());
+    for span in shared.spans.lock().unwrap().values() {
+        first.saturating_record(span.first.saturating_sub(span.published).max(1));
+        spread.saturating_record((span.last - span.first).max(1));
+    }
+    let quantiles = |h: &Histogram<u64>| {
+        serde_json::json!({
+            "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
+            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": h.max() as f64 / 1000.0,
+        })
+    };
     let cpu_pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a), Some(b)) => Some(100.0 * (b - a) as f64 / USER_HZ / window),
         _ => None,
@@ -904,6 +943,8 @@ async fn broadcast(args: Args) -> io::Result<()> {
             "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999),
             "max": latency.max() as f64 / 1000.0,
         },
+        "first_receipt_ms": quantiles(&first),
+        "spread_ms": quantiles(&spread),
         "gaps": shared.gaps.load(Relaxed),
         "dups": shared.dups.load(Relaxed),
         "reorders": shared.reorders.load(Relaxed),
@@ -926,15 +967,15 @@ async fn broadcast(args: Args) -> io::Result<()> {
     if args.header {
         let _ = writeln!(
             table,
-            "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7}",
+            "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7} {:>8} {:>8}",
             "server", "tr", "subs", "chans", "rate", "pubs", "deliv/s", "ratio", "p50ms", "p99ms", "p999ms",
             "maxms", "gaps", "dups", "reord", "drop", "rss-idle", "rss-load", "srv%", "bench%", "other%",
-            "us/del", "B/del"
+            "us/del", "B/del", "1st-p50", "spr-p99"
         );
     }
     let _ = writeln!(
         table,
-        "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7}",
+        "{:<8} {:<6} {:>6} {:>6} {:>6} {:>6} {:>10.0} {:>8.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>5} {:>5} {:>5} {:>5} {:>8} {:>8} {:>6} {:>6} {:>6} {:>7} {:>7} {:>8.2} {:>8.2}",
         label,
         args.transport.name(),
         connected,
@@ -958,6 +999,8 @@ async fn broadcast(args: Args) -> io::Result<()> {
         opt(other_cpu, 0),
         opt(server_us_per_delivery, 2),
         opt(wire_bytes_per_delivery, 0),
+        first.value_at_quantile(0.5) as f64 / 1000.0,
+        spread.value_at_quantile(0.99) as f64 / 1000.0,
     );
     print!("{table}");
     println!("{report}");

@@ -44,7 +44,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::broadcast::{round, BindIps, Target, Transport};
 use crate::grip;
-use crate::subscriber::{find, frame};
+use crate::subscriber::{find, frame, histogram};
 
 /// Largest response head accepted from the server.
 const MAX_HEAD: usize = 16 * 1024;
@@ -145,12 +145,8 @@ async fn connect_all(args: Args) -> io::Result<()> {
     let shared = Arc::new(Shared {
         next: AtomicUsize::new(0),
         ok: AtomicUsize::new(0),
-        latency: Mutex::new(
-            Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(io::Error::other)?,
-        ),
-        head_latency: Mutex::new(
-            Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(io::Error::other)?,
-        ),
+        latency: Mutex::new(histogram()),
+        head_latency: Mutex::new(histogram()),
         failures: Mutex::new(BTreeMap::new()),
         first_error: Mutex::new(None),
     });

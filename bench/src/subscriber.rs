@@ -9,6 +9,7 @@
 //! client connection, one keep-alive connection per subscriber.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -48,9 +49,17 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// A histogram of microseconds, up to an hour, at 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds")
+}
+
 /// What every subscriber adds to.
 pub struct Shared {
     pub latency: Mutex<Histogram<u64>>,
+    /// Each publication's first and last receipt, by channel and sequence
+    /// number: how long the fan-out took to start, and to end.
+    pub spans: Mutex<HashMap<(usize, u64), Span>>,
     pub received: AtomicU64,
     pub connected: AtomicUsize,
     /// Subscribers connected, per channel.
@@ -74,7 +83,8 @@ pub struct Shared {
 impl Shared {
     pub fn new(channels: usize) -> Shared {
         Shared {
-            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds")),
+            latency: Mutex::new(histogram()),
+            spans: Mutex::default(),
             received: AtomicU64::new(0),
             connected: AtomicUsize::new(0),
             connected_on: (0..channels).map(|_| AtomicUsize::new(0)).collect(),
@@ -100,6 +110,15 @@ impl Shared {
     pub fn first_error(&self) -> Option<String> {
         self.first_error.lock().unwrap().clone()
     }
+}
+
+/// When one publication was published and first and last received
+/// (microseconds since the Unix epoch, [`now_us`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    pub published: u64,
+    pub first: u64,
+    pub last: u64,
 }
 
 /// How to reach the server, shared by every subscriber.
@@ -251,6 +270,20 @@ impl SeqCheck {
             .lock()
             .unwrap()
             .saturating_record(now.saturating_sub(t).max(1));
+        shared
+            .spans
+            .lock()
+            .unwrap()
+            .entry((self.channel, seq))
+            .and_modify(|span| {
+                span.first = span.first.min(now);
+                span.last = span.last.max(now);
+            })
+            .or_insert(Span {
+                published: t,
+                first: now,
+                last: now,
+            });
         if seq >= MAX_SEQ {
             shared.malformed.fetch_add(1, Relaxed);
             return;
