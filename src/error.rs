@@ -105,6 +105,13 @@ pub fn plain(status: StatusCode, text: String) -> Response<Body> {
 /// When a publish refused as `overloaded` may try again.
 pub const OVERLOADED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A `Retry-After` of `wait`, in whole seconds rounded up (at least 1): a
+/// client told to come back never comes back early.
+pub fn retry_after(wait: std::time::Duration) -> header::HeaderValue {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    header::HeaderValue::from(seconds.max(1))
+}
+
 /// What kind of refusal an error is: the one fact the edges turn into a
 /// protocol's terms, an HTTP status ([`Kind::status`]) or a WebSocket close
 /// code ([`Kind::close_code`]). Nothing else maps errors to either.
@@ -281,11 +288,9 @@ impl Refusal {
                 .insert(header::ALLOW, header::HeaderValue::from_static(allow));
         }
         if let Some(wait) = self.retry_after {
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from(seconds.max(1)),
-            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after(wait));
         }
         if self.code == "unauthorized" {
             response.headers_mut().insert(

@@ -120,11 +120,16 @@ impl PusherApi {
         let done = |value: Value| Ok(Answer::Done(json_answer(StatusCode::OK, &value)));
         let publishes = matches!(segments.as_slice(), ["events" | "batch_events"]);
         if method == Method::POST && publishes && !self.channels.hub.caught_up().await {
-            // Before anything is stored, as for pushgate's own API.
-            return Err(Refused(
-                StatusCode::SERVICE_UNAVAILABLE,
-                crate::error::Refusal::overloaded().message,
-            ));
+            // Before anything is stored, as for pushgate's own API, and
+            // with the same Retry-After.
+            let refusal = crate::error::Refusal::overloaded();
+            let mut answer = plain(StatusCode::SERVICE_UNAVAILABLE, refusal.message);
+            if let Some(wait) = refusal.retry_after {
+                answer
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, crate::error::retry_after(wait));
+            }
+            return Ok(Answer::Done(answer));
         }
         match (method, segments.as_slice()) {
             (&Method::POST, ["events"]) => {

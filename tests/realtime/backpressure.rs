@@ -24,10 +24,16 @@ const WAIT: Duration = Duration::from_secs(10);
 /// late takes that make it behind.
 const SUBSCRIBERS: usize = 40;
 
+/// The Pusher app whose signed API publishes too.
+const PUSHER_ID: &str = "77";
+const PUSHER_KEY: &str = "bp-key";
+const PUSHER_SECRET: &str = "bp-secret-0123456789";
+
 async fn start(max_delay: &str) -> (Upstream, Pushgate) {
     let app = Upstream::start().await;
     let extra = format!(
-        "realtime:\n  coalesce_window: 400ms\napi:\n  backpressure:\n    max_delay: {max_delay}\n    max_wait: 300ms\n"
+        "realtime:\n  coalesce_window: 400ms\napi:\n  backpressure:\n    max_delay: {max_delay}\n    max_wait: 300ms\n\
+         pusher:\n  apps:\n    - {{id: \"{PUSHER_ID}\", key: {PUSHER_KEY}, secret: {PUSHER_SECRET}}}\n"
     );
     let gate = Pushgate::start(&app.url(), &extra).await;
     (app, gate)
@@ -58,6 +64,47 @@ async fn publish(gate: &Pushgate, n: u64) -> (StatusCode, Option<String>, Value)
         status,
         retry_after,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// A publish through the Pusher HTTP API, signed as the SDKs sign: its
+/// status, `Retry-After` and body.
+async fn pusher_publish(gate: &Pushgate, n: u64) -> (StatusCode, Option<String>, String) {
+    let path = format!("/apps/{PUSHER_ID}/events");
+    let payload = json!({"name": "tick", "channel": "room", "data": n.to_string()}).to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let query = pushgate::pusher::sign::sign_request(
+        "POST",
+        &path,
+        &[],
+        payload.as_bytes(),
+        PUSHER_KEY,
+        PUSHER_SECRET,
+        now,
+    );
+    let request = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}?{query}", gate.api_addr))
+        .header("content-type", "application/json")
+        .body(common::body(payload))
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, common::client().request(request))
+        .await
+        .expect("the API answers")
+        .unwrap();
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        retry_after,
+        String::from_utf8_lossy(&bytes).into_owned(),
     )
 }
 
@@ -190,6 +237,33 @@ async fn a_late_fan_out_holds_publishes_back_and_refuses_them_unstored() {
         metric(&gate, "pushgate_fanout_behind ").await.as_deref(),
         Some("pushgate_fanout_behind 0")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pusher_api_is_held_back_and_refused_the_same_way() {
+    let (_app, gate) = start("50ms").await;
+    let mut streams = subscribers(&gate).await;
+    late_burst(&gate, &mut streams).await;
+    let asked = Instant::now();
+    let (status, retry_after, body) = pusher_publish(&gate, 6).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("nothing was stored"), "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "answered after {:?}, before max_wait",
+        asked.elapsed()
+    );
+    // Once the lanes are on time again, the same publish is taken.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = pusher_publish(&gate, 7).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(Instant::now() < deadline, "still refused after {WAIT:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
