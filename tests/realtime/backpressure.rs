@@ -13,9 +13,11 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::realtime::{Got, Sse};
 use common::{api_call, Pushgate, Upstream, API_KEY};
 use http::{Request, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
@@ -39,6 +41,23 @@ async fn start(max_delay: &str) -> (Upstream, Pushgate) {
     (app, gate)
 }
 
+/// A request's status, `Retry-After` and body.
+async fn answer(
+    request: Request<BoxBody<Bytes, std::io::Error>>,
+) -> (StatusCode, Option<String>, Vec<u8>) {
+    let response = tokio::time::timeout(WAIT, common::client().request(request))
+        .await
+        .expect("the API answers")
+        .unwrap();
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, retry_after, bytes.to_vec())
+}
+
 /// A publish's status, `Retry-After` and body.
 async fn publish(gate: &Pushgate, n: u64) -> (StatusCode, Option<String>, Value) {
     let request = Request::builder()
@@ -50,21 +69,9 @@ async fn publish(gate: &Pushgate, n: u64) -> (StatusCode, Option<String>, Value)
             json!({"channel": "room", "data": {"n": n}}).to_string(),
         ))
         .unwrap();
-    let response = tokio::time::timeout(WAIT, common::client().request(request))
-        .await
-        .expect("the API answers")
-        .unwrap();
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        retry_after,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    let (status, retry_after, body) = answer(request).await;
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, retry_after, body)
 }
 
 /// A publish through the Pusher HTTP API, signed as the SDKs sign: its
@@ -91,20 +98,11 @@ async fn pusher_publish(gate: &Pushgate, n: u64) -> (StatusCode, Option<String>,
         .header("content-type", "application/json")
         .body(common::body(payload))
         .unwrap();
-    let response = tokio::time::timeout(WAIT, common::client().request(request))
-        .await
-        .expect("the API answers")
-        .unwrap();
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let (status, retry_after, body) = answer(request).await;
     (
         status,
         retry_after,
-        String::from_utf8_lossy(&bytes).into_owned(),
+        String::from_utf8_lossy(&body).into_owned(),
     )
 }
 
