@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::{Frame, Incoming};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::{
@@ -209,7 +209,7 @@ async fn serve_detached(
             // completes at once (the usual case); a kept timer would be
             // filed on its way back to the thread, a wheel insertion per
             // write that cost 1.6 µs per delivery.
-            let write = tokio::time::timeout(write_timeout, io.write_all_buf(&mut out));
+            let write = tokio::time::timeout(write_timeout, write_frames(io, &mut out));
             match Box::pin(write).await.ok() {
                 Some(Ok(())) => {}
                 Some(Err(err)) => {
@@ -242,6 +242,52 @@ async fn serve_detached(
             },
         }
     }
+}
+
+/// Batches of at most this many bytes are copied into one buffer and sent
+/// with one `send`; larger ones go as one `writev` of their frames.
+const FLAT_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// The buffer a small batch is copied into: one per thread, so an idle
+    /// stream holds none.
+    static FLAT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes every frame of `out`, in order, whatever part of them each write
+/// takes: the one place the stream's bytes reach the socket.
+///
+/// A batch of at most [`FLAT_MAX`] bytes is first tried as one `send` of a
+/// contiguous copy: a delivery is two frames (the publication's shared
+/// lines, the id line), and a `writev` of them costs more in the kernel than
+/// copying them (about 0.3 µs a write, measured on loopback). What that
+/// leaves unwritten (the socket's buffer full, or only part of the copy
+/// taken) goes the vectored way, which waits for room.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    out: &mut Frames,
+) -> std::io::Result<()> {
+    if out.0.len() > 1 && out.remaining() <= FLAT_MAX {
+        std::future::poll_fn(|cx| {
+            FLAT.with_borrow_mut(|flat| {
+                flat.clear();
+                for frame in &out.0 {
+                    flat.extend_from_slice(frame);
+                }
+                match Pin::new(&mut *io).poll_write(cx, flat) {
+                    Poll::Ready(Ok(written)) => {
+                        out.advance(written);
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                    // No room now: the vectored write below waits for it.
+                    Poll::Pending => Poll::Ready(Ok(())),
+                }
+            })
+        })
+        .await?;
+    }
+    io.write_all_buf(out).await
 }
 
 /// Bytes waiting to be written, as one vectored write.
@@ -618,5 +664,112 @@ impl SseStream {
 impl std::fmt::Debug for SseStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SseStream").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A socket that takes at most a given number of bytes per write, and
+    /// now and then has no room (and says when it has again).
+    struct Trickle {
+        taken: Vec<u8>,
+        /// Per call, in turn: at most this many bytes, or no room at all (0).
+        steps: Vec<usize>,
+        calls: usize,
+        vectored: bool,
+    }
+
+    impl Trickle {
+        /// How much the next write may take; `None`: no room this time.
+        fn room(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+            let step = self.steps[self.calls % self.steps.len()];
+            self.calls += 1;
+            if step == 0 {
+                cx.waker().wake_by_ref();
+                return None;
+            }
+            Some(step)
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let Some(room) = self.room(cx) else {
+                return Poll::Pending;
+            };
+            let take = room.min(buf.len());
+            self.taken.extend_from_slice(&buf[..take]);
+            Poll::Ready(Ok(take))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let Some(mut room) = self.room(cx) else {
+                return Poll::Pending;
+            };
+            let mut took = 0;
+            for buf in bufs {
+                let take = room.min(buf.len());
+                self.taken.extend_from_slice(&buf[..take]);
+                took += take;
+                room -= take;
+                if room == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(took))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The rule `write_frames` keeps: the socket gets exactly the
+        /// frames, in order, whatever part of them each write takes, for
+        /// batches on both sides of the one-copy bound.
+        #[test]
+        fn prop_frames_reach_the_socket_exactly(
+            sizes in proptest::collection::vec(1usize..6_000, 0..8),
+            steps in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..40_000], 1..6),
+            vectored in any::<bool>(),
+        ) {
+            // Some step must take something, or nothing could be written.
+            let mut steps = steps;
+            steps.push(4_096);
+            let frames: Vec<Bytes> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| Bytes::from((0..size).map(|j| (i * 31 + j) as u8).collect::<Vec<_>>()))
+                .collect();
+            let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+            let mut out = Frames(frames.into_iter().collect());
+            let mut socket = Trickle { taken: Vec::new(), steps, calls: 0, vectored };
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(write_frames(&mut socket, &mut out)).unwrap();
+            prop_assert_eq!(socket.taken, expected);
+            prop_assert!(!out.has_remaining());
+        }
     }
 }

@@ -51,7 +51,16 @@ async fn connect_h1(
     hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     JoinHandle<()>,
 ) {
-    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
+    connect_h1_on(within("connect", TcpStream::connect(addr)).await.unwrap()).await
+}
+
+/// The same over a socket already connected.
+async fn connect_h1_on(
+    tcp: TcpStream,
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    JoinHandle<()>,
+) {
     let (sender, connection) = within(
         "handshake",
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)),
@@ -70,7 +79,19 @@ async fn send_h1(
     path_and_query: &str,
     headers: &[(&str, &str)],
 ) -> (Response<Incoming>, Box<dyn Any + Send>, JoinHandle<()>) {
-    let (mut sender, task) = connect_h1(addr).await;
+    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
+    send_h1_on(tcp, addr, method, path_and_query, headers).await
+}
+
+/// The same over a socket already connected to `addr`.
+async fn send_h1_on(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (Response<Incoming>, Box<dyn Any + Send>, JoinHandle<()>) {
+    let (mut sender, task) = connect_h1_on(tcp).await;
     let mut request = Request::builder()
         .method(method)
         .uri(path_and_query)
@@ -715,6 +736,47 @@ async fn sse_announces_a_gap_older_than_history_with_a_reset_event() {
     assert_eq!(live.event, None, "{live:?}");
     assert_eq!(live.json()["offset"], 22);
     assert_eq!(live.json()["data"], "live");
+}
+
+/// Whatever part of a batch each write takes, the stream carries exactly
+/// the events, in order: a client with a small receive buffer reads nothing
+/// until everything is published, so the node's writes fill its send
+/// buffer and stop part-way, then the client reads it all. Batches go as
+/// one copy while the socket has room and as vectored writes of their
+/// frames once they outgrow it; the property test beside `write_frames`
+/// covers every way a write can be split.
+#[tokio::test]
+async fn sse_events_arrive_whole_and_in_order_through_partial_writes() {
+    let (_app, gate) = start("").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = within("connect", socket.connect(gate.addr)).await.unwrap();
+    let (response, sender, task) = send_h1_on(
+        tcp,
+        gate.addr,
+        Method::GET,
+        "/realtime/sse?channel=big",
+        &[],
+    )
+    .await;
+    let mut stream = SseStream::new(response, sender, Some(task));
+    assert_eq!(stream.status, StatusCode::OK);
+    stream.opening().await;
+
+    // Sizes from one byte to past the one-copy bound (16 KiB), about 700 KB
+    // in all: far more than the client's and the node's socket buffers.
+    const SIZES: [usize; 7] = [1, 37, 600, 1500, 4000, 9000, 17000];
+    let text = |n: usize| format!("{n}:{}", "x".repeat(SIZES[n % SIZES.len()]));
+    const COUNT: usize = 150;
+    for n in 0..COUNT {
+        publish(gate.api_addr, "big", json!(text(n)), None).await;
+    }
+    for n in 0..COUNT {
+        let event = stream.next_event().await;
+        let body = event.json();
+        assert_eq!(body["offset"], n as u64 + 1, "event {n}");
+        assert!(body["data"] == text(n), "event {n} came altered");
+    }
 }
 
 #[tokio::test]
