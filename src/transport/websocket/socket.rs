@@ -18,6 +18,10 @@
 //! takes beyond what tungstenite asked for ([`Reads`]) are kept only until
 //! they are asked for.
 
+// tungstenite's calls return its own error, 136 bytes, which the `Stream` and
+// `Sink` here pass on as tokio-tungstenite's do.
+#![allow(clippy::result_large_err)]
+
 use std::io::{self, Read, Write};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
