@@ -10,6 +10,11 @@
 //! its writes and reads as closed, so it finishes and frees its buffers,
 //! while the handler's task owns the socket and writes the response itself.
 //!
+//! A WebSocket leaves hyper by an upgrade instead, with hyper's 101 and
+//! whatever the client sent behind its handshake; [`Reclaim`] then takes the
+//! socket out of the wrappers it went through inside hyper, so the
+//! connection holds the socket alone.
+//!
 //! The wrapper also carries the connection's slot of `limits.max_connections`
 //! (the file budget), so the slot is held for exactly as long as the socket
 //! is open: inside hyper, after a WebSocket upgrade, or after a detach.
@@ -28,11 +33,29 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// A connection's socket and its slot, after a detach.
+/// A connection's socket and its slot, after a detach or a reclaim.
 pub struct Detached {
     pub io: Box<dyn Io>,
     _slot: Option<OwnedSemaphorePermit>,
 }
+
+impl Detached {
+    /// A socket whose slot, if any, stays with it inside `io` (an upgraded
+    /// connection hyper's wrapping still holds).
+    pub fn unslotted(io: Box<dyn Io>) -> Detached {
+        Detached { io, _slot: None }
+    }
+}
+
+/// Takes an upgraded HTTP/1 connection's socket back out of what hyper and
+/// the server wrapped it in: the socket with its slot, and the bytes hyper
+/// had read past the handshake. The server puts one in each realtime
+/// request's extensions, as only it knows the socket's type; an upgrade of
+/// any other type comes back unchanged.
+#[derive(Clone, Copy)]
+pub struct Reclaim(
+    pub fn(hyper::upgrade::Upgraded) -> Result<(Detached, bytes::Bytes), hyper::upgrade::Upgraded>,
+);
 
 /// Shared by the wrapper and the requests of its connection.
 #[derive(Default)]
@@ -92,6 +115,18 @@ impl<I: Io> Detachable<I> {
             shared,
         };
         (io, handle)
+    }
+
+    /// The socket and its slot, out of the wrapper (which itself, should the
+    /// socket have gone to a detach, is what is left).
+    pub fn into_detached(mut self) -> Detached {
+        match self.io.take() {
+            Some(io) => Detached {
+                io: Box::new(io),
+                _slot: self.slot.take(),
+            },
+            None => Detached::unslotted(Box::new(self)),
+        }
     }
 
     /// The socket, unless a handler has asked for it: then it is handed over

@@ -66,6 +66,9 @@
 //!       uncompressed frame stream.
 //!       - `transport::websocket::inflating::tests`: that invariant against
 //!         random messages, fragments, pings and read splits; the refusals.
+//!     - `transport::websocket::socket`: tungstenite's protocol state driven
+//!       straight from the connection's task, over the socket taken back
+//!       from hyper; no read buffer kept between frames.
 //!     - `transport::websocket::tests`: frames, handshakes and closes over
 //!       real sockets.
 //!   - `transport::calls`: `rpc` and publishes from WebSocket clients,

@@ -77,7 +77,7 @@ use crate::body::Body;
 use crate::broker::Broker;
 use crate::config::{FastPathsConfig, Settings};
 use crate::conn::ConnInfo;
-use crate::detach::{self, DetachHandle, Detachable};
+use crate::detach::{self, DetachHandle, Detachable, Detached, Reclaim};
 use crate::error::Error;
 use crate::files::raise_open_file_limit;
 use crate::hub::Hub;
@@ -152,14 +152,16 @@ impl Handler {
     /// own future's size, so a proxied request neither moves nor allocates
     /// room for a realtime session's state.
     ///
-    /// `detach` (HTTP/1 only) lets a realtime handler take the socket; it
-    /// goes into the request's extensions only there, sparing every proxied
-    /// request the allocations.
+    /// `detach` (HTTP/1 only) lets a realtime handler take the socket, and
+    /// `reclaim` (HTTP/1 only) lets it take an upgraded socket back out of
+    /// hyper's wrapping; they go into the request's extensions only there,
+    /// sparing every proxied request the allocations.
     fn handle(
         &self,
         mut request: Request<Incoming>,
         conn: ConnInfo,
         detach: Option<DetachHandle>,
+        reclaim: Option<Reclaim>,
     ) -> Answer {
         match self {
             Handler::Public { realtime, .. } if realtime.owns(request.uri().path()) => {
@@ -168,6 +170,9 @@ impl Handler {
                 }
                 if let Some(detach) = detach {
                     request.extensions_mut().insert(detach);
+                }
+                if let Some(reclaim) = reclaim {
+                    request.extensions_mut().insert(reclaim);
                 }
                 let realtime = realtime.clone();
                 Box::pin(async move { Ok(realtime.handle(request, conn).await) })
@@ -636,6 +641,17 @@ fn is_per_connection(err: &io::Error) -> bool {
     )
 }
 
+/// An upgraded connection's socket (of type `I`) out of the wrappers it
+/// went through to hyper; see [`Reclaim`]. The type named here is the one
+/// `serve_http` hands hyper's auto builder.
+fn reclaim<I: detach::Io>(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(Detached, bytes::Bytes), hyper::upgrade::Upgraded> {
+    let parts = auto::upgrade::downcast::<TokioIo<HeadDeadline<Detachable<I>>>>(upgraded)?;
+    let socket = parts.io.into_inner().into_inner().into_detached();
+    Ok((socket, parts.read_buf))
+}
+
 /// One accepted connection, until it closes.
 struct Connection {
     peer: SocketAddr,
@@ -690,9 +706,10 @@ impl Connection {
             head_seen.received();
             // Only an HTTP/1 connection is one request at a time, and so can
             // be handed over whole.
-            let detach =
-                (sse_detach && request.version() < http::Version::HTTP_2).then(|| detach.clone());
-            handler.handle(request, conn, detach)
+            let http1 = request.version() < http::Version::HTTP_2;
+            let detach = (sse_detach && http1).then(|| detach.clone());
+            let reclaim = http1.then_some(Reclaim(reclaim::<I>));
+            handler.handle(request, conn, detach, reclaim)
         });
         let connection = shared
             .http

@@ -118,10 +118,10 @@ pub const DEFAULT_WS_MAX_MESSAGE: ByteSize = ByteSize(64 * 1024);
 pub const DEFAULT_WS_PING_INTERVAL: Duration = Duration::from_secs(25);
 /// How long a pong (or a write) may take before the peer counts as dead.
 pub const DEFAULT_WS_PING_TIMEOUT: Duration = Duration::from_secs(10);
-/// tungstenite's read buffer per connection, held (and zero-filled) for the
-/// connection's life. Clients send small JSON commands; a larger frame grows
-/// the buffer while it is read. tungstenite's own default (128 KiB) is far
-/// too much for many idle connections.
+/// How much one read from a WebSocket's socket takes (at most 4 KiB of it
+/// when tungstenite asks for less). Nothing of it is kept between frames:
+/// clients send small JSON commands, and a larger frame is read into room of
+/// its own size.
 pub const DEFAULT_WS_READ_BUFFER: ByteSize = ByteSize(256);
 /// Bytes tungstenite gathers before it writes. Below this, messages wait for
 /// the flush that ends their batch, so a batch is one write; 0 would write

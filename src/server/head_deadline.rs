@@ -85,6 +85,11 @@ impl<I> HeadDeadline<I> {
         };
         (io, state)
     }
+
+    /// The connection's IO, once it has left hyper (an upgrade).
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<I> {

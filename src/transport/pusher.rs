@@ -95,6 +95,10 @@ pub(super) async fn handle(
         super::access_line(&request, conn, Transport::Pusher, outcome, None);
     }
     let upgrade = hyper::upgrade::on(&mut request);
+    let reclaim = request
+        .extensions()
+        .get::<crate::detach::Reclaim>()
+        .copied();
     let config = socket_config(&realtime.config().websocket);
     let spawner = realtime.clone();
     let realtime = realtime.clone();
@@ -107,7 +111,7 @@ pub(super) async fn handle(
             }
         };
         // Pusher's socket sends its frames uncompressed: no extension.
-        let mut socket = open_socket(upgraded, config, false).await;
+        let mut socket = open_socket(upgraded, reclaim, config, false);
         match admitted {
             Err((code, reason)) => {
                 let within = realtime.config().websocket.ping_timeout;

@@ -652,6 +652,46 @@ async fn tls_serves_h2_and_http1_by_alpn() {
             text.push_str(std::str::from_utf8(&data).unwrap());
         }
     }
+
+    // A WebSocket over TLS: its socket, the TLS stream, taken back out of
+    // hyper after the upgrade, serves the session.
+    let tls = connect(b"http/1.1").await;
+    let (mut ws, response) = within(
+        "WebSocket handshake over TLS",
+        tokio_tungstenite::client_async("wss://localhost/realtime/ws?channel=w", tls),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let ping = serde_json::json!({"id": 1, "op": "ping"}).to_string();
+    within("send over TLS", ws.send(Message::text(ping)))
+        .await
+        .unwrap();
+    let pong = within("the reply over TLS", ws.next())
+        .await
+        .expect("the socket goes on")
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(pong.to_text().unwrap()).unwrap(),
+        serde_json::json!({"id": 1, "result": {}})
+    );
+    let (status, _) = common::api_call(
+        gate.api_addr,
+        "POST",
+        "/api/publish",
+        Some(serde_json::json!({"channel": "w", "data": "wss"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let envelope = within("an envelope over TLS", ws.next())
+        .await
+        .expect("the socket goes on")
+        .unwrap();
+    assert!(
+        envelope.to_text().unwrap().contains(r#""data":"wss""#),
+        "{envelope:?}"
+    );
+    within("close over TLS", ws.close(None)).await.unwrap();
 }
 
 #[tokio::test]

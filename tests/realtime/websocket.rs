@@ -707,3 +707,104 @@ async fn a_client_that_stops_reading_sees_4008_promptly_and_resumes_exactly() {
     let pong = command(&mut client, json!({"id": 2, "op": "ping"})).await;
     assert_eq!(pong, json!({"id": 2, "result": {}}), "nothing more");
 }
+
+/// A masked client text frame (RFC 6455 §5.2) under an all-zero mask, so
+/// its payload goes as it is.
+fn masked_text(payload: &str) -> Vec<u8> {
+    assert!(payload.len() < 126, "a short frame");
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+/// The socket leaves hyper at the upgrade with whatever hyper had read past
+/// the handshake, on a connection that answered an ordinary request first:
+/// a command sent right behind the handshake, in the same write, is
+/// answered, and the session then serves as any other.
+#[tokio::test]
+async fn a_websocket_after_an_earlier_request_keeps_the_bytes_behind_its_handshake() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let (_app, gate) = start("").await;
+    let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let host = gate.addr;
+    stream
+        .write_all(format!("GET /realtime/client.js HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let first = common::read_until(&mut stream, "\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let length: usize = first
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("a sized body");
+    let head_end = first.find("\r\n\r\n").unwrap() + 4;
+    let mut body_read = first.len() - head_end;
+    while body_read < length {
+        let mut chunk = vec![0u8; length - body_read];
+        let n = tokio::io::AsyncReadExt::read(&mut stream, &mut chunk)
+            .await
+            .unwrap();
+        assert!(n > 0, "the body in full");
+        body_read += n;
+    }
+
+    let mut handshake = format!(
+        "GET /realtime/ws?channel=later HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\n\
+         upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    handshake.extend(masked_text(r#"{"id":1,"op":"ping"}"#));
+    stream.write_all(&handshake).await.unwrap();
+    let switched = common::read_until(&mut stream, "\r\n\r\n").await;
+    assert!(switched.starts_with("HTTP/1.1 101"), "{switched}");
+    assert!(
+        switched.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "the accept key: {switched}"
+    );
+    let head_end = switched.find("\r\n\r\n").unwrap() + 4;
+    let behind = switched.as_bytes()[head_end..].to_vec();
+    let mut client =
+        tokio_tungstenite::WebSocketStream::from_partially_read(stream, behind, Role::Client, None)
+            .await;
+
+    let pong = tokio::time::timeout(PATIENCE, client.next())
+        .await
+        .expect("the reply in time")
+        .expect("a frame")
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(pong.to_text().unwrap()).unwrap(),
+        json!({"id": 1, "result": {}})
+    );
+    metric_becomes(
+        gate.api_addr,
+        "pushgate_subscriptions{transport=\"websocket\"}",
+        1,
+    )
+    .await;
+    let published = publish(gate.api_addr, "later", json!("news")).await;
+    let envelope = tokio::time::timeout(PATIENCE, client.next())
+        .await
+        .expect("the envelope in time")
+        .expect("a frame")
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(envelope.to_text().unwrap()).unwrap(),
+        json!({"channel": "later", "epoch": published["epoch"], "offset": 1, "data": "news"})
+    );
+    client.close(None).await.unwrap();
+    let closed = tokio::time::timeout(PATIENCE, client.next())
+        .await
+        .expect("the close answered in time");
+    assert!(
+        matches!(closed, Some(Ok(Message::Close(_))) | None),
+        "{closed:?}"
+    );
+}

@@ -28,14 +28,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
 
 pub(super) mod closing;
 mod commands;
 mod extensions;
 mod inflating;
+mod socket;
 
 pub use closing::close;
 pub(super) use closing::{finish, read_failure, End};
@@ -45,6 +45,7 @@ use super::{Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
 use crate::config::ClientPublish;
 use crate::conn::ConnInfo;
+use crate::detach::{Detached, Reclaim};
 use crate::error::{Kind, Refusal};
 use crate::events::Reason;
 use crate::headers::has_token;
@@ -55,9 +56,7 @@ use commands::{
     error_reply, error_reply_from, parse_command, reset_push, result_reply, Call, Command, Id,
     Replay, Reply,
 };
-use inflating::Inflating;
-
-pub(super) type Socket = WebSocketStream<Inflating<TokioIo<hyper::upgrade::Upgraded>>>;
+pub(super) use socket::Socket;
 
 pub(super) async fn handle(
     realtime: &Arc<Realtime>,
@@ -83,6 +82,7 @@ pub(super) async fn handle(
 
     let opening = Box::new(Opening {
         upgrade: hyper::upgrade::on(&mut request),
+        reclaim: request.extensions().get::<Reclaim>().copied(),
         admitted,
         config: socket_config(&realtime.config().websocket),
         deflate,
@@ -92,9 +92,23 @@ pub(super) async fn handle(
     });
     let task = async move {
         // The opening is boxed and gone once the socket is open: an idle
-        // connection's task holds only what serves it.
+        // connection's task holds only what serves it, the connection
+        // inline (one allocation, the task's, for both). It comes out of
+        // the opening boxed, so the task's future has room for it once;
+        // the box is freed as it is emptied (a box moved out of is freed
+        // only where its binding ends). The cold paths (subscribing from
+        // the query, commands, closing) are boxed while they run, so
+        // beside the connection the task holds only the serve loop.
         if let Some((connection, channels)) = Box::pin(opening.open()).await {
-            connection.run(channels).await;
+            let mut connection = {
+                let boxed = connection;
+                *boxed
+            };
+            let end = match Box::pin(connection.start(channels)).await {
+                Ok(()) => connection.serve().await,
+                Err(end) => end,
+            };
+            Box::pin(connection.close(end)).await;
         }
     };
     realtime.drain.spawn(task);
@@ -126,19 +140,28 @@ pub(super) fn switching_protocols(key: &HeaderValue, deflate: bool) -> Response<
 
 /// The socket over an upgraded connection, configured by `config`; with
 /// the client's compressed messages inflated when it negotiated
-/// permessage-deflate.
-pub(super) async fn open_socket(
+/// permessage-deflate. With the request's `reclaim` the socket leaves
+/// hyper's wrapping, so the connection holds the socket alone.
+pub(super) fn open_socket(
     upgraded: hyper::upgrade::Upgraded,
+    reclaim: Option<Reclaim>,
     config: WebSocketConfig,
     deflate: bool,
 ) -> Socket {
-    let io = TokioIo::new(upgraded);
-    let io = if deflate {
-        Inflating::deflate(io, config.max_message_size.unwrap_or(usize::MAX))
-    } else {
-        Inflating::plain(io)
+    let reclaimed = match reclaim {
+        Some(Reclaim(reclaim)) => reclaim(upgraded),
+        None => Err(upgraded),
     };
-    WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+    let (socket, ahead) = match reclaimed {
+        // What hyper read past the handshake is a slice of its read buffer,
+        // which it would keep whole: copied out, or let go when empty.
+        Ok((socket, ahead)) => (socket, bytes::Bytes::copy_from_slice(&ahead)),
+        Err(upgraded) => (
+            Detached::unslotted(Box::new(TokioIo::new(upgraded))),
+            bytes::Bytes::new(),
+        ),
+    };
+    Socket::new(socket, ahead, config, deflate)
 }
 
 /// A refused handshake, naming the version spoken (RFC 6455 §4.4).
@@ -154,6 +177,7 @@ pub(super) fn refused_handshake(refusal: Refusal) -> Response<Body> {
 /// What an accepted handshake needs until the socket is open.
 struct Opening {
     upgrade: hyper::upgrade::OnUpgrade,
+    reclaim: Option<Reclaim>,
     admitted: Result<super::Admission, Refusal>,
     config: WebSocketConfig,
     /// permessage-deflate was negotiated.
@@ -169,6 +193,7 @@ impl Opening {
     async fn open(self: Box<Self>) -> Option<(Box<Connection>, Vec<ChannelName>)> {
         let Opening {
             upgrade,
+            reclaim,
             admitted,
             config,
             deflate,
@@ -183,7 +208,7 @@ impl Opening {
                 return None;
             }
         };
-        let mut socket = open_socket(upgraded, config, deflate).await;
+        let mut socket = open_socket(upgraded, reclaim, config, deflate);
         match admitted {
             Err(refusal) => {
                 let end = End::Close(refusal.close_code(), refusal.message);
@@ -197,7 +222,7 @@ impl Opening {
                 if deflate {
                     let min_size = connection.realtime.config().websocket.compression.min_size;
                     connection.deflate_from =
-                        Some(usize::try_from(min_size.bytes()).unwrap_or(usize::MAX));
+                        Some(u32::try_from(min_size.bytes()).unwrap_or(u32::MAX));
                 }
                 Some((Box::new(connection), channels))
             }
@@ -265,32 +290,18 @@ pub(super) fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketCon
         .max_frame_size(Some(max_message))
 }
 
-/// The heartbeat: ping when idle, drop the peer when the pong is late.
-enum Heartbeat {
-    PingAt(Instant),
-    PongBy(Instant),
-}
-
-impl Heartbeat {
-    fn deadline(&self) -> Instant {
-        match self {
-            Heartbeat::PingAt(at) | Heartbeat::PongBy(at) => *at,
-        }
-    }
-}
-
 struct Connection {
     realtime: Arc<Realtime>,
     socket: Socket,
     session: Session,
     conn: ConnInfo,
-    /// `realtime.commands_per_second`.
-    commands: Rate,
+    /// `realtime.commands_per_second`; made at the first command (a new
+    /// limiter is full, as one made at the connect would be by then).
+    commands: Option<Box<Rate>>,
     /// Commands refused in a row; at `command_burst` the client is cut off.
     refused_in_a_row: u32,
     /// `realtime.publishes_per_second`; made at the first publish.
     publishes: Option<Box<Rate>>,
-    heartbeat: Heartbeat,
     pace: super::Pace,
     /// The outbox's wake-up. Kept here rather than in the serve loop so that
     /// a write waiting on a client that stopped reading still hears the
@@ -305,7 +316,7 @@ struct Connection {
     /// With permessage-deflate negotiated: publications of at least this
     /// many bytes go compressed (`compression.min_size` when the connection
     /// opened).
-    deflate_from: Option<usize>,
+    deflate_from: Option<u32>,
     _gauge: super::ConnectionGauge,
 }
 
@@ -332,8 +343,6 @@ impl Connection {
         gauge: super::ConnectionGauge,
     ) -> Connection {
         let config = realtime.config();
-        let commands = Rate::new(config.commands_per_second, config.command_burst);
-        let heartbeat = Heartbeat::PingAt(Instant::now() + config.websocket.ping_interval);
         let pace = super::Pace::new(config.coalesce_window);
         let ready = session.outbox().ready_owned();
         Connection {
@@ -341,10 +350,9 @@ impl Connection {
             socket,
             session,
             conn,
-            commands,
+            commands: None,
             refused_in_a_row: 0,
             publishes: None,
-            heartbeat,
             pace,
             ready,
             woken: false,
@@ -354,17 +362,8 @@ impl Connection {
         }
     }
 
-    /// Serves the connection until it ends. Boxed: an async fn keeps its
-    /// arguments twice (as given and as locals), and the connection is the
-    /// largest thing an idle task holds.
-    async fn run(mut self: Box<Self>, channels: Vec<ChannelName>) {
-        // The cold paths (subscribing from the query, commands, closing)
-        // are boxed while they run, so the task of an idle connection holds
-        // only the serve loop.
-        let end = match Box::pin(self.start(channels)).await {
-            Ok(()) => self.serve().await,
-            Err(end) => end,
-        };
+    /// Ends the session and the connection (`end` says why).
+    async fn close(&mut self, end: End) {
         if let End::Close(code, reason) = &end {
             tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
         }
@@ -391,14 +390,21 @@ impl Connection {
         // when they fire: making them afresh on every delivery (a waiter
         // registered and dropped in three wait lists, a timer inserted and
         // cleared) was a visible part of the fan-out's CPU profile.
-        let drain = self.realtime.drain.signalled_owned();
+        // The shutdown wait is boxed: inline, its 96 bytes would take the
+        // task's future (the connection and this loop, 1,160 bytes) past
+        // jemalloc's 1,280-byte class for tokio's task cell, and every idle
+        // connection 256 bytes up.
+        let mut drain = Box::pin(self.realtime.drain.signalled_owned());
         let ordered = self.session.control().ordered_owned();
-        let heartbeat = tokio::time::sleep_until(self.heartbeat.deadline());
+        // Whether the ping is out and its pong awaited (by the heartbeat's
+        // deadline), rather than the next ping due then.
+        let mut awaiting_pong = false;
+        let heartbeat = tokio::time::sleep_until(Instant::now() + ping_interval);
         // While the pace holds a write back, what arrives meanwhile goes
         // out with it when `hold` fires (or the outbox wakes the session
         // again: half full, lagging or closed). It has a timer only then.
         let mut hold = super::Hold::default();
-        tokio::pin!(drain, ordered, heartbeat);
+        tokio::pin!(ordered, heartbeat);
         // The task of an idle connection holds this future at its largest
         // state, so what a branch awaits (a flush, an order, a ping, the
         // frame read) is boxed while it runs: one short-lived allocation per
@@ -431,8 +437,8 @@ impl Connection {
                 }
                 message = self.socket.next().map(|message| message.map(Box::new)) => {
                     // Any frame shows the peer is alive.
-                    self.heartbeat = Heartbeat::PingAt(Instant::now() + ping_interval);
-                    heartbeat.as_mut().reset(self.heartbeat.deadline());
+                    awaiting_pong = false;
+                    heartbeat.as_mut().reset(Instant::now() + ping_interval);
                     let Some(message) = message else {
                         return End::Gone;
                     };
@@ -454,18 +460,14 @@ impl Connection {
                     }
                 }
                 () = &mut heartbeat => {
-                    match self.heartbeat {
-                        Heartbeat::PingAt(_) => {
-                            self.heartbeat = Heartbeat::PongBy(Instant::now() + ping_timeout);
-                            heartbeat.as_mut().reset(self.heartbeat.deadline());
-                            if Box::pin(self.write(Message::Ping(Default::default()))).await.is_err() {
-                                return End::Gone;
-                            }
-                        }
-                        Heartbeat::PongBy(_) => {
-                            tracing::debug!(peer = %self.conn.peer, "WebSocket peer missed its pong; dropped");
-                            return End::Gone;
-                        }
+                    if awaiting_pong {
+                        tracing::debug!(peer = %self.conn.peer, "WebSocket peer missed its pong; dropped");
+                        return End::Gone;
+                    }
+                    awaiting_pong = true;
+                    heartbeat.as_mut().reset(Instant::now() + ping_timeout);
+                    if Box::pin(self.write(Message::Ping(Default::default()))).await.is_err() {
+                        return End::Gone;
                     }
                 }
             }
@@ -595,12 +597,18 @@ impl Connection {
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
         match message {
             Message::Text(text) => {
-                if self.commands.take() {
+                let burst = self.realtime.config().command_burst;
+                let realtime = &self.realtime;
+                let commands = self.commands.get_or_insert_with(|| {
+                    let per_second = realtime.config().commands_per_second;
+                    Box::new(Rate::new(per_second, burst))
+                });
+                if commands.take() {
                     self.refused_in_a_row = 0;
                 } else {
                     self.refused_in_a_row += 1;
                     self.realtime.refused.count(Limit::Commands);
-                    if self.refused_in_a_row >= self.realtime.config().command_burst {
+                    if self.refused_in_a_row >= burst {
                         tracing::info!(peer = %self.conn.peer, "limit: realtime.commands_per_second exceeded persistently; closed with 4029");
                         return Err(End::Close(
                             close::RATE_LIMITED,
@@ -797,9 +805,9 @@ impl Connection {
 /// shared with every other subscriber, when the connection negotiated
 /// permessage-deflate (`deflate_from`), the envelope is at least that long
 /// and compressing it paid; else its shared text.
-fn publication_message(publication: &Publication, deflate_from: Option<usize>) -> Message {
+fn publication_message(publication: &Publication, deflate_from: Option<u32>) -> Message {
     let compressed = deflate_from
-        .filter(|&min_size| publication.size() >= min_size)
+        .filter(|&min_size| publication.size() >= min_size as usize)
         .and_then(|_| publication.ws_deflated());
     match compressed {
         Some(payload) => Message::Frame(compressed_text(payload.clone())),

@@ -27,7 +27,7 @@ async fn serve_echo(listener: tokio::net::TcpListener, ws: crate::config::WebSoc
                     let upgrade = hyper::upgrade::on(&mut request);
                     tokio::spawn(async move {
                         let Ok(upgraded) = upgrade.await else { return };
-                        let socket = open_socket(upgraded, socket_config(&ws), false).await;
+                        let socket = open_socket(upgraded, None, socket_config(&ws), false);
                         echo(socket, ws.ping_timeout).await;
                     });
                     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
