@@ -263,10 +263,7 @@ thread_local! {
 /// copying them (about 0.3 µs a write, measured on loopback). What that
 /// leaves unwritten (the socket's buffer full, or only part of the copy
 /// taken) goes the vectored way, which waits for room.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    out: &mut Frames,
-) -> std::io::Result<()> {
+async fn write_frames<W: AsyncWrite + Unpin>(io: &mut W, out: &mut Frames) -> std::io::Result<()> {
     if out.0.len() > 1 && out.remaining() <= FLAT_MAX {
         std::future::poll_fn(|cx| {
             FLAT.with_borrow_mut(|flat| {
