@@ -887,11 +887,20 @@ pub mod pyenv {
 /// Reads a raw response from `stream` until `needle` appears; the text read.
 /// Fails the test when the stream ends first or nothing comes in time.
 pub async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
+    String::from_utf8_lossy(&read_bytes_until(stream, needle).await).into_owned()
+}
+
+/// The same, as the bytes read: exact past the needle too, where a binary
+/// frame may follow a text head in the same read.
+pub async fn read_bytes_until(stream: &mut tokio::net::TcpStream, needle: &str) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !String::from_utf8_lossy(&seen).contains(needle) {
+    while !seen
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+    {
         let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
             .await
             .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)))
@@ -903,5 +912,5 @@ pub async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> Str
         );
         seen.extend_from_slice(&buffer[..read]);
     }
-    String::from_utf8_lossy(&seen).into_owned()
+    seen
 }
