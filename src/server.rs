@@ -192,6 +192,8 @@ struct Shared {
     read_ahead: bool,
     /// `fast_paths.sse_detach`: realtime requests may take their socket.
     sse_detach: bool,
+    /// `fast_paths.ws_reclaim`: an upgraded socket may leave hyper's wrapping.
+    ws_reclaim: bool,
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -299,6 +301,7 @@ impl Server {
                 header_timeout: limits.header_timeout,
                 read_ahead: config.fast_paths.read_ahead,
                 sse_detach: config.fast_paths.sse_detach,
+                ws_reclaim: config.fast_paths.ws_reclaim,
             }),
             grace: config.shutdown.grace,
             hub,
@@ -702,13 +705,14 @@ impl Connection {
         let handler = self.handler.clone();
         let head_seen = head.clone();
         let sse_detach = shared.sse_detach;
+        let ws_reclaim = shared.ws_reclaim;
         let service = service_fn(move |request: Request<Incoming>| {
             head_seen.received();
             // Only an HTTP/1 connection is one request at a time, and so can
             // be handed over whole.
             let http1 = request.version() < http::Version::HTTP_2;
             let detach = (sse_detach && http1).then(|| detach.clone());
-            let reclaim = http1.then_some(Reclaim(reclaim::<I>));
+            let reclaim = (ws_reclaim && http1).then_some(Reclaim(reclaim::<I>));
             handler.handle(request, conn, detach, reclaim)
         });
         let connection = shared

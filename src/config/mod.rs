@@ -258,6 +258,10 @@ pub struct FastPathsConfig {
     /// A new connection's first bytes are read in one system call
     /// (`server/read_ahead.rs`); off: hyper reads them as it asks.
     pub read_ahead: bool,
+    /// An upgraded HTTP/1 WebSocket's socket is taken back out of hyper's
+    /// wrapping (`detach::Reclaim`); off: the session reads and writes
+    /// through hyper's `Upgraded`.
+    pub ws_reclaim: bool,
 }
 
 impl Default for FastPathsConfig {
@@ -267,6 +271,7 @@ impl Default for FastPathsConfig {
             sse_detach: true,
             kept_timers: true,
             read_ahead: true,
+            ws_reclaim: true,
         }
     }
 }

@@ -378,6 +378,7 @@ pub fn switch_fast_paths(config: &mut pushgate::Config) {
         ("SSE_DETACH", &mut paths.sse_detach),
         ("KEPT_TIMERS", &mut paths.kept_timers),
         ("READ_AHEAD", &mut paths.read_ahead),
+        ("WS_RECLAIM", &mut paths.ws_reclaim),
     ] {
         if let Ok(value) = std::env::var(format!("PUSHGATE_FAST_PATHS__{name}")) {
             *switch = value.trim() != "false";
