@@ -726,7 +726,14 @@ async fn a_websocket_after_an_earlier_request_keeps_the_bytes_behind_its_handsha
     use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    let (_app, gate) = start("").await;
+    // The binary itself, for its log: a reclaim that did not apply says so.
+    let app = Upstream::start().await;
+    let dir = common::TempDir::new("ws-reclaim");
+    let gate = common::Process::start(
+        &dir.0,
+        &format!("listen: 127.0.0.1:0\nupstream:\n  url: {}\n", app.url()),
+        &[],
+    );
     let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let host = gate.addr;
     stream
@@ -793,6 +800,18 @@ async fn a_websocket_after_an_earlier_request_keeps_the_bytes_behind_its_handsha
         1,
     )
     .await;
+    if common::fast_path_on("WS_RECLAIM") {
+        // The reply came after the socket was opened, and with it any
+        // warning that the reclaim did not apply.
+        assert_eq!(
+            gate.wait_log(
+                "could not be taken back out of hyper",
+                Duration::from_millis(300)
+            ),
+            None,
+            "the socket left hyper's wrapping"
+        );
+    }
     let published = publish(gate.api_addr, "later", json!("news")).await;
     let envelope = tokio::time::timeout(PATIENCE, client.next())
         .await

@@ -149,7 +149,18 @@ pub(super) fn open_socket(
     deflate: bool,
 ) -> Socket {
     let reclaimed = match reclaim {
-        Some(Reclaim(reclaim)) => reclaim(upgraded),
+        Some(Reclaim(reclaim)) => reclaim(upgraded).inspect_err(|_| {
+            // Offered but not applied: hyper-util's downcast no longer
+            // matches the type the server hands hyper. Still correct, at
+            // more memory per connection; said once, for whoever upgrades.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "a WebSocket's socket could not be taken back out of hyper \
+                     (fast_paths.ws_reclaim); connections go through hyper's upgraded IO"
+                );
+            }
+        }),
         None => Err(upgraded),
     };
     let (socket, ahead) = match reclaimed {
