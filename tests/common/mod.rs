@@ -888,20 +888,11 @@ pub mod pyenv {
 /// Reads a raw response from `stream` until `needle` appears; the text read.
 /// Fails the test when the stream ends first or nothing comes in time.
 pub async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
-    String::from_utf8_lossy(&read_bytes_until(stream, needle).await).into_owned()
-}
-
-/// The same, as the bytes read: exact past the needle too, where a binary
-/// frame may follow a text head in the same read.
-pub async fn read_bytes_until(stream: &mut tokio::net::TcpStream, needle: &str) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !seen
-        .windows(needle.len())
-        .any(|window| window == needle.as_bytes())
-    {
+    while !String::from_utf8_lossy(&seen).contains(needle) {
         let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
             .await
             .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)))
@@ -913,5 +904,61 @@ pub async fn read_bytes_until(stream: &mut tokio::net::TcpStream, needle: &str) 
         );
         seen.extend_from_slice(&buffer[..read]);
     }
-    seen
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Reads a raw answer's head from `stream`: the head as text (through the
+/// blank line) and the bytes read past it, exact (a binary frame may follow
+/// a head in the same read).
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut bytes = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = bytes.split_off(end + 4);
+            return (String::from_utf8_lossy(&bytes).into_owned(), rest);
+        }
+        read_more(stream, &mut bytes, deadline).await;
+    }
+}
+
+/// Reads one answer framed by its `content-length` from a kept-alive
+/// connection: the head as text and the body.
+pub async fn read_sized_answer(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let (head, mut body) = read_head(stream).await;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while body.len() < length {
+        read_more(stream, &mut body, deadline).await;
+    }
+    body.truncate(length);
+    (head, body)
+}
+
+/// One read from `stream` onto `bytes`; fails the test when the connection
+/// closes or nothing comes by `deadline`.
+async fn read_more(
+    stream: &mut tokio::net::TcpStream,
+    bytes: &mut Vec<u8>,
+    deadline: tokio::time::Instant,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
+        .await
+        .expect("an answer in time")
+        .expect("the connection holds");
+    assert!(
+        read > 0,
+        "the connection closed without an answer: {}",
+        String::from_utf8_lossy(bytes)
+    );
+    bytes.extend_from_slice(&buffer[..read]);
 }

@@ -532,46 +532,7 @@ async fn send_poll(stream: &mut tokio::net::TcpStream, cursor: &str, timeout: u6
 /// Reads one answer from a kept-alive connection: the status, the head as
 /// text and the JSON body (framed by its `content-length`).
 async fn read_answer(stream: &mut tokio::net::TcpStream) -> (u16, String, Value) {
-    let mut bytes = Vec::new();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let head_end = loop {
-        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
-        }
-        read_more(stream, &mut bytes, deadline).await;
-    };
-    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no content-length: {head}"));
-    while bytes.len() < head_end + length {
-        read_more(stream, &mut bytes, deadline).await;
-    }
+    let (head, body) = common::read_sized_answer(stream).await;
     let status = head[9..12].parse().unwrap();
-    let body = serde_json::from_slice(&bytes[head_end..head_end + length]).unwrap();
-    (status, head, body)
-}
-
-async fn read_more(
-    stream: &mut tokio::net::TcpStream,
-    bytes: &mut Vec<u8>,
-    deadline: tokio::time::Instant,
-) {
-    use tokio::io::AsyncReadExt;
-    let mut buffer = [0u8; 4096];
-    let read = tokio::time::timeout_at(deadline, stream.read(&mut buffer))
-        .await
-        .expect("an answer in time")
-        .expect("the connection holds");
-    assert!(
-        read > 0,
-        "the connection closed without an answer: {}",
-        String::from_utf8_lossy(bytes)
-    );
-    bytes.extend_from_slice(&buffer[..read]);
+    (status, head, serde_json::from_slice(&body).unwrap())
 }

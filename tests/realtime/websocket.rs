@@ -740,27 +740,9 @@ async fn a_websocket_after_an_earlier_request_keeps_the_bytes_behind_its_handsha
         .write_all(format!("GET /realtime/client.js HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let first = common::read_bytes_until(&mut stream, "\r\n\r\n").await;
-    let head_end = first.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&first[..head_end]);
+    // The earlier answer read whole, so nothing of it is left on the socket.
+    let (head, _) = common::read_sized_answer(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .expect("a sized body");
-    let mut body_read = first.len() - head_end;
-    while body_read < length {
-        let mut chunk = vec![0u8; length - body_read];
-        let n = tokio::io::AsyncReadExt::read(&mut stream, &mut chunk)
-            .await
-            .unwrap();
-        assert!(n > 0, "the body in full");
-        body_read += n;
-    }
 
     let mut handshake = format!(
         "GET /realtime/ws?channel=later HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\n\
@@ -770,17 +752,13 @@ async fn a_websocket_after_an_earlier_request_keeps_the_bytes_behind_its_handsha
     .into_bytes();
     handshake.extend(masked_text(r#"{"id":1,"op":"ping"}"#));
     stream.write_all(&handshake).await.unwrap();
-    // As bytes: the reply may come in the same read as the head, and a
-    // frame is not text.
-    let switched = common::read_bytes_until(&mut stream, "\r\n\r\n").await;
-    let head_end = switched.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let head = String::from_utf8_lossy(&switched[..head_end]);
+    // The reply may come in the same read as the head: kept as bytes.
+    let (head, behind) = common::read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "the accept key: {head}"
     );
-    let behind = switched[head_end..].to_vec();
     let mut client =
         tokio_tungstenite::WebSocketStream::from_partially_read(stream, behind, Role::Client, None)
             .await;
