@@ -20,7 +20,10 @@
 //! publication, the same bytes for every subscriber — and its own
 //! compressed messages are inflated under tungstenite ([`inflating`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -90,30 +93,34 @@ pub(super) async fn handle(
         conn,
         channels: query.channels,
     });
-    let task = async move {
-        // The opening is boxed and gone once the socket is open: an idle
-        // connection's task holds only what serves it, the connection
-        // inline (one allocation, the task's, for both). It comes out of
-        // the opening boxed, so the task's future has room for it once;
-        // the box is freed as it is emptied (a box moved out of is freed
-        // only where its binding ends). The cold paths (subscribing from
-        // the query, commands, closing) are boxed while they run, so
-        // beside the connection the task holds only the serve loop.
-        if let Some((connection, channels)) = Box::pin(opening.open()).await {
-            let mut connection = {
-                let boxed = connection;
-                *boxed
-            };
-            let end = match Box::pin(connection.start(channels)).await {
-                Ok(()) => connection.serve().await,
-                Err(end) => end,
-            };
-            Box::pin(connection.close(end)).await;
-        }
-    };
-    realtime.drain.spawn(task);
+    realtime.drain.spawn(run(opening));
 
     Ok(switching_protocols(&key, deflate))
+}
+
+/// A connection's task, from its upgrade to its end.
+///
+/// Every idle connection holds this future, in tokio's task cell: the
+/// connection inline (one allocation, the task's, for both) and its serve
+/// loop. The cell is the future plus 112 bytes, rounded up to 128; at most
+/// 912 bytes of future keep it in jemalloc's 1,024-byte class, and a byte
+/// more costs every connection 256 (tested). So what runs only for a while
+/// (opening, the handling of each event, closing) is boxed while it runs,
+/// and nothing else is held across an await here: a value that is (a
+/// `match` on an awaited result, say) is room in every connection's task.
+async fn run(opening: Box<Opening>) {
+    let Some((connection, channels)) = Box::pin(opening.open()).await else {
+        return;
+    };
+    // The connection comes out of the opening boxed, so that the future
+    // has room for it once; the box is freed as it is emptied (a box moved
+    // out of is freed only where its binding ends).
+    let mut connection = {
+        let boxed = connection;
+        *boxed
+    };
+    let end = connection.serve(channels).await;
+    Box::pin(connection.close(end)).await;
 }
 
 /// The `101` that accepts a handshake whose key is `key`, with
@@ -321,6 +328,8 @@ struct Connection {
     /// `ready` fired while a write waited, and not for a lag: the serve loop
     /// drains the outbox for it next.
     woken: bool,
+    /// What else the serve loop waits on.
+    waits: Waits,
     /// `rpc` and `publish` commands under way, each ending in its reply;
     /// made at the first.
     calls: Option<Box<Calls>>,
@@ -329,6 +338,39 @@ struct Connection {
     /// opened).
     deflate_from: Option<u32>,
     _gauge: super::ConnectionGauge,
+}
+
+/// What the serve loop waits on besides the outbox, the socket and the
+/// calls ([`Connection::poll_event`]).
+struct Waits {
+    /// Shutdown. Boxed: inline, its 96 bytes would take the task (the
+    /// connection and its serve loop) past jemalloc's 1,024-byte class for
+    /// tokio's task cell, and every idle connection 256 bytes up.
+    shutdown: Pin<Box<crate::shutdown::Signalled>>,
+    /// The app's orders for this session.
+    ordered: Wait,
+    /// The end of a write the pace holds back; a timer only while it does.
+    hold: super::Hold,
+    /// When the next ping is due, or, with `awaiting_pong`, when the peer
+    /// is gone unless it sends something first. A boxed timer (a kept one,
+    /// where the thread keeps them), for the same reason as `shutdown`.
+    heartbeat: crate::timer::Deadline,
+    /// A ping is out and nothing came back since.
+    awaiting_pong: bool,
+}
+
+/// What the serve loop wakes for ([`Connection::poll_event`]).
+enum Event {
+    Shutdown,
+    /// The app ordered something.
+    Ordered,
+    /// The outbox has publications, or a hold on them ended.
+    Outbox,
+    /// A frame from the client; `None` once the stream is over.
+    Frame(Option<Result<Message, tungstenite::Error>>),
+    /// A call ended with this reply.
+    Replied(String),
+    Heartbeat,
 }
 
 /// Calls under way, polled by the serve loop.
@@ -356,6 +398,13 @@ impl Connection {
         let config = realtime.config();
         let pace = super::Pace::new(config.coalesce_window);
         let ready = session.outbox().ready_owned();
+        let waits = Waits {
+            shutdown: Box::pin(realtime.drain.signalled_owned()),
+            ordered: session.control().ordered_owned(),
+            hold: super::Hold::default(),
+            heartbeat: crate::timer::Deadline::after(config.websocket.ping_interval),
+            awaiting_pong: false,
+        };
         Connection {
             realtime,
             socket,
@@ -367,6 +416,7 @@ impl Connection {
             pace,
             ready,
             woken: false,
+            waits,
             calls: None,
             deflate_from: None,
             _gauge: gauge,
@@ -383,7 +433,30 @@ impl Connection {
         Box::pin(finish(&mut self.socket, end, within)).await;
     }
 
-    /// Subscribes to the channels named in the query, from now.
+    /// Serves the connection until it ends (the returned `End` says why),
+    /// subscribed first to the `channels` its query names, from now.
+    async fn serve(&mut self, channels: Vec<ChannelName>) -> End {
+        if let Err(end) = Box::pin(self.start(channels)).await {
+            return end;
+        }
+        // The task of an idle connection holds this future at its largest
+        // state, so the handling of what comes (a flush, an order, a ping,
+        // a command) is boxed while it runs: one short-lived allocation per
+        // event, against hundreds of bytes held by every connection.
+        loop {
+            if std::mem::take(&mut self.woken) {
+                if let Err(end) = Box::pin(self.paced_flush()).await {
+                    return end;
+                }
+            }
+            let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+            if let Err(end) = Box::pin(self.on_event(event)).await {
+                return end;
+            }
+        }
+    }
+
+    /// Subscribes to `channels`, from now.
     async fn start(&mut self, channels: Vec<ChannelName>) -> Result<(), End> {
         for channel in channels {
             if let Err(err) = self.session.subscribe(channel, None).await {
@@ -394,95 +467,76 @@ impl Connection {
         Ok(())
     }
 
-    async fn serve(&mut self) -> End {
-        let ping_interval = self.realtime.config().websocket.ping_interval;
-        let ping_timeout = self.realtime.config().websocket.ping_timeout;
-        // The wake-ups live across turns of the loop and are re-armed only
-        // when they fire: making them afresh on every delivery (a waiter
-        // registered and dropped in three wait lists, a timer inserted and
-        // cleared) was a visible part of the fan-out's CPU profile.
-        // The shutdown wait is boxed: inline, its 96 bytes would take the
-        // task's future (the connection and this loop, 1,160 bytes) past
-        // jemalloc's 1,280-byte class for tokio's task cell, and every idle
-        // connection 256 bytes up.
-        let mut drain = Box::pin(self.realtime.drain.signalled_owned());
-        let ordered = self.session.control().ordered_owned();
-        // Whether the ping is out and its pong awaited (by the heartbeat's
-        // deadline), rather than the next ping due then.
-        let mut awaiting_pong = false;
-        let heartbeat = tokio::time::sleep_until(Instant::now() + ping_interval);
-        // While the pace holds a write back, what arrives meanwhile goes
-        // out with it when `hold` fires (or the outbox wakes the session
-        // again: half full, lagging or closed). It has a timer only then.
-        let mut hold = super::Hold::default();
-        tokio::pin!(ordered, heartbeat);
-        // The task of an idle connection holds this future at its largest
-        // state, so what a branch awaits (a flush, an order, a ping, the
-        // frame read) is boxed while it runs: one short-lived allocation per
-        // write or frame, against about 400 B held by every connection.
-        loop {
-            if std::mem::take(&mut self.woken) {
-                if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
-                    return end;
-                }
+    async fn on_event(&mut self, event: Event) -> Result<(), End> {
+        match event {
+            Event::Shutdown => Err(End::Close(
+                close::GOING_AWAY,
+                "server shutting down; reconnect".into(),
+            )),
+            Event::Ordered => self.obey().await,
+            Event::Outbox => self.paced_flush().await,
+            Event::Frame(None) => Err(End::Gone),
+            Event::Frame(Some(Err(err))) => {
+                tracing::debug!(peer = %self.conn.peer, error = %err, "WebSocket read failed");
+                Err(read_failure(&err))
             }
-            tokio::select! {
-                biased;
-                () = &mut drain => {
-                    return End::Close(close::GOING_AWAY, "server shutting down; reconnect".into());
-                }
-                () = &mut ordered => {
-                    if let Err(end) = Box::pin(self.obey()).await {
-                        return end;
-                    }
-                }
-                () = &mut self.ready => {
-                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
-                        return end;
-                    }
-                }
-                () = &mut hold, if self.pace.holding() => {
-                    if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
-                        return end;
-                    }
-                }
-                message = self.socket.next().map(|message| message.map(Box::new)) => {
-                    // Any frame shows the peer is alive.
-                    awaiting_pong = false;
-                    heartbeat.as_mut().reset(Instant::now() + ping_interval);
-                    let Some(message) = message else {
-                        return End::Gone;
-                    };
-                    match *message {
-                        Err(err) => {
-                            tracing::debug!(peer = %self.conn.peer, error = %err, "WebSocket read failed");
-                            return read_failure(&err);
-                        }
-                        Ok(message) => {
-                            if let Err(end) = Box::pin(self.on_message(message)).await {
-                                return end;
-                            }
-                        }
-                    }
-                }
-                Some(reply) = async { self.calls.as_mut()?.next().await }, if self.calls.as_ref().is_some_and(|calls| !calls.is_empty()) => {
-                    if let Err(end) = Box::pin(self.write(Message::text(reply))).await {
-                        return end;
-                    }
-                }
-                () = &mut heartbeat => {
-                    if awaiting_pong {
-                        tracing::debug!(peer = %self.conn.peer, "WebSocket peer missed its pong; dropped");
-                        return End::Gone;
-                    }
-                    awaiting_pong = true;
-                    heartbeat.as_mut().reset(Instant::now() + ping_timeout);
-                    if Box::pin(self.write(Message::Ping(Default::default()))).await.is_err() {
-                        return End::Gone;
-                    }
-                }
+            Event::Frame(Some(Ok(message))) => self.on_message(message).await,
+            Event::Replied(reply) => self.write(Message::text(reply)).await,
+            Event::Heartbeat => self.beat().await,
+        }
+    }
+
+    /// What the serve loop does next, looked for in this order: shutdown,
+    /// the app's orders, the outbox (or the end of a hold on it), a frame
+    /// from the client, a call's reply, the heartbeat. The waits live in
+    /// the connection across turns of the loop and are re-armed only when
+    /// they fire: making them afresh on every delivery (a waiter registered
+    /// and dropped in three wait lists, a timer inserted and cleared) was a
+    /// visible part of the fan-out's CPU profile.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.waits.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        if Pin::new(&mut self.waits.ordered).poll(cx).is_ready() {
+            return Poll::Ready(Event::Ordered);
+        }
+        if Pin::new(&mut self.ready).poll(cx).is_ready() {
+            return Poll::Ready(Event::Outbox);
+        }
+        if self.pace.holding() && Pin::new(&mut self.waits.hold).poll(cx).is_ready() {
+            return Poll::Ready(Event::Outbox);
+        }
+        if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
+            // Any frame shows the peer is alive.
+            self.waits.awaiting_pong = false;
+            let ping_interval = self.realtime.config().websocket.ping_interval;
+            self.waits.heartbeat.reset(Instant::now() + ping_interval);
+            return Poll::Ready(Event::Frame(frame));
+        }
+        if let Some(calls) = self.calls.as_mut().filter(|calls| !calls.is_empty()) {
+            if let Poll::Ready(Some(reply)) = calls.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Replied(reply));
             }
         }
+        if Pin::new(&mut self.waits.heartbeat).poll(cx).is_ready() {
+            return Poll::Ready(Event::Heartbeat);
+        }
+        Poll::Pending
+    }
+
+    /// The heartbeat's deadline came: a ping goes out, or, when one is out
+    /// already and nothing came back since, the peer is gone.
+    async fn beat(&mut self) -> Result<(), End> {
+        if self.waits.awaiting_pong {
+            tracing::debug!(peer = %self.conn.peer, "WebSocket peer missed its pong; dropped");
+            return Err(End::Gone);
+        }
+        self.waits.awaiting_pong = true;
+        let ping_timeout = self.realtime.config().websocket.ping_timeout;
+        self.waits.heartbeat.reset(Instant::now() + ping_timeout);
+        self.write(Message::Ping(Default::default()))
+            .await
+            .map_err(|_| End::Gone)
     }
 
     /// Carries out the API's orders: unsubscribe (telling the client), or
@@ -530,16 +584,16 @@ impl Connection {
     }
 
     /// Writes what the outbox holds now, or holds the write back until the
-    /// pace's window has passed (setting `hold` to fire then).
-    async fn paced_flush(&mut self, hold: &mut super::Hold) -> Result<(), End> {
+    /// pace's window has passed (setting the hold to fire then).
+    async fn paced_flush(&mut self) -> Result<(), End> {
         let now = Instant::now();
         match self.pace.on_wake(now, || self.session.outbox().is_urgent()) {
             Some(until) => {
-                hold.until(until);
+                self.waits.hold.until(until);
                 Ok(())
             }
             None => {
-                hold.release();
+                self.waits.hold.release();
                 self.flush_outbox(now).await
             }
         }
