@@ -104,7 +104,9 @@ pub struct Registry {
 /// A session's place in the registry; leaving it unregisters.
 pub struct Registration {
     registry: Arc<Registry>,
-    user: Option<String>,
+    /// Boxed rather than a `String`: 8 bytes less in every session (which
+    /// sits in the WebSocket task, see `websocket::run`).
+    user: Option<Box<str>>,
     /// The connection id, unique in this process; sent to the app with
     /// refresh requests.
     pub id: u64,
@@ -161,7 +163,7 @@ impl Registry {
         }
         Ok(Registration {
             registry: self.clone(),
-            user: user.map(str::to_owned),
+            user: user.map(Box::from),
             id,
             control,
             release: None,
@@ -225,10 +227,10 @@ impl Drop for Registration {
         }
         if let Some(user) = &self.user {
             let mut users = self.registry.users.lock().expect("registry lock");
-            if let Some(sessions) = users.get_mut(user) {
+            if let Some(sessions) = users.get_mut(&**user) {
                 sessions.remove(&self.id);
                 if sessions.is_empty() {
-                    users.remove(user);
+                    users.remove(&**user);
                 }
             }
         }

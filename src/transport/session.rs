@@ -70,12 +70,10 @@ pub struct Session {
     /// The address slot and the registry entry, released with the session.
     _slot: super::IpSlot,
     registration: Registration,
-    /// Renews the grant when it runs out; stopped with the session.
-    refresher: Option<tokio::task::AbortHandle>,
-    /// When the grant runs out; shared with the refresher, so a grant
-    /// renewed by the client (a new token) moves its deadline. Only with a
-    /// refresher: a grant that never runs out has none.
-    expiry: Option<Arc<std::sync::Mutex<Option<std::time::Instant>>>>,
+    /// Renews the grant when it runs out. Only for a grant that runs out;
+    /// boxed, so that every other session holds 8 bytes for it (sessions
+    /// sit in the WebSocket task, see `websocket::run`).
+    refresh: Option<Box<Refresh>>,
     outbox: Arc<Outbox>,
     /// This connection in presence entries, join/leave events and calls to
     /// the app: made from the grant the session started with when first
@@ -90,6 +88,14 @@ pub struct Session {
     end: Option<Reason>,
 }
 
+/// A session's grant renewal: the task that renews it, and when the grant
+/// runs out, shared with that task so that a grant renewed by the client (a
+/// new token) moves its deadline.
+struct Refresh {
+    task: tokio::task::AbortHandle,
+    expiry: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
 impl Session {
     pub(super) fn new(
         realtime: Arc<Realtime>,
@@ -97,12 +103,9 @@ impl Session {
         admission: Admission,
     ) -> Session {
         let outbox = Outbox::new(realtime.queue);
-        let expiry = admission
-            .grant
-            .expires_at
-            .map(|at| Arc::new(std::sync::Mutex::new(Some(at))));
-        let refresher = expiry.as_ref().map(|expiry| {
-            tokio::spawn(refresh(
+        let refresh = admission.grant.expires_at.map(|at| {
+            let expiry = Arc::new(std::sync::Mutex::new(Some(at)));
+            let task = tokio::spawn(refresh(
                 realtime.clone(),
                 Arc::downgrade(&admission.registration.control),
                 admission.grant.clone(),
@@ -111,7 +114,8 @@ impl Session {
                 admission.registration.id,
                 transport,
             ))
-            .abort_handle()
+            .abort_handle();
+            Box::new(Refresh { task, expiry })
         });
         let session = Session {
             member: std::sync::OnceLock::new(),
@@ -121,8 +125,7 @@ impl Session {
             credentials: admission.credentials,
             _slot: admission.slot,
             registration: admission.registration,
-            refresher,
-            expiry,
+            refresh,
             outbox,
             subscriptions: Vec::new(),
             cursor: Cursor::new(),
@@ -350,8 +353,8 @@ impl Session {
     /// Takes a renewed grant; returns the channels it no longer allows, which
     /// the session has left (the transport tells the client).
     pub fn regrant(&mut self, grant: Grant) -> Vec<ChannelName> {
-        if let Some(expiry) = &self.expiry {
-            *expiry.lock().expect("expiry lock") = grant.expires_at;
+        if let Some(refresh) = &self.refresh {
+            *refresh.expiry.lock().expect("expiry lock") = grant.expires_at;
         }
         // The connection stays who it was when it started.
         self.member();
@@ -430,8 +433,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(refresher) = &self.refresher {
-            refresher.abort();
+        if let Some(refresh) = &self.refresh {
+            refresh.task.abort();
         }
         self.outbox.close();
         let realtime = &self.realtime;

@@ -103,13 +103,13 @@ pub(super) async fn handle(
 /// Every idle connection holds this future, in tokio's task cell: the
 /// connection inline (one allocation, the task's, for both) and its serve
 /// loop. The cell is the future plus 112 bytes, rounded up to 128; at most
-/// 912 bytes of future keep it in jemalloc's 1,024-byte class, and a byte
-/// more costs every connection 256 (tested). So what runs only for a while
+/// 784 bytes of future keep it in jemalloc's 896-byte class, and a byte
+/// more costs every connection 128 (tested). So what runs only for a while
 /// (opening, the handling of each event, closing) is boxed while it runs,
 /// and nothing else is held across an await here: a value that is (a
 /// `match` on an awaited result, say) is room in every connection's task.
 async fn run(opening: Box<Opening>) {
-    let Some((connection, channels)) = Box::pin(opening.open()).await else {
+    let Some(connection) = Box::pin(opening.open()).await else {
         return;
     };
     // The connection comes out of the opening boxed, so that the future
@@ -119,7 +119,7 @@ async fn run(opening: Box<Opening>) {
         let boxed = connection;
         *boxed
     };
-    let end = connection.serve(channels).await;
+    let end = connection.serve().await;
     Box::pin(connection.close(end)).await;
 }
 
@@ -206,9 +206,10 @@ struct Opening {
 }
 
 impl Opening {
-    /// Waits for the upgrade; the connection (and the channels its query
-    /// names) when admitted, else closes with the refusal's code.
-    async fn open(self: Box<Self>) -> Option<(Box<Connection>, Vec<ChannelName>)> {
+    /// Waits for the upgrade; the connection, subscribed to the channels
+    /// its query names, when admitted and subscribed, else closes with the
+    /// refusal's code.
+    async fn open(self: Box<Self>) -> Option<Box<Connection>> {
         let Opening {
             upgrade,
             reclaim,
@@ -236,13 +237,18 @@ impl Opening {
             Ok(admission) => {
                 let gauge = realtime.count(Transport::WebSocket);
                 let session = realtime.session(Transport::WebSocket, admission);
-                let mut connection = Connection::new(realtime, socket, session, conn, gauge);
+                let mut connection = Connection::new(socket, session, conn, gauge);
                 if deflate {
-                    let min_size = connection.realtime.config().websocket.compression.min_size;
+                    let min_size = realtime.config().websocket.compression.min_size;
                     connection.deflate_from =
                         Some(u32::try_from(min_size.bytes()).unwrap_or(u32::MAX));
                 }
-                Some((Box::new(connection), channels))
+                let mut connection = Box::new(connection);
+                if let Err(end) = connection.start(channels).await {
+                    connection.close(end).await;
+                    return None;
+                }
+                Some(connection)
             }
         }
     }
@@ -309,17 +315,9 @@ pub(super) fn socket_config(ws: &crate::config::WebSocketConfig) -> WebSocketCon
 }
 
 struct Connection {
-    realtime: Arc<Realtime>,
     socket: Socket,
     session: Session,
-    conn: ConnInfo,
-    /// `realtime.commands_per_second`; made at the first command (a new
-    /// limiter is full, as one made at the connect would be by then).
-    commands: Option<Box<Rate>>,
-    /// Commands refused in a row; at `command_burst` the client is cut off.
-    refused_in_a_row: u32,
-    /// `realtime.publishes_per_second`; made at the first publish.
-    publishes: Option<Box<Rate>>,
+    peer: std::net::SocketAddr,
     pace: super::Pace,
     /// The outbox's wake-up. Kept here rather than in the serve loop so that
     /// a write waiting on a client that stopped reading still hears the
@@ -328,24 +326,8 @@ struct Connection {
     /// `ready` fired while a write waited, and not for a lag: the serve loop
     /// drains the outbox for it next.
     woken: bool,
-    /// What else the serve loop waits on.
-    waits: Waits,
-    /// `rpc` and `publish` commands under way, each ending in its reply;
-    /// made at the first.
-    calls: Option<Box<Calls>>,
-    /// With permessage-deflate negotiated: publications of at least this
-    /// many bytes go compressed (`compression.min_size` when the connection
-    /// opened).
-    deflate_from: Option<u32>,
-    _gauge: super::ConnectionGauge,
-}
-
-/// What the serve loop waits on besides the outbox, the socket and the
-/// calls ([`Connection::poll_event`]).
-struct Waits {
-    /// Shutdown. Boxed: inline, its 96 bytes would take the task (the
-    /// connection and its serve loop) past jemalloc's 1,024-byte class for
-    /// tokio's task cell, and every idle connection 256 bytes up.
+    /// Shutdown. Boxed: inline, its 96 bytes would take the task out of its
+    /// size class ([`run`]).
     shutdown: Pin<Box<crate::shutdown::Signalled>>,
     /// The app's orders for this session.
     ordered: Wait,
@@ -357,6 +339,39 @@ struct Waits {
     heartbeat: crate::timer::Deadline,
     /// A ping is out and nothing came back since.
     awaiting_pong: bool,
+    /// What a client that sends commands needs; made at its first (most
+    /// connections only listen).
+    talk: Option<Box<Talk>>,
+    /// With permessage-deflate negotiated: publications of at least this
+    /// many bytes go compressed (`compression.min_size` when the connection
+    /// opened).
+    deflate_from: Option<u32>,
+    _gauge: super::ConnectionGauge,
+}
+
+/// A talking connection's limits and calls.
+struct Talk {
+    /// `realtime.commands_per_second` (a new limiter is full, as one made at
+    /// the connect would be by the first command).
+    commands: Rate,
+    /// Commands refused in a row; at `command_burst` the client is cut off.
+    refused_in_a_row: u32,
+    /// `realtime.publishes_per_second`; made at the first publish.
+    publishes: Option<Rate>,
+    /// `rpc` and `publish` commands under way, each ending in its reply.
+    calls: Calls,
+}
+
+impl Talk {
+    fn new(realtime: &Realtime) -> Box<Talk> {
+        let config = realtime.config();
+        Box::new(Talk {
+            commands: Rate::new(config.commands_per_second, config.command_burst),
+            refused_in_a_row: 0,
+            publishes: None,
+            calls: Calls::new(),
+        })
+    }
 }
 
 /// What the serve loop wakes for ([`Connection::poll_event`]).
@@ -389,56 +404,47 @@ pub(super) enum Io {
 
 impl Connection {
     fn new(
-        realtime: Arc<Realtime>,
         socket: Socket,
         session: Session,
         conn: ConnInfo,
         gauge: super::ConnectionGauge,
     ) -> Connection {
+        let realtime = session.realtime();
         let config = realtime.config();
-        let pace = super::Pace::new(config.coalesce_window);
-        let ready = session.outbox().ready_owned();
-        let waits = Waits {
+        Connection {
+            pace: super::Pace::new(config.coalesce_window),
+            ready: session.outbox().ready_owned(),
+            woken: false,
             shutdown: Box::pin(realtime.drain.signalled_owned()),
             ordered: session.control().ordered_owned(),
             hold: super::Hold::default(),
             heartbeat: crate::timer::Deadline::after(config.websocket.ping_interval),
             awaiting_pong: false,
-        };
-        Connection {
-            realtime,
-            socket,
-            session,
-            conn,
-            commands: None,
-            refused_in_a_row: 0,
-            publishes: None,
-            pace,
-            ready,
-            woken: false,
-            waits,
-            calls: None,
+            talk: None,
             deflate_from: None,
             _gauge: gauge,
+            socket,
+            session,
+            peer: conn.peer,
         }
+    }
+
+    fn realtime(&self) -> &Arc<Realtime> {
+        self.session.realtime()
     }
 
     /// Ends the session and the connection (`end` says why).
     async fn close(&mut self, end: End) {
         if let End::Close(code, reason) = &end {
-            tracing::debug!(peer = %self.conn.peer, code, %reason, "closing WebSocket");
+            tracing::debug!(peer = %self.peer, code, %reason, "closing WebSocket");
         }
         self.session.end_with(end.reason());
-        let within = self.realtime.config().websocket.ping_timeout;
+        let within = self.realtime().config().websocket.ping_timeout;
         Box::pin(finish(&mut self.socket, end, within)).await;
     }
 
-    /// Serves the connection until it ends (the returned `End` says why),
-    /// subscribed first to the `channels` its query names, from now.
-    async fn serve(&mut self, channels: Vec<ChannelName>) -> End {
-        if let Err(end) = Box::pin(self.start(channels)).await {
-            return end;
-        }
+    /// Serves the connection until it ends (the returned `End` says why).
+    async fn serve(&mut self) -> End {
         // The task of an idle connection holds this future at its largest
         // state, so the handling of what comes (a flush, an order, a ping,
         // a command) is boxed while it runs: one short-lived allocation per
@@ -477,7 +483,7 @@ impl Connection {
             Event::Outbox => self.paced_flush().await,
             Event::Frame(None) => Err(End::Gone),
             Event::Frame(Some(Err(err))) => {
-                tracing::debug!(peer = %self.conn.peer, error = %err, "WebSocket read failed");
+                tracing::debug!(peer = %self.peer, error = %err, "WebSocket read failed");
                 Err(read_failure(&err))
             }
             Event::Frame(Some(Ok(message))) => self.on_message(message).await,
@@ -494,31 +500,31 @@ impl Connection {
     /// and dropped in three wait lists, a timer inserted and cleared) was a
     /// visible part of the fan-out's CPU profile.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.waits.shutdown.as_mut().poll(cx).is_ready() {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Event::Shutdown);
         }
-        if Pin::new(&mut self.waits.ordered).poll(cx).is_ready() {
+        if Pin::new(&mut self.ordered).poll(cx).is_ready() {
             return Poll::Ready(Event::Ordered);
         }
         if Pin::new(&mut self.ready).poll(cx).is_ready() {
             return Poll::Ready(Event::Outbox);
         }
-        if self.pace.holding() && Pin::new(&mut self.waits.hold).poll(cx).is_ready() {
+        if self.pace.holding() && Pin::new(&mut self.hold).poll(cx).is_ready() {
             return Poll::Ready(Event::Outbox);
         }
         if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
             // Any frame shows the peer is alive.
-            self.waits.awaiting_pong = false;
-            let ping_interval = self.realtime.config().websocket.ping_interval;
-            self.waits.heartbeat.reset(Instant::now() + ping_interval);
+            self.awaiting_pong = false;
+            let ping_interval = self.realtime().config().websocket.ping_interval;
+            self.heartbeat.reset(Instant::now() + ping_interval);
             return Poll::Ready(Event::Frame(frame));
         }
-        if let Some(calls) = self.calls.as_mut().filter(|calls| !calls.is_empty()) {
-            if let Poll::Ready(Some(reply)) = calls.poll_next_unpin(cx) {
+        if let Some(talk) = self.talk.as_mut().filter(|talk| !talk.calls.is_empty()) {
+            if let Poll::Ready(Some(reply)) = talk.calls.poll_next_unpin(cx) {
                 return Poll::Ready(Event::Replied(reply));
             }
         }
-        if Pin::new(&mut self.waits.heartbeat).poll(cx).is_ready() {
+        if Pin::new(&mut self.heartbeat).poll(cx).is_ready() {
             return Poll::Ready(Event::Heartbeat);
         }
         Poll::Pending
@@ -527,13 +533,13 @@ impl Connection {
     /// The heartbeat's deadline came: a ping goes out, or, when one is out
     /// already and nothing came back since, the peer is gone.
     async fn beat(&mut self) -> Result<(), End> {
-        if self.waits.awaiting_pong {
-            tracing::debug!(peer = %self.conn.peer, "WebSocket peer missed its pong; dropped");
+        if self.awaiting_pong {
+            tracing::debug!(peer = %self.peer, "WebSocket peer missed its pong; dropped");
             return Err(End::Gone);
         }
-        self.waits.awaiting_pong = true;
-        let ping_timeout = self.realtime.config().websocket.ping_timeout;
-        self.waits.heartbeat.reset(Instant::now() + ping_timeout);
+        self.awaiting_pong = true;
+        let ping_timeout = self.realtime().config().websocket.ping_timeout;
+        self.heartbeat.reset(Instant::now() + ping_timeout);
         self.write(Message::Ping(Default::default()))
             .await
             .map_err(|_| End::Gone)
@@ -567,13 +573,13 @@ impl Connection {
             Watch {
                 ready: &mut self.ready,
                 outbox: self.session.outbox(),
-                within: self.realtime.config().websocket.ping_timeout,
+                within: self.session.realtime().config().websocket.ping_timeout,
             },
         )
         .await
         .map_err(|lag| {
             if lag == Lagged {
-                tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
+                tracing::info!(peer = %self.peer, "slow consumer: WebSocket closed with 4008");
                 End::slow_consumer()
             } else {
                 End::Gone
@@ -589,11 +595,11 @@ impl Connection {
         let now = Instant::now();
         match self.pace.on_wake(now, || self.session.outbox().is_urgent()) {
             Some(until) => {
-                self.waits.hold.until(until);
+                self.hold.until(until);
                 Ok(())
             }
             None => {
-                self.waits.hold.release();
+                self.hold.release();
                 self.flush_outbox(now).await
             }
         }
@@ -606,14 +612,14 @@ impl Connection {
         let drained = self.session.outbox().drain_into(&mut batch);
         match drained {
             crate::hub::Drained::Lagging => {
-                tracing::info!(peer = %self.conn.peer, "slow consumer: WebSocket closed with 4008");
+                tracing::info!(peer = %self.peer, "slow consumer: WebSocket closed with 4008");
                 return Err(End::slow_consumer());
             }
             crate::hub::Drained::Closed => return Err(End::Gone),
             crate::hub::Drained::Open => {}
         }
         if let Some(oldest) = batch.first() {
-            self.realtime.gauges.delivered(oldest);
+            self.realtime().gauges.delivered(oldest);
         }
         let mut fed = false;
         for publication in batch.drain(..) {
@@ -662,19 +668,16 @@ impl Connection {
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
         match message {
             Message::Text(text) => {
-                let burst = self.realtime.config().command_burst;
-                let realtime = &self.realtime;
-                let commands = self.commands.get_or_insert_with(|| {
-                    let per_second = realtime.config().commands_per_second;
-                    Box::new(Rate::new(per_second, burst))
-                });
-                if commands.take() {
-                    self.refused_in_a_row = 0;
+                let realtime = self.session.realtime();
+                let burst = realtime.config().command_burst;
+                let talk = self.talk.get_or_insert_with(|| Talk::new(realtime));
+                if talk.commands.take() {
+                    talk.refused_in_a_row = 0;
                 } else {
-                    self.refused_in_a_row += 1;
-                    self.realtime.refused.count(Limit::Commands);
-                    if self.refused_in_a_row >= burst {
-                        tracing::info!(peer = %self.conn.peer, "limit: realtime.commands_per_second exceeded persistently; closed with 4029");
+                    talk.refused_in_a_row += 1;
+                    realtime.refused.count(Limit::Commands);
+                    if talk.refused_in_a_row >= burst {
+                        tracing::info!(peer = %self.peer, "limit: realtime.commands_per_second exceeded persistently; closed with 4029");
                         return Err(End::Close(
                             close::RATE_LIMITED,
                             "too many commands (realtime.commands_per_second)".into(),
@@ -742,24 +745,27 @@ impl Connection {
     /// Starts an `rpc` or a `publish`, whose reply the serve loop sends
     /// when it ends; refuses at once what may not start.
     fn start_call(&mut self, id: &Id, call: Call) -> Result<(), Refusal> {
-        let max = self.realtime.rpc_config.max_in_flight;
-        if self.calls.as_ref().is_some_and(|calls| calls.len() >= max) {
+        let realtime = self.session.realtime();
+        let talk = self.talk.get_or_insert_with(|| Talk::new(realtime));
+        let max = realtime.rpc_config.max_in_flight;
+        if talk.calls.len() >= max {
             return Err(Refusal::new(
                 Kind::OverLimit,
                 "too_many_calls",
                 format!("at most {max} rpc and publish commands at once (rpc.max_in_flight)"),
             ));
         }
-        let realtime = self.realtime.clone();
         let caller = Arc::new(self.session.caller());
         let call = match call {
-            Call::Rpc { method, data } => calls::rpc(realtime, caller, method, data).boxed(),
+            Call::Rpc { method, data } => {
+                calls::rpc(realtime.clone(), caller, method, data).boxed()
+            }
             Call::Publish {
                 channel,
                 event,
                 data,
             } => {
-                let (publish, ephemeral) = self.realtime.channels.rules().publish(channel.as_str());
+                let (publish, ephemeral) = realtime.channels.rules().publish(channel.as_str());
                 let via_app = match publish {
                     ClientPublish::Off => {
                         return Err(Refusal::new(
@@ -771,12 +777,12 @@ impl Connection {
                     ClientPublish::Direct => false,
                     ClientPublish::ViaApp => true,
                 };
-                let config = self.realtime.config();
-                let publishes = self.publishes.get_or_insert_with(|| {
-                    Box::new(Rate::new(config.publishes_per_second, config.publish_burst))
+                let config = realtime.config();
+                let publishes = talk.publishes.get_or_insert_with(|| {
+                    Rate::new(config.publishes_per_second, config.publish_burst)
                 });
                 if !publishes.take() {
-                    self.realtime.refused.count(Limit::ClientPublishes);
+                    realtime.refused.count(Limit::ClientPublishes);
                     return Err(Refusal::new(
                         Kind::OverLimit,
                         "rate_limited",
@@ -797,18 +803,18 @@ impl Connection {
                     via_app,
                     ephemeral,
                 };
-                calls::publish(realtime, caller, publish).boxed()
+                calls::publish(realtime.clone(), caller, publish).boxed()
             }
         };
         let id = id.clone();
         // Counted while it waits, however it ends (the connection may close
         // first).
-        let in_flight = self.realtime.gauges.call();
+        let in_flight = realtime.gauges.call();
         let reply = call.map(move |outcome| match (outcome, in_flight).0 {
             Ok(result) => format!(r#"{{"id":{id},"result":{result}}}"#),
             Err(failure) => error_reply_from(&id, &failure.code, &failure.message),
         });
-        self.calls.get_or_insert_default().push(reply.boxed());
+        talk.calls.push(reply.boxed());
         Ok(())
     }
 

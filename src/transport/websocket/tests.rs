@@ -272,18 +272,18 @@ fn every_end_names_its_reason_for_the_app() {
 }
 
 /// An idle connection holds its task: tokio's cell, 112 bytes around the
-/// future [`run`] makes, rounded up to 128. At most 912 bytes of future keep
-/// the cell in jemalloc's 1,024-byte class; past that, every connection
-/// costs 256 bytes more (docs/benchmarks.md, scenario c).
+/// future [`run`] makes, rounded up to 128. At most 784 bytes of future keep
+/// the cell in jemalloc's 896-byte class; past that, every connection costs
+/// 128 bytes more (docs/benchmarks.md, scenario c).
 #[test]
-fn an_idle_connections_task_stays_in_the_1024_byte_class() {
+fn an_idle_connections_task_stays_in_the_896_byte_class() {
     fn future_size<F: std::future::Future>(_: fn(Box<Opening>) -> F) -> usize {
         std::mem::size_of::<F>()
     }
     let size = future_size(run);
     assert!(
-        size <= 912,
-        "a WebSocket connection's task future is {size} bytes: over 912, its task \
-         cell leaves the 1,024-byte class"
+        size <= 784,
+        "a WebSocket connection's task future is {size} bytes: over 784, its task \
+         cell leaves the 896-byte class"
     );
 }
