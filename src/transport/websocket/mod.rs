@@ -374,6 +374,9 @@ impl Talk {
     }
 }
 
+/// The handling of one event by the serve loop, boxed while it runs.
+type Handling<'a> = futures_util::future::BoxFuture<'a, Result<(), End>>;
+
 /// What the serve loop wakes for ([`Connection::poll_event`]).
 enum Event {
     Shutdown,
@@ -447,16 +450,35 @@ impl Connection {
     async fn serve(&mut self) -> End {
         // The task of an idle connection holds this future at its largest
         // state, so the handling of what comes (a flush, an order, a ping,
-        // a command) is boxed while it runs: one short-lived allocation per
-        // event, against hundreds of bytes held by every connection.
+        // a command) is boxed while it runs, each kind on its own and sized
+        // to what it awaits (most are the outbox's flush, a third of a
+        // command's): one short-lived allocation per event, against
+        // hundreds of bytes held by every connection.
         loop {
-            if std::mem::take(&mut self.woken) {
-                if let Err(end) = Box::pin(self.paced_flush()).await {
-                    return end;
+            let handling: Handling<'_> = if std::mem::take(&mut self.woken) {
+                Box::pin(self.paced_flush())
+            } else {
+                let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
+                match event {
+                    Event::Shutdown => {
+                        return End::Close(
+                            close::GOING_AWAY,
+                            "server shutting down; reconnect".into(),
+                        )
+                    }
+                    Event::Ordered => Box::pin(self.obey()),
+                    Event::Outbox => Box::pin(self.paced_flush()),
+                    Event::Frame(None) => return End::Gone,
+                    Event::Frame(Some(Err(err))) => {
+                        tracing::debug!(peer = %self.peer, error = %err, "WebSocket read failed");
+                        return read_failure(&err);
+                    }
+                    Event::Frame(Some(Ok(message))) => Box::pin(self.on_message(message)),
+                    Event::Replied(reply) => Box::pin(self.write(Message::text(reply))),
+                    Event::Heartbeat => Box::pin(self.beat()),
                 }
-            }
-            let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
-            if let Err(end) = Box::pin(self.on_event(event)).await {
+            };
+            if let Err(end) = handling.await {
                 return end;
             }
         }
@@ -471,25 +493,6 @@ impl Connection {
             }
         }
         Ok(())
-    }
-
-    async fn on_event(&mut self, event: Event) -> Result<(), End> {
-        match event {
-            Event::Shutdown => Err(End::Close(
-                close::GOING_AWAY,
-                "server shutting down; reconnect".into(),
-            )),
-            Event::Ordered => self.obey().await,
-            Event::Outbox => self.paced_flush().await,
-            Event::Frame(None) => Err(End::Gone),
-            Event::Frame(Some(Err(err))) => {
-                tracing::debug!(peer = %self.peer, error = %err, "WebSocket read failed");
-                Err(read_failure(&err))
-            }
-            Event::Frame(Some(Ok(message))) => self.on_message(message).await,
-            Event::Replied(reply) => self.write(Message::text(reply)).await,
-            Event::Heartbeat => self.beat().await,
-        }
     }
 
     /// What the serve loop does next, looked for in this order: shutdown,
