@@ -10,6 +10,12 @@
 //! leave hyper's connection future (WebSocket sessions and tunnels after
 //! their upgrade, SSE streams after a detach) hold a [`DrainGuard`] of their
 //! own for as long as they live.
+//!
+//! HTTP connections and requests wait on the signal themselves. Realtime
+//! sessions, which are most of the connections and idle for long, keep no
+//! wait of their own (96 bytes each): a hook ([`Drain::on_signal`]) orders
+//! every session to end through its control, as `POST /api/disconnect`
+//! would, and each ends the way its transport does at shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +35,12 @@ pub struct Drain {
     /// Set before `signal` is cancelled: what a kept wait checks.
     signalled: Arc<AtomicBool>,
     tracker: TaskTracker,
+    /// Run once when shutdown begins ([`Drain::on_signal`]).
+    hooks: Arc<std::sync::Mutex<Vec<Hook>>>,
 }
+
+/// What runs when shutdown begins.
+type Hook = Box<dyn FnOnce() + Send>;
 
 /// Held by a piece of work that must finish (or give up) before the process
 /// exits. Dropping it marks the work done.
@@ -77,11 +88,32 @@ impl Drain {
         self.signal.is_cancelled()
     }
 
-    /// Starts shutdown: every [`Drain::signalled`] resolves.
+    /// Runs `hook` when shutdown begins (at once if it has): for what tells
+    /// many pieces of work at once, such as every realtime session, rather
+    /// than each keeping a wait of its own.
+    pub fn on_signal(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = self.hooks.lock().expect("drain hooks lock");
+        if self.is_signalled() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(Box::new(hook));
+        }
+    }
+
+    /// Starts shutdown: every [`Drain::signalled`] resolves and every
+    /// [`Drain::on_signal`] hook runs.
     pub fn signal(&self) {
-        self.signalled.store(true, Ordering::Release);
-        self.signal.cancel();
+        let hooks = {
+            let mut hooks = self.hooks.lock().expect("drain hooks lock");
+            self.signalled.store(true, Ordering::Release);
+            self.signal.cancel();
+            std::mem::take(&mut *hooks)
+        };
         self.tracker.close();
+        for hook in hooks {
+            hook();
+        }
     }
 
     /// How much tracked work is still running.
@@ -167,6 +199,36 @@ mod tests {
         drop(guard);
         assert!(drain.wait(Duration::from_secs(5)).await);
         assert_eq!(drain.in_flight(), 0);
+    }
+
+    #[test]
+    fn hooks_run_once_at_the_signal_and_at_once_after_it() {
+        use std::sync::atomic::AtomicUsize;
+        let drain = Drain::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counter = || {
+            let runs = runs.clone();
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        drain.on_signal(counter());
+        drain.clone().on_signal(counter());
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "not before the signal");
+        drain.signal();
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "each clone's hook, once");
+        drain.signal();
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "a second signal runs none again"
+        );
+        drain.on_signal(counter());
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "a hook after the signal runs at once"
+        );
     }
 
     #[tokio::test]

@@ -71,7 +71,7 @@ use crate::message::ChannelName;
 use crate::rate::{KeyedRate, Limit, Refused};
 use crate::shutdown::Drain;
 
-pub use session::{Admit, Session};
+pub use session::{Admit, Obeyed, Ordered, Session};
 
 /// The close code of a Pusher connection whose user the app terminated
 /// (`POST /apps/{id}/users/{user}/terminate_connections`): Pusher clients
@@ -302,6 +302,12 @@ impl Realtime {
         } = app;
         let config = &settings.config;
         let queue_bytes = usize::try_from(config.limits.queue_bytes.bytes()).unwrap_or(usize::MAX);
+        // Shutdown reaches each session as an order through its control.
+        let registry = control::Registry::new(config.limits.connections_per_user);
+        drain.on_signal({
+            let registry = registry.clone();
+            move || registry.shut_down()
+        });
         Realtime {
             prefix: config.realtime.prefix.clone(),
             config: ArcSwap::from_pointee(config.realtime.clone()),
@@ -315,7 +321,7 @@ impl Realtime {
             drain,
             gauges,
             per_ip: Mutex::default(),
-            registry: control::Registry::new(config.limits.connections_per_user),
+            registry,
             node,
             calls,
             rpc: settings.rpc.clone(),

@@ -399,7 +399,6 @@ impl Connection {
         // `pusher:ping`, which clients answer with `pusher:pong`.
         let ping_interval = self.pusher.activity_timeout;
         let ping_timeout = self.realtime.config().websocket.ping_timeout;
-        let drain = self.realtime.drain.signalled_owned();
         let deadline = |heartbeat: &Heartbeat| match heartbeat {
             Heartbeat::PingAt(at) | Heartbeat::PongBy(at) => *at,
         };
@@ -407,7 +406,7 @@ impl Connection {
         // While the pace holds a write back, what arrives meanwhile goes
         // out with it when `hold` fires. It has a timer only then.
         let mut hold = super::Hold::default();
-        tokio::pin!(drain, heartbeat);
+        tokio::pin!(heartbeat);
         loop {
             if std::mem::take(&mut self.woken) {
                 if let Err(end) = Box::pin(self.paced_flush(&mut hold)).await {
@@ -416,11 +415,11 @@ impl Connection {
             }
             tokio::select! {
                 biased;
-                () = &mut drain => {
-                    return End::Close(close::RECONNECT, "server shutting down; reconnect".into());
-                }
                 () = &mut self.ordered => {
                     let orders = self.registration.control.take();
+                    if orders.shutdown {
+                        return End::Close(close::RECONNECT, "server shutting down; reconnect".into());
+                    }
                     if let Some((code, reason)) = orders.disconnect {
                         return End::Close(code, reason);
                     }

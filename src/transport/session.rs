@@ -88,6 +88,23 @@ pub struct Session {
     end: Option<Reason>,
 }
 
+/// What a session's orders leave its transport to do ([`Session::obey`]).
+pub struct Obeyed {
+    /// Channels left, which the client must be told of.
+    pub left: Vec<ChannelName>,
+    /// How the session must end, if it must.
+    pub end: Option<Ordered>,
+}
+
+/// An ordered end of a session.
+pub enum Ordered {
+    /// Close with this code and reason (`POST /api/disconnect`, or a grant
+    /// that ran out).
+    Disconnect(u16, String),
+    /// The server is shutting down.
+    Shutdown,
+}
+
 /// A session's grant renewal: the task that renews it, and when the grant
 /// runs out, shared with that task so that a grant renewed by the client (a
 /// new token) moves its deadline.
@@ -320,11 +337,18 @@ impl Session {
         true
     }
 
-    /// Carries out the API's orders that concern subscriptions, and returns
-    /// the channels the session left (to tell the client) and the close
-    /// order, if any, for the transport to carry out its own way.
-    pub fn obey(&mut self) -> (Vec<ChannelName>, Option<(u16, String)>) {
+    /// Carries out the orders that concern subscriptions, and returns the
+    /// channels the session left (to tell the client) and how it must end,
+    /// if it must, for the transport to carry out its own way.
+    pub fn obey(&mut self) -> Obeyed {
         let orders = self.control().take();
+        if orders.shutdown {
+            self.end_with(Reason::Shutdown);
+            return Obeyed {
+                left: Vec::new(),
+                end: Some(Ordered::Shutdown),
+            };
+        }
         let mut left: Vec<ChannelName> = orders
             .unsubscribe
             .into_iter()
@@ -340,7 +364,12 @@ impl Session {
                 Reason::AppDisconnect
             });
         }
-        (left, orders.disconnect)
+        Obeyed {
+            left,
+            end: orders
+                .disconnect
+                .map(|(code, reason)| Ordered::Disconnect(code, reason)),
+        }
     }
 
     /// A new token from the client (JWT mode): renews the grant; returns the

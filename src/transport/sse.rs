@@ -24,7 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use super::{
-    cors, jittered, open_http, parse_cursor, Admit, Opening, Realtime, Session, Transport,
+    cors, jittered, open_http, parse_cursor, Admit, Obeyed, Opening, Ordered, Realtime, Session,
+    Transport,
 };
 use crate::body::{Body, BoxError};
 use crate::conn::ConnInfo;
@@ -348,8 +349,7 @@ pin_project_lite::pin_project! {
     /// An SSE response body driven by its session.
     pub struct SseStream {
         ready: crate::signal::Wait,
-        #[pin]
-        shutdown: crate::shutdown::Signalled,
+        // Orders: the app's, and shutdown's.
         ordered: crate::signal::Wait,
         // The pace's wait (see `State::pace`).
         hold: super::Hold,
@@ -378,7 +378,6 @@ impl SseStream {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         SseStream {
             ready,
-            shutdown: realtime.drain.signalled_owned(),
             ordered,
             hold: super::Hold::default(),
             keepalive,
@@ -497,21 +496,31 @@ impl Out {
 }
 
 impl State {
-    /// Carries out the API's orders. SSE has no close codes: a disconnect is
-    /// a `pushgate.disconnect` event, then the end of the stream; an
+    /// Carries out the orders. SSE has no close codes: a disconnect is a
+    /// `pushgate.disconnect` event, then the end of the stream; shutdown is
+    /// a `retry` (come back soon, but not all at once), then the end; an
     /// unsubscribe is a `pushgate.unsubscribed` event.
     fn obey(&mut self) {
-        let (left, disconnect) = self.session.obey();
+        let Obeyed { left, end } = self.session.obey();
         for channel in left {
             let data = serde_json::json!({ "channel": channel });
             self.out
                 .push_static(format!("event: pushgate.unsubscribed\ndata: {data}\n\n"));
         }
-        if let Some((code, reason)) = disconnect {
-            let data = serde_json::json!({ "code": code, "reason": reason });
-            self.out
-                .push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
-            self.done = true;
+        match end {
+            Some(Ordered::Disconnect(code, reason)) => {
+                let data = serde_json::json!({ "code": code, "reason": reason });
+                self.out
+                    .push_static(format!("event: pushgate.disconnect\ndata: {data}\n\n"));
+                self.done = true;
+            }
+            Some(Ordered::Shutdown) => {
+                let retry = jittered(self.session.realtime().config().sse.retry);
+                self.out
+                    .push_static(format!("retry: {}\n\n", retry.as_millis()));
+                self.done = true;
+            }
+            None => {}
         }
     }
 
@@ -606,7 +615,7 @@ impl SseStream {
     /// Runs the stream until it has a frame to send (`true`) or has ended
     /// (`false`).
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        let mut this = self.project();
+        let this = self.project();
         loop {
             let state = &mut *this.state;
             if !state.out.frames.is_empty() {
@@ -614,16 +623,6 @@ impl SseStream {
             }
             if state.done {
                 return Poll::Ready(false);
-            }
-            if this.shutdown.as_mut().poll(cx).is_ready() {
-                // Come back soon, but not all at once.
-                let retry = jittered(state.session.realtime().config().sse.retry);
-                state.session.end_with(Reason::Shutdown);
-                state
-                    .out
-                    .push_static(format!("retry: {}\n\n", retry.as_millis()));
-                state.done = true;
-                continue;
             }
             if Pin::new(&mut *this.ordered).poll(cx).is_ready() {
                 state.obey();

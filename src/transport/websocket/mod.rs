@@ -44,7 +44,7 @@ pub use closing::close;
 pub(super) use closing::{finish, read_failure, End};
 
 use super::calls;
-use super::{Admit, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
+use super::{Admit, Obeyed, Ordered, OriginCheck, Realtime, RealtimeQuery, Session, Transport};
 use crate::body::Body;
 use crate::config::ClientPublish;
 use crate::conn::ConnInfo;
@@ -326,16 +326,14 @@ struct Connection {
     /// `ready` fired while a write waited, and not for a lag: the serve loop
     /// drains the outbox for it next.
     woken: bool,
-    /// Shutdown. Boxed: inline, its 96 bytes would take the task out of its
-    /// size class ([`run`]).
-    shutdown: Pin<Box<crate::shutdown::Signalled>>,
-    /// The app's orders for this session.
+    /// Orders for this session: the app's, and shutdown's.
     ordered: Wait,
     /// The end of a write the pace holds back; a timer only while it does.
     hold: super::Hold,
     /// When the next ping is due, or, with `awaiting_pong`, when the peer
     /// is gone unless it sends something first. A boxed timer (a kept one,
-    /// where the thread keeps them), for the same reason as `shutdown`.
+    /// where the thread keeps them): inline, its 112 bytes would take the
+    /// task out of its size class ([`run`]).
     heartbeat: crate::timer::Deadline,
     /// A ping is out and nothing came back since.
     awaiting_pong: bool,
@@ -379,8 +377,7 @@ type Handling<'a> = futures_util::future::BoxFuture<'a, Result<(), End>>;
 
 /// What the serve loop wakes for ([`Connection::poll_event`]).
 enum Event {
-    Shutdown,
-    /// The app ordered something.
+    /// An order came: the app's, or shutdown's.
     Ordered,
     /// The outbox has publications, or a hold on them ended.
     Outbox,
@@ -418,7 +415,6 @@ impl Connection {
             pace: super::Pace::new(config.coalesce_window),
             ready: session.outbox().ready_owned(),
             woken: false,
-            shutdown: Box::pin(realtime.drain.signalled_owned()),
             ordered: session.control().ordered_owned(),
             hold: super::Hold::default(),
             heartbeat: crate::timer::Deadline::after(config.websocket.ping_interval),
@@ -460,12 +456,6 @@ impl Connection {
             } else {
                 let event = std::future::poll_fn(|cx| self.poll_event(cx)).await;
                 match event {
-                    Event::Shutdown => {
-                        return End::Close(
-                            close::GOING_AWAY,
-                            "server shutting down; reconnect".into(),
-                        )
-                    }
                     Event::Ordered => Box::pin(self.obey()),
                     Event::Outbox => Box::pin(self.paced_flush()),
                     Event::Frame(None) => return End::Gone,
@@ -495,17 +485,14 @@ impl Connection {
         Ok(())
     }
 
-    /// What the serve loop does next, looked for in this order: shutdown,
-    /// the app's orders, the outbox (or the end of a hold on it), a frame
+    /// What the serve loop does next, looked for in this order: orders
+    /// (the app's, and shutdown's), the outbox (or the end of a hold on it), a frame
     /// from the client, a call's reply, the heartbeat. The waits live in
     /// the connection across turns of the loop and are re-armed only when
     /// they fire: making them afresh on every delivery (a waiter registered
     /// and dropped in three wait lists, a timer inserted and cleared) was a
     /// visible part of the fan-out's CPU profile.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::Shutdown);
-        }
         if Pin::new(&mut self.ordered).poll(cx).is_ready() {
             return Poll::Ready(Event::Ordered);
         }
@@ -551,13 +538,17 @@ impl Connection {
     /// Carries out the API's orders: unsubscribe (telling the client), or
     /// close.
     async fn obey(&mut self) -> Result<(), End> {
-        let (left, disconnect) = self.session.obey();
+        let Obeyed { left, end } = self.session.obey();
         for channel in left {
             let push = json!({"op": "unsubscribed", "channel": channel}).to_string();
             self.write(Message::text(push)).await?;
         }
-        match disconnect {
-            Some((code, reason)) => Err(End::Close(code, reason)),
+        match end {
+            Some(Ordered::Disconnect(code, reason)) => Err(End::Close(code, reason)),
+            Some(Ordered::Shutdown) => Err(End::Close(
+                close::GOING_AWAY,
+                "server shutting down; reconnect".into(),
+            )),
             None => Ok(()),
         }
     }
