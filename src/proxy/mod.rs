@@ -272,8 +272,20 @@ impl Proxy {
         // The framing the app reads is the one pushgate writes: the body's
         // own length when the client declared one, else chunks, whatever
         // the method (hyper's client would send a GET's body unannounced).
-        headers.remove(header::CONTENT_LENGTH);
-        let size = incoming.size_hint().exact();
+        //
+        // The length announced is the length sent. hyper's client sends no
+        // body at all for one that says it has ended, and keeps whatever
+        // Content-Length it is given, so an ended body is announced as
+        // empty. Any other is announced at the length the client declared,
+        // which hyper's server holds the client to as the body arrives (a
+        // body that breaks it fails, and the upload with it), or in chunks.
+        let had_length = headers.remove(header::CONTENT_LENGTH).is_some();
+        let ended = incoming.is_end_stream();
+        let size = if ended {
+            Some(0)
+        } else {
+            incoming.size_hint().exact()
+        };
         let (outgoing, progress, upload) = match &upgrade {
             Some(protocol) => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -286,7 +298,7 @@ impl Proxy {
                 match size {
                     // No body (the lean client switched off): as the lean
                     // client writes it.
-                    _ if incoming.is_end_stream() && !expects_body => None,
+                    _ if ended && !expects_body && !had_length => None,
                     Some(len) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len)),
                     None => headers.insert(
                         header::TRANSFER_ENCODING,

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::recording::{RecordingApp, Request, Seen};
-use common::wire::{H2Outcome, Http1, Http2};
+use common::wire::{frame, H2Outcome, Http1, Http2};
 use common::{Pushgate, PATIENCE};
 
 /// Fields an app might read as the client's address or original URL, which
@@ -604,6 +604,25 @@ fn attackers(app: &RecordingApp) -> Vec<Request> {
         .collect()
 }
 
+/// After an upload the app answered early and the client then broke: the
+/// app's connection must end inside the request (the app reads it as cut
+/// short), never carry it on as whole or take the next request as its body.
+async fn cut_short(app: &RecordingApp) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let seen = app.seen();
+        if seen.iter().any(|s| matches!(s, Seen::Aborted { .. })) {
+            return Vec::new();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return vec![format!(
+                "the app answered early, but its upload was never cut short: {seen:?}"
+            )];
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Other users' requests right after a shape, on whatever connections the
 /// pool hands out: each must reach the app whole and get its own answer.
 async fn victims(pushgate: SocketAddr, app: &RecordingApp) -> Vec<String> {
@@ -788,6 +807,12 @@ enum H2Expect {
     Refused(u16),
     /// The stream (or connection) is reset as malformed; nothing reaches the app.
     Reset,
+    /// The lie is in the DATA, which HTTP/2 checks only as it arrives:
+    /// the stream is reset then. The head may have reached the app first,
+    /// and an app may answer on the head alone (as the recording app does),
+    /// so the client may see that answer before the reset. Either way the
+    /// app never reads the request whole: its upload is cut short.
+    ResetByData,
     /// Forwarded: the app sees this target and body, and this Host and Cookie.
     Forwarded {
         target: &'static str,
@@ -872,13 +897,13 @@ fn h2_cases() -> Vec<H2Case> {
             name: "content-length under the DATA",
             fields: with(post(b"/a"), b"content-length", b"3"),
             data: vec![b"hello"],
-            expect: Reset,
+            expect: ResetByData,
         },
         H2Case {
             name: "content-length over the DATA",
             fields: with(post(b"/a"), b"content-length", b"10"),
             data: vec![b"hello"],
-            expect: Reset,
+            expect: ResetByData,
         },
         H2Case {
             name: "content-length matching the DATA",
@@ -1009,7 +1034,13 @@ async fn no_http2_shape_desyncs_pushgate_from_the_app() {
         drop(h2);
         match (case.expect, &outcome) {
             (H2Expect::Refused(status), Ok(H2Outcome::Answered(got, _))) if *got == status => {}
-            (H2Expect::Reset, Ok(H2Outcome::Reset(_) | H2Outcome::GoAway(_))) => {}
+            (
+                H2Expect::Reset | H2Expect::ResetByData,
+                Ok(H2Outcome::Reset(_) | H2Outcome::GoAway(_)),
+            ) => {}
+            (H2Expect::ResetByData, Ok(H2Outcome::Answered(200, _))) => {
+                broken.extend(cut_short(&app).await);
+            }
             (H2Expect::Forwarded { .. }, Ok(H2Outcome::Answered(200, _))) => {}
             (expect, outcome) => broken.push(format!("{outcome:?}, expected {expect:?}")),
         }
@@ -1065,6 +1096,66 @@ async fn no_http2_shape_desyncs_pushgate_from_the_app() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// The order the battery above leaves to chance, made certain: the app has
+/// answered on the head alone and the client has that answer before its
+/// DATA shows the length was a lie. The stream is reset, the app's upload
+/// is cut short rather than completed, and the connection that carried it
+/// serves nobody after.
+#[tokio::test]
+async fn an_http2_length_lie_after_the_apps_early_answer_cuts_the_upload_short() {
+    let app = RecordingApp::start().await;
+    let pushgate = pushgate(&app).await;
+    let shapes: [(&[u8], &[&[u8]]); 3] = [
+        (b"10", &[b"hello"]),
+        (b"3", &[b"hello"]),
+        (b"4", &[b"he", b"llo"]),
+    ];
+    for (length, data) in shapes {
+        app.clear();
+        let mut h2 = Http2::connect(pushgate.addr).await;
+        let fields: [(&[u8], &[u8]); 5] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"app"),
+            (b":path", b"/early"),
+            (b"content-length", length),
+        ];
+        h2.request(1, &fields, &[], false).await;
+        let answer = h2.outcome(1).await;
+        assert!(
+            matches!(answer, Ok(H2Outcome::Answered(200, _))),
+            "the app's early answer: {answer:?}"
+        );
+        for (i, chunk) in data.iter().enumerate() {
+            let flags = if i + 1 == data.len() {
+                frame::END_STREAM
+            } else {
+                0
+            };
+            h2.frame(frame::DATA, flags, 1, chunk).await;
+        }
+        let reset = h2.outcome(1).await;
+        assert!(
+            matches!(reset, Ok(H2Outcome::Reset(_) | H2Outcome::GoAway(_))),
+            "content-length {}: {reset:?}",
+            String::from_utf8_lossy(length)
+        );
+        drop(h2);
+        let mut broken = cut_short(&app).await;
+        if !attackers(&app).is_empty() {
+            broken.push(format!("the app read it whole: {:?}", attackers(&app)));
+        }
+        broken.extend(victims(pushgate.addr, &app).await);
+        broken.extend(rule_broken(&app, &case("early", "", Expect::Either)));
+        assert!(
+            broken.is_empty(),
+            "content-length {}:\n{}",
+            String::from_utf8_lossy(length),
+            broken.join("\n")
+        );
+    }
 }
 
 /// `full` under `PUSHGATE_SUITE_SIZE=full` (integration/adversarial.sh),
