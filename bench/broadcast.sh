@@ -51,6 +51,10 @@
 #   THREADS       load generator runtime threads           (default 1)
 #   QUIET_WAIT    before each run, wait up to this many seconds for the
 #                 machine to be idle                       (default 60)
+#   SERVER_CPU    confine each server to this percentage of one core (a
+#                 cgroup CPU quota; needs root), so that it, not the load
+#                 generator, runs out first: the curve past the server's own
+#                 sustainable rate                          (default: no limit)
 #
 # Columns: deliveries per second over the publishing window (until the last
 # delivery); delivery ratio = received / (subscribers x publications on their
@@ -187,6 +191,7 @@ measure() {
     [[ $target == pushpin ]] && connect_rate=$PUSHPIN_CONNECT_RATE
     wait_quiet
     start_target "$target"
+    confine_server
     for pid in $PIDS; do pid_args+=(--pid "$pid"); done
     local kind=$target
     [[ $target == baseline ]] && kind=pushgate

@@ -92,6 +92,12 @@ stop_server() {
         wait "$SERVER_PID" 2>/dev/null || true
     fi
     SERVER_PID=
+    if [[ -n ${SERVER_CGROUP:-} ]]; then
+        # Empty once the server's processes are gone (nginx's workers last
+        # a moment longer than its master).
+        for _ in $(seq 50); do rmdir "$SERVER_CGROUP" 2>/dev/null && break; sleep 0.1; done
+        SERVER_CGROUP=
+    fi
     if [[ -n $UPSTREAM_PID ]] && kill -0 "$UPSTREAM_PID" 2>/dev/null; then
         kill -TERM "$UPSTREAM_PID" 2>/dev/null || true
         wait "$UPSTREAM_PID" 2>/dev/null || true
@@ -99,6 +105,31 @@ stop_server() {
     UPSTREAM_PID=
 }
 cleanup_servers() { stop_server; }
+
+# confine_server: with SERVER_CPU set (a percentage of one core), moves the
+# server's processes (PIDS) into a cgroup of their own with that much CPU,
+# in 10 ms periods, so that the server, not the load generator, is what
+# runs out: how a server behaves past its own sustainable rate. Needs root
+# and the cgroup cpu controller (v1's cpu.cfs_quota_us or v2's cpu.max).
+confine_server() {
+    [[ -n ${SERVER_CPU:-} ]] || return 0
+    [[ $SERVER_CPU =~ ^[0-9]+$ ]] && ((SERVER_CPU > 0)) || die "SERVER_CPU is a percentage of one core: $SERVER_CPU"
+    local quota=$((SERVER_CPU * 100)) period=10000 pid
+    if [[ -w /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]]; then
+        SERVER_CGROUP=/sys/fs/cgroup/cpu/pushgate-bench-$$
+        mkdir -p "$SERVER_CGROUP"
+        echo "$period" >"$SERVER_CGROUP/cpu.cfs_period_us"
+        echo "$quota" >"$SERVER_CGROUP/cpu.cfs_quota_us"
+    elif [[ -w /sys/fs/cgroup/cgroup.subtree_control ]] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+        echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+        SERVER_CGROUP=/sys/fs/cgroup/pushgate-bench-$$
+        mkdir -p "$SERVER_CGROUP"
+        echo "$quota $period" >"$SERVER_CGROUP/cpu.max"
+    else
+        die "SERVER_CPU needs root and a cgroup cpu controller"
+    fi
+    for pid in $PIDS; do echo "$pid" >"$SERVER_CGROUP/cgroup.procs"; done
+}
 
 # stop_pids PID...: SIGTERM to each (one already gone is no error), then
 # waits for each, so that no process outlives the script.

@@ -116,6 +116,8 @@ fn counted<T>(f: impl FnOnce() -> T) -> (T, Count) {
 const LIMITS: QueueLimits = QueueLimits {
     messages: 1_000,
     bytes: 4 << 20,
+    // The server's default `limits.unsent_bytes`.
+    take: 16 << 10,
 };
 
 /// The server's defaults: history is kept as in production.

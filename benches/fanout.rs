@@ -38,6 +38,8 @@ const CHANNELS: usize = 10_000;
 const LIMITS: QueueLimits = QueueLimits {
     messages: 1_000,
     bytes: 4 << 20,
+    // The server's default `limits.unsent_bytes`.
+    take: 16 << 10,
 };
 
 /// The server's defaults: history is kept as in production.

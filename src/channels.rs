@@ -238,6 +238,7 @@ mod tests {
         Outbox::new(QueueLimits {
             messages: 10,
             bytes: 1 << 20,
+            take: usize::MAX,
         })
     }
 

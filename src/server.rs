@@ -194,6 +194,8 @@ struct Shared {
     sse_detach: bool,
     /// `fast_paths.ws_reclaim`: an upgraded socket may leave hyper's wrapping.
     ws_reclaim: bool,
+    /// `limits.unsent_bytes`; 0 leaves the kernel's default.
+    unsent_bytes: u32,
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -302,6 +304,8 @@ impl Server {
                 read_ahead: config.fast_paths.read_ahead,
                 sse_detach: config.fast_paths.sse_detach,
                 ws_reclaim: config.fast_paths.ws_reclaim,
+                unsent_bytes: u32::try_from(limits.unsent_bytes.bytes())
+                    .expect("validated: at most 64 MiB"),
             }),
             grace: config.shutdown.grace,
             hub,
@@ -655,6 +659,29 @@ fn reclaim<I: detach::Io>(
     Ok((socket, parts.read_buf))
 }
 
+/// Bounds what the kernel holds unsent on a client's socket
+/// (`limits.unsent_bytes`, `TCP_NOTSENT_LOWAT`): past it the socket takes no
+/// more, and what is still to send waits in pushgate.
+///
+/// The rule it keeps: a client that reads slower than pushgate writes is
+/// seen by pushgate. Left to itself, the kernel grows a socket's send
+/// buffer to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default): seconds of
+/// publications per subscriber, held where no queue limit counts them,
+/// neither a session's (`limits.queue_*`, the slow-consumer cut) nor the
+/// fan-out's lateness that holds publishers back (`api.backpressure`).
+/// Bytes already sent and not yet acknowledged are not counted, so the
+/// bound costs no throughput on a long or fast path.
+fn bound_unsent(stream: &TcpStream, bytes: u32) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if bytes > 0 {
+        if let Err(err) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(bytes) {
+            tracing::debug!(error = %err, "TCP_NOTSENT_LOWAT not set");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (stream, bytes);
+}
+
 /// One accepted connection, until it closes.
 struct Connection {
     peer: SocketAddr,
@@ -669,6 +696,7 @@ struct Connection {
 impl Connection {
     async fn serve(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
+        bound_unsent(&stream, self.shared.unsent_bytes);
         let peer = self.peer;
         let deadline = Instant::now() + self.shared.header_timeout;
         match self.tls.clone() {

@@ -92,6 +92,10 @@ pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_QUEUE_MESSAGES: usize = 1_000;
 /// Most bytes waiting in one session's queue.
 pub const DEFAULT_QUEUE_BYTES: ByteSize = ByteSize(4 << 20);
+/// Most bytes the kernel holds unsent on one client socket.
+pub const DEFAULT_UNSENT_BYTES: ByteSize = ByteSize(16 << 10);
+/// Largest `limits.unsent_bytes`: the kernel's own ceiling is about this.
+pub const MAX_UNSENT_BYTES: ByteSize = ByteSize(64 << 20);
 /// Realtime connections one user may hold (tabs, devices).
 pub const DEFAULT_CONNECTIONS_PER_USER: usize = 100;
 /// Largest `history.size`: history is memory.
@@ -841,6 +845,10 @@ pub struct LimitsConfig {
     /// consumer and resumes from history.
     pub queue_messages: usize,
     pub queue_bytes: ByteSize,
+    /// Bytes the kernel may hold unsent on one client socket
+    /// (`TCP_NOTSENT_LOWAT`); past it writes wait in pushgate, where the
+    /// queues above count them. 0: the kernel's default.
+    pub unsent_bytes: ByteSize,
     /// Realtime connections one user (as the app names it) may hold; 0:
     /// unlimited.
     pub connections_per_user: usize,
@@ -856,6 +864,7 @@ impl Default for LimitsConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             queue_messages: DEFAULT_QUEUE_MESSAGES,
             queue_bytes: DEFAULT_QUEUE_BYTES,
+            unsent_bytes: DEFAULT_UNSENT_BYTES,
             connections_per_user: DEFAULT_CONNECTIONS_PER_USER,
         }
     }

@@ -346,6 +346,16 @@ impl Config {
             }
         }
 
+        if self.limits.unsent_bytes > MAX_UNSENT_BYTES {
+            problem(
+                "limits.unsent_bytes",
+                format!(
+                    "{} is more than {MAX_UNSENT_BYTES}",
+                    self.limits.unsent_bytes
+                ),
+                "use e.g. `16KiB`, or 0 for the kernel's default",
+            );
+        }
         if self.limits.body_timeout.is_zero() {
             problem(
                 "limits.body_timeout",

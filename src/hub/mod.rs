@@ -18,6 +18,15 @@
 //! messages (a silent gap) and never block the fan-out (one slow client would
 //! stall everyone on the channel).
 //!
+//! What a client has not read is held in three places: its outbox, what its
+//! session took out to write, and the socket's buffers. The bounds above
+//! count only the first, so the other two are kept small: the kernel holds
+//! at most `limits.unsent_bytes` unsent (see `server::bound_unsent`), and a
+//! streaming session takes about as much at a time ([`Outbox::drain_into`]).
+//! A client that reads slowly then leaves its publications in the outbox,
+//! where the bounds cut it off and its lateness holds publishers back
+//! (`api.backpressure`), instead of in buffers no limit sees.
+//!
 //! # Lanes
 //!
 //! The public listener runs on several threads, each with its own
@@ -63,6 +72,9 @@ use lateness::Lateness;
 pub struct QueueLimits {
     pub messages: usize,
     pub bytes: usize,
+    /// Most bytes a streaming session takes out at a time (at least one
+    /// publication): `limits.unsent_bytes`, or everything when that is 0.
+    pub take: usize,
 }
 
 /// What happened to a push.
@@ -197,16 +209,45 @@ impl Outbox {
         }
     }
 
-    /// Moves every waiting publication into `batch` (in order) and says
-    /// whether the session may go on.
+    /// Moves the oldest waiting publications into `batch` (in order), at
+    /// most the limits' `take` bytes of them but at least one, and says
+    /// whether the session may go on. What is left stays queued, counted by
+    /// the bounds and by the lateness of the next take, and the session is
+    /// woken to take it once it has written these.
+    ///
+    /// This keeps the rule of the lag policy for a client that reads
+    /// slowly: whatever it has not read beyond one take and its socket's
+    /// unsent bytes is in the outbox.
     pub fn drain_into(&self, batch: &mut Vec<Arc<Publication>>) -> Drained {
+        self.drain_up_to(batch, self.limits.take)
+    }
+
+    /// Moves every waiting publication into `batch`: for a long-poll
+    /// answer, which is written whole and ends the session.
+    pub fn drain_all_into(&self, batch: &mut Vec<Arc<Publication>>) -> Drained {
+        self.drain_up_to(batch, usize::MAX)
+    }
+
+    fn drain_up_to(&self, batch: &mut Vec<Arc<Publication>>, budget: usize) -> Drained {
         let mut state = self.state.lock().expect("outbox lock");
         if state.lagging {
             return Drained::Lagging;
         }
         let from = batch.len();
-        batch.extend(state.queue.drain(..));
-        state.bytes = 0;
+        let mut count = 0;
+        let mut taken = 0;
+        for publication in &state.queue {
+            if count > 0 && taken + publication.size() > budget {
+                break;
+            }
+            count += 1;
+            taken += publication.size();
+        }
+        batch.extend(state.queue.drain(..count));
+        state.bytes -= taken;
+        if !state.queue.is_empty() {
+            self.ready.notify();
+        }
         if let Some(oldest) = batch.get(from) {
             Lateness::took(oldest.published_at_ms(), crate::message::now_ms);
         }

@@ -5,6 +5,7 @@ use std::pin::Pin;
 const LIMITS: QueueLimits = QueueLimits {
     messages: 3,
     bytes: 1 << 20,
+    take: usize::MAX,
 };
 
 fn publication(channel: &str, offset: u64, data: &str) -> Arc<Publication> {
@@ -57,6 +58,7 @@ fn discarding_a_channel_keeps_the_others_in_order_and_frees_its_bytes() {
     let outbox = Outbox::new(QueueLimits {
         messages: 10,
         bytes: 1 << 20,
+        take: usize::MAX,
     });
     let hub = Hub::new();
     let name = |channel: &str| ChannelName::parse(channel).unwrap();
@@ -76,6 +78,7 @@ fn discarding_a_channel_keeps_the_others_in_order_and_frees_its_bytes() {
     let tight = Outbox::new(QueueLimits {
         messages: 10,
         bytes: 2 * publication("a", 1, "12345").size(),
+        take: usize::MAX,
     });
     tight.push(&publication("a", 1, "12345"));
     tight.push(&publication("b", 1, "12345"));
@@ -110,6 +113,7 @@ fn the_byte_bound_also_cuts_a_session_off() {
     let outbox = Outbox::new(QueueLimits {
         messages: 1000,
         bytes: 200,
+        take: usize::MAX,
     });
     let big = publication("c", 1, &format!("\"{}\"", "x".repeat(120)));
     assert_eq!(outbox.push(&big), Push::Urged);
@@ -156,6 +160,7 @@ fn pushes_wake_the_session_when_its_queue_starts_and_when_it_is_half_full() {
     let outbox = Outbox::new(QueueLimits {
         messages: 6,
         bytes: 1 << 20,
+        take: usize::MAX,
     });
     let wakes: Vec<(bool, bool)> = (1..=6)
         .map(|n| {
@@ -188,6 +193,7 @@ fn pushes_wake_the_session_when_its_queue_starts_and_when_it_is_half_full() {
     let outbox = Outbox::new(QueueLimits {
         messages: 1000,
         bytes: 2 * (small_size + big_size) + big_size,
+        take: usize::MAX,
     });
     outbox.push(&publication("c", 1, "x"));
     assert!(woken(&outbox));
@@ -285,6 +291,7 @@ fn a_lane_whose_queue_fills_cuts_off_every_session_on_it() {
     let outside = Outbox::new(QueueLimits {
         messages: LANE_QUEUE_MAX + 10,
         bytes: usize::MAX,
+        take: usize::MAX,
     });
     let chat = ChannelName::parse("chat").unwrap();
     hub.subscribe(&chat, &outside);
@@ -295,6 +302,7 @@ fn a_lane_whose_queue_fills_cuts_off_every_session_on_it() {
             let roomy = QueueLimits {
                 messages: LANE_QUEUE_MAX + 10,
                 bytes: usize::MAX,
+                take: usize::MAX,
             };
             let chat = ChannelName::parse("chat").unwrap();
             let other = ChannelName::parse("other").unwrap();
@@ -341,6 +349,7 @@ fn a_lane_lets_its_sessions_drain_during_a_burst_larger_than_their_queues() {
             let small = QueueLimits {
                 messages: 4,
                 bytes: usize::MAX,
+                take: usize::MAX,
             };
             let outbox = Outbox::new(small);
             hub.subscribe(&ChannelName::parse("chat").unwrap(), &outbox);
@@ -430,6 +439,7 @@ fn a_discard_drops_what_the_sessions_lane_still_holds_for_that_channel_only() {
         let roomy = QueueLimits {
             messages: 100,
             bytes: 1 << 20,
+            take: usize::MAX,
         };
         let (session, neighbour) = (Outbox::new(roomy), Outbox::new(roomy));
         for outbox in [&session, &neighbour] {
@@ -478,6 +488,7 @@ fn a_discard_drops_what_a_paused_lane_holds_in_hand() {
         let small = QueueLimits {
             messages: 4,
             bytes: 1 << 20,
+            take: usize::MAX,
         };
         let (session, neighbour) = (Outbox::new(small), Outbox::new(small));
         hub.subscribe(&chat, &session);
@@ -560,6 +571,7 @@ fn check_lane_ops(ops: &[LaneOp]) -> Option<String> {
     let roomy = QueueLimits {
         messages: 1000,
         bytes: 1 << 24,
+        take: usize::MAX,
     };
     let sessions = [
         Outbox::new(roomy),
@@ -644,4 +656,52 @@ fn check_lane_ops(ops: &[LaneOp]) -> Option<String> {
         }
     }
     None
+}
+
+proptest::proptest! {
+    /// A capped take, whatever the sizes, the budget and how pushes and
+    /// takes interleave: publications come out whole, once, in order; each
+    /// take holds at most the budget, or one publication; what is left
+    /// stays counted (the byte bound cuts the session off exactly when the
+    /// publications still queued pass it), and the session is woken while
+    /// anything is left.
+    #[test]
+    fn a_capped_take_keeps_order_and_leaves_the_rest_counted(
+        steps in proptest::collection::vec((0usize..300, proptest::bool::ANY), 1..200),
+        budget in 1usize..2_000,
+        bound in 500usize..5_000,
+    ) {
+        let outbox = Outbox::new(QueueLimits { messages: usize::MAX, bytes: bound, take: budget });
+        let mut queued: VecDeque<Arc<Publication>> = VecDeque::new();
+        let mut taken = Vec::new();
+        let mut offset = 0;
+        for (size, take) in steps {
+            if take {
+                let mut batch = Vec::new();
+                proptest::prop_assert_eq!(outbox.drain_into(&mut batch), Drained::Open);
+                let bytes: usize = batch.iter().map(|p| p.size()).sum();
+                proptest::prop_assert!(batch.len() <= 1 || bytes <= budget, "{} bytes over {}", bytes, budget);
+                proptest::prop_assert_eq!(batch.is_empty(), queued.is_empty());
+                for publication in batch {
+                    proptest::prop_assert!(Arc::ptr_eq(&publication, &queued.pop_front().unwrap()));
+                    taken.push(publication.offset());
+                }
+                if !queued.is_empty() {
+                    proptest::prop_assert!(woken(&outbox), "something is left, and nobody was woken");
+                }
+            } else {
+                offset += 1;
+                let publication = publication("c", offset, &format!("\"{}\"", "x".repeat(size)));
+                let held: usize = queued.iter().map(|p| p.size()).sum();
+                let push = outbox.push(&publication);
+                if held + publication.size() > bound {
+                    proptest::prop_assert_eq!(push, Push::Overflowed);
+                    break;
+                }
+                proptest::prop_assert_ne!(push, Push::Overflowed);
+                queued.push_back(publication);
+            }
+        }
+        proptest::prop_assert!(taken.windows(2).all(|w| w[0] + 1 == w[1]));
+    }
 }

@@ -69,7 +69,7 @@ pub(super) async fn handle(
                 () = outbox.ready() => {}
                 () = tokio::time::sleep_until(deadline) => break,
             }
-            if outbox.drain_into(&mut batch) != Drained::Open {
+            if outbox.drain_all_into(&mut batch) != Drained::Open {
                 // Lagging cannot happen within one short wait unless a flood
                 // arrived: answer with what the cursor says; the next request
                 // recovers from history.

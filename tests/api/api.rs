@@ -548,6 +548,7 @@ async fn channels_lists_local_subscribers() {
     let limits = pushgate::hub::QueueLimits {
         messages: 10,
         bytes: 1 << 20,
+        take: usize::MAX,
     };
     let outboxes: Vec<_> = (0..3).map(|_| pushgate::hub::Outbox::new(limits)).collect();
     let room = pushgate::message::ChannelName::parse("room:1").unwrap();

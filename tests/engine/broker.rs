@@ -43,6 +43,7 @@ const OPTIONS: MemoryOptions = MemoryOptions {
 const ROOMY: QueueLimits = QueueLimits {
     messages: 100_000,
     bytes: 1 << 30,
+    take: usize::MAX,
 };
 
 fn memory(hub: Arc<Hub>, options: MemoryOptions) -> Engine {
@@ -421,6 +422,7 @@ async fn a_lagging_subscriber_is_cut_off_and_the_others_get_everything(make: Fac
     let slow = Outbox::new(QueueLimits {
         messages: 10,
         bytes: 1 << 20,
+        take: usize::MAX,
     });
     let fast: Vec<_> = (0..3).map(|_| Outbox::new(ROOMY)).collect();
     hub.subscribe(&c, &slow);
