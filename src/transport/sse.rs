@@ -293,19 +293,24 @@ async fn write_frames<W: AsyncWrite + Unpin>(io: &mut W, out: &mut Frames) -> st
 struct Frames(VecDeque<Bytes>);
 
 impl Frames {
-    /// Moves every frame the stream has ready into `self`. Ready once there
-    /// is at least one, or the stream ended (`false`).
+    /// Moves the frames the stream has ready into `self`: one take from the
+    /// outbox at most (see `Outbox::drain_into`), so that what the client
+    /// has not read beyond that and the socket stays in the outbox, counted.
+    /// Ready once there is at least one, or the stream ended (`false`).
     fn gather(&mut self, mut stream: Pin<&mut SseStream>, cx: &mut Context<'_>) -> Poll<bool> {
-        loop {
-            match stream.as_mut().poll_frames(cx) {
-                // The stream's frames as they are, room and all: between
-                // writes neither side keeps any.
-                Poll::Ready(Some(frames)) if self.0.is_empty() => self.0 = frames,
-                Poll::Ready(Some(frames)) => self.0.extend(frames),
-                Poll::Ready(None) => return Poll::Ready(false),
-                Poll::Pending if self.0.is_empty() => return Poll::Pending,
-                Poll::Pending => return Poll::Ready(true),
+        debug_assert!(
+            self.0.is_empty(),
+            "gathered only once the last frames are written"
+        );
+        match stream.as_mut().poll_frames(cx) {
+            // The stream's frames as they are, room and all: between writes
+            // neither side keeps any.
+            Poll::Ready(Some(frames)) => {
+                self.0 = frames;
+                Poll::Ready(true)
             }
+            Poll::Ready(None) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -1611,3 +1611,53 @@ async fn with_sse_detach_off_a_stream_goes_through_hyper() {
     publish(gate.api_addr, "plain", json!("through hyper"), None).await;
     assert_eq!(stream.next_event().await.json()["data"], "through hyper");
 }
+
+/// What an SSE client has not read is bounded by what pushgate counts: its
+/// session's queue (`limits.queue_bytes`), the bytes the kernel may hold
+/// unsent (`limits.unsent_bytes`) and the client's own receive buffer. A
+/// client that stops reading is cut off as a slow consumer once those are
+/// full, not after the kernel has grown the socket's send buffer toward
+/// its maximum unseen (3.2 MB here with `unsent_bytes: 0`).
+#[tokio::test]
+async fn a_stream_that_stops_reading_is_cut_off_within_the_queue_and_the_unsent_bound() {
+    let queue = 256 * 1024;
+    let unsent = 16 * 1024;
+    let (_app, gate) = start(&format!(
+        "limits: {{queue_messages: 100000, queue_bytes: {queue}, unsent_bytes: {unsent}}}\n\
+         api: {{max_body: 64KiB}}\n"
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let receive_buffer = socket.recv_buffer_size().unwrap() as usize;
+    let mut stream = socket.connect(gate.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"GET /realtime/sse?channel=stalled HTTP/1.1\r\nHost: app\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    wait_metric(&gate, "pushgate_subscriptions{transport=\"sse\"}", 1).await;
+
+    let pad = "x".repeat(1024);
+    let mut published = 0;
+    while metric(&gate, "pushgate_slow_consumers_total").await == 0 {
+        assert!(
+            published < 4 << 20,
+            "4 MiB published and the stream that reads nothing is still served"
+        );
+        for _ in 0..16 {
+            publish(gate.api_addr, "stalled", json!({"pad": pad}), None).await;
+            published += pad.len();
+        }
+    }
+    // Each publication is framed in a little more than its payload; the
+    // rest of the slack is for the publications published while the
+    // metric was read.
+    let bound = queue + unsent + receive_buffer;
+    assert!(
+        published <= bound * 3 / 2,
+        "cut off after {published} bytes, past {bound} (queue, unsent, receive buffer)"
+    );
+    drop(stream);
+}

@@ -674,9 +674,14 @@ async fn a_burst_within_the_coalesce_window_is_written_early_rather_than_cut_off
 /// close, and resumes without a gap or a duplicate.
 #[tokio::test]
 async fn a_client_that_stops_reading_sees_4008_promptly_and_resumes_exactly() {
-    let ping_timeout = Duration::from_secs(4);
+    // The write blocks from the first large publication on (the socket
+    // takes limits.unsent_bytes, the client 16 KiB), and everything below
+    // until the client reads must fit in the write timeout with room to
+    // spare on a busy machine.
+    let ping_timeout = Duration::from_secs(8);
+    let away = Duration::from_secs(2);
     let (_app, gate) = start(
-        "limits:\n  queue_messages: 200\n  queue_bytes: 32MiB\nhistory:\n  size: 5000\nrealtime:\n  websocket:\n    ping_timeout: 4s\n",
+        "limits:\n  queue_messages: 200\n  queue_bytes: 32MiB\nhistory:\n  size: 5000\nrealtime:\n  websocket:\n    ping_timeout: 8s\n",
     )
     .await;
     // A small receive buffer, so the server's writes block early.
@@ -695,13 +700,14 @@ async fn a_client_that_stops_reading_sees_4008_promptly_and_resumes_exactly() {
     // More than the socket buffers hold, but less than the queue: the
     // session's write blocks on the client, and it is not behind yet…
     let big = "x".repeat(64 * 1024);
+    let blocked = Instant::now();
     let mut published = 0u64;
     for _ in 0..100 {
         publish(gate.api_addr, "flood", json!({"pad": big})).await;
         published += 1;
     }
-    // …for half the write timeout, and then the queue overflows.
-    tokio::time::sleep(ping_timeout / 2).await;
+    // …for a quarter of the write timeout, and then the queue overflows.
+    tokio::time::sleep(away).await;
     let marked = loop {
         publish(gate.api_addr, "flood", json!({"pad": "y"})).await;
         published += 1;
@@ -714,7 +720,11 @@ async fn a_client_that_stops_reading_sees_4008_promptly_and_resumes_exactly() {
     };
     // The client stays away a while longer (well inside ping_timeout after
     // it was marked slow), then reads: every envelope in order, then 4008.
-    tokio::time::sleep(ping_timeout / 2).await;
+    tokio::time::sleep(away).await;
+    assert!(
+        blocked.elapsed() < ping_timeout,
+        "the test took its write timeout to get here"
+    );
     let reading = Instant::now();
     let mut last = 0u64;
     let mut epoch = String::new();
