@@ -298,13 +298,18 @@ impl Outbox {
     }
 
     /// Whether the session should write at once rather than hold its writes
-    /// back: its queue is past half of a bound, it lags, or it is closed.
+    /// back: its queue is past half of a bound, holds more than one take
+    /// (a backlog is paced by the socket, not by the coalesce window), it
+    /// lags, or it is closed.
     /// Wake-ups coalesce (the one for the first publication of a batch and
     /// the one for passing half full may arrive as one), so a session asks
     /// this on every wake-up instead of counting them.
     pub fn is_urgent(&self) -> bool {
         let state = self.state.lock().expect("outbox lock");
-        state.lagging || state.closed || self.past_half(state.queue.len(), state.bytes)
+        state.lagging
+            || state.closed
+            || state.bytes > self.limits.take
+            || self.past_half(state.queue.len(), state.bytes)
     }
 
     fn past_half(&self, messages: usize, bytes: usize) -> bool {

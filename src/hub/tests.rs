@@ -146,6 +146,25 @@ async fn a_push_wakes_the_waiting_session() {
     assert_eq!(outbox.drain_into(&mut Vec::new()), Drained::Closed);
 }
 
+#[test]
+fn a_queue_holding_more_than_one_take_is_written_at_once() {
+    let one = publication("c", 1, "\"12345\"").size();
+    let outbox = Outbox::new(QueueLimits {
+        messages: 1000,
+        bytes: 1 << 20,
+        take: 2 * one,
+    });
+    outbox.push(&publication("c", 1, "\"12345\""));
+    outbox.push(&publication("c", 2, "\"12345\""));
+    assert!(!outbox.is_urgent(), "one take's worth waits for the window");
+    outbox.push(&publication("c", 3, "\"12345\""));
+    assert!(outbox.is_urgent(), "a backlog is written at once");
+    let mut batch = Vec::new();
+    outbox.drain_into(&mut batch);
+    assert_eq!(batch.len(), 2);
+    assert!(!outbox.is_urgent(), "what is left fits one take");
+}
+
 /// Whether a wake-up is pending, without waiting for one.
 fn woken(outbox: &Outbox) -> bool {
     use std::future::Future;
