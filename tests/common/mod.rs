@@ -962,3 +962,75 @@ async fn read_more(
     );
     bytes.extend_from_slice(&buffer[..read]);
 }
+
+/// A client that stops reading, and the bound pushgate holds it to: what
+/// it has not read is its session's queue (`limits.queue_bytes`), what the
+/// kernel may hold unsent (`limits.unsent_bytes`) and its own receive
+/// buffer. Past those it is cut off as a slow consumer.
+pub struct StalledReader {
+    pub queue: usize,
+    pub unsent: usize,
+}
+
+impl StalledReader {
+    pub const SMALL: StalledReader = StalledReader {
+        queue: 256 * 1024,
+        unsent: 16 * 1024,
+    };
+
+    /// The config that sets the bound (publications up to 64 KiB, as a
+    /// queue of 256 KiB must allow).
+    pub fn config(&self) -> String {
+        format!(
+            "limits: {{queue_messages: 100000, queue_bytes: {}, unsent_bytes: {}}}\napi: {{max_body: 64KiB}}\n",
+            self.queue, self.unsent
+        )
+    }
+
+    /// A connection to `addr` with a small receive buffer of its own, as a
+    /// client on a slow link has, and that buffer's size.
+    pub async fn connect(addr: SocketAddr) -> (tokio::net::TcpStream, usize) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        let receive_buffer = socket.recv_buffer_size().unwrap() as usize;
+        (socket.connect(addr).await.unwrap(), receive_buffer)
+    }
+
+    /// Publishes 1 KiB publications to `channel` until pushgate cuts its
+    /// one subscriber off as a slow consumer, and asserts that came within
+    /// the bound.
+    pub async fn publish_until_cut(&self, api: SocketAddr, channel: &str, receive_buffer: usize) {
+        let pad = "x".repeat(1024);
+        let mut published = 0;
+        while metric_value(api, "pushgate_slow_consumers_total").await == 0 {
+            assert!(
+                published < 4 << 20,
+                "4 MiB published and the client that reads nothing is still served"
+            );
+            for _ in 0..16 {
+                let publish = serde_json::json!({"channel": channel, "data": {"pad": pad}});
+                let (status, answer) = api_call(api, "POST", "/api/publish", Some(publish)).await;
+                assert_eq!(status, StatusCode::OK, "{answer}");
+                published += pad.len();
+            }
+        }
+        // Each publication is framed in a little more than its payload;
+        // the rest of the slack is for the publications published while
+        // the metric was read.
+        let bound = self.queue + self.unsent + receive_buffer;
+        assert!(
+            published <= bound * 3 / 2,
+            "cut off after {published} bytes, past {bound} (queue, unsent, receive buffer)"
+        );
+    }
+}
+
+/// The value of a metric without labels, or of one line of it
+/// (`name{labels}`), on the API listener.
+pub async fn metric_value(api: SocketAddr, line: &str) -> i64 {
+    let (_, text) = get(&format!("http://{api}/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{line}` in /metrics:\n{text}"))
+}

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Pushgate, Upstream, API_KEY};
+use common::{Pushgate, StalledReader, Upstream, API_KEY};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -1620,17 +1620,9 @@ async fn with_sse_detach_off_a_stream_goes_through_hyper() {
 /// its maximum unseen (3.2 MB here with `unsent_bytes: 0`).
 #[tokio::test]
 async fn a_stream_that_stops_reading_is_cut_off_within_the_queue_and_the_unsent_bound() {
-    let queue = 256 * 1024;
-    let unsent = 16 * 1024;
-    let (_app, gate) = start(&format!(
-        "limits: {{queue_messages: 100000, queue_bytes: {queue}, unsent_bytes: {unsent}}}\n\
-         api: {{max_body: 64KiB}}\n"
-    ))
-    .await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let receive_buffer = socket.recv_buffer_size().unwrap() as usize;
-    let mut stream = socket.connect(gate.addr).await.unwrap();
+    let bound = StalledReader::SMALL;
+    let (_app, gate) = start(&bound.config()).await;
+    let (mut stream, receive_buffer) = StalledReader::connect(gate.addr).await;
     tokio::io::AsyncWriteExt::write_all(
         &mut stream,
         b"GET /realtime/sse?channel=stalled HTTP/1.1\r\nHost: app\r\n\r\n",
@@ -1638,26 +1630,8 @@ async fn a_stream_that_stops_reading_is_cut_off_within_the_queue_and_the_unsent_
     .await
     .unwrap();
     wait_metric(&gate, "pushgate_subscriptions{transport=\"sse\"}", 1).await;
-
-    let pad = "x".repeat(1024);
-    let mut published = 0;
-    while metric(&gate, "pushgate_slow_consumers_total").await == 0 {
-        assert!(
-            published < 4 << 20,
-            "4 MiB published and the stream that reads nothing is still served"
-        );
-        for _ in 0..16 {
-            publish(gate.api_addr, "stalled", json!({"pad": pad}), None).await;
-            published += pad.len();
-        }
-    }
-    // Each publication is framed in a little more than its payload; the
-    // rest of the slack is for the publications published while the
-    // metric was read.
-    let bound = queue + unsent + receive_buffer;
-    assert!(
-        published <= bound * 3 / 2,
-        "cut off after {published} bytes, past {bound} (queue, unsent, receive buffer)"
-    );
+    bound
+        .publish_until_cut(gate.api_addr, "stalled", receive_buffer)
+        .await;
     drop(stream);
 }

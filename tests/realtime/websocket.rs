@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{ws_close_code as close_code, ws_next_json as next_json};
-use common::{Pushgate, Upstream, API_KEY};
+use common::{Pushgate, StalledReader, Upstream, API_KEY};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -476,19 +476,13 @@ async fn a_slow_consumer_is_closed_with_4008_and_the_others_get_everything() {
 /// maximum (4 MiB by default) unseen.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_within_the_queue_and_the_unsent_bound() {
-    let queue = 256 * 1024;
-    let unsent = 16 * 1024;
+    let bound = StalledReader::SMALL;
     let (_app, gate) = start(&format!(
-        "limits: {{queue_messages: 100000, queue_bytes: {queue}, unsent_bytes: {unsent}}}\n\
-         api: {{max_body: 64KiB}}\n\
-         realtime: {{websocket: {{ping_timeout: 30s}}}}\n"
+        "{}realtime: {{websocket: {{ping_timeout: 30s}}}}\n",
+        bound.config()
     ))
     .await;
-    // A small receive buffer of its own, as a client on a slow link has.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let receive_buffer = socket.recv_buffer_size().unwrap() as usize;
-    let stream = socket.connect(gate.addr).await.unwrap();
+    let (stream, receive_buffer) = StalledReader::connect(gate.addr).await;
     let url = format!("ws://{}/realtime/ws?channel=stalled", gate.addr);
     let (_slow, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
     metric_becomes(
@@ -497,27 +491,9 @@ async fn a_client_that_stops_reading_is_cut_off_within_the_queue_and_the_unsent_
         1,
     )
     .await;
-
-    let pad = "x".repeat(1024);
-    let mut published = 0;
-    while metric(gate.api_addr, "pushgate_slow_consumers_total").await == 0 {
-        assert!(
-            published < 4 << 20,
-            "4 MiB published and the client that reads nothing is still served"
-        );
-        for _ in 0..16 {
-            publish(gate.api_addr, "stalled", json!({"pad": pad})).await;
-            published += pad.len();
-        }
-    }
-    // Each publication is framed in a little more than its payload; the
-    // rest of the slack is for the publications published while the
-    // metric was read.
-    let bound = queue + unsent + receive_buffer;
-    assert!(
-        published <= bound * 3 / 2,
-        "cut off after {published} bytes, past {bound} (queue, unsent, receive buffer)"
-    );
+    bound
+        .publish_until_cut(gate.api_addr, "stalled", receive_buffer)
+        .await;
 }
 
 #[tokio::test]
