@@ -194,8 +194,8 @@ struct Shared {
     sse_detach: bool,
     /// `fast_paths.ws_reclaim`: an upgraded socket may leave hyper's wrapping.
     ws_reclaim: bool,
-    /// `limits.unsent_bytes`; 0 leaves the kernel's default.
-    unsent_bytes: u32,
+    /// `limits.unsent_bytes`; `None` leaves the kernel's default.
+    unsent_bytes: Option<u32>,
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
@@ -304,8 +304,7 @@ impl Server {
                 read_ahead: config.fast_paths.read_ahead,
                 sse_detach: config.fast_paths.sse_detach,
                 ws_reclaim: config.fast_paths.ws_reclaim,
-                unsent_bytes: u32::try_from(limits.unsent_bytes.bytes())
-                    .expect("validated: at most 64 MiB"),
+                unsent_bytes: limits.unsent_bound(),
             }),
             grace: config.shutdown.grace,
             hub,
@@ -671,9 +670,9 @@ fn reclaim<I: detach::Io>(
 /// fan-out's lateness that holds publishers back (`api.backpressure`).
 /// Bytes already sent and not yet acknowledged are not counted, so the
 /// bound costs no throughput on a long or fast path.
-fn bound_unsent(stream: &TcpStream, bytes: u32) {
+fn bound_unsent(stream: &TcpStream, bytes: Option<u32>) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    if bytes > 0 {
+    if let Some(bytes) = bytes {
         if let Err(err) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(bytes) {
             tracing::debug!(error = %err, "TCP_NOTSENT_LOWAT not set");
         }

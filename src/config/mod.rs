@@ -854,6 +854,18 @@ pub struct LimitsConfig {
     pub connections_per_user: usize,
 }
 
+impl LimitsConfig {
+    /// `unsent_bytes` as the socket option takes it, and as the most a
+    /// session takes from its queue at a time; `None` for 0 (the kernel's
+    /// default, and no bound on a take).
+    pub fn unsent_bound(&self) -> Option<u32> {
+        match self.unsent_bytes.bytes() {
+            0 => None,
+            bytes => Some(u32::try_from(bytes).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {

@@ -257,6 +257,36 @@ fn absurd_durations_are_refused() {
 }
 
 #[test]
+fn the_unsent_bound_is_checked_and_zero_means_the_kernels_own() {
+    let load = |value: &str| {
+        from_yaml(
+            &format!("{KEYS}limits: {{unsent_bytes: {value}}}\n"),
+            "test.yaml",
+            NO_ENV,
+        )
+    };
+    assert_eq!(
+        load("16KiB").unwrap().config.limits.unsent_bound(),
+        Some(16384)
+    );
+    assert_eq!(
+        load("64MiB").unwrap().config.limits.unsent_bound(),
+        Some(64 << 20)
+    );
+    assert_eq!(load("0").unwrap().config.limits.unsent_bound(), None);
+    for refused in ["65MiB", "99999GiB"] {
+        let err = load(refused).unwrap_err();
+        assert_eq!(keys(&err), ["limits.unsent_bytes"], "{refused}");
+    }
+    // Unchecked (a config built in code), it saturates rather than wraps.
+    let limits = LimitsConfig {
+        unsent_bytes: ByteSize(1 << 40),
+        ..LimitsConfig::default()
+    };
+    assert_eq!(limits.unsent_bound(), Some(u32::MAX));
+}
+
+#[test]
 fn byte_sizes_parse_and_print() {
     assert_eq!(ByteSize::parse("32KiB"), Some(ByteSize(32768)));
     assert_eq!(ByteSize::parse("4MiB"), Some(ByteSize(4 << 20)));

@@ -317,10 +317,10 @@ impl Realtime {
             queue: QueueLimits {
                 messages: config.limits.queue_messages,
                 bytes: queue_bytes,
-                take: match usize::try_from(config.limits.unsent_bytes.bytes()) {
-                    Ok(0) | Err(_) => usize::MAX,
-                    Ok(bytes) => bytes,
-                },
+                take: config
+                    .limits
+                    .unsent_bound()
+                    .map_or(usize::MAX, |bytes| bytes as usize),
             },
             drain,
             gauges,
